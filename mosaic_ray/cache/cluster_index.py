@@ -1,0 +1,402 @@
+"""ClusterIndex: one stream's cross-modal clusters, per (layer, KV head) group, on the compute device.
+
+Per cluster (slot `c` of group `g`) the index keeps, on the device:
+    count[g, c]            members (0 = unused slot)
+    centroid[g, c, :]      mean key (fp32); the running sum is centroid x count
+    sumsq[g, c]            sum of squared member norms, so variance = sumsq/count - |centroid|^2 in O(1)
+    t_min/t_max[g, c]      time span of the members (seconds)
+    slabs[g, c, :]         the host-pool slabs holding the members, in member order (-1 = none)
+Members of a cluster are rows 0..count-1 of its slab list, in arrival (= time) order, so a cluster is
+`ceil(count / slab_tokens)` contiguous runs in the pool.
+
+Assignment (`insert`) is batched over all groups and tokens: a token joins its nearest centroid if
+the cluster's variance after joining stays <= tau[g] (variance_ratio x the running key variance of
+the group) and the cluster has room (< max_size, counting tokens of the same batch); otherwise it
+seeds a new cluster, and tokens within tau of a seed join it. Clusters that end up larger than
+split_size or above tau are flagged; `drain_splits` splits them by 2-means in bounded batches.
+
+Invariants (tested): every inserted token is in exactly one cluster; centroid == mean of members;
+count <= max_size always; after `drain_splits()` runs dry every cluster has count <= split_size and
+variance <= tau. `insert` is all-or-nothing: when the pool cannot take the rows it raises
+PoolExhaustedError and the index is unchanged. Splits never run while a query holds the index
+(`querying` guard).
+
+Verbs: insert / drain_splits / pending_splits / member_rows / release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+
+from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.token_batch import TokenBatch, ranks_within
+from mosaic_ray.config import ClusterConfig, KVLayout
+
+_INF = float("inf")
+
+
+class ClusterIndex:
+    def __init__(
+        self,
+        layout: KVLayout,
+        config: ClusterConfig,
+        pool: HostPool,
+        owner: int,
+        device: torch.device | str = "cpu",
+        initial_capacity: int = 64,
+    ) -> None:
+        self.layout, self.config, self.pool, self.owner = layout, config, pool, owner
+        self.device = torch.device(device)
+        self.S = pool.slab_tokens
+        self.max_slabs = -(-config.max_size // self.S)
+        G, D = layout.groups, layout.head_dim
+        self.num_clusters = torch.zeros(G, dtype=torch.int64, device=self.device)
+        self._alloc(initial_capacity)
+        # Running key statistics per group: the scale the cohesion threshold adapts to.
+        self.key_count = torch.zeros(G, dtype=torch.float64, device=self.device)
+        self.key_sum = torch.zeros(G, D, dtype=torch.float64, device=self.device)
+        self.key_sumsq = torch.zeros(G, dtype=torch.float64, device=self.device)
+        self.querying = 0
+
+    # ------------------------------------------------------------------ storage
+    def _alloc(self, capacity: int) -> None:
+        G, D, dev = self.layout.groups, self.layout.head_dim, self.device
+        self.capacity = capacity
+        self.count = torch.zeros(G, capacity, dtype=torch.int64, device=dev)
+        self.centroid = torch.zeros(G, capacity, D, dtype=torch.float32, device=dev)
+        self.sumsq = torch.zeros(G, capacity, dtype=torch.float32, device=dev)
+        self.t_min = torch.full((G, capacity), _INF, dtype=torch.float32, device=dev)
+        self.t_max = torch.full((G, capacity), -_INF, dtype=torch.float32, device=dev)
+        self.slabs = torch.full((G, capacity, self.max_slabs), -1, dtype=torch.int64, device=dev)
+        self.split_flag = torch.zeros(G, capacity, dtype=torch.bool, device=dev)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity)
+        old = (self.count, self.centroid, self.sumsq, self.t_min, self.t_max, self.slabs, self.split_flag)
+        old_cap = self.capacity
+        self._alloc(new_cap)
+        for dst, src in zip(
+            (self.count, self.centroid, self.sumsq, self.t_min, self.t_max, self.slabs, self.split_flag), old
+        ):
+            dst[:, :old_cap] = src
+
+    @property
+    def total_clusters(self) -> int:
+        return int(self.num_clusters.sum())
+
+    def metadata_bytes(self) -> int:
+        """Device bytes the clusters in use cost (what a query's scoring reads, plus bookkeeping)."""
+        per_cluster = (
+            self.centroid.element_size() * self.layout.head_dim
+            + 8 + 4 + 4 + 4 + 8 * self.max_slabs + 1
+        )
+        return self.total_clusters * per_cluster
+
+    # ------------------------------------------------------------------ thresholds
+    def thresholds(self) -> torch.Tensor:
+        """tau[g] = variance_ratio x running variance of the group's keys (mean |k - mean k|^2)."""
+        n = self.key_count.clamp(min=1)
+        mean = self.key_sum / n[:, None]
+        var = (self.key_sumsq / n - (mean * mean).sum(-1)).clamp(min=0)
+        return (self.config.variance_ratio * var).float()
+
+    def variances(self) -> torch.Tensor:
+        """Per-cluster variance (mean squared distance of members to the centroid), 0 for empty slots."""
+        cnt = self.count.clamp(min=1).float()
+        var = self.sumsq / cnt - (self.centroid * self.centroid).sum(-1)
+        return torch.where(self.count > 0, var.clamp(min=0), torch.zeros_like(var))
+
+    # ------------------------------------------------------------------ assignment
+    def _nearest(self, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest used cluster per token: (d2 [G, n], idx [G, n]); d2 = inf when a group has none."""
+        G, n, _ = x.shape
+        C = max(1, int(self.num_clusters.max()))
+        d2 = torch.full((G, n), _INF, device=self.device)
+        idx = torch.zeros((G, n), dtype=torch.int64, device=self.device)
+        step = max(1, self.config.distance_block_elems // max(1, n * C))
+        used = torch.arange(C, device=self.device)[None, :] < self.num_clusters[:, None]
+        for g0 in range(0, G, step):
+            g1 = min(G, g0 + step)
+            mu = self.centroid[g0:g1, :C]
+            dist = x2[g0:g1, :, None] - 2 * torch.bmm(x[g0:g1], mu.transpose(1, 2)) + (mu * mu).sum(-1)[:, None, :]
+            dist = dist.clamp(min=0).masked_fill(~used[g0:g1, None, :], _INF)
+            d2[g0:g1], idx[g0:g1] = dist.min(-1)
+        return d2, idx
+
+    def insert(self, batch: TokenBatch) -> torch.Tensor:
+        """Assign a batch of tokens to clusters and store their K/V in the pool.
+
+        Returns the cluster slot of every token, [G, n] int64. All-or-nothing (see module doc).
+        """
+        batch.check(self.layout)
+        G, n, D = batch.keys.shape
+        if n == 0:
+            return torch.zeros(G, 0, dtype=torch.int64, device=self.device)
+        x = batch.keys.to(self.device, torch.float32)
+        x2 = (x * x).sum(-1)
+        key_stats = (self.key_count + n, self.key_sum + x.sum(1).double(), self.key_sumsq + x2.sum(1).double())
+        tau = self._tau_from(*key_stats)
+
+        assign = torch.full((G, n), -1, dtype=torch.int64, device=self.device)
+        base = self.num_clusters.clone()
+        # 1) join an existing cluster when cohesive and with room
+        if self.total_clusters > 0:
+            d2, j = self._nearest(x, x2)
+            cnt = self.count.gather(1, j).float()
+            var = self.variances().gather(1, j)
+            new_var = cnt / (cnt + 1) * (var + d2 / (cnt + 1))
+            ok = torch.isfinite(d2) & (new_var <= tau[:, None])
+            assign = self._admit(assign, ok, j, self.count.gather(1, j))
+        # 2) seed new clusters from what is left; tokens within tau of a seed join it
+        new_per_group = self._seed(assign, x, x2, tau, base)
+        # 3) reserve pool rows (all-or-nothing), then commit
+        member_rank = self._member_ranks(assign)
+        slab_of, new_slab_keys = self._slab_needs(assign, member_rank, base + new_per_group)
+        new_slabs = self.pool.allocate(int(new_slab_keys.numel()), self.owner)
+        self._commit(batch, x, x2, assign, member_rank, slab_of, new_slab_keys, new_slabs, new_per_group, key_stats, tau)
+        return assign
+
+    def _tau_from(self, count, ksum, ksumsq) -> torch.Tensor:
+        n = count.clamp(min=1)
+        mean = ksum / n[:, None]
+        var = (ksumsq / n - (mean * mean).sum(-1)).clamp(min=0)
+        return (self.config.variance_ratio * var).float()
+
+    def _admit(self, assign, ok, j, cnt_before) -> torch.Tensor:
+        """Accept ok tokens into cluster j while count + rank-in-batch < max_size."""
+        G = assign.shape[0]
+        key = torch.where(ok, torch.arange(G, device=self.device)[:, None] * (1 << 32) + j, -1)
+        rank = ranks_within(key.flatten()).view_as(key)
+        room = ok & (cnt_before + rank < self.config.max_size)
+        return torch.where(room, j, assign)
+
+    def _seed(self, assign, x, x2, tau, base) -> torch.Tensor:
+        """Seed rounds over unassigned tokens; returns new clusters per group. Mutates `assign`."""
+        G, n, _ = x.shape
+        new_per_group = torch.zeros(G, dtype=torch.int64, device=self.device)
+        garange = torch.arange(G, device=self.device)
+        radius = tau.clone()
+        rounds = 0
+        while True:
+            un = assign < 0
+            has = un.any(1)
+            if not bool(has.any()):
+                break
+            first = un.to(torch.int8).argmax(1)  # earliest unassigned token of each group
+            slot = base + new_per_group
+            seed = x[garange, first]
+            d2 = (x2 - 2 * (x @ seed[:, :, None]).squeeze(-1) + (seed * seed).sum(-1)[:, None]).clamp(min=0)
+            # Every member within `radius` of the seed keeps the cluster's variance <= radius
+            # (variance about the mean <= mean squared distance to any point).
+            ok = un & has[:, None] & (d2 <= radius[:, None])
+            ok[garange, first] = has
+            j = slot[:, None].expand(G, n)
+            assign[:] = self._admit(assign, ok, j, torch.zeros_like(j))
+            new_per_group += has.long()
+            rounds += 1
+            if rounds >= self.config.seed_rounds:
+                # Bounded work: widen the radius so leftovers gather into few clusters, which the
+                # deferred split will tidy (they are flagged if they end above tau).
+                radius = torch.where(radius > 0, radius * 4, torch.full_like(radius, 1e-6))
+        return new_per_group
+
+    def _member_ranks(self, assign) -> torch.Tensor:
+        """Index of each new token among its cluster's members (existing count + rank in batch)."""
+        G = assign.shape[0]
+        key = torch.arange(G, device=self.device)[:, None] * (1 << 32) + assign
+        rank = ranks_within(key.flatten()).view_as(key)
+        old = torch.zeros_like(assign)
+        existing = assign < self.capacity
+        old[existing] = self.count.gather(1, assign.clamp(max=self.capacity - 1))[existing]
+        return old + rank
+
+    def _slab_needs(self, assign, member_rank, clusters_after):
+        """Which (group, cluster, slab-number) need a new slab; returns (slab_no [G,n], keys [m])."""
+        self._ensure_capacity(int(clusters_after.max()))
+        slab_no = member_rank // self.S
+        G = assign.shape[0]
+        gi = torch.arange(G, device=self.device)[:, None].expand_as(assign)
+        have = self.slabs[gi, assign, slab_no] >= 0
+        flat = (gi * self.capacity + assign) * self.max_slabs + slab_no
+        return slab_no, torch.unique(flat[~have])
+
+    def _commit(self, batch, x, x2, assign, member_rank, slab_no, new_keys, new_slabs, new_per_group, key_stats, tau):
+        G, n, D = x.shape
+        self.slabs.view(-1)[new_keys] = new_slabs.to(self.device)
+        gi = torch.arange(G, device=self.device)[:, None].expand_as(assign)
+        slab = self.slabs[gi, assign, slab_no]
+        rows = slab * self.S + member_rank % self.S
+        order = batch.order[None, :].expand(G, n)
+        time = batch.time[None, :].expand(G, n)
+        pos = batch.pos[None, :, :].expand(G, n, batch.pos.shape[1])
+        self.pool.write(
+            rows.flatten(), batch.keys.reshape(G * n, D), batch.values.reshape(G * n, D),
+            order.flatten(), time.flatten(), pos.reshape(G * n, -1),
+        )
+        # statistics of the touched clusters only: running sum = centroid x count
+        flat = (gi * self.capacity + assign).flatten()
+        touched, inv = torch.unique(flat, return_inverse=True)
+        cnt = self.count.view(-1)[touched] + torch.bincount(inv, minlength=touched.numel())
+        sums = self.centroid.view(-1, D)[touched] * self.count.view(-1)[touched, None].float()
+        sums.index_add_(0, inv, x.reshape(-1, D))
+        self.sumsq.view(-1)[touched] = self.sumsq.view(-1)[touched].index_add(0, inv, x2.flatten())
+        self.count.view(-1)[touched] = cnt
+        self.centroid.view(-1, D)[touched] = sums / cnt[:, None].float()
+        tdev = batch.time.to(self.device, torch.float32)[None, :].expand(G, n).flatten()
+        self.t_min.view(-1).scatter_reduce_(0, flat, tdev, "amin")
+        self.t_max.view(-1).scatter_reduce_(0, flat, tdev, "amax")
+        self.num_clusters += new_per_group
+        self.key_count, self.key_sum, self.key_sumsq = key_stats
+        self._flag(touched, tau)
+
+    def _flag(self, flat_slots: torch.Tensor, tau: torch.Tensor) -> None:
+        """(Re)evaluate clusters: flag those above split_size or tau for a deferred split."""
+        g = flat_slots // self.capacity
+        cnt = self.count.view(-1)[flat_slots]
+        mu = self.centroid.view(-1, self.layout.head_dim)[flat_slots]
+        var = (self.sumsq.view(-1)[flat_slots] / cnt.clamp(min=1).float() - (mu * mu).sum(-1)).clamp(min=0)
+        bad = (cnt > self.config.split_size) | ((var > tau[g]) & (cnt > 1))
+        self.split_flag.view(-1)[flat_slots] = bad
+
+    def refresh_flags(self) -> None:
+        """Re-check every cluster against the current thresholds (they drift as keys arrive)."""
+        used = torch.arange(self.capacity, device=self.device)[None, :] < self.num_clusters[:, None]
+        self._flag(used.flatten().nonzero().flatten(), self.thresholds())
+
+    # ------------------------------------------------------------------ members
+    def member_rows(self, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool rows of clusters (g[i], c[i]): ([m, max_size] rows, [m, max_size] valid mask)."""
+        cnt = self.count[g, c]
+        r = torch.arange(self.config.max_size, device=self.device)
+        slab = self.slabs[g, c][:, (r // self.S)]
+        rows = slab * self.S + (r % self.S)[None, :]
+        valid = r[None, :] < cnt[:, None]
+        return torch.where(valid, rows, -1), valid
+
+    # ------------------------------------------------------------------ deferred split
+    @contextlib.contextmanager
+    def query_guard(self):
+        """Held by retrieval: splits refuse to run while any query reads the index."""
+        self.querying += 1
+        try:
+            yield
+        finally:
+            self.querying -= 1
+
+    def pending_splits(self) -> int:
+        return int(self.split_flag.sum())
+
+    def drain_splits(self, max_clusters: int | None = None) -> int:
+        """Split up to `max_clusters` (default: config.split_batch) flagged clusters; returns splits done.
+
+        Call between engine steps. Each split rewrites the parent's members into its own slabs
+        and one child's new slabs; children that still violate are flagged for a later call.
+        """
+        if self.querying:
+            raise RuntimeError("drain_splits called while a query holds the cluster index")
+        limit = self.config.split_batch if max_clusters is None else max_clusters
+        if not bool(self.split_flag.any()):
+            self.refresh_flags()
+        flagged = self.split_flag.nonzero()
+        if flagged.numel() == 0 or limit <= 0:
+            return 0
+        flagged = flagged[:limit]
+        g, c = flagged[:, 0], flagged[:, 1]
+        rows, valid = self.member_rows(g, c)
+        k, v, order, time, pos = self.pool.read(rows.clamp(min=0).flatten().cpu())
+        m, M = rows.shape
+        keys = k.view(m, M, -1).to(self.device, torch.float32)
+        labels = self._two_means(keys, valid)
+        n1 = (labels & valid).sum(1)
+        n0 = valid.sum(1) - n1
+        # children: label 0 stays in slot c, label 1 goes to a new slot of group g
+        slabs_needed0 = -(-n0 // self.S)
+        slabs_needed1 = -(-n1 // self.S)
+        new_slabs = self.pool.allocate(int(slabs_needed1.sum()), self.owner).to(self.device)
+        G = self.layout.groups
+        per_group_new = torch.zeros(G, dtype=torch.int64, device=self.device).index_add_(0, g, torch.ones_like(g))
+        offsets = ranks_within(g)
+        self._ensure_capacity(int((self.num_clusters + per_group_new).max()))
+        child = self.num_clusters[g] + offsets
+        self.num_clusters += per_group_new
+        tau = self.thresholds()
+        split_at = torch.cumsum(slabs_needed1, 0) - slabs_needed1
+        kv_rows = (k.view(m, M, -1), v.view(m, M, -1), order.view(m, M), time.view(m, M), pos.view(m, M, -1))
+        freed = []
+        for i in range(m):
+            gi, ci, chi = int(g[i]), int(c[i]), int(child[i])
+            sel1 = (labels[i] & valid[i]).cpu()
+            sel0 = (~labels[i] & valid[i]).cpu()
+            old_slabs = self.slabs[gi, ci].clone()
+            keep = int(slabs_needed0[i])
+            freed.append(old_slabs[keep:][old_slabs[keep:] >= 0])
+            self.slabs[gi, ci] = -1
+            self.slabs[gi, ci, :keep] = old_slabs[:keep]
+            s1 = new_slabs[int(split_at[i]) : int(split_at[i]) + int(slabs_needed1[i])]
+            self.slabs[gi, chi] = -1
+            self.slabs[gi, chi, : s1.numel()] = s1
+            for slot, sel in ((ci, sel0), (chi, sel1)):
+                self._rewrite(gi, slot, [t[i][sel] for t in kv_rows], tau[gi])
+        self.split_flag[g, c] = False
+        for slot in (c, child):
+            self._flag(g * self.capacity + slot, tau)
+        if freed:
+            self.pool.free(torch.cat(freed).cpu())
+        return m
+
+    def _rewrite(self, g: int, c: int, members, tau_g) -> None:
+        """Store members (time order kept) as rows 0..n-1 of cluster (g, c); recompute its stats exactly."""
+        k, v, order, time, pos = members
+        n = k.shape[0]
+        r = torch.arange(n, device=self.device)
+        rows = self.slabs[g, c][r // self.S] * self.S + r % self.S
+        self.pool.write(rows.cpu(), k, v, order, time, pos)
+        kf = k.to(self.device, torch.float32)
+        self.count[g, c] = n
+        self.centroid[g, c] = kf.mean(0) if n else 0
+        self.sumsq[g, c] = (kf * kf).sum() if n else 0
+        self.t_min[g, c] = time.min() if n else _INF
+        self.t_max[g, c] = time.max() if n else -_INF
+
+    def _two_means(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Batched 2-means: keys [m, M, D], valid [m, M] -> labels [m, M] bool (True = second child).
+
+        Seeds are the member farthest from the mean and the member farthest from that one. A
+        degenerate split (all members on one side, e.g. identical keys) falls back to halves in
+        time order, so an oversized cluster always shrinks.
+        """
+        m, M, _ = keys.shape
+        vf = valid.float()
+        mean = (keys * vf[..., None]).sum(1) / vf.sum(1, keepdim=True).clamp(min=1)
+        far = lambda p: ((keys - p[:, None]) ** 2).sum(-1).masked_fill(~valid, -1).argmax(1)  # noqa: E731
+        ar = torch.arange(m, device=keys.device)
+        a = keys[ar, far(mean)]
+        b = keys[ar, far(a)]
+        labels = torch.zeros(m, M, dtype=torch.bool, device=keys.device)
+        for _ in range(self.config.split_iters):
+            da = ((keys - a[:, None]) ** 2).sum(-1)
+            db = ((keys - b[:, None]) ** 2).sum(-1)
+            labels = (db < da) & valid
+            w1 = labels.float()
+            w0 = (~labels & valid).float()
+            a = (keys * w0[..., None]).sum(1) / w0.sum(1, keepdim=True).clamp(min=1)
+            b = (keys * w1[..., None]).sum(1) / w1.sum(1, keepdim=True).clamp(min=1)
+        n1 = labels.sum(1)
+        n = valid.sum(1)
+        degenerate = (n1 == 0) | (n1 == n)
+        if bool(degenerate.any()):
+            r = torch.arange(M, device=keys.device)[None, :]
+            halves = (r >= (n // 2)[:, None]) & valid
+            labels = torch.where(degenerate[:, None], halves, labels)
+        return labels
+
+    # ------------------------------------------------------------------ lifetime
+    def release(self) -> int:
+        """Free every slab of this stream; the index is empty afterwards."""
+        freed = self.pool.release_owner(self.owner)
+        self.num_clusters.zero_()
+        self._alloc(self.capacity)
+        return freed

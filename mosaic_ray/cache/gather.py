@@ -1,0 +1,63 @@
+"""Gather host-pool rows into device buffers: the one data path all four retrieval methods share.
+
+`gather(pool, rows, device, parts)` takes rows [H, B] (-1 = padding) and returns device tensors.
+On a CUDA device with pinned memory it uses the UVA Triton kernels of `mosaic_ray.kernels` when
+they are importable; otherwise (CPU, tests) a plain torch index + copy. Both paths return bit-exact
+the same values: the kernels are tested against this torch path.
+
+`count_runs` gives the number of contiguous host runs a selection touches: the copy operations a
+run-per-copy gather issues, and the figure the fidelity harness reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mosaic_ray.cache.host_pool import HostPool
+
+
+def count_runs(rows: torch.Tensor) -> int:
+    """Contiguous runs among the valid rows of each head (rows [H, B], -1 = padding)."""
+    total = 0
+    for head in rows:
+        r = head[head >= 0]
+        if r.numel() == 0:
+            continue
+        r = torch.sort(r).values
+        total += 1 + int((r[1:] != r[:-1] + 1).sum())
+    return total
+
+
+def gather(
+    pool: HostPool,
+    rows: torch.Tensor,
+    device: torch.device,
+    parts: str = "kv",
+) -> dict[str, torch.Tensor]:
+    """Read rows [H, B] from the pool. Returns {"k"?, "v"?, "order", "time", "pos"} on `device`.
+
+    Padding rows (-1) come back as zeros (order -1). `parts` is "kv", "k" or "v": the token-level
+    baseline keeps its keys on the device and fetches values only.
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"gather: rows must be [H, B], got shape {tuple(rows.shape)}")
+    H, B = rows.shape
+    flat = rows.reshape(-1).to("cpu", torch.int64)
+    valid = flat >= 0
+    safe = flat.clamp(min=0)
+    slab, off = safe // pool.slab_tokens, safe % pool.slab_tokens
+    out: dict[str, torch.Tensor] = {}
+    non_blocking = pool.pinned and device.type == "cuda"
+    for name, idx in (("k", 0), ("v", 1)):
+        if name not in parts:
+            continue
+        host = pool.kv[slab, idx, off]
+        host[~valid] = 0
+        if non_blocking:
+            host = host.pin_memory()
+        out[name] = host.view(H, B, -1).to(device, non_blocking=non_blocking)
+    order = pool.order[slab, off].masked_fill(~valid, -1)
+    out["order"] = order.view(H, B).to(device)
+    out["time"] = pool.time[slab, off].view(H, B).to(device)
+    out["pos"] = pool.pos[slab, off].view(H, B, -1).to(device)
+    return out

@@ -1,0 +1,324 @@
+"""Retrievers: where a stream's past (tokens that left the local window) lives, and how a question
+gets the part of it that matters, under a token budget per (layer, KV head).
+
+    full     every past token's K/V stays on the device; the budget is ignored (accuracy reference)
+    frame    ReKV-like: one block per frame, mean key on the device, top blocks fetched whole
+    token    per-token top-B by query . key; keys stay on the device (counted), values fetched
+    cluster  Mosaic: query . centroid, whole clusters fetched best-first
+
+All four share the HostPool, the gather path and the selection code, so a measured ratio compares
+methods, not code. Verbs: insert / retrieve / maintain / release (+ device_bytes / host_bytes).
+
+Invariants: a retrieval never returns more than `budget` valid tokens per head (except `full`);
+with a budget >= the past length, token, frame and cluster return exactly the past (so attention
+is exact); what comes back is bit-exact with what was inserted.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from mosaic_ray.cache.cluster_index import ClusterIndex
+from mosaic_ray.cache.gather import count_runs, gather
+from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.selection import NEG_INF, pack_rows, select_prefix, time_overlap
+from mosaic_ray.cache.time_log import TimeLog, _grow
+from mosaic_ray.cache.token_batch import Retrieved, TokenBatch
+from mosaic_ray.config import CacheConfig, KVLayout
+
+
+def _time_mask(time: torch.Tensor, since: float | None, until: float | None) -> torch.Tensor:
+    return time_overlap(time, time, since, until)
+
+
+def _finish(
+    fetched: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    since: float | None,
+    until: float | None,
+    copies: int,
+    bytes_moved: int,
+    keys: torch.Tensor | None = None,
+) -> Retrieved:
+    """Mask padding and out-of-range members, then sort each head's tokens by time (valid first)."""
+    valid = (rows >= 0) & _time_mask(fetched["time"], since, until)
+    big = torch.iinfo(torch.int64).max
+    perm = torch.argsort(fetched["order"].masked_fill(~valid, big), dim=1)
+    take = lambda t: t.gather(1, perm) if t.dim() == 2 else t.gather(1, perm[..., None].expand_as(t))  # noqa: E731
+    k = keys if keys is not None else fetched["k"]
+    return Retrieved(
+        keys=take(k), values=take(fetched["v"]), order=take(fetched["order"]), pos=take(fetched["pos"]),
+        valid=take(valid), copies=copies, bytes_moved=bytes_moved,
+    )
+
+
+class Retriever(abc.ABC):
+    method: str = ""
+
+    def __init__(self, layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str) -> None:
+        self.layout, self.config, self.pool = layout, config, pool
+        self.device = torch.device(device)
+        self.owner = pool.register_owner()
+        self.past_tokens = 0
+        self._row_bytes = layout.head_dim * torch.empty((), dtype=layout.dtype).element_size()
+
+    def groups_of(self, layer: int) -> torch.Tensor:
+        H = self.layout.num_kv_heads
+        return torch.arange(layer * H, (layer + 1) * H, device=self.device)
+
+    def _check_query(self, layer: int, query: torch.Tensor) -> None:
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer must be in [0, {self.layout.num_layers}), got {layer}")
+        if tuple(query.shape) != (H, D):
+            raise ValueError(f"query: expected shape {(H, D)}, got {tuple(query.shape)}")
+
+    @abc.abstractmethod
+    def insert(self, batch: TokenBatch) -> None:
+        """Take tokens that left the local window (all layers at once)."""
+
+    @abc.abstractmethod
+    def retrieve(
+        self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
+    ) -> Retrieved:
+        """query [H, D]: the question's mean query per KV head, after RoPE."""
+
+    def maintain(self, max_work: int | None = None) -> int:
+        """Deferred upkeep off the query path; returns work done (0 when there is none)."""
+        return 0
+
+    @abc.abstractmethod
+    def device_bytes(self) -> int:
+        """Device memory this stream's past costs (K/V kept on the device, or index metadata)."""
+
+    def host_bytes(self) -> int:
+        return self.pool.owned_slabs(self.owner) * self.pool.slab_bytes
+
+    def release(self) -> int:
+        """Free everything of this stream; returns slabs freed."""
+        self.past_tokens = 0
+        return self.pool.release_owner(self.owner)
+
+
+class FullRetriever(Retriever):
+    """Keeps every past token on the device; `retrieve` returns all of them (in time order)."""
+
+    method = "full"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        G, D, P = self.layout.groups, self.layout.head_dim, self.layout.pos_dims
+        dev, dt = self.device, self.layout.dtype
+        self.k = torch.empty(G, 0, D, dtype=dt, device=dev)
+        self.v = torch.empty(G, 0, D, dtype=dt, device=dev)
+        self.order = torch.empty(0, dtype=torch.int64, device=dev)
+        self.time = torch.empty(0, dtype=torch.float32, device=dev)
+        self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
+
+    def insert(self, batch: TokenBatch) -> None:
+        batch.check(self.layout)
+        n0, n = self.past_tokens, batch.size
+        for name, value, dim in (("k", batch.keys, 1), ("v", batch.values, 1), ("order", batch.order, 0),
+                                 ("time", batch.time, 0), ("pos", batch.pos, 0)):
+            t = _grow(getattr(self, name), dim, n0 + n, 0)
+            t.narrow(dim, n0, n).copy_(value.to(self.device, t.dtype))
+            setattr(self, name, t)
+        self.past_tokens = n0 + n
+
+    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+        self._check_query(layer, query)
+        N, H = self.past_tokens, self.layout.num_kv_heads
+        g = self.groups_of(layer)
+        valid = _time_mask(self.time[:N], since, until)[None].expand(H, N)
+        return Retrieved(
+            keys=self.k[g, :N], values=self.v[g, :N], order=self.order[:N][None].expand(H, N),
+            pos=self.pos[:N][None].expand(H, N, -1), valid=valid,
+        )
+
+    def device_bytes(self) -> int:
+        n = self.past_tokens
+        return 2 * n * self.layout.groups * self._row_bytes + n * (8 + 4 + 4 * self.layout.pos_dims)
+
+    def release(self) -> int:
+        self.__init__(self.layout, self.config, self.pool, self.device)
+        return 0
+
+
+class TokenRetriever(Retriever):
+    """Per-token top-B. Keys on the device (scored exactly), values in the pool (rows gathered)."""
+
+    method = "token"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log = TimeLog(self.layout, self.pool, self.owner, self.device)
+        self.keys = torch.empty(self.layout.groups, 0, self.layout.head_dim, dtype=self.layout.dtype, device=self.device)
+
+    def insert(self, batch: TokenBatch) -> None:
+        idx = self.log.append(batch)
+        self.keys = _grow(self.keys, 1, self.log.size, 0)
+        self.keys[:, idx] = batch.keys.to(self.device, self.layout.dtype)
+        self.past_tokens = self.log.size
+
+    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+        self._check_query(layer, query)
+        N, g = self.log.size, self.groups_of(layer)
+        keys = self.keys[g, :N]
+        scores = torch.einsum("hnd,hd->hn", keys.float(), query.float())
+        scores = scores.masked_fill(~_time_mask(self.log.time[:N], since, until)[None], NEG_INF)
+        B = min(budget, N)
+        top = torch.topk(scores, B, dim=1)
+        idx = torch.where(torch.isfinite(top.values), top.indices, -1)
+        idx = _sorted_ids(idx, N)
+        rows = self.log.rows(idx, g)
+        fetched = gather(self.pool, rows, self.device, parts="v")
+        k = keys.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
+        k = k.masked_fill((idx < 0)[..., None], 0)
+        return _finish(fetched, rows, since, until, count_runs(rows), int((rows >= 0).sum()) * self._row_bytes, keys=k)
+
+    def device_bytes(self) -> int:
+        n = self.log.size
+        return n * self.layout.groups * self._row_bytes + n * (8 + 4 + 8 + 4 * self.layout.pos_dims)
+
+
+def _sorted_ids(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Sort token ids ascending per row (time order), padding (-1) last."""
+    s = torch.sort(idx.masked_fill(idx < 0, n + 1), dim=1).values
+    return s.masked_fill(s > n, -1)
+
+
+class FrameRetriever(Retriever):
+    """ReKV-like blocks: one block per frame (or text segment), scored by its mean key."""
+
+    method = "frame"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        G, D, dev = self.layout.groups, self.layout.head_dim, self.device
+        self.log = TimeLog(self.layout, self.pool, self.owner, dev)
+        self.rep_sum = torch.zeros(G, 0, D, dtype=torch.float32, device=dev)
+        self.start = torch.zeros(0, dtype=torch.int64, device=dev)  # first token index of the block
+        self.count = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.t_min = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.t_max = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.block_id = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.num_blocks = 0
+
+    def insert(self, batch: TokenBatch) -> None:
+        idx = self.log.append(batch)
+        ids = batch.blocks().to(self.device)
+        # block number of each token: continue the last block when the id repeats across batches
+        new_block = torch.ones_like(ids, dtype=torch.bool)
+        new_block[1:] = ids[1:] != ids[:-1]
+        if self.num_blocks and int(ids[0]) == int(self.block_id[self.num_blocks - 1]):
+            new_block[0] = False
+        b = self.num_blocks - 1 + torch.cumsum(new_block.long(), 0)
+        nb = int(b[-1]) + 1
+        for name in ("start", "count", "t_min", "t_max", "block_id"):
+            setattr(self, name, _grow(getattr(self, name), 0, nb, 0))
+        self.rep_sum = _grow(self.rep_sum, 1, nb, 0)
+        fresh = b[new_block]
+        self.start[fresh] = idx[new_block]
+        self.block_id[fresh] = ids[new_block]
+        self.t_min[fresh] = float("inf")
+        self.t_max[fresh] = float("-inf")
+        t = batch.time.to(self.device, torch.float32)
+        self.count.index_add_(0, b, torch.ones_like(b))
+        self.t_min.scatter_reduce_(0, b, t, "amin")
+        self.t_max.scatter_reduce_(0, b, t, "amax")
+        self.rep_sum.index_add_(1, b, batch.keys.to(self.device, torch.float32))
+        self.num_blocks = nb
+        self.past_tokens = self.log.size
+
+    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+        self._check_query(layer, query)
+        F, g, H = self.num_blocks, self.groups_of(layer), self.layout.num_kv_heads
+        budget = min(budget, self.past_tokens)
+        reps = self.rep_sum[g, :F] / self.count[:F].clamp(min=1)[None, :, None].float()
+        scores = torch.einsum("hfd,hd->hf", reps, query.float())
+        scores = scores.masked_fill(~time_overlap(self.t_min[:F], self.t_max[:F], since, until)[None], NEG_INF)
+        if self.config.frame_top_k is not None and F > self.config.frame_top_k:
+            kth = torch.topk(scores, self.config.frame_top_k, dim=1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, NEG_INF)
+        chosen = select_prefix(scores, self.count[:F][None].expand(H, F), budget)
+        h, f = chosen.nonzero(as_tuple=True)
+        longest = int(self.count[:F].max()) if F else 0
+        span = torch.arange(longest, device=self.device)
+        tok = self.start[f][:, None] + span[None, :]
+        tok = torch.where(span[None, :] < self.count[f][:, None], tok, -1)
+        rows = self.log.rows(tok, g[h]) if tok.numel() else tok
+        packed = pack_rows(h, rows, H, budget)
+        fetched = gather(self.pool, packed, self.device, parts="kv")
+        return _finish(fetched, packed, since, until, count_runs(packed), 2 * int((packed >= 0).sum()) * self._row_bytes)
+
+    def device_bytes(self) -> int:
+        n, F = self.log.size, self.num_blocks
+        return F * (self.layout.groups * self.layout.head_dim * 4 + 8 * 3 + 8) + n * (8 + 4 + 8 + 4 * self.layout.pos_dims)
+
+
+class ClusterRetriever(Retriever):
+    """Mosaic: cross-modal clusters scored by query . centroid, fetched whole, best-first."""
+
+    method = "cluster"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.index = ClusterIndex(self.layout, self.config.cluster, self.pool, self.owner, self.device)
+
+    def insert(self, batch: TokenBatch) -> None:
+        self.index.insert(batch)
+        self.past_tokens += batch.size
+
+    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+        self._check_query(layer, query)
+        ix, g, H = self.index, self.groups_of(layer), self.layout.num_kv_heads
+        budget = min(budget, self.past_tokens)
+        with ix.query_guard():
+            C = max(1, int(ix.num_clusters[g].max()))
+            cent, cnt = ix.centroid[g, :C], ix.count[g, :C]
+            scores = torch.einsum("hcd,hd->hc", cent, query.float())
+            t_min, t_max = ix.t_min[g, :C], ix.t_max[g, :C]
+            ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
+            ranged = since is not None or until is not None
+            sizes = self._in_range_estimate(cnt, t_min, t_max, since, until) if ranged else cnt
+            chosen = select_prefix(scores.masked_fill(~ok, NEG_INF), sizes, budget)
+            h, c = chosen.nonzero(as_tuple=True)
+            by_score = torch.argsort(scores[h, c], descending=True, stable=True)
+            h, c = h[by_score], c[by_score]
+            rows, _ = ix.member_rows(g[h], c)
+            if ranged:  # drop out-of-range members before they take budget
+                t = self.pool.time.view(-1)[rows.clamp(min=0).cpu()].to(rows.device)
+                rows = rows.masked_fill(~_time_mask(t, since, until), -1)
+            packed = pack_rows(h, rows, H, budget, truncate=ranged)
+            fetched = gather(self.pool, packed, self.device, parts="kv")
+        return _finish(fetched, packed, since, until, count_runs(packed), 2 * int((packed >= 0).sum()) * self._row_bytes)
+
+    @staticmethod
+    def _in_range_estimate(cnt, t_min, t_max, since, until) -> torch.Tensor:
+        """Members expected inside [since, until], assuming a cluster's members spread evenly over its span."""
+        lo = t_min if since is None else torch.maximum(t_min, torch.full_like(t_min, since))
+        hi = t_max if until is None else torch.minimum(t_max, torch.full_like(t_max, until))
+        span = (t_max - t_min).clamp(min=1e-6)
+        frac = ((hi - lo).clamp(min=0) / span).where(t_max > t_min, torch.ones_like(span))
+        return (cnt.float() * frac).ceil().long().clamp(min=1).minimum(cnt)
+
+    def maintain(self, max_work: int | None = None) -> int:
+        return self.index.drain_splits(max_work)
+
+    def device_bytes(self) -> int:
+        return self.index.metadata_bytes()
+
+    def release(self) -> int:
+        self.past_tokens = 0
+        return self.index.release()
+
+
+RETRIEVERS: dict[str, type[Retriever]] = {
+    r.method: r for r in (FullRetriever, FrameRetriever, TokenRetriever, ClusterRetriever)
+}
+
+
+def make_retriever(layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str) -> Retriever:
+    return RETRIEVERS[config.retrieval](layout, config, pool, device)

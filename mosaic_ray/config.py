@@ -1,0 +1,176 @@
+"""Typed configs, checked at construction.
+
+Inside the engine every tunable number lives in one of these dataclasses; the HTTP boundary has its
+own pydantic schemas (`mosaic_ray.serve.schemas`). A config that cannot work raises `ValueError` naming
+the field, its allowed range and the value it got, so a bad YAML file fails at start, not mid-stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
+    """Raise ValueError naming the field and its range when `value` falls outside [low, high]."""
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and value > high
+    )
+    if bad:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(slots=True)
+class KVLayout:
+    """Shape of one model's KV cache: what one token costs in every layer and KV head."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    # 1 for plain RoPE; 3 for Qwen2-VL's M-RoPE (temporal, height, width).
+    pos_dims: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("KVLayout.num_layers", self.num_layers, 1, 1024)
+        _check_range("KVLayout.num_kv_heads", self.num_kv_heads, 1, 1024)
+        _check_range("KVLayout.head_dim", self.head_dim, 1, 4096)
+        _check_range("KVLayout.pos_dims", self.pos_dims, 1, 3)
+        self.dtype = resolve_dtype(self.dtype)
+
+    @property
+    def groups(self) -> int:
+        """Number of independent (layer, KV head) groups; clusters never cross groups."""
+        return self.num_layers * self.num_kv_heads
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token over every layer and KV head."""
+        return 2 * self.groups * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(slots=True)
+class PoolConfig:
+    """The pinned host pool of one shard.
+
+    Give `capacity_bytes` (exact budget) or `ram_fraction` (share of the RAM free at start). The
+    pool refuses to start when the request exceeds `max_ram_fraction` of free RAM.
+    """
+
+    capacity_bytes: int | None = None
+    ram_fraction: float = 0.25
+    # Refuse to take more than this share of the RAM free at start: the OS, Ray's object store and
+    # the model's own host copies need the rest.
+    max_ram_fraction: float = 0.8
+    # Tokens per slab. 16 rows of a 128-dim bf16 head = 4 KB of K plus 4 KB of V per slab: large
+    # enough for full-speed UVA reads (>= 1 KB rows run at ~49.5 GB/s, FACTS.md) and small enough
+    # that a half-empty last slab wastes little.
+    slab_tokens: int = 16
+    # "auto": pin when CUDA is available (pinned pages are what the UVA gather reads).
+    pin_memory: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes is not None:
+            _check_range("PoolConfig.capacity_bytes", self.capacity_bytes, 0, None, low_open=True)
+        _check_range("PoolConfig.ram_fraction", self.ram_fraction, 0.0, 1.0, low_open=True)
+        _check_range("PoolConfig.max_ram_fraction", self.max_ram_fraction, 0.0, 1.0, low_open=True)
+        _check_range("PoolConfig.slab_tokens", self.slab_tokens, 1, 4096)
+        if self.pin_memory not in ("auto", "yes", "no"):
+            raise ValueError(f"PoolConfig.pin_memory must be one of auto|yes|no, got {self.pin_memory!r}")
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    """Cohesion-aware adaptive assignment and deferred splitting (DESIGN.md section 2)."""
+
+    # A token joins its nearest cluster only if the cluster's variance (mean squared distance of
+    # members to the centroid) stays <= variance_ratio x the running key variance of its
+    # (layer, head). 0.15 recalled 0.94-0.95 of exact top-k mass at a 5 % budget on real features
+    # (FACTS.md, "Retrieval fidelity measured"); 0.5 gave 3x fewer copies but 0.87-0.91 recall.
+    variance_ratio: float = 0.15
+    # Clusters larger than this are queued for a deferred 2-means split (prototype: 64).
+    split_size: int = 64
+    # Hard cap: a cluster this large takes no new member until it has been split; the token seeds
+    # a new cluster instead. Bounds the slab table and the work of one split.
+    max_size: int = 128
+    # Deferred splits drained per call of `drain_splits` (bounded work off the query path).
+    split_batch: int = 256
+    # Lloyd iterations of each 2-means split.
+    split_iters: int = 8
+    # Rounds of in-batch seeding: tokens no existing cluster can take seed new clusters, one new
+    # cluster per group per round; after this many rounds the rest join their nearest seed and the
+    # seed is queued for a split (never an unbounded loop on the ingest path).
+    seed_rounds: int = 16
+    # Elements of one [groups, tokens, clusters] distance block; larger batches are chunked by
+    # group so that assignment memory stays bounded however many clusters a stream has.
+    distance_block_elems: int = 1 << 26
+
+    def __post_init__(self) -> None:
+        _check_range("ClusterConfig.variance_ratio", self.variance_ratio, 0.0, 100.0, low_open=True)
+        _check_range("ClusterConfig.split_size", self.split_size, 2, 65536)
+        _check_range("ClusterConfig.max_size", self.max_size, self.split_size, 65536)
+        _check_range("ClusterConfig.split_batch", self.split_batch, 1, 1 << 20)
+        _check_range("ClusterConfig.split_iters", self.split_iters, 1, 100)
+        _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
+        _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The per-stream KV cache: resident sink + local window on the device, the past retrieved."""
+
+    retrieval: str = "cluster"
+    # Tokens retrieved per (layer, KV head) for one question. `budget_ratio` (share of the
+    # offloaded past) is used when `budget_tokens` is None; the larger of the two floors applies.
+    budget_tokens: int | None = None
+    budget_ratio: float = 0.1
+    min_budget_tokens: int = 64
+    # First tokens of the stream (system prompt, first frame's first tokens) stay resident: the
+    # first token is a huge attention sink (0.88-0.99 of the mass in upper layers, FACTS.md).
+    sink_tokens: int = 16
+    # Most recent tokens kept on the device; tokens leaving it go to the retrieval structure.
+    window_tokens: int = 2048
+    # Frame method: at most this many blocks per question and layer-head (ReKV-style top-k).
+    frame_top_k: int | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in RETRIEVAL_METHODS:
+            raise ValueError(
+                f"CacheConfig.retrieval must be one of {'|'.join(RETRIEVAL_METHODS)}, got {self.retrieval!r}"
+            )
+        if self.budget_tokens is not None:
+            _check_range("CacheConfig.budget_tokens", self.budget_tokens, 1, 1 << 24)
+        _check_range("CacheConfig.budget_ratio", self.budget_ratio, 0.0, 1.0, low_open=True)
+        _check_range("CacheConfig.min_budget_tokens", self.min_budget_tokens, 0, 1 << 24)
+        _check_range("CacheConfig.sink_tokens", self.sink_tokens, 0, 1 << 16)
+        _check_range("CacheConfig.window_tokens", self.window_tokens, 1, 1 << 22)
+        if self.frame_top_k is not None:
+            _check_range("CacheConfig.frame_top_k", self.frame_top_k, 1, 1 << 20)
+        if isinstance(self.cluster, dict):
+            self.cluster = ClusterConfig(**self.cluster)
+        if isinstance(self.pool, dict):
+            self.pool = PoolConfig(**self.pool)
+
+    def budget_for(self, past_tokens: int) -> int:
+        """Tokens to retrieve per (layer, KV head) for a past of `past_tokens` offloaded tokens."""
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        return max(self.min_budget_tokens, int(round(self.budget_ratio * past_tokens)))

@@ -1,0 +1,121 @@
+"""The engine's public interface: what the Ray runtime and the CLI may call.
+
+Everything above the engine (ShardActor, Router, Serve app, demo) talks to an engine only through
+these verbs, so tests can inject a fake and a shard can host any engine that honours them:
+
+    open_stream / close_stream / has_stream / list_streams
+    append_frames / append_text
+    ask                       (async iterator of text deltas)
+    stream_info / stats
+    export_stream / import_stream   (whole-stream migration between shards)
+
+Invariants every engine keeps:
+- A call that raises leaves the stream exactly as it was (no half-appended frames).
+- `append_frames` returns only after the frames are part of the stream's context.
+- Streams are isolated: nothing done to one stream changes another's answers.
+- `export_stream` followed by `import_stream` on another engine gives identical greedy answers.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(Exception):
+    """Base of the errors an engine raises on bad requests; `code` maps to an HTTP status."""
+
+    code = "bad_request"
+    status = 400
+
+
+class UnknownStreamError(EngineError, KeyError):
+    code = "stream_not_found"
+    status = 404
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "unknown stream"
+
+
+class StreamExistsError(EngineError):
+    code = "stream_exists"
+    status = 409
+
+
+class InvalidInputError(EngineError, ValueError):
+    code = "invalid_input"
+    status = 422
+
+
+@dataclass(slots=True)
+class AskRequest:
+    """One question to one stream. `since`/`until` (seconds, stream clock) restrict retrieval."""
+
+    question: str
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    since: float | None = None
+    until: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        if not 1 <= self.max_tokens <= 4096:
+            raise InvalidInputError(f"max_tokens must be in [1, 4096], got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InvalidInputError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise InvalidInputError(f"since ({self.since}) must be <= until ({self.until})")
+
+
+class Engine(abc.ABC):
+    """A single-device engine holding many streams."""
+
+    @abc.abstractmethod
+    def open_stream(self, stream_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def close_stream(self, stream_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def has_stream(self, stream_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list_streams(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def append_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
+        """Add RGB uint8 frames [H, W, 3] with their stream-clock timestamps; returns frames held."""
+
+    @abc.abstractmethod
+    def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
+        """Add timestamped text (caption, transcript line) to the stream's context."""
+
+    @abc.abstractmethod
+    def ask(self, stream_id: str, request: AskRequest) -> AsyncIterator[str]:
+        """Answer a question about the stream; yields text deltas. The Q/A joins the context."""
+
+    @abc.abstractmethod
+    def stream_info(self, stream_id: str) -> dict[str, Any]:
+        """frames, tokens, duration_s, kv_bytes_device, kv_bytes_host, ..."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Engine-wide load: streams, kv_bytes_device, kv_bytes_host, frames_total, ..."""
+
+    @abc.abstractmethod
+    def export_stream(self, stream_id: str) -> dict[str, Any]:
+        """The stream's whole state as {"meta": {...plain data...}, "tensors": {name: Tensor}}."""
+
+    @abc.abstractmethod
+    def import_stream(self, stream_id: str, state: dict[str, Any]) -> None:
+        """Install a stream exported by `export_stream` (of an engine with the same model)."""

@@ -1,0 +1,116 @@
+"""Invariants of the cluster index under random sequences of inserts and splits."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_batch
+from mosaic_ray.cache.cluster_index import ClusterIndex
+from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
+from mosaic_ray.cache.token_batch import TokenBatch
+from mosaic_ray.config import ClusterConfig, KVLayout, PoolConfig
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _index(layout, pool, **cfg):
+    config = ClusterConfig(**{"split_size": 16, "max_size": 32, **cfg})
+    return ClusterIndex(layout, config, pool, pool.register_owner())
+
+
+def _members(index, g, c):
+    rows, valid = index.member_rows(torch.tensor([g]), torch.tensor([c]))
+    return index.pool.read(rows[valid])
+
+
+def _check_invariants(index, batches, drained):
+    keys = torch.cat([b.keys for b in batches], 1)
+    values = torch.cat([b.values for b in batches], 1)
+    total = keys.shape[1]
+    tau, var = index.thresholds(), index.variances()
+    for g in range(index.layout.groups):
+        seen = []
+        for c in range(int(index.num_clusters[g])):
+            k, v, order, time, pos = _members(index, g, c)
+            assert k.shape[0] == int(index.count[g, c]) <= index.config.max_size
+            if k.shape[0] == 0:
+                continue
+            # pool content is bit-exact with what was inserted
+            assert torch.equal(k, keys[g, order]) and torch.equal(v, values[g, order])
+            # centroid is the mean of the members; time span covers them
+            torch.testing.assert_close(index.centroid[g, c], k.float().mean(0), atol=1e-4, rtol=1e-4)
+            assert float(index.t_min[g, c]) == float(time.min()) and float(index.t_max[g, c]) == float(time.max())
+            assert bool((order[1:] > order[:-1]).all()), "members are kept in time order"
+            if drained:
+                assert int(index.count[g, c]) <= index.config.split_size
+                assert float(var[g, c]) <= float(tau[g]) * (1 + 1e-4) + 1e-5
+            seen.append(order)
+        # every inserted token is in exactly one cluster of its group
+        assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(total))
+
+
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=6),
+    spread=st.sampled_from([0.0, 0.1, 1.0, 5.0]),
+    drain_each=st.booleans(),
+    ratio=st.sampled_from([0.05, 0.15, 0.5]),
+)
+def test_invariants_after_any_inserts_and_splits(layout, pool, sizes, spread, drain_each, ratio):
+    index = _index(layout, pool, variance_ratio=ratio)
+    batches, start = [], 0
+    for i, n in enumerate(sizes):
+        batch = make_batch(layout, start, n, seed=i, spread=spread)
+        start += n
+        index.insert(batch)
+        batches.append(batch)
+        _check_invariants(index, batches, drained=False)
+        if drain_each:
+            index.drain_splits(3)
+    while index.drain_splits():
+        pass
+    _check_invariants(index, batches, drained=True)
+    index.release()
+    assert pool.free_slabs == pool.num_slabs
+
+
+def test_clusters_follow_structure(layout, pool):
+    """Keys around 6 centres with small noise: far fewer clusters than tokens, cohesive ones."""
+    index = _index(layout, pool, split_size=64, max_size=128)
+    for i in range(8):
+        index.insert(make_batch(layout, i * 50, 50, seed=i, spread=0.05))
+    while index.drain_splits():
+        pass
+    per_group = index.num_clusters.float().mean().item()
+    assert 6 <= per_group <= 20, per_group
+
+
+def test_insert_is_all_or_nothing_when_pool_full(layout):
+    pool = HostPool(layout, PoolConfig(capacity_bytes=24 * 1100, slab_tokens=8))
+    index = _index(layout, pool)
+    index.insert(make_batch(layout, 0, 8, seed=0, spread=0.0))
+    before = (index.num_clusters.clone(), index.count.clone(), index.centroid.clone(), pool.free_slabs)
+    with pytest.raises(PoolExhaustedError):
+        index.insert(make_batch(layout, 8, 400, seed=1, spread=5.0))
+    assert torch.equal(before[0], index.num_clusters)
+    assert torch.equal(before[1], index.count[:, : before[1].shape[1]])
+    assert torch.equal(before[2], index.centroid[:, : before[2].shape[1]])
+    assert before[3] == pool.free_slabs
+
+
+def test_splits_refused_during_query(layout, pool):
+    index = _index(layout, pool)
+    index.insert(make_batch(layout, 0, 50, seed=0))
+    with index.query_guard(), pytest.raises(RuntimeError, match="query"):
+        index.drain_splits()
+
+
+def test_bad_batch_shapes_name_expected_and_got(layout, pool):
+    index = _index(layout, pool)
+    good = make_batch(layout, 0, 5, seed=0)
+    bad = TokenBatch(good.keys[:, :, :8], good.values, good.order, good.time, good.pos)
+    with pytest.raises(ValueError, match=r"keys: expected shape .* got"):
+        index.insert(bad)
+    with pytest.raises(ValueError, match="float"):
+        index.insert(TokenBatch(good.keys.long(), good.values.long(), good.order, good.time, good.pos))

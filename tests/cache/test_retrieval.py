@@ -1,0 +1,99 @@
+"""The four retrieval methods: budgets, exactness with a full budget, time ranges, cleanup."""
+
+import pytest
+import torch
+
+from conftest import make_batch
+from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.config import CacheConfig, ClusterConfig
+
+METHODS = ["full", "frame", "token", "cluster"]
+SINK, WINDOW = 4, 24
+
+
+def _stream(layout, pool, method, budget, n_batches=8, n=29):
+    cfg = CacheConfig(retrieval=method, budget_tokens=budget, sink_tokens=SINK, window_tokens=WINDOW,
+                      cluster=ClusterConfig(split_size=16, max_size=32))
+    cache = StreamCache(layout, cfg, pool, "cpu")
+    batches = [make_batch(layout, i * n, n, seed=i) for i in range(n_batches)]
+    for b in batches:
+        cache.append(b)
+    while cache.maintain():
+        pass
+    return cache, batches
+
+
+def _attend(q, k, v):
+    w = torch.softmax(q @ k.transpose(-1, -2) / k.shape[-1] ** 0.5, -1)
+    return w @ v
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_budget_gives_exact_attention(layout, pool, method):
+    cache, batches = _stream(layout, pool, method, budget=10_000)
+    keys = torch.cat([b.keys for b in batches], 1)
+    values = torch.cat([b.values for b in batches], 1)
+    for layer in range(layout.num_layers):
+        q = torch.randn(layout.num_kv_heads, layout.head_dim)
+        got = cache.retrieve(layer, q)
+        k_res, v_res, _ = cache.resident(layer)
+        k = torch.cat([k_res[:, :SINK], got.keys, k_res[:, SINK:]], 1)
+        v = torch.cat([v_res[:, :SINK], got.values, v_res[:, SINK:]], 1)
+        assert bool(got.valid.all()) and got.tokens == layout.num_kv_heads * cache.past_tokens
+        g = slice(layer * layout.num_kv_heads, (layer + 1) * layout.num_kv_heads)
+        torch.testing.assert_close(_attend(q[:, None], k, v), _attend(q[:, None], keys[g], values[g]))
+        # retrieved tokens come back in time order, bit-exact
+        assert torch.equal(got.keys, keys[g][:, got.order[0]])
+
+
+@pytest.mark.parametrize("method", ["frame", "token", "cluster"])
+@pytest.mark.parametrize("budget", [1, 7, 40, 100])
+def test_selection_never_exceeds_budget(layout, pool, method, budget):
+    cache, _ = _stream(layout, pool, method, budget=budget)
+    for layer in range(layout.num_layers):
+        got = cache.retrieve(layer, torch.randn(layout.num_kv_heads, layout.head_dim))
+        assert int(got.valid.sum(1).max()) <= budget
+        order = got.order.masked_fill(~got.valid, 1 << 40)
+        assert bool((order[:, 1:] >= order[:, :-1]).all())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_time_range_restricts_members(layout, pool, method):
+    cache, _ = _stream(layout, pool, method, budget=60)
+    got = cache.retrieve(1, torch.randn(layout.num_kv_heads, layout.head_dim), since=3.0, until=9.0)
+    times = got.order[got.valid].float() * 0.1
+    assert got.tokens > 0 and bool(((times >= 3.0 - 1e-5) & (times <= 9.0 + 1e-5)).all())
+
+
+def test_token_retrieval_is_exact_top_b(layout, pool):
+    cache, batches = _stream(layout, pool, "token", budget=13)
+    keys = torch.cat([b.keys for b in batches], 1)
+    q = torch.randn(layout.num_kv_heads, layout.head_dim)
+    got = cache.retrieve(0, q)
+    past = keys[: layout.num_kv_heads, SINK : SINK + cache.past_tokens]
+    best = torch.topk(torch.einsum("hnd,hd->hn", past, q), 13).indices + SINK
+    assert torch.equal(torch.sort(best, 1).values, got.order)
+
+
+def test_cluster_uses_fewer_copies_than_token(layout, pool):
+    cl, _ = _stream(layout, pool, "cluster", budget=64, n_batches=16)
+    tk, _ = _stream(layout, pool, "token", budget=64, n_batches=16)
+    q = torch.randn(layout.num_kv_heads, layout.head_dim)
+    assert cl.retrieve(0, q).copies < tk.retrieve(0, q).copies
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_device_memory_bounded_for_cluster_and_release(layout, pool, method):
+    cache, _ = _stream(layout, pool, method, budget=32, n_batches=12)
+    assert cache.resident_tokens == SINK + WINDOW
+    assert cache.host_bytes() > 0 or method == "full"
+    cache.release()
+    assert pool.free_slabs == pool.num_slabs and cache.past_tokens == 0
+
+
+def test_query_shape_error(layout, pool):
+    cache, _ = _stream(layout, pool, "cluster", budget=8, n_batches=2)
+    with pytest.raises(ValueError, match=r"expected shape .* got"):
+        cache.retrieve(0, torch.randn(3, layout.head_dim))
+    with pytest.raises(ValueError, match="layer"):
+        cache.retrieve(9, torch.randn(layout.num_kv_heads, layout.head_dim))
