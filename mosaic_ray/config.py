@@ -174,3 +174,45 @@ class CacheConfig:
         if self.budget_tokens is not None:
             return self.budget_tokens
         return max(self.min_budget_tokens, int(round(self.budget_ratio * past_tokens)))
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """One StreamEngine: a model on one device, many streams, one host pool."""
+
+    # A preset (tiny | 7b-shape | dino-smollm2) or a local transformers directory.
+    model: str = "tiny"
+    # "auto" = cuda when available, else cpu.
+    device: str = "auto"
+    # None = the preset's dtype (tiny: float32, 7b-shape: bfloat16) or the checkpoint's.
+    dtype: str | None = None
+    # Square side frames are resized to before the vision encoder; None = the model's default.
+    frame_size: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_streams: int = 1024
+    # Frames accepted in one append call (one vision batch).
+    max_frames_per_call: int = 256
+    # Frames that may wait while the stream answers a question; more is an overload (503).
+    max_deferred_frames: int = 512
+    # Deferred cluster splits drained after every ingest step (bounded work off the query path).
+    splits_per_step: int = 256
+    max_question_tokens: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, dict):
+            self.cache = CacheConfig(**self.cache)
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"EngineConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.frame_size is not None:
+            _check_range("EngineConfig.frame_size", self.frame_size, 28, 4096)
+        _check_range("EngineConfig.max_streams", self.max_streams, 1, 1 << 20)
+        _check_range("EngineConfig.max_frames_per_call", self.max_frames_per_call, 1, 1 << 16)
+        _check_range("EngineConfig.max_deferred_frames", self.max_deferred_frames, 0, 1 << 20)
+        _check_range("EngineConfig.splits_per_step", self.splits_per_step, 0, 1 << 20)
+        _check_range("EngineConfig.max_question_tokens", self.max_question_tokens, 1, 1 << 20)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device

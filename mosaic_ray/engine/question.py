@@ -1,0 +1,103 @@
+"""QuestionRun: one question being answered, stepped by the engine together with other questions.
+
+Phases: prefill (the prompt, with per-layer retrieval of the past) -> decode (one token a step,
+reusing the prefill's retrieved set) -> closing (the last token and the turn's closing text are fed
+so they join the stream) -> done (the whole Q/A is appended to the stream's cache like any tokens:
+text and video share clusters).
+
+Positions: the run uses positions from the stream's `next_pos` on; nothing of the stream changes
+until the run commits, so a failed run leaves the stream as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mosaic_ray.engine.interface import AskRequest
+from mosaic_ray.engine.sampling import choose_token, cut_at_stop
+from mosaic_ray.engine.stream_state import StreamState
+from mosaic_ray.model.attention import StreamStep
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    total_s: float
+    finish_reason: str
+    fetched_tokens: int = 0
+    fetched_bytes: int = 0
+    copies: int = 0
+
+
+@dataclass(slots=True)
+class QuestionRun:
+    state: StreamState
+    request: AskRequest
+    prompt_ids: list[int]
+    closing_ids: list[int]
+    step: StreamStep
+    eos: set[int]
+    phase: str = "prefill"
+    pos_cursor: int = 0
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finish_reason: str = ""
+    queue: asyncio.Queue | None = None
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    error: BaseException | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_done: float | None = None
+    pending_pos: list[torch.Tensor] = field(default_factory=list)
+
+    def next_ids(self) -> list[int]:
+        if self.phase == "prefill":
+            return self.prompt_ids
+        if self.phase == "decode":
+            return [self.generated[-1]]
+        last = self.generated[-1] if self.generated else None
+        return ([last] if last is not None and last not in self.eos else []) + self.closing_ids
+
+    def take_token(self, logits: torch.Tensor, tokenizer) -> str:
+        """Choose the next token after a prefill/decode step; returns the new text to emit."""
+        token = choose_token(logits, self.request.temperature, self.request.top_p, self.generator)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.generated.append(token)
+        if token in self.eos:
+            return self._finish("stop", tokenizer)
+        text = tokenizer.decode(self.generated_text_ids(), skip_special_tokens=True)
+        cut, stopped = cut_at_stop(text, self.request.stop)
+        delta = cut[len(self.emitted):] if cut.startswith(self.emitted) else ""
+        self.emitted = cut if cut.startswith(self.emitted) else self.emitted
+        if stopped:
+            self._finish("stop", tokenizer)
+        elif len(self.generated) >= self.request.max_tokens or self.cancelled:
+            self._finish("length" if not self.cancelled else "cancelled", tokenizer)
+        else:
+            self.phase = "decode"
+        return delta
+
+    def generated_text_ids(self) -> list[int]:
+        return [t for t in self.generated if t not in self.eos]
+
+    def _finish(self, reason: str, tokenizer) -> str:
+        self.finish_reason = reason
+        self.phase = "closing"
+        return ""
+
+    def answer(self) -> Answer:
+        end = self.t_done or time.perf_counter()
+        return Answer(
+            text=self.emitted, token_ids=self.generated_text_ids(), ttft_s=(self.t_first or end) - self.t_start,
+            total_s=end - self.t_start, finish_reason=self.finish_reason,
+            fetched_tokens=self.step.fetched["tokens"], fetched_bytes=self.step.fetched["bytes"],
+            copies=self.step.fetched["copies"],
+        )

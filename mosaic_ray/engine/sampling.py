@@ -1,0 +1,24 @@
+"""Token choice for answers: greedy, or temperature + nucleus (top-p) sampling with a seed."""
+
+from __future__ import annotations
+
+import torch
+
+
+def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """logits [vocab] -> token id. temperature 0 means greedy (argmax, ties to the lowest id)."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the best token
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

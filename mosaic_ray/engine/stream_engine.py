@@ -1,0 +1,373 @@
+"""StreamEngine: one model on one device serving many live streams.
+
+    open_stream -> append_frames / append_text (chunked prefill over sink + window + chunk; tokens
+    leaving the window go to the stream's retriever) -> ask (prefill with per-layer retrieval, then
+    decode; questions of several streams step together) -> close_stream
+
+Batching: frames of several streams given to `append_frames_batch` share one vision batch and one
+decoder forward (ragged rows padded, masked per stream); every active question takes one decode
+step per engine step, all in one forward.
+
+Atomicity: inputs are validated before anything changes; a stream's counters move only after its
+cache accepted the step (`stream_state.commit`), so a failing call leaves the stream as it was.
+A stream answering a question defers frames that arrive meanwhile (bounded) and prefills them
+right after the answer is committed, so no acknowledged frame is lost or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine.interface import (
+    AskRequest,
+    Engine,
+    EngineError,
+    InvalidInputError,
+    StreamExistsError,
+    UnknownStreamError,
+)
+from mosaic_ray.engine.question import Answer, QuestionRun
+from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit, token_batch
+from mosaic_ray.model.adapter import ModelAdapter
+from mosaic_ray.model.attention import StepContext, StreamStep
+
+
+class OverloadedError(EngineError):
+    code = "overloaded"
+    status = 503
+
+
+class StreamBusyError(EngineError):
+    code = "stream_busy"
+    status = 409
+
+
+class StreamEngine(Engine):
+    def __init__(self, config: EngineConfig | None = None, adapter: ModelAdapter | None = None) -> None:
+        from mosaic_ray.model.registry import load_model
+
+        self.config = config or EngineConfig()
+        self.device = torch.device(self.config.resolved_device())
+        self.adapter = adapter or load_model(self.config.model, self.device, self.config.dtype, self.config.frame_size, self.config.seed)
+        self.layout = self.adapter.layout
+        self.pool = HostPool(self.layout, self.config.cache.pool)
+        self.streams: dict[str, StreamState] = {}
+        self._runs: list[QuestionRun] = []
+        self._driver: asyncio.Task | None = None
+        self.counters = {"frames": 0, "texts": 0, "questions": 0, "tokens": 0}
+
+    @classmethod
+    def from_spec(cls, **spec) -> "StreamEngine":
+        """Build from plain data (what a Ray actor receives): EngineConfig fields."""
+        return cls(EngineConfig(**spec))
+
+    # ------------------------------------------------------------------ streams
+    def _get(self, stream_id: str) -> StreamState:
+        try:
+            return self.streams[stream_id]
+        except KeyError:
+            raise UnknownStreamError(f"stream {stream_id!r} not found") from None
+
+    def open_stream(self, stream_id: str) -> None:
+        if not isinstance(stream_id, str) or not stream_id:
+            raise InvalidInputError("stream id must be a non-empty string")
+        if stream_id in self.streams:
+            raise StreamExistsError(f"stream {stream_id!r} already exists")
+        if len(self.streams) >= self.config.max_streams:
+            raise OverloadedError(f"engine holds its maximum of {self.config.max_streams} streams")
+        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device))
+        prefix = self.adapter.prefix_text()
+        if prefix:
+            self._ingest([(state, [self.adapter.text_chunk(prefix)], [0.0])])
+        self.streams[stream_id] = state
+
+    def close_stream(self, stream_id: str) -> None:
+        state = self._get(stream_id)
+        if state.busy:
+            raise StreamBusyError(f"stream {stream_id!r} is answering a question")
+        state.cache.release()
+        del self.streams[stream_id]
+
+    def has_stream(self, stream_id: str) -> bool:
+        return stream_id in self.streams
+
+    def list_streams(self) -> list[str]:
+        return list(self.streams)
+
+    # ------------------------------------------------------------------ ingest
+    def _check_frames(self, state: StreamState, frames, timestamps) -> None:
+        if not isinstance(frames, (list, tuple)) or len(frames) == 0:
+            raise InvalidInputError("frames must be a non-empty list")
+        if len(frames) != len(timestamps):
+            raise InvalidInputError(f"got {len(frames)} frames but {len(timestamps)} timestamps")
+        if len(frames) > self.config.max_frames_per_call:
+            raise InvalidInputError(f"at most {self.config.max_frames_per_call} frames per call, got {len(frames)}")
+        last = state.clock
+        for i, (f, ts) in enumerate(zip(frames, timestamps)):
+            if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+                got = f"{type(f).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}"
+                raise InvalidInputError(f"frame {i}: expected an RGB uint8 array [H, W, 3], got {got}")
+            if min(f.shape[:2]) < 14 or max(f.shape[:2]) > 8192:
+                raise InvalidInputError(f"frame {i}: size {f.shape[:2]} outside [14, 8192] pixels")
+            if not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+                raise InvalidInputError(f"frame {i}: timestamp must be a finite number >= 0, got {ts!r}")
+            if ts < last:
+                raise InvalidInputError(f"frame {i}: timestamp {ts} goes back before the stream clock {last}")
+            last = ts
+
+    def append_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
+        return self.append_frames_batch([(stream_id, frames, timestamps)])[0]
+
+    def append_frames_batch(self, items: list[tuple[str, list[np.ndarray], list[float]]]) -> list[int]:
+        """Frames of several streams in one vision batch and one decoder forward."""
+        states = [self._get(sid) for sid, _, _ in items]
+        if len({s.stream_id for s in states}) != len(states):
+            raise InvalidInputError("append_frames_batch: one entry per stream")
+        for state, (_, frames, ts) in zip(states, items):
+            self._check_frames(state, frames, ts)
+        ready = []
+        for state, (_, frames, ts) in zip(states, items):
+            if state.busy:
+                if len(state.deferred) + len(frames) > self.config.max_deferred_frames:
+                    raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
+                state.deferred.append((list(frames), list(ts)))
+                state.clock = max(state.clock, float(ts[-1]))
+            else:
+                ready.append((state, list(frames), [float(t) for t in ts]))
+        if ready:
+            self._ingest_frames(ready)
+        return [s.frames + sum(len(f) for f, _ in s.deferred) for s in states]
+
+    def _ingest_frames(self, ready) -> None:
+        all_frames = [f for _, frames, _ in ready for f in frames]
+        features = self.adapter.encode_frames(all_frames)
+        work, k = [], 0
+        for state, frames, ts in ready:
+            chunks = [self.adapter.frame_chunk(features[k + i], ts[i]) for i in range(len(frames))]
+            k += len(frames)
+            work.append((state, chunks, ts))
+        self._ingest(work)
+        for state, frames, _ in ready:
+            state.frames += len(frames)
+            self.counters["frames"] += len(frames)
+
+    def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
+        state = self._get(stream_id)
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("text must be a non-empty string")
+        if not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp) or timestamp < 0:
+            raise InvalidInputError(f"timestamp must be a finite number >= 0, got {timestamp!r}")
+        if state.busy:
+            raise StreamBusyError(f"stream {stream_id!r} is answering a question; retry shortly")
+        chunk = self.adapter.text_chunk(self.adapter.caption_text(text, float(timestamp)))
+        if chunk.size > self.config.max_question_tokens:
+            raise InvalidInputError(f"text of {chunk.size} tokens exceeds the limit of {self.config.max_question_tokens}")
+        self._ingest([(state, [chunk], [float(timestamp)])])
+        state.texts += 1
+        self.counters["texts"] += 1
+
+    def _ingest(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
+        """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
+        segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
+        steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
+        ctx = self._forward(segs, steps)
+        for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
+            batch = token_batch(state, ctx.new_k, ctx.new_v, row, seg.size, seg.time, seg.block, seg.positions)
+            commit(state, batch, seg.span, len(chunks), clock=max(ts))
+            state.cache.maintain(self.config.splits_per_step)
+            self.counters["tokens"] += seg.size
+
+    def _forward(self, segs: list[Segment], steps: list[StreamStep]) -> StepContext:
+        ctx, _ = self._forward_hidden(segs, steps)
+        return ctx
+
+    def _forward_hidden(self, segs: list[Segment], steps: list[StreamStep]) -> tuple[StepContext, torch.Tensor]:
+        b, n = len(segs), max(s.size for s in segs)
+        hidden = segs[0].embeds.shape[1]
+        P = self.layout.pos_dims
+        embeds = torch.zeros(b, n, hidden, dtype=segs[0].embeds.dtype, device=self.device)
+        pos = torch.zeros(P, b, n, dtype=torch.long, device=self.device)
+        for i, s in enumerate(segs):
+            embeds[i, : s.size] = s.embeds
+            pos[:, i, : s.size] = s.positions.to(self.device)
+        ctx = StepContext(steps)
+        out = self.adapter.forward(embeds, pos, ctx)
+        return ctx, out
+
+    # ------------------------------------------------------------------ questions
+    def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
+        state = self._get(stream_id)
+        if state.busy:
+            raise StreamBusyError(f"stream {stream_id!r} is already answering a question")
+        prompt, closing = self.adapter.question_text(request.question)
+        tok = self.adapter.tokenizer
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        if len(prompt_ids) + request.max_tokens > self.config.max_question_tokens:
+            raise InvalidInputError(
+                f"question of {len(prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the limit "
+                f"of {self.config.max_question_tokens} tokens"
+            )
+        step = StreamStep(state.cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True)
+        gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
+        run = QuestionRun(state, request, prompt_ids, tok.encode(closing, add_special_tokens=False), step,
+                          set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen)
+        state.busy = True
+        return run
+
+    def _advance(self, runs: list[QuestionRun]) -> list[str]:
+        """One forward for every run (prefill, decode or closing); returns each run's new text."""
+        segs = []
+        for run in runs:
+            ids = run.next_ids()
+            chunk = self.adapter.ids_chunk(ids)
+            positions = chunk.positions + run.pos_cursor
+            t = torch.full((chunk.size,), run.state.clock)
+            segs.append(Segment(chunk.embeds, positions, t, torch.zeros(chunk.size, dtype=torch.long), chunk.span))
+            run.step.new_tokens = chunk.size
+            run.step.retrieve = run.phase == "prefill"
+        ctx, hidden = self._forward_hidden(segs, [r.step for r in runs])
+        deltas = []
+        for row, (run, seg) in enumerate(zip(runs, segs)):
+            for layer in ctx.new_k:
+                k, v = ctx.new_k[layer][row, :, : seg.size], ctx.new_v[layer][row, :, : seg.size]
+                pk, pv = run.step.pending_k.get(layer), run.step.pending_v.get(layer)
+                run.step.pending_k[layer] = k if pk is None else torch.cat([pk, k], 1)
+                run.step.pending_v[layer] = v if pv is None else torch.cat([pv, v], 1)
+            run.pending_pos.append(seg.positions)
+            run.pos_cursor += seg.span
+            if run.phase == "closing":
+                self._commit_run(run)
+                deltas.append("")
+                continue
+            logits = self.adapter.logits(hidden[row, seg.size - 1])
+            deltas.append(run.take_token(logits, self.adapter.tokenizer))
+        return deltas
+
+    def _commit_run(self, run: QuestionRun) -> None:
+        state = run.state
+        layers = sorted(run.step.pending_k)
+        n = run.step.pending_k[layers[0]].shape[1]
+        pos = torch.cat(run.pending_pos, 1)
+        new_k = {l: run.step.pending_k[l][None] for l in layers}
+        new_v = {l: run.step.pending_v[l][None] for l in layers}
+        batch = token_batch(state, new_k, new_v, 0, n, torch.full((n,), state.clock),
+                            torch.full((n,), state.block, dtype=torch.long), pos)
+        commit(state, batch, run.pos_cursor - state.next_pos, 1)
+        state.questions += 1
+        self.counters["questions"] += 1
+        run.phase = "done"
+        run.t_done = time.perf_counter()
+        self._release(run)
+
+    def _release(self, run: QuestionRun) -> None:
+        state = run.state
+        state.busy = False
+        run.step.retrieved.clear()
+        deferred, state.deferred = state.deferred, []
+        for frames, ts in deferred:  # frames acknowledged during the answer, in arrival order
+            self._ingest_frames([(state, frames, ts)])
+
+    def answer_batch(self, items: list[tuple[str, AskRequest]]) -> list[Answer]:
+        """Answer questions of several streams together, synchronously (tests, benchmarks, CLI)."""
+        runs = []
+        try:
+            for sid, req in items:
+                runs.append(self._start(sid, req))
+            active = list(runs)
+            while active:
+                self._advance(active)
+                active = [r for r in active if r.phase != "done"]
+        except BaseException:
+            for r in runs:
+                if r.phase != "done":
+                    self._release(r)
+            raise
+        return [r.answer() for r in runs]
+
+    def answer(self, stream_id: str, request: AskRequest) -> Answer:
+        return self.answer_batch([(stream_id, request)])[0]
+
+    async def ask(self, stream_id: str, request: AskRequest) -> AsyncIterator[str]:
+        run = self._start(stream_id, request)
+        run.queue = asyncio.Queue()
+        self._runs.append(run)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        try:
+            while True:
+                item = await run.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            run.cancelled = True
+
+    async def _drive(self) -> None:
+        """Continuous batching: every active question advances one step per forward."""
+        while self._runs:
+            runs = list(self._runs)
+            try:
+                deltas = self._advance(runs)
+            except Exception as err:  # the step failed for all of them: release, report
+                for run in runs:
+                    self._runs.remove(run)
+                    if run.phase != "done":
+                        self._release(run)
+                    run.queue.put_nowait(err)
+                continue
+            for run, delta in zip(runs, deltas):
+                if delta:
+                    run.queue.put_nowait(delta)
+                if run.phase == "done":
+                    self._runs.remove(run)
+                    run.queue.put_nowait(None)
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ reporting
+    def stream_info(self, stream_id: str) -> dict[str, Any]:
+        s = self._get(stream_id)
+        return {
+            "id": s.stream_id, "frames": s.frames, "texts": s.texts, "questions": s.questions,
+            "tokens": s.tokens, "duration_s": s.clock, "resident_tokens": s.cache.resident_tokens,
+            "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
+            "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
+            "busy": s.busy, "deferred_frames": sum(len(f) for f, _ in s.deferred),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "streams": len(self.streams), "model": self.config.model, "device": str(self.device),
+            "retrieval": self.config.cache.retrieval,
+            "kv_bytes_device": sum(s.cache.device_bytes() for s in self.streams.values()),
+            "kv_bytes_host": sum(s.cache.host_bytes() for s in self.streams.values()),
+            "pool_capacity_bytes": self.pool.capacity_bytes, "pool_used_bytes": self.pool.used_bytes,
+            "active_questions": len(self._runs), **{f"{k}_total": v for k, v in self.counters.items()},
+        }
+
+    def export_stream(self, stream_id: str) -> dict[str, Any]:
+        from mosaic_ray.engine.snapshot import export_stream
+
+        state = self._get(stream_id)
+        if state.busy:
+            raise StreamBusyError(f"stream {stream_id!r} is answering a question")
+        return export_stream(state)
+
+    def import_stream(self, stream_id: str, snapshot: dict[str, Any]) -> None:
+        from mosaic_ray.engine.snapshot import import_stream
+
+        if stream_id in self.streams:
+            raise StreamExistsError(f"stream {stream_id!r} already exists")
+        cache = StreamCache(self.layout, self.config.cache, self.pool, self.device)
+        self.streams[stream_id] = import_stream(stream_id, snapshot, cache)

@@ -1,0 +1,79 @@
+"""Per-stream bookkeeping of the engine: clock, positions, counters, and chunk assembly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.cache.token_batch import TokenBatch
+from mosaic_ray.model.adapter import Chunk
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Invariants: `next_pos` is one past the largest position used; `tokens` counts every token
+    appended (its `order`); `clock` is the newest timestamp; `block` numbers frames and texts."""
+
+    stream_id: str
+    cache: StreamCache
+    next_pos: int = 0
+    tokens: int = 0
+    frames: int = 0
+    texts: int = 0
+    questions: int = 0
+    clock: float = 0.0
+    block: int = 0
+    busy: bool = False
+    deferred: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Segment:
+    """Chunks of one stream fed in one forward: embeds [n, h], absolute positions [P, n],
+    per-token time [n] and block [n], and the position span they use."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    time: torch.Tensor
+    block: torch.Tensor
+    span: int
+
+    @property
+    def size(self) -> int:
+        return self.embeds.shape[0]
+
+
+def assemble(state: StreamState, chunks: list[Chunk], times: list[float]) -> Segment:
+    """Concatenate chunks at the stream's next positions, one block per chunk."""
+    embeds, positions, time, block = [], [], [], []
+    offset = state.next_pos
+    for i, (chunk, ts) in enumerate(zip(chunks, times)):
+        embeds.append(chunk.embeds)
+        positions.append(chunk.positions + offset)
+        time.append(torch.full((chunk.size,), float(ts)))
+        block.append(torch.full((chunk.size,), state.block + i, dtype=torch.int64))
+        offset += chunk.span
+    return Segment(torch.cat(embeds), torch.cat(positions, 1), torch.cat(time), torch.cat(block), offset - state.next_pos)
+
+
+def token_batch(state: StreamState, new_k: dict, new_v: dict, row: int, n: int, seg_time, seg_block, seg_pos) -> TokenBatch:
+    """The step's new K/V of batch row `row` (first n tokens), every layer, as a TokenBatch."""
+    layers = sorted(new_k)
+    keys = torch.stack([new_k[l][row, :, :n] for l in layers])  # [L, H, n, D]
+    values = torch.stack([new_v[l][row, :, :n] for l in layers])
+    L, H, _, D = keys.shape
+    order = torch.arange(state.tokens, state.tokens + n)
+    return TokenBatch(keys.reshape(L * H, n, D), values.reshape(L * H, n, D), order,
+                      seg_time.float(), seg_pos.T.contiguous().int(), seg_block)
+
+
+def commit(state: StreamState, batch: TokenBatch, span: int, blocks: int, clock: float | None = None) -> None:
+    """Append a step's tokens to the cache, then advance the counters (all-or-nothing)."""
+    state.cache.append(batch)
+    state.tokens += batch.size
+    state.next_pos += span
+    state.block += blocks
+    if clock is not None:
+        state.clock = max(state.clock, clock)
