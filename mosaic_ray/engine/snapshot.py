@@ -1,0 +1,90 @@
+"""Whole-stream snapshots for migration between engines (shards).
+
+A snapshot is {"meta": plain data, "tensors": {name: Tensor}}: the stream's counters, its resident
+sink + window, its retriever's device state, and the contents of the host-pool slabs it owns.
+Importing allocates fresh slabs in the target pool and rewrites every slab reference, so the
+stream's clusters move whole (a stream never spans shards) and answers after a move are identical.
+Tensors come back on the host; the transport (torch.distributed, Ray's object store) is the
+runtime's business.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.engine.stream_state import StreamState
+
+_RESIDENT = ("k", "v", "order", "time", "pos", "block")
+# Per retriever: (object path, tensor attributes, plain attributes, slab-table attribute or None)
+_RETRIEVER_FIELDS = {
+    "full": [("", ("k", "v", "order", "time", "pos"), ("past_tokens",), None)],
+    "token": [("", ("keys",), ("past_tokens",), None),
+              ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
+    "frame": [("", ("rep_sum", "start", "count", "t_min", "t_max", "block_id"), ("past_tokens", "num_blocks"), None),
+              ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
+    "cluster": [("", (), ("past_tokens",), None),
+                ("index", ("num_clusters", "count", "centroid", "sumsq", "t_min", "t_max", "slabs", "split_flag",
+                           "key_count", "key_sum", "key_sumsq"), ("capacity",), "slabs")],
+}
+_COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
+
+
+def _owner(obj, path):
+    return getattr(obj, path) if path else obj
+
+
+def export_stream(state: StreamState) -> dict[str, Any]:
+    cache = state.cache
+    retriever = cache.retriever
+    tensors: dict[str, torch.Tensor] = {f"resident.{n}": getattr(cache, n).cpu().clone() for n in _RESIDENT}
+    meta: dict[str, Any] = {"counters": {c: getattr(state, c) for c in _COUNTERS}, "total_tokens": cache.total_tokens,
+                            "method": retriever.method, "plain": {}}
+    for path, tnames, pnames, _ in _RETRIEVER_FIELDS[retriever.method]:
+        obj = _owner(retriever, path)
+        for n in tnames:
+            tensors[f"retriever.{path}.{n}"] = getattr(obj, n).cpu().clone()
+        for n in pnames:
+            meta["plain"][f"{path}.{n}"] = getattr(obj, n)
+    pool = retriever.pool
+    slabs = (pool.owner == retriever.owner).nonzero().flatten()
+    tensors["pool.slab_ids"] = slabs
+    tensors["pool.kv"] = pool.kv[slabs].clone()
+    tensors["pool.order"] = pool.order[slabs].clone()
+    tensors["pool.time"] = pool.time[slabs].clone()
+    tensors["pool.pos"] = pool.pos[slabs].clone()
+    return {"meta": meta, "tensors": tensors}
+
+
+def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) -> StreamState:
+    meta, tensors = snapshot["meta"], snapshot["tensors"]
+    retriever = cache.retriever
+    if meta["method"] != retriever.method:
+        raise ValueError(f"snapshot uses retrieval {meta['method']!r}, this engine {retriever.method!r}")
+    pool, dev = retriever.pool, cache.device
+    old = tensors["pool.slab_ids"].to(torch.int64)
+    new = pool.allocate(old.numel(), retriever.owner)
+    pool.kv[new] = tensors["pool.kv"].to(pool.kv.dtype)
+    pool.order[new] = tensors["pool.order"]
+    pool.time[new] = tensors["pool.time"]
+    pool.pos[new] = tensors["pool.pos"]
+    remap = torch.full((int(old.max()) + 1 if old.numel() else 1,), -1, dtype=torch.int64)
+    remap[old] = new
+    for n in _RESIDENT:
+        setattr(cache, n, tensors[f"resident.{n}"].to(dev))
+    cache.total_tokens = meta["total_tokens"]
+    for path, tnames, pnames, slab_attr in _RETRIEVER_FIELDS[retriever.method]:
+        obj = _owner(retriever, path)
+        for n in tnames:
+            t = tensors[f"retriever.{path}.{n}"]
+            if n == slab_attr:
+                t = torch.where(t >= 0, remap[t.clamp(min=0)], -1)
+            setattr(obj, n, t.to(dev))
+        for n in pnames:
+            setattr(obj, n, meta["plain"][f"{path}.{n}"])
+    state = StreamState(stream_id, cache)
+    for c, value in meta["counters"].items():
+        setattr(state, c, value)
+    return state

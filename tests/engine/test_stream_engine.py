@@ -1,0 +1,108 @@
+"""StreamEngine behaviour: migration snapshots, bad input, async answers, deferral, memory bound."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import frames, make_engine
+from mosaic_ray.engine.interface import AskRequest, InvalidInputError, StreamExistsError, UnknownStreamError
+
+Q = AskRequest("Describe the scene.", max_tokens=8)
+
+
+@pytest.mark.parametrize("method", ["full", "frame", "token", "cluster"])
+def test_export_import_gives_identical_answers(tiny_adapter, method):
+    src = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    dst = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    dst.open_stream("other")  # the target pool already holds slabs: ids must be remapped
+    dst.append_frames("other", frames(5, seed=7), [float(i) for i in range(5)])
+    src.open_stream("s")
+    src.append_frames("s", frames(8, seed=4), [float(i) for i in range(8)])
+    src.append_text("s", "a red car passes", 8.5)
+    dst.import_stream("s", src.export_stream("s"))
+    assert dst.answer("s", Q).token_ids == src.answer("s", Q).token_ids
+    assert dst.stream_info("s")["tokens"] == src.stream_info("s")["tokens"]
+
+
+def test_bad_inputs_leave_stream_unchanged(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.open_stream("s")
+    engine.append_frames("s", frames(3), [0.0, 1.0, 2.0])
+    before = engine.stream_info("s")
+    bad_calls = [
+        lambda: engine.append_frames("s", [], []),
+        lambda: engine.append_frames("s", [np.zeros((56, 56), np.uint8)], [3.0]),
+        lambda: engine.append_frames("s", [np.zeros((56, 56, 3), np.float32)], [3.0]),
+        lambda: engine.append_frames("s", frames(1), [float("nan")]),
+        lambda: engine.append_frames("s", frames(1), [1.0]),  # goes back in time
+        lambda: engine.append_frames("s", frames(2), [3.0]),
+        lambda: engine.append_text("s", "   ", 3.0),
+        lambda: engine.answer("s", AskRequest("x" * 5000, max_tokens=4)),
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidInputError):
+            call()
+    assert engine.stream_info("s") == before
+    with pytest.raises(UnknownStreamError):
+        engine.append_frames("nope", frames(1), [0.0])
+    with pytest.raises(StreamExistsError):
+        engine.open_stream("s")
+    with pytest.raises(ValueError):
+        AskRequest("", max_tokens=4)
+
+
+def test_async_ask_streams_the_same_answer(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    twin = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    for e in (engine, twin):
+        e.open_stream("s")
+        e.append_frames("s", frames(6, seed=5), [float(i) for i in range(6)])
+
+    async def collect():
+        return "".join([d async for d in engine.ask("s", Q)])
+
+    assert asyncio.run(collect()) == twin.answer("s", Q).text
+
+
+def test_batched_questions_match_single(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    single = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    for e in (engine, single):
+        for i, sid in enumerate(("a", "b")):
+            e.open_stream(sid)
+            e.append_frames(sid, frames(4 + i, seed=10 + i), [float(t) for t in range(4 + i)])
+    q2 = AskRequest("Who is there? Answer briefly please.", max_tokens=6)
+    together = engine.answer_batch([("a", Q), ("b", q2)])
+    assert [a.token_ids for a in together] == [single.answer("a", Q).token_ids, single.answer("b", q2).token_ids]
+
+
+def test_frames_during_a_question_are_deferred_then_ingested(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.open_stream("s")
+    engine.append_frames("s", frames(2), [0.0, 1.0])
+    run = engine._start("s", Q)
+    assert engine.append_frames("s", frames(1, seed=3), [2.0]) == 3
+    assert engine.stream_info("s")["deferred_frames"] == 1
+    while run.phase != "done":
+        engine._advance([run])
+    info = engine.stream_info("s")
+    assert info["frames"] == 3 and info["deferred_frames"] == 0 and info["questions"] == 1
+
+
+def test_device_memory_is_bounded_for_cluster(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=32, sink=4, budget=30)
+    engine.open_stream("s")
+    sizes = []
+    for i in range(12):
+        engine.append_frames("s", frames(2, seed=i), [2.0 * i, 2.0 * i + 1])
+        sizes.append(engine.stream_info("s")["resident_tokens"])
+    assert max(sizes[4:]) <= 36 and engine.stream_info("s")["kv_bytes_host"] > 0
+
+
+def test_time_range_question(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.open_stream("s")
+    engine.append_frames("s", frames(8), [float(i) for i in range(8)])
+    ans = engine.answer("s", AskRequest("What happened early on?", max_tokens=4, since=0.0, until=2.0))
+    assert ans.fetched_tokens > 0 and ans.finish_reason in ("stop", "length")
