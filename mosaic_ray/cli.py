@@ -1,0 +1,43 @@
+"""`mosaic-ray`: one entry point, one function per subcommand (add a row to SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(sub: argparse._SubParsersAction) -> None:
+    from mosaic_ray import demo
+
+    p = sub.add_parser("demo", help="play a real video into a local stream and ask questions")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+
+def _bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark: fidelity")
+    p.add_argument("name", choices=["fidelity"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+    def run(args) -> int:
+        from mosaic_ray.bench import fidelity
+
+        return fidelity.main(args.rest) or 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS = [_demo, _bench]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mosaic-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
