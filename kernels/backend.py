@@ -57,6 +57,31 @@ def _interpret_at_import() -> bool:
 INTERPRET = _interpret_at_import()
 
 
+def _fix_interpreter_index() -> None:
+    """triton <= 3.6's interpreter converts a scalar to a Python int with int(ndarray of shape
+    (1,)), which numpy >= 2.4 refuses, so `range(0, n, BLOCK)` with a runtime `n` fails under
+    TRITON_INTERPRET=1 (triton-lang/triton#9171). Apply the upstream one-line fix (squeeze first).
+    Interpreter only; compiled kernels are untouched."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mosaic_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._mosaic_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
 def choose(op: str, backend: str, *tensors: torch.Tensor) -> str:
     """'triton' or 'torch' for these tensors. CPU tensors without the interpreter go to the
     reference silently (that is the CPU path, not a failure)."""

@@ -32,8 +32,8 @@ CACHE_ENV = "MOSAIC_RAY_CACHE"
 OPENCV_DOC_DIR = Path("/usr/share/doc/opencv-doc")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
-# Decoders of B-frame codecs in AVI (Megamind.avi) emit the last frames with pts out of order; a
-# window of 8 frames covers every reordering seen in our sample clips at a few decoded frames of memory.
+# Some decoders emit frames with pts slightly out of order (Megamind.avi: by 1 place at its end;
+# opencv-doc's box.mp4: by up to 3). A window of 8 covers every clip we have, at 8 decoded frames.
 _REORDER_WINDOW = 8
 # Timestamps are pts * time_base in float: ticks within this of a frame count as reached.
 _TIME_EPS = 1e-9
@@ -139,25 +139,25 @@ def _gunzip_once(src: Path, dst_dir: Path) -> Path:
 def video_info(path: str | Path) -> dict:
     """`frames`, `fps`, `duration_s`, `width`, `height` of the first video stream, without decoding.
 
-    `frames` counts non-empty packets (one per coded frame), so variable-rate files whose container
-    declares dropped frames (tree.avi: 444 declared, 68 real) report what `read_frames` yields.
-    `fps` is the container's average rate; `duration_s` the stream's duration (the end of its last
-    frame), falling back to the container's.
+    `frames` counts non-empty packets, i.e. coded frames: variable-rate files whose container
+    declares dropped frames report the real ones (tree.avi: 444 declared, 68 coded), and a decoder
+    may still drop a damaged one (box.mp4: 456 coded, 455 decoded). `fps` is the stream's average
+    rate; `duration_s` the stream's duration (the end of its last frame), else the container's.
     """
     path = Path(path)
     with _open(path) as container:
         stream = container.streams.video[0]
-        info = {
+        try:
+            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(f"{path}: corrupt video ({exc})") from exc
+        return {
+            "frames": frames,
             "fps": float(stream.average_rate or stream.base_rate or 0.0),
             "duration_s": _duration_s(container, stream),
             "width": stream.codec_context.width,
             "height": stream.codec_context.height,
         }
-        try:
-            info["frames"] = sum(1 for p in container.demux(stream) if p.size > 0)
-        except av.FFmpegError as exc:
-            raise VideoDecodeError(f"{path}: corrupt video ({exc})") from exc
-    return info
 
 
 def read_frames(
@@ -225,30 +225,42 @@ def _duration_s(container, stream) -> float:
 
 
 def _timed_frames(container, stream, path: Path, start_s: float) -> Iterator[_Timed]:
-    """Decoded frames with `ts >= start_s`, strictly increasing in `ts` (sorted in a small window)."""
+    """Decoded frames with `ts >= start_s`, strictly increasing in `ts`."""
+    if start_s > 0:
+        _seek(container, stream, path, (stream.start_time or 0) + int(start_s / stream.time_base))
+    ordered = _in_time_order(_stamp(_decode(container, stream, path), stream), _REORDER_WINDOW)
+    return (item for item in ordered if item.ts >= start_s - _TIME_EPS)
+
+
+def _stamp(frames: Iterable[av.VideoFrame], stream) -> Iterator[_Timed]:
+    """Put each frame on the video's clock (0 at the stream's start); frames without pts are
+    dropped, as they cannot be placed in time."""
     start_pts = stream.start_time or 0
     default_dur = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-    if start_s > 0:
-        _seek(container, stream, path, start_pts + int(start_s / stream.time_base))
-    window: list[tuple[float, int, _Timed]] = []
-    last_ts = -math.inf
-    for seq, frame in enumerate(_decode(container, stream, path)):
+    for frame in frames:
         if frame.pts is None:
-            continue  # a frame without a time cannot be placed on the clock
-        ts = float((frame.pts - start_pts) * stream.time_base)
+            continue
         dur = float(frame.duration * stream.time_base) if frame.duration else default_dur
-        heapq.heappush(window, (ts, seq, _Timed(ts, dur, frame)))
-        if len(window) > _REORDER_WINDOW:
-            last_ts = yield from _emit_if_later(heapq.heappop(window)[2], last_ts, start_s)
-    while window:
-        last_ts = yield from _emit_if_later(heapq.heappop(window)[2], last_ts, start_s)
+        yield _Timed(float((frame.pts - start_pts) * stream.time_base), dur, frame)
 
 
-def _emit_if_later(item: _Timed, last_ts: float, start_s: float):
-    if item.ts > last_ts and item.ts >= start_s - _TIME_EPS:
-        yield item
-        return item.ts
-    return last_ts
+def _in_time_order(items: Iterable[_Timed], window: int) -> Iterator[_Timed]:
+    """Sort a nearly-sorted stream in a sliding window of `window` items; items not later than the
+    last one yielded (repeated or too far out of order) are dropped, so output ts strictly increase."""
+    heap: list[tuple[float, int, _Timed]] = []
+    last_ts = -math.inf
+    for seq, item in enumerate(items):
+        heapq.heappush(heap, (item.ts, seq, item))
+        if len(heap) <= window:
+            continue
+        item = heapq.heappop(heap)[2]
+        if item.ts > last_ts:
+            last_ts = item.ts
+            yield item
+    for _, _, item in sorted(heap):
+        if item.ts > last_ts:
+            last_ts = item.ts
+            yield item
 
 
 def _seek(container, stream, path: Path, pts: int) -> None:

@@ -42,6 +42,8 @@ def gather(
     if rows.dim() != 2:
         raise ValueError(f"gather: rows must be [H, B], got shape {tuple(rows.shape)}")
     H, B = rows.shape
+    if device.type == "cuda" and pool.pinned:
+        return _gather_uva(pool, rows, device, parts)
     flat = rows.reshape(-1).to("cpu", torch.int64)
     valid = flat >= 0
     safe = flat.clamp(min=0)
@@ -55,9 +57,37 @@ def gather(
         host[~valid] = 0
         if non_blocking:
             host = host.pin_memory()
-        out[name] = host.view(H, B, -1).to(device, non_blocking=non_blocking)
+        out[name] = host.view(H, B, pool.layout.head_dim).to(device, non_blocking=non_blocking)
     order = pool.order[slab, off].masked_fill(~valid, -1)
     out["order"] = order.view(H, B).to(device)
     out["time"] = pool.time[slab, off].view(H, B).to(device)
-    out["pos"] = pool.pos[slab, off].view(H, B, -1).to(device)
+    out["pos"] = pool.pos[slab, off].view(H, B, pool.layout.pos_dims).to(device)
+    return out
+
+
+def _gather_uva(pool: HostPool, rows: torch.Tensor, device: torch.device, parts: str) -> dict[str, torch.Tensor]:
+    """GPU path: K/V read straight from pinned host memory by the Triton gather (bit-exact with the
+    torch path); the small per-row metadata is indexed on the host and copied once."""
+    from mosaic_ray.kernels.gather_rows import gather_rows
+
+    H, B = rows.shape
+    rows_dev = rows.to(device, torch.int64)
+    k, v = gather_rows(pool.kv, rows_dev, which=parts, device=device)
+    out: dict[str, torch.Tensor] = {}
+    if k is not None:
+        out["k"] = k
+    if v is not None:
+        out["v"] = v
+    flat = rows.reshape(-1).to("cpu", torch.int64)
+    valid = flat >= 0
+    safe = flat.clamp(min=0)
+    slab, off = safe // pool.slab_tokens, safe % pool.slab_tokens
+    meta = torch.cat([
+        pool.order[slab, off].masked_fill(~valid, -1)[:, None],
+        pool.time[slab, off].view(torch.int32).long()[:, None],
+        pool.pos[slab, off].long(),
+    ], 1).pin_memory().to(device, non_blocking=True)
+    out["order"] = meta[:, 0].view(H, B)
+    out["time"] = meta[:, 1].int().view(torch.float32).view(H, B)
+    out["pos"] = meta[:, 2:].int().view(H, B, pool.layout.pos_dims)
     return out

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_batch
+from cache_fixtures import make_batch
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.token_batch import TokenBatch

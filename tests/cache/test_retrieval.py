@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_batch
+from cache_fixtures import make_batch
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, ClusterConfig
 

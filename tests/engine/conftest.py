@@ -1,23 +1,8 @@
-import numpy as np
 import pytest
 
-from mosaic_ray.config import CacheConfig, EngineConfig
-from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model.registry import load_model
 
 
 @pytest.fixture(scope="session")
 def tiny_adapter():
     return load_model("tiny", "cpu")
-
-
-def make_engine(adapter, retrieval="full", window=4096, budget=None, sink=16, **cache):
-    cfg = EngineConfig(model="tiny", device="cpu", cache=CacheConfig(
-        retrieval=retrieval, window_tokens=window, sink_tokens=sink, budget_tokens=budget,
-        pool={"capacity_bytes": 16 << 20}, **cache))
-    return StreamEngine(cfg, adapter=adapter)
-
-
-def frames(n, seed=0, size=56):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]

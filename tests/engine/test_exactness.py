@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import frames, make_engine
+from engine_fixtures import frames, make_engine
 from mosaic_ray.engine.interface import AskRequest
 
 QUESTION = "What happened in the video?"

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import frames, make_engine
+from engine_fixtures import frames, make_engine
 from mosaic_ray.engine.interface import AskRequest, InvalidInputError, StreamExistsError, UnknownStreamError
 
 Q = AskRequest("Describe the scene.", max_tokens=8)

@@ -1,0 +1,118 @@
+"""Run every kernel benchmark in one process and write their JSON plus a summary.
+
+    python -m mosaic_ray.kernels.bench_all --out docs/results/kernels            # full, ~5 min on an H100
+    python -m mosaic_ray.kernels.bench_all --out docs/results/kernels --quick    # ~2 min
+    TRITON_INTERPRET=1 python -m mosaic_ray.kernels.bench_all --smoke --out /tmp/k   # CPU: code paths only
+
+One benchmark failing (e.g. UVA refused) is recorded in bench_all.json and the others still run.
+The summary puts each op's headline next to the goal it serves (FACTS.md / issue 5).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from typing import Any
+
+from mosaic_ray.kernels import benchmark_common as bc
+
+BENCHMARKS = [
+    "benchmark_gather_slabs",
+    "benchmark_gather_rows",
+    "benchmark_score_centroids",
+    "benchmark_select_budget",
+    "benchmark_assign_nearest",
+]
+
+
+def _best(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] | None:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(key) is not None
+          and all(r.get(k) == v for k, v in match.items())]
+    return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def summarize(name: str, payload: dict[str, Any]) -> list[str]:
+    rows = payload.get("results", [])
+    lines = []
+    if name == "benchmark_gather_slabs":
+        big = max((r["MB"] for r in rows if "MB" in r), default=None)
+        for pattern in ("random", "runs4", "runs64"):
+            for method in ("uva_kernel", "uva_torch_index", "cpu_index_copy", "per_run_copy", "contiguous_copy"):
+                r = _best(rows, "gbps", pattern=pattern, method=method, MB=big)
+                if r:
+                    lines.append(f"gather_slabs {pattern:7s} {r['MB']:.3g} MB {method:16s} {r['gbps']:6.1f} GB/s "
+                                 f"= {r['frac_of_peak']:.2f} of pinned peak (goal >= 0.9)")
+    elif name == "benchmark_gather_rows":
+        for D in sorted({r.get("D") for r in rows if r.get("D")}):
+            big = max((r["B"] for r in rows if r.get("D") == D), default=None)
+            for method in ("uva_kernel", "uva_kernel_best", "uva_torch_index", "cpu_index_copy"):
+                r = _best(rows, "gbps", D=D, B=big, pattern="random", method=method)
+                if r:
+                    lines.append(f"gather_rows D={D} B={big} {method:16s} {r['gbps']:6.1f} GB/s = {r['frac_of_peak']:.2f} of peak")
+    elif name in ("benchmark_score_centroids", "benchmark_select_budget", "benchmark_assign_nearest"):
+        keys = [k for k in ("G", "Q", "n", "C") if rows and k in rows[0]]
+        cases = sorted({tuple(r.get(k) for k in keys) for r in rows})
+        for case in cases[-2:]:
+            sel = {k: v for k, v in zip(keys, case)}
+            parts = []
+            for r in rows:
+                if all(r.get(k) == v for k, v in sel.items()) and r.get("us"):
+                    parts.append(f"{r['method']} {r['us']:.1f} us")
+            lines.append(f"{payload.get('op')} {sel}: " + ", ".join(parts))
+    if payload.get("best_config"):
+        lines.append(f"{payload.get('op')} best kernel config: {payload['best_config']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--only", nargs="*", default=None, help="benchmark names (e.g. gather_slabs)")
+    args = p.parse_args(argv)
+
+    names = BENCHMARKS if not args.only else [f"benchmark_{n.removeprefix('benchmark_')}" for n in args.only]
+    summary: dict[str, Any] = {"env": bc.environment(), "benchmarks": {}}
+    lines: list[str] = []
+    for name in names:
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {}
+        try:
+            module = importlib.import_module(f"mosaic_ray.kernels.{name}")
+            payload = module.run(args)
+            entry["status"] = "ok"
+            errors = [r for r in payload.get("results", []) + payload.get("sweep", []) if r.get("status") not in ("ok", None)
+                      and not str(r.get("status")).startswith("skipped")]
+            entry["problems"] = [{k: r.get(k) for k in ("method", "status", "error") if k in r} for r in errors]
+            entry["best_config"] = payload.get("best_config")
+            lines += summarize(name, payload)
+        except SystemExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - one benchmark failing must not hide the others
+            entry["status"] = "error"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            entry["traceback"] = traceback.format_exc()
+            print(entry["traceback"])
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["benchmarks"][name] = entry
+    summary["fallbacks"] = bc.fallbacks()
+    summary["summary"] = lines
+
+    print(f"\n== summary ({summary['env'].get('device')}, triton {summary['env'].get('triton')}, torch {summary['env'].get('torch')})")
+    for line in lines:
+        print("  " + line)
+    for name, entry in summary["benchmarks"].items():
+        state = entry["status"] + (f" ({len(entry.get('problems', []))} problem rows)" if entry.get("problems") else "")
+        print(f"  {name}: {state} in {entry['seconds']} s" + (f" - {entry.get('error')}" if entry.get("error") else ""))
+    if summary["fallbacks"]:
+        print(f"  FALLBACKS to torch (kernel could not run): {summary['fallbacks']}")
+    bc.write_json(args.out, "bench_all", summary)
+
+
+if __name__ == "__main__":
+    main()
