@@ -323,43 +323,46 @@ class ClusterIndex:
         child = self.num_clusters[g] + offsets
         self.num_clusters += per_group_new
         tau = self.thresholds()
+        dev, S, R = self.device, self.S, self.max_slabs
+        # slab tables of the two children: the parent keeps its first slabs, the child gets new ones
+        j = torch.arange(R, device=dev)[None, :]
+        old_slabs = self.slabs[g, c]
+        parent = torch.where(j < slabs_needed0[:, None], old_slabs, -1)
         split_at = torch.cumsum(slabs_needed1, 0) - slabs_needed1
-        kv_rows = (k.view(m, M, -1), v.view(m, M, -1), order.view(m, M), time.view(m, M), pos.view(m, M, -1))
-        freed = []
-        for i in range(m):
-            gi, ci, chi = int(g[i]), int(c[i]), int(child[i])
-            sel1 = (labels[i] & valid[i]).cpu()
-            sel0 = (~labels[i] & valid[i]).cpu()
-            old_slabs = self.slabs[gi, ci].clone()
-            keep = int(slabs_needed0[i])
-            freed.append(old_slabs[keep:][old_slabs[keep:] >= 0])
-            self.slabs[gi, ci] = -1
-            self.slabs[gi, ci, :keep] = old_slabs[:keep]
-            s1 = new_slabs[int(split_at[i]) : int(split_at[i]) + int(slabs_needed1[i])]
-            self.slabs[gi, chi] = -1
-            self.slabs[gi, chi, : s1.numel()] = s1
-            for slot, sel in ((ci, sel0), (chi, sel1)):
-                self._rewrite(gi, slot, [t[i][sel] for t in kv_rows], tau[gi])
+        take = (split_at[:, None] + j).clamp(max=max(0, new_slabs.numel() - 1))
+        child_slabs = torch.where(j < slabs_needed1[:, None], new_slabs[take] if new_slabs.numel() else -1, -1)
+        freed = old_slabs[(j >= slabs_needed0[:, None]) & (old_slabs >= 0)]
+        # destination row of every member: rank within its child, in (time) order
+        lab = labels & valid
+        rank = torch.where(lab, torch.cumsum(lab.long(), 1) - 1, torch.cumsum((~lab & valid).long(), 1) - 1)
+        table = torch.where(lab[..., None], child_slabs[:, None, :], parent[:, None, :])  # [m, M, R]
+        slab_of = table.gather(2, (rank // S).clamp(min=0)[..., None]).squeeze(-1)
+        dst = (slab_of * S + rank % S)[valid]
+        sel = valid.flatten().cpu()
+        self.pool.write(dst.cpu(), k[sel], v[sel], order[sel], time[sel], pos.view(m * M, -1)[sel])
+        # exact statistics of both children from their members
+        side = (torch.arange(m, device=dev)[:, None] * 2 + lab.long())[valid]
+        kf = keys[valid]
+        cnt = torch.zeros(2 * m, dtype=torch.int64, device=dev).index_add_(0, side, torch.ones_like(side))
+        ksum = torch.zeros(2 * m, kf.shape[1], device=dev).index_add_(0, side, kf)
+        ksq = torch.zeros(2 * m, device=dev).index_add_(0, side, (kf * kf).sum(1))
+        t = time.view(m, M).to(dev)[valid]
+        tmin = torch.full((2 * m,), _INF, device=dev).scatter_reduce_(0, side, t, "amin")
+        tmax = torch.full((2 * m,), -_INF, device=dev).scatter_reduce_(0, side, t, "amax")
+        for half, slot, slabs in ((0, c, parent), (1, child, child_slabs)):
+            ii = torch.arange(m, device=dev) * 2 + half
+            self.slabs[g, slot] = slabs
+            self.count[g, slot] = cnt[ii]
+            self.centroid[g, slot] = ksum[ii] / cnt[ii].clamp(min=1)[:, None].float()
+            self.sumsq[g, slot] = ksq[ii]
+            self.t_min[g, slot] = tmin[ii]
+            self.t_max[g, slot] = tmax[ii]
         self.split_flag[g, c] = False
         for slot in (c, child):
             self._flag(g * self.capacity + slot, tau)
-        if freed:
-            self.pool.free(torch.cat(freed).cpu())
+        if freed.numel():
+            self.pool.free(freed.cpu())
         return m
-
-    def _rewrite(self, g: int, c: int, members, tau_g) -> None:
-        """Store members (time order kept) as rows 0..n-1 of cluster (g, c); recompute its stats exactly."""
-        k, v, order, time, pos = members
-        n = k.shape[0]
-        r = torch.arange(n, device=self.device)
-        rows = self.slabs[g, c][r // self.S] * self.S + r % self.S
-        self.pool.write(rows.cpu(), k, v, order, time, pos)
-        kf = k.to(self.device, torch.float32)
-        self.count[g, c] = n
-        self.centroid[g, c] = kf.mean(0) if n else 0
-        self.sumsq[g, c] = (kf * kf).sum() if n else 0
-        self.t_min[g, c] = time.min() if n else _INF
-        self.t_max[g, c] = time.max() if n else -_INF
 
     def _two_means(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Batched 2-means: keys [m, M, D], valid [m, M] -> labels [m, M] bool (True = second child).
