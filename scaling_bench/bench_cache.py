@@ -25,24 +25,10 @@ import torch
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.cache.token_batch import TokenBatch
+from mosaic_ray.bench.synthetic import frame_batch
 from mosaic_ray.config import CacheConfig, ClusterConfig, KVLayout, PoolConfig
 
 LAYERS, HEADS, DIM = 28, 4, 128
-
-
-def frame_batch(layout: KVLayout, frame: int, tokens: int, device, centers: torch.Tensor) -> TokenBatch:
-    """One frame's tokens: each token near one of a few centres that drift slowly over frames."""
-    G, D = layout.groups, layout.head_dim
-    g = torch.Generator(device=device).manual_seed(frame)
-    drift = 0.02 * frame
-    which = torch.randint(0, centers.shape[1], (G, tokens), device=device, generator=g)
-    mu = centers.gather(1, which[..., None].expand(G, tokens, D)) + drift
-    keys = (mu + 0.35 * torch.randn(G, tokens, D, device=device, generator=g)).to(layout.dtype)
-    values = torch.randn(G, tokens, D, device=device, generator=g).to(layout.dtype)
-    order = torch.arange(frame * tokens, (frame + 1) * tokens, device=device)
-    return TokenBatch(keys, values, order, torch.full((tokens,), float(frame), device=device),
-                      order[:, None].int(), torch.full((tokens,), frame, device=device))
 
 
 def sync(device):

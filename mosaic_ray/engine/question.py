@@ -33,6 +33,7 @@ class Answer:
     fetched_tokens: int = 0
     fetched_bytes: int = 0
     copies: int = 0
+    fetch_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -99,5 +100,5 @@ class QuestionRun:
             text=self.emitted, token_ids=self.generated_text_ids(), ttft_s=(self.t_first or end) - self.t_start,
             total_s=end - self.t_start, finish_reason=self.finish_reason,
             fetched_tokens=self.step.fetched["tokens"], fetched_bytes=self.step.fetched["bytes"],
-            copies=self.step.fetched["copies"],
+            copies=self.step.fetched["copies"], fetch_s=self.step.fetched["seconds"],
         )

@@ -15,6 +15,7 @@ Layout of one stream's keys in a step, all after RoPE and so order-free for atte
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.cache.token_batch import Retrieved
 
 ATTENTION_NAME = "mosaic_retrieval"
+# Benchmarks set this to time each layer's fetch exactly (a device sync per layer; off in serving).
+TIME_FETCH = False
 _ACTIVE: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("mosaic_step", default=None)
 
 
@@ -49,7 +52,7 @@ class StreamStep:
     pending_v: dict[int, torch.Tensor] = field(default_factory=dict)
     use_past: bool = False
     # what this stream's retrieval moved: {"copies", "bytes", "tokens"} summed over layers
-    fetched: dict[str, int] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "tokens": 0})
+    fetched: dict[str, float] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0})
 
 
 class StepContext:
@@ -59,7 +62,7 @@ class StepContext:
         self.streams = streams
         self.new_k: dict[int, torch.Tensor] = {}
         self.new_v: dict[int, torch.Tensor] = {}
-        self.fetch_stats = {"copies": 0, "bytes": 0, "tokens": 0}
+        self.fetch_stats = {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0}
         self._token = None
 
     # --- the slice of transformers' Cache API the decoder layers use
@@ -84,8 +87,12 @@ class StepContext:
     # --- assembling keys
     def _past(self, step: StreamStep, layer: int, query: torch.Tensor) -> Retrieved | None:
         if step.retrieve and layer not in step.retrieved and step.cache.past_tokens > 0:
+            t0 = time.perf_counter()
             with torch.no_grad():
                 step.retrieved[layer] = step.cache.retrieve(layer, query, step.since, step.until)
+            if TIME_FETCH and query.is_cuda:
+                torch.cuda.synchronize()
+            step.fetched["seconds"] += time.perf_counter() - t0
             r = step.retrieved[layer]
             for stats in (self.fetch_stats, step.fetched):
                 stats["copies"] += r.copies

@@ -2,7 +2,9 @@
 `from_pretrained`), the real-encoder stack, or a local directory of real weights.
 
     tiny          Qwen2-VL architecture, a few layers: tests and the CPU demo
-    7b-shape      Qwen2-VL-7B's shapes with random bf16 weights: GPU benchmarks (shapes decide speed)
+    7b-shape      Qwen2-VL-7B's shapes with random bf16 weights: GPU benchmarks (shapes decide speed);
+                  built in memory on the target device (16 GB of random weights are not worth a
+                  save/load round trip)
     dino-smollm2  real DINOv2-small patches -> projector -> real SmolLM2-135M (FACTS.md)
     /a/path       a transformers checkpoint (Qwen2-VL / Qwen2.5-VL), loaded offline
 
@@ -102,6 +104,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
         from mosaic_ray.model.dino_smollm2 import load_dino_smollm2
 
         return load_dino_smollm2(device=device, frame_size=frame_size or 224)
+    if name_or_path == "7b-shape" and not Path(name_or_path).exists():
+        return build_in_memory(name_or_path, device, dtype, frame_size, seed)
     if name_or_path in PRESETS and not Path(name_or_path).exists():
         path = materialize_preset(name_or_path, seed)
         dtype = dtype or PRESETS[name_or_path]["dtype"]
@@ -129,3 +133,22 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
     from mosaic_ray.model.qwen2_vl import Qwen2VLAdapter
 
     return Qwen2VLAdapter(model, tokenizer, device, frame_size=frame_size or meta.get("frame_size", 336))
+
+
+def build_in_memory(name: str, device, dtype: str | None = None, frame_size: int | None = None, seed: int = 0) -> ModelAdapter:
+    """A random-init preset constructed directly on `device` (no disk round trip)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from mosaic_ray.model.qwen2_vl import Qwen2VLAdapter
+
+    tokenizer = build_byte_tokenizer()
+    torch_dtype = getattr(torch, dtype or PRESETS[name]["dtype"])
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration(_preset_config(name, tokenizer))
+    finally:
+        torch.set_default_dtype(previous)
+    return Qwen2VLAdapter(model.to(torch_dtype), tokenizer, device, frame_size=frame_size or PRESETS[name]["frame_size"])
