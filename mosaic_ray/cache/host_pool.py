@@ -41,9 +41,12 @@ class HostPool:
         self.pinned = self._want_pinned()
         S, D, P = self.slab_tokens, layout.head_dim, layout.pos_dims
         self.kv = torch.empty((self.num_slabs, 2, S, D), dtype=layout.dtype, pin_memory=self.pinned)
-        self.order = torch.full((self.num_slabs, S), -1, dtype=torch.int64)
-        self.time = torch.zeros((self.num_slabs, S), dtype=torch.float32)
-        self.pos = torch.zeros((self.num_slabs, S, P), dtype=torch.int32)
+        # metadata is pinned too: on a GPU it is read in place (UVA) with the rows' K/V
+        self.order = torch.full((self.num_slabs, S), -1, dtype=torch.int64).pin_memory() if self.pinned else \
+            torch.full((self.num_slabs, S), -1, dtype=torch.int64)
+        self.time = torch.zeros((self.num_slabs, S), dtype=torch.float32, pin_memory=self.pinned)
+        self.pos = torch.zeros((self.num_slabs, S, P), dtype=torch.int32, pin_memory=self.pinned)
+        self._device_views: dict[str, dict[str, torch.Tensor]] = {}
         self.owner = torch.full((self.num_slabs,), -1, dtype=torch.int32)
         # Stack of free slab ids; the top is at `_free_top - 1`. Slabs are handed out from the
         # top, so a batch of new slabs is usually a run of consecutive ids.
@@ -84,6 +87,16 @@ class HostPool:
         if mode == "yes" and not has_cuda:
             raise ValueError("PoolConfig.pin_memory='yes' needs a CUDA device; use 'auto' or 'no'")
         return has_cuda
+
+    def device_views(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """CUDA tensors aliasing the pinned metadata (order, time, pos): indexed on the device, each
+        element read is a PCIe load; no host sync, no staging copy."""
+        key = str(device)
+        if key not in self._device_views:
+            from mosaic_ray.kernels.uva import device_view
+
+            self._device_views[key] = {n: device_view(getattr(self, n), device) for n in ("order", "time", "pos")}
+        return self._device_views[key]
 
     # ------------------------------------------------------------------ ownership
     def register_owner(self) -> int:

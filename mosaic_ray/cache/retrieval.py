@@ -289,7 +289,8 @@ class ClusterRetriever(Retriever):
             h, c = h[by_score], c[by_score]
             rows, _ = ix.member_rows(g[h], c)
             if ranged:  # drop out-of-range members before they take budget
-                t = self.pool.time.view(-1)[rows.clamp(min=0).cpu()].to(rows.device)
+                times = self.pool.device_views(rows.device)["time"] if rows.is_cuda else self.pool.time
+                t = times.view(-1)[rows.clamp(min=0).to(times.device)].to(rows.device)
                 rows = rows.masked_fill(~_time_mask(t, since, until), -1)
             packed = pack_rows(h, rows, H, budget, truncate=ranged)
             fetched = gather(self.pool, packed, self.device, parts="kv")
