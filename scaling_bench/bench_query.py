@@ -34,6 +34,20 @@ QUESTIONS = ["What is the person in the red jacket doing?", "When did the car le
              "Where is the dog?", "What changed on the table?"]
 
 
+def _frames(n: int):
+    """Real frames when PyAV is installed (the GPU machine may lack it); else random RGB frames of
+    the same size: ingest cost depends on the frame's shape, not its pixels."""
+    import numpy as np
+
+    try:
+        from mosaic_ray.video import default_video, read_frames
+
+        return [f.rgb for f in read_frames(default_video(), fps=4, max_frames=n, size=336)]
+    except ImportError:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 255, (336, 336, 3), dtype=np.uint8) for _ in range(n)]
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -159,9 +173,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention.TIME_FETCH = True
     adapter = load_model(a.model, device)
-    from mosaic_ray.video import default_video, read_frames
-
-    real = [f.rgb for f in read_frames(default_video(), fps=4, max_frames=10)]
+    real = _frames(10)
     tokens = adapter.frame_chunk(adapter.encode_frames(real[:1])[0], 0.0).size
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []

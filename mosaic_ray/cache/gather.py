@@ -5,8 +5,6 @@ On a CUDA device with pinned memory it uses the UVA Triton kernels of `mosaic_ra
 they are importable; otherwise (CPU, tests) a plain torch index + copy. Both paths return bit-exact
 the same values: the kernels are tested against this torch path.
 
-`count_runs` gives the number of contiguous host runs a selection touches: the copy operations a
-run-per-copy gather issues, and the figure the fidelity harness reports.
 """
 
 from __future__ import annotations
@@ -14,17 +12,6 @@ from __future__ import annotations
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool
-
-
-def count_runs(rows: torch.Tensor) -> int:
-    """Contiguous runs among the valid rows of each head (rows [H, B], -1 = padding)."""
-    if rows.numel() == 0:
-        return 0
-    r = torch.sort(rows, dim=1).values  # padding (-1) sorts first
-    valid = r >= 0
-    starts = valid.clone()
-    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
-    return int(starts.sum())
 
 
 def gather(

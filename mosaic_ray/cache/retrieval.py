@@ -21,9 +21,9 @@ import abc
 import torch
 
 from mosaic_ray.cache.cluster_index import ClusterIndex
-from mosaic_ray.cache.gather import count_runs, gather
+from mosaic_ray.cache.gather import gather
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.selection import NEG_INF, pack_rows, select_prefix, time_overlap
+from mosaic_ray.cache.selection import NEG_INF, pack_in_order, select_units, time_overlap
 from mosaic_ray.cache.time_log import TimeLog, _grow
 from mosaic_ray.cache.token_batch import Retrieved, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
@@ -52,6 +52,17 @@ def _finish(
         keys=take(k), values=take(fetched["v"]), order=take(fetched["order"]), pos=take(fetched["pos"]),
         valid=take(valid), copies=copies, bytes_moved=bytes_moved,
     )
+
+
+def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]:
+    """(contiguous host runs, bytes) of a selection [H, B], with one host sync for both."""
+    if rows.numel() == 0:
+        return 0, 0
+    r = torch.sort(rows, dim=1).values
+    starts = r >= 0
+    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    runs, n = torch.stack([starts.sum(), (rows >= 0).sum()]).tolist()
+    return int(runs), int(n) * bytes_per_row
 
 
 class Retriever(abc.ABC):
@@ -176,7 +187,7 @@ class TokenRetriever(Retriever):
         fetched = gather(self.pool, rows, self.device, parts="v")
         k = keys.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
         k = k.masked_fill((idx < 0)[..., None], 0)
-        return _finish(fetched, rows, since, until, count_runs(rows), int((rows >= 0).sum()) * self._row_bytes, keys=k)
+        return _finish(fetched, rows, since, until, *_copies_and_bytes(rows, self._row_bytes), keys=k)
 
     def device_bytes(self) -> int:
         n = self.log.size
@@ -242,16 +253,15 @@ class FrameRetriever(Retriever):
         if self.config.frame_top_k is not None and F > self.config.frame_top_k:
             kth = torch.topk(scores, self.config.frame_top_k, dim=1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, NEG_INF)
-        chosen = select_prefix(scores, self.count[:F][None].expand(H, F), budget)
-        h, f = chosen.nonzero(as_tuple=True)
-        longest = int(self.count[:F].max()) if F else 0
+        h, f = select_units(scores, self.count[:F][None].expand(H, F), budget)
+        longest = self.config.window_tokens if F == 0 else int(self.count[:F].max())
         span = torch.arange(longest, device=self.device)
         tok = self.start[f][:, None] + span[None, :]
         tok = torch.where(span[None, :] < self.count[f][:, None], tok, -1)
         rows = self.log.rows(tok, g[h]) if tok.numel() else tok
-        packed = pack_rows(h, rows, H, budget)
+        packed = pack_in_order(h, rows, H, budget)
         fetched = gather(self.pool, packed, self.device, parts="kv")
-        return _finish(fetched, packed, since, until, count_runs(packed), 2 * int((packed >= 0).sum()) * self._row_bytes)
+        return _finish(fetched, packed, since, until, *_copies_and_bytes(packed, 2 * self._row_bytes))
 
     def device_bytes(self) -> int:
         n, F = self.log.size, self.num_blocks
@@ -273,28 +283,25 @@ class ClusterRetriever(Retriever):
 
     def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
         self._check_query(layer, query)
-        ix, g, H = self.index, self.groups_of(layer), self.layout.num_kv_heads
+        ix, H = self.index, self.layout.num_kv_heads
         budget = min(budget, self.past_tokens)
+        g = slice(layer * H, (layer + 1) * H)  # a view of the layer's clusters: no copies, no sync
         with ix.query_guard():
-            C = max(1, int(ix.num_clusters[g].max()))
-            cent, cnt = ix.centroid[g, :C], ix.count[g, :C]
-            scores = torch.einsum("hcd,hd->hc", cent, query.float())
-            t_min, t_max = ix.t_min[g, :C], ix.t_max[g, :C]
+            cnt = ix.count[g]
+            scores = torch.bmm(ix.centroid[g], query.float()[:, :, None]).squeeze(-1)
+            t_min, t_max = ix.t_min[g], ix.t_max[g]
             ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
             ranged = since is not None or until is not None
             sizes = self._in_range_estimate(cnt, t_min, t_max, since, until) if ranged else cnt
-            chosen = select_prefix(scores.masked_fill(~ok, NEG_INF), sizes, budget)
-            h, c = chosen.nonzero(as_tuple=True)
-            by_score = torch.argsort(scores[h, c], descending=True, stable=True)
-            h, c = h[by_score], c[by_score]
-            rows, _ = ix.member_rows(g[h], c)
+            h, c = select_units(scores.masked_fill(~ok, NEG_INF), sizes, budget)
+            rows, _ = ix.member_rows(h + layer * H, c)
             if ranged:  # drop out-of-range members before they take budget
                 times = self.pool.device_views(rows.device)["time"] if rows.is_cuda else self.pool.time
                 t = times.view(-1)[rows.clamp(min=0).to(times.device)].to(rows.device)
                 rows = rows.masked_fill(~_time_mask(t, since, until), -1)
-            packed = pack_rows(h, rows, H, budget, truncate=ranged)
+            packed = pack_in_order(h, rows, H, budget)
             fetched = gather(self.pool, packed, self.device, parts="kv")
-        return _finish(fetched, packed, since, until, count_runs(packed), 2 * int((packed >= 0).sum()) * self._row_bytes)
+        return _finish(fetched, packed, since, until, *_copies_and_bytes(packed, 2 * self._row_bytes))
 
     @staticmethod
     def _in_range_estimate(cnt, t_min, t_max, since, until) -> torch.Tensor:

@@ -10,40 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_ray.cache.token_batch import ranks_within
-
 NEG_INF = float("-inf")
-
-
-def select_prefix(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
-    """scores, sizes [H, U] (score -inf = not eligible) -> chosen [H, U] bool, sum(sizes) <= budget."""
-    order = torch.argsort(scores, dim=1, descending=True)
-    s_sorted = scores.gather(1, order)
-    z_sorted = sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0)
-    fits = (torch.cumsum(z_sorted, 1) <= budget) & torch.isfinite(s_sorted) & (z_sorted > 0)
-    chosen = torch.zeros_like(fits)
-    chosen.scatter_(1, order, fits)
-    return chosen
-
-
-def pack_rows(head: torch.Tensor, rows: torch.Tensor, num_heads: int, budget: int, truncate: bool = False) -> torch.Tensor:
-    """Place rows [m, M] (-1 = none) of units owned by heads `head` [m] into [H, budget] (-1 pad).
-
-    Units must come in priority order within a head; with `truncate` the rows past the budget are
-    dropped (used when unit sizes were estimates), otherwise overflowing is a bug and raises.
-    """
-    valid = rows >= 0
-    h = head[:, None].expand_as(rows)[valid]
-    r = rows[valid]
-    slot = ranks_within(h)
-    if truncate:
-        keep = slot < budget
-        h, r, slot = h[keep], r[keep], slot[keep]
-    elif r.numel() and int(slot.max()) >= budget:
-        raise AssertionError("selection exceeded its budget")
-    out = torch.full((num_heads, budget), -1, dtype=torch.int64, device=rows.device)
-    out[h, slot] = r
-    return out
 
 
 def time_overlap(t_min: torch.Tensor, t_max: torch.Tensor, since: float | None, until: float | None) -> torch.Tensor:
@@ -54,3 +21,30 @@ def time_overlap(t_min: torch.Tensor, t_max: torch.Tensor, since: float | None, 
     if until is not None:
         ok &= t_min <= until
     return ok
+
+
+def select_units(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first prefix selection without building a mask: returns (head [m], unit [m]) of the chosen
+    units, grouped by head and in score order within a head (one host sync: the nonzero)."""
+    order = torch.argsort(scores, dim=1, descending=True)
+    s_sorted = scores.gather(1, order)
+    z = sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0)
+    fits = (torch.cumsum(z, 1) <= budget) & torch.isfinite(s_sorted) & (z > 0)
+    h, k = fits.nonzero(as_tuple=True)
+    return h, order[h, k]
+
+
+def pack_in_order(head: torch.Tensor, rows: torch.Tensor, num_heads: int, budget: int) -> torch.Tensor:
+    """Place valid rows (>= 0) of units [m, M], listed head by head in priority order, into
+    [H, budget]; rows past a head's budget are dropped. No sort and no host sync."""
+    valid = rows >= 0
+    v = valid.flatten().long()
+    before = torch.cumsum(v, 0) - v  # valid rows ahead of each entry, over all heads
+    hh = head[:, None].expand_as(rows).flatten()
+    first = torch.full((num_heads,), before.numel(), dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, hh, before, "amin")
+    slot = before - first[hh]
+    keep = valid.flatten() & (slot < budget)
+    out = torch.full((num_heads, budget + 1), -1, dtype=torch.int64, device=rows.device)
+    out.index_put_((hh, torch.where(keep, slot, budget)), torch.where(keep, rows.flatten(), -1))
+    return out[:, :budget]
