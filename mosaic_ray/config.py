@@ -197,6 +197,8 @@ class EngineConfig:
     # Deferred cluster splits drained after every ingest step (bounded work off the query path).
     splits_per_step: int = 256
     max_question_tokens: int = 2048
+    # Cross-layer prefetch of question retrieval (exact: misses are fetched at the layer).
+    prefetch: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

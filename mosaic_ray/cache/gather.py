@@ -9,9 +9,21 @@ the same values: the kernels are tested against this torch path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool
+
+
+@dataclass(slots=True)
+class Prefetched:
+    """Rows [H, B] gathered ahead of need (on a side stream), with what came back; `ready` is the
+    event the consumer waits on before reading `data` (None on the CPU)."""
+
+    rows: torch.Tensor
+    data: dict[str, torch.Tensor]
+    ready: object = None
 
 
 def gather(
@@ -72,3 +84,28 @@ def _gather_uva(pool: HostPool, rows: torch.Tensor, device: torch.device, parts:
     out["time"] = views["time"][slab, off]
     out["pos"] = views["pos"][slab, off]
     return out
+
+
+def merge_prefetched(pool: HostPool, rows: torch.Tensor, device: torch.device, parts: str,
+                     pre: Prefetched) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rows [H, B] from a prefetch where it has them (hits), from the host otherwise (misses).
+
+    Returns (data, miss_rows): the result is bit-exact with a plain `gather(rows)`; `miss_rows`
+    [H, B] (-1 elsewhere) is what was read from the host on the critical path.
+    """
+    if pre.ready is not None:
+        torch.cuda.current_stream(device).wait_event(pre.ready)
+    have, perm = torch.sort(pre.rows.to(device), dim=1)
+    rows_dev = rows.to(device)
+    pos = torch.searchsorted(have.contiguous(), rows_dev.contiguous()).clamp(max=max(0, have.shape[1] - 1))
+    hit = (rows_dev >= 0) & (have.shape[1] > 0) & (have.gather(1, pos) == rows_dev) if have.numel() else torch.zeros_like(rows_dev, dtype=torch.bool)
+    misses = torch.where(hit, -1, rows_dev)
+    fresh = gather(pool, misses, device, parts)
+    src = perm.gather(1, pos) if have.numel() else pos
+    out = {}
+    for name, t in fresh.items():
+        old = pre.data[name]
+        idx = src if t.dim() == 2 else src[..., None].expand_as(t)
+        mask = hit if t.dim() == 2 else hit[..., None]
+        out[name] = torch.where(mask, old.gather(1, idx), t)
+    return out, misses

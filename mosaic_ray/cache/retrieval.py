@@ -21,11 +21,11 @@ import abc
 import torch
 
 from mosaic_ray.cache.cluster_index import ClusterIndex
-from mosaic_ray.cache.gather import gather
+from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.selection import NEG_INF, pack_in_order, select_units, time_overlap
 from mosaic_ray.cache.time_log import TimeLog, _grow
-from mosaic_ray.cache.token_batch import Retrieved, TokenBatch
+from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
 
 
@@ -90,11 +90,38 @@ class Retriever(abc.ABC):
     def insert(self, batch: TokenBatch) -> None:
         """Take tokens that left the local window (all layers at once)."""
 
-    @abc.abstractmethod
+    # what the host pool supplies for a selected row: K and V, or V only (token keeps K on the device)
+    host_parts = "kv"
+
+    def select(
+        self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
+    ) -> Selection:
+        """Choose the past tokens for one layer: query [H, D] is the question's mean query per KV
+        head, after RoPE. Reads only device metadata; moves no K/V."""
+        raise NotImplementedError(f"{self.method} retrieval has no separate selection")
+
+    def fetch(self, sel: Selection, since: float | None = None, until: float | None = None,
+              prefetched: Prefetched | None = None) -> Retrieved:
+        """Move the selected rows to the device. Rows already brought by `prefetched` (a guess made
+        a layer earlier) are taken from it; only the misses are read from the host now."""
+        if prefetched is None:
+            fetched, misses = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
+        else:
+            fetched, misses = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+        per_row = self._row_bytes * len(self.host_parts)
+        copies, moved = _copies_and_bytes(misses, per_row)
+        out = _finish(fetched, sel.rows, since, until, copies, moved, keys=self._device_keys(sel))
+        out.misses = moved // per_row
+        return out
+
+    def _device_keys(self, sel: Selection) -> torch.Tensor | None:
+        return None
+
     def retrieve(
         self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
     ) -> Retrieved:
-        """query [H, D]: the question's mean query per KV head, after RoPE."""
+        """select + fetch: the selected past tokens of one layer on the device, in time order."""
+        return self.fetch(self.select(layer, query, budget, since, until), since, until)
 
     def maintain(self, max_work: int | None = None) -> int:
         """Deferred upkeep off the query path; returns work done (0 when there is none)."""
@@ -173,21 +200,21 @@ class TokenRetriever(Retriever):
         self.keys[:, idx] = batch.keys.to(self.device, self.layout.dtype)
         self.past_tokens = self.log.size
 
-    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+    host_parts = "v"
+
+    def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
         N, g = self.log.size, self.groups_of(layer)
-        keys = self.keys[g, :N]
-        scores = torch.einsum("hnd,hd->hn", keys.float(), query.float())
+        scores = torch.einsum("hnd,hd->hn", self.keys[g, :N].float(), query.float())
         scores = scores.masked_fill(~_time_mask(self.log.time[:N], since, until)[None], NEG_INF)
-        B = min(budget, N)
-        top = torch.topk(scores, B, dim=1)
-        idx = torch.where(torch.isfinite(top.values), top.indices, -1)
-        idx = _sorted_ids(idx, N)
-        rows = self.log.rows(idx, g)
-        fetched = gather(self.pool, rows, self.device, parts="v")
-        k = keys.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
-        k = k.masked_fill((idx < 0)[..., None], 0)
-        return _finish(fetched, rows, since, until, *_copies_and_bytes(rows, self._row_bytes), keys=k)
+        top = torch.topk(scores, min(budget, N), dim=1)
+        idx = _sorted_ids(torch.where(torch.isfinite(top.values), top.indices, -1), N)
+        return Selection(layer, self.log.rows(idx, g), idx)
+
+    def _device_keys(self, sel: Selection) -> torch.Tensor:
+        keys = self.keys[self.groups_of(sel.layer)]
+        k = keys.gather(1, sel.idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
+        return k.masked_fill((sel.idx < 0)[..., None], 0)
 
     def device_bytes(self) -> int:
         n = self.log.size
@@ -243,7 +270,7 @@ class FrameRetriever(Retriever):
         self.num_blocks = nb
         self.past_tokens = self.log.size
 
-    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+    def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
         F, g, H = self.num_blocks, self.groups_of(layer), self.layout.num_kv_heads
         budget = min(budget, self.past_tokens)
@@ -259,9 +286,7 @@ class FrameRetriever(Retriever):
         tok = self.start[f][:, None] + span[None, :]
         tok = torch.where(span[None, :] < self.count[f][:, None], tok, -1)
         rows = self.log.rows(tok, g[h]) if tok.numel() else tok
-        packed = pack_in_order(h, rows, H, budget)
-        fetched = gather(self.pool, packed, self.device, parts="kv")
-        return _finish(fetched, packed, since, until, *_copies_and_bytes(packed, 2 * self._row_bytes))
+        return Selection(layer, pack_in_order(h, rows, H, budget))
 
     def device_bytes(self) -> int:
         n, F = self.log.size, self.num_blocks
@@ -281,7 +306,7 @@ class ClusterRetriever(Retriever):
         self.index.insert(batch)
         self.past_tokens += batch.size
 
-    def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
+    def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
         ix, H = self.index, self.layout.num_kv_heads
         budget = min(budget, self.past_tokens)
@@ -299,9 +324,11 @@ class ClusterRetriever(Retriever):
                 times = self.pool.device_views(rows.device)["time"] if rows.is_cuda else self.pool.time
                 t = times.view(-1)[rows.clamp(min=0).to(times.device)].to(rows.device)
                 rows = rows.masked_fill(~_time_mask(t, since, until), -1)
-            packed = pack_in_order(h, rows, H, budget)
-            fetched = gather(self.pool, packed, self.device, parts="kv")
-        return _finish(fetched, packed, since, until, *_copies_and_bytes(packed, 2 * self._row_bytes))
+            return Selection(layer, pack_in_order(h, rows, H, budget))
+
+    def fetch(self, sel, since=None, until=None, prefetched=None) -> Retrieved:
+        with self.index.query_guard():  # no split may move members while their rows are read
+            return super().fetch(sel, since, until, prefetched)
 
     @staticmethod
     def _in_range_estimate(cnt, t_min, t_max, since, until) -> torch.Tensor:

@@ -85,6 +85,10 @@ class StreamCache:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
         return self.retriever.retrieve(layer, query, self.budget(), since, until)
 
+    def select(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None):
+        """The retriever's selection for one layer at this stream's budget (no K/V moved)."""
+        return self.retriever.select(layer, query, self.budget(), since, until)
+
     def maintain(self, max_work: int | None = None) -> int:
         return self.retriever.maintain(max_work)
 

@@ -79,7 +79,18 @@ class Retrieved:
     valid: torch.Tensor
     copies: int = 0
     bytes_moved: int = 0
+    misses: int = 0  # selected rows read from the host on the critical path (not prefetched)
 
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
+
+
+@dataclass(slots=True)
+class Selection:
+    """One layer's chosen past tokens: pool rows [H, B] (-1 = none), valid ones first per head;
+    `idx` [H, B] are token indices when the method keeps keys on the device (token)."""
+
+    layer: int
+    rows: torch.Tensor
+    idx: torch.Tensor | None = None

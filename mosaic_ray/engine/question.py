@@ -34,6 +34,7 @@ class Answer:
     fetched_bytes: int = 0
     copies: int = 0
     fetch_s: float = 0.0
+    prefetch_hit_rate: float | None = None
 
 
 @dataclass(slots=True)
@@ -101,4 +102,6 @@ class QuestionRun:
             total_s=end - self.t_start, finish_reason=self.finish_reason,
             fetched_tokens=self.step.fetched["tokens"], fetched_bytes=self.step.fetched["bytes"],
             copies=self.step.fetched["copies"], fetch_s=self.step.fetched["seconds"],
+            prefetch_hit_rate=(self.step.fetched["prefetch_hits"] / self.step.fetched["rows"]
+                               if self.step.fetched["rows"] else None),
         )

@@ -36,6 +36,7 @@ from mosaic_ray.engine.interface import (
     StreamExistsError,
     UnknownStreamError,
 )
+from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit, token_batch
 from mosaic_ray.model.adapter import ModelAdapter
@@ -60,6 +61,8 @@ class StreamEngine(Engine):
         self.device = torch.device(self.config.resolved_device())
         self.adapter = adapter or load_model(self.config.model, self.device, self.config.dtype, self.config.frame_size, self.config.seed)
         self.layout = self.adapter.layout
+        if self.config.prefetch:
+            Prefetcher.install(self.adapter)
         self.pool = HostPool(self.layout, self.config.cache.pool)
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
@@ -200,7 +203,7 @@ class StreamEngine(Engine):
         for i, s in enumerate(segs):
             embeds[i, : s.size] = s.embeds
             pos[:, i, : s.size] = s.positions.to(self.device)
-        ctx = StepContext(steps)
+        ctx = StepContext(steps, prefetch=self.config.prefetch)
         out = self.adapter.forward(embeds, pos, ctx)
         return ctx, out
 

@@ -51,15 +51,20 @@ class StreamStep:
     pending_k: dict[int, torch.Tensor] = field(default_factory=dict)
     pending_v: dict[int, torch.Tensor] = field(default_factory=dict)
     use_past: bool = False
-    # what this stream's retrieval moved: {"copies", "bytes", "tokens"} summed over layers
-    fetched: dict[str, float] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0})
+    # what this stream's retrieval moved on the critical path ({"copies", "bytes", "tokens",
+    # "seconds"}, summed over layers) and how many selected rows a prefetch had already brought
+    fetched: dict[str, float] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0,
+                                                               "rows": 0, "prefetch_hits": 0})
+    # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
+    prefetched: dict = field(default_factory=dict)
 
 
 class StepContext:
     """Passed to the decoder as `past_key_values`; collects new K/V and serves attention."""
 
-    def __init__(self, streams: list[StreamStep]) -> None:
+    def __init__(self, streams: list[StreamStep], prefetch: bool = False) -> None:
         self.streams = streams
+        self.prefetch = prefetch
         self.new_k: dict[int, torch.Tensor] = {}
         self.new_v: dict[int, torch.Tensor] = {}
         self.fetch_stats = {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0}
@@ -89,7 +94,15 @@ class StepContext:
         if step.retrieve and layer not in step.retrieved and step.cache.past_tokens > 0:
             t0 = time.perf_counter()
             with torch.no_grad():
-                step.retrieved[layer] = step.cache.retrieve(layer, query, step.since, step.until)
+                pre = step.prefetched.pop(layer, None)
+                if pre is None:
+                    step.retrieved[layer] = step.cache.retrieve(layer, query, step.since, step.until)
+                else:
+                    sel = step.cache.select(layer, query, step.since, step.until)
+                    step.retrieved[layer] = step.cache.retriever.fetch(sel, step.since, step.until, prefetched=pre)
+                    rows = int((sel.rows >= 0).sum())
+                    step.fetched["rows"] += rows
+                    step.fetched["prefetch_hits"] += rows - step.retrieved[layer].misses
             if TIME_FETCH and query.is_cuda:
                 torch.cuda.synchronize()
             step.fetched["seconds"] += time.perf_counter() - t0

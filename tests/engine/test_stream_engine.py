@@ -106,3 +106,16 @@ def test_time_range_question(tiny_adapter):
     engine.append_frames("s", frames(8), [float(i) for i in range(8)])
     ans = engine.answer("s", AskRequest("What happened early on?", max_tokens=4, since=0.0, until=2.0))
     assert ans.fetched_tokens > 0 and ans.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("method", ["frame", "token", "cluster"])
+def test_prefetch_gives_identical_answers(tiny_adapter, method):
+    answers = {}
+    for prefetch in (False, True):
+        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+        engine.config.prefetch = prefetch
+        engine.open_stream("s")
+        engine.append_frames("s", frames(10, seed=3), [float(i) for i in range(10)])
+        answers[prefetch] = engine.answer("s", Q)
+    assert answers[True].token_ids == answers[False].token_ids
+    assert answers[True].prefetch_hit_rate is not None and answers[False].prefetch_hit_rate is None
