@@ -27,7 +27,15 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SUBCOMMANDS = [_demo, _bench]
+def _serve(sub: argparse._SubParsersAction) -> None:
+    from mosaic_ray.serve import command
+
+    p = sub.add_parser("serve", help="run the HTTP API on Ray Serve (config: cluster_configs/local.yaml)")
+    command.add_arguments(p)
+    p.set_defaults(func=command.run)
+
+
+SUBCOMMANDS = [_demo, _bench, _serve]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,8 +197,11 @@ class EngineConfig:
     # Deferred cluster splits drained after every ingest step (bounded work off the query path).
     splits_per_step: int = 256
     max_question_tokens: int = 2048
-    # Cross-layer prefetch of question retrieval (exact: misses are fetched at the layer).
-    prefetch: bool = True
+    # Cross-layer prefetch of question retrieval (exact: misses are fetched at the layer). Off by
+    # default: on an H100 (7b-shape, 10-min stream) it hit 0.74 of cluster rows but raised TTFT
+    # from 158 to 327 ms, because selection + gather launch are host-bound and ran twice
+    # (docs/benchmarks.md); it pays once selection runs in a fused kernel.
+    prefetch: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model import attention
 from mosaic_ray.model.registry import load_model
 
-METHODS = ("full", "frame", "token", "cluster", "token:noprefetch", "cluster:noprefetch")
+METHODS = ("full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
 PINNED_PEAK_GBPS = 53.5
 QUESTIONS = ["What is the person in the red jacket doing?", "When did the car leave?", "How many birds are there?",
              "What color is the door?", "Summarize the last scene.", "Who entered the room first?",
@@ -82,12 +82,12 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
 
 
 def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
-    method, _, flag = variant.partition(":")  # e.g. "cluster:noprefetch"
+    method, _, flag = variant.partition(":")  # e.g. "cluster:prefetch"
     # the pool is sized to the stream (slab tails waste a little), capped by --pool-gb; `full` keeps
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
-    cfg = EngineConfig(model="bench", device=str(device), prefetch=flag != "noprefetch", cache=CacheConfig(
+    cfg = EngineConfig(model="bench", device=str(device), prefetch=flag == "prefetch", cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
         pool={"capacity_bytes": max(capacity, 64 << 20)}))
     engine = StreamEngine(cfg, adapter=adapter)

@@ -1,0 +1,7 @@
+"""Python clients of the mosaic_ray HTTP API (`client.py`)."""
+
+from mosaic_ray.client.client import AsyncMosaicClient, MosaicClient, PushResult
+from mosaic_ray.client.errors import MosaicAPIError
+from mosaic_ray.client.retry import RetryPolicy
+
+__all__ = ["AsyncMosaicClient", "MosaicAPIError", "MosaicClient", "PushResult", "RetryPolicy"]

@@ -220,9 +220,11 @@ class StreamEngine(Engine):
                 f"question of {len(prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the limit "
                 f"of {self.config.max_question_tokens} tokens"
             )
-        step = StreamStep(state.cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True)
+        closing_ids = tok.encode(closing, add_special_tokens=False)
+        step = StreamStep(state.cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True,
+                          reserve=len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
         gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
-        run = QuestionRun(state, request, prompt_ids, tok.encode(closing, add_special_tokens=False), step,
+        run = QuestionRun(state, request, prompt_ids, closing_ids, step,
                           set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen)
         state.busy = True
         return run
@@ -241,11 +243,6 @@ class StreamEngine(Engine):
         ctx, hidden = self._forward_hidden(segs, [r.step for r in runs])
         deltas = []
         for row, (run, seg) in enumerate(zip(runs, segs)):
-            for layer in ctx.new_k:
-                k, v = ctx.new_k[layer][row, :, : seg.size], ctx.new_v[layer][row, :, : seg.size]
-                pk, pv = run.step.pending_k.get(layer), run.step.pending_v.get(layer)
-                run.step.pending_k[layer] = k if pk is None else torch.cat([pk, k], 1)
-                run.step.pending_v[layer] = v if pv is None else torch.cat([pv, v], 1)
             run.pending_pos.append(seg.positions)
             run.pos_cursor += seg.span
             if run.phase == "closing":
@@ -258,11 +255,12 @@ class StreamEngine(Engine):
 
     def _commit_run(self, run: QuestionRun) -> None:
         state = run.state
-        layers = sorted(run.step.pending_k)
-        n = run.step.pending_k[layers[0]].shape[1]
+        own = {layer: buf.own() for layer, buf in run.step.buffers.items()}
+        layers = sorted(own)
+        n = own[layers[0]][0].shape[1]
         pos = torch.cat(run.pending_pos, 1)
-        new_k = {l: run.step.pending_k[l][None] for l in layers}
-        new_v = {l: run.step.pending_v[l][None] for l in layers}
+        new_k = {l: own[l][0][None] for l in layers}
+        new_v = {l: own[l][1][None] for l in layers}
         batch = token_batch(state, new_k, new_v, 0, n, torch.full((n,), state.clock),
                             torch.full((n,), state.block, dtype=torch.long), pos)
         commit(state, batch, run.pos_cursor - state.next_pos, 1)
@@ -276,6 +274,7 @@ class StreamEngine(Engine):
         state = run.state
         state.busy = False
         run.step.retrieved.clear()
+        run.step.buffers.clear()
         deferred, state.deferred = state.deferred, []
         for frames, ts in deferred:  # frames acknowledged during the answer, in arrival order
             self._ingest_frames([(state, frames, ts)])

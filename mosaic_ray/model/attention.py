@@ -39,7 +39,8 @@ class StreamStep:
     new_tokens: valid (unpadded) new tokens of this stream in the step.
     retrieve: fetch the past for each layer during this step (question prefill); the result is
         kept in `retrieved` and reused by later decode steps of the same question.
-    pending_k/v: per layer [H, m, D] tokens of the current question/answer not yet in the cache.
+    buffers: per layer the question's keys (QuestionKV): what it attends and its own new tokens,
+        appended to the cache when the answer commits.
     """
 
     cache: StreamCache
@@ -48,8 +49,6 @@ class StreamStep:
     since: float | None = None
     until: float | None = None
     retrieved: dict[int, Retrieved] = field(default_factory=dict)
-    pending_k: dict[int, torch.Tensor] = field(default_factory=dict)
-    pending_v: dict[int, torch.Tensor] = field(default_factory=dict)
     use_past: bool = False
     # what this stream's retrieval moved on the critical path ({"copies", "bytes", "tokens",
     # "seconds"}, summed over layers) and how many selected rows a prefetch had already brought
@@ -57,6 +56,9 @@ class StreamStep:
                                                                "rows": 0, "prefetch_hits": 0})
     # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
     prefetched: dict = field(default_factory=dict)
+    # question steps: layer -> QuestionKV, and how many tokens the question may still add
+    buffers: dict = field(default_factory=dict)
+    reserve: int = 0
 
 
 class StepContext:
@@ -114,34 +116,62 @@ class StepContext:
         return step.retrieved.get(layer) if step.use_past else None
 
     def keys_for(self, i: int, layer: int, query_mean: torch.Tensor, new_k, new_v):
-        """(K [H, L, D], V [H, L, D], visible [L] bool, num_before_new) for stream i of the batch."""
+        """(K [H, L, D], V [H, L, D], visible [H, L] bool or None = all) for stream i of the batch;
+        the step's new tokens are the last `new_tokens` entries."""
         step = self.streams[i]
-        k_res, v_res, _ = step.cache.resident(layer)
-        ks, vs = [k_res], [v_res]
-        vis = [torch.ones(k_res.shape[1], dtype=torch.bool, device=k_res.device)]
-        past = self._past(step, layer, query_mean)
-        if past is not None:
-            ks.append(past.keys.to(k_res.dtype))
-            vs.append(past.values.to(v_res.dtype))
-            vis.append(past.valid)
-        if layer in step.pending_k:
-            ks.append(step.pending_k[layer])
-            vs.append(step.pending_v[layer])
-            vis.append(torch.ones(step.pending_k[layer].shape[1], dtype=torch.bool, device=k_res.device))
         n = step.new_tokens
-        ks.append(new_k[:, :n])
-        vs.append(new_v[:, :n])
-        vis.append(torch.ones(n, dtype=torch.bool, device=k_res.device))
-        return ks, vs, vis
+        k_res, v_res, _ = step.cache.resident(layer)
+        if not step.use_past:  # ingest: sink + window + chunk
+            return torch.cat([k_res, new_k[:, :n]], 1), torch.cat([v_res, new_v[:, :n]], 1), None
+        buf = step.buffers.get(layer)
+        if buf is None:  # first step of a question: [resident | retrieved] once, then room to grow
+            past = self._past(step, layer, query_mean)
+            parts_k, parts_v = [k_res], [v_res]
+            vis = [torch.ones(k_res.shape[0], k_res.shape[1], dtype=torch.bool, device=k_res.device)]
+            if past is not None:
+                parts_k.append(past.keys.to(k_res.dtype))
+                parts_v.append(past.values.to(v_res.dtype))
+                vis.append(past.valid)
+            base_k, base_v, base_vis = torch.cat(parts_k, 1), torch.cat(parts_v, 1), torch.cat(vis, 1)
+            H, L0, D = base_k.shape
+            cap = L0 + step.reserve
+            buf = QuestionKV(base_k.new_empty(H, cap, D), base_v.new_empty(H, cap, D),
+                             torch.ones(H, cap, dtype=torch.bool, device=base_k.device), L0, L0)
+            buf.k[:, :L0], buf.v[:, :L0], buf.visible[:, :L0] = base_k, base_v, base_vis
+            buf.all_visible = bool(base_vis.all())
+            step.buffers[layer] = buf
+        end = buf.used + n
+        if end > buf.k.shape[1]:
+            raise RuntimeError(f"question buffer overflow: {end} > {buf.k.shape[1]} (reserve too small)")
+        buf.k[:, buf.used : end] = new_k[:, :n]
+        buf.v[:, buf.used : end] = new_v[:, :n]
+        buf.used = end
+        return buf.k[:, :end], buf.v[:, :end], None if buf.all_visible else buf.visible[:, :end]
 
 
-def _cat_visible(vis: list[torch.Tensor], H: int) -> torch.Tensor:
-    """Concatenate visibility parts into [H, L] (parts are [L_i] shared or [H, L_i] per head)."""
-    return torch.cat([v if v.dim() == 2 else v[None].expand(H, -1) for v in vis], 1)
+@dataclass(slots=True)
+class QuestionKV:
+    """One layer's keys for a whole question: [resident | retrieved] fixed at prefill, then the
+    question's and answer's own tokens appended in place (no re-concatenation per decode step)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    visible: torch.Tensor
+    used: int
+    base: int  # entries before the question's own tokens
+    all_visible: bool = True
+
+    def own(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [H, m, D] of the question's and answer's tokens fed so far."""
+        return self.k[:, self.base : self.used], self.v[:, self.base : self.used]
 
 
 def retrieval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over each stream's assembled keys. query [b, Hq, n, D]; key/value [b, Hkv, n, D]."""
+    """Attention over each stream's assembled keys. query [b, Hq, n, D]; key/value [b, Hkv, n, D].
+
+    Grouped-query attention without copies: the query heads of one KV head are viewed as that
+    KV head's batch entry (`[Hkv, rep, n, D]` against `[Hkv, 1, L, D]`).
+    """
     ctx = _ACTIVE.get()
     if ctx is None:  # vision tower, or plain transformers use (e.g. model.generate): ordinary SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -149,25 +179,24 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
     b, Hq, n, D = query.shape
     Hkv = key.shape[1]
     rep = Hq // Hkv
-    # the question's mean query per KV head: mean over its tokens and the query heads of the group
     outs = []
     for i, step in enumerate(ctx.streams):
-        q_i = query[i, :, : step.new_tokens]
-        q_mean = q_i.float().reshape(Hkv, rep, -1, D).mean((1, 2))
-        ks, vs, vis = ctx.keys_for(i, layer, q_mean, key[i], value[i])
-        K, V = torch.cat(ks, 1), torch.cat(vs, 1)
-        visible = _cat_visible(vis, Hkv)  # [Hkv, L]
-        L, before = K.shape[1], K.shape[1] - step.new_tokens
-        causal = torch.ones(n, L, dtype=torch.bool, device=query.device)
-        causal[:, before:] = torch.tril(torch.ones(n, step.new_tokens, dtype=torch.bool, device=query.device))
-        mask = causal[None] & visible[:, None, :]  # [Hkv, n, L]
-        mask[:, :, 0] |= ~mask.any(-1)  # padded query rows: attend somewhere, output ignored
-        mask = mask.repeat_interleave(rep, 0)
-        Kx, Vx = K.repeat_interleave(rep, 0), V.repeat_interleave(rep, 0)
+        q_i = query[i].view(Hkv, rep, n, D)
+        # the question's mean query per KV head: mean over its tokens and the group's query heads
+        q_mean = q_i[:, :, : step.new_tokens].float().mean((1, 2))
+        K, V, visible = ctx.keys_for(i, layer, q_mean, key[i], value[i])
+        L, new = K.shape[1], step.new_tokens
+        mask = None
+        if new > 1 or n > new or visible is not None:
+            causal = torch.ones(n, L, dtype=torch.bool, device=query.device)
+            causal[:, L - new :] = torch.tril(torch.ones(n, new, dtype=torch.bool, device=query.device))
+            causal[new:, 0] = True  # padded query rows attend somewhere; their output is ignored
+            mask = causal[None] if visible is None else causal[None] & visible[:, None, :]
+            mask = mask[:, None]  # [Hkv or 1, 1, n, L]
         out = F.scaled_dot_product_attention(
-            query[i : i + 1], Kx[None].to(query.dtype), Vx[None].to(query.dtype), attn_mask=mask[None], scale=scaling
+            q_i, K[:, None].to(query.dtype), V[:, None].to(query.dtype), attn_mask=mask, scale=scaling, enable_gqa=True
         )
-        outs.append(out)
+        outs.append(out.reshape(1, Hq, n, D))
     out = torch.cat(outs, 0)  # [b, Hq, n, D]
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,63 @@
+"""Starting, finding and stopping a runtime (one router + its shards) by name.
+
+Any number of callers (Serve ingress replicas, the CLI, tests) may call `connect_runtime` with the
+same config: the first starts the router (which starts the shards), the others get the same
+actors. The router is detached and restarted by Ray when it dies (`max_restarts=-1`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError
+
+from mosaic_ray.runtime.config import RuntimeConfig
+from mosaic_ray.runtime.router import Router
+from mosaic_ray.runtime.stream_map import open_store
+
+RouterActor = ray.remote(Router)
+
+
+def router_handle(config: RuntimeConfig) -> Any:
+    return RouterActor.options(
+        name=config.router_name,
+        namespace=config.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        # Placement bookkeeping is light; the router must never wait for a CPU behind engines.
+        num_cpus=0,
+    ).remote(config.model_dump())
+
+
+async def connect_runtime(config: RuntimeConfig, timeout_s: float = 120.0) -> Any:
+    """The runtime's router handle, once the router and every shard answer. A router that Ray is
+    restarting answers `ActorUnavailableError` meanwhile: waited for, up to `timeout_s`."""
+    router = router_handle(config)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await router.ready.remote()
+            return router
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def shutdown_runtime(config: RuntimeConfig, forget_streams: bool = False) -> None:
+    """Kill the router and the shards (their streams are lost). With `forget_streams`, also clear
+    the persisted stream map, so a new runtime of the same name starts empty."""
+    names = [config.router_name, *config.shard_names]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
+        except ValueError:
+            pass  # not running
+    if forget_streams:
+        store = open_store(config.router.state_store, config.name, config.namespace)
+        for stream_id in store.load():
+            store.delete(stream_id)

@@ -1,0 +1,178 @@
+"""Typed configuration of the Ray runtime: which engine each shard builds, how shards, the router
+and migrations behave.
+
+These are pydantic models because they cross the Serve boundary: they are read from YAML
+(`cluster_configs/*.yaml`, Serve's `args:`), passed to actors as plain dicts and re-validated there,
+so a bad file fails when the app starts, naming the field. Inside the engine, configs are the
+dataclasses of `mosaic_ray.config`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mosaic_ray.engine.interface import Engine
+
+# The real engine; it is constructed from the `kwargs` of `EngineSpec`.
+DEFAULT_ENGINE_FACTORY = "mosaic_ray.engine.stream_engine:StreamEngine.from_spec"
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSpec(_Strict):
+    """How a shard builds its engine: `factory(**kwargs)` must return an `Engine`.
+
+    The factory is named by an importable path, not passed as an object, so the spec is plain
+    data: it travels to a shard actor on any node and can be written in YAML. Tests name a fake.
+    """
+
+    factory: str = Field(DEFAULT_ENGINE_FACTORY, description="'package.module:attr[.attr]' returning an Engine")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, value: str) -> str:
+        if not _FACTORY_RE.match(value):
+            raise ValueError(f"factory must look like 'package.module:attr', got {value!r}")
+        return value
+
+    def build(self) -> Engine:
+        module_name, _, attr_path = self.factory.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for attr in attr_path.split("."):
+            target = getattr(target, attr)
+        engine = target(**self.kwargs)
+        if not isinstance(engine, Engine):
+            raise TypeError(f"{self.factory} returned {type(engine).__name__}, not an Engine")
+        return engine
+
+
+class ShardSpec(_Strict):
+    """One shard actor: its Ray resources, admission limits and metrics."""
+
+    # One GPU per shard (DESIGN.md section 4). Tests give logical GPUs (`ray.init(num_gpus=N)`).
+    num_gpus: float = Field(1.0, ge=0)
+    # The engine thread is busy while the GPU works; the actor loop needs little besides.
+    num_cpus: float = Field(1.0, ge=0)
+    # 0: a dead shard stays dead; its streams are recovered elsewhere by replay (issue 9), never
+    # by a silently empty restart that would answer 404 for streams the router maps to it.
+    max_restarts: int = Field(0, ge=-1)
+    # Frames queued on the shard but not yet in the engine. Beyond this, ingest answers 503 with
+    # Retry-After. 256 frames is ~10 s of 8 streams at 3 fps: enough to absorb a question's pause.
+    max_pending_frames: int = Field(256, ge=1)
+    # Frames of one stream coalesced into one append (bounds one call's memory and latency).
+    max_coalesce_frames: int = Field(64, ge=1)
+    # Frames of all streams in one engine call (one vision batch). FACTS.md: the vision tower
+    # reaches 190 frames/s at batch 16 and 223 at 64 on an H100, so 64 takes nearly all the gain.
+    max_batch_frames: int = Field(64, ge=1)
+    # Threads decoding JPEG/PNG frames on the shard (PIL releases the GIL): ~1 ms per 224x224
+    # JPEG on one core (measured, examples/measure_serve_overhead.py), so 4 keep up with ~4000 fps.
+    decode_threads: int = Field(4, ge=1)
+    # Requests for a stream held while it migrates wait at most this long, then get 503.
+    hold_timeout_s: float = Field(60.0, gt=0)
+    # A shard not ready after this long fails the runtime's start with an error naming the
+    # resources it waits for (a cluster without the GPUs/CPUs asked would otherwise hang). Loading
+    # a 7B checkpoint from local disk is the slow part: the default leaves it ample time.
+    start_timeout_s: float = Field(600.0, gt=0)
+    # A health check whose engine probe takes longer fails (a hung engine is a broken engine).
+    health_timeout_s: float = Field(10.0, gt=0)
+    # Time constant of the exponentially decaying ingest/query rates reported as load.
+    rate_window_s: float = Field(10.0, gt=0)
+    # Time-to-first-token histogram buckets (seconds), Prometheus style; spans FACTS.md's
+    # measured 46 ms (16k tokens) to 694 ms (524k tokens) with room on both sides.
+    ttft_buckets_s: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    # Streams remembered as "moved to shard X" after they leave, so stale routes get redirected.
+    moved_memory: int = Field(10_000, ge=0)
+
+
+class MigrationSpec(_Strict):
+    """Moving a whole stream between shards (`mosaic_ray.runtime.migration`)."""
+
+    # auto: torch.distributed (NCCL for CUDA tensors, gloo for host tensors), falling back to Ray's
+    # object store when the group cannot form; or force one path.
+    transport: Literal["auto", "distributed", "object_store"] = "auto"
+    # Compare SHA-256 of every tensor on both sides; a mismatch aborts the move (the source keeps
+    # the stream). Costs one read of the state on each side.
+    verify: bool = True
+    # Rendezvous and transfer deadline of the distributed path.
+    timeout_s: float = Field(60.0, gt=0)
+    # A source whose move is neither finished nor aborted this long (its router died mid-move)
+    # thaws and serves the stream again. Longer than any move; a restarted router reconciles sooner.
+    abandon_after_s: float = Field(300.0, gt=0)
+
+
+class LoadWeights(_Strict):
+    """Weights of a shard's load score (`mosaic_ray.runtime.load`).
+
+    Not yet measured on the real engine. Chosen so one unit = one idle stream: a 1-hour stream of a
+    7B model at 1 fps holds ~29 GiB of KV (FACTS.md: 56 KB/token, 524k tokens), so 1/29 per GiB
+    makes it count double; a stream ingesting 1 frame/s adds 0.5; a question per second adds 1.
+    """
+
+    stream: float = Field(1.0, ge=0)
+    kv_gib: float = Field(1.0 / 29.0, ge=0)
+    ingest_fps: float = Field(0.5, ge=0)
+    queries_per_s: float = Field(1.0, ge=0)
+    pending_frames: float = Field(0.01, ge=0)
+
+
+class RouterSpec(_Strict):
+    """Placement, persistence of the stream->shard map, and rebalancing."""
+
+    # Rebalance when the heaviest shard's score exceeds skew_ratio x the lightest's.
+    skew_ratio: float = Field(1.5, ge=1.0)
+    # Scores below this count as this much when testing skew (an idle shard is not infinitely
+    # lighter than a shard with one stream).
+    min_score: float = Field(1.0, gt=0)
+    # Seconds between automatic rebalancing rounds; 0 turns the loop off (call `rebalance`).
+    rebalance_interval_s: float = Field(0.0, ge=0)
+    max_migrations_per_round: int = Field(4, ge=1)
+    # Seconds between shard health probes of the router's own loop; 0 turns it off.
+    health_interval_s: float = Field(10.0, ge=0)
+    # Load reports are reused this long when placing streams: one round of RPCs per second, not
+    # per new stream. Streams placed meanwhile are counted by the router itself.
+    load_cache_s: float = Field(1.0, ge=0)
+    # Where the stream->shard map lives: "ray_kv" (Ray's GCS key-value store: survives router
+    # restarts) or "file:/path/map.json" (also survives a whole-cluster restart).
+    state_store: str = "ray_kv"
+    weights: LoadWeights = Field(default_factory=LoadWeights)
+
+    @field_validator("state_store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value != "ray_kv" and not value.startswith("file:"):
+            raise ValueError(f"state_store must be 'ray_kv' or 'file:/path', got {value!r}")
+        return value
+
+
+class RuntimeConfig(_Strict):
+    """Everything the runtime (router + shards) needs; one per Serve application."""
+
+    # Prefix of the runtime's named actors (`<name>:router`, `<name>:shard:<i>`) and state keys:
+    # two apps with different names never share streams.
+    name: str = Field("mosaic", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    namespace: str = Field("mosaic_ray", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    num_shards: int = Field(1, ge=1, le=4096)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    shard: ShardSpec = Field(default_factory=ShardSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    migration: MigrationSpec = Field(default_factory=MigrationSpec)
+
+    @property
+    def router_name(self) -> str:
+        return f"{self.name}:router"
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.name}:shard:{index}"
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [self.shard_name(i) for i in range(self.num_shards)]

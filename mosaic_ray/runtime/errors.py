@@ -1,0 +1,83 @@
+"""Errors the runtime adds to the engine's (`mosaic_ray.engine.interface.EngineError`).
+
+They share the engine's contract: a class-level `code` and HTTP `status`, and a raise leaves the
+stream as it was. Every constructor argument is kept in `args`, so the errors survive pickling
+across Ray (Ray re-raises an actor's exception as `RayTaskError` whose `cause` is the original).
+"""
+
+from __future__ import annotations
+
+from ray.exceptions import RayTaskError
+
+from mosaic_ray.engine.interface import EngineError
+
+
+class StreamMovedError(EngineError):
+    """The stream left this shard for `shard`; the caller retries there. Meant never to reach a
+    client; if it does (the new home vanished too), 503 tells the client to retry."""
+
+    code = "stream_moved"
+    status = 503
+
+    def __init__(self, stream_id: str, shard: str) -> None:
+        super().__init__(stream_id, shard)
+        self.stream_id, self.shard = stream_id, shard
+
+    def __str__(self) -> str:
+        return f"stream {self.stream_id!r} moved to shard {self.shard!r}"
+
+
+class ShardBusyError(EngineError):
+    """The shard's ingest queue is full, or the stream is held longer than allowed; retry later."""
+
+    code = "overloaded"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MalformedFrameError(EngineError):
+    """A frame's image data cannot be decoded."""
+
+    code = "malformed_body"
+    status = 400
+
+
+class SeqConflictError(EngineError):
+    """A frame batch's seq is below the stream's last acknowledged seq (the same seq is a replay)."""
+
+    code = "seq_conflict"
+    status = 409
+
+
+class ShardUnavailableError(EngineError):
+    """The shard owning the stream is dead or unreachable."""
+
+    code = "shard_unavailable"
+    status = 503
+
+
+class EngineFailedError(EngineError):
+    """The engine raised something other than an `EngineError`: the shard is considered broken."""
+
+    code = "engine_failure"
+    status = 500
+
+
+class MigrationError(EngineError):
+    """A stream could not be moved; it stays, intact, on its source shard."""
+
+    code = "migration_failed"
+    status = 500
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The exception an actor raised, out of Ray's `RayTaskError` wrapper (others as they are)."""
+    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc

@@ -1,0 +1,143 @@
+"""IngestQueue: frame batches of a shard's streams, coalesced, deduplicated by seq, into the engine.
+
+Batches of one stream that arrive while the engine is busy with that stream are coalesced into one
+append (up to `max_coalesce_frames`): many small HTTP requests become few engine calls. Streams
+drain independently, so a long question on one stream delays only that stream; appends of
+different streams that meet are merged into one engine call by `FrameBatcher`.
+
+Invariants:
+- A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
+- seq: a batch whose seq equals the stream's `last_seq` is a replay: acknowledged, never appended;
+  one below it is refused (`SeqConflictError`); a batch without seq gets `last_seq + 1`.
+- A batch is acknowledged only after the engine holds its frames; a failed append acknowledges
+  nothing and leaves `last_seq` where it was. One bad batch fails alone: when a coalesced call
+  fails, its batches are retried one by one.
+- Frames queued on the shard never exceed `max_pending_frames`: beyond, `ShardBusyError` (503).
+- Frames arrive compressed (`frame_codec`) and are decoded on `decode_threads` threads while they
+  wait; a batch whose image data is corrupt fails alone (400), before the engine sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
+from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
+from mosaic_ray.runtime.shard_metrics import ShardMeter
+from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
+
+# (stream_id, frames, timestamps) -> frames the stream holds: `FrameBatcher.append`.
+AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[int]]
+
+
+class IngestQueue:
+    def __init__(
+        self, append: AppendFn, meter: ShardMeter, max_pending_frames: int, max_coalesce_frames: int,
+        decode_threads: int = 4,
+    ) -> None:
+        self._append_to_engine = append
+        self._meter = meter
+        self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        self.max_pending_frames = max_pending_frames
+        self.max_coalesce_frames = max_coalesce_frames
+        self.pending_frames = 0
+
+    async def submit(
+        self, slot: StreamSlot, seq: int | None, frames: list[EncodedFrame | np.ndarray], timestamps: list[float]
+    ) -> dict:
+        """Queue one batch; return its acknowledgement once the engine holds it."""
+        if self.pending_frames + len(frames) > self.max_pending_frames and self.pending_frames > 0:
+            raise ShardBusyError("shard ingest queue is full", self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        if any(isinstance(f, EncodedFrame) for f in frames):
+            decoded = loop.run_in_executor(None, decode_all, frames, self._decoders)
+        else:  # already pixels: no thread hop
+            decoded = loop.create_future()
+            decoded.set_result(list(frames))
+        batch = FrameBatch(seq, len(frames), timestamps, decoded)
+        slot.pending.append(batch)
+        self.pending_frames += len(frames)
+        if not slot.draining:
+            slot.draining = True
+            asyncio.get_running_loop().create_task(self._drain(slot))
+        return await batch.done
+
+    def retry_after_s(self) -> float:
+        """Time for the queue to drain at the recent ingest rate, at least 1 s."""
+        rate = self._meter.ingest.rate()
+        return max(1.0, min(30.0, self.pending_frames / rate)) if rate > 0 else 1.0
+
+    async def _drain(self, slot: StreamSlot) -> None:
+        try:
+            while slot.pending:
+                group = []
+                for batch in self._take(slot):
+                    try:
+                        batch.frames = await batch.decoded
+                        group.append(batch)
+                    except Exception as exc:
+                        self._fail(batch, exc)
+                async with slot.lock:
+                    await self._apply(slot, group)
+        finally:
+            slot.draining = False
+
+    def _take(self, slot: StreamSlot) -> list[FrameBatch]:
+        """The longest prefix of the stream's queue within `max_coalesce_frames` (at least one)."""
+        n, frames = 0, 0
+        for batch in slot.pending:
+            if n and frames + batch.count > self.max_coalesce_frames:
+                break
+            n, frames = n + 1, frames + batch.count
+        group, slot.pending = slot.pending[:n], slot.pending[n:]
+        return group
+
+    async def _apply(self, slot: StreamSlot, group: list[FrameBatch]) -> None:
+        accepted: list[FrameBatch] = []
+        last = slot.last_seq
+        for batch in group:
+            seq = last + 1 if batch.seq is None else batch.seq
+            if seq == last:
+                self._resolve(batch, {"seq": seq, "frames_added": 0, "duplicate": True})
+            elif seq < last:
+                self._fail(batch, SeqConflictError(f"seq {seq} is below the last acknowledged seq {last}"))
+            else:
+                batch.seq, last = seq, seq
+                accepted.append(batch)
+        if not accepted:
+            return
+        try:
+            await self._append(slot, accepted)
+        except Exception as exc:
+            if len(accepted) == 1:
+                self._fail(accepted[0], exc)
+                return
+            for batch in accepted:  # isolate the bad batch; the good ones go in, in order
+                try:
+                    await self._append(slot, [batch])
+                except Exception as one_exc:
+                    self._fail(batch, one_exc)
+
+    async def _append(self, slot: StreamSlot, batches: list[FrameBatch]) -> None:
+        frames = [f for b in batches for f in b.frames]
+        stamps = [t for b in batches for t in b.timestamps]
+        held = await self._append_to_engine(slot.stream_id, frames, stamps)
+        slot.last_seq = batches[-1].seq
+        slot.ingest_rate.add(len(frames))
+        self._meter.frames_added(len(frames))
+        for b in batches:
+            self._resolve(b, {"seq": b.seq, "frames_added": len(b.frames), "duplicate": False, "frames_total": held})
+
+    def _resolve(self, batch: FrameBatch, ack: dict) -> None:
+        self.pending_frames -= batch.count
+        if not batch.done.done():
+            batch.done.set_result(ack)
+
+    def _fail(self, batch: FrameBatch, exc: BaseException) -> None:
+        self.pending_frames -= batch.count
+        if not batch.done.done():
+            batch.done.set_exception(exc)

@@ -1,0 +1,323 @@
+"""Router: where streams live. Places new streams, keeps the map, rebalances by moving streams.
+
+A detached named Ray actor (`<name>:router`, restarted by Ray if it dies). It owns the
+stream->shard map (`StreamMap`, written through to Ray's KV store or a JSON file before anything
+acts on it) and starts the shard actors by name, so a restarted router re-reads the map, re-finds
+the same shards and loses nothing. On (re)start it reconciles the map with what shards actually
+hold: a stream a shard holds but the map does not name is adopted; a second copy (a migration cut
+off by the crash) is dropped.
+
+Placement: a new stream goes to the healthy shard with the lowest load score (`load.py`).
+Rebalancing: when the heaviest shard's score passes `skew_ratio` x the lightest's, whole streams
+move from heavy to light (`plan_moves`), one by one, each by `_move`:
+
+    source.migration_begin   freeze the stream (its requests are held), export
+    source.migration_offer   by torch.distributed; under "auto", by Ray's object store if that fails
+    target.migration_receive fetch, verify, import
+    map.set(stream, target)  the move is now the truth
+    source.migration_finish  drop the source copy; held requests are redirected to the target
+
+Any failure before `map.set` aborts: the target drops what it got, the source thaws and serves the
+stream as before. Operations on one stream (create, delete, move) are serialized by a per-stream
+lock; `locate` takes no lock (a stale answer is corrected by the shard's redirect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import ray
+
+from mosaic_ray.engine.interface import EngineError, InvalidInputError, StreamExistsError, UnknownStreamError
+from mosaic_ray.runtime.config import RuntimeConfig
+from mosaic_ray.runtime.errors import MigrationError, ShardUnavailableError, unwrap_ray_error
+from mosaic_ray.runtime.load import LoadReport, least_loaded, plan_moves
+from mosaic_ray.runtime.shard import spawn_shard
+from mosaic_ray.runtime.stream_map import StreamMap, open_store
+
+log = logging.getLogger("mosaic_ray.runtime.router")
+
+# Safe in a URL path segment, a metric label, a KV key and a file name.
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def new_stream_id() -> str:
+    return f"s-{uuid.uuid4().hex[:16]}"
+
+
+class Router:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._cfg = RuntimeConfig(**config)
+        self._map = StreamMap(open_store(self._cfg.router.state_store, self._cfg.name, self._cfg.namespace))
+        self._shards = {self._cfg.shard_name(i): spawn_shard(self._cfg, i) for i in range(self._cfg.num_shards)}
+        self._unhealthy: dict[str, str] = {}
+        self._locks: dict[str, list] = {}  # stream -> [lock, holders and waiters]
+        self._reserved: dict[str, int] = {}  # placements in flight, per shard
+        self._reports: dict[str, LoadReport] = {}
+        self._reports_at = 0.0
+        self._rebalancing = asyncio.Lock()
+        # Start (wait for shards, reconcile, start the loops) without waiting for a caller: after
+        # Ray restarts the router, nobody may call `ready` for a long time.
+        try:
+            self._starting: asyncio.Task | None = asyncio.get_running_loop().create_task(self._start())
+        except RuntimeError:  # no running loop in __init__: the first `ready` starts it
+            self._starting = None
+
+    async def ready(self) -> list[str]:
+        """Wait until every shard answers and the map is reconciled; returns the shard names."""
+        if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
+            self._starting = asyncio.get_running_loop().create_task(self._start())  # first, or retry
+        await asyncio.shield(self._starting)
+        return sorted(self._shards)
+
+    async def _start(self) -> None:
+        spec = self._cfg.shard
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self._shards.values())),
+                                   spec.start_timeout_s)
+        except asyncio.TimeoutError:
+            raise ShardUnavailableError(
+                f"shards not ready after {spec.start_timeout_s:.0f} s: each needs num_gpus={spec.num_gpus}, "
+                f"num_cpus={spec.num_cpus} free on the cluster (see `ray status`)"
+            ) from None
+        await self._reconcile()
+        loop = asyncio.get_running_loop()
+        if self._cfg.router.health_interval_s > 0:
+            loop.create_task(self._every(self._cfg.router.health_interval_s, self.health))
+        if self._cfg.router.rebalance_interval_s > 0:
+            loop.create_task(self._every(self._cfg.router.rebalance_interval_s, self.rebalance))
+
+    # ------------------------------------------------------------------ the map
+    async def create_stream(self, stream_id: str | None = None, shard: str | None = None) -> dict[str, str]:
+        """Open a stream on `shard`, or on the least-loaded healthy shard; returns {"id", "shard"}."""
+        sid = stream_id or new_stream_id()
+        if not STREAM_ID_RE.match(sid):
+            raise InvalidInputError(f"stream id must match {STREAM_ID_RE.pattern}, got {sid!r}")
+        if shard is not None and shard not in self._shards:
+            raise InvalidInputError(f"unknown shard {shard!r}")
+        await self.ready()  # after a restart, no change before the map is reconciled
+        async with self._lock(sid):
+            if sid in self._map:
+                raise StreamExistsError(f"stream {sid!r} exists")
+            target = shard or await self._least_loaded()
+            self._reserved[target] = self._reserved.get(target, 0) + 1
+            try:
+                await self._on(target, "open_stream", sid)
+            finally:
+                self._reserved[target] -= 1
+            self._map.set(sid, target)
+        return {"id": sid, "shard": target}
+
+    async def delete_stream(self, stream_id: str) -> None:
+        await self.ready()
+        async with self._lock(stream_id):
+            owner = self.locate(stream_id)
+            try:
+                await self._on(owner, "close_stream", stream_id)
+            except UnknownStreamError:
+                pass  # already gone from the shard; the map entry is what is left
+            self._map.delete(stream_id)
+
+    def locate(self, stream_id: str) -> str:
+        owner = self._map.get(stream_id)
+        if owner is None:
+            raise UnknownStreamError(f"stream {stream_id!r} not found")
+        return owner
+
+    def list_streams(self) -> dict[str, str]:
+        return dict(self._map.items())
+
+    def shards(self) -> dict[str, bool]:
+        """Shard name -> healthy (as of the last probe)."""
+        return {name: name not in self._unhealthy for name in sorted(self._shards)}
+
+    # ------------------------------------------------------------------ load and health
+    async def loads(self) -> list[LoadReport]:
+        return list((await self._fresh_reports(max_age_s=0.0)).values())
+
+    async def health(self) -> dict[str, str]:
+        """Probe every shard: name -> "ok" or the reason it is unhealthy."""
+        names = sorted(self._shards)
+        results = await asyncio.gather(
+            *(self._shards[n].check_health.remote() for n in names), return_exceptions=True
+        )
+        for name, res in zip(names, results):
+            if isinstance(res, BaseException):
+                self._unhealthy[name] = str(unwrap_ray_error(res))
+            else:
+                self._unhealthy.pop(name, None)
+        return {n: self._unhealthy.get(n, "ok") for n in names}
+
+    # ------------------------------------------------------------------ rebalancing
+    async def migrate(self, stream_id: str, target: str, transport: str | None = None) -> dict[str, str]:
+        """Move one stream to `target` (all of it: a stream never spans shards). `transport`
+        overrides the configured one ("auto" | "distributed" | "object_store")."""
+        if target not in self._shards:
+            raise InvalidInputError(f"unknown shard {target!r}")
+        await self.ready()
+        async with self._lock(stream_id):
+            source = self.locate(stream_id)
+            used = await self._move(stream_id, source, target, transport) if source != target else "none"
+        return {"id": stream_id, "source": source, "target": target, "transport": used}
+
+    async def rebalance(self) -> list[dict[str, str]]:
+        """One rebalancing round; returns the moves made."""
+        await self.ready()
+        async with self._rebalancing:
+            reports = await self._fresh_reports(max_age_s=0.0)
+            names = sorted(reports)
+            per_shard = await asyncio.gather(*(self._shards[n].stream_loads.remote() for n in names))
+            w = self._cfg.router.weights
+            moves = plan_moves(
+                {n: reports[n].score(w) for n in names},
+                dict(zip(names, per_shard)),
+                w,
+                self._cfg.router.skew_ratio,
+                self._cfg.router.min_score,
+                self._cfg.router.max_migrations_per_round,
+            )
+            done = []
+            for m in moves:
+                try:
+                    done.append(await self.migrate(m.stream_id, m.target))
+                except EngineError as exc:  # moved, deleted or busy meanwhile; next round sees afresh
+                    log.warning("rebalance: moving %s stopped: %s", m.stream_id, exc)
+                    break
+            self._reports_at = 0.0
+            return done
+
+    async def _move(self, sid: str, source: str, target: str, transport: str | None = None) -> str:
+        """Move `sid`; returns the transport that carried it."""
+        transport = transport or self._cfg.migration.transport
+        kinds = {"auto": ["distributed", "object_store"], "distributed": ["distributed"],
+                 "object_store": ["object_store"]}.get(transport)
+        if kinds is None:
+            raise InvalidInputError(f"unknown transport {transport!r}")
+        await self._on(source, "migration_begin", sid)
+        try:
+            for i, kind in enumerate(kinds):
+                try:
+                    await self._transfer(sid, source, target, await self._on(source, "migration_offer", sid, kind))
+                    break
+                except Exception as exc:
+                    if i + 1 == len(kinds):
+                        raise
+                    log.warning("moving %s by %s failed (%s); trying %s", sid, kind, exc, kinds[i + 1])
+                    await self._on(target, "migration_finish", sid, source)  # drop any partial copy
+            self._map.set(sid, target)
+        except BaseException as exc:
+            # Undo in this order, each step whatever became of the other: the target's copy first
+            # (so a stream is never served by two shards), then the source serves again.
+            await self._quietly(self._on(target, "migration_finish", sid, source))
+            await self._quietly(self._on(source, "migration_abort", sid))
+            if isinstance(exc, Exception):
+                raise MigrationError(f"moving {sid!r} from {source} to {target} failed: {exc}") from None
+            raise
+        await self._on(source, "migration_finish", sid, target)
+        return kind
+
+    async def _transfer(self, sid: str, source: str, target: str, offer: Any) -> None:
+        if offer.transport == "distributed":
+            await asyncio.gather(self._on(source, "migration_send", sid), self._on(target, "migration_receive", offer))
+        else:
+            await self._on(target, "migration_receive", offer)
+
+    # ------------------------------------------------------------------ internals
+    @asynccontextmanager
+    async def _lock(self, stream_id: str) -> AsyncIterator[None]:
+        """Serialize changes to one stream. Entries live only while someone holds or awaits them."""
+        entry = self._locks.setdefault(stream_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[stream_id]
+
+    async def _on(self, shard: str, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._shards[shard], method).remote(*args)
+        except ray.exceptions.RayActorError as exc:
+            self._unhealthy[shard] = str(exc)
+            raise ShardUnavailableError(f"shard {shard} is unavailable") from None
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap_ray_error(exc) from None
+
+    @staticmethod
+    async def _quietly(step) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.warning("cleanup step failed: %s", exc)
+
+    async def _least_loaded(self) -> str:
+        reports = await self._fresh_reports(self._cfg.router.load_cache_s)
+        counts = self._map.count_by_shard()
+        w = self._cfg.router.weights
+        scores = {
+            n: dataclasses.replace(r, streams=counts.get(n, 0) + self._reserved.get(n, 0)).score(w)
+            for n, r in reports.items()
+        }
+        if not scores:
+            raise ShardUnavailableError("no healthy shard")
+        return least_loaded(scores)
+
+    async def _fresh_reports(self, max_age_s: float) -> dict[str, LoadReport]:
+        """Load reports of the healthy shards, reusing ones younger than `max_age_s`."""
+        if time.monotonic() - self._reports_at > max_age_s:
+            names = [n for n in sorted(self._shards) if n not in self._unhealthy]
+            results = await asyncio.gather(*(self._shards[n].load.remote() for n in names), return_exceptions=True)
+            self._reports = {}
+            for name, res in zip(names, results):
+                if isinstance(res, BaseException):
+                    self._unhealthy[name] = str(unwrap_ray_error(res))
+                elif not res.healthy:
+                    self._unhealthy[name] = "engine broken"
+                else:
+                    self._reports[name] = res
+            self._reports_at = time.monotonic()
+        return {n: r for n, r in self._reports.items() if n not in self._unhealthy}
+
+    async def _reconcile(self) -> None:
+        """Make the map agree with what shards hold (after a crash between two steps of a change)."""
+        names = sorted(self._shards)
+        held = await asyncio.gather(*(self._shards[n].list_streams.remote() for n in names), return_exceptions=True)
+        holders: dict[str, list[str]] = {}
+        for name, streams in zip(names, held):
+            if isinstance(streams, BaseException):
+                self._unhealthy[name] = str(unwrap_ray_error(streams))
+                continue
+            for sid in streams:
+                holders.setdefault(sid, []).append(name)
+        for sid, shards in sorted(holders.items()):
+            owner = self._map.get(sid)
+            if owner not in shards:
+                owner = shards[0]
+                log.warning("reconcile: stream %s is on %s; the map said %s", sid, owner, self._map.get(sid))
+                self._map.set(sid, owner)
+            for extra in shards:
+                if extra != owner:
+                    log.warning("reconcile: dropping the stale copy of %s on %s", sid, extra)
+                    await self._quietly(self._on(extra, "migration_finish", sid, owner))
+        # Moves the previous router left half-done: their sources serve again (no router moves
+        # anything before this returns, so none of these is a live move).
+        live = [n for n in names if n not in self._unhealthy]
+        await asyncio.gather(*(self._quietly(self._on(n, "migration_abort_all")) for n in live))
+
+    async def _every(self, interval_s: float, job) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await job()
+            except Exception:
+                log.exception("router background job %s failed", job.__name__)

@@ -1,0 +1,328 @@
+"""ShardActor: one GPU, one engine, the streams placed on it.
+
+A Ray async actor (`num_gpus=1` in production; logical GPUs in tests). It owns an engine built
+from an `EngineSpec` (the engine class is injected: a dotted factory path plus kwargs) and runs
+every engine call on one dedicated thread (`EngineRunner`), so the actor's event loop stays free to
+admit requests, coalesce ingest, report load and answer health checks while the GPU works.
+
+Per stream (`StreamSlot`): requests are admitted, then run one at a time in arrival order; frame
+batches are coalesced and deduplicated by seq (`IngestQueue`); a migrating stream holds its
+requests and then redirects them (`StreamMovedError`) to its new shard.
+
+Invariants:
+- Only `_call` touches the engine, and only from the runner thread.
+- An engine that raises anything but an `EngineError` is broken: the shard remembers it and
+  `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
+  recovery takes over); a hung engine fails `check_health` by timeout.
+- A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+
+from mosaic_ray.engine.interface import AskRequest, EngineError, StreamExistsError, UnknownStreamError
+from mosaic_ray.runtime.config import EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
+from mosaic_ray.runtime.engine_runner import EngineRunner
+from mosaic_ray.runtime.errors import EngineFailedError, MigrationError, StreamMovedError
+from mosaic_ray.runtime.frame_batcher import FrameBatcher
+from mosaic_ray.runtime.frame_codec import EncodedFrame
+from mosaic_ray.runtime.ingest import IngestQueue
+from mosaic_ray.runtime.load import LoadReport, StreamLoad
+from mosaic_ray.runtime.shard_metrics import ShardMeter
+from mosaic_ray.runtime.stream_slot import StreamSlot
+
+if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
+    from mosaic_ray.runtime.migration import MigrationSource, TransferOffer
+
+
+@ray.remote
+class ShardActor:
+    def __init__(self, name: str, engine: dict, shard: dict, migration: dict) -> None:
+        self.name = name
+        self._spec = ShardSpec(**shard)
+        self._mig = MigrationSpec(**migration)
+        self._runner = EngineRunner(name)
+        self._engine = self._runner.call_blocking(EngineSpec(**engine).build)
+        self._fatal: BaseException | None = None
+        self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
+        self._batcher = FrameBatcher(self._engine, self._call, self._spec.max_batch_frames)
+        self._ingest = IngestQueue(
+            self._batcher.append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
+            self._spec.decode_threads,
+        )
+        self._slots: dict[str, StreamSlot] = {}
+        self._moved: OrderedDict[str, str] = OrderedDict()
+        self._outgoing: dict[str, MigrationSource] = {}
+        self._active_queries = 0
+        # Streams the engine already holds (an engine that restores state at start) are served.
+        for sid in self._runner.call_blocking(self._engine.list_streams):
+            self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s)
+
+    async def ready(self) -> str:
+        return self.name
+
+    # ------------------------------------------------------------------ streams
+    async def open_stream(self, stream_id: str) -> None:
+        if stream_id in self._slots:
+            raise StreamExistsError(f"stream {stream_id!r} exists")
+        await self._call(self._engine.open_stream, stream_id)
+        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s)
+        self._moved.pop(stream_id, None)
+
+    async def close_stream(self, stream_id: str) -> None:
+        slot = self._slot(stream_id)
+        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            await self._call(self._engine.close_stream, stream_id)
+        slot.close()
+        self._slots.pop(stream_id, None)
+
+    async def list_streams(self) -> list[str]:
+        return sorted(self._slots)
+
+    async def stream_info(self, stream_id: str) -> dict[str, Any]:
+        slot = self._slot(stream_id)
+        async with slot.admit(self._spec.hold_timeout_s):
+            info = await self._call(self._engine.stream_info, stream_id)
+        return {**info, "id": stream_id, "shard": self.name, "last_seq": slot.last_seq,
+                "ingest_fps": slot.ingest_rate.rate(), "queries_per_s": slot.query_rate.rate()}
+
+    async def append_frames(
+        self, stream_id: str, seq: int | None, frames: list[EncodedFrame | np.ndarray], timestamps: list[float]
+    ) -> dict[str, Any]:
+        """Frames as the ingress forwards them (compressed, checked) or as RGB arrays; decoded here."""
+        slot = self._slot(stream_id)
+        async with slot.admit(self._spec.hold_timeout_s):
+            ack = await self._ingest.submit(slot, seq, frames, timestamps)
+        return {**ack, "stream_id": stream_id}
+
+    async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
+        slot = self._slot(stream_id)
+        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            await self._call(self._engine.append_text, stream_id, text, timestamp)
+
+    async def ask(self, stream_id: str, request: dict[str, Any]):
+        """Stream the answer's text deltas (a Ray streaming generator: one object per delta)."""
+        async for delta in self._deltas(stream_id, request, {}):
+            yield delta
+
+    async def answer(self, stream_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer in one reply: {"text", "deltas", "ttft_s"} (one RPC, not one per delta)."""
+        timing: dict[str, float] = {}
+        parts = [d async for d in self._deltas(stream_id, request, timing)]
+        return {"text": "".join(parts), "deltas": len(parts), "ttft_s": timing.get("ttft_s", 0.0)}
+
+    async def _deltas(self, stream_id: str, request: dict[str, Any], timing: dict[str, float]):
+        slot = self._slot(stream_id)
+        req = AskRequest(**request)
+        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            self._meter.query_started()
+            slot.query_rate.add()
+            self._active_queries += 1
+            start = time.perf_counter()
+            try:
+                async for delta in self._runner.iterate(lambda: self._engine.ask(stream_id, req)):
+                    if "ttft_s" not in timing:
+                        timing["ttft_s"] = time.perf_counter() - start
+                        self._meter.ttft.observe(timing["ttft_s"])
+                    yield delta
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise self._broken(exc) from None
+            finally:
+                self._active_queries -= 1
+
+    # ------------------------------------------------------------------ load, health
+    async def load(self) -> LoadReport:
+        stats = await self._call(self._engine.stats)
+        rates = [slot.rates() for slot in self._slots.values()]
+        return LoadReport(
+            shard=self.name,
+            streams=len(self._slots),
+            kv_bytes_device=int(stats.get("kv_bytes_device", 0)),
+            kv_bytes_host=int(stats.get("kv_bytes_host", 0)),
+            ingest_fps=sum(r[0] for r in rates),
+            queries_per_s=sum(r[1] for r in rates),
+            pending_frames=self._ingest.pending_frames,
+            active_queries=self._active_queries,
+            healthy=self._fatal is None,
+        )
+
+    async def stream_loads(self) -> list[StreamLoad]:
+        """Loads of the streams that may move now (not already migrating)."""
+        ids = [sid for sid, slot in self._slots.items() if not slot.frozen]
+        engine = self._engine
+        infos = await self._call(lambda: {sid: engine.stream_info(sid) for sid in ids if engine.has_stream(sid)})
+        return [
+            StreamLoad(sid, int(i.get("kv_bytes_device", 0)) + int(i.get("kv_bytes_host", 0)),
+                       *self._slots[sid].rates())
+            for sid, i in infos.items() if sid in self._slots
+        ]
+
+    async def metrics(self) -> dict[str, Any]:
+        report = await self.load()
+        return {**self._meter.snapshot(), "shard": self.name, "streams": report.streams,
+                "kv_bytes_device": report.kv_bytes_device, "kv_bytes_host": report.kv_bytes_host,
+                "pending_frames": report.pending_frames, "active_queries": report.active_queries,
+                "healthy": report.healthy}
+
+    async def check_health(self) -> None:
+        """Raise when the engine is broken or does not answer within `health_timeout_s`."""
+        if self._fatal is not None:
+            raise EngineFailedError(f"engine broken: {type(self._fatal).__name__}: {self._fatal}")
+        try:
+            await asyncio.wait_for(self._call(self._engine.stats), self._spec.health_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineFailedError(f"engine did not answer within {self._spec.health_timeout_s} s") from None
+
+    # ------------------------------------------------------------------ migration (see router.py)
+    async def migration_begin(self, stream_id: str) -> None:
+        """Freeze the stream (its new requests are held) and export it, ready to be offered."""
+        from mosaic_ray.runtime.migration import MigrationSource
+
+        slot = self._slot(stream_id)
+        await slot.freeze()
+        try:
+            state = await self._call(self._engine.export_stream, stream_id)
+            meta = {"engine": state["meta"], "last_seq": slot.last_seq, "rates": slot.rates()}
+            source = await asyncio.to_thread(MigrationSource, stream_id, meta, state["tensors"], self._mig.verify)
+        except BaseException:
+            slot.thaw()
+            raise
+        self._outgoing[stream_id] = source
+        asyncio.get_running_loop().create_task(self._expire(stream_id, source))
+
+    async def migration_offer(self, stream_id: str, transport: str) -> TransferOffer:
+        """Offer the frozen stream by `transport` ("distributed" | "object_store")."""
+        host = ray.util.get_node_ip_address()
+        async with self._transport_errors(stream_id):
+            return self._outgoing[stream_id].offer(transport, host, self._mig.timeout_s)
+
+    async def migration_send(self, stream_id: str) -> None:
+        async with self._transport_errors(stream_id):
+            await asyncio.to_thread(self._outgoing[stream_id].send, self._mig.timeout_s)
+
+    async def migration_receive(self, offer: TransferOffer) -> None:
+        """Fetch and install a stream offered by another shard. On failure nothing is installed."""
+        from mosaic_ray.runtime.migration import receive
+
+        sid = offer.stream_id
+        if sid in self._slots:
+            raise StreamExistsError(f"stream {sid!r} exists on {self.name}")
+        async with self._transport_errors(sid):
+            tensors = await asyncio.to_thread(receive, offer, self._mig.verify)
+        await self._call(self._engine.import_stream, sid, {"meta": offer.meta["engine"], "tensors": tensors})
+        self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s, offer.meta["last_seq"], offer.meta["rates"])
+        self._moved.pop(sid, None)
+        self._meter.migrations_in += 1
+
+    async def migration_finish(self, stream_id: str, moved_to: str) -> None:
+        """The stream lives on `moved_to` now: drop this copy, redirect held and later requests."""
+        slot = self._slots.get(stream_id)
+        if slot is None:
+            return
+        if not slot.frozen:  # an orphan found by the router's reconcile, not a migration
+            await slot.freeze()
+        source = self._outgoing.pop(stream_id, None)
+        if source is not None:
+            source.close()
+        await self._call(self._engine.close_stream, stream_id)
+        del self._slots[stream_id]
+        slot.release(moved_to)
+        self._remember_moved(stream_id, moved_to)
+        self._meter.migrations_out += 1
+
+    async def migration_abort(self, stream_id: str) -> None:
+        """The move failed: serve the stream here again, as it was."""
+        source = self._outgoing.pop(stream_id, None)
+        if source is not None:
+            source.close()
+        slot = self._slots.get(stream_id)
+        if slot is not None:
+            slot.thaw()
+
+    async def migration_abort_all(self) -> list[str]:
+        """Abort every outgoing move (a restarted router's reconcile); returns the streams thawed."""
+        streams = list(self._outgoing)
+        for sid in streams:
+            await self.migration_abort(sid)
+        return streams
+
+    async def _expire(self, stream_id: str, source: MigrationSource) -> None:
+        """Thaw a stream whose migration was neither finished nor aborted (its router died)."""
+        await asyncio.sleep(self._mig.abandon_after_s)
+        if self._outgoing.get(stream_id) is source:
+            await self.migration_abort(stream_id)
+
+    # ------------------------------------------------------------------ internals
+    def _slot(self, stream_id: str) -> StreamSlot:
+        slot = self._slots.get(stream_id)
+        if slot is not None:
+            return slot
+        if stream_id in self._moved:
+            raise StreamMovedError(stream_id, self._moved[stream_id])
+        raise UnknownStreamError(f"stream {stream_id!r} not found")
+
+    @asynccontextmanager
+    async def _transport_errors(self, stream_id: str) -> AsyncIterator[None]:
+        """torch.distributed / object-store failures cross Ray as `MigrationError` (an EngineError)."""
+        try:
+            yield
+        except EngineError:
+            raise
+        except KeyError:
+            raise MigrationError(f"stream {stream_id!r} is not being moved from {self.name}") from None
+        except Exception as exc:
+            raise MigrationError(f"{type(exc).__name__}: {exc}") from None
+
+    def _remember_moved(self, stream_id: str, shard: str) -> None:
+        self._moved[stream_id] = shard
+        self._moved.move_to_end(stream_id)
+        while len(self._moved) > self._spec.moved_memory:
+            self._moved.popitem(last=False)
+
+    async def _call(self, fn, *args):
+        try:
+            return await self._runner.call(fn, *args)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise self._broken(exc) from None
+
+    def _broken(self, exc: BaseException) -> EngineFailedError:
+        if self._fatal is None:
+            self._fatal = exc
+        self._meter.errors_total += 1
+        return EngineFailedError(f"engine failed: {type(exc).__name__}: {exc}")
+
+
+def spawn_shard(config: RuntimeConfig, index: int):
+    """The handle of shard `index` of `config`, started if it is not running.
+
+    Shards are detached named actors: they outlive the router that started them (a router restart
+    must find them, streams and all) and are found by name from any ingress replica.
+    """
+    name = config.shard_name(index)
+    return ShardActor.options(
+        name=name,
+        namespace=config.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_gpus=config.shard.num_gpus,
+        num_cpus=config.shard.num_cpus,
+        max_restarts=config.shard.max_restarts,
+    ).remote(
+        name,
+        config.engine.model_dump(),
+        config.shard.model_dump(),
+        config.migration.model_dump(),
+    )

@@ -1,0 +1,122 @@
+"""StreamSlot: one stream's place on a shard: admission, ordering and ingest bookkeeping.
+
+Every request for a stream enters through `admit()`, and every engine operation on the stream
+runs under `lock`. Together they give the guarantees migration relies on:
+
+- Operations on one stream reach the engine one at a time, in admission order (`lock` is a FIFO
+  asyncio lock): a question sees every frame batch acknowledged before it was asked.
+- While the slot is frozen no request is admitted; admitted ones wait, held, in `admit()`.
+  `freeze()` returns once every request admitted before it has finished, so an export taken then
+  is the whole stream, never half of an append.
+- `thaw()` lets the held requests in, here. `release(shard)` (the stream now lives elsewhere)
+  sends each of them `StreamMovedError(shard)`, and the caller retries there: none is lost, none
+  is answered from half-moved state.
+- `last_seq` is the highest frame-batch seq the engine holds; only ingest advances it, and only
+  after the engine accepted the frames. It travels with the stream when it migrates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from mosaic_ray.engine.interface import UnknownStreamError
+from mosaic_ray.runtime.errors import ShardBusyError, StreamMovedError
+from mosaic_ray.runtime.shard_metrics import DecayingRate
+
+
+@dataclass(eq=False)
+class FrameBatch:
+    """Frames of one HTTP request waiting for the engine. `decoded` resolves to their pixels
+    (decoding runs while the batch waits its turn); `done` to the batch's acknowledgement."""
+
+    seq: int | None
+    count: int
+    timestamps: list[float]
+    decoded: asyncio.Future
+    frames: list[Any] = field(default_factory=list)
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class StreamSlot:
+    def __init__(
+        self, stream_id: str, rate_window_s: float, last_seq: int = -1, rates: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
+        self.stream_id = stream_id
+        self.last_seq = last_seq
+        self.lock = asyncio.Lock()
+        self.pending: list[FrameBatch] = []
+        self.draining = False
+        # Frames/s and questions/s of this stream; carried across a migration (`rates`), so a
+        # moved stream weighs on its new shard what it weighed on the old one.
+        self.ingest_rate = DecayingRate(rate_window_s, rates[0])
+        self.query_rate = DecayingRate(rate_window_s, rates[1])
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()  # set: requests are admitted
+        self._open.set()
+        self._moved_to: str | None = None
+        self._closed = False
+
+    def rates(self) -> tuple[float, float]:
+        return self.ingest_rate.rate(), self.query_rate.rate()
+
+    @property
+    def frozen(self) -> bool:
+        return not self._open.is_set()
+
+    @asynccontextmanager
+    async def admit(self, hold_timeout_s: float) -> AsyncIterator[None]:
+        """Enter one request; waits (held) while frozen, for at most `hold_timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold_timeout_s
+        # Re-test after every wake-up: the slot may have been frozen again in between.
+        while not self._open.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ShardBusyError(f"stream {self.stream_id!r} is migrating; retry", 1.0)
+            try:
+                await asyncio.wait_for(self._open.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        self._raise_if_gone()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def freeze(self) -> None:
+        """Stop admitting; return when every admitted request has finished."""
+        self._raise_if_gone()
+        if self.frozen:
+            raise ShardBusyError(f"stream {self.stream_id!r} is already migrating", 1.0)
+        self._open.clear()
+        await self._idle.wait()
+
+    def thaw(self) -> None:
+        """Admit again, here (a migration was aborted)."""
+        self._open.set()
+
+    def release(self, moved_to: str) -> None:
+        """The stream now lives on `moved_to`: every held and future request is redirected."""
+        self._moved_to = moved_to
+        self._open.set()
+
+    def close(self) -> None:
+        """The stream was deleted: held and future requests get `UnknownStreamError`."""
+        self._closed = True
+        self._open.set()
+
+    def _raise_if_gone(self) -> None:
+        if self._moved_to is not None:
+            raise StreamMovedError(self.stream_id, self._moved_to)
+        if self._closed:
+            raise UnknownStreamError(self.stream_id)

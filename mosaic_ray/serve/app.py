@@ -1,0 +1,227 @@
+"""The Ray Serve application: a FastAPI ingress over the runtime (router + shard actors).
+
+Routes (all JSON unless said; errors are `{"error": {"code", "message"}}`, see `errors.py`):
+
+    POST   /v1/streams                   {"id"?} -> 201 {"id", "shard"}
+    GET    /v1/streams                   -> {"streams": [{"id", "shard"}]}
+    GET    /v1/streams/{id}              -> the stream's info (frames, last_seq, kv bytes, ...)
+    DELETE /v1/streams/{id}              -> {"id", "deleted"}
+    POST   /v1/streams/{id}/frames       msgpack batch, or one image/jpeg|png body (?ts=&seq=)
+                                         -> {"stream_id", "seq", "frames_added", "duplicate", ...}
+    POST   /v1/streams/{id}/text         {"text", "ts"}
+    POST   /v1/streams/{id}/query        {"question", "max_tokens", "stream", "since", "until", ...}
+                                         -> {"answer", ...} or server-sent events when stream=true
+    POST   /v1/chat/completions          OpenAI-compatible (`openai_compat.py`)
+    GET    /health                       200 when every shard is healthy, else 503
+    GET    /metrics                      Prometheus text, every shard
+
+A replica resolves a stream's shard once through the router and then calls the shard actor
+directly (`StreamDirectory`). Frame bodies are parsed and checked here (format, size, limits), then
+forwarded still compressed: the shard decodes them (`runtime/frame_codec.py`). A streamed answer's
+status is decided by its first delta: errors before it are proper 4xx/5xx responses, errors after
+it are an SSE `error` event.
+"""
+
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+
+from mosaic_ray.engine.interface import InvalidInputError
+from mosaic_ray.serve import sse
+from mosaic_ray.serve.config import AppConfig
+from mosaic_ray.serve.directory import StreamDirectory
+from mosaic_ray.serve.errors import (
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    install_error_handlers,
+    response_for,
+)
+from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
+from mosaic_ray.serve.metrics import render
+from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
+from mosaic_ray.serve.schemas import (
+    STREAM_ID_PATTERN,
+    CreateStreamRequest,
+    Deleted,
+    FrameAck,
+    Health,
+    QueryAnswer,
+    QueryIn,
+    StreamInfo,
+    StreamList,
+    StreamRef,
+    TextAck,
+    TextIn,
+)
+
+api = FastAPI(title="mosaic_ray", description="Questions about live video streams, answered by a VLM.")
+install_error_handlers(api)
+
+StreamId = Path(pattern=STREAM_ID_PATTERN, description="stream id")
+
+
+def _error_json(exc: BaseException) -> dict[str, Any]:
+    """The error body for a failure after a streamed answer has begun (the status is sent)."""
+    return json.loads(response_for(exc).body)
+
+
+@serve.deployment(name="MosaicIngress")
+@serve.ingress(api)
+class MosaicIngress:
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self._cfg = AppConfig(**config)
+        self._dir = await StreamDirectory.connect(self._cfg.runtime)
+        limits = self._cfg.ingress
+        self._parser = FrameParser(limits.max_frames_per_batch, limits.max_frame_pixels)
+
+    async def check_health(self) -> None:
+        """Serve's replica probe: the router must answer (shard health is /health's business)."""
+        await asyncio.wait_for(self._dir.ask_router("shards"), timeout=10)
+
+    # ------------------------------------------------------------------ streams
+    @api.post("/v1/streams", status_code=201, response_model=StreamRef)
+    async def create_stream(self, body: CreateStreamRequest | None = None) -> dict:
+        return await self._dir.ask_router("create_stream", body.id if body else None)
+
+    @api.get("/v1/streams", response_model=StreamList)
+    async def list_streams(self) -> dict:
+        streams = await self._dir.ask_router("list_streams")
+        return {"streams": [{"id": sid, "shard": shard} for sid, shard in streams.items()]}
+
+    @api.get("/v1/streams/{stream_id}", response_model=StreamInfo)
+    async def get_stream(self, stream_id: str = StreamId) -> dict:
+        return await self._dir.call(stream_id, "stream_info")
+
+    @api.delete("/v1/streams/{stream_id}", response_model=Deleted)
+    async def delete_stream(self, stream_id: str = StreamId) -> dict:
+        await self._dir.ask_router("delete_stream", stream_id)
+        self._dir.forget(stream_id)
+        return {"id": stream_id, "deleted": True}
+
+    # ------------------------------------------------------------------ ingest
+    @api.post("/v1/streams/{stream_id}/frames", response_model=FrameAck)
+    async def append_frames(
+        self,
+        request: Request,
+        stream_id: str = StreamId,
+        ts: float | None = Query(None, ge=0, allow_inf_nan=False, description="timestamp of an image body"),
+        seq: int | None = Query(None, ge=0, description="seq of an image body"),
+    ) -> dict:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in MSGPACK_TYPES and ctype not in IMAGE_TYPES:
+            raise UnsupportedMediaTypeError(
+                f"frames are application/msgpack, image/jpeg or image/png, not {ctype or 'unspecified'!r}"
+            )
+        body = await self._read_body(request)
+        if ctype in MSGPACK_TYPES:
+            batch = await asyncio.to_thread(self._parser.parse_msgpack, body)
+        elif ts is None:
+            raise InvalidInputError("an image body needs the ts query parameter")
+        else:
+            batch = self._parser.parse_image(body, ctype, ts, seq)
+        return await self._dir.call(stream_id, "append_frames", batch.seq, batch.frames, batch.timestamps)
+
+    @api.post("/v1/streams/{stream_id}/text", response_model=TextAck)
+    async def append_text(self, body: TextIn, stream_id: str = StreamId) -> dict:
+        if len(body.text) > self._cfg.ingress.max_text_chars:
+            raise InvalidInputError(f"text is limited to {self._cfg.ingress.max_text_chars} characters")
+        await self._dir.call(stream_id, "append_text", body.text, body.ts)
+        return {"stream_id": stream_id}
+
+    # ------------------------------------------------------------------ questions
+    @api.post("/v1/streams/{stream_id}/query", response_model=QueryAnswer)
+    async def query(self, body: QueryIn, stream_id: str = StreamId) -> Any:
+        start = time.perf_counter()
+        if body.stream:
+            deltas, ttft = await self._start_answer(stream_id, body.ask_params())
+            return StreamingResponse(self._query_events(deltas, start, ttft), media_type=sse.MEDIA_TYPE,
+                                     headers=sse.HEADERS)
+        out = await self._dir.call(stream_id, "answer", body.ask_params())
+        return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
+                "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        if body.stream:
+            deltas, _ = await self._start_answer(body.target, body.ask_params())
+            return StreamingResponse(chunk_events(body.model, deltas, _error_json), media_type=sse.MEDIA_TYPE,
+                                     headers=sse.HEADERS)
+        return completion(body.model, (await self._dir.call(body.target, "answer", body.ask_params()))["text"])
+
+    # ------------------------------------------------------------------ service
+    @api.get("/health", response_model=Health)
+    async def health(self) -> Any:
+        shards = await self._dir.ask_router("health")
+        ok = all(v == "ok" for v in shards.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "shards": shards}, status_code=200 if ok else 503)
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        names = await self._dir.ask_router("shards")
+        calls = (self._dir.shard_handle(n).metrics.remote() for n in names)
+        snaps = await asyncio.gather(*calls, return_exceptions=True)
+        ok = [s for s in snaps if isinstance(s, dict)]
+        return PlainTextResponse(render(ok), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ internals
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._cfg.ingress.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"body of {declared} bytes exceeds {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _start_answer(self, stream_id: str, params: dict[str, Any]) -> tuple[AsyncIterator[str], float]:
+        """Start a question and wait for its first delta (so errors become HTTP statuses)."""
+        start = time.perf_counter()
+        it = self._dir.stream(stream_id, "ask", params)
+        try:
+            first: str | None = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        ttft = time.perf_counter() - start
+
+        async def deltas() -> AsyncIterator[str]:
+            if first is None:
+                return
+            yield first
+            async for d in it:
+                yield d
+
+        return deltas(), ttft
+
+    async def _query_events(self, deltas: AsyncIterator[str], start: float, ttft: float) -> AsyncIterator[bytes]:
+        n = 0
+        try:
+            async for d in deltas:
+                n += 1
+                yield sse.event({"delta": d})
+        except Exception as exc:
+            yield sse.event(_error_json(exc), "error")
+            return
+        yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}, "done")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (`import_path: mosaic_ray.serve.app:build_app`, `args:` an AppConfig)."""
+    cfg = AppConfig(**args)
+    ing = cfg.ingress
+    return MosaicIngress.options(
+        num_replicas=ing.num_replicas,
+        max_ongoing_requests=ing.max_ongoing_requests,
+        max_queued_requests=ing.max_queued_requests,
+        ray_actor_options={"num_cpus": ing.num_cpus},
+    ).bind(cfg.model_dump())

@@ -1,0 +1,96 @@
+"""Every error the HTTP API returns is JSON `{"error": {"code", "message"}}` with a fitting status.
+
+Engine and runtime errors carry their own `code` and `status` (`EngineError`); the ingress adds
+the ones only HTTP has (body too large, unsupported media type, malformed body). Validation
+failures are 422, except a body that is not even JSON (400). Anything unexpected is a 500 whose
+message hides internals. A 503 carries `Retry-After` (whole seconds, as HTTP defines it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray.exceptions import RayError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.errors import unwrap_ray_error
+
+log = logging.getLogger("mosaic_ray.serve")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An HTTP-level refusal; `code` and `status` as in `EngineError`."""
+
+    code = "bad_request"
+    status = 400
+
+
+class MalformedBodyError(ApiError):
+    code = "malformed_body"
+    status = 400
+
+
+class PayloadTooLargeError(ApiError):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnsupportedMediaTypeError(ApiError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+def error_response(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def response_for(exc: BaseException) -> JSONResponse:
+    """The JSON error for an exception raised while serving a request (Ray wrappers removed)."""
+    exc = unwrap_ray_error(exc)
+    if isinstance(exc, (EngineError, ApiError)):
+        retry = getattr(exc, "retry_after_s", 1.0) if exc.status == 503 else None
+        return error_response(exc.status, exc.code, str(exc), retry)
+    log.exception("unexpected error", exc_info=exc)
+    return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "malformed_body", "request body is not valid JSON")
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5]]
+        return error_response(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), str(exc.detail))
+
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return response_for(exc)
+
+    # Known kinds get handlers of their own: Starlette answers them without re-raising. The
+    # catch-all `Exception` handler answers too, but the server then logs a traceback.
+    for kind in (EngineError, ApiError, RayError, Exception):
+        app.add_exception_handler(kind, _known)
+

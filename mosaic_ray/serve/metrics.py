@@ -1,0 +1,57 @@
+"""Prometheus text exposition of every shard's figures (`ShardActor.metrics` snapshots).
+
+Shards count; any ingress replica renders all of them, so one scrape of /metrics sees the whole
+runtime whichever replica answers. Rates (`*_per_second`) are the shards' own decaying rates, the
+numbers the router places by; counters let Prometheus compute its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name, type, help, snapshot key
+_SIMPLE = [
+    ("mosaic_frames_total", "counter", "Frames appended to streams.", "frames_total"),
+    ("mosaic_ingest_frames_per_second", "gauge", "Recent ingest rate (decaying average).", "ingest_fps"),
+    ("mosaic_queries_total", "counter", "Questions answered or started.", "queries_total"),
+    ("mosaic_queries_per_second", "gauge", "Recent question rate (decaying average).", "queries_per_s"),
+    ("mosaic_streams", "gauge", "Streams held by the shard.", "streams"),
+    ("mosaic_pending_frames", "gauge", "Frames queued on the shard, not yet in the engine.", "pending_frames"),
+    ("mosaic_active_queries", "gauge", "Questions being answered.", "active_queries"),
+    ("mosaic_engine_errors_total", "counter", "Engine failures (not request errors).", "errors_total"),
+    ("mosaic_migrations_in_total", "counter", "Streams received from other shards.", "migrations_in"),
+    ("mosaic_migrations_out_total", "counter", "Streams moved to other shards.", "migrations_out"),
+    ("mosaic_shard_healthy", "gauge", "1 when the shard's engine is healthy.", "healthy"),
+]
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def render(shards: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for name, kind, help_text, key in _SIMPLE:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for s in shards:
+            lines.append(f'{name}{{shard="{_label(s["shard"])}"}} {_num(s[key])}')
+    lines += ["# HELP mosaic_kv_bytes KV cache bytes held, by tier.", "# TYPE mosaic_kv_bytes gauge"]
+    for s in shards:
+        for tier in ("device", "host"):
+            lines.append(f'mosaic_kv_bytes{{shard="{_label(s["shard"])}",tier="{tier}"}} {_num(s[f"kv_bytes_{tier}"])}')
+    lines += [
+        "# HELP mosaic_ttft_seconds Time from a question reaching its shard to its first delta.",
+        "# TYPE mosaic_ttft_seconds histogram",
+    ]
+    for s in shards:
+        h, shard = s["ttft_s"], _label(s["shard"])
+        for bound, count in zip(h["bounds"], h["counts"]):
+            lines.append(f'mosaic_ttft_seconds_bucket{{shard="{shard}",le="{bound}"}} {count}')
+        lines.append(f'mosaic_ttft_seconds_bucket{{shard="{shard}",le="+Inf"}} {h["count"]}')
+        lines.append(f'mosaic_ttft_seconds_sum{{shard="{shard}"}} {_num(float(h["sum"]))}')
+        lines.append(f'mosaic_ttft_seconds_count{{shard="{shard}"}} {h["count"]}')
+    return "\n".join(lines) + "\n"
