@@ -1,0 +1,106 @@
+"""The needle harness (scaling_bench/needle.py) in --quick mode on the tiny model.
+
+Random-init weights answer at random, so accuracy is not asserted here; the structure, the metrics'
+ranges and the harness's replay shortcut are.
+"""
+
+import json
+
+import pytest
+
+from mosaic_ray.bench import needle
+from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine.interface import AskRequest
+from mosaic_ray.engine.stream_engine import StreamEngine
+from mosaic_ray.model.registry import load_model
+
+BUDGETS = ("0.05", "0.1", "0.2")
+METHODS = ("full", "frame", "token", "cluster")
+NEEDLES = 3  # --quick
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("needle")
+    assert needle.main(["--model", "tiny", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "needle.json").read_text())
+
+
+def test_writes_json_png_and_table(quick_run):
+    out, res = quick_run
+    assert (out / "needle.png").stat().st_size > 1000
+    table = (out / "needle.md").read_text()
+    assert "| method | budget | accuracy |" in table and "| cluster | 5% |" in table
+    assert res["schema"] == needle.SCHEMA and res["settings"]["quick"] is True
+    assert res["model"] == "tiny" and res["weights"] == "random-init"
+
+
+def test_stream_puts_needles_in_the_past(quick_run):
+    _, res = quick_run
+    st = res["stream"]
+    assert st["frames"] == res["settings"]["frames"] and len(st["needles"]) == NEEDLES
+    assert st["past_tokens"] > res["settings"]["window"]
+    for nd in st["needles"]:
+        lo, hi = nd["tokens"]
+        assert res["settings"]["sink"] <= lo < hi
+        assert nd["in_past"] == (hi <= res["settings"]["sink"] + st["past_tokens"])
+    assert st["needles"][0]["in_past"]  # the oldest needle left the window before the questions
+    times = [nd["time_s"] for nd in st["needles"]]
+    assert times == sorted(times) and len(set(times)) == NEEDLES
+
+
+def test_methods_budgets_and_metrics(quick_run):
+    _, res = quick_run
+    methods = res["methods"]
+    assert list(methods) == list(METHODS)
+    assert list(methods["full"]["budgets"]) == ["all"]
+    for name in METHODS[1:]:
+        assert list(methods[name]["budgets"]) == list(BUDGETS)
+    for name, m in methods.items():
+        for b, a in m["budgets"].items():
+            assert a["questions"] == NEEDLES and len(a["per_question"]) == NEEDLES
+            assert a["correct"] == sum(q["correct"] for q in a["per_question"])
+            assert a["accuracy"] == pytest.approx(a["correct"] / NEEDLES)
+            for q in a["per_question"]:
+                assert isinstance(q["answer"], str) and isinstance(q["correct"], bool)
+                assert 0.0 <= q["needle_recall"] <= 1.0 + 1e-6
+                assert 0.0 <= q["fill"] <= 1.0 + 1e-6, (name, b, q["fill"])  # never more than the budget
+                if name == "full":
+                    assert q["needle_recall"] == pytest.approx(1.0) and q["copies"] == 0
+                else:
+                    assert q["copies"] > 0 and q["budget_tokens"] < q["past_tokens"]
+    makeup = methods["cluster"]["makeup"]
+    assert makeup["clusters_per_head_mean"] > 1 and len(makeup["per_needle"]) == NEEDLES
+    assert 0.0 <= makeup["needle_cluster_text_share_mean"] <= 1.0
+    assert set(res["goal"]) == set(BUDGETS)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter():
+    return load_model("tiny", "cpu")
+
+
+def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
+    """The harness ingests once and replays the cache calls per method: the stream (and so the
+    answer) must be what an engine of that method builds by ingesting the stream itself."""
+    s = needle.parse_args(["--model", "tiny", "--quick", "--frames", "12", "--out", "unused"])
+    frames, _ = needle.load_frames(s)
+    events = needle.plan_stream(frames, s)
+    rec = needle.record_stream(tiny_adapter, events, s, log=lambda *_: None)
+    request = AskRequest(needle.NEEDLES[0].question, max_tokens=4)
+    for method in ("cluster", "frame", "token"):
+        config = needle.Variant(method, method).cache_config(s, 0.1)
+        config.pool.capacity_bytes = 64 << 20
+        replayed = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
+        needle.install(replayed, "s", rec, config)
+        direct = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
+        direct.open_stream("s")
+        for ev in events:
+            if ev.frames is not None:
+                direct.append_frames("s", ev.frames, ev.ts)
+            else:
+                direct.append_text("s", ev.text, ev.ts[0])
+        a, b = replayed.stream_info("s"), direct.stream_info("s")
+        assert {k: a[k] for k in ("tokens", "past_tokens", "frames", "texts", "duration_s", "kv_bytes_host")} == \
+               {k: b[k] for k in ("tokens", "past_tokens", "frames", "texts", "duration_s", "kv_bytes_host")}
+        assert replayed.answer("s", request).token_ids == direct.answer("s", request).token_ids, method
