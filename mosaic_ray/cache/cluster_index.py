@@ -11,8 +11,8 @@ Members of a cluster are rows 0..count-1 of its slab list, in arrival (= time) o
 
 Assignment (`insert`) is batched over all groups and tokens: a token joins its nearest centroid if
 the cluster's variance after joining stays <= tau[g] (variance_ratio x the running key variance of
-the group) and the cluster has room (< max_size, counting tokens of the same batch); otherwise it
-seeds a new cluster, and tokens within tau of a seed join it. Clusters that end up larger than
+the group) and the cluster has room (< max_size, counting tokens of the same batch); the rest are
+clustered among themselves by parallel leader clustering (seeds, and tokens within tau of a seed). Clusters that end up larger than
 split_size or above tau are flagged; `drain_splits` splits them by 2-means in bounded batches.
 
 Invariants (tested): every inserted token is in exactly one cluster; centroid == mean of members;
@@ -174,32 +174,49 @@ class ClusterIndex:
         return torch.where(room, j, assign)
 
     def _seed(self, assign, x, x2, tau, base) -> torch.Tensor:
-        """Seed rounds over unassigned tokens; returns new clusters per group. Mutates `assign`."""
+        """Seed new clusters from the tokens no cluster could take; returns new clusters per group.
+
+        Parallel leader clustering, a few rounds: an unassigned token with no earlier unassigned
+        token within `radius` becomes a seed; every other unassigned token joins its nearest seed
+        within `radius`. A member within `radius` of its seed keeps the cluster's variance <=
+        radius (variance about the mean <= mean squared distance to any point). Each round seeds
+        at least the earliest unassigned token, so it ends; after `seed_rounds` the radius widens
+        so the work per batch stays bounded (those clusters are flagged for a split if needed).
+        Mutates `assign`.
+        """
         G, n, _ = x.shape
-        new_per_group = torch.zeros(G, dtype=torch.int64, device=self.device)
-        garange = torch.arange(G, device=self.device)
+        dev = self.device
+        new_per_group = torch.zeros(G, dtype=torch.int64, device=dev)
         radius = tau.clone()
+        earlier = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
+        step = max(1, self.config.distance_block_elems // max(1, n * n))
         rounds = 0
         while True:
             un = assign < 0
-            has = un.any(1)
-            if not bool(has.any()):
+            if not bool(un.any()):
                 break
-            first = un.to(torch.int8).argmax(1)  # earliest unassigned token of each group
-            slot = base + new_per_group
-            seed = x[garange, first]
-            d2 = (x2 - 2 * (x @ seed[:, :, None]).squeeze(-1) + (seed * seed).sum(-1)[:, None]).clamp(min=0)
-            # Every member within `radius` of the seed keeps the cluster's variance <= radius
-            # (variance about the mean <= mean squared distance to any point).
-            ok = un & has[:, None] & (d2 <= radius[:, None])
-            ok[garange, first] = has
-            j = slot[:, None].expand(G, n)
-            assign[:] = self._admit(assign, ok, j, torch.zeros_like(j))
-            new_per_group += has.long()
+            seed = torch.zeros_like(un)
+            near = torch.full((G, n), -1, dtype=torch.int64, device=dev)
+            for g0 in range(0, G, step):
+                g1 = min(G, g0 + step)
+                xg = x[g0:g1]
+                d2 = (x2[g0:g1, :, None] - 2 * torch.bmm(xg, xg.transpose(1, 2)) + x2[g0:g1, None, :]).clamp(min=0)
+                close = d2 <= radius[g0:g1, None, None]
+                covered = (close & earlier[None] & un[g0:g1, None, :]).any(-1)
+                s_g = un[g0:g1] & ~covered
+                seed[g0:g1] = s_g
+                to_seed = d2.masked_fill(~(s_g[:, None, :] & close), float("inf"))
+                best, j = to_seed.min(-1)
+                near[g0:g1] = torch.where(torch.isfinite(best), j, -1)
+            slot_of = base[:, None] + new_per_group[:, None] + torch.cumsum(seed.long(), 1) - 1  # slot of each seed
+            zeros = torch.zeros_like(assign)
+            assign[:] = torch.where(seed, slot_of, assign)
+            joins = un & ~seed & (near >= 0)
+            target = slot_of.gather(1, near.clamp(min=0))
+            assign[:] = self._admit(assign, joins, target, torch.ones_like(zeros))
+            new_per_group += seed.sum(1)
             rounds += 1
             if rounds >= self.config.seed_rounds:
-                # Bounded work: widen the radius so leftovers gather into few clusters, which the
-                # deferred split will tidy (they are flagged if they end above tau).
                 radius = torch.where(radius > 0, radius * 4, torch.full_like(radius, 1e-6))
         return new_per_group
 
