@@ -47,14 +47,18 @@ class ModelAdapter(abc.ABC):
         self.frame_size = frame_size
         self.model.set_attn_implementation(ATTENTION_NAME)
 
-    # ---- shapes
-    @property
-    @abc.abstractmethod
-    def layout(self) -> KVLayout: ...
+    # ---- shapes (subclasses set `self._layout` from their config)
+    _layout: KVLayout
 
     @property
-    @abc.abstractmethod
-    def eos_token_ids(self) -> list[int]: ...
+    def layout(self) -> KVLayout:
+        return self._layout
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end an answer: the chat turn's end and the tokenizer's end of text."""
+        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
     # ---- inputs
     @abc.abstractmethod
@@ -76,13 +80,14 @@ class ModelAdapter(abc.ABC):
         pos = torch.arange(n, device=self.device)[None].expand(self.layout.pos_dims, n)
         return Chunk(self.embed_ids(ids), pos, n, torch.tensor(ids, dtype=torch.long))
 
-    @abc.abstractmethod
     def caption_text(self, text: str, timestamp: float) -> str:
         """How a timestamped caption is written into the stream."""
+        return f"[{timestamp:.1f}s] {text}\n"
 
-    @abc.abstractmethod
     def question_text(self, question: str) -> tuple[str, str]:
-        """(prompt before the answer, text that closes the answer turn)."""
+        """(prompt before the answer, text that closes the answer turn): ChatML, which both the
+        Qwen2-VL family and SmolLM2 use."""
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"
 
     def prefix_text(self) -> str:
         """Text every stream starts with (system prompt); stays in the resident sink."""

@@ -35,15 +35,6 @@ class DinoSmolAdapter(ModelAdapter):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self._layout = KVLayout(c.num_hidden_layers, c.num_key_value_heads, head_dim, llm.dtype, pos_dims=1)
 
-    @property
-    def layout(self) -> KVLayout:
-        return self._layout
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
-        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
     def embedding(self):
         return self.model.model.embed_tokens
 
@@ -70,12 +61,6 @@ class DinoSmolAdapter(ModelAdapter):
         n = features.shape[0]
         pos = torch.arange(n, device=self.device)[None]
         return Chunk(features, pos, n, torch.full((n,), -1, dtype=torch.long))
-
-    def caption_text(self, text: str, timestamp: float) -> str:
-        return f"[{timestamp:.1f}s] {text}\n"
-
-    def question_text(self, question: str) -> tuple[str, str]:
-        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"
 
     def prefix_text(self) -> str:
         return ("<|im_start|>system\nYou watch a live video stream. Timestamped captions describe it. "

@@ -33,15 +33,6 @@ class Qwen2VLAdapter(ModelAdapter):
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self._layout = KVLayout(tc.num_hidden_layers, tc.num_key_value_heads, head_dim, model.dtype, pos_dims=3)
 
-    @property
-    def layout(self) -> KVLayout:
-        return self._layout
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
-        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
     def embedding(self):
         return self.model.model.language_model.embed_tokens
 
@@ -75,12 +66,6 @@ class Qwen2VLAdapter(ModelAdapter):
         embeds = torch.cat([start, feats.to(start.dtype), stop], 0)
         ids = torch.tensor([self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id])
         return Chunk(embeds, pos, end + 1, ids)
-
-    def caption_text(self, text: str, timestamp: float) -> str:
-        return f"[{timestamp:.1f}s] {text}\n"
-
-    def question_text(self, question: str) -> tuple[str, str]:
-        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"
 
     def prefix_text(self) -> str:
         return "<|im_start|>system\nYou watch a live video stream.<|im_end|>\n"
