@@ -1,0 +1,44 @@
+"""Outputs of a scaling benchmark: JSON + markdown table (+ the script's PNG) under --out, and the
+machine they came from (named beside every figure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    try:
+        import torch
+
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        card = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {"device": card or f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "gpu": card is not None, "host": platform.node(), "python": platform.python_version(), "commit": commit}
+
+
+def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text("\n".join(table) + "\n")
+    return out
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,132 @@
+"""How many real-time streams one GPU (one shard) carries, per retrieval method.
+
+Streams of real video frames (1 frame/s by default, pushed through the HTTP client as a camera
+would) with questions at a fixed rate per stream; the number of streams is ramped until ingest
+falls behind real time (lag p99 > --max-lag-s) or TTFT p99 > --max-ttft-s. Reported: the most
+streams sustained, per method, with the lag and TTFT of every step.
+
+    python scaling_bench/streams_per_gpu.py --methods cluster,token --ramp 16,32,48,64,96,128   # GPU
+    python scaling_bench/streams_per_gpu.py --quick --out /tmp/r                            # CPU, < 2 min
+    ray job submit --working-dir . -- python scaling_bench/streams_per_gpu.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from mosaic_ray.bench import cli, report
+from mosaic_ray.bench.engines import METHODS, engine_kwargs, runtime_config
+from mosaic_ray.bench.load_gen import LoadSpec, run_load
+from mosaic_ray.bench.ray_env import start_ray
+from mosaic_ray.bench.serve_stack import Stack
+from mosaic_ray.bench.targets import DirectTarget, HttpTarget
+from mosaic_ray.bench.video_frames import real_frames
+
+NAME = "streams_per_gpu"
+
+
+def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames) -> dict:
+    cfg = runtime_config(f"spg-{method}", 1, engine_kwargs(method, a.model, a.device, a.window, a.pool_mb))
+    url = stack.app(cfg) if a.path == "http" else (stack.runtime(cfg) or None)
+    steps, best = [], 0
+    try:
+        for n in [int(x) for x in a.ramp.split(",")]:
+            spec = LoadSpec(streams=n, seconds=a.seconds, fps=a.fps, question_every_s=a.question_every,
+                            max_tokens=a.max_tokens, warmup_s=a.warmup, prefix=f"{method}-{n}")
+            target = HttpTarget(url) if a.path == "http" else DirectTarget(cfg)
+
+            async def go():
+                async with target as t:
+                    return await run_load(t, spec, frames, not a.no_progress, f"{method} x{n}")
+
+            res = asyncio.run(go())
+            ok = res.sustained(a.max_lag_s, a.max_ttft_s)
+            steps.append({**res.summary(), "sustained": ok})
+            s = steps[-1]
+            print(f"  {method:8s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p99 "
+                  f"{s['ttft']['p99_ms']:6.0f} ms, {s['ingest_fps']:6.1f} frames/s -> {'ok' if ok else 'FAIL'}",
+                  flush=True)
+            if not ok:
+                break
+            best = n
+    finally:
+        stack.drop(cfg, app=a.path == "http")
+    return {"method": method, "max_streams": best, "ramp_exhausted": bool(steps) and steps[-1]["sustained"],
+            "steps": steps}
+
+
+def plot(rows, path) -> None:
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        xs = [s["streams"] for s in r["steps"]]
+        axes[0].plot(xs, [s["lag"]["p99_ms"] for s in r["steps"]], "o-", label=r["method"])
+        axes[1].plot(xs, [s["ttft"]["p99_ms"] for s in r["steps"]], "o-", label=r["method"])
+    for ax, title in zip(axes, ("ingest lag p99 (ms)", "TTFT p99 (ms)")):
+        ax.set_xlabel("concurrent real-time streams")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common(p)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--ramp", default="8,16,32,48,64,80,96,128", help="stream counts tried in order")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per wall second per stream (real time: 1)")
+    p.add_argument("--seconds", type=float, default=60.0, help="wall seconds per ramp step")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of each step not counted")
+    p.add_argument("--question-every", type=float, default=10.0, help="seconds between questions, per stream")
+    p.add_argument("--max-lag-s", type=float, default=2.0, help="ingest lag p99 beyond this: behind real time")
+    p.add_argument("--max-ttft-s", type=float, default=1.0, help="TTFT p99 beyond this: not sustained")
+    p.add_argument("--path", choices=["http", "direct"], default="http")
+    a = p.parse_args(argv)
+    cli.resolve(a)
+    if a.quick:  # accelerated clock (4 frames/s per stream), short steps, a small ramp
+        a.ramp, a.fps, a.seconds, a.warmup, a.question_every = "2,8,24", 4.0, 4.0, 1.0, 1.0
+        if "--methods" not in " ".join(argv or __import__("sys").argv):
+            a.methods = "cluster,full"
+    frames, source = real_frames(a.size)
+    t0 = time.perf_counter()
+    ray_session = start_ray(num_gpus=1)
+    stack = Stack()
+    rows = []
+    try:
+        for m in a.methods.split(","):
+            rows.append(ramp_method(stack, a, m, frames))
+    finally:
+        stack.close()
+        ray_session.close()
+    mach = report.machine()
+    result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "path": a.path,
+              "video": source, "frame_px": a.size, "fps_per_stream": a.fps, "seconds_per_step": a.seconds,
+              "question_every_s": a.question_every, "max_tokens": a.max_tokens, "max_lag_s": a.max_lag_s,
+              "max_ttft_s": a.max_ttft_s, "window_tokens": a.window, "quick": a.quick,
+              "wall_s": time.perf_counter() - t0, "rows": rows}
+    table = [f"Machine: {mach['device']}; model {a.model} on {a.device}; path {a.path}; {a.size}px frames of "
+             f"{source} at {a.fps:g} frame/s per stream; a question every {a.question_every:g} s per stream; "
+             f"{a.seconds:g} s per step; sustained = lag p99 <= {a.max_lag_s:g} s and TTFT p99 <= {a.max_ttft_s:g} s",
+             "", "| method | max streams sustained | at max: lag p99 ms | TTFT p50 ms | TTFT p99 ms | frames/s "
+             "| first failing step |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = [s for s in r["steps"] if s["sustained"]]
+        bad = [s for s in r["steps"] if not s["sustained"]]
+        at = ok[-1] if ok else None
+        fail = (f"{bad[0]['streams']} (lag p99 {bad[0]['lag']['p99_ms']:.0f} ms, TTFT p99 {bad[0]['ttft']['p99_ms']:.0f} ms"
+                f"{', errors' if bad[0]['errors'] else ''})") if bad else "none (ramp exhausted)"
+        cells = (f"{at['lag']['p99_ms']:.0f} | {at['ttft']['p50_ms']:.0f} | {at['ttft']['p99_ms']:.0f} | "
+                 f"{at['ingest_fps']:.1f}") if at else "- | - | - | -"
+        table.append(f"| {r['method']} | {r['max_streams']}{'+' if r['ramp_exhausted'] else ''} | {cells} | {fail} |")
+    out = report.write(a.out, NAME, result, table)
+    plot(rows, out / f"{NAME}.png")
+    print("\n".join(table))
+    print(f"wrote {out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
