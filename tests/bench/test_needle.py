@@ -15,7 +15,7 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model.registry import load_model
 
 BUDGETS = ("0.05", "0.1", "0.2")
-METHODS = ("full", "frame", "token", "cluster")
+METHODS = ("full", "frame", "token", "cluster", "oracle")
 NEEDLES = 3  # --quick
 
 
@@ -53,8 +53,8 @@ def test_methods_budgets_and_metrics(quick_run):
     _, res = quick_run
     methods = res["methods"]
     assert list(methods) == list(METHODS)
-    assert list(methods["full"]["budgets"]) == ["all"]
-    for name in METHODS[1:]:
+    assert list(methods["full"]["budgets"]) == list(methods["oracle"]["budgets"]) == ["all"]
+    for name in ("frame", "token", "cluster"):
         assert list(methods[name]["budgets"]) == list(BUDGETS)
     for name, m in methods.items():
         for b, a in m["budgets"].items():
@@ -65,7 +65,7 @@ def test_methods_budgets_and_metrics(quick_run):
                 assert isinstance(q["answer"], str) and isinstance(q["correct"], bool)
                 assert 0.0 <= q["needle_recall"] <= 1.0 + 1e-6
                 assert 0.0 <= q["fill"] <= 1.0 + 1e-6, (name, b, q["fill"])  # never more than the budget
-                if name == "full":
+                if name in ("full", "oracle"):  # the whole past (oracle: around the needle) is there
                     assert q["needle_recall"] == pytest.approx(1.0) and q["copies"] == 0
                 else:
                     assert q["copies"] > 0 and q["budget_tokens"] < q["past_tokens"]
@@ -92,7 +92,7 @@ def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
         config = needle.Variant(method, method).cache_config(s, 0.1)
         config.pool.capacity_bytes = 64 << 20
         replayed = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
-        needle.install(replayed, "s", rec, config)
+        needle.install(replayed, "s", config, rec)
         direct = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
         direct.open_stream("s")
         for ev in events:
@@ -100,7 +100,24 @@ def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
                 direct.append_frames("s", ev.frames, ev.ts)
             else:
                 direct.append_text("s", ev.text, ev.ts[0])
+        # later budgets restore a snapshot of the replayed stream
+        restored = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
+        needle.install(restored, "s", config, snapshot=replayed.export_stream("s"))
         a, b = replayed.stream_info("s"), direct.stream_info("s")
         assert {k: a[k] for k in ("tokens", "past_tokens", "frames", "texts", "duration_s", "kv_bytes_host")} == \
                {k: b[k] for k in ("tokens", "past_tokens", "frames", "texts", "duration_s", "kv_bytes_host")}
-        assert replayed.answer("s", request).token_ids == direct.answer("s", request).token_ids, method
+        expected = direct.answer("s", request).token_ids
+        assert replayed.answer("s", request).token_ids == expected, method
+        assert restored.answer("s", request).token_ids == expected, method
+
+
+def test_independent_questions_start_from_the_ingested_stream(tmp_path, quick_run):
+    _, sequential = quick_run
+    assert needle.main(["--model", "tiny", "--quick", "--independent", "--budgets", "0.1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "needle.json").read_text())
+    for name in ("full", "cluster"):
+        b = "all" if name == "full" else "0.1"
+        past = [q["past_tokens"] for q in res["methods"][name]["budgets"][b]["per_question"]]
+        assert len(set(past)) == 1, past  # every question sees the stream as ingested
+        grown = [q["past_tokens"] for q in sequential["methods"][name]["budgets"][b]["per_question"]]
+        assert grown[0] == past[0] and grown[-1] > grown[0]  # sequential: earlier Q/As joined the stream
