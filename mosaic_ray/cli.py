@@ -15,14 +15,14 @@ def _demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: fidelity")
-    p.add_argument("name", choices=["fidelity"])
+    p = sub.add_parser("bench", help="run a benchmark: fidelity | needle")
+    p.add_argument("name", choices=["fidelity", "needle"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
     def run(args) -> int:
-        from mosaic_ray.bench import fidelity
+        import importlib
 
-        return fidelity.main(args.rest) or 0
+        return importlib.import_module(f"mosaic_ray.bench.{args.name}").main(args.rest) or 0
 
     p.set_defaults(func=run)
 

@@ -72,8 +72,10 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     pool.pos[new] = tensors["pool.pos"]
     remap = torch.full((int(old.max()) + 1 if old.numel() else 1,), -1, dtype=torch.int64)
     remap[old] = new
+    # copies, never views: the stream mutates its tensors in place, and a snapshot may be imported
+    # more than once
     for n in _RESIDENT:
-        setattr(cache, n, tensors[f"resident.{n}"].to(dev))
+        setattr(cache, n, tensors[f"resident.{n}"].to(dev, copy=True))
     cache.total_tokens = meta["total_tokens"]
     for path, tnames, pnames, slab_attr in _RETRIEVER_FIELDS[retriever.method]:
         obj = _owner(retriever, path)
@@ -81,7 +83,7 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
             t = tensors[f"retriever.{path}.{n}"]
             if n == slab_attr:
                 t = torch.where(t >= 0, remap[t.clamp(min=0)], -1)
-            setattr(obj, n, t.to(dev))
+            setattr(obj, n, t.to(dev, copy=True))
         for n in pnames:
             setattr(obj, n, meta["plain"][f"{path}.{n}"])
     state = StreamState(stream_id, cache)

@@ -264,6 +264,7 @@ class StreamEngine(Engine):
         batch = token_batch(state, new_k, new_v, 0, n, torch.full((n,), state.clock),
                             torch.full((n,), state.block, dtype=torch.long), pos)
         commit(state, batch, run.pos_cursor - state.next_pos, 1)
+        state.cache.maintain(self.config.splits_per_step)  # the Q/A's tokens may have flagged splits
         state.questions += 1
         self.counters["questions"] += 1
         run.phase = "done"

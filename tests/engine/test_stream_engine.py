@@ -121,3 +121,17 @@ def test_prefetch_gives_identical_answers(tiny_adapter, method):
     assert answers[False].prefetch_hit_rate is None
     rate = answers[True].prefetch_hit_rate
     assert rate is None or 0.0 <= rate <= 1.0
+
+
+def test_one_snapshot_imports_twice_independently(tiny_adapter):
+    src = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    src.open_stream("s")
+    src.append_frames("s", frames(8, seed=4), [float(i) for i in range(8)])
+    snap = src.export_stream("s")
+    a = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    b = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    a.import_stream("s", snap)
+    first = a.answer("s", Q).token_ids
+    a.append_frames("s", frames(4, seed=9), [8.0, 9.0, 10.0, 11.0])  # mutates a's copy in place
+    b.import_stream("s", snap)
+    assert b.answer("s", Q).token_ids == first
