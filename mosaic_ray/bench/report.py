@@ -42,3 +42,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def json_default(o):
+    """json.dumps fallback: tensors as lists, non-finite floats as null."""
+    import math
+
+    import torch
+
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(type(o))
+
+
+def bkey(budget: float) -> str:
+    """JSON key of a budget share (0.05 -> "0.05")."""
+    return f"{budget:g}"
