@@ -47,15 +47,12 @@ def gather(
     safe = flat.clamp(min=0)
     slab, off = safe // pool.slab_tokens, safe % pool.slab_tokens
     out: dict[str, torch.Tensor] = {}
-    non_blocking = pool.pinned and device.type == "cuda"
     for name, idx in (("k", 0), ("v", 1)):
         if name not in parts:
             continue
         host = pool.kv[slab, idx, off]
         host[~valid] = 0
-        if non_blocking:
-            host = host.pin_memory()
-        out[name] = host.view(H, B, pool.layout.head_dim).to(device, non_blocking=non_blocking)
+        out[name] = host.view(H, B, pool.layout.head_dim).to(device)
     order = pool.order[slab, off].masked_fill(~valid, -1)
     out["order"] = order.view(H, B).to(device)
     out["time"] = pool.time[slab, off].view(H, B).to(device)

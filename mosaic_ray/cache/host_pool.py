@@ -42,8 +42,7 @@ class HostPool:
         S, D, P = self.slab_tokens, layout.head_dim, layout.pos_dims
         self.kv = torch.empty((self.num_slabs, 2, S, D), dtype=layout.dtype, pin_memory=self.pinned)
         # metadata is pinned too: on a GPU it is read in place (UVA) with the rows' K/V
-        self.order = torch.full((self.num_slabs, S), -1, dtype=torch.int64).pin_memory() if self.pinned else \
-            torch.full((self.num_slabs, S), -1, dtype=torch.int64)
+        self.order = torch.full((self.num_slabs, S), -1, dtype=torch.int64, pin_memory=self.pinned)
         self.time = torch.zeros((self.num_slabs, S), dtype=torch.float32, pin_memory=self.pinned)
         self.pos = torch.zeros((self.num_slabs, S, P), dtype=torch.int32, pin_memory=self.pinned)
         self._device_views: dict[str, dict[str, torch.Tensor]] = {}
@@ -198,8 +197,3 @@ class HostPool:
             self.time[slab, off],
             self.pos[slab, off],
         )
-
-    def move_rows(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
-        """Copy rows inside the pool (used when a split compacts members); src and dst may overlap."""
-        k, v, order, time, pos = (t.clone() for t in self.read(src_rows))
-        self.write(dst_rows, k, v, order, time, pos)

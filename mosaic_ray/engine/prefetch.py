@@ -12,6 +12,7 @@ opts in through `StepContext.prefetch`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from functools import partial
 
@@ -59,7 +60,7 @@ class Prefetcher:
         main = torch.cuda.current_stream(hidden.device) if self.stream is not None else None
         if main is not None:
             self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream) if self.stream is not None else _null():
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             for i, step in steps:
                 q_mean = q[i, :, : step.new_tokens].float().reshape(Hkv, -1, q.shape[-1]).mean(1)
                 sel = step.cache.select(layer + 1, q_mean, step.since, step.until)
@@ -72,10 +73,3 @@ class Prefetcher:
                         t.record_stream(main)
                 step.prefetched[layer + 1] = Prefetched(sel.rows, data, ready)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

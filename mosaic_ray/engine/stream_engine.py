@@ -183,16 +183,12 @@ class StreamEngine(Engine):
         """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
         segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
-        ctx = self._forward(segs, steps)
+        ctx, _ = self._forward_hidden(segs, steps)
         for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
             batch = token_batch(state, ctx.new_k, ctx.new_v, row, seg.size, seg.time, seg.block, seg.positions)
             commit(state, batch, seg.span, len(chunks), clock=max(ts))
             state.cache.maintain(self.config.splits_per_step)
             self.counters["tokens"] += seg.size
-
-    def _forward(self, segs: list[Segment], steps: list[StreamStep]) -> StepContext:
-        ctx, _ = self._forward_hidden(segs, steps)
-        return ctx
 
     def _forward_hidden(self, segs: list[Segment], steps: list[StreamStep]) -> tuple[StepContext, torch.Tensor]:
         b, n = len(segs), max(s.size for s in segs)

@@ -69,7 +69,6 @@ class StepContext:
         self.prefetch = prefetch
         self.new_k: dict[int, torch.Tensor] = {}
         self.new_v: dict[int, torch.Tensor] = {}
-        self.fetch_stats = {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0}
         self._token = None
 
     # --- the slice of transformers' Cache API the decoder layers use
@@ -109,10 +108,9 @@ class StepContext:
                 torch.cuda.synchronize()
             step.fetched["seconds"] += time.perf_counter() - t0
             r = step.retrieved[layer]
-            for stats in (self.fetch_stats, step.fetched):
-                stats["copies"] += r.copies
-                stats["bytes"] += r.bytes_moved
-                stats["tokens"] += r.tokens
+            step.fetched["copies"] += r.copies
+            step.fetched["bytes"] += r.bytes_moved
+            step.fetched["tokens"] += r.tokens
         return step.retrieved.get(layer) if step.use_past else None
 
     def keys_for(self, i: int, layer: int, query_mean: torch.Tensor, new_k, new_v):
