@@ -74,15 +74,18 @@ class QuestionRun:
             self.t_first = time.perf_counter()
         self.generated.append(token)
         if token in self.eos:
-            return self._finish("stop", tokenizer)
+            self._finish("stop")
+            return ""
         text = tokenizer.decode(self.generated_text_ids(), skip_special_tokens=True)
         cut, stopped = cut_at_stop(text, self.request.stop)
-        delta = cut[len(self.emitted):] if cut.startswith(self.emitted) else ""
-        self.emitted = cut if cut.startswith(self.emitted) else self.emitted
+        # emit only text that extends what was already sent (a detokenization may revise its tail)
+        delta = ""
+        if cut.startswith(self.emitted):
+            delta, self.emitted = cut[len(self.emitted):], cut
         if stopped:
-            self._finish("stop", tokenizer)
+            self._finish("stop")
         elif len(self.generated) >= self.request.max_tokens or self.cancelled:
-            self._finish("length" if not self.cancelled else "cancelled", tokenizer)
+            self._finish("cancelled" if self.cancelled else "length")
         else:
             self.phase = "decode"
         return delta
@@ -90,10 +93,9 @@ class QuestionRun:
     def generated_text_ids(self) -> list[int]:
         return [t for t in self.generated if t not in self.eos]
 
-    def _finish(self, reason: str, tokenizer) -> str:
+    def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.phase = "closing"
-        return ""
 
     def answer(self) -> Answer:
         end = self.t_done or time.perf_counter()
