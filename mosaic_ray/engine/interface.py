@@ -51,6 +51,20 @@ class InvalidInputError(EngineError, ValueError):
     status = 422
 
 
+class StreamBusyError(EngineError):
+    """The stream is answering a question; the call may be retried shortly."""
+
+    code = "stream_busy"
+    status = 409
+
+
+class OverloadedError(EngineError):
+    """A bound (streams per engine, frames waiting for a question) is reached; retry later."""
+
+    code = "overloaded"
+    status = 503
+
+
 @dataclass(slots=True)
 class AskRequest:
     """One question to one stream. `since`/`until` (seconds, stream clock) restrict retrieval."""

@@ -33,6 +33,8 @@ from mosaic_ray.engine.interface import (
     Engine,
     EngineError,
     InvalidInputError,
+    OverloadedError,
+    StreamBusyError,
     StreamExistsError,
     UnknownStreamError,
 )
@@ -41,16 +43,6 @@ from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit, token_batch
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StepContext, StreamStep
-
-
-class OverloadedError(EngineError):
-    code = "overloaded"
-    status = 503
-
-
-class StreamBusyError(EngineError):
-    code = "stream_busy"
-    status = 409
 
 
 class StreamEngine(Engine):
