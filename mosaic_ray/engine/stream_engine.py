@@ -31,7 +31,6 @@ from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine.interface import (
     AskRequest,
     Engine,
-    EngineError,
     InvalidInputError,
     OverloadedError,
     StreamBusyError,
