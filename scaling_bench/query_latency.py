@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     cli.resolve(a)
     if a.quick:  # 2 streams at an accelerated 4 frames/s, a question per stream every second
         a.streams, a.fps, a.seconds, a.warmup, a.question_every = 2, 4.0, 5.0, 1.0, 0.5
-    frames, source = real_frames(a.size)
+    frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=1)
     stack = Stack()

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         a.max_shards = a.max_shards or 3
         a.streams_per_shard, a.batch, a.seconds, a.question_every = 2, 4, 5.0, 1.0
     a.max_shards = a.max_shards or gpu_count()
-    frames, source = real_frames(a.size)
+    frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=a.max_shards)
     stack = Stack()

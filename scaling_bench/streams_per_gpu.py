@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         a.ramp, a.fps, a.seconds, a.warmup, a.question_every = "2,8,24", 4.0, 4.0, 1.0, 1.0
         if "--methods" not in " ".join(argv or __import__("sys").argv):
             a.methods = "cluster,full"
-    frames, source = real_frames(a.size)
+    frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=1)
     stack = Stack()

@@ -12,6 +12,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=2048, help="window tokens kept on the device per stream")
     p.add_argument("--pool-mb", type=int, default=8192, help="host pool per shard (MiB)")
     p.add_argument("--size", type=int, default=336, help="frame side in pixels")
+    p.add_argument("--frames-file", default=None,
+                   help="frames pre-decoded by `python -m mosaic_ray.bench.video_frames` (machines without PyAV)")
     p.add_argument("--max-tokens", type=int, default=16, help="answer tokens per question")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--quick", action="store_true", help="CPU-sized run, under two minutes")
