@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from pathlib import Path
 
 from mosaic_ray.bench import cli, report
 from mosaic_ray.bench.engines import METHODS, engine_kwargs, runtime_config
@@ -84,35 +86,49 @@ def main(argv=None) -> int:
     p.add_argument("--max-lag-s", type=float, default=2.0, help="ingest lag p99 beyond this: behind real time")
     p.add_argument("--max-ttft-s", type=float, default=1.0, help="TTFT p99 beyond this: not sustained")
     p.add_argument("--path", choices=["http", "direct"], default="http")
+    p.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run's JSON")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:  # accelerated clock (4 frames/s per stream), short steps, a small ramp
         a.ramp, a.fps, a.seconds, a.warmup, a.question_every = "2,8,24", 4.0, 4.0, 1.0, 1.0
         if "--methods" not in " ".join(argv or __import__("sys").argv):
             a.methods = "cluster,full"
+    if a.from_json:  # re-render the table and plot of an earlier run (e.g. one from a GPU machine)
+        result = json.loads(Path(a.from_json).read_text())
+        publish(a.out, result)
+        return 0
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=1)
     stack = Stack()
-    rows = []
+    result = {"bench": NAME, "machine": report.machine(), "model": a.model, "engine_device": a.device,
+              "path": a.path, "video": source, "frame_px": a.size, "fps_per_stream": a.fps,
+              "seconds_per_step": a.seconds, "question_every_s": a.question_every, "max_tokens": a.max_tokens,
+              "max_lag_s": a.max_lag_s, "max_ttft_s": a.max_ttft_s, "window_tokens": a.window, "quick": a.quick,
+              "wall_s": 0.0, "rows": []}
     try:
         for m in a.methods.split(","):
-            rows.append(ramp_method(stack, a, m, frames))
+            result["rows"].append(ramp_method(stack, a, m, frames))
+            result["wall_s"] = time.perf_counter() - t0
+            table = publish(a.out, result)  # after every method: a cut-off run keeps what it measured
     finally:
         stack.close()
         ray_session.close()
-    mach = report.machine()
-    result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "path": a.path,
-              "video": source, "frame_px": a.size, "fps_per_stream": a.fps, "seconds_per_step": a.seconds,
-              "question_every_s": a.question_every, "max_tokens": a.max_tokens, "max_lag_s": a.max_lag_s,
-              "max_ttft_s": a.max_ttft_s, "window_tokens": a.window, "quick": a.quick,
-              "wall_s": time.perf_counter() - t0, "rows": rows}
-    table = [f"Machine: {mach['device']}; model {a.model} on {a.device}; path {a.path}; {a.size}px frames of "
-             f"{source} at {a.fps:g} frame/s per stream; a question every {a.question_every:g} s per stream; "
-             f"{a.seconds:g} s per step; sustained = lag p99 <= {a.max_lag_s:g} s and TTFT p99 <= {a.max_ttft_s:g} s",
+    print("\n".join(table))
+    print(f"wrote {a.out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    return 0
+
+
+def publish(out: str, result: dict) -> list[str]:
+    """Write JSON + markdown table (+ PNG where matplotlib is installed); returns the table."""
+    r0 = result
+    table = [f"Machine: {r0['machine']['device']}; model {r0['model']} on {r0['engine_device']}; path {r0['path']}; "
+             f"{r0['frame_px']}px frames of {r0['video']} at {r0['fps_per_stream']:g} frame/s per stream; a question "
+             f"every {r0['question_every_s']:g} s per stream; {r0['seconds_per_step']:g} s per step; sustained = lag "
+             f"p99 <= {r0['max_lag_s']:g} s and TTFT p99 <= {r0['max_ttft_s']:g} s",
              "", "| method | max streams sustained | at max: lag p99 ms | TTFT p50 ms | TTFT p99 ms | frames/s "
              "| first failing step |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in result["rows"]:
         ok = [s for s in r["steps"] if s["sustained"]]
         bad = [s for s in r["steps"] if not s["sustained"]]
         at = ok[-1] if ok else None
@@ -121,11 +137,12 @@ def main(argv=None) -> int:
         cells = (f"{at['lag']['p99_ms']:.0f} | {at['ttft']['p50_ms']:.0f} | {at['ttft']['p99_ms']:.0f} | "
                  f"{at['ingest_fps']:.1f}") if at else "- | - | - | -"
         table.append(f"| {r['method']} | {r['max_streams']}{'+' if r['ramp_exhausted'] else ''} | {cells} | {fail} |")
-    out = report.write(a.out, NAME, result, table)
-    plot(rows, out / f"{NAME}.png")
-    print("\n".join(table))
-    print(f"wrote {out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
-    return 0
+    path = report.write(out, NAME, result, table)
+    try:
+        plot(result["rows"], path / f"{NAME}.png")
+    except ImportError:
+        print("matplotlib missing: no plot (re-render later with --from-json)")
+    return table
 
 
 if __name__ == "__main__":
