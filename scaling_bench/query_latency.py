@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from pathlib import Path
 
 from mosaic_ray.bench import cli, report
 from mosaic_ray.bench.engines import METHODS, engine_kwargs, runtime_config
@@ -80,40 +82,54 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=120.0, help="wall seconds per (method, path)")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds not counted at the start")
     p.add_argument("--question-every", type=float, default=5.0, help="seconds between questions, per stream")
+    p.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run's JSON")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:  # 2 streams at an accelerated 4 frames/s, a question per stream every second
         a.streams, a.fps, a.seconds, a.warmup, a.question_every = 2, 4.0, 5.0, 1.0, 0.5
+    if a.from_json:  # re-render the table and plot of an earlier run (e.g. one from a GPU machine)
+        publish(a.out, json.loads(Path(a.from_json).read_text()))
+        return 0
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=1)
     stack = Stack()
-    rows = []
+    result = {"bench": NAME, "machine": report.machine(), "model": a.model, "engine_device": a.device,
+              "video": source, "frame_px": a.size, "streams": a.streams, "fps_per_stream": a.fps,
+              "seconds": a.seconds, "question_every_s": a.question_every, "max_tokens": a.max_tokens,
+              "window_tokens": a.window, "quick": a.quick, "wall_s": 0.0, "rows": []}
     try:
         for m in a.methods.split(","):
-            rows += measure(stack, a, m, frames)
+            result["rows"] += measure(stack, a, m, frames)
+            result["wall_s"] = time.perf_counter() - t0
+            table = publish(a.out, result)  # after every method: a cut-off run keeps what it measured
     finally:
         stack.close()
         ray_session.close()
-    mach = report.machine()
-    result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "video": source,
-              "frame_px": a.size, "streams": a.streams, "fps_per_stream": a.fps, "seconds": a.seconds,
-              "question_every_s": a.question_every, "max_tokens": a.max_tokens, "window_tokens": a.window,
-              "quick": a.quick, "wall_s": time.perf_counter() - t0, "rows": rows}
-    table = [f"Machine: {mach['device']}; model {a.model} on {a.device}; one shard; load: {a.streams} streams x "
-             f"{a.fps:g} frame/s of {source} ({a.size}px), a question every {a.question_every:g} s per stream, "
-             f"{a.max_tokens} answer tokens, {a.seconds:g} s per row",
+    print("\n".join(table))
+    print(f"wrote {a.out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    return 0
+
+
+def publish(out: str, result: dict) -> list[str]:
+    """Write JSON + markdown table (+ PNG where matplotlib is installed); returns the table."""
+    r0 = result
+    table = [f"Machine: {r0['machine']['device']}; model {r0['model']} on {r0['engine_device']}; one shard; load: "
+             f"{r0['streams']} streams x {r0['fps_per_stream']:g} frame/s of {r0['video']} ({r0['frame_px']}px), a "
+             f"question every {r0['question_every_s']:g} s per stream, {r0['max_tokens']} answer tokens, "
+             f"{r0['seconds']:g} s per row",
              "", "| method | path | questions | TTFT p50 ms | TTFT p99 ms | answer p50 ms | answer p99 ms "
              "| ingest lag p99 ms |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in result["rows"]:
         table.append(f"| {r['method']} | {r['path']} | {r['ttft']['n']} | {r['ttft']['p50_ms']:.1f} | "
                      f"{r['ttft']['p99_ms']:.1f} | {r['e2e']['p50_ms']:.1f} | {r['e2e']['p99_ms']:.1f} | "
                      f"{r['lag']['p99_ms']:.0f} |")
-    out = report.write(a.out, NAME, result, table)
-    plot(rows, out / f"{NAME}.png")
-    print("\n".join(table))
-    print(f"wrote {out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
-    return 0
+    path = report.write(out, NAME, result, table)
+    try:
+        plot(result["rows"], path / f"{NAME}.png")
+    except ImportError:
+        print("matplotlib missing: no plot (re-render later with --from-json)")
+    return table
 
 
 if __name__ == "__main__":
