@@ -109,6 +109,45 @@ class MigrationSpec(_Strict):
     abandon_after_s: float = Field(300.0, gt=0)
 
 
+class DurabilitySpec(_Strict):
+    """Per-stream frame logs (`runtime/frame_log.py`): what is acknowledged survives a shard.
+
+    A frame batch or text append is acknowledged only after its record is in the stream's log;
+    a dead shard's streams are rebuilt on live shards by replaying their logs, and a restarted
+    runtime finds its streams there. See docs/reliability.md.
+    """
+
+    # Off: acknowledgements wait for the engine only, and a dead shard's streams are lost.
+    enabled: bool = True
+    # "disk" (one file per stream under `root`), "memory" (tests: one process only), or
+    # "package.module:attr" called as attr(spec, runtime_name) and returning a FrameLog.
+    store: str = "disk"
+    # Directory of the logs (`<root>/<runtime name>/<stream>.log`); None: $MOSAIC_RAY_LOG_DIR,
+    # else ~/.mosaic_ray/log. With several nodes it must be storage every node reaches (NFS...).
+    root: str | None = None
+    # always: fsync before each acknowledgement (survives power loss); interval: a thread fsyncs
+    # every `fsync_interval_ms` (an OS crash loses at most that much); never: the OS decides.
+    # A killed shard process loses nothing under any policy (the page cache outlives it).
+    fsync: Literal["always", "interval", "never"] = "interval"
+    # 100 ms: an OS crash may lose the last 0.1 s of acknowledgements; the fsync thread costs
+    # ~10 syscalls/s per busy stream.
+    fsync_interval_ms: int = Field(100, ge=1, le=60_000)
+    # Frames of one stream replayed in one engine call when a stream is rebuilt (as ingest's
+    # `max_coalesce_frames`; replays of different streams still meet in one `FrameBatcher` call).
+    replay_batch_frames: int = Field(64, ge=1)
+    # Streams a router rebuilds at once after a shard dies.
+    replay_parallel_streams: int = Field(16, ge=1)
+    # Retry-After of the 503 answered for a stream while it is rebuilt.
+    recovering_retry_after_s: float = Field(2.0, gt=0)
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value not in ("disk", "memory") and not _FACTORY_RE.match(value):
+            raise ValueError(f"store must be 'disk', 'memory' or 'package.module:attr', got {value!r}")
+        return value
+
+
 class LoadWeights(_Strict):
     """Weights of a shard's load score (`mosaic_ray.runtime.load`).
 
@@ -165,6 +204,7 @@ class RuntimeConfig(_Strict):
     shard: ShardSpec = Field(default_factory=ShardSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     migration: MigrationSpec = Field(default_factory=MigrationSpec)
+    durability: DurabilitySpec = Field(default_factory=DurabilitySpec)
 
     @property
     def router_name(self) -> str:

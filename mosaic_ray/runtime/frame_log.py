@@ -1,0 +1,223 @@
+"""FrameLog: every acknowledged frame batch and text event of a stream, in a per-stream log.
+
+A shard acknowledges a frame batch (or a text append) only after its record is in the stream's
+log, so a stream whose shard died can be rebuilt elsewhere by replaying the log through an engine
+(`log_replay.py`). The log holds what the client sent, still encoded (JPEG/PNG bytes as they
+arrived, `EncodedFrame`), so it costs what the upload cost, not 10-20x that in pixels.
+
+The store is pluggable; its primitives:
+
+    append(stream_id, records) -> durable   records in order; `durable` says they were fsynced
+    read(stream_id, from_seq)               the records, in append order (an iterator)
+    exists / list_streams                   the streams that have a log
+    release(stream_id)                      this process stops writing the stream (it moved away)
+    delete(stream_id)                       the stream was deleted: its log goes too
+    sync / close                            flush everything (shutdown)
+
+Invariants every store keeps:
+- `read` yields exactly the records `append` was given, in order, for every `append` that
+  returned; a record is never half there (a torn tail, left by a crash mid-write, is dropped).
+- Records of one stream are appended by one writer at a time (the shard that owns the stream,
+  under its stream lock): stores need no cross-writer ordering.
+- Every log starts with an `OpenRecord`, so a stream with no frames yet is still found.
+
+Stores: `DiskFrameLog` (`frame_log_disk.py`, the default; a root directory that may be shared
+storage) and `MemoryFrameLog` (tests; one process). A deployment names its own with
+`DurabilitySpec.store = "package.module:attr"`.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.frame_codec import EncodedFrame
+
+if TYPE_CHECKING:
+    from mosaic_ray.runtime.config import DurabilitySpec
+
+# Where logs live when `DurabilitySpec.root` is not set.
+LOG_DIR_ENV = "MOSAIC_RAY_LOG_DIR"
+DEFAULT_LOG_DIR = "~/.mosaic_ray/log"
+
+
+class LogCorruptError(EngineError):
+    """A record in the middle of a log fails its checksum: the log cannot be trusted past it."""
+
+    code = "log_corrupt"
+    status = 500
+
+
+class LogWriteError(EngineError):
+    """The log refused a write (disk full, storage gone): nothing was acknowledged; retry later."""
+
+    code = "log_unavailable"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(slots=True, frozen=True)
+class OpenRecord:
+    """The first record of every log: the stream was opened."""
+
+    created: float
+
+
+@dataclass(slots=True, frozen=True)
+class FrameRecord:
+    """One acknowledged frame batch: its seq, its frames as they arrived, their timestamps."""
+
+    seq: int
+    frames: tuple[EncodedFrame, ...]
+    timestamps: tuple[float, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class TextRecord:
+    text: str
+    timestamp: float
+
+
+LogRecord = OpenRecord | FrameRecord | TextRecord
+
+
+def encode_record(record: LogRecord) -> bytes:
+    """A record as msgpack: ["o", created] | ["f", seq, [[kind, data, shape]], [ts]] | ["t", text, ts]."""
+    if isinstance(record, FrameRecord):
+        frames = [[f.kind, f.data, list(f.shape)] for f in record.frames]
+        body = ["f", record.seq, frames, list(record.timestamps)]
+    elif isinstance(record, TextRecord):
+        body = ["t", record.text, record.timestamp]
+    elif isinstance(record, OpenRecord):
+        body = ["o", record.created]
+    else:
+        raise TypeError(f"not a log record: {type(record).__name__}")
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_record(payload: bytes) -> LogRecord:
+    body = msgpack.unpackb(payload, raw=False)
+    kind = body[0]
+    if kind == "f":
+        frames = tuple(EncodedFrame(k, bytes(d), tuple(s)) for k, d, s in body[2])
+        return FrameRecord(int(body[1]), frames, tuple(float(t) for t in body[3]))
+    if kind == "t":
+        return TextRecord(body[1], float(body[2]))
+    if kind == "o":
+        return OpenRecord(float(body[1]))
+    raise LogCorruptError(f"unknown record kind {kind!r}")
+
+
+def after_seq(records: Iterator[LogRecord], from_seq: int) -> Iterator[LogRecord]:
+    """Records from the first frame batch whose seq >= `from_seq` on (text and open records before
+    it are skipped with the frames they followed)."""
+    started = from_seq <= 0
+    for rec in records:
+        if not started and isinstance(rec, FrameRecord) and rec.seq >= from_seq:
+            started = True
+        if started:
+            yield rec
+
+
+class FrameLog(abc.ABC):
+    """A store of per-stream logs. Thread-safe: shards call it from worker threads."""
+
+    @abc.abstractmethod
+    def append(self, stream_id: str, records: Sequence[LogRecord]) -> bool:
+        """Append `records` in order; True when they are fsynced, False when only written.
+        Raises `LogWriteError` when nothing can be promised (then none of them counts)."""
+
+    @abc.abstractmethod
+    def read(self, stream_id: str, from_seq: int = 0) -> Iterator[LogRecord]:
+        """The stream's records in order (none if it has no log); a torn tail is dropped,
+        a corrupt record before the tail raises `LogCorruptError`."""
+
+    @abc.abstractmethod
+    def exists(self, stream_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list_streams(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def release(self, stream_id: str) -> None:
+        """Flush and forget the stream's open handle (another shard writes it from now on)."""
+
+    @abc.abstractmethod
+    def delete(self, stream_id: str) -> None: ...
+
+    def sync(self) -> None:
+        """Make every write so far durable (fsync), whatever the policy."""
+
+    def close(self) -> None:
+        self.sync()
+
+
+class MemoryFrameLog(FrameLog):
+    """Logs in this process's memory: for tests of the store contract and single-process runs."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def append(self, stream_id: str, records: Sequence[LogRecord]) -> bool:
+        encoded = [encode_record(r) for r in records]
+        with self._lock:
+            self._logs.setdefault(stream_id, []).extend(encoded)
+        return True
+
+    def read(self, stream_id: str, from_seq: int = 0) -> Iterator[LogRecord]:
+        with self._lock:
+            payloads = list(self._logs.get(stream_id, ()))
+        return after_seq((decode_record(p) for p in payloads), from_seq)
+
+    def exists(self, stream_id: str) -> bool:
+        return stream_id in self._logs
+
+    def list_streams(self) -> list[str]:
+        with self._lock:
+            return sorted(self._logs)
+
+    def release(self, stream_id: str) -> None:
+        pass
+
+    def delete(self, stream_id: str) -> None:
+        with self._lock:
+            self._logs.pop(stream_id, None)
+
+
+def log_root(spec: DurabilitySpec, runtime_name: str) -> Path:
+    """The directory holding runtime `runtime_name`'s logs: `<root>/<runtime_name>/`."""
+    root = spec.root or os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR
+    return Path(root).expanduser() / runtime_name
+
+
+def open_frame_log(spec: DurabilitySpec, runtime_name: str) -> FrameLog:
+    """The store `spec` names: "disk", "memory", or "package.module:attr" called as
+    `attr(spec, runtime_name)`."""
+    if spec.store == "disk":
+        from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+
+        return DiskFrameLog(log_root(spec, runtime_name), spec.fsync, spec.fsync_interval_ms)
+    if spec.store == "memory":
+        return MemoryFrameLog()
+    module_name, _, attr = spec.store.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    store = factory(spec, runtime_name)
+    if not isinstance(store, FrameLog):
+        raise TypeError(f"{spec.store} returned {type(store).__name__}, not a FrameLog")
+    return store
