@@ -177,6 +177,38 @@ class CacheConfig:
 
 
 @dataclass(slots=True)
+class PruningConfig:
+    """Redundant-frame pruning before the vision encoder (`engine/frame_pruner.py`).
+
+    A frame is pruned when its grayscale thumbnail differs from the stream's last *kept* frame by
+    a mean absolute difference (pixel range 0-1) of at most `threshold`. Pruned frames never reach
+    the encoder but still advance the stream's clock.
+    """
+
+    # Off by default: a pruned stream's answers no longer equal the model's over every frame (the
+    # exactness contract), so pruning is chosen per deployment (`engine.kwargs.pruning`) or per
+    # stream (`session.update`). docs/results/pruning.md measures what it saves.
+    enabled: bool = False
+    # 0.02: frame-to-frame change at 2 fps, 32 px thumbnails, measured on our real clips: static
+    # footage (opencv-doc tree.avi) median 0.005, a fixed camera with walkers (vtest.avi) 0.013,
+    # moving scenes (bikes.mp4) 0.10, slow animation (bigbuckbunny.mp4) 0.026. Since the reference
+    # is the last kept frame, slow drift accumulates and is kept once it passes the threshold.
+    threshold: float = 0.02
+    # Thumbnail side in pixels (box-filtered): small enough to ignore sensor noise and cost ~0.1 ms.
+    thumb_size: int = 32
+    # A frame is kept at least this often (seconds of stream clock), however static the scene, so
+    # that every span of this length has a frame for a time-range question. 0 = no floor.
+    max_gap_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"PruningConfig.enabled must be a bool, got {self.enabled!r}")
+        _check_range("PruningConfig.threshold", self.threshold, 0.0, 1.0)
+        _check_range("PruningConfig.thumb_size", self.thumb_size, 4, 256)
+        _check_range("PruningConfig.max_gap_s", self.max_gap_s, 0.0, 1e6)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """One StreamEngine: a model on one device, many streams, one host pool."""
 
@@ -203,10 +235,14 @@ class EngineConfig:
     # (docs/benchmarks.md); it pays once selection runs in a fused kernel.
     prefetch: bool = False
     seed: int = 0
+    # Default for every stream; a stream may switch it (`StreamEngine.configure_stream`).
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, dict):
             self.cache = CacheConfig(**self.cache)
+        if isinstance(self.pruning, dict):
+            self.pruning = PruningConfig(**self.pruning)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.frame_size is not None:

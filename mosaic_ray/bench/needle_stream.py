@@ -221,7 +221,7 @@ def install(engine, stream_id: str, config: CacheConfig, rec: Recording | None =
             cache.append(arg)
         else:
             cache.maintain(arg)
-    engine.streams[stream_id] = StreamState(stream_id, cache, **rec.counters)
+    engine.streams[stream_id] = StreamState(stream_id, cache, pruning=engine.pruner.new_state(), **rec.counters)
     return cache
 
 

@@ -4,6 +4,7 @@ Everything above the engine (ShardActor, Router, Serve app, demo) talks to an en
 these verbs, so tests can inject a fake and a shard can host any engine that honours them:
 
     open_stream / close_stream / has_stream / list_streams
+    configure_stream          (per-stream options; optional: the default takes none)
     append_frames / append_text
     ask                       (async iterator of text deltas)
     stream_info / stats
@@ -105,6 +106,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def list_streams(self) -> list[str]: ...
+
+    def configure_stream(self, stream_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Set per-stream options (StreamEngine: `pruning`, `prune_threshold`); returns the stream's
+        options after the change. This default takes none: any option is refused."""
+        if not self.has_stream(stream_id):
+            raise UnknownStreamError(f"stream {stream_id!r} not found")
+        if options:
+            raise InvalidInputError(f"this engine takes no stream options, got {sorted(options)}")
+        return {}
 
     @abc.abstractmethod
     def append_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:

@@ -37,6 +37,7 @@ from mosaic_ray.engine.interface import (
     StreamExistsError,
     UnknownStreamError,
 )
+from mosaic_ray.engine.frame_pruner import FramePruner, options_of
 from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit, token_batch
@@ -55,6 +56,7 @@ class StreamEngine(Engine):
         if self.config.prefetch:
             Prefetcher.install(self.adapter)
         self.pool = HostPool(self.layout, self.config.cache.pool)
+        self.pruner = FramePruner(self.config.pruning)
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
         self._driver: asyncio.Task | None = None
@@ -79,7 +81,8 @@ class StreamEngine(Engine):
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         if len(self.streams) >= self.config.max_streams:
             raise OverloadedError(f"engine holds its maximum of {self.config.max_streams} streams")
-        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device))
+        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device),
+                            pruning=self.pruner.new_state())
         prefix = self.adapter.prefix_text()
         if prefix:
             self._ingest([(state, [self.adapter.text_chunk(prefix)], [0.0])])
@@ -97,6 +100,15 @@ class StreamEngine(Engine):
 
     def list_streams(self) -> list[str]:
         return list(self.streams)
+
+    def configure_stream(self, stream_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Per-stream options (`frame_pruner.OPTIONS`: pruning, prune_threshold); returns them all."""
+        return self.pruner.configure(self._get(stream_id).pruning, options)
+
+    def frames_pruned(self, stream_id: str) -> int:
+        """Frames of the stream pruned so far (0 for an unknown stream; a plain read, any thread)."""
+        state = self.streams.get(stream_id)
+        return state.pruning.pruned if state is not None else 0
 
     # ------------------------------------------------------------------ ingest
     def _check_frames(self, state: StreamState, frames, timestamps) -> None:
@@ -129,8 +141,13 @@ class StreamEngine(Engine):
             raise InvalidInputError("append_frames_batch: one entry per stream")
         for state, (_, frames, ts) in zip(states, items):
             self._check_frames(state, frames, ts)
+        # Near-duplicates are dropped before the encoder; their timestamps still move the clock.
+        plans = [self.pruner.plan(state.pruning, frames, ts) for state, (_, frames, ts) in zip(states, items)]
         ready = []
-        for state, (_, frames, ts) in zip(states, items):
+        for state, plan, (_, frames, ts) in zip(states, plans, items):
+            frames, ts = plan.kept(frames), plan.kept(ts)
+            if not frames:
+                continue
             if state.busy:
                 if len(state.deferred) + len(frames) > self.config.max_deferred_frames:
                     raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
@@ -140,6 +157,9 @@ class StreamEngine(Engine):
                 ready.append((state, list(frames), [float(t) for t in ts]))
         if ready:
             self._ingest_frames(ready)
+        for state, plan, (_, _, ts) in zip(states, plans, items):
+            self.pruner.commit(state.pruning, plan)
+            state.clock = max(state.clock, float(ts[-1]))
         return [s.frames + sum(len(f) for f, _ in s.deferred) for s in states]
 
     def _ingest_frames(self, ready) -> None:
@@ -334,6 +354,7 @@ class StreamEngine(Engine):
             "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
             "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
             "busy": s.busy, "deferred_frames": sum(len(f) for f, _ in s.deferred),
+            "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -352,7 +373,11 @@ class StreamEngine(Engine):
         state = self._get(stream_id)
         if state.busy:
             raise StreamBusyError(f"stream {stream_id!r} is answering a question")
-        return export_stream(state)
+        snapshot = export_stream(state)
+        meta, tensors = self.pruner.export(state.pruning)
+        snapshot["meta"]["pruning"] = meta
+        snapshot["tensors"].update(tensors)
+        return snapshot
 
     def import_stream(self, stream_id: str, snapshot: dict[str, Any]) -> None:
         from mosaic_ray.engine.snapshot import import_stream
@@ -360,4 +385,6 @@ class StreamEngine(Engine):
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         cache = StreamCache(self.layout, self.config.cache, self.pool, self.device)
-        self.streams[stream_id] = import_stream(stream_id, snapshot, cache)
+        state = import_stream(stream_id, snapshot, cache)
+        state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
+        self.streams[stream_id] = state

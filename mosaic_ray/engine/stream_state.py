@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ class StreamState:
     block: int = 0
     busy: bool = False
     deferred: list = field(default_factory=list)
+    # The stream's redundant-frame pruning (`frame_pruner.PruneState`); set by the engine.
+    pruning: Any = None
 
 
 @dataclass(slots=True)
