@@ -41,6 +41,20 @@ class ShardBusyError(EngineError):
         return self.message
 
 
+class QuotaExceededError(EngineError):
+    """A tenant holds as many streams as it may (`TenantLimits.max_streams`); nothing was created."""
+
+    code = "quota_exceeded"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 30.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class MalformedFrameError(EngineError):
     """A frame's image data cannot be decoded."""
 

@@ -31,14 +31,14 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import ray
 
 from mosaic_ray.engine.interface import EngineError, InvalidInputError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.errors import MigrationError, ShardUnavailableError, unwrap_ray_error
+from mosaic_ray.runtime.errors import MigrationError, QuotaExceededError, ShardUnavailableError, unwrap_ray_error
 from mosaic_ray.runtime.load import LoadReport, least_loaded, plan_moves
 from mosaic_ray.runtime.shard import spawn_shard
 from mosaic_ray.runtime.stream_map import StreamMap, open_store
@@ -96,17 +96,29 @@ class Router:
             loop.create_task(self._every(self._cfg.router.rebalance_interval_s, self.rebalance))
 
     # ------------------------------------------------------------------ the map
-    async def create_stream(self, stream_id: str | None = None, shard: str | None = None) -> dict[str, str]:
-        """Open a stream on `shard`, or on the least-loaded healthy shard; returns {"id", "shard"}."""
+    async def create_stream(
+        self, stream_id: str | None = None, shard: str | None = None,
+        quota: tuple[str, int, float] | None = None,
+    ) -> dict[str, str]:
+        """Open a stream on `shard`, or on the least-loaded healthy shard; returns {"id", "shard"}.
+
+        `quota` (prefix, n, retry_after_s): refuse (`QuotaExceededError`, 429) when n streams whose
+        ids start with prefix exist (a tenant's streams, `serve/auth.py`). Creations under one
+        prefix are serialized, so concurrent ones never overshoot n.
+        """
         sid = stream_id or new_stream_id()
         if not STREAM_ID_RE.match(sid):
             raise InvalidInputError(f"stream id must match {STREAM_ID_RE.pattern}, got {sid!r}")
         if shard is not None and shard not in self._shards:
             raise InvalidInputError(f"unknown shard {shard!r}")
         await self.ready()  # after a restart, no change before the map is reconciled
-        async with self._lock(sid):
+        # "/" is in no stream id: a quota's lock never is a stream's. Always taken before the
+        # stream's lock, and only here, so the two never deadlock.
+        async with self._lock(f"quota/{quota[0]}") if quota else nullcontext(), self._lock(sid):
             if sid in self._map:
                 raise StreamExistsError(f"stream {sid!r} exists")
+            if quota is not None and self._map.count_prefixed(quota[0]) >= quota[1]:
+                raise QuotaExceededError(f"at most {quota[1]} streams may be held at once", quota[2])
             target = shard or await self._least_loaded()
             self._reserved[target] = self._reserved.get(target, 0) + 1
             try:

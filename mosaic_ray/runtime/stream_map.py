@@ -110,6 +110,10 @@ class StreamMap:
             counts[shard] = counts.get(shard, 0) + 1
         return counts
 
+    def count_prefixed(self, prefix: str) -> int:
+        """Streams whose id starts with `prefix` (a tenant's, `serve/auth.py`); O(streams)."""
+        return sum(1 for sid in self._owner if sid.startswith(prefix))
+
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._owner
 

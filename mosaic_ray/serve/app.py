@@ -15,6 +15,10 @@ Routes (all JSON unless said; errors are `{"error": {"code", "message"}}`, see `
     GET    /health                       200 when every shard is healthy, else 503
     GET    /metrics                      Prometheus text, every shard
 
+Every route but /health needs an API key once keys are configured (`auth.py`); a tenant names its
+streams by its own ids (`tenant:id` inside the runtime), /metrics needs the admin key, and frames
+and text count against the tenant's rates (`limits.py`). Every body is bounded (`body_limit.py`).
+
 A replica resolves a stream's shard once through the router and then calls the shard actor
 directly (`StreamDirectory`). Frame bodies are parsed and checked here (format, size, limits), then
 forwarded still compressed: the shard decodes them (`runtime/frame_codec.py`). A streamed answer's
@@ -27,15 +31,19 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
-from mosaic_ray.engine.interface import InvalidInputError
+from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
+from mosaic_ray.runtime.router import STREAM_ID_RE, new_stream_id
 from mosaic_ray.serve import sse
-from mosaic_ray.serve.config import AppConfig
+from mosaic_ray.serve.auth import Authenticator, Caller
+from mosaic_ray.serve.body_limit import BodyLimit
+from mosaic_ray.serve.config import AppConfig, IngressSpec
 from mosaic_ray.serve.directory import StreamDirectory
 from mosaic_ray.serve.errors import (
     PayloadTooLargeError,
@@ -44,9 +52,11 @@ from mosaic_ray.serve.errors import (
     response_for,
 )
 from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
+from mosaic_ray.serve.limits import TenantLimiter
 from mosaic_ray.serve.metrics import render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
 from mosaic_ray.serve.schemas import (
+    MAX_SEQ,
     STREAM_ID_PATTERN,
     CreateStreamRequest,
     Deleted,
@@ -67,6 +77,47 @@ install_error_handlers(api)
 StreamId = Path(pattern=STREAM_ID_PATTERN, description="stream id")
 
 
+def _replica() -> "MosaicIngress":
+    """This replica's ingress object (Serve serves a frozen copy of `api`: its state is not ours)."""
+    return serve.get_replica_context().servable_object
+
+
+def _body_limit() -> int:
+    try:
+        return _replica()._cfg.ingress.max_body_bytes
+    except Exception:  # not a replica, or not constructed yet: the default limit
+        return IngressSpec().max_body_bytes
+
+
+api.add_middleware(BodyLimit, limit=_body_limit)
+
+
+async def _caller(request: Request) -> Caller:
+    """The authenticated caller (401 without a valid key, once keys are configured)."""
+    return _replica().auth.identify(request.headers)
+
+
+async def _json_caller(request: Request) -> Caller:
+    """`_caller`, then a JSON body's content type (415 otherwise): a refused key comes first."""
+    who = await _caller(request)
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        media = ctype.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaTypeError(f"this route takes application/json, not {media or 'unspecified'!r}")
+    return who
+
+
+async def _admin(request: Request) -> Caller:
+    who = await _caller(request)
+    who.require_admin()
+    return who
+
+
+Who = Depends(_caller)
+WhoJson = Depends(_json_caller)
+
+
 def _error_json(exc: BaseException) -> dict[str, Any]:
     """The error body for a failure after a streamed answer has begun (the status is sent)."""
     return json.loads(response_for(exc).body)
@@ -79,7 +130,9 @@ class MosaicIngress:
         self._cfg = AppConfig(**config)
         self._dir = await StreamDirectory.connect(self._cfg.runtime)
         limits = self._cfg.ingress
-        self._parser = FrameParser(limits.max_frames_per_batch, limits.max_frame_pixels)
+        self._parser = FrameParser(limits.max_frames_per_batch, limits.max_frame_pixels, limits.max_body_bytes)
+        self.auth = Authenticator(self._cfg.auth)
+        self._limiter = TenantLimiter(self._cfg.auth, share=1.0 / limits.num_replicas)
 
     async def check_health(self) -> None:
         """Serve's replica probe: the router must answer (shard health is /health's business)."""
@@ -87,22 +140,31 @@ class MosaicIngress:
 
     # ------------------------------------------------------------------ streams
     @api.post("/v1/streams", status_code=201, response_model=StreamRef)
-    async def create_stream(self, body: CreateStreamRequest | None = None) -> dict:
-        return await self._dir.ask_router("create_stream", body.id if body else None)
+    async def create_stream(self, who: Caller = WhoJson, body: CreateStreamRequest | None = None) -> dict:
+        sid = body.id if body and body.id else (new_stream_id() if who.tenant else None)
+        quota = None
+        if who.tenant is not None:
+            limits = self._cfg.auth.limits_of(who.tenant)
+            if limits.max_streams is not None:
+                quota = (who.prefix, limits.max_streams, limits.streams_retry_after_s)
+        ref = await self._dir.ask_router("create_stream", None if sid is None else who.internal(sid), None, quota)
+        return {"id": who.external(ref["id"]), "shard": ref["shard"]}
 
     @api.get("/v1/streams", response_model=StreamList)
-    async def list_streams(self) -> dict:
+    async def list_streams(self, who: Caller = Who) -> dict:
         streams = await self._dir.ask_router("list_streams")
-        return {"streams": [{"id": sid, "shard": shard} for sid, shard in streams.items()]}
+        return {"streams": [{"id": who.external(sid), "shard": shard}
+                            for sid, shard in streams.items() if who.owns(sid)]}
 
     @api.get("/v1/streams/{stream_id}", response_model=StreamInfo)
-    async def get_stream(self, stream_id: str = StreamId) -> dict:
-        return await self._dir.call(stream_id, "stream_info")
+    async def get_stream(self, who: Caller = Who, stream_id: str = StreamId) -> dict:
+        return {**await self._dir.call(self._sid(who, stream_id), "stream_info"), "id": stream_id}
 
     @api.delete("/v1/streams/{stream_id}", response_model=Deleted)
-    async def delete_stream(self, stream_id: str = StreamId) -> dict:
-        await self._dir.ask_router("delete_stream", stream_id)
-        self._dir.forget(stream_id)
+    async def delete_stream(self, who: Caller = Who, stream_id: str = StreamId) -> dict:
+        sid = self._sid(who, stream_id)
+        await self._dir.ask_router("delete_stream", sid)
+        self._dir.forget(sid)
         return {"id": stream_id, "deleted": True}
 
     # ------------------------------------------------------------------ ingest
@@ -110,9 +172,10 @@ class MosaicIngress:
     async def append_frames(
         self,
         request: Request,
+        who: Caller = Who,
         stream_id: str = StreamId,
         ts: float | None = Query(None, ge=0, allow_inf_nan=False, description="timestamp of an image body"),
-        seq: int | None = Query(None, ge=0, description="seq of an image body"),
+        seq: int | None = Query(None, ge=0, le=MAX_SEQ, description="seq of an image body"),
     ) -> dict:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in MSGPACK_TYPES and ctype not in IMAGE_TYPES:
@@ -126,44 +189,53 @@ class MosaicIngress:
             raise InvalidInputError("an image body needs the ts query parameter")
         else:
             batch = self._parser.parse_image(body, ctype, ts, seq)
-        return await self._dir.call(stream_id, "append_frames", batch.seq, batch.frames, batch.timestamps)
+        async with self._charged(who, len(batch.frames), len(body)):
+            ack = await self._dir.call(self._sid(who, stream_id), "append_frames", batch.seq, batch.frames,
+                                       batch.timestamps)
+        return {**ack, "stream_id": stream_id}
 
     @api.post("/v1/streams/{stream_id}/text", response_model=TextAck)
-    async def append_text(self, body: TextIn, stream_id: str = StreamId) -> dict:
+    async def append_text(self, body: TextIn, who: Caller = WhoJson, stream_id: str = StreamId) -> dict:
         if len(body.text) > self._cfg.ingress.max_text_chars:
             raise InvalidInputError(f"text is limited to {self._cfg.ingress.max_text_chars} characters")
-        await self._dir.call(stream_id, "append_text", body.text, body.ts)
+        async with self._charged(who, 0, len(body.text.encode("utf-8", "surrogatepass"))):
+            await self._dir.call(self._sid(who, stream_id), "append_text", body.text, body.ts)
         return {"stream_id": stream_id}
 
     # ------------------------------------------------------------------ questions
     @api.post("/v1/streams/{stream_id}/query", response_model=QueryAnswer)
-    async def query(self, body: QueryIn, stream_id: str = StreamId) -> Any:
+    async def query(self, body: QueryIn, who: Caller = WhoJson, stream_id: str = StreamId) -> Any:
         start = time.perf_counter()
+        sid = self._sid(who, stream_id)
         if body.stream:
-            deltas, ttft = await self._start_answer(stream_id, body.ask_params())
+            deltas, ttft = await self._start_answer(sid, body.ask_params())
             return StreamingResponse(self._query_events(deltas, start, ttft), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)
-        out = await self._dir.call(stream_id, "answer", body.ask_params())
+        out = await self._dir.call(sid, "answer", body.ask_params())
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+    async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
+        sid = self._sid(who, body.target)
         if body.stream:
-            deltas, _ = await self._start_answer(body.target, body.ask_params())
+            deltas, _ = await self._start_answer(sid, body.ask_params())
             return StreamingResponse(chunk_events(body.model, deltas, _error_json), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)
-        return completion(body.model, (await self._dir.call(body.target, "answer", body.ask_params()))["text"])
+        return completion(body.model, (await self._dir.call(sid, "answer", body.ask_params()))["text"])
 
     # ------------------------------------------------------------------ service
     @api.get("/health", response_model=Health)
-    async def health(self) -> Any:
+    async def health(self, request: Request) -> Any:
+        """Open to probes without a key; the per-shard reasons only to the admin (or with auth off)."""
+        who = self.auth.identify_optional(request.headers)
         shards = await self._dir.ask_router("health")
         ok = all(v == "ok" for v in shards.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "shards": shards}, status_code=200 if ok else 503)
+        shown = shards if who is not None and who.admin else {}
+        return JSONResponse({"status": "ok" if ok else "degraded", "shards": shown}, status_code=200 if ok else 503)
 
     @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, who: Caller = Depends(_admin)) -> PlainTextResponse:
         names = await self._dir.ask_router("shards")
         calls = (self._dir.shard_handle(n).metrics.remote() for n in names)
         snaps = await asyncio.gather(*calls, return_exceptions=True)
@@ -171,6 +243,25 @@ class MosaicIngress:
         return PlainTextResponse(render(ok), media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _sid(who: Caller, stream_id: str) -> str:
+        """The runtime's id of the caller's stream; a name that cannot be one is a stream not found
+        (the chat route's `model` is free text)."""
+        sid = who.internal(stream_id)
+        if not STREAM_ID_RE.match(sid):
+            raise UnknownStreamError(f"stream {stream_id[:128]!r} not found")
+        return sid
+
+    @asynccontextmanager
+    async def _charged(self, who: Caller, frames: int, nbytes: int) -> AsyncIterator[None]:
+        """Charge the tenant's rates for the block; refunded when the block fails (429 first)."""
+        self._limiter.charge(who.tenant, frames, nbytes)
+        try:
+            yield
+        except BaseException:
+            self._limiter.refund(who.tenant, frames, nbytes)
+            raise
+
     async def _read_body(self, request: Request) -> bytes:
         limit = self._cfg.ingress.max_body_bytes
         declared = request.headers.get("content-length")

@@ -7,9 +7,10 @@ start Ray and where to listen).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mosaic_ray.runtime.config import RuntimeConfig
 
@@ -35,9 +36,81 @@ class IngressSpec(_Strict):
     max_text_chars: int = Field(16_384, ge=1)
 
 
+# A tenant name prefixes its streams' ids inside the runtime (`tenant:id`, see `auth.py`): no ':'.
+TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# Shorter keys can be guessed; 16 characters of a random token are ~95 bits.
+MIN_KEY_CHARS = 16
+
+
+class TenantLimits(_Strict):
+    """What one tenant may use. None: no limit. Rates are token buckets (`limits.py`) that hold
+    `burst_s` seconds of the rate: a client may send that much at once after an idle spell."""
+
+    max_streams: int | None = Field(None, ge=0, description="streams the tenant may hold at once")
+    frames_per_s: float | None = Field(None, gt=0, description="frames pushed per second")
+    bytes_per_s: float | None = Field(None, gt=0, description="request body bytes (frames, text) per second")
+    # 2 s: a client sending one batch per second may miss a beat without being refused.
+    burst_s: float = Field(2.0, gt=0)
+    # Retry-After of a 429 for too many streams: nothing frees one but a delete, so a long pause.
+    streams_retry_after_s: float = Field(30.0, gt=0)
+
+
+class AuthSpec(_Strict):
+    """API keys, one tenant each, and an admin key. No key configured (here or in the environment):
+    auth is off and the API is open, as before issue 9."""
+
+    # A bad key must not be echoed into logs by the validation error.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant name")
+    admin_key: str | None = Field(None, description="the key of cluster operations (metrics, every stream)")
+    # Read when a replica starts, and added to `keys` / used when `admin_key` is None:
+    # MOSAIC_API_KEYS="key1:tenantA,key2:tenantB" (the last ':' of each item separates the tenant).
+    keys_env: str = "MOSAIC_API_KEYS"
+    admin_key_env: str = "MOSAIC_ADMIN_KEY"
+    limits: TenantLimits = Field(default_factory=TenantLimits, description="limits of every tenant")
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant overrides")
+
+    @field_validator("keys")
+    @classmethod
+    def _check_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, tenant in value.items():
+            check_key(key)
+            check_tenant(tenant)
+        return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin(cls, value: str | None) -> str | None:
+        return None if value is None else check_key(value)
+
+    @model_validator(mode="after")
+    def _admin_is_no_tenant(self) -> AuthSpec:
+        if self.admin_key is not None and self.admin_key in self.keys:
+            raise ValueError("the admin key must differ from every tenant key")
+        for tenant in self.tenants:
+            check_tenant(tenant)
+        return self
+
+    def limits_of(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.limits)
+
+
+def check_key(key: str) -> str:
+    if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or any(c in key for c in " ,"):
+        raise ValueError(f"an API key is at least {MIN_KEY_CHARS} printable ASCII characters without ' ' or ','")
+    return key
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.match(tenant):
+        raise ValueError(f"tenant names match {TENANT_RE.pattern}, got {tenant!r}")
+    return tenant
+
+
 class AppConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     ingress: IngressSpec = Field(default_factory=IngressSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
 
 
 class RaySpec(_Strict):

@@ -3,7 +3,8 @@
 Engine and runtime errors carry their own `code` and `status` (`EngineError`); the ingress adds
 the ones only HTTP has (body too large, unsupported media type, malformed body). Validation
 failures are 422, except a body that is not even JSON (400). Anything unexpected is a 500 whose
-message hides internals. A 503 carries `Retry-After` (whole seconds, as HTTP defines it).
+message hides internals. A 429 or 503 carries `Retry-After` (whole seconds, as HTTP defines it);
+a 401 carries `WWW-Authenticate: Bearer`.
 """
 
 from __future__ import annotations
@@ -58,16 +59,61 @@ class UnsupportedMediaTypeError(ApiError):
     status = 415
 
 
+class UnauthorizedError(ApiError):
+    """No API key, or one that is not configured."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class ForbiddenError(ApiError):
+    """A valid key without the right: cluster operations need the admin key."""
+
+    code = "forbidden"
+    status = 403
+
+
+class RateLimitedError(ApiError):
+    """A tenant is over one of its limits (`TenantLimits`); retry after `retry_after_s`."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+RETRY_STATUSES = (429, 503)
+
+
+# An error message may quote what the client sent (a field name, a stream id): bounded, and with
+# anything JSON cannot carry as UTF-8 (a lone surrogate) escaped, so the error itself cannot fail.
+MAX_MESSAGE_CHARS = 1000
+
+
+def _safe_message(message: str) -> str:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    message = _safe_message(message)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers or None)
 
 
 def response_for(exc: BaseException) -> JSONResponse:
     """The JSON error for an exception raised while serving a request (Ray wrappers removed)."""
     exc = unwrap_ray_error(exc)
     if isinstance(exc, (EngineError, ApiError)):
-        retry = getattr(exc, "retry_after_s", 1.0) if exc.status == 503 else None
+        retry = getattr(exc, "retry_after_s", 1.0) if exc.status in RETRY_STATUSES else None
         return error_response(exc.status, exc.code, str(exc), retry)
     log.exception("unexpected error", exc_info=exc)
     return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")

@@ -18,24 +18,36 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mosaic_ray.serve import sse
-from mosaic_ray.serve.schemas import STREAM_ID_PATTERN
+from mosaic_ray.serve.schemas import (
+    MAX_STOP_CHARS,
+    MAX_TEXT_CHARS,
+    STREAM_ID_PATTERN,
+    SafeText,
+    Seed,
+    StopList,
+    StreamTime,
+)
+
+# An OpenAI conversation may be long, but only its last user message is read here.
+MAX_MESSAGES = 1024
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: str = Field(max_length=64)
+    text: SafeText | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: accepted, unused
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[SafeText, Field(max_length=MAX_TEXT_CHARS)] | list[ContentPart] | None = Field(
+        None, union_mode="left_to_right")
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -49,19 +61,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(BaseModel):
     # Fields of the OpenAI API that do not apply here (user, logprobs, ...) are accepted and ignored.
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, description="the stream id (unless stream_id is given)")
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: SafeText = Field(min_length=1, max_length=256, description="the stream id (unless stream_id is given)")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Annotated[SafeText, Field(max_length=MAX_STOP_CHARS)] | StopList | None = None
+    seed: Seed | None = None
     n: int | None = Field(None, ge=1, le=1)
-    since: float | None = Field(None, allow_inf_nan=False)
-    until: float | None = Field(None, allow_inf_nan=False)
+    since: StreamTime | None = None
+    until: StreamTime | None = None
 
     @model_validator(mode="after")
     def _has_question(self) -> ChatCompletionRequest:

@@ -1,18 +1,49 @@
 """Typed bodies of the HTTP API (the OpenAI-compatible ones live in `openai_compat.py`).
 
 Everything a client sends is validated here before any stream is touched: a request that fails
-validation changes no state and gets a 4xx JSON error (`errors.py`).
+validation changes no state and gets a 4xx JSON error (`errors.py`). Request bodies forbid unknown
+fields; every string is bounded and `SafeText` (no NUL or other control characters but tab and
+newlines, no lone surrogates: they would break a tokenizer or the JSON of a reply, which would be a
+5xx); every number has the range the engine can take (a seed beyond 64 bits would make torch raise
+inside the engine, breaking the shard).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from mosaic_ray.runtime.router import STREAM_ID_RE
 
 STREAM_ID_PATTERN = STREAM_ID_RE.pattern
+
+# seq and seed are 64-bit signed integers wherever they are stored (frame logs, torch generators).
+MAX_SEQ = 2**63 - 1
+# Stream-clock seconds: 30 years. Bounds what the engine turns into positions and logs.
+MAX_TIME_S = 1e9
+# Ceiling of any text field whatever the config says (`ingress.max_text_chars` is the usual limit).
+MAX_TEXT_CHARS = 1 << 20
+# A stop string longer than this is no stop string; more than this many is a misuse.
+MAX_STOP_CHARS, MAX_STOPS = 256, 16
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def _safe_text(value: str) -> str:
+    for ch in value:
+        if ch in _ALLOWED_CONTROLS:
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cs"):
+            raise ValueError(f"text may not contain the control character U+{ord(ch):04X}")
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(_safe_text)]
+StopList = Annotated[list[Annotated[SafeText, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                     Field(max_length=MAX_STOPS)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+StreamTime = Annotated[float, Field(ge=0, le=MAX_TIME_S, allow_inf_nan=False)]
 
 
 class _In(BaseModel):
@@ -53,7 +84,7 @@ class Deleted(BaseModel):
 class FrameIn(_In):
     """One frame of a msgpack batch: exactly one of jpeg / png / raw (raw needs shape [H, W, 3])."""
 
-    ts: float = Field(ge=0, allow_inf_nan=False, description="stream-clock seconds")
+    ts: StreamTime = Field(description="stream-clock seconds")
     jpeg: bytes | None = None
     png: bytes | None = None
     raw: bytes | None = None
@@ -70,7 +101,7 @@ class FrameIn(_In):
 
 
 class FrameBatchIn(_In):
-    seq: int | None = Field(None, ge=0, description="batch sequence number; a repeated seq is not re-appended")
+    seq: int | None = Field(None, ge=0, le=MAX_SEQ, description="batch sequence number; a repeated seq is not re-appended")
     frames: list[FrameIn] = Field(min_length=1)
 
 
@@ -84,8 +115,8 @@ class FrameAck(BaseModel):
 
 # ---------------------------------------------------------------------- text and questions
 class TextIn(_In):
-    text: str = Field(min_length=1)
-    ts: float = Field(ge=0, allow_inf_nan=False)
+    text: SafeText = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    ts: StreamTime
 
 
 class TextAck(BaseModel):
@@ -94,15 +125,15 @@ class TextAck(BaseModel):
 
 
 class QueryIn(_In):
-    question: str = Field(min_length=1)
+    question: SafeText = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     max_tokens: int = Field(64, ge=1, le=4096)
     stream: bool = Field(False, description="answer as server-sent events")
-    since: float | None = Field(None, allow_inf_nan=False, description="only context after this stream time")
-    until: float | None = Field(None, allow_inf_nan=False, description="only context before this stream time")
-    temperature: float = Field(0.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    since: StreamTime | None = Field(None, description="only context after this stream time")
+    until: StreamTime | None = Field(None, description="only context before this stream time")
+    temperature: float = Field(0.0, ge=0, le=10, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: StopList = Field(default_factory=list)
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _window(self) -> QueryIn:
