@@ -49,6 +49,8 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
+    # Frame logs of runtimes whose config names no root (DurabilitySpec.root): this session's own.
+    os.environ["MOSAIC_RAY_LOG_DIR"] = os.path.join(tmp, "log")
     ray.init(
         address="local",
         num_cpus=RAY_CPUS,

@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import ActorUnavailableError
 
 from mosaic_ray.runtime.config import RuntimeConfig
+from mosaic_ray.runtime.frame_log import open_frame_log
 from mosaic_ray.runtime.router import Router
 from mosaic_ray.runtime.stream_map import open_store
 
@@ -49,8 +50,10 @@ async def connect_runtime(config: RuntimeConfig, timeout_s: float = 120.0) -> An
 
 
 def shutdown_runtime(config: RuntimeConfig, forget_streams: bool = False) -> None:
-    """Kill the router and the shards (their streams are lost). With `forget_streams`, also clear
-    the persisted stream map, so a new runtime of the same name starts empty."""
+    """Kill the router and the shards. Their streams' frame logs stay: a runtime started again
+    with the same config rebuilds them (`drain_runtime` first makes every acknowledgement
+    durable). With `forget_streams`, also clear the persisted stream map and delete the frame
+    logs, so a new runtime of the same name starts empty."""
     names = [config.router_name, *config.shard_names]
     for name in names:
         try:
@@ -61,3 +64,15 @@ def shutdown_runtime(config: RuntimeConfig, forget_streams: bool = False) -> Non
         store = open_store(config.router.state_store, config.name, config.namespace)
         for stream_id in store.load():
             store.delete(stream_id)
+        if config.durability.enabled:
+            log = open_frame_log(config.durability, config.name)
+            for stream_id in log.list_streams():
+                log.delete(stream_id)
+            log.close()
+
+
+async def drain_runtime(config: RuntimeConfig, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Graceful stop, before `shutdown_runtime`: the router refuses changes and every shard refuses
+    new requests (503), waits up to `timeout_s` for the admitted ones, and fsyncs its frame logs."""
+    router = router_handle(config)
+    return await asyncio.wait_for(router.drain.remote(timeout_s), timeout_s + 10)

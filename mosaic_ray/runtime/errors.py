@@ -55,6 +55,35 @@ class QuotaExceededError(EngineError):
         return self.message
 
 
+class StreamRecoveringError(EngineError):
+    """The stream's shard died; the router is rebuilding it on a live shard from its frame log.
+    Nothing acknowledged is lost: retry after `retry_after_s`."""
+
+    code = "stream_recovering"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ShuttingDownError(EngineError):
+    """The runtime is stopping (SIGTERM): no new work is taken; retry against its successor."""
+
+    code = "shutting_down"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class MalformedFrameError(EngineError):
     """A frame's image data cannot be decoded."""
 

@@ -9,7 +9,9 @@ Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
 - seq: a batch whose seq equals the stream's `last_seq` is a replay: acknowledged, never appended;
   one below it is refused (`SeqConflictError`); a batch without seq gets `last_seq + 1`.
-- A batch is acknowledged only after the engine holds its frames; a failed append acknowledges
+- A batch is acknowledged only after the engine holds its frames and, when the shard keeps frame
+  logs, after its record is in the stream's log (written before the engine call: a batch the
+  engine then refuses is refused again when the log is replayed). A failed append acknowledges
   nothing and leaves `last_seq` where it was. One bad batch fails alone: when a coalesced call
   fails, its batches are retried one by one.
 - Frames queued on the shard never exceed `max_pending_frames`: beyond, `ShardBusyError` (503).
@@ -32,14 +34,17 @@ from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
 
 # (stream_id, frames, timestamps) -> frames the stream holds: `FrameBatcher.append`.
 AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[int]]
+# (stream_id, batches with their seq set) -> their records are in the stream's log.
+LogFn = Callable[[str, list[FrameBatch]], Awaitable[None]]
 
 
 class IngestQueue:
     def __init__(
         self, append: AppendFn, meter: ShardMeter, max_pending_frames: int, max_coalesce_frames: int,
-        decode_threads: int = 4,
+        decode_threads: int = 4, log: LogFn | None = None,
     ) -> None:
         self._append_to_engine = append
+        self._log = log
         self._meter = meter
         self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self.max_pending_frames = max_pending_frames
@@ -58,7 +63,7 @@ class IngestQueue:
         else:  # already pixels: no thread hop
             decoded = loop.create_future()
             decoded.set_result(list(frames))
-        batch = FrameBatch(seq, len(frames), timestamps, decoded)
+        batch = FrameBatch(seq, len(frames), timestamps, decoded, encoded=list(frames))
         slot.pending.append(batch)
         self.pending_frames += len(frames)
         if not slot.draining:
@@ -110,6 +115,13 @@ class IngestQueue:
                 accepted.append(batch)
         if not accepted:
             return
+        if self._log is not None:
+            try:
+                await self._log(slot.stream_id, accepted)
+            except Exception as exc:  # not logged: nothing acknowledged, nothing appended
+                for batch in accepted:
+                    self._fail(batch, exc)
+                return
         try:
             await self._append(slot, accepted)
         except Exception as exc:

@@ -20,6 +20,9 @@ move from heavy to light (`plan_moves`), one by one, each by `_move`:
 Any failure before `map.set` aborts: the target drops what it got, the source thaws and serves the
 stream as before. Operations on one stream (create, delete, move) are serialized by a per-stream
 lock; `locate` takes no lock (a stale answer is corrected by the shard's redirect).
+
+A shard that dies has its streams rebuilt elsewhere from their frame logs (`recovery.py`, the
+`ShardRecovery` mixin); meanwhile `locate` answers 503 + Retry-After for them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from mosaic_ray.engine.interface import EngineError, InvalidInputError, StreamEx
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.errors import MigrationError, QuotaExceededError, ShardUnavailableError, unwrap_ray_error
 from mosaic_ray.runtime.load import LoadReport, least_loaded, plan_moves
+from mosaic_ray.runtime.recovery import ShardRecovery
 from mosaic_ray.runtime.shard import spawn_shard
 from mosaic_ray.runtime.stream_map import StreamMap, open_store
 
@@ -53,7 +57,7 @@ def new_stream_id() -> str:
     return f"s-{uuid.uuid4().hex[:16]}"
 
 
-class Router:
+class Router(ShardRecovery):
     def __init__(self, config: dict[str, Any]) -> None:
         self._cfg = RuntimeConfig(**config)
         self._map = StreamMap(open_store(self._cfg.router.state_store, self._cfg.name, self._cfg.namespace))
@@ -64,6 +68,7 @@ class Router:
         self._reports: dict[str, LoadReport] = {}
         self._reports_at = 0.0
         self._rebalancing = asyncio.Lock()
+        self._init_recovery()
         # Start (wait for shards, reconcile, start the loops) without waiting for a caller: after
         # Ray restarts the router, nobody may call `ready` for a long time.
         try:
@@ -88,7 +93,7 @@ class Router:
                 f"shards not ready after {spec.start_timeout_s:.0f} s: each needs num_gpus={spec.num_gpus}, "
                 f"num_cpus={spec.num_cpus} free on the cluster (see `ray status`)"
             ) from None
-        await self._reconcile()
+        await self._recover_orphans(await self._reconcile())
         loop = asyncio.get_running_loop()
         if self._cfg.router.health_interval_s > 0:
             loop.create_task(self._every(self._cfg.router.health_interval_s, self.health))
@@ -112,6 +117,7 @@ class Router:
         if shard is not None and shard not in self._shards:
             raise InvalidInputError(f"unknown shard {shard!r}")
         await self.ready()  # after a restart, no change before the map is reconciled
+        self._refuse_if_draining()
         # "/" is in no stream id: a quota's lock never is a stream's. Always taken before the
         # stream's lock, and only here, so the two never deadlock.
         async with self._lock(f"quota/{quota[0]}") if quota else nullcontext(), self._lock(sid):
@@ -131,6 +137,8 @@ class Router:
     async def delete_stream(self, stream_id: str) -> None:
         await self.ready()
         async with self._lock(stream_id):
+            if await self._forget_recovering(stream_id):
+                return
             owner = self.locate(stream_id)
             try:
                 await self._on(owner, "close_stream", stream_id)
@@ -139,6 +147,7 @@ class Router:
             self._map.delete(stream_id)
 
     def locate(self, stream_id: str) -> str:
+        self._refuse_if_recovering(stream_id)
         owner = self._map.get(stream_id)
         if owner is None:
             raise UnknownStreamError(f"stream {stream_id!r} not found")
@@ -157,16 +166,19 @@ class Router:
 
     async def health(self) -> dict[str, str]:
         """Probe every shard: name -> "ok" or the reason it is unhealthy."""
-        names = sorted(self._shards)
+        names = [n for n in sorted(self._shards) if n not in self._dead]  # the dead are being replaced
         results = await asyncio.gather(
             *(self._shards[n].check_health.remote() for n in names), return_exceptions=True
         )
         for name, res in zip(names, results):
-            if isinstance(res, BaseException):
+            if isinstance(res, ray.exceptions.ActorDiedError):
+                self._shard_died(name, str(res))
+            elif isinstance(res, BaseException):
                 self._unhealthy[name] = str(unwrap_ray_error(res))
             else:
                 self._unhealthy.pop(name, None)
-        return {n: self._unhealthy.get(n, "ok") for n in names}
+        self._schedule_recovery()  # streams whose rebuild failed are tried again
+        return {n: self._unhealthy.get(n, "ok") for n in sorted(self._shards)}
 
     # ------------------------------------------------------------------ rebalancing
     async def migrate(self, stream_id: str, target: str, transport: str | None = None) -> dict[str, str]:
@@ -260,7 +272,10 @@ class Router:
         try:
             return await getattr(self._shards[shard], method).remote(*args)
         except ray.exceptions.RayActorError as exc:
-            self._unhealthy[shard] = str(exc)
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                self._shard_died(shard, str(exc))
+            else:
+                self._unhealthy[shard] = str(exc)
             raise ShardUnavailableError(f"shard {shard} is unavailable") from None
         except ray.exceptions.RayTaskError as exc:
             raise unwrap_ray_error(exc) from None
@@ -291,7 +306,9 @@ class Router:
             results = await asyncio.gather(*(self._shards[n].load.remote() for n in names), return_exceptions=True)
             self._reports = {}
             for name, res in zip(names, results):
-                if isinstance(res, BaseException):
+                if isinstance(res, ray.exceptions.ActorDiedError):
+                    self._shard_died(name, str(res))
+                elif isinstance(res, BaseException):
                     self._unhealthy[name] = str(unwrap_ray_error(res))
                 elif not res.healthy:
                     self._unhealthy[name] = "engine broken"
@@ -300,8 +317,9 @@ class Router:
             self._reports_at = time.monotonic()
         return {n: r for n, r in self._reports.items() if n not in self._unhealthy}
 
-    async def _reconcile(self) -> None:
-        """Make the map agree with what shards hold (after a crash between two steps of a change)."""
+    async def _reconcile(self) -> set[str]:
+        """Make the map agree with what shards hold (after a crash between two steps of a change).
+        Returns the streams live shards hold."""
         names = sorted(self._shards)
         held = await asyncio.gather(*(self._shards[n].list_streams.remote() for n in names), return_exceptions=True)
         holders: dict[str, list[str]] = {}
@@ -325,6 +343,7 @@ class Router:
         # anything before this returns, so none of these is a live move).
         live = [n for n in names if n not in self._unhealthy]
         await asyncio.gather(*(self._quietly(self._on(n, "migration_abort_all")) for n in live))
+        return set(holders)
 
     async def _every(self, interval_s: float, job) -> None:
         while True:

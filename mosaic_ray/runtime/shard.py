@@ -15,6 +15,9 @@ Invariants:
   `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
   recovery takes over); a hung engine fails `check_health` by timeout.
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
+- With frame logs on (`DurabilitySpec`), a frame batch or text is acknowledged only after its
+  record is in the stream's log (`shard_log.py`); `recover_stream` rebuilds a stream another shard
+  held from that log. A draining shard (`drain`, at shutdown) refuses new requests with 503.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import numpy as np
 import ray
 
 from mosaic_ray.engine.interface import AskRequest, EngineError, StreamExistsError, UnknownStreamError
-from mosaic_ray.runtime.config import EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
+from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
 from mosaic_ray.runtime.engine_runner import EngineRunner
-from mosaic_ray.runtime.errors import EngineFailedError, MigrationError, StreamMovedError
+from mosaic_ray.runtime.errors import EngineFailedError, MigrationError, ShuttingDownError, StreamMovedError
 from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
+from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.shard_log import ShardLog
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
@@ -46,18 +51,24 @@ if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router
 
 @ray.remote
 class ShardActor:
-    def __init__(self, name: str, engine: dict, shard: dict, migration: dict) -> None:
+    def __init__(
+        self, name: str, engine: dict, shard: dict, migration: dict, durability: dict | None = None,
+        runtime_name: str = "mosaic",
+    ) -> None:
         self.name = name
         self._spec = ShardSpec(**shard)
         self._mig = MigrationSpec(**migration)
         self._runner = EngineRunner(name)
         self._engine = self._runner.call_blocking(EngineSpec(**engine).build)
         self._fatal: BaseException | None = None
+        dur = DurabilitySpec(**(durability or {"enabled": False}))
+        self._log = ShardLog(dur, runtime_name, self._spec.decode_threads) if dur.enabled else None
+        self._draining = False
         self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
         self._batcher = FrameBatcher(self._engine, self._call, self._spec.max_batch_frames)
         self._ingest = IngestQueue(
             self._batcher.append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
-            self._spec.decode_threads,
+            self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
         )
         self._slots: dict[str, StreamSlot] = {}
         self._moved: OrderedDict[str, str] = OrderedDict()
@@ -75,6 +86,12 @@ class ShardActor:
         if stream_id in self._slots:
             raise StreamExistsError(f"stream {stream_id!r} exists")
         await self._call(self._engine.open_stream, stream_id)
+        if self._log is not None:
+            try:
+                await self._log.opened(stream_id)
+            except BaseException:
+                await self._call(self._engine.close_stream, stream_id)
+                raise
         self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s)
         self._moved.pop(stream_id, None)
 
@@ -84,6 +101,8 @@ class ShardActor:
             await self._call(self._engine.close_stream, stream_id)
         slot.close()
         self._slots.pop(stream_id, None)
+        if self._log is not None:
+            await self._log.delete(stream_id)
 
     async def list_streams(self) -> list[str]:
         return sorted(self._slots)
@@ -107,6 +126,8 @@ class ShardActor:
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            if self._log is not None:
+                await self._log.text(stream_id, text, timestamp)
             await self._call(self._engine.append_text, stream_id, text, timestamp)
 
     async def ask(self, stream_id: str, request: dict[str, Any]):
@@ -184,6 +205,52 @@ class ShardActor:
         except asyncio.TimeoutError:
             raise EngineFailedError(f"engine did not answer within {self._spec.health_timeout_s} s") from None
 
+    # ------------------------------------------------------------------ durability (docs/reliability.md)
+    async def recover_stream(self, stream_id: str) -> dict[str, Any]:
+        """Rebuild `stream_id` from its frame log and serve it here (its shard died, or the runtime
+        restarted). The router holds the stream's requests off (503) until this returns."""
+        if self._log is None:
+            raise UnknownStreamError(f"stream {stream_id!r}: frame logs are off, nothing to rebuild from")
+        if stream_id in self._slots:
+            raise StreamExistsError(f"stream {stream_id!r} exists on {self.name}")
+        start = time.perf_counter()
+        if not await self._log.exists(stream_id):
+            raise UnknownStreamError(f"stream {stream_id!r} has no frame log")
+        records = await self._log.read(stream_id)
+        if await self._call(self._engine.has_stream, stream_id):  # a replay cut short before
+            await self._call(self._engine.close_stream, stream_id)
+        await self._call(self._engine.open_stream, stream_id)
+        try:
+            done = await replay(
+                records,
+                lambda frames, stamps: self._batcher.append(stream_id, frames, stamps),
+                lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
+                self._log.decode,
+                self._log.spec.replay_batch_frames,
+            )
+        except BaseException:
+            if self._fatal is None:
+                await self._call(self._engine.close_stream, stream_id)
+            raise
+        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, done.last_seq)
+        self._moved.pop(stream_id, None)
+        return {"id": stream_id, "shard": self.name, "last_seq": done.last_seq, "frames": done.frames,
+                "batches": done.batches, "texts": done.texts, "skipped": done.skipped,
+                "engine_calls": done.engine_calls, "seconds": time.perf_counter() - start}
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted
+        ones to finish, then fsync the frame logs. Returns how many were still running."""
+        self._draining = True
+        slots = list(self._slots.values())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.wait_idle() for s in slots)), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        if self._log is not None:
+            await self._log.sync()
+        return {"shard": self.name, "streams": len(self._slots), "unfinished": sum(s.busy for s in slots)}
+
     # ------------------------------------------------------------------ migration (see router.py)
     async def migration_begin(self, stream_id: str) -> None:
         """Freeze the stream (its new requests are held) and export it, ready to be offered."""
@@ -237,6 +304,8 @@ class ShardActor:
             source.close()
         await self._call(self._engine.close_stream, stream_id)
         del self._slots[stream_id]
+        if self._log is not None:
+            await self._log.release(stream_id)  # the target appends to the same log now
         slot.release(moved_to)
         self._remember_moved(stream_id, moved_to)
         self._meter.migrations_out += 1
@@ -265,6 +334,8 @@ class ShardActor:
 
     # ------------------------------------------------------------------ internals
     def _slot(self, stream_id: str) -> StreamSlot:
+        if self._draining:
+            raise ShuttingDownError(f"shard {self.name} is shutting down")
         slot = self._slots.get(stream_id)
         if slot is not None:
             return slot
@@ -325,4 +396,6 @@ def spawn_shard(config: RuntimeConfig, index: int):
         config.engine.model_dump(),
         config.shard.model_dump(),
         config.migration.model_dump(),
+        config.durability.model_dump(),
+        config.name,
     )

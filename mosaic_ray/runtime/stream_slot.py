@@ -38,6 +38,8 @@ class FrameBatch:
     timestamps: list[float]
     decoded: asyncio.Future
     frames: list[Any] = field(default_factory=list)
+    # The frames as they arrived (still encoded): what the stream's frame log records.
+    encoded: list[Any] = field(default_factory=list)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -99,6 +101,15 @@ class StreamSlot:
         if self.frozen:
             raise ShardBusyError(f"stream {self.stream_id!r} is already migrating", 1.0)
         self._open.clear()
+        await self._idle.wait()
+
+    @property
+    def busy(self) -> bool:
+        """Some admitted request has not finished."""
+        return self._inflight > 0
+
+    async def wait_idle(self) -> None:
+        """Return once no admitted request is in flight (a draining shard waits for this)."""
         await self._idle.wait()
 
     def thaw(self) -> None:

@@ -5,7 +5,10 @@ the router is off the data path. A cached location is only a hint; the shard cor
 
 - a shard the stream left answers `StreamMovedError(new_shard)`: the directory follows it;
 - a shard that never heard of the stream answers `UnknownStreamError`: when the location came
-  from the cache, the directory asks the router again, once, before giving up.
+  from the cache, the directory asks the router again, once, before giving up;
+- a shard that died (`ActorDiedError`) is reported to the router (`shard_failed`), which starts
+  rebuilding its streams elsewhere from their frame logs; the directory asks the router again,
+  which answers `StreamRecoveringError` (503 + Retry-After) until the stream is back.
 
 A streamed call (`stream`) is retried only before its first item, so a client never sees a
 delta twice. Ray's wrappers are removed: callers see the `EngineError` the shard raised, or
@@ -66,6 +69,9 @@ class StreamDirectory:
             try:
                 return await getattr(self.shard_handle(shard), method).remote(stream_id, *args)
             except Exception as exc:
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    await self._report_dead(stream_id, shard)
+                    continue
                 if not self._should_retry(stream_id, shard, cached, exc):
                     raise self._translate(exc, shard) from None
         raise ShardUnavailableError(f"stream {stream_id!r} kept moving; retry")
@@ -82,6 +88,9 @@ class StreamDirectory:
                     yield item
                 return
             except Exception as exc:
+                if not started and isinstance(exc, ray.exceptions.ActorDiedError):
+                    await self._report_dead(stream_id, shard)
+                    continue
                 if started or not self._should_retry(stream_id, shard, cached, exc):
                     raise self._translate(exc, shard) from None
         raise ShardUnavailableError(f"stream {stream_id!r} kept moving; retry")
@@ -102,10 +111,20 @@ class StreamDirectory:
         if isinstance(cause, StreamMovedError):
             self._where[stream_id] = cause.shard
             return True
-        if isinstance(cause, UnknownStreamError) and cached:
-            self.forget(stream_id)
+        if isinstance(cause, (UnknownStreamError, ShardUnavailableError)) and cached:
+            self.forget(stream_id)  # the stream moved, or its shard died and has been replaced
             return True
         return False
+
+    async def _report_dead(self, stream_id: str, shard: str) -> None:
+        """Forget the dead shard's handle and the stream's place; tell the router (which answers
+        for the stream from now on, 503 while it rebuilds it)."""
+        self.forget(stream_id)
+        self._handles.pop(shard, None)
+        try:
+            await self.router.shard_failed.remote(shard)
+        except Exception:
+            pass  # a router that is restarting finds the dead shard itself
 
     def shard_handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)

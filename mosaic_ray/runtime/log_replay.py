@@ -1,0 +1,152 @@
+"""Rebuilding a stream in an engine from its frame log.
+
+`replay` applies a log's records in order, with the rules ingest applied when they arrived, so
+the engine ends up holding what it held when the records were acknowledged:
+
+- a frame record whose seq is not above the last applied one is a duplicate: skipped (as ingest
+  acknowledged it without appending);
+- a record the engine refuses with an `EngineError` is skipped: ingest logs a batch before the
+  engine sees it, so a batch the engine refused is in the log too, and the engine refuses it again
+  (a refused call leaves the stream unchanged: the `Engine` invariant);
+- anything else the engine raises ends the replay (the engine is broken; the caller gives up).
+
+Speed: consecutive frame records are applied in groups of up to `max_frames` frames (one engine
+call each; the shard's `FrameBatcher` merges the groups of streams replayed at once into one
+call), and the next group is decoded while the engine works on the current one. A group the
+engine refuses is applied again record by record, to skip only the refused ones.
+
+Not replayed: questions. The engine's context includes earlier questions and answers (interface
+contract); a rebuilt stream holds the frames and text but not its Q/A history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.frame_codec import EncodedFrame
+from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, TextRecord
+
+AppendFrames = Callable[[list[np.ndarray], list[float]], Awaitable[int]]
+AppendText = Callable[[str, float], Awaitable[None]]
+Decode = Callable[[list[EncodedFrame]], Awaitable[list[np.ndarray]]]
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    last_seq: int = -1
+    frames: int = 0  # frames the engine took
+    batches: int = 0  # frame records applied
+    texts: int = 0
+    skipped: int = 0  # records refused again, or duplicates
+    engine_calls: int = 0
+
+
+async def replay(
+    records: Iterable[LogRecord], append_frames: AppendFrames, append_text: AppendText, decode: Decode,
+    max_frames: int,
+) -> ReplayResult:
+    out = ReplayResult()
+    groups = _groups(records, max_frames)
+    pending = _next_decoded(groups, decode)
+    while True:
+        item = await pending
+        if item is None:
+            return out
+        pending = _next_decoded(groups, decode)  # decode ahead while the engine works
+        group, pixels = item
+        if isinstance(group, TextRecord):
+            await _apply_text(group, append_text, out)
+        else:
+            await _apply_frames(group, pixels, append_frames, out)
+
+
+def _groups(records: Iterable[LogRecord], max_frames: int):
+    """Text records alone, frame records in runs of at most `max_frames` frames."""
+    run: list[FrameRecord] = []
+    count = 0
+    for rec in records:
+        if isinstance(rec, FrameRecord):
+            if run and count + len(rec.frames) > max_frames:
+                yield run
+                run, count = [], 0
+            run.append(rec)
+            count += len(rec.frames)
+        elif isinstance(rec, TextRecord):
+            if run:
+                yield run
+                run, count = [], 0
+            yield rec
+    if run:
+        yield run
+
+
+def _next_decoded(groups, decode: Decode) -> asyncio.Future:
+    async def take():
+        group = next(groups, None)
+        if group is None or isinstance(group, TextRecord):
+            return None if group is None else (group, None)
+        try:
+            return group, await decode([f for rec in group for f in rec.frames])
+        except Exception as exc:  # decoded again record by record, to find the bad one
+            return group, exc
+
+    return asyncio.ensure_future(take())
+
+
+async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResult) -> None:
+    try:
+        out.engine_calls += 1
+        await append_text(rec.text, rec.timestamp)
+        out.texts += 1
+    except EngineError:
+        out.skipped += 1
+
+
+async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendFrames, out: ReplayResult) -> None:
+    fresh, last = [], out.last_seq
+    for rec in group:
+        if rec.seq > last:
+            fresh.append(rec)
+            last = rec.seq
+        else:
+            out.skipped += 1
+    if not fresh:
+        return
+    if len(fresh) == len(group) and not isinstance(pixels, BaseException):
+        try:
+            out.engine_calls += 1
+            await append_frames(pixels, [t for rec in fresh for t in rec.timestamps])
+            _took(out, fresh)
+            return
+        except EngineError:
+            pass  # one of them is refused: find it below
+    for rec in fresh:
+        try:
+            frames = await asyncio.to_thread(_decode_each, rec.frames)
+            out.engine_calls += 1
+            await append_frames(frames, list(rec.timestamps))
+            _took(out, [rec])
+        except EngineError:
+            out.skipped += 1
+
+
+def _decode_each(frames) -> list[np.ndarray]:
+    from mosaic_ray.runtime.frame_codec import decode
+
+    try:
+        return [decode(f) for f in frames]
+    except ValueError as exc:  # a raw frame whose bytes do not fit its shape: refused at ingest too
+        from mosaic_ray.runtime.errors import MalformedFrameError
+
+        raise MalformedFrameError(str(exc)) from None
+
+
+def _took(out: ReplayResult, recs: list[FrameRecord]) -> None:
+    out.last_seq = recs[-1].seq
+    out.batches += len(recs)
+    out.frames += sum(len(r.frames) for r in recs)

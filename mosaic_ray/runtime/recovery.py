@@ -1,0 +1,220 @@
+"""ShardRecovery: the router's half of durability. A dead shard's streams are rebuilt on live
+shards from their frame logs; a restarted runtime rebuilds the streams its logs hold.
+
+A mixin of `Router` (router.py), kept apart so each file holds one concept. It uses the router's
+`_cfg`, `_map`, `_shards`, `_unhealthy`, `_reserved`, `_reports_at`, `_on`, `_lock` and
+`_least_loaded`.
+
+When a shard is found dead (a call or a health probe raises `ActorDiedError`, or an ingress
+replica reports one through `shard_failed`):
+
+1. it is marked dead: nothing is placed there, and every stream the map gives it is
+   *recovering*: `locate` answers `StreamRecoveringError` (HTTP 503 + Retry-After) meanwhile;
+2. a replacement actor of the same name is started in the background (capacity comes back);
+3. each stream, `replay_parallel_streams` at a time: the least-loaded live shard (or the
+   replacement, when no other shard lives) replays the stream's log (`ShardActor.recover_stream`),
+   then `map.set(stream, shard)`; its requests flow again.
+
+A stream whose rebuild failed stays recovering and is tried again on the next health round or
+report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on).
+At start, after the reconcile, a stream that has a log but that no live shard holds (a restart of
+the whole runtime, or a shard that died while no router ran) is recovered the same way.
+
+Invariant: a stream is served by at most one shard. The dead shard serves nothing; a stream is
+mapped to its new shard only after that shard holds every record of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
+from mosaic_ray.runtime.errors import ShardUnavailableError, ShuttingDownError, StreamRecoveringError
+from mosaic_ray.runtime.frame_log import FrameLog, open_frame_log
+from mosaic_ray.runtime.shard import spawn_shard
+
+log = logging.getLogger("mosaic_ray.runtime.recovery")
+
+# Seconds between attempts to start a replacement shard whose start failed.
+REPLACE_RETRY_S = 2.0
+
+
+class ShardRecovery:
+    def _init_recovery(self) -> None:
+        dur = self._cfg.durability
+        self._log: FrameLog | None = open_frame_log(dur, self._cfg.name) if dur.enabled else None
+        self._dead: set[str] = set()
+        self._recovering: dict[str, str] = {}  # stream -> the shard it is recovered from ("log": a restart)
+        self._recovery_errors: dict[str, str] = {}
+        self._recovery_task: asyncio.Task | None = None
+        self._episodes: list[dict[str, Any]] = []  # one per dead shard or restart: timings, counts
+        self._draining = False
+
+    # ------------------------------------------------------------------ queries
+    def recovery_status(self) -> dict[str, Any]:
+        return {"dead": sorted(self._dead), "recovering": dict(self._recovering),
+                "errors": dict(self._recovery_errors), "episodes": list(self._episodes)}
+
+    def _refuse_if_recovering(self, stream_id: str) -> None:
+        if stream_id in self._recovering:
+            raise StreamRecoveringError(
+                f"stream {stream_id!r} is being rebuilt from its frame log (its shard died); retry",
+                self._cfg.durability.recovering_retry_after_s,
+            )
+
+    def _refuse_if_draining(self) -> None:
+        if self._draining:
+            raise ShuttingDownError("the runtime is shutting down")
+
+    # ------------------------------------------------------------------ detection
+    async def shard_failed(self, shard: str) -> bool:
+        """An ingress saw `shard` die: check, and recover its streams if so. True when dead."""
+        if shard in self._dead:
+            self._schedule_recovery()
+            return True
+        handle = self._shards.get(shard)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.health_timeout_s)
+        except ray.exceptions.ActorDiedError as exc:
+            self._shard_died(shard, str(exc))
+            return True
+        except Exception:
+            return False
+        return False
+
+    def _shard_died(self, shard: str, reason: str) -> None:
+        if shard in self._dead:
+            return
+        self._dead.add(shard)
+        self._unhealthy[shard] = f"dead, being replaced: {reason.splitlines()[0] if reason else ''}"
+        streams = [sid for sid, owner in self._map.items() if owner == shard]
+        log.warning("shard %s died; recovering its %d stream(s) from their logs", shard, len(streams))
+        if self._log is not None:
+            for sid in streams:
+                self._recovering.setdefault(sid, shard)
+            self._episodes.append({"from": shard, "streams": len(streams), "started": time.time(),
+                                   "seconds": None, "frames": 0})
+        asyncio.get_running_loop().create_task(self._replace_shard(shard))
+        self._schedule_recovery()
+
+    async def _replace_shard(self, name: str) -> None:
+        """A fresh actor under the dead one's name (same resources, empty)."""
+        try:
+            ray.kill(self._shards[name], no_restart=True)
+        except Exception:
+            pass
+        index = self._cfg.shard_names.index(name)
+        while True:
+            try:
+                handle = spawn_shard(self._cfg, index)
+                await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.start_timeout_s)
+                break
+            except Exception as exc:  # the dead actor's name not yet released, or no resources
+                log.warning("replacement for %s not ready (%s); trying again", name, type(exc).__name__)
+                await asyncio.sleep(REPLACE_RETRY_S)
+        self._shards[name] = handle
+        self._dead.discard(name)
+        self._unhealthy.pop(name, None)
+        self._reports_at = 0.0
+        log.warning("shard %s replaced", name)
+
+    # ------------------------------------------------------------------ rebuilding
+    def _schedule_recovery(self) -> None:
+        if self._recovering and (self._recovery_task is None or self._recovery_task.done()):
+            self._recovery_task = asyncio.get_running_loop().create_task(self._recover_all())
+
+    async def _recover_all(self) -> None:
+        gate = asyncio.Semaphore(self._cfg.durability.replay_parallel_streams)
+        tried: set[str] = set()
+        while True:
+            todo = [sid for sid in self._recovering if sid not in tried]
+            if not todo:
+                break
+            tried.update(todo)
+            await asyncio.gather(*(self._recover_one(sid, gate) for sid in todo))
+        for ep in self._episodes:
+            if ep["seconds"] is None and not self._recovering:
+                ep["seconds"] = time.time() - ep["started"]
+
+    async def _recover_one(self, sid: str, gate: asyncio.Semaphore) -> None:
+        async with gate, self._lock(sid):
+            if sid not in self._recovering:
+                return  # deleted meanwhile
+            try:
+                target = await self._recovery_target()
+            except ShardUnavailableError as exc:
+                self._recovery_errors[sid] = str(exc)
+                return
+            self._reserved[target] = self._reserved.get(target, 0) + 1
+            try:
+                info = await self._on(target, "recover_stream", sid)
+            except StreamExistsError:
+                info = {"frames": 0}  # the target holds it already (an earlier try got that far)
+            except UnknownStreamError:
+                log.error("stream %s has no frame log: it is lost", sid)
+                self._recovering.pop(sid, None)
+                self._map.delete(sid)
+                return
+            except Exception as exc:
+                log.warning("rebuilding %s on %s failed: %s", sid, target, exc)
+                self._recovery_errors[sid] = f"{type(exc).__name__}: {exc}"
+                return
+            finally:
+                self._reserved[target] -= 1
+            self._map.set(sid, target)
+            self._recovering.pop(sid, None)
+            self._recovery_errors.pop(sid, None)
+            if self._episodes:
+                self._episodes[-1]["frames"] += int(info.get("frames", 0))
+
+    async def _recovery_target(self) -> str:
+        """The least-loaded live shard; waits for a replacement while none lives."""
+        deadline = time.monotonic() + self._cfg.shard.start_timeout_s
+        while True:
+            try:
+                return await self._least_loaded()
+            except ShardUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                self._reports_at = 0.0
+                await asyncio.sleep(0.2)
+
+    async def _recover_orphans(self, held: set[str]) -> None:
+        """At start: streams with a log that no live shard holds are rebuilt."""
+        if self._log is None:
+            return
+        orphans = [sid for sid in await asyncio.to_thread(self._log.list_streams) if sid not in held]
+        if not orphans:
+            return
+        log.warning("recovering %d stream(s) found in the frame logs but on no shard", len(orphans))
+        for sid in orphans:
+            self._recovering.setdefault(sid, "log")
+        self._episodes.append({"from": "log", "streams": len(orphans), "started": time.time(),
+                               "seconds": None, "frames": 0})
+        self._schedule_recovery()
+
+    async def _forget_recovering(self, sid: str) -> bool:
+        """A recovering stream was deleted: drop its log and entry. True if it was recovering."""
+        if self._recovering.pop(sid, None) is None:
+            return False
+        if self._log is not None:
+            await asyncio.to_thread(self._log.delete, sid)
+        self._map.delete(sid)
+        return True
+
+    # ------------------------------------------------------------------ shutdown
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Refuse changes from now on; every live shard refuses new requests, finishes what it
+        admitted (up to `timeout_s`) and fsyncs its logs."""
+        self._draining = True
+        names = [n for n in sorted(self._shards) if n not in self._dead]
+        results = await asyncio.gather(*(self._shards[n].drain.remote(timeout_s) for n in names),
+                                       return_exceptions=True)
+        return {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)}

@@ -1,0 +1,144 @@
+"""Chaos: a shard actor killed with `ray.kill` while several streams ingest into it.
+
+Every acknowledged frame must be there after recovery (the stream's frames and last_seq equal
+what was acknowledged), questions must be answered again, and within RECOVERY_LIMIT_S of the kill.
+Clients behave as `mosaic_ray.client` does: a 503 is retried with the same seq after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
+from mosaic_ray.runtime.config import RuntimeConfig
+from mosaic_ray.runtime.frame_codec import inspect
+from mosaic_ray.serve.directory import StreamDirectory
+from tests.runtime.fake_engine import FACTORY
+
+pytestmark = pytest.mark.ray
+
+NUM_SHARDS = 3
+NUM_STREAMS = 6
+FRAMES_PER_BATCH = 4
+INGEST_BEFORE_KILL_S = 1.5
+INGEST_AFTER_KILL_S = 3.0
+RECOVERY_LIMIT_S = 30.0
+RETRY_PAUSE_S = 0.2
+
+
+def _jpeg(value: int, size: int = 32) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value % 256, np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+FRAMES = [inspect("jpeg", _jpeg(v * 37), 1 << 20) for v in range(8)]
+
+
+def _config(name: str, root: str) -> RuntimeConfig:
+    return RuntimeConfig(
+        name=name,
+        num_shards=NUM_SHARDS,
+        engine={"factory": FACTORY, "kwargs": {"frame_delay_s": 0.001}},
+        shard={"num_gpus": 1, "num_cpus": 0, "start_timeout_s": 60},
+        router={"health_interval_s": 1.0, "load_cache_s": 0},
+        durability={"root": root, "fsync": "interval", "fsync_interval_ms": 50},
+    )
+
+
+async def _call(d: StreamDirectory, sid: str, method: str, *args, deadline: float):
+    """One call, retried on 503 (recovering, shard gone, busy) like the client does."""
+    while True:
+        try:
+            return await d.call(sid, method, *args)
+        except EngineError as exc:
+            if exc.status != 503 or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+
+async def _ingest(d: StreamDirectory, sid: str, stop: asyncio.Event, acked: dict) -> None:
+    seq = 0
+    while not stop.is_set():
+        stamps = [float(seq * FRAMES_PER_BATCH + i) for i in range(FRAMES_PER_BATCH)]
+        frames = [FRAMES[(seq + i) % len(FRAMES)] for i in range(FRAMES_PER_BATCH)]
+        ack = await _call(d, sid, "append_frames", seq, frames, stamps, deadline=time.monotonic() + 60)
+        assert ack["seq"] == seq
+        acked[sid] = (seq, (seq + 1) * FRAMES_PER_BATCH)  # (last seq acked, frames acked)
+        seq += 1
+
+
+@pytest.fixture
+def runtime(ray_cluster, tmp_path):
+    cfg = _config("chaos", str(tmp_path / "log"))
+    shutdown_runtime(cfg, forget_streams=True)
+    asyncio.run(connect_runtime(cfg))
+    yield cfg
+    shutdown_runtime(cfg, forget_streams=True)
+
+
+def test_killed_shard_loses_no_acknowledged_frame(runtime):
+    async def go():
+        d = await StreamDirectory.connect(runtime)
+        sids = [f"chaos-{i}" for i in range(NUM_STREAMS)]
+        for sid in sids:
+            await d.ask_router("create_stream", sid)
+        await _call(d, sids[0], "append_text", "a note before the crash", 0.0, deadline=time.monotonic() + 10)
+        placement = await d.ask_router("list_streams")
+        victim = max(runtime.shard_names, key=lambda n: sum(s == n for s in placement.values()))
+        on_victim = [s for s, n in placement.items() if n == victim]
+
+        acked: dict[str, tuple[int, int]] = {}
+        stop = asyncio.Event()
+        feeders = [asyncio.create_task(_ingest(d, sid, stop, acked)) for sid in sids]
+        await asyncio.sleep(INGEST_BEFORE_KILL_S)
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(victim, namespace=runtime.namespace), no_restart=True)
+
+        # Recovery time: from the kill until every stream of the dead shard answers a question.
+        answered = {}
+        for sid in on_victim:
+            out = await _call(d, sid, "answer", {"question": "how many frames?"},
+                              deadline=killed_at + RECOVERY_LIMIT_S)
+            answered[sid] = out["text"]
+        recovery_s = time.monotonic() - killed_at
+        await asyncio.sleep(max(0.0, INGEST_AFTER_KILL_S - recovery_s))
+        stop.set()
+        await asyncio.gather(*feeders)
+
+        infos = {sid: await _call(d, sid, "stream_info", deadline=time.monotonic() + 30) for sid in sids}
+        status = await d.ask_router("recovery_status")
+        return victim, on_victim, acked, infos, answered, recovery_s, status
+
+    victim, on_victim, acked, infos, answered, recovery_s, status = asyncio.run(go())
+    figures = {
+        "recovery_s": round(recovery_s, 2),
+        "streams_on_killed_shard": len(on_victim),
+        "frames_acked": sum(a[1] for a in acked.values()),
+        "frames_stored": sum(i["frames"] for i in infos.values()),
+        "replayed_frames": sum(e["frames"] for e in status["episodes"]),
+        "rebuild_s": [round(e["seconds"] or -1, 2) for e in status["episodes"]],
+    }
+    print("\nCHAOS", json.dumps(figures))
+    if os.environ.get("MOSAIC_RELIABILITY_OUT"):
+        with open(os.environ["MOSAIC_RELIABILITY_OUT"], "a") as f:
+            f.write(json.dumps({"test": "chaos", **figures}) + "\n")
+    assert on_victim, "the killed shard held no stream"
+    for sid, (last_seq, frames) in acked.items():
+        assert infos[sid]["frames"] == frames, sid
+        assert infos[sid]["last_seq"] == last_seq, sid
+        assert infos[sid]["shard"] != victim or status["dead"] == []  # a replacement may take it
+    assert infos["chaos-0"]["texts"] >= 1  # the note survived (questions add Q/A turns after it)
+    assert all(text.startswith("I saw") for text in answered.values())
+    assert not status["recovering"] and status["episodes"][0]["streams"] == len(on_victim)
+    assert recovery_s < RECOVERY_LIMIT_S
