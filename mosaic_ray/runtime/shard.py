@@ -121,7 +121,14 @@ class ShardActor:
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s):
             ack = await self._ingest.submit(slot, seq, frames, timestamps)
-        return {**ack, "stream_id": stream_id}
+        pruned = getattr(self._engine, "frames_pruned", None)  # engines that prune report it
+        return {**ack, "stream_id": stream_id, **({"frames_pruned": pruned(stream_id)} if pruned else {})}
+
+    async def configure_stream(self, stream_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Per-stream engine options (pruning, ...), in order with the stream's other requests."""
+        slot = self._slot(stream_id)
+        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            return await self._call(self._engine.configure_stream, stream_id, options)
 
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
         slot = self._slot(stream_id)

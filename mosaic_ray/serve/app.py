@@ -14,6 +14,7 @@ Routes (all JSON unless said; errors are `{"error": {"code", "message"}}`, see `
     POST   /v1/chat/completions          OpenAI-compatible (`openai_compat.py`)
     GET    /health                       200 when every shard is healthy, else 503
     GET    /metrics                      Prometheus text, every shard
+    WS     /v1/realtime[?stream_id=]     one realtime session per connection (`realtime.py`, docs/realtime.md)
 
 Every route but /health needs an API key once keys are configured (`auth.py`); a tenant names its
 streams by its own ids (`tenant:id` inside the runtime), /metrics needs the admin key, and frames
@@ -35,6 +36,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
@@ -55,6 +57,7 @@ from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
 from mosaic_ray.serve.limits import TenantLimiter
 from mosaic_ray.serve.metrics import render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
+from mosaic_ray.serve.realtime import RealtimeSession
 from mosaic_ray.serve.schemas import (
     MAX_SEQ,
     STREAM_ID_PATTERN,
@@ -223,6 +226,13 @@ class MosaicIngress:
             return StreamingResponse(chunk_events(body.model, deltas, _error_json), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)
         return completion(body.model, (await self._dir.call(sid, "answer", body.ask_params()))["text"])
+
+    # ------------------------------------------------------------------ realtime
+    @api.websocket("/v1/realtime")
+    async def realtime(self, websocket: WebSocket, stream_id: str | None = None) -> None:
+        """One realtime session per connection (`realtime.py`); keys, tenants and rates as for HTTP."""
+        session = RealtimeSession(websocket, self._dir, self._parser, self._cfg, self._charged)
+        await session.run(stream_id, lambda: self.auth.identify(websocket.headers, websocket.query_params))
 
     # ------------------------------------------------------------------ service
     @api.get("/health", response_model=Health)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mosaic_ray.runtime.config import RuntimeConfig
+from mosaic_ray.serve.realtime_config import RealtimeSpec
 
 
 class _Strict(BaseModel):
@@ -34,6 +35,8 @@ class IngressSpec(_Strict):
     # Checked from the image header before decoding (a decompression bomb is refused unread).
     max_frame_pixels: int = Field(4096 * 4096, ge=1)
     max_text_chars: int = Field(16_384, ge=1)
+    # The WebSocket endpoint /v1/realtime: message size, queue, heartbeat, idle timeout.
+    realtime: RealtimeSpec = Field(default_factory=RealtimeSpec)
 
 
 # A tenant name prefixes its streams' ids inside the runtime (`tenant:id`, see `auth.py`): no ':'.
