@@ -12,9 +12,10 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import av
+from typing import TYPE_CHECKING
 
-from mosaic_ray.video import VideoFrame, read_frames
+if TYPE_CHECKING:  # PyAV is imported when a video is read: the client works without it otherwise
+    from mosaic_ray.video import VideoFrame
 
 LIVE_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "/dev/video")
 
@@ -29,11 +30,17 @@ def frames_from(
 ) -> Iterator[VideoFrame]:
     """Frames of `source` (file or live), at most one per 1/fps seconds of its clock."""
     if not is_live(source):
+        from mosaic_ray.video import read_frames
+
         return read_frames(source, fps=fps, size=size, max_frames=max_frames)
     return _read_live(str(source), fps, size, max_frames)
 
 
 def _read_live(url: str, fps: float | None, size, max_frames: int | None) -> Iterator[VideoFrame]:
+    import av
+
+    from mosaic_ray.video import VideoFrame
+
     options = {"rtsp_transport": "tcp"} if url.startswith("rtsp://") else {}
     fmt = "v4l2" if url.startswith("/dev/video") else None
     h_w = (size, size) if isinstance(size, int) else size
