@@ -3,13 +3,20 @@ wait for Ctrl-C / SIGTERM, then take the app down.
 
 The file is a `LaunchConfig` (`serve/config.py`). Flags override a few fields for quick runs:
 `--port`, `--host`, `--num-shards`, `--engine package.module:factory`, `--address`.
-Stopping: with a private cluster (no `ray.address`), Ray shuts down with everything in it; on a
-shared cluster, the app is deleted and the runtime's actors are killed, freeing their GPUs.
+
+Stopping (SIGTERM or Ctrl-C), in this order:
+1. drain: the router refuses new streams and every shard refuses new requests (503 +
+   Retry-After), finishes the ones it admitted (up to `drain_timeout_s`) and fsyncs its frame logs;
+2. with a private cluster (no `ray.address`) Ray shuts down with everything in it; on a shared
+   cluster the app is deleted and the runtime's actors are killed, freeing their GPUs.
+The frame logs stay: started again with the same config (same log root), the runtime finds the
+streams there and rebuilds them (docs/reliability.md). Exit status 0 after a clean stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import threading
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from mosaic_ray.runtime.bootstrap import shutdown_runtime
+    from mosaic_ray.runtime.bootstrap import drain_runtime, shutdown_runtime
     from mosaic_ray.serve.app import build_app
 
     cfg = load_config(args.config, args)
@@ -74,21 +81,29 @@ def run(args: argparse.Namespace) -> int:
         include_dashboard=cfg.ray.include_dashboard,
         runtime_env=cfg.ray.runtime_env or None,
     )
+    # Right after ray.init (which installs Ray's own SIGTERM handler): a stop asked while Serve
+    # starts is kept, and honoured once it has started.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg.app.model_dump()), name=cfg.app_name, route_prefix=cfg.route_prefix)
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
     print(f"mosaic-ray: serving {cfg.app.runtime.num_shards} shard(s) at {url}  (Ctrl-C to stop)", flush=True)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("mosaic-ray: stopping", flush=True)
+    print("mosaic-ray: stopping: draining the shards", flush=True)
+    try:
+        drained = asyncio.run(drain_runtime(cfg.app.runtime, cfg.drain_timeout_s))
+        unfinished = sum(d.get("unfinished", 0) for d in drained.values())
+        print(f"mosaic-ray: drained {len(drained)} shard(s), {unfinished} request(s) cut off", flush=True)
+    except Exception as exc:  # still stop: acknowledged frames are in the logs whatever happens here
+        print(f"mosaic-ray: drain failed ({type(exc).__name__}: {exc})", flush=True)
     if cfg.ray.address is None:
         ray.shutdown()  # the private cluster goes, and the app and the runtime with it
     else:
         # On a shared cluster, free the GPUs too: the router and shards are detached actors.
-        # Their streams are lost (durable frame logs and replay are issue 9's).
+        # Their streams stay in the frame logs, for the next start.
         serve.delete(cfg.app_name)
         shutdown_runtime(cfg.app.runtime)
     return 0
