@@ -54,6 +54,7 @@ from mosaic_ray.serve.errors import (
     response_for,
 )
 from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
+from mosaic_ray.serve.frames import OPENAPI_BODY as FRAMES_OPENAPI_BODY
 from mosaic_ray.serve.limits import TenantLimiter
 from mosaic_ray.serve.metrics import render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
@@ -171,7 +172,7 @@ class MosaicIngress:
         return {"id": stream_id, "deleted": True}
 
     # ------------------------------------------------------------------ ingest
-    @api.post("/v1/streams/{stream_id}/frames", response_model=FrameAck)
+    @api.post("/v1/streams/{stream_id}/frames", response_model=FrameAck, openapi_extra=FRAMES_OPENAPI_BODY)
     async def append_frames(
         self,
         request: Request,

@@ -39,6 +39,27 @@ MAX_MAP_LEN = 8
 MAX_ARRAY_LEN_FLOOR = 8  # a shape has 3 entries, whatever `max_frames` is
 
 
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` inlined (OpenAPI resolves refs from its own root)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(dict(defs[node["$ref"].rsplit("/", 1)[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+# The frames route reads its body itself (msgpack or an image): declared here for OpenAPI.
+OPENAPI_BODY = {"requestBody": {"required": True, "content": {
+    **{t: {"schema": _inline(FrameBatchIn.model_json_schema())} for t in sorted(MSGPACK_TYPES)[:1]},
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+}}}
+
+
 @dataclass(slots=True)
 class ParsedBatch:
     seq: int | None
