@@ -1,0 +1,83 @@
+"""Reliability under load through HTTP: N streams ingest (paced JPEG batches) and ask questions for
+a fixed time while one shard actor is killed part-way; then frames acknowledged vs stored, answer
+p99 (retries included) and the server's 503 rate (`mosaic_ray.bench.reliability_load`).
+
+Starts a private Ray cluster with the Serve app (fake engine by default: the figures are the
+runtime's, not a model's), or joins the one a `ray job submit` points at.
+
+    python scaling_bench/reliability_load.py --quick                 # CPU, ~30 s with start-up
+    python scaling_bench/reliability_load.py --streams 16 --seconds 60 --kill-after 20 --out /tmp/r
+    python scaling_bench/reliability_load.py --quick --no-kill       # the same load, nothing killed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+FAKE = "tests.runtime.fake_engine:FakeEngine"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4 streams, 8 s, kill at 3 s")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--fps", type=float, default=8.0, help="frames/s per stream")
+    p.add_argument("--batch", type=int, default=4, help="frames per push")
+    p.add_argument("--question-every", type=float, default=2.0, help="seconds between questions per stream")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--kill-after", type=float, default=20.0, help="seconds into the load a shard is killed")
+    p.add_argument("--no-kill", action="store_true")
+    p.add_argument("--engine", default=FAKE, help="engine factory (default: the tests' fake engine)")
+    p.add_argument("--fsync", default="interval", choices=["always", "interval", "never"])
+    p.add_argument("--out", default=None, help="directory for reliability_load.json")
+    a = p.parse_args()
+    if a.quick:
+        a.streams, a.seconds, a.kill_after, a.question_every = 4, 8.0, 3.0, 1.0
+
+    import ray
+
+    from mosaic_ray.bench.ray_env import start_ray
+    from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
+    from mosaic_ray.bench.serve_stack import Stack
+
+    session = start_ray(num_gpus=a.shards)
+    stack = Stack()
+    log_root = tempfile.mkdtemp(prefix="mosaic-log-")
+    cfg = {"name": "reliability", "num_shards": a.shards, "engine": {"factory": a.engine},
+           "shard": {"num_gpus": 1, "num_cpus": 0},
+           "router": {"health_interval_s": 1.0},
+           "durability": {"root": log_root, "fsync": a.fsync}}
+    try:
+        url = stack.app(cfg)
+        spec = ReliabilityLoadSpec(streams=a.streams, seconds=a.seconds, fps=a.fps, batch_frames=a.batch,
+                                   question_every_s=a.question_every,
+                                   kill_after_s=None if a.no_kill else a.kill_after)
+
+        async def kill() -> str:
+            name = f"{cfg['name']}:shard:0"
+            ray.kill(ray.get_actor(name, namespace="mosaic_ray"), no_restart=True)
+            return name
+
+        out = asyncio.run(run_reliability_load(url, spec, kill))
+    finally:
+        stack.drop(cfg, app=True)
+        stack.close()
+        session.close()
+        shutil.rmtree(log_root, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "reliability_load.json").write_text(json.dumps(out, indent=1))
+    ok = out["errors"] == 0 and out["frames_acked"] == out["frames_stored"]
+    print("OK: every acknowledged frame stored" if ok else "FAILED: see lost_streams / first_errors")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
