@@ -93,11 +93,19 @@ class TextRecord:
     timestamp: float
 
 
-LogRecord = OpenRecord | FrameRecord | TextRecord
+@dataclass(slots=True, frozen=True)
+class OptionsRecord:
+    """Per-stream engine options set (`Engine.configure_stream`: pruning, ...)."""
+
+    options: dict
+
+
+LogRecord = OpenRecord | FrameRecord | TextRecord | OptionsRecord
 
 
 def encode_record(record: LogRecord) -> bytes:
-    """A record as msgpack: ["o", created] | ["f", seq, [[kind, data, shape]], [ts]] | ["t", text, ts]."""
+    """A record as msgpack: ["o", created] | ["f", seq, [[kind, data, shape]], [ts]] | ["t", text, ts]
+    | ["c", options]."""
     if isinstance(record, FrameRecord):
         frames = [[f.kind, f.data, list(f.shape)] for f in record.frames]
         body = ["f", record.seq, frames, list(record.timestamps)]
@@ -105,6 +113,8 @@ def encode_record(record: LogRecord) -> bytes:
         body = ["t", record.text, record.timestamp]
     elif isinstance(record, OpenRecord):
         body = ["o", record.created]
+    elif isinstance(record, OptionsRecord):
+        body = ["c", record.options]
     else:
         raise TypeError(f"not a log record: {type(record).__name__}")
     return msgpack.packb(body, use_bin_type=True)
@@ -120,6 +130,8 @@ def decode_record(payload: bytes) -> LogRecord:
         return TextRecord(body[1], float(body[2]))
     if kind == "o":
         return OpenRecord(float(body[1]))
+    if kind == "c":
+        return OptionsRecord(dict(body[1]))
     raise LogCorruptError(f"unknown record kind {kind!r}")
 
 

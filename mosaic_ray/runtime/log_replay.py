@@ -29,10 +29,11 @@ import numpy as np
 
 from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, TextRecord
+from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
 
 AppendFrames = Callable[[list[np.ndarray], list[float]], Awaitable[int]]
 AppendText = Callable[[str, float], Awaitable[None]]
+Configure = Callable[[dict], Awaitable[object]]
 Decode = Callable[[list[EncodedFrame]], Awaitable[list[np.ndarray]]]
 
 
@@ -42,13 +43,14 @@ class ReplayResult:
     frames: int = 0  # frames the engine took
     batches: int = 0  # frame records applied
     texts: int = 0
+    options: int = 0
     skipped: int = 0  # records refused again, or duplicates
     engine_calls: int = 0
 
 
 async def replay(
     records: Iterable[LogRecord], append_frames: AppendFrames, append_text: AppendText, decode: Decode,
-    max_frames: int,
+    max_frames: int, configure: Configure | None = None,
 ) -> ReplayResult:
     out = ReplayResult()
     groups = _groups(records, max_frames)
@@ -61,12 +63,14 @@ async def replay(
         group, pixels = item
         if isinstance(group, TextRecord):
             await _apply_text(group, append_text, out)
+        elif isinstance(group, OptionsRecord):
+            await _apply_options(group, configure, out)
         else:
             await _apply_frames(group, pixels, append_frames, out)
 
 
 def _groups(records: Iterable[LogRecord], max_frames: int):
-    """Text records alone, frame records in runs of at most `max_frames` frames."""
+    """Text and options records alone, frame records in runs of at most `max_frames` frames."""
     run: list[FrameRecord] = []
     count = 0
     for rec in records:
@@ -76,7 +80,7 @@ def _groups(records: Iterable[LogRecord], max_frames: int):
                 run, count = [], 0
             run.append(rec)
             count += len(rec.frames)
-        elif isinstance(rec, TextRecord):
+        elif isinstance(rec, (TextRecord, OptionsRecord)):
             if run:
                 yield run
                 run, count = [], 0
@@ -88,7 +92,7 @@ def _groups(records: Iterable[LogRecord], max_frames: int):
 def _next_decoded(groups, decode: Decode) -> asyncio.Future:
     async def take():
         group = next(groups, None)
-        if group is None or isinstance(group, TextRecord):
+        if group is None or isinstance(group, (TextRecord, OptionsRecord)):
             return None if group is None else (group, None)
         try:
             return group, await decode([f for rec in group for f in rec.frames])
@@ -103,6 +107,18 @@ async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResul
         out.engine_calls += 1
         await append_text(rec.text, rec.timestamp)
         out.texts += 1
+    except EngineError:
+        out.skipped += 1
+
+
+async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: ReplayResult) -> None:
+    if configure is None:
+        out.skipped += 1
+        return
+    try:
+        out.engine_calls += 1
+        await configure(rec.options)
+        out.options += 1
     except EngineError:
         out.skipped += 1
 

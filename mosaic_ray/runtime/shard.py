@@ -128,6 +128,8 @@ class ShardActor:
         """Per-stream engine options (pruning, ...), in order with the stream's other requests."""
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+            if self._log is not None:
+                await self._log.options(stream_id, options)
             return await self._call(self._engine.configure_stream, stream_id, options)
 
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
@@ -234,6 +236,7 @@ class ShardActor:
                 lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
                 self._log.decode,
                 self._log.spec.replay_batch_frames,
+                lambda options: self._call(self._engine.configure_stream, stream_id, options),
             )
         except BaseException:
             if self._fatal is None:
@@ -242,7 +245,7 @@ class ShardActor:
         self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, done.last_seq)
         self._moved.pop(stream_id, None)
         return {"id": stream_id, "shard": self.name, "last_seq": done.last_seq, "frames": done.frames,
-                "batches": done.batches, "texts": done.texts, "skipped": done.skipped,
+                "batches": done.batches, "texts": done.texts, "options": done.options, "skipped": done.skipped,
                 "engine_calls": done.engine_calls, "seconds": time.perf_counter() - start}
 
     async def drain(self, timeout_s: float) -> dict[str, Any]:

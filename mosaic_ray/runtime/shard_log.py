@@ -9,6 +9,7 @@ What the shard logs, and when (each before the acknowledgement; `ingest.py`, `sh
     open_stream     an `OpenRecord` (a stale log of a former stream of that id is removed first)
     append_frames   one `FrameRecord` per batch, seq set, frames still encoded; before the engine
     append_text     a `TextRecord`, before the engine
+    configure       an `OptionsRecord` (per-stream engine options), before the engine
     close_stream    the log is deleted
     migration       the source releases its handle; the target appends to the same log
 """
@@ -23,7 +24,15 @@ import numpy as np
 
 from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
-from mosaic_ray.runtime.frame_log import FrameLog, FrameRecord, LogRecord, OpenRecord, TextRecord, open_frame_log
+from mosaic_ray.runtime.frame_log import (
+    FrameLog,
+    FrameRecord,
+    LogRecord,
+    OpenRecord,
+    OptionsRecord,
+    TextRecord,
+    open_frame_log,
+)
 from mosaic_ray.runtime.stream_slot import FrameBatch
 
 
@@ -47,6 +56,9 @@ class ShardLog:
 
     async def text(self, stream_id: str, text: str, timestamp: float) -> None:
         await asyncio.to_thread(self.store.append, stream_id, [TextRecord(text, float(timestamp))])
+
+    async def options(self, stream_id: str, options: dict) -> None:
+        await asyncio.to_thread(self.store.append, stream_id, [OptionsRecord(dict(options))])
 
     async def read(self, stream_id: str) -> list[LogRecord]:
         return await asyncio.to_thread(lambda: list(self.store.read(stream_id)))

@@ -15,6 +15,7 @@ from mosaic_ray.runtime.frame_log import (
     LogCorruptError,
     MemoryFrameLog,
     OpenRecord,
+    OptionsRecord,
     TextRecord,
     open_frame_log,
 )
@@ -29,7 +30,7 @@ def _batch(seq: int, n: int = 2) -> FrameRecord:
 
 
 def _history() -> list:
-    return [OpenRecord(1.5), _batch(0), TextRecord("a note ✓", 1.0), _batch(1, 3),
+    return [OpenRecord(1.5), _batch(0), TextRecord("a note ✓", 1.0), OptionsRecord({"pruning": True}), _batch(1, 3),
             FrameRecord(2, (EncodedFrame("raw", bytes(range(12)), (2, 2, 3)),), (9.0,))]
 
 
