@@ -27,7 +27,6 @@ from tests.runtime.fake_engine import FACTORY
 
 pytestmark = pytest.mark.ray
 
-NUM_SHARDS = 3
 NUM_STREAMS = 6
 FRAMES_PER_BATCH = 4
 INGEST_BEFORE_KILL_S = 1.5
@@ -45,10 +44,10 @@ def _jpeg(value: int, size: int = 32) -> bytes:
 FRAMES = [inspect("jpeg", _jpeg(v * 37), 1 << 20) for v in range(8)]
 
 
-def _config(name: str, root: str) -> RuntimeConfig:
+def _config(name: str, root: str, num_shards: int) -> RuntimeConfig:
     return RuntimeConfig(
         name=name,
-        num_shards=NUM_SHARDS,
+        num_shards=num_shards,
         engine={"factory": FACTORY, "kwargs": {"frame_delay_s": 0.001}},
         shard={"num_gpus": 1, "num_cpus": 0, "start_timeout_s": 60},
         router={"health_interval_s": 1.0, "load_cache_s": 0},
@@ -78,9 +77,11 @@ async def _ingest(d: StreamDirectory, sid: str, stop: asyncio.Event, acked: dict
         seq += 1
 
 
-@pytest.fixture
-def runtime(ray_cluster, tmp_path):
-    cfg = _config("chaos", str(tmp_path / "log"))
+# 3 shards: the dead shard's streams go to the two live ones at once. 1 shard: they wait for
+# the replacement actor to start (the whole runtime was that shard).
+@pytest.fixture(params=[3, 1], ids=["3-shards", "1-shard"])
+def runtime(ray_cluster, tmp_path, request):
+    cfg = _config(f"chaos{request.param}", str(tmp_path / "log"), request.param)
     shutdown_runtime(cfg, forget_streams=True)
     asyncio.run(connect_runtime(cfg))
     yield cfg
@@ -122,6 +123,7 @@ def test_killed_shard_loses_no_acknowledged_frame(runtime):
 
     victim, on_victim, acked, infos, answered, recovery_s, status = asyncio.run(go())
     figures = {
+        "shards": runtime.num_shards,
         "recovery_s": round(recovery_s, 2),
         "streams_on_killed_shard": len(on_victim),
         "frames_acked": sum(a[1] for a in acked.values()),
@@ -137,7 +139,6 @@ def test_killed_shard_loses_no_acknowledged_frame(runtime):
     for sid, (last_seq, frames) in acked.items():
         assert infos[sid]["frames"] == frames, sid
         assert infos[sid]["last_seq"] == last_seq, sid
-        assert infos[sid]["shard"] != victim or status["dead"] == []  # a replacement may take it
     assert infos["chaos-0"]["texts"] >= 1  # the note survived (questions add Q/A turns after it)
     assert all(text.startswith("I saw") for text in answered.values())
     assert not status["recovering"] and status["episodes"][0]["streams"] == len(on_victim)
