@@ -33,7 +33,10 @@ DEFAULT_NUM_WARPS = 4
 
 if HAS_TRITON:
 
-    @triton.jit
+    # The row count and the rows' strides change with every question: specializing on them (== 1,
+    # % 16) compiled a new variant mid-question (seconds of TTFT on a GPU); the output strides stay
+    # specialized, their alignment is what lets the stores vectorize.
+    @triton.jit(do_not_specialize=["B", "stride_rows_h", "stride_rows_b"])
     def _gather_rows_kernel(
         pool_ptr,
         rows_ptr,
@@ -181,7 +184,7 @@ def gather_rows(
     S = pool_kv.shape[2]
     block_d = _backend.next_power_of_2(D)
     block_r = block_rows or max(1, DEFAULT_TILE // block_d)
-    block_r = min(_backend.next_power_of_2(block_r), _backend.next_power_of_2(B))
+    block_r = _backend.next_power_of_2(block_r)  # fixed, not sized to B: one compiled variant
     grid = (triton.cdiv(B, block_r), H)
     with torch.cuda.device(out_any.device) if out_any.is_cuda else nullcontext():
         try:

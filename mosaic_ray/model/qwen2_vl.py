@@ -14,6 +14,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mosaic_ray.config import KVLayout
 from mosaic_ray.model.adapter import Chunk, ModelAdapter
+from mosaic_ray.model.attention import ATTENTION_NAME
+from mosaic_ray.model.vision_fast import VISION_ATTENTION, FramePatcher
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -23,6 +25,9 @@ class Qwen2VLAdapter(ModelAdapter):
         super().__init__(model, tokenizer, device, frame_size)
         side = frame_size * frame_size
         self.processor = Qwen2VLImageProcessorPil(min_pixels=side, max_pixels=side)
+        self.patcher = FramePatcher(self.processor)
+        # the vision tower gets the packed frames in one attention call per layer (vision_fast.py)
+        model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": VISION_ATTENTION})
         cfg = model.config
         self.text_config = cfg.text_config
         self.merge = cfg.vision_config.spatial_merge_size
@@ -43,7 +48,10 @@ class Qwen2VLAdapter(ModelAdapter):
         return self.model.lm_head
 
     def preprocess(self, frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frames -> (pixel_values, image_grid_thw) exactly as the model's image processor makes them."""
+        """Frames -> (pixel_values, image_grid_thw) exactly as the model's image processor makes them
+        (on the device when the frames need no resize, see `FramePatcher`)."""
+        if self.patcher.applies(frames):
+            return self.patcher(frames, self.device)
         out = self.processor(images=list(frames), return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 

@@ -1,0 +1,67 @@
+"""The vision fast path against transformers' own: bit-identical patches, the same attention."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mosaic_ray.model.registry import load_model
+from mosaic_ray.model.vision_fast import FramePatcher, packed_vision_attention
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return load_model("tiny", "cpu")
+
+
+def _frames(n, side, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_patches_bit_identical_to_processor(adapter):
+    frames = _frames(3, adapter.frame_size)
+    patcher = FramePatcher(adapter.processor)
+    assert patcher.applies(frames)
+    pixels, grid = patcher(frames, torch.device("cpu"))
+    ref = adapter.processor(images=frames, return_tensors="pt")
+    assert torch.equal(pixels, ref["pixel_values"])
+    assert torch.equal(grid, ref["image_grid_thw"])
+
+
+def test_frames_needing_resize_go_to_processor(adapter):
+    patcher = FramePatcher(adapter.processor)
+    assert not patcher.applies(_frames(1, adapter.frame_size + 7))
+    assert not patcher.applies(_frames(1, adapter.frame_size) + _frames(1, adapter.frame_size * 2))
+    pixels, _ = adapter.preprocess(_frames(2, adapter.frame_size + 7))  # the processor's path
+    assert pixels.shape[0] > 0
+
+
+@pytest.mark.parametrize("lengths", [[16, 16, 16], [16, 4, 9]])
+def test_packed_attention_matches_per_frame_sdpa(lengths):
+    torch.manual_seed(0)
+    H, D, N = 2, 8, sum(lengths)
+    q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    out, _ = packed_vision_attention(None, q, k, v, scaling=D**-0.5, cu_seq_lens_q=cu, max_length_q=max(lengths))
+    module = torch.nn.Module()
+    module.is_causal = False
+    ref = torch.cat([sdpa_attention_forward(module, *(t.split(lengths, 2)[i] for t in (q, k, v)), None,
+                                            scaling=D**-0.5)[0] for i in range(len(lengths))], 1)
+    assert out.shape == (1, N, H, D)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_features_unchanged(adapter):
+    """The adapter's encode path (fast patches + packed attention) equals the processor + SDPA path."""
+    frames = _frames(3, adapter.frame_size, seed=1)
+    feats = adapter.encode_frames(frames)
+    ref = adapter.processor(images=frames, return_tensors="pt")
+    model = adapter.model
+    model.set_attn_implementation({"vision_config": "sdpa"})
+    try:
+        want = model.model.get_image_features(ref["pixel_values"], ref["image_grid_thw"]).pooler_output
+    finally:
+        model.set_attn_implementation({"vision_config": "mosaic_flash_packed"})
+    for (got, _), w in zip(feats, want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
