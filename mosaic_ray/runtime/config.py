@@ -68,6 +68,13 @@ class ShardSpec(_Strict):
     # Frames queued on the shard but not yet in the engine. Beyond this, ingest answers 503 with
     # Retry-After. 256 frames is ~10 s of 8 streams at 3 fps: enough to absorb a question's pause.
     max_pending_frames: int = Field(256, ge=1)
+    # Frames queued for one stream (beyond the batch the engine is taking): half the shard's
+    # queue, so one flooding stream cannot take all of it; ~40 s of a 3 fps stream.
+    max_stream_pending_frames: int = Field(128, ge=1)
+    # Requests of one stream admitted or held at once (frames, text, questions, info). A client
+    # has a few in flight (a batch window, a question); more is a flood that would only wait on
+    # the stream's lock, holding memory: 503 + Retry-After instead.
+    max_stream_requests: int = Field(64, ge=1)
     # Frames of one stream coalesced into one append (bounds one call's memory and latency).
     max_coalesce_frames: int = Field(64, ge=1)
     # Frames of all streams in one engine call (one vision batch). FACTS.md: the vision tower

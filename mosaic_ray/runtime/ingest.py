@@ -14,7 +14,10 @@ Invariants:
   engine then refuses is refused again when the log is replayed). A failed append acknowledges
   nothing and leaves `last_seq` where it was. One bad batch fails alone: when a coalesced call
   fails, its batches are retried one by one.
-- Frames queued on the shard never exceed `max_pending_frames`: beyond, `ShardBusyError` (503).
+- Frames queued on the shard never exceed `max_pending_frames`, nor one stream's queue
+  `max_stream_pending_frames` (plus the batches the engine is taking, at most
+  `max_coalesce_frames`): beyond, `ShardBusyError` (503 + Retry-After), nothing queued. A batch
+  larger than a bound is taken when its queue is empty, so no batch is refused forever.
 - Frames arrive compressed (`frame_codec`) and are decoded on `decode_threads` threads while they
   wait; a batch whose image data is corrupt fails alone (400), before the engine sees it.
 """
@@ -41,13 +44,14 @@ LogFn = Callable[[str, list[FrameBatch]], Awaitable[None]]
 class IngestQueue:
     def __init__(
         self, append: AppendFn, meter: ShardMeter, max_pending_frames: int, max_coalesce_frames: int,
-        decode_threads: int = 4, log: LogFn | None = None,
+        decode_threads: int = 4, log: LogFn | None = None, max_stream_pending_frames: int | None = None,
     ) -> None:
         self._append_to_engine = append
         self._log = log
         self._meter = meter
         self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self.max_pending_frames = max_pending_frames
+        self.max_stream_pending_frames = max_stream_pending_frames or max_pending_frames
         self.max_coalesce_frames = max_coalesce_frames
         self.pending_frames = 0
 
@@ -57,6 +61,10 @@ class IngestQueue:
         """Queue one batch; return its acknowledgement once the engine holds it."""
         if self.pending_frames + len(frames) > self.max_pending_frames and self.pending_frames > 0:
             raise ShardBusyError("shard ingest queue is full", self.retry_after_s())
+        queued = sum(b.count for b in slot.pending)
+        if queued + len(frames) > self.max_stream_pending_frames and queued > 0:
+            raise ShardBusyError(f"stream {slot.stream_id!r} ingest queue is full",
+                                 _drain_time_s(queued, slot.ingest_rate.rate()))
         loop = asyncio.get_running_loop()
         if any(isinstance(f, EncodedFrame) for f in frames):
             decoded = loop.run_in_executor(None, decode_all, frames, self._decoders)
@@ -73,8 +81,7 @@ class IngestQueue:
 
     def retry_after_s(self) -> float:
         """Time for the queue to drain at the recent ingest rate, at least 1 s."""
-        rate = self._meter.ingest.rate()
-        return max(1.0, min(30.0, self.pending_frames / rate)) if rate > 0 else 1.0
+        return _drain_time_s(self.pending_frames, self._meter.ingest.rate())
 
     async def _drain(self, slot: StreamSlot) -> None:
         try:
@@ -153,3 +160,8 @@ class IngestQueue:
         self.pending_frames -= batch.count
         if not batch.done.done():
             batch.done.set_exception(exc)
+
+
+def _drain_time_s(frames: int, rate: float) -> float:
+    """Seconds for `frames` to drain at `rate` frames/s: 1 to 30 (1 when there is no rate yet)."""
+    return max(1.0, min(30.0, frames / rate)) if rate > 0 else 1.0

@@ -35,7 +35,13 @@ import ray
 from mosaic_ray.engine.interface import AskRequest, EngineError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
 from mosaic_ray.runtime.engine_runner import EngineRunner
-from mosaic_ray.runtime.errors import EngineFailedError, MigrationError, ShuttingDownError, StreamMovedError
+from mosaic_ray.runtime.errors import (
+    EngineFailedError,
+    MigrationError,
+    ShardBusyError,
+    ShuttingDownError,
+    StreamMovedError,
+)
 from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.ingest import IngestQueue
@@ -69,6 +75,7 @@ class ShardActor:
         self._ingest = IngestQueue(
             self._batcher.append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
             self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
+            max_stream_pending_frames=self._spec.max_stream_pending_frames,
         )
         self._slots: dict[str, StreamSlot] = {}
         self._moved: OrderedDict[str, str] = OrderedDict()
@@ -348,6 +355,8 @@ class ShardActor:
             raise ShuttingDownError(f"shard {self.name} is shutting down")
         slot = self._slots.get(stream_id)
         if slot is not None:
+            if slot.requests >= self._spec.max_stream_requests:  # bounded waiting: memory too
+                raise ShardBusyError(f"stream {stream_id!r} has {slot.requests} requests in progress; retry", 1.0)
             return slot
         if stream_id in self._moved:
             raise StreamMovedError(stream_id, self._moved[stream_id])

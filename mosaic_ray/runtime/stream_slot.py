@@ -57,6 +57,7 @@ class StreamSlot:
         self.ingest_rate = DecayingRate(rate_window_s, rates[0])
         self.query_rate = DecayingRate(rate_window_s, rates[1])
         self._inflight = 0
+        self._entered = 0  # requests in `admit`, held ones included: what `requests` reports
         self._idle = asyncio.Event()
         self._idle.set()
         self._open = asyncio.Event()  # set: requests are admitted
@@ -68,6 +69,11 @@ class StreamSlot:
         return self.ingest_rate.rate(), self.query_rate.rate()
 
     @property
+    def requests(self) -> int:
+        """Requests of this stream admitted or held now (the shard bounds it: `max_stream_requests`)."""
+        return self._entered
+
+    @property
     def frozen(self) -> bool:
         return not self._open.is_set()
 
@@ -76,24 +82,28 @@ class StreamSlot:
         """Enter one request; waits (held) while frozen, for at most `hold_timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hold_timeout_s
-        # Re-test after every wake-up: the slot may have been frozen again in between.
-        while not self._open.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise ShardBusyError(f"stream {self.stream_id!r} is migrating; retry", 1.0)
-            try:
-                await asyncio.wait_for(self._open.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-        self._raise_if_gone()
-        self._inflight += 1
-        self._idle.clear()
+        self._entered += 1
         try:
-            yield
+            # Re-test after every wake-up: the slot may have been frozen again in between.
+            while not self._open.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ShardBusyError(f"stream {self.stream_id!r} is migrating; retry", 1.0)
+                try:
+                    await asyncio.wait_for(self._open.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            self._raise_if_gone()
+            self._inflight += 1
+            self._idle.clear()
+            try:
+                yield
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.set()
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._entered -= 1
 
     async def freeze(self) -> None:
         """Stop admitting; return when every admitted request has finished."""
