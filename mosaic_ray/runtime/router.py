@@ -121,7 +121,7 @@ class Router(ShardRecovery):
         # "/" is in no stream id: a quota's lock never is a stream's. Always taken before the
         # stream's lock, and only here, so the two never deadlock.
         async with self._lock(f"quota/{quota[0]}") if quota else nullcontext(), self._lock(sid):
-            if sid in self._map:
+            if sid in self._map or sid in self._recovering:  # a logged stream being rebuilt exists too
                 raise StreamExistsError(f"stream {sid!r} exists")
             if quota is not None and self._map.count_prefixed(quota[0]) >= quota[1]:
                 raise QuotaExceededError(f"at most {quota[1]} streams may be held at once", quota[2])
