@@ -7,6 +7,7 @@ streams sustained, per method, with the lag and TTFT of every step.
 
     python scaling_bench/streams_per_gpu.py --methods cluster,token --ramp 16,32,48,64,96,128   # GPU
     python scaling_bench/streams_per_gpu.py --quick --out /tmp/r                            # CPU, < 2 min
+    python scaling_bench/streams_per_gpu.py --methods cluster --video vtest --pruning both  # pruning off vs on
     ray job submit --working-dir . -- python scaling_bench/streams_per_gpu.py --quick
 """
 
@@ -29,25 +30,30 @@ from mosaic_ray.bench.video_frames import real_frames
 NAME = "streams_per_gpu"
 
 
-def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames) -> dict:
-    cfg = runtime_config(f"spg-{method}", 1, engine_kwargs(method, a.model, a.device, a.window, a.pool_mb))
+def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames, prune: bool = False) -> dict:
+    kwargs = engine_kwargs(method, a.model, a.device, a.window, a.pool_mb)
+    if prune:  # redundant-frame pruning before the encoder, every stream (engine/frame_pruner.py)
+        kwargs["pruning"] = {"enabled": True, **({"threshold": a.prune_threshold} if a.prune_threshold else {})}
+    label = f"{method}+prune" if prune else method
+    cfg = runtime_config(f"spg-{method}{'-prune' if prune else ''}", 1, kwargs)
     url = stack.app(cfg) if a.path == "http" else (stack.runtime(cfg) or None)
     steps, best = [], 0
     try:
         for n in [int(x) for x in a.ramp.split(",")]:
             spec = LoadSpec(streams=n, seconds=a.seconds, fps=a.fps, question_every_s=a.question_every,
-                            max_tokens=a.max_tokens, warmup_s=a.warmup, prefix=f"{method}-{n}")
+                            max_tokens=a.max_tokens, warmup_s=a.warmup,
+                            prefix=f"{method}{'-prune' if prune else ''}-{n}")
             target = HttpTarget(url) if a.path == "http" else DirectTarget(cfg)
 
             async def go():
                 async with target as t:
-                    return await run_load(t, spec, frames, not a.no_progress, f"{method} x{n}")
+                    return await run_load(t, spec, frames, not a.no_progress, f"{label} x{n}")
 
             res = asyncio.run(go())
             ok = res.sustained(a.max_lag_s, a.max_ttft_s)
             steps.append({**res.summary(), "sustained": ok})
             s = steps[-1]
-            print(f"  {method:8s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p99 "
+            print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p99 "
                   f"{s['ttft']['p99_ms']:6.0f} ms, {s['ingest_fps']:6.1f} frames/s -> {'ok' if ok else 'FAIL'}",
                   flush=True)
             if not ok:
@@ -55,8 +61,8 @@ def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames) -> dic
             best = n
     finally:
         stack.drop(cfg, app=a.path == "http")
-    return {"method": method, "max_streams": best, "ramp_exhausted": bool(steps) and steps[-1]["sustained"],
-            "steps": steps}
+    return {"method": label, "pruning": prune, "max_streams": best,
+            "ramp_exhausted": bool(steps) and steps[-1]["sustained"], "steps": steps}
 
 
 def plot(rows, path) -> None:
@@ -87,17 +93,30 @@ def main(argv=None) -> int:
     p.add_argument("--max-ttft-s", type=float, default=1.0, help="TTFT p99 beyond this: not sustained")
     p.add_argument("--path", choices=["http", "direct"], default="http")
     p.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run's JSON")
+    p.add_argument("--video", default=None,
+                   help="a clip name (vtest, bikes, bigbuckbunny, ...: mosaic_ray.video.sample_videos) or a file; "
+                        "default: the sample video")
+    p.add_argument("--video-frames", type=int, default=48, help="frames decoded from --video (cycled per stream)")
+    p.add_argument("--video-fps", type=float, default=4.0,
+                   help="frames per second of video sampled from --video (with pruning, what counts is the scene "
+                        "change between consecutive frames: 1 matches a 1 frame/s camera)")
+    p.add_argument("--pruning", choices=["off", "on", "both"], default="off",
+                   help="redundant-frame pruning in the engine: off, on, or each method both ways")
+    p.add_argument("--prune-threshold", type=float, default=None, help="pruning threshold (default: the engine's)")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:  # accelerated clock (4 frames/s per stream), short steps, a small ramp
-        a.ramp, a.fps, a.seconds, a.warmup, a.question_every = "2,8,24", 4.0, 4.0, 1.0, 1.0
-        if "--methods" not in " ".join(argv or __import__("sys").argv):
+        given = " ".join(argv or __import__("sys").argv)
+        a.fps, a.seconds, a.warmup, a.question_every = 4.0, 4.0, 1.0, 1.0
+        if "--ramp" not in given:
+            a.ramp = "2,8,24"
+        if "--methods" not in given:
             a.methods = "cluster,full"
     if a.from_json:  # re-render the table and plot of an earlier run (e.g. one from a GPU machine)
         result = json.loads(Path(a.from_json).read_text())
         publish(a.out, result)
         return 0
-    frames, source = real_frames(a.size, frames_file=a.frames_file)
+    frames, source = real_frames(a.size, n=a.video_frames, fps=a.video_fps, frames_file=a.frames_file, video=a.video)
     t0 = time.perf_counter()
     ray_session = start_ray(num_gpus=1)
     stack = Stack()
@@ -105,12 +124,15 @@ def main(argv=None) -> int:
               "path": a.path, "video": source, "frame_px": a.size, "fps_per_stream": a.fps,
               "seconds_per_step": a.seconds, "question_every_s": a.question_every, "max_tokens": a.max_tokens,
               "max_lag_s": a.max_lag_s, "max_ttft_s": a.max_ttft_s, "window_tokens": a.window, "quick": a.quick,
+              "pruning": a.pruning, "prune_threshold": a.prune_threshold,
               "wall_s": 0.0, "rows": []}
     try:
+        prunes = {"off": [False], "on": [True], "both": [False, True]}[a.pruning]
         for m in a.methods.split(","):
-            result["rows"].append(ramp_method(stack, a, m, frames))
-            result["wall_s"] = time.perf_counter() - t0
-            table = publish(a.out, result)  # after every method: a cut-off run keeps what it measured
+            for prune in prunes:
+                result["rows"].append(ramp_method(stack, a, m, frames, prune))
+                result["wall_s"] = time.perf_counter() - t0
+                table = publish(a.out, result)  # after every run: a cut-off run keeps what it measured
     finally:
         stack.close()
         ray_session.close()

@@ -19,8 +19,20 @@ def decode(size: int, n: int = 48, fps: float = 4.0, video: str | None = None) -
     """Up to `n` RGB frames of `video` (default: the sample video), sampled at `fps`, `size` px."""
     from mosaic_ray.video import default_video, read_frames
 
-    path = Path(video) if video else default_video()
+    path = _resolve(video) if video else default_video()
     return [f.rgb for f in read_frames(path, fps=fps, max_frames=n, size=size)], path.name
+
+
+def _resolve(video: str) -> Path:
+    """A file, or a clip name of `mosaic_ray.video.sample_videos` (vtest, bikes, ...)."""
+    from mosaic_ray.video import sample_videos
+
+    if Path(video).exists():
+        return Path(video)
+    found = sample_videos()
+    if video not in found:
+        raise SystemExit(f"--video {video!r}: no such file or clip (clips: {', '.join(sorted(found))})")
+    return found[video]
 
 
 def save(path: str | Path, frames: list[np.ndarray], source: str) -> None:
@@ -56,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=336)
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--fps", type=float, default=4.0)
-    p.add_argument("--video", default=None, help="a video file (default: the sample video)")
+    p.add_argument("--video", default=None, help="a video file or a clip name such as vtest (default: the sample video)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     frames, source = decode(a.size, a.frames, a.fps, a.video)
