@@ -256,3 +256,14 @@ def test_a_tenant_names_only_ids_inside_its_prefix():
     assert alpha.internal("beta:cam") == "alpha:beta:cam"  # never beta's stream
     assert alpha.owns("alpha:x") and not alpha.owns("alphabet:x") and not alpha.owns("beta:alpha:x")
     assert OPEN.internal("alpha:cam") == "alpha:cam" and OPEN.owns("anything")
+
+
+def test_the_auth_example_config_reads_its_keys_from_the_environment():
+    from pathlib import Path
+
+    from mosaic_ray.serve.command import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_auth.yaml")
+    assert cfg.app.auth.keys == {} and cfg.app.auth.limits_of("globex").max_streams == 4
+    auth = Authenticator(cfg.app.auth, {"MOSAIC_API_KEYS": f"{KEY_A}:acme", "MOSAIC_ADMIN_KEY": ADMIN})
+    assert auth.identify({"x-api-key": KEY_A}).tenant == "acme"
