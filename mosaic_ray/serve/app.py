@@ -152,6 +152,12 @@ class MosaicIngress:
             if limits.max_streams is not None:
                 quota = (who.prefix, limits.max_streams, limits.streams_retry_after_s)
         ref = await self._dir.ask_router("create_stream", None if sid is None else who.internal(sid), None, quota)
+        if body and body.stream_options():  # refused options leave no stream behind
+            try:
+                await self._dir.call(ref["id"], "configure_stream", body.stream_options())
+            except Exception:
+                await self._dir.ask_router("delete_stream", ref["id"])
+                raise
         return {"id": who.external(ref["id"]), "shard": ref["shard"]}
 
     @api.get("/v1/streams", response_model=StreamList)

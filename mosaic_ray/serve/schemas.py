@@ -53,6 +53,12 @@ class _In(BaseModel):
 # ---------------------------------------------------------------------- streams
 class CreateStreamRequest(_In):
     id: str | None = Field(None, pattern=STREAM_ID_PATTERN, description="stream id; generated when absent")
+    pruning: bool | None = Field(None, description="the stream's redundant-frame pruning (default: the engine's)")
+    prune_threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+
+    def stream_options(self) -> dict[str, Any]:
+        """Per-stream engine options (`Engine.configure_stream`) this request sets."""
+        return {k: v for k, v in (("pruning", self.pruning), ("prune_threshold", self.prune_threshold)) if v is not None}
 
 
 class StreamRef(BaseModel):

@@ -199,3 +199,10 @@ def test_http_and_websocket_on_one_stream(serve_url, http):
     assert http.get(f"/v1/streams/{sid}").json()["frames"] == 6
     s.close()
     http.delete(f"/v1/streams/{sid}")
+
+
+def test_http_stream_options_refused_leave_no_stream(http):
+    r = http.post("/v1/streams", json={"id": "rt-opts", "pruning": True})  # the fake engine takes no options
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+    assert http.get("/v1/streams/rt-opts").status_code == 404
+    assert http.post("/v1/streams", json={"id": "rt-opts", "prune_threshold": 2}).status_code == 422
