@@ -17,7 +17,8 @@ Invariants:
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
 - With frame logs on (`DurabilitySpec`), a frame batch or text is acknowledged only after its
   record is in the stream's log (`shard_log.py`); `recover_stream` rebuilds a stream another shard
-  held from that log. A draining shard (`drain`, at shutdown) refuses new requests with 503.
+  held from that log, and a draining shard (`drain`, at shutdown) refuses new requests with 503
+  (`shard_durability.py`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
-from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_log import ShardLog
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router
 
 
 @ray.remote
-class ShardActor:
+class ShardActor(ShardDurability):
     def __init__(
         self, name: str, engine: dict, shard: dict, migration: dict, durability: dict | None = None,
         runtime_name: str = "mosaic",
@@ -220,53 +221,6 @@ class ShardActor:
             await asyncio.wait_for(self._call(self._engine.stats), self._spec.health_timeout_s)
         except asyncio.TimeoutError:
             raise EngineFailedError(f"engine did not answer within {self._spec.health_timeout_s} s") from None
-
-    # ------------------------------------------------------------------ durability (docs/reliability.md)
-    async def recover_stream(self, stream_id: str) -> dict[str, Any]:
-        """Rebuild `stream_id` from its frame log and serve it here (its shard died, or the runtime
-        restarted). The router holds the stream's requests off (503) until this returns."""
-        if self._log is None:
-            raise UnknownStreamError(f"stream {stream_id!r}: frame logs are off, nothing to rebuild from")
-        if stream_id in self._slots:
-            raise StreamExistsError(f"stream {stream_id!r} exists on {self.name}")
-        start = time.perf_counter()
-        if not await self._log.exists(stream_id):
-            raise UnknownStreamError(f"stream {stream_id!r} has no frame log")
-        records = await self._log.read(stream_id)
-        if await self._call(self._engine.has_stream, stream_id):  # a replay cut short before
-            await self._call(self._engine.close_stream, stream_id)
-        await self._call(self._engine.open_stream, stream_id)
-        try:
-            done = await replay(
-                records,
-                lambda frames, stamps: self._batcher.append(stream_id, frames, stamps),
-                lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
-                self._log.decode,
-                self._log.spec.replay_batch_frames,
-                lambda options: self._call(self._engine.configure_stream, stream_id, options),
-            )
-        except BaseException:
-            if self._fatal is None:
-                await self._call(self._engine.close_stream, stream_id)
-            raise
-        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, done.last_seq)
-        self._moved.pop(stream_id, None)
-        return {"id": stream_id, "shard": self.name, "last_seq": done.last_seq, "frames": done.frames,
-                "batches": done.batches, "texts": done.texts, "options": done.options, "skipped": done.skipped,
-                "engine_calls": done.engine_calls, "seconds": time.perf_counter() - start}
-
-    async def drain(self, timeout_s: float) -> dict[str, Any]:
-        """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted
-        ones to finish, then fsync the frame logs. Returns how many were still running."""
-        self._draining = True
-        slots = list(self._slots.values())
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.wait_idle() for s in slots)), timeout_s)
-        except asyncio.TimeoutError:
-            pass
-        if self._log is not None:
-            await self._log.sync()
-        return {"shard": self.name, "streams": len(self._slots), "unfinished": sum(s.busy for s in slots)}
 
     # ------------------------------------------------------------------ migration (see router.py)
     async def migration_begin(self, stream_id: str) -> None:
