@@ -143,3 +143,34 @@ def test_killed_shard_loses_no_acknowledged_frame(runtime):
     assert all(text.startswith("I saw") for text in answered.values())
     assert not status["recovering"] and status["episodes"][0]["streams"] == len(on_victim)
     assert recovery_s < RECOVERY_LIMIT_S
+
+
+def test_a_migrated_stream_is_rebuilt_with_the_frames_of_both_shards(ray_cluster, tmp_path):
+    """A stream's log follows it: frames taken before a move (on the source) and after it (on the
+    target) are all replayed when the target dies."""
+    cfg = _config("chaosmove", str(tmp_path / "log"), 2)
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        first = (await d.ask_router("create_stream", "moved", cfg.shard_name(0)))["shard"]
+        deadline = time.monotonic() + 60
+        for seq in range(3):
+            await _call(d, "moved", "append_frames", seq, FRAMES[:2], [2.0 * seq, 2.0 * seq + 1], deadline=deadline)
+        await d.ask_router("migrate", "moved", cfg.shard_name(1), "object_store")
+        await _call(d, "moved", "append_text", "after the move", 6.0, deadline=deadline)
+        for seq in range(3, 5):
+            await _call(d, "moved", "append_frames", seq, FRAMES[:2], [2.0 * seq, 2.0 * seq + 1], deadline=deadline)
+        before = await d.call("moved", "stream_info")
+        ray.kill(ray.get_actor(cfg.shard_name(1), namespace=cfg.namespace), no_restart=True)
+        after = await _call(d, "moved", "stream_info", deadline=time.monotonic() + RECOVERY_LIMIT_S)
+        return first, before, after
+
+    try:
+        first, before, after = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert first == cfg.shard_name(0) and before["shard"] == cfg.shard_name(1)
+    assert (after["frames"], after["last_seq"], after["texts"]) == (10, 4, 1)
+    assert after["duration_s"] == before["duration_s"]
