@@ -206,3 +206,22 @@ def test_http_stream_options_refused_leave_no_stream(http):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
     assert http.get("/v1/streams/rt-opts").status_code == 404
     assert http.post("/v1/streams", json={"id": "rt-opts", "prune_threshold": 2}).status_code == 422
+
+
+def test_the_example_client_runs_and_resumes(serve_url, http, capsys):
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "realtime_client.py"
+    spec = importlib.util.spec_from_file_location("realtime_client_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = argparse.Namespace(url=serve_url, stream="rt-example", video=None, fps=2.0, size=32, max_frames=3,
+                              prune=False, caption="a red car", question=QUESTION, api_key=None)
+    example.main(args)
+    example.main(args)  # a second run resumes the stream after its last acknowledged seq
+    out = capsys.readouterr().out
+    assert "frame seq 5 " in out and out.count("completed, first delta") == 2, out
+    assert http.get("/v1/streams/rt-example").json()["frames"] == 6
+    http.delete("/v1/streams/rt-example")
