@@ -63,3 +63,16 @@ def test_load_with_a_shard_killed_loses_no_acknowledged_frame(load_app):
     assert out["frames_acked"] == out["frames_stored"] and not out["lost_streams"]
     assert out["frames_acked"] > 0 and out["answers"] > 0
     assert out["statuses"].get(500, 0) == 0
+
+
+def test_recovery_and_shutdown_errors_are_503_with_retry_after():
+    from mosaic_ray.runtime.errors import ShuttingDownError, StreamRecoveringError
+    from mosaic_ray.runtime.frame_log import LogWriteError
+    from mosaic_ray.serve.errors import response_for
+
+    for exc, code, after in [(StreamRecoveringError("rebuilding", 2.0), "stream_recovering", "2"),
+                             (ShuttingDownError("stopping"), "shutting_down", "5"),
+                             (LogWriteError("disk full"), "log_unavailable", "1")]:
+        resp = response_for(exc)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == after
+        assert json.loads(resp.body)["error"]["code"] == code
