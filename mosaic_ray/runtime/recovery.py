@@ -40,8 +40,9 @@ from mosaic_ray.runtime.shard import spawn_shard
 
 log = logging.getLogger("mosaic_ray.runtime.recovery")
 
-# Seconds between attempts to start a replacement shard whose start failed.
-REPLACE_RETRY_S = 2.0
+# Seconds between attempts to start a replacement shard. The first attempt often finds the dead
+# actor's name not yet released (a name lookup: cheap to repeat), so retry soon.
+REPLACE_RETRY_S = 0.5
 
 
 class ShardRecovery:
