@@ -21,8 +21,9 @@ def rows(results: dict) -> list[str]:
         f"Per video: {s['frames']} frames sampled at {s['fps']} fps ({s['frame_size']} px; short clips looped, each "
         f"loop at another phase), {s['needles']} needle captions and a filler caption every {s['filler_every']} "
         f"frames; pruning threshold {s['threshold']} (mean absolute thumbnail difference), max gap "
-        f"{s['max_gap_s']} s. _encoder_: seconds in the vision encoder over the "
-        "stream's encoder batches, re-timed interleaved (best of 3); _ingest_: encoder + decoder prefill + cache, "
+        f"{s['max_gap_s']} s. _encoder_: seconds in the vision encoder, each ingest's "
+        "encoder calls priced at the median time of a call of that batch size (9 timings back to back: the "
+        "2-core machine is shared, so raw in-ingest timings drift); _ingest_: encoder + decoder prefill + cache, "
         "timed once. Accuracy: answers holding the needle's token, greedy.",
         "",
         "| video | frames | pruned | encoder s off -> on (saved) | ingest s off -> on | tokens off -> on "
