@@ -61,6 +61,7 @@ from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, 
 from mosaic_ray.serve.realtime import RealtimeSession
 from mosaic_ray.serve.schemas import (
     MAX_SEQ,
+    MAX_TIME_S,
     STREAM_ID_PATTERN,
     CreateStreamRequest,
     Deleted,
@@ -184,7 +185,7 @@ class MosaicIngress:
         request: Request,
         who: Caller = Who,
         stream_id: str = StreamId,
-        ts: float | None = Query(None, ge=0, allow_inf_nan=False, description="timestamp of an image body"),
+        ts: float | None = Query(None, ge=0, le=MAX_TIME_S, allow_inf_nan=False, description="timestamp of an image body"),
         seq: int | None = Query(None, ge=0, le=MAX_SEQ, description="seq of an image body"),
     ) -> dict:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

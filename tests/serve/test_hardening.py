@@ -114,6 +114,8 @@ HOSTILE = [
     ("nan ts of an image", "POST", S + "/frames?ts=nan", {"content": png(), "headers": {"content-type": "image/png"}},
      422, "invalid_request"),
     ("ts beyond 30 years", "POST", S + "/text", {"json": {"text": "x", "ts": 1e300}}, 422, "invalid_request"),
+    ("ts of an image beyond 30 years", "POST", S + "/frames?ts=1e300", {"content": png(), "headers": {"content-type": "image/png"}},
+     422, "invalid_request"),
     ("ts going back", "POST", S + "/frames", _pack({"seq": 4, "frames": [{**FRAME, "ts": 1.0}]}), 422, "invalid_input"),
     ("seq going back", "POST", S + "/frames", _pack({"seq": 2, "frames": [FRAME]}), 409, "seq_conflict"),
     ("seq beyond 63 bits", "POST", S + "/frames", _pack({"seq": 2**64 - 1, "frames": [FRAME]}), 422, "invalid_input"),
