@@ -23,6 +23,7 @@ Random-init weights (`tiny`, the `--quick` test) answer at random: their accurac
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -231,6 +232,11 @@ def parse_args(argv: list[str] | None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     from mosaic_ray.bench.pruning_report import print_table, write
 
+    if argv and argv[0] == "--from-json":  # re-render an earlier run's table and plot
+        results = json.loads(Path(argv[1]).read_text())
+        write(results, Path(argv[1]).parent)
+        print_table(results)
+        return 0
     s = parse_args(argv)
     results = run(s)
     write(results, s.out)
