@@ -15,7 +15,7 @@ import ray
 from ray.exceptions import ActorUnavailableError
 
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.frame_log import open_frame_log
+from mosaic_ray.runtime.frame_log import log_root, open_frame_log
 from mosaic_ray.runtime.router import Router
 from mosaic_ray.runtime.stream_map import open_store
 
@@ -69,6 +69,11 @@ def shutdown_runtime(config: RuntimeConfig, forget_streams: bool = False) -> Non
             for stream_id in log.list_streams():
                 log.delete(stream_id)
             log.close()
+            if config.durability.store == "disk":
+                try:
+                    log_root(config.durability, config.name).rmdir()  # only when empty
+                except OSError:
+                    pass
 
 
 async def drain_runtime(config: RuntimeConfig, timeout_s: float = 30.0) -> dict[str, Any]:
