@@ -139,6 +139,9 @@ class DurabilitySpec(_Strict):
     # 100 ms: an OS crash may lose the last 0.1 s of acknowledgements; the fsync thread costs
     # ~10 syscalls/s per busy stream.
     fsync_interval_ms: int = Field(100, ge=1, le=60_000)
+    # Log files a shard keeps open (one per stream it writes); beyond, the least recently written
+    # is fsynced and closed. 512 fits Linux's default 1024 descriptors with room for sockets.
+    max_open_files: int = Field(512, ge=1)
     # Frames of one stream replayed in one engine call when a stream is rebuilt (as ingest's
     # `max_coalesce_frames`; replays of different streams still meet in one `FrameBatcher` call).
     replay_batch_frames: int = Field(64, ge=1)

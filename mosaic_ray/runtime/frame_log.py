@@ -224,7 +224,7 @@ def open_frame_log(spec: DurabilitySpec, runtime_name: str) -> FrameLog:
     if spec.store == "disk":
         from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
 
-        return DiskFrameLog(log_root(spec, runtime_name), spec.fsync, spec.fsync_interval_ms)
+        return DiskFrameLog(log_root(spec, runtime_name), spec.fsync, spec.fsync_interval_ms, spec.max_open_files)
     if spec.store == "memory":
         return MemoryFrameLog()
     module_name, _, attr = spec.store.partition(":")

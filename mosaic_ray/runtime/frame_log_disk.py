@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
 import struct
 import threading
 import zlib
@@ -111,15 +112,24 @@ class _File:
 
 
 class DiskFrameLog(FrameLog):
-    def __init__(self, root: str | Path, fsync: str = "interval", interval_ms: int = 100) -> None:
+    """At most `max_open_files` descriptors stay open (least recently written closed first, after
+    an fsync under "always"/"interval"); a file this process already checked reopens unscanned."""
+
+    def __init__(
+        self, root: str | Path, fsync: str = "interval", interval_ms: int = 100, max_open_files: int = 512,
+    ) -> None:
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', got {fsync!r}")
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.interval_s = interval_ms / 1e3
-        self._files: dict[str, _File] = {}
-        self._lock = threading.Lock()  # guards `_files`
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[str, _File] = OrderedDict()  # least recently written first
+        self._checked: set[str] = set()  # files whose tail this process knows is whole
+        self._lock = threading.Lock()  # guards `_files` and `_checked`
         self._dir_dirty = False
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -133,57 +143,75 @@ class DiskFrameLog(FrameLog):
     # ------------------------------------------------------------------ writing
     def append(self, stream_id: str, records: Sequence[LogRecord]) -> bool:
         data = b"".join(frame_record(encode_record(r)) for r in records)
-        f = self._open(stream_id)
-        with f.lock:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(f.fd, view):]
-                if self.fsync == "always":
-                    os.fdatasync(f.fd)
-                    self._sync_dir_if_dirty()
-                else:
-                    f.dirty = True
-            except OSError as exc:
-                raise LogWriteError(f"frame log write failed: {exc}") from None
-        return self.fsync == "always"
+        while True:
+            f = self._open(stream_id)
+            with f.lock:
+                if f.fd < 0:
+                    continue  # closed meanwhile (evicted, released): open it again
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(f.fd, view):]
+                    if self.fsync == "always":
+                        os.fdatasync(f.fd)
+                        self._sync_dir_if_dirty()
+                    else:
+                        f.dirty = True
+                except OSError as exc:
+                    raise LogWriteError(f"frame log write failed: {exc}") from None
+                return self.fsync == "always"
 
     def _open(self, stream_id: str) -> _File:
+        evicted = None
         with self._lock:
             f = self._files.get(stream_id)
             if f is not None:
+                self._files.move_to_end(stream_id)
                 return f
             path = self.path(stream_id)
             try:
                 created = not path.exists()
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-                if not created:  # cut a torn tail, so new records never follow garbage
-                    _, end = self._scan_file(fd)
+                if not created and stream_id not in self._checked:
+                    _, end = self._scan_file(fd)  # cut a torn tail: new records never follow garbage
                     if end < os.fstat(fd).st_size:
                         os.ftruncate(fd, end)
             except OSError as exc:
                 raise LogWriteError(f"cannot open frame log {path}: {exc}") from None
             self._dir_dirty |= created
+            self._checked.add(stream_id)
             f = self._files[stream_id] = _File(fd)
-            return f
+            if len(self._files) > self.max_open_files:
+                evicted = self._files.popitem(last=False)[1]
+        if evicted is not None:
+            self._close(evicted)
+        return f
+
+    def _close(self, f: _File) -> None:
+        with f.lock:
+            if f.fd < 0:
+                return
+            if f.dirty and self.fsync != "never":
+                os.fdatasync(f.fd)
+            os.close(f.fd)
+            f.fd = -1
 
     def release(self, stream_id: str) -> None:
         with self._lock:
             f = self._files.pop(stream_id, None)
+            self._checked.discard(stream_id)  # another process writes it from now on
         if f is not None:
-            with f.lock:
-                if f.dirty and self.fsync != "never":
-                    os.fdatasync(f.fd)
-                os.close(f.fd)
-                f.fd = -1
+            self._close(f)
 
     def delete(self, stream_id: str) -> None:
         with self._lock:
             f = self._files.pop(stream_id, None)
+            self._checked.discard(stream_id)
         if f is not None:
             with f.lock:
-                os.close(f.fd)
-                f.fd = -1
+                if f.fd >= 0:
+                    os.close(f.fd)
+                    f.fd = -1
         try:
             self.path(stream_id).unlink()
         except FileNotFoundError:

@@ -128,3 +128,15 @@ def test_fsync_policies(tmp_path, monkeypatch):
     for log in (always, never, interval):
         log.close()
         assert list(log.read("s")) == [_batch(0)]
+
+
+def test_few_open_files_many_streams(tmp_path):
+    log = DiskFrameLog(tmp_path, "interval", interval_ms=1000, max_open_files=2)
+    streams = [f"s{i}" for i in range(5)]
+    for seq in range(3):
+        for sid in streams:  # every append past the second stream evicts (fsyncs, closes) one
+            log.append(sid, [_batch(seq)])
+    assert len(log._files) == 2
+    for sid in streams:
+        assert list(log.read(sid)) == [_batch(0), _batch(1), _batch(2)]
+    log.close()
