@@ -97,7 +97,9 @@ def test_a_restarted_runtime_rebuilds_its_streams_from_the_logs(ray_cluster, tmp
         new = await d.call(STREAMS[0], "append_frames", BATCHES, _frames(BATCHES),
                            [float(BATCHES * PER_BATCH + i) for i in range(PER_BATCH)])
         answer = await d.call(STREAMS[1], "answer", {"question": "still there?"})
-        return back, elapsed, dup, new, answer, sorted(await d.ask_router("list_streams"))
+        listed = sorted(await d.ask_router("list_streams"))
+        await d.ask_router("delete_stream", STREAMS[2])
+        return back, elapsed, dup, new, answer, listed
 
     try:
         back, elapsed, dup, new, answer, listed = asyncio.run(after())
@@ -105,8 +107,43 @@ def test_a_restarted_runtime_rebuilds_its_streams_from_the_logs(ray_cluster, tmp
         shutdown_runtime(cfg, forget_streams=True)
     print(f"\nRESTART rebuilt {len(STREAMS)} streams in {elapsed:.2f} s (start included)")
     assert listed == STREAMS
+    assert not (tmp_path / "log" / cfg.name / f"{STREAMS[2]}.log").exists()  # deleted with its stream
+    assert (tmp_path / "log" / cfg.name / f"{STREAMS[1]}.log").exists() is False  # forget_streams
     for sid in STREAMS:
         for key in ("frames", "texts", "last_seq", "duration_s"):
             assert back[sid][key] == infos[sid][key], (sid, key)
     assert dup["duplicate"] and new["frames_total"] == (BATCHES + 1) * PER_BATCH
     assert answer["text"].startswith(f"I saw {BATCHES * PER_BATCH} frames")
+
+
+def test_drain_lets_an_admitted_answer_finish_and_refuses_new_work(ray_cluster, tmp_path):
+    cfg = RuntimeConfig(
+        name="drain", num_shards=1,
+        engine={"factory": FACTORY, "kwargs": {"token_delay_s": 0.05}},  # an answer takes ~1 s
+        shard={"num_gpus": 1, "num_cpus": 0},
+        router={"health_interval_s": 0},
+        durability={"root": str(tmp_path / "log")},
+    )
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "busy")
+        await d.call("busy", "append_frames", 0, _frames(0), [0.0, 1.0, 2.0])
+        answering = asyncio.create_task(d.call("busy", "answer", {"question": "what?", "max_tokens": 20}))
+        await asyncio.sleep(0.3)  # admitted, answering
+        drained = await drain_runtime(cfg, timeout_s=10)
+        answer = await answering
+        with pytest.raises(ShuttingDownError):
+            await d.call("busy", "stream_info")
+        with pytest.raises(ShuttingDownError):
+            await d.ask_router("create_stream", "late")
+        return drained, answer
+
+    try:
+        drained, answer = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert [v["unfinished"] for v in drained.values()] == [0]
+    assert answer["text"].startswith("I saw 3 frames")
