@@ -8,7 +8,8 @@ the engine ends up holding what it held when the records were acknowledged:
 - a record the engine refuses with an `EngineError` is skipped: ingest logs a batch before the
   engine sees it, so a batch the engine refused is in the log too, and the engine refuses it again
   (a refused call leaves the stream unchanged: the `Engine` invariant);
-- anything else the engine raises ends the replay (the engine is broken; the caller gives up).
+- anything else the engine raises, or `EngineFailedError` (the shard's mark of a broken engine),
+  ends the replay: the engine is broken, and the caller gives up on the stream.
 
 Speed: consecutive frame records are applied in groups of up to `max_frames` frames (one engine
 call each; the shard's `FrameBatcher` merges the groups of streams replayed at once into one
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.errors import EngineFailedError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
 
@@ -107,6 +109,8 @@ async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResul
         out.engine_calls += 1
         await append_text(rec.text, rec.timestamp)
         out.texts += 1
+    except EngineFailedError:
+        raise
     except EngineError:
         out.skipped += 1
 
@@ -119,6 +123,8 @@ async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: R
         out.engine_calls += 1
         await configure(rec.options)
         out.options += 1
+    except EngineFailedError:
+        raise
     except EngineError:
         out.skipped += 1
 
@@ -139,6 +145,8 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             await append_frames(pixels, [t for rec in fresh for t in rec.timestamps])
             _took(out, fresh)
             return
+        except EngineFailedError:
+            raise
         except EngineError:
             pass  # one of them is refused: find it below
     for rec in fresh:
@@ -147,6 +155,8 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             out.engine_calls += 1
             await append_frames(frames, list(rec.timestamps))
             _took(out, [rec])
+        except EngineFailedError:
+            raise
         except EngineError:
             out.skipped += 1
 

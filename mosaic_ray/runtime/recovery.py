@@ -16,7 +16,10 @@ replica reports one through `shard_failed`):
    then `map.set(stream, shard)`; its requests flow again.
 
 A stream whose rebuild failed stays recovering and is tried again on the next health round or
-report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on).
+report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on). A
+stream whose replay broke the target's engine (a record the engine crashes on: a poison record)
+is quarantined: never tried again (else it would break every shard in turn), answered 500
+`engine_failure` until deleted.
 At start, after the reconcile, a stream that has a log but that no live shard holds (a restart of
 the whole runtime, or a shard that died while no router ran) is recovered the same way.
 
@@ -34,7 +37,12 @@ from typing import Any
 import ray
 
 from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
-from mosaic_ray.runtime.errors import ShardUnavailableError, ShuttingDownError, StreamRecoveringError
+from mosaic_ray.runtime.errors import (
+    EngineFailedError,
+    ShardUnavailableError,
+    ShuttingDownError,
+    StreamRecoveringError,
+)
 from mosaic_ray.runtime.frame_log import FrameLog, open_frame_log
 from mosaic_ray.runtime.shard import spawn_shard
 
@@ -52,6 +60,7 @@ class ShardRecovery:
         self._dead: set[str] = set()
         self._recovering: dict[str, str] = {}  # stream -> the shard it is recovered from ("log": a restart)
         self._recovery_errors: dict[str, str] = {}
+        self._quarantined: set[str] = set()  # recovering streams whose replay broke an engine
         self._recovery_task: asyncio.Task | None = None
         self._episodes: list[dict[str, Any]] = []  # one per dead shard or restart: timings, counts
         self._draining = False
@@ -59,9 +68,13 @@ class ShardRecovery:
     # ------------------------------------------------------------------ queries
     def recovery_status(self) -> dict[str, Any]:
         return {"dead": sorted(self._dead), "recovering": dict(self._recovering),
-                "errors": dict(self._recovery_errors), "episodes": list(self._episodes)}
+                "errors": dict(self._recovery_errors), "quarantined": sorted(self._quarantined),
+                "episodes": list(self._episodes)}
 
     def _refuse_if_recovering(self, stream_id: str) -> None:
+        if stream_id in self._quarantined:
+            raise EngineFailedError(f"stream {stream_id!r} could not be rebuilt from its log: "
+                                    f"{self._recovery_errors.get(stream_id, '')}; delete it")
         if stream_id in self._recovering:
             raise StreamRecoveringError(
                 f"stream {stream_id!r} is being rebuilt from its frame log (its shard died); retry",
@@ -128,20 +141,21 @@ class ShardRecovery:
 
     # ------------------------------------------------------------------ rebuilding
     def _schedule_recovery(self) -> None:
-        if self._recovering and (self._recovery_task is None or self._recovery_task.done()):
+        pending = len(self._recovering) > len(self._quarantined)
+        if pending and (self._recovery_task is None or self._recovery_task.done()):
             self._recovery_task = asyncio.get_running_loop().create_task(self._recover_all())
 
     async def _recover_all(self) -> None:
         gate = asyncio.Semaphore(self._cfg.durability.replay_parallel_streams)
         tried: set[str] = set()
         while True:
-            todo = [sid for sid in self._recovering if sid not in tried]
+            todo = [sid for sid in self._recovering if sid not in tried and sid not in self._quarantined]
             if not todo:
                 break
             tried.update(todo)
             await asyncio.gather(*(self._recover_one(sid, gate) for sid in todo))
         for ep in self._episodes:
-            if ep["seconds"] is None and not self._recovering:
+            if ep["seconds"] is None and len(self._recovering) == len(self._quarantined):
                 ep["seconds"] = time.time() - ep["started"]
 
     async def _recover_one(self, sid: str, gate: asyncio.Semaphore) -> None:
@@ -162,6 +176,11 @@ class ShardRecovery:
                 log.error("stream %s has no frame log: it is lost", sid)
                 self._recovering.pop(sid, None)
                 self._map.delete(sid)
+                return
+            except EngineFailedError as exc:
+                log.error("rebuilding %s broke the engine of %s (%s): quarantined", sid, target, exc)
+                self._quarantined.add(sid)
+                self._recovery_errors[sid] = f"replay broke the engine of {target}: {exc}"
                 return
             except Exception as exc:
                 log.warning("rebuilding %s on %s failed: %s", sid, target, exc)
@@ -205,6 +224,8 @@ class ShardRecovery:
         """A recovering stream was deleted: drop its log and entry. True if it was recovering."""
         if self._recovering.pop(sid, None) is None:
             return False
+        self._quarantined.discard(sid)
+        self._recovery_errors.pop(sid, None)
         if self._log is not None:
             await asyncio.to_thread(self._log.delete, sid)
         self._map.delete(sid)

@@ -23,7 +23,7 @@ from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.frame_codec import inspect
 from mosaic_ray.serve.directory import StreamDirectory
-from tests.runtime.fake_engine import FACTORY
+from tests.runtime.fake_engine import CRASH_TEXT, FACTORY
 
 pytestmark = pytest.mark.ray
 
@@ -174,3 +174,40 @@ def test_a_migrated_stream_is_rebuilt_with_the_frames_of_both_shards(ray_cluster
     assert first == cfg.shard_name(0) and before["shard"] == cfg.shard_name(1)
     assert (after["frames"], after["last_seq"], after["texts"]) == (10, 4, 1)
     assert after["duration_s"] == before["duration_s"]
+
+
+def test_a_stream_whose_log_breaks_the_engine_is_quarantined(ray_cluster, tmp_path):
+    """A poison record (the fake engine crashes on CRASH_TEXT) breaks the shard that replays it;
+    the stream is then quarantined (500, never retried), so it cannot break every shard in turn."""
+    cfg = _config("chaospoison", str(tmp_path / "log"), 2)
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "poison", cfg.shard_name(0))
+        await d.call("poison", "append_frames", 0, FRAMES[:2], [0.0, 1.0])
+        with pytest.raises(EngineError):
+            await d.call("poison", "append_text", CRASH_TEXT, 2.0)  # logged, then the engine broke
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while True:
+            try:
+                await d.call("poison", "stream_info")
+            except EngineError as exc:
+                if exc.status == 500 or time.monotonic() > deadline:
+                    final = exc
+                    break
+            await asyncio.sleep(0.2)
+        first = await d.ask_router("recovery_status")
+        await d.ask_router("health")  # a health round retries failed rebuilds, not quarantined ones
+        await asyncio.sleep(0.5)
+        return final, first, await d.ask_router("recovery_status")
+
+    try:
+        final, first, later = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert final.status == 500 and "could not be rebuilt" in str(final)
+    assert first["quarantined"] == ["poison"] and later["quarantined"] == ["poison"]
+    assert later["errors"] == first["errors"]

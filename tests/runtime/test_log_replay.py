@@ -86,3 +86,20 @@ def test_replay_of_an_empty_log_leaves_an_empty_stream():
     engine = FakeEngine()
     done, calls = _run([OpenRecord(0.0)], engine)
     assert done.last_seq == -1 and calls == [] and engine.stream_info("s")["frames"] == 0
+
+
+def test_a_broken_engine_ends_the_replay():
+    """`EngineFailedError` is an EngineError, but it means the engine broke: never skipped."""
+    import pytest
+
+    from mosaic_ray.runtime.errors import EngineFailedError
+
+    async def broken(*_):
+        raise EngineFailedError("engine failed: RuntimeError")
+
+    async def decode(frames):
+        return decode_all(frames)
+
+    for log in ([TextRecord("x", 0.0)], [_rec(0, [0.0])], [_rec(0, [0.0]), _rec(1, [1.0])]):
+        with pytest.raises(EngineFailedError):
+            asyncio.run(replay(log, broken, broken, decode, MAX_FRAMES, broken))
