@@ -147,6 +147,11 @@ class DurabilitySpec(_Strict):
     replay_batch_frames: int = Field(64, ge=1)
     # Streams a router rebuilds at once after a shard dies.
     replay_parallel_streams: int = Field(16, ge=1)
+    # A shard whose engine broke or hangs (its health check raises: a lost GPU, a CUDA error) is
+    # killed and its streams rebuilt elsewhere, like a dead shard's. Off by default: a broken
+    # engine is kept for an operator to inspect, and a busy engine that misses health_timeout_s
+    # would be replaced too.
+    replace_broken_shards: bool = False
     # Retry-After of the 503 answered for a stream while it is rebuilt.
     recovering_retry_after_s: float = Field(2.0, gt=0)
 

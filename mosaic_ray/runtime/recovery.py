@@ -6,7 +6,8 @@ A mixin of `Router` (router.py), kept apart so each file holds one concept. It u
 `_least_loaded`.
 
 When a shard is found dead (a call or a health probe raises `ActorDiedError`, or an ingress
-replica reports one through `shard_failed`):
+replica reports one through `shard_failed`; with `DurabilitySpec.replace_broken_shards`, also a
+shard whose health probe says its engine is broken or hung, which is then killed):
 
 1. it is marked dead: nothing is placed there, and every stream the map gives it is
    *recovering*: `locate` answers `StreamRecoveringError` (HTTP 503 + Retry-After) meanwhile;
@@ -102,6 +103,18 @@ class ShardRecovery:
         except Exception:
             return False
         return False
+
+    def _maybe_replace_broken(self, shard: str, cause: BaseException) -> None:
+        """With `replace_broken_shards`: a shard whose engine is broken or hung (a lost GPU, a CUDA
+        error) is killed, then recovered from like a dead one."""
+        if not (self._cfg.durability.replace_broken_shards and isinstance(cause, EngineFailedError)):
+            return
+        log.warning("shard %s: %s; replacing it", shard, cause)
+        try:
+            ray.kill(self._shards[shard], no_restart=True)
+        except Exception:
+            pass
+        self._shard_died(shard, f"engine broken: {cause}")
 
     def _shard_died(self, shard: str, reason: str) -> None:
         if shard in self._dead:

@@ -175,6 +175,7 @@ class Router(ShardRecovery):
                 self._shard_died(name, str(res))
             elif isinstance(res, BaseException):
                 self._unhealthy[name] = str(unwrap_ray_error(res))
+                self._maybe_replace_broken(name, unwrap_ray_error(res))
             else:
                 self._unhealthy.pop(name, None)
         self._schedule_recovery()  # streams whose rebuild failed are tried again

@@ -211,3 +211,42 @@ def test_a_stream_whose_log_breaks_the_engine_is_quarantined(ray_cluster, tmp_pa
     assert final.status == 500 and "could not be rebuilt" in str(final)
     assert first["quarantined"] == ["poison"] and later["quarantined"] == ["poison"]
     assert later["errors"] == first["errors"]
+
+
+def test_broken_engines_are_replaced_when_asked(ray_cluster, tmp_path):
+    """`replace_broken_shards`: a shard whose engine broke (a lost GPU, here the fake engine's crash
+    text) is killed and its streams rebuilt; the poison stream breaks one more engine, is
+    quarantined, and that shard is replaced too. Every other stream keeps all its frames."""
+    cfg = _config("chaosbroken", str(tmp_path / "log"), 2)
+    cfg = cfg.model_copy(update={"durability": cfg.durability.model_copy(update={"replace_broken_shards": True})})
+    shutdown_runtime(cfg, forget_streams=True)
+    healthy = {"a": cfg.shard_name(0), "b": cfg.shard_name(1)}
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        for sid, shard in [*healthy.items(), ("poison", cfg.shard_name(0))]:
+            await d.ask_router("create_stream", sid, shard)
+            await d.call(sid, "append_frames", 0, FRAMES[:3], [0.0, 1.0, 2.0])
+        with pytest.raises(EngineError):
+            await d.call("poison", "append_text", CRASH_TEXT, 3.0)
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while True:  # the health loop kills shard 0, then the shard the poison's replay breaks
+            status = await d.ask_router("recovery_status")
+            settled = not (status["recovering"].keys() - {"poison"}) and not status["dead"]
+            if status["quarantined"] and settled:
+                break
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.2)
+        infos = {sid: await _call(d, sid, "stream_info", deadline=deadline) for sid in healthy}
+        answers = [await _call(d, sid, "answer", {"question": "?"}, deadline=deadline) for sid in healthy]
+        return infos, status, answers, await d.ask_router("health")
+
+    try:
+        infos, status, answers, health = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert all(i["frames"] == 3 for i in infos.values())
+    assert status["quarantined"] == ["poison"] and len(status["episodes"]) >= 1
+    assert all(a["text"].startswith("I saw 3 frames") for a in answers)
+    assert set(health.values()) == {"ok"}
