@@ -16,8 +16,9 @@ shard whose health probe says its engine is broken or hung, which is then killed
    replacement, when no other shard lives) replays the stream's log (`ShardActor.recover_stream`),
    then `map.set(stream, shard)`; its requests flow again.
 
-A stream whose rebuild failed stays recovering and is tried again on the next health round or
-report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on). A
+A stream whose rebuild failed (its target died too, its log is unreadable) stays recovering and
+is tried again after a backoff (RETRY_MIN_S doubling to RETRY_MAX_S), or sooner on a health round
+or report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on). A
 stream whose replay broke the target's engine (a record the engine crashes on: a poison record)
 is quarantined: never tried again (else it would break every shard in turn), answered 500
 `engine_failure` until deleted.
@@ -52,6 +53,10 @@ log = logging.getLogger("mosaic_ray.runtime.recovery")
 # Seconds between attempts to start a replacement shard. The first attempt often finds the dead
 # actor's name not yet released (a name lookup: cheap to repeat), so retry soon.
 REPLACE_RETRY_S = 0.5
+# Backoff between passes over streams whose rebuild failed: soon (a target that died mid-replay is
+# replaced in seconds), then rarer (a corrupt log fails every time; each try reads it whole).
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
 
 
 class ShardRecovery:
@@ -63,6 +68,8 @@ class ShardRecovery:
         self._recovery_errors: dict[str, str] = {}
         self._quarantined: set[str] = set()  # recovering streams whose replay broke an engine
         self._recovery_task: asyncio.Task | None = None
+        self._retry_s = RETRY_MIN_S
+        self._failed_attempts = 0  # rebuilds that failed and were (or will be) tried again
         self._episodes: list[dict[str, Any]] = []  # one per dead shard or restart: timings, counts
         self._draining = False
 
@@ -70,6 +77,7 @@ class ShardRecovery:
     def recovery_status(self) -> dict[str, Any]:
         return {"dead": sorted(self._dead), "recovering": dict(self._recovering),
                 "errors": dict(self._recovery_errors), "quarantined": sorted(self._quarantined),
+                "failed_attempts": self._failed_attempts,
                 "episodes": list(self._episodes)}
 
     def _refuse_if_recovering(self, stream_id: str) -> None:
@@ -167,8 +175,13 @@ class ShardRecovery:
                 break
             tried.update(todo)
             await asyncio.gather(*(self._recover_one(sid, gate) for sid in todo))
+        if len(self._recovering) > len(self._quarantined):  # some failed: another pass, later
+            asyncio.get_running_loop().call_later(self._retry_s, self._schedule_recovery)
+            self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s)
+            return
+        self._retry_s = RETRY_MIN_S
         for ep in self._episodes:
-            if ep["seconds"] is None and len(self._recovering) == len(self._quarantined):
+            if ep["seconds"] is None:
                 ep["seconds"] = time.time() - ep["started"]
 
     async def _recover_one(self, sid: str, gate: asyncio.Semaphore) -> None:
@@ -179,6 +192,7 @@ class ShardRecovery:
                 target = await self._recovery_target()
             except ShardUnavailableError as exc:
                 self._recovery_errors[sid] = str(exc)
+                self._failed_attempts += 1
                 return
             self._reserved[target] = self._reserved.get(target, 0) + 1
             try:
@@ -198,6 +212,7 @@ class ShardRecovery:
             except Exception as exc:
                 log.warning("rebuilding %s on %s failed: %s", sid, target, exc)
                 self._recovery_errors[sid] = f"{type(exc).__name__}: {exc}"
+                self._failed_attempts += 1
                 return
             finally:
                 self._reserved[target] -= 1

@@ -250,3 +250,33 @@ def test_broken_engines_are_replaced_when_asked(ray_cluster, tmp_path):
     assert status["quarantined"] == ["poison"] and len(status["episodes"]) >= 1
     assert all(a["text"].startswith("I saw 3 frames") for a in answers)
     assert set(health.values()) == {"ok"}
+
+
+def test_a_shard_killed_while_it_rebuilds_another_shards_streams(ray_cluster, tmp_path):
+    """The shard replaying a dead shard's stream dies too, mid-replay: the stream is rebuilt again,
+    on a replacement, with every acknowledged frame."""
+    cfg = _config("chaostwice", str(tmp_path / "log"), 2)
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"kwargs": {"frame_delay_s": 0.01}})})
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "twice", cfg.shard_name(0))
+        for seq in range(50):  # 200 frames: a replay of ~2 s at 10 ms a frame
+            await d.call("twice", "append_frames", seq, FRAMES[:4], [4.0 * seq + i for i in range(4)])
+        for i in (0, 1):  # shard 0 dies; shard 1, the only live one, starts replaying; it dies too
+            ray.kill(ray.get_actor(cfg.shard_name(i), namespace=cfg.namespace), no_restart=True)
+            await d.ask_router("shard_failed", cfg.shard_name(i))
+            await asyncio.sleep(0.5)
+        killed_at = time.monotonic()
+        info = await _call(d, "twice", "stream_info", deadline=killed_at + RECOVERY_LIMIT_S)
+        return info, time.monotonic() - killed_at, await d.ask_router("recovery_status")
+
+    try:
+        info, seconds, status = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    print(f"\nCHAOS twice: back {seconds:.2f} s after the second kill, {status['failed_attempts']} failed rebuild(s)")
+    assert (info["frames"], info["last_seq"]) == (200, 49)
+    assert not status["recovering"] and status["failed_attempts"] >= 1  # the replay on shard 1 was cut
