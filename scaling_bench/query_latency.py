@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
 
 def publish(out: str, result: dict) -> list[str]:
-    """Write JSON + markdown table (+ PNG where matplotlib is installed); returns the table."""
+    """The run's table, written with its JSON and PNG (`report.publish`)."""
     r0 = result
     table = [f"Machine: {r0['machine']['device']}; model {r0['model']} on {r0['engine_device']}; one shard; load: "
              f"{r0['streams']} streams x {r0['fps_per_stream']:g} frame/s of {r0['video']} ({r0['frame_px']}px), a "
@@ -124,12 +124,7 @@ def publish(out: str, result: dict) -> list[str]:
         table.append(f"| {r['method']} | {r['path']} | {r['ttft']['n']} | {r['ttft']['p50_ms']:.1f} | "
                      f"{r['ttft']['p99_ms']:.1f} | {r['e2e']['p50_ms']:.1f} | {r['e2e']['p99_ms']:.1f} | "
                      f"{r['lag']['p99_ms']:.0f} |")
-    path = report.write(out, NAME, result, table)
-    try:
-        plot(result["rows"], path / f"{NAME}.png")
-    except ImportError:
-        print("matplotlib missing: no plot (re-render later with --from-json)")
-    return table
+    return report.publish(out, NAME, result, table, plot)
 
 
 if __name__ == "__main__":

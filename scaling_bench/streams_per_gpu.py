@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
 
 def publish(out: str, result: dict) -> list[str]:
-    """Write JSON + markdown table (+ PNG where matplotlib is installed); returns the table."""
+    """The run's table, written with its JSON and PNG (`report.publish`)."""
     r0 = result
     table = [f"Machine: {r0['machine']['device']}; model {r0['model']} on {r0['engine_device']}; path {r0['path']}; "
              f"{r0['frame_px']}px frames of {r0['video']} at {r0['fps_per_stream']:g} frame/s per stream; a question "
@@ -159,12 +159,7 @@ def publish(out: str, result: dict) -> list[str]:
         cells = (f"{at['lag']['p99_ms']:.0f} | {at['ttft']['p50_ms']:.0f} | {at['ttft']['p99_ms']:.0f} | "
                  f"{at['ingest_fps']:.1f}") if at else "- | - | - | -"
         table.append(f"| {r['method']} | {r['max_streams']}{'+' if r['ramp_exhausted'] else ''} | {cells} | {fail} |")
-    path = report.write(out, NAME, result, table)
-    try:
-        plot(result["rows"], path / f"{NAME}.png")
-    except ImportError:
-        print("matplotlib missing: no plot (re-render later with --from-json)")
-    return table
+    return report.publish(out, NAME, result, table, plot)
 
 
 if __name__ == "__main__":

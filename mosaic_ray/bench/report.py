@@ -35,6 +35,18 @@ def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) 
     return out
 
 
+def publish(out: str | Path, name: str, result: dict[str, Any], table: list[str], plot=None) -> list[str]:
+    """`write`, then `plot(result["rows"], png path)` where matplotlib is installed; returns the table.
+    Scripts call it after every measured part, so a run cut off by a time limit keeps what it got."""
+    path = write(out, name, result, table)
+    if plot is not None:
+        try:
+            plot(result["rows"], path / f"{name}.png")
+        except ImportError:
+            print("matplotlib missing: no plot (re-render later with --from-json)")
+    return table
+
+
 def pyplot():
     import matplotlib
 
