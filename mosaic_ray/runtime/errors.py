@@ -124,3 +124,12 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
     while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
         exc = exc.cause
     return exc
+
+
+class SnapshotLostError(EngineError):
+    """A stream's log was compacted and the snapshot holding its start is unreadable or missing:
+    the acknowledged records before the snapshot are lost. The router quarantines the stream (500
+    until deleted) rather than serve a stream missing its start."""
+
+    code = "stream_data_lost"
+    status = 500

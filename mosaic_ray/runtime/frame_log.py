@@ -11,15 +11,22 @@ The store is pluggable; its primitives:
     read(stream_id, from_seq)               the records, in append order (an iterator)
     exists / list_streams                   the streams that have a log
     release(stream_id)                      this process stops writing the stream (it moved away)
-    delete(stream_id)                       the stream was deleted: its log goes too
+    delete(stream_id)                       the stream was deleted: its log and snapshot go too
     sync / close                            flush everything (shutdown)
+    put_snapshot(stream_id, mark, blob)     the stream's one snapshot slot, replaced atomically
+    get_snapshot(stream_id)                 -> (mark, blob) | None
+    truncate_before(stream_id, mark)        compaction: drop the records before `MarkRecord(mark)`
 
 Invariants every store keeps:
 - `read` yields exactly the records `append` was given, in order, for every `append` that
   returned; a record is never half there (a torn tail, left by a crash mid-write, is dropped).
 - Records of one stream are appended by one writer at a time (the shard that owns the stream,
   under its stream lock): stores need no cross-writer ordering.
-- Every log starts with an `OpenRecord`, so a stream with no frames yet is still found.
+- Every log starts with an `OpenRecord`, so a stream with no frames yet is still found, until it
+  is compacted: then it starts with the `MarkRecord` of the snapshot that holds everything before
+  it (`snapshots.py`). So a log whose first record is an `OpenRecord` is whole: replaying it alone
+  rebuilds the stream; any other log needs its snapshot.
+- A snapshot replaces the previous one whole or not at all (a torn write leaves the old one).
 
 Stores: `DiskFrameLog` (`frame_log_disk.py`, the default; a root directory that may be shared
 storage) and `MemoryFrameLog` (tests; one process). A deployment names its own with
@@ -100,12 +107,25 @@ class OptionsRecord:
     options: dict
 
 
-LogRecord = OpenRecord | FrameRecord | TextRecord | OptionsRecord
+@dataclass(slots=True, frozen=True)
+class MarkRecord:
+    """Where a snapshot was taken: the engine then held exactly the records before this one.
+    `mark` names the snapshot (unique per stream); `last_seq` is the stream's seq at that point."""
+
+    mark: int
+    last_seq: int
+
+
+LogRecord = OpenRecord | FrameRecord | TextRecord | OptionsRecord | MarkRecord
+
+
+class SnapshotCorruptError(LogCorruptError):
+    """A stored snapshot fails its checksum (or cannot be decoded)."""
 
 
 def encode_record(record: LogRecord) -> bytes:
     """A record as msgpack: ["o", created] | ["f", seq, [[kind, data, shape]], [ts]] | ["t", text, ts]
-    | ["c", options]."""
+    | ["c", options] | ["m", mark, last_seq]."""
     if isinstance(record, FrameRecord):
         frames = [[f.kind, f.data, list(f.shape)] for f in record.frames]
         body = ["f", record.seq, frames, list(record.timestamps)]
@@ -115,6 +135,8 @@ def encode_record(record: LogRecord) -> bytes:
         body = ["o", record.created]
     elif isinstance(record, OptionsRecord):
         body = ["c", record.options]
+    elif isinstance(record, MarkRecord):
+        body = ["m", record.mark, record.last_seq]
     else:
         raise TypeError(f"not a log record: {type(record).__name__}")
     return msgpack.packb(body, use_bin_type=True)
@@ -132,6 +154,8 @@ def decode_record(payload: bytes) -> LogRecord:
         return OpenRecord(float(body[1]))
     if kind == "c":
         return OptionsRecord(dict(body[1]))
+    if kind == "m":
+        return MarkRecord(int(body[1]), int(body[2]))
     raise LogCorruptError(f"unknown record kind {kind!r}")
 
 
@@ -178,12 +202,42 @@ class FrameLog(abc.ABC):
     def close(self) -> None:
         self.sync()
 
+    # Snapshots and compaction (`snapshots.py`). A store without them keeps whole logs: the
+    # shard then takes no snapshots (these raise NotImplementedError).
+    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
+        """Replace the stream's snapshot with `blob`, taken at `MarkRecord(mark)`; durable when it
+        returns. A write cut short leaves the previous snapshot as it was."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no snapshots")
+
+    def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+        """(mark, blob) of the stream's snapshot, None if it has none; `SnapshotCorruptError` if it
+        fails its checksum."""
+        return None
+
+    def truncate_before(self, stream_id: str, mark: int) -> int:
+        """Drop every record before `MarkRecord(mark)` (it becomes the first); the records after
+        it, appended meanwhile too, stay. Returns the records dropped (0: mark not in the log).
+        Called by the stream's writer only, under its stream lock."""
+        raise NotImplementedError(f"{type(self).__name__} does not compact")
+
+
+def find_mark(payloads: Sequence[bytes], mark: int) -> int | None:
+    """The index of `MarkRecord(mark)` among encoded records, None if absent. Searched from the
+    end (a mark is recent); only records starting like the mark's encoding are decoded."""
+    key = encode_record(MarkRecord(mark, 0))[:-1]  # msgpack of ["m", mark, ...] up to last_seq
+    for i in range(len(payloads) - 1, -1, -1):
+        p = payloads[i]
+        if p[: len(key)] == key and isinstance(rec := decode_record(p), MarkRecord) and rec.mark == mark:
+            return i
+    return None
+
 
 class MemoryFrameLog(FrameLog):
     """Logs in this process's memory: for tests of the store contract and single-process runs."""
 
     def __init__(self) -> None:
         self._logs: dict[str, list[bytes]] = {}
+        self._snapshots: dict[str, tuple[int, bytes]] = {}
         self._lock = threading.Lock()
 
     def append(self, stream_id: str, records: Sequence[LogRecord]) -> bool:
@@ -210,6 +264,24 @@ class MemoryFrameLog(FrameLog):
     def delete(self, stream_id: str) -> None:
         with self._lock:
             self._logs.pop(stream_id, None)
+            self._snapshots.pop(stream_id, None)
+
+    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
+        with self._lock:
+            self._snapshots[stream_id] = (int(mark), bytes(blob))
+
+    def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+        with self._lock:
+            return self._snapshots.get(stream_id)
+
+    def truncate_before(self, stream_id: str, mark: int) -> int:
+        with self._lock:
+            payloads = self._logs.get(stream_id, [])
+            at = find_mark(payloads, mark)
+            if not at:
+                return 0
+            del payloads[:at]
+            return at
 
 
 def log_root(spec: DurabilitySpec, runtime_name: str) -> Path:

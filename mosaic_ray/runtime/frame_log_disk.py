@@ -26,6 +26,16 @@ fsync policy (`DurabilitySpec.fsync`), and what an acknowledged frame survives:
 A killed shard actor is a process crash: every policy keeps its acknowledged frames. On shared
 storage (NFS) written pages reach the server only when flushed: use "always" there, or another
 node may not see the last records of a process that died with its node.
+
+Snapshots (`<root>/<stream_id>.snap`, one per stream):
+
+    magic b"MRS1" | mark i64 | blob length u64 | crc32(blob) u32 | crc32(the 24 bytes before) u32 | blob
+
+written to `<stream_id>.snap.tmp`, fsynced, renamed over the old one, directory fsynced: a crash
+at any point leaves the old snapshot or the new one, whole. Compaction (`truncate_before`) writes
+the records from the mark on to `<stream_id>.log.tmp` the same way, under the file's lock and
+the store's (no append can slip into the old file), and renames it over the log; records
+appended after the mark are copied, a torn tail is not.
 """
 
 from __future__ import annotations
@@ -44,14 +54,20 @@ from mosaic_ray.runtime.frame_log import (
     LogCorruptError,
     LogRecord,
     LogWriteError,
+    SnapshotCorruptError,
     after_seq,
     decode_record,
     encode_record,
+    find_mark,
 )
 
 MAGIC = b"MRL1"
 _HEAD = struct.Struct("<4sIII")  # magic, length, payload crc, header crc
 SUFFIX = ".log"
+SNAP_MAGIC = b"MRS1"
+_SNAP_HEAD = struct.Struct("<4sqQII")  # magic, mark, length, blob crc, header crc
+SNAP_SUFFIX = ".snap"
+TMP_SUFFIX = ".tmp"
 
 
 def frame_record(payload: bytes) -> bytes:
@@ -98,6 +114,20 @@ def _good_record_after(buf, start: int, size: int) -> bool:
         if _good_record(buf, pos, size) is not None:
             return True
         pos += 1
+
+
+class _Payloads:
+    """The payloads of a scanned file as a lazy sequence (compaction looks at a few of them)."""
+
+    def __init__(self, buf, spans: list[tuple[int, int]]) -> None:
+        self.buf, self.spans = buf, spans
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> bytes:
+        o, n = self.spans[i]
+        return bytes(self.buf[o : o + n])
 
 
 class _File:
@@ -212,10 +242,11 @@ class DiskFrameLog(FrameLog):
                 if f.fd >= 0:
                     os.close(f.fd)
                     f.fd = -1
-        try:
-            self.path(stream_id).unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.path(stream_id), self.snapshot_path(stream_id)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
     def sync(self) -> None:
         with self._lock:
@@ -277,6 +308,74 @@ class DiskFrameLog(FrameLog):
             spans, end = scan(buf)
             payloads = [bytes(buf[o : o + n]) for o, n in spans] if with_payloads else []
         return payloads, end
+
+    # ------------------------------------------------------------------ snapshots, compaction
+    def snapshot_path(self, stream_id: str) -> Path:
+        return self.root / f"{stream_id}{SNAP_SUFFIX}"
+
+    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
+        first = struct.pack("<4sqQI", SNAP_MAGIC, mark, len(blob), zlib.crc32(blob))
+        try:
+            self._replace(self.snapshot_path(stream_id), [first, struct.pack("<I", zlib.crc32(first)), blob])
+        except OSError as exc:
+            raise LogWriteError(f"snapshot write failed: {exc}") from None
+
+    def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+        try:
+            data = self.snapshot_path(stream_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) < _SNAP_HEAD.size:
+            raise SnapshotCorruptError(f"snapshot of {stream_id!r} is cut short ({len(data)} bytes)")
+        magic, mark, length, crc, head_crc = _SNAP_HEAD.unpack_from(data)
+        blob = data[_SNAP_HEAD.size :]
+        if magic != SNAP_MAGIC or zlib.crc32(data[:24]) != head_crc or length != len(blob) or zlib.crc32(blob) != crc:
+            raise SnapshotCorruptError(f"snapshot of {stream_id!r} fails its checksum")
+        return mark, blob
+
+    def truncate_before(self, stream_id: str, mark: int) -> int:
+        while True:
+            f = self._open(stream_id)
+            with f.lock:
+                if f.fd < 0:
+                    continue  # closed meanwhile: open it again
+                size = os.fstat(f.fd).st_size
+                if size == 0:
+                    return 0
+                with mmap.mmap(f.fd, size, access=mmap.ACCESS_READ) as buf:
+                    spans, end = scan(buf)
+                    at = find_mark(_Payloads(buf, spans), mark)
+                    if not at:
+                        return 0
+                    kept = bytes(buf[spans[at][0] - _HEAD.size : end])
+                path = self.path(stream_id)
+                with self._lock:  # no other descriptor of this stream can open while we swap files
+                    if self._files.get(stream_id) is not f:
+                        return 0  # evicted and maybe reopened meanwhile: compact next time
+                    try:
+                        self._replace(path, [kept])
+                    except OSError as exc:
+                        raise LogWriteError(f"log compaction failed: {exc}") from None
+                    del self._files[stream_id]  # the next append opens the new file
+                os.close(f.fd)
+                f.fd = -1
+                return at
+
+    def _replace(self, path: Path, parts: list[bytes]) -> None:
+        """Write `parts` to `path` atomically: temp file, fsync, rename, fsync the directory."""
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._dir_dirty = True
+        self._sync_dir_if_dirty()
 
     def exists(self, stream_id: str) -> bool:
         return self.path(stream_id).exists()

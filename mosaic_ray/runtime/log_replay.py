@@ -16,8 +16,11 @@ call each; the shard's `FrameBatcher` merges the groups of streams replayed at o
 call), and the next group is decoded while the engine works on the current one. A group the
 engine refuses is applied again record by record, to skip only the refused ones.
 
+Records other than frames, text and options (`OpenRecord`, a snapshot's `MarkRecord`) are skipped.
+
 Not replayed: questions. The engine's context includes earlier questions and answers (interface
-contract); a rebuilt stream holds the frames and text but not its Q/A history.
+contract); a rebuilt stream holds the frames and text but not its Q/A history (except the turns
+before its snapshot, if it was rebuilt from one: they are in the engine state it imported).
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ class ReplayResult:
 
 async def replay(
     records: Iterable[LogRecord], append_frames: AppendFrames, append_text: AppendText, decode: Decode,
-    max_frames: int, configure: Configure | None = None,
+    max_frames: int, configure: Configure | None = None, last_seq: int = -1,
 ) -> ReplayResult:
-    out = ReplayResult()
+    """Apply `records` in order; `last_seq` is the stream's seq before them (a snapshot's)."""
+    out = ReplayResult(last_seq=last_seq)
     groups = _groups(records, max_frames)
     pending = _next_decoded(groups, decode)
     while True:

@@ -21,7 +21,8 @@ is tried again after a backoff (RETRY_MIN_S doubling to RETRY_MAX_S), or sooner 
 or report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on). A
 stream whose replay broke the target's engine (a record the engine crashes on: a poison record)
 is quarantined: never tried again (else it would break every shard in turn), answered 500
-`engine_failure` until deleted.
+`engine_failure` until deleted. So is a stream whose log was compacted and whose snapshot is
+unusable (`SnapshotLostError`, `snapshots.py`): its start is lost, and it is not served truncated.
 At start, after the reconcile, a stream that has a log but that no live shard holds (a restart of
 the whole runtime, or a shard that died while no router ran) is recovered the same way.
 
@@ -42,6 +43,7 @@ from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
     ShardUnavailableError,
+    SnapshotLostError,
     ShuttingDownError,
     StreamRecoveringError,
 )
@@ -208,6 +210,11 @@ class ShardRecovery:
                 log.error("rebuilding %s broke the engine of %s (%s): quarantined", sid, target, exc)
                 self._quarantined.add(sid)
                 self._recovery_errors[sid] = f"replay broke the engine of {target}: {exc}"
+                return
+            except SnapshotLostError as exc:
+                log.error("stream %s lost its start (%s): quarantined", sid, exc)
+                self._quarantined.add(sid)
+                self._recovery_errors[sid] = str(exc)
                 return
             except Exception as exc:
                 log.warning("rebuilding %s on %s failed: %s", sid, target, exc)

@@ -70,6 +70,7 @@ class ShardActor(ShardDurability):
         self._fatal: BaseException | None = None
         dur = DurabilitySpec(**(durability or {"enabled": False}))
         self._log = ShardLog(dur, runtime_name, self._spec.decode_threads) if dur.enabled else None
+        self._snapshots = self._make_snapshots(dur)  # None: no snapshots (shard_durability.py)
         self._draining = False
         self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
         self._batcher = FrameBatcher(self._engine, self._call, self._spec.max_batch_frames)
@@ -110,6 +111,8 @@ class ShardActor(ShardDurability):
         slot.close()
         self._slots.pop(stream_id, None)
         if self._log is not None:
+            if self._snapshots is not None:
+                await self._snapshots.settle(stream_id)  # a snapshot still being written
             await self._log.delete(stream_id)
 
     async def list_streams(self) -> list[str]:
@@ -129,6 +132,8 @@ class ShardActor(ShardDurability):
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s):
             ack = await self._ingest.submit(slot, seq, frames, timestamps)
+        if self._snapshots is not None:
+            self._snapshots.note(slot, ack["frames_added"])
         pruned = getattr(self._engine, "frames_pruned", None)  # engines that prune report it
         return {**ack, "stream_id": stream_id, **({"frames_pruned": pruned(stream_id)} if pruned else {})}
 

@@ -4,9 +4,13 @@ A mixin of `ShardActor` (shard.py), kept apart so each file holds one concept. I
 actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`, `_batcher`,
 `_engine`, `_call`, `_fatal`, `_draining` and `name`.
 
-- `recover_stream`: rebuild a stream another shard held, from its frame log (`log_replay.py`).
-  The router holds the stream's requests off (503) until it returns, and maps the stream here
-  only then: no request is answered from a half-rebuilt stream.
+- `recover_stream`: rebuild a stream another shard held, from its snapshot (if any) and the
+  frame log after it (`snapshots.py`, `log_replay.py`). The router holds the stream's requests
+  off (503) until it returns, and maps the stream here only then: no request is answered from a
+  half-rebuilt stream.
+- snapshots: every `DurabilitySpec.snapshot_every_frames` acknowledged frames of a stream
+  (`StreamSnapshots`, made by `_make_snapshots`), then its log is compacted;
+  `snapshot_stream` takes one now (tests, operators).
 - `drain`: stop taking requests (503 `ShuttingDownError`, raised by the actor's `_slot`), let the
   admitted ones finish, fsync the logs.
 """
@@ -17,8 +21,12 @@ import asyncio
 import time
 from typing import Any
 
-from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
+from mosaic_ray.engine.interface import EngineError, StreamExistsError, UnknownStreamError
+from mosaic_ray.runtime.config import DurabilitySpec
+from mosaic_ray.runtime.errors import EngineFailedError
+from mosaic_ray.runtime.frame_log import FrameLog
 from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.snapshots import StreamSnapshots, plan_rebuild, without_snapshot
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 
@@ -33,18 +41,27 @@ class ShardDurability:
         start = time.perf_counter()
         if not await self._log.exists(stream_id):
             raise UnknownStreamError(f"stream {stream_id!r} has no frame log")
-        records = await self._log.read(stream_id)
+        plan = await asyncio.to_thread(plan_rebuild, self._log.store, stream_id)
         if await self._call(self._engine.has_stream, stream_id):  # a replay cut short before
             await self._call(self._engine.close_stream, stream_id)
-        await self._call(self._engine.open_stream, stream_id)
+        if plan.state is not None:
+            try:
+                await self._call(self._engine.import_stream, stream_id, plan.state)
+            except EngineFailedError:  # it broke the engine: a poison snapshot, quarantined as a poison record
+                raise
+            except EngineError as exc:  # refused (another model, inconsistent): as if unreadable
+                plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
+        if plan.state is None:
+            await self._call(self._engine.open_stream, stream_id)
         try:
             done = await replay(
-                records,
+                plan.records,
                 lambda frames, stamps: self._batcher.append(stream_id, frames, stamps),
                 lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
                 self._log.decode,
                 self._log.spec.replay_batch_frames,
                 lambda options: self._call(self._engine.configure_stream, stream_id, options),
+                last_seq=plan.last_seq,
             )
         except BaseException:
             if self._fatal is None:
@@ -52,9 +69,38 @@ class ShardDurability:
             raise
         self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, done.last_seq)
         self._moved.pop(stream_id, None)
+        if self._snapshots is not None:
+            self._snapshots.restored(stream_id, done.frames)
+        # "frames" are the frames replayed (after the snapshot, when one was used)
         return {"id": stream_id, "shard": self.name, "last_seq": done.last_seq, "frames": done.frames,
                 "batches": done.batches, "texts": done.texts, "options": done.options, "skipped": done.skipped,
-                "engine_calls": done.engine_calls, "seconds": time.perf_counter() - start}
+                "engine_calls": done.engine_calls, "records_replayed": len(plan.records),
+                "snapshot_mark": plan.mark, "snapshot_last_seq": plan.last_seq if plan.mark is not None else None,
+                "snapshot_problem": plan.problem, "seconds": time.perf_counter() - start}
+
+    async def snapshot_stream(self, stream_id: str) -> dict[str, Any] | None:
+        """Snapshot `stream_id` now and compact its log; its figures, or None if not taken."""
+        if self._snapshots is None:
+            raise UnknownStreamError("snapshots are off on this shard (no log, or a store without them)")
+        return await self._snapshots.take(self._slot(stream_id))
+
+    async def snapshot_stats(self) -> dict[str, Any]:
+        snaps = self._snapshots
+        if snaps is None:
+            return {"enabled": False}
+        return {"enabled": True, "every_frames": snaps.every_frames, "taken": snaps.taken, "failed": snaps.failed,
+                "in_flight": snaps.in_flight,
+                "streams": dict(snaps.last)}
+
+    def _make_snapshots(self, dur: DurabilitySpec) -> StreamSnapshots | None:
+        """Snapshots need logs, a cadence, and a store that keeps them (a custom one may not)."""
+        if self._log is None or dur.snapshot_every_frames == 0:
+            return None
+        store = self._log.store
+        if type(store).put_snapshot is FrameLog.put_snapshot or type(store).truncate_before is FrameLog.truncate_before:
+            return None
+        return StreamSnapshots(store, dur.snapshot_every_frames, self._call, self._engine.export_stream,
+                               lambda sid, slot: self._slots.get(sid) is slot, self._spec.hold_timeout_s)
 
     async def drain(self, timeout_s: float) -> dict[str, Any]:
         """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted

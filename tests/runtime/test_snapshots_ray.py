@@ -1,0 +1,178 @@
+"""Snapshots on live shards (fake engine): a stream is snapshotted every `snapshot_every_frames`
+acknowledged frames and its log shrinks; a shard killed after a snapshot and some more frames
+comes back with every acknowledged frame, having replayed only the log's tail; a compacted log
+whose snapshot is corrupt is quarantined, never served truncated."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import ray
+
+from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
+from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
+from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.serve.directory import StreamDirectory
+from tests.runtime.test_chaos import FRAMES, RECOVERY_LIMIT_S, _call, _config, _ingest
+
+pytestmark = pytest.mark.ray
+
+EVERY = 40  # frames between snapshots: 10 batches of 4
+BATCHES = 30
+BATCHES_AFTER_SNAPSHOT = 7
+WAIT_S = 20.0
+
+
+def _snap_config(name: str, root: str, num_shards: int, every: int):
+    cfg = _config(name, root, num_shards)
+    return cfg.model_copy(update={"durability": cfg.durability.model_copy(update={"snapshot_every_frames": every})})
+
+
+async def _stats(cfg, shard: str) -> dict:
+    return await ray.get_actor(shard, namespace=cfg.namespace).snapshot_stats.remote()
+
+
+async def _frames(d: StreamDirectory, sid: str, seqs, deadline: float) -> None:
+    """One 4-frame batch per seq, timestamps 4 * seq + i."""
+    for seq in seqs:
+        await _call(d, sid, "append_frames", seq, FRAMES[:4], [4.0 * seq + i for i in range(4)], deadline=deadline)
+
+
+def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster, tmp_path):
+    cfg = _snap_config("snapcadence", str(tmp_path / "log"), 1, EVERY)
+    shutdown_runtime(cfg, forget_streams=True)
+    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
+        await _frames(d, "cam", range(BATCHES), time.monotonic() + 60)
+        until = time.monotonic() + WAIT_S  # snapshots are written off the request path
+        while (stats := await _stats(cfg, cfg.shard_name(0)))["in_flight"]:
+            assert time.monotonic() < until, stats
+            await asyncio.sleep(0.05)
+        return stats, await d.call("cam", "stream_info")
+
+    try:
+        stats, info = asyncio.run(go())
+        records = list(logs.read("cam"))
+        snapshot = logs.get_snapshot("cam")
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert stats["enabled"] and stats["every_frames"] == EVERY and stats["failed"] == 0
+    assert stats["taken"] >= 2  # 120 frames: at 40, 80 and 120 (one at a time per stream)
+    assert isinstance(records[0], MarkRecord) and snapshot is not None and snapshot[0] == records[0].mark
+    assert stats["streams"]["cam"]["last_seq"] == records[0].last_seq
+    # what the log still holds: the batches after the last snapshot (about a cadence's worth at
+    # most: the cadence is approximate), against all 30 without snapshots
+    tail = [r.seq for r in records if isinstance(r, FrameRecord)]
+    assert not any(isinstance(r, OpenRecord) for r in records) and len(tail) < BATCHES // 2
+    assert tail == list(range(records[0].last_seq + 1, BATCHES))
+    assert (info["frames"], info["last_seq"]) == (4 * BATCHES, BATCHES - 1)
+
+
+def test_killed_after_a_snapshot_every_frame_is_back_and_only_the_tail_replayed(ray_cluster, tmp_path):
+    cfg = _snap_config("snapkill", str(tmp_path / "log"), 2, 100_000)  # snapshots only when asked
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
+        deadline = time.monotonic() + 60
+        await _call(d, "cam", "append_text", "before the snapshot", 0.0, deadline=deadline)
+        await _frames(d, "cam", range(BATCHES), deadline)
+        snap = await d.call("cam", "snapshot_stream")
+        await _call(d, "cam", "append_text", "after the snapshot", 4.0 * BATCHES, deadline=deadline)
+        await _frames(d, "cam", range(BATCHES, BATCHES + BATCHES_AFTER_SNAPSHOT), deadline)
+        before = await d.call("cam", "stream_info")
+        tail = list(DiskFrameLog(tmp_path / "log" / cfg.name).read("cam"))
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        after = await _call(d, "cam", "stream_info", deadline=time.monotonic() + RECOVERY_LIMIT_S)
+        return snap, before, after, tail, await d.ask_router("recovery_status")
+
+    shutdown_runtime(cfg, forget_streams=True)
+    try:
+        snap, before, after, tail, status = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    last = BATCHES + BATCHES_AFTER_SNAPSHOT - 1
+    assert snap["last_seq"] == BATCHES - 1 and snap["records_dropped"] == 2 + BATCHES  # open, text, frames
+    assert [type(r) for r in tail] == [MarkRecord, TextRecord] + [FrameRecord] * BATCHES_AFTER_SNAPSHOT
+    assert (after["frames"], after["last_seq"], after["texts"]) == (4 * (last + 1), last, 2)
+    assert after["shard"] == cfg.shard_name(1) and after["duration_s"] == before["duration_s"]
+    assert status["episodes"][0]["frames"] == 4 * BATCHES_AFTER_SNAPSHOT  # only the tail was replayed
+
+
+def test_killed_under_load_with_snapshots_loses_no_acknowledged_frame(ray_cluster, tmp_path):
+    """The chaos test's load (streams ingesting back to back, a shard killed) with snapshots every
+    EVERY frames taken meanwhile: acknowledged = stored, and less than all of it replayed."""
+    cfg = _snap_config("snapchaos", str(tmp_path / "log"), 2, EVERY)
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        sids = [f"load-{i}" for i in range(4)]
+        for i, sid in enumerate(sids):
+            await d.ask_router("create_stream", sid, cfg.shard_name(i % 2))
+        acked: dict[str, tuple[int, int]] = {}
+        stop = asyncio.Event()
+        feeders = [asyncio.create_task(_ingest(d, sid, stop, acked)) for sid in sids]
+        await asyncio.sleep(1.5)
+        stats = await _stats(cfg, cfg.shard_name(0))
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*feeders)
+        infos = {sid: await _call(d, sid, "stream_info", deadline=time.monotonic() + 30) for sid in sids}
+        return acked, infos, stats, await d.ask_router("recovery_status")
+
+    try:
+        acked, infos, stats, status = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    for sid, (last_seq, frames) in acked.items():
+        assert (infos[sid]["frames"], infos[sid]["last_seq"]) == (frames, last_seq), sid
+    assert stats["taken"] >= 2, stats
+    acked_on_killed = sum(acked[s][1] for s in ("load-0", "load-2"))
+    print(f"\nSNAPSHOT CHAOS: {stats['taken']} snapshots on the killed shard; replayed "
+          f"{status['episodes'][0]['frames']} of the {acked_on_killed}+ frames its streams hold")
+    assert 0 < status["episodes"][0]["frames"] < acked_on_killed
+
+
+def test_a_compacted_log_whose_snapshot_is_corrupt_is_quarantined(ray_cluster, tmp_path):
+    cfg = _snap_config("snaplost", str(tmp_path / "log"), 2, 100_000)
+    shutdown_runtime(cfg, forget_streams=True)
+    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "lost", cfg.shard_name(0))
+        await d.call("lost", "append_frames", 0, FRAMES[:2], [0.0, 1.0])
+        await d.call("lost", "snapshot_stream")
+        await d.call("lost", "append_frames", 1, FRAMES[:2], [2.0, 3.0])
+        path = logs.snapshot_path("lost")
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while True:
+            try:
+                await d.call("lost", "stream_info")
+            except EngineError as exc:
+                if exc.status == 500 or time.monotonic() > deadline:
+                    return exc, await d.ask_router("recovery_status")
+            await asyncio.sleep(0.1)
+
+    try:
+        final, status = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert final.status == 500 and status["quarantined"] == ["lost"]
+    assert "lost" in status["errors"]["lost"] or "snapshot" in status["errors"]["lost"]
