@@ -27,61 +27,50 @@ class StreamMovedError(EngineError):
         return f"stream {self.stream_id!r} moved to shard {self.shard!r}"
 
 
-class ShardBusyError(EngineError):
+class RetryLaterError(EngineError):
+    """Base of the errors a client answers by retrying after `retry_after_s` (sent as Retry-After)."""
+
+    default_retry_after_s = 1.0
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        retry_after_s = self.default_retry_after_s if retry_after_s is None else retry_after_s
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ShardBusyError(RetryLaterError):
     """The shard's ingest queue is full, or the stream is held longer than allowed; retry later."""
 
     code = "overloaded"
     status = 503
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, retry_after_s)
-        self.message, self.retry_after_s = message, retry_after_s
 
-    def __str__(self) -> str:
-        return self.message
-
-
-class QuotaExceededError(EngineError):
+class QuotaExceededError(RetryLaterError):
     """A tenant holds as many streams as it may (`TenantLimits.max_streams`); nothing was created."""
 
     code = "quota_exceeded"
     status = 429
-
-    def __init__(self, message: str, retry_after_s: float = 30.0) -> None:
-        super().__init__(message, retry_after_s)
-        self.message, self.retry_after_s = message, retry_after_s
-
-    def __str__(self) -> str:
-        return self.message
+    default_retry_after_s = 30.0
 
 
-class StreamRecoveringError(EngineError):
+class StreamRecoveringError(RetryLaterError):
     """The stream's shard died; the router is rebuilding it on a live shard from its frame log.
     Nothing acknowledged is lost: retry after `retry_after_s`."""
 
     code = "stream_recovering"
     status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
-        super().__init__(message, retry_after_s)
-        self.message, self.retry_after_s = message, retry_after_s
-
-    def __str__(self) -> str:
-        return self.message
+    default_retry_after_s = 2.0
 
 
-class ShuttingDownError(EngineError):
+class ShuttingDownError(RetryLaterError):
     """The runtime is stopping (SIGTERM): no new work is taken; retry against its successor."""
 
     code = "shutting_down"
     status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
-        super().__init__(message, retry_after_s)
-        self.message, self.retry_after_s = message, retry_after_s
-
-    def __str__(self) -> str:
-        return self.message
+    default_retry_after_s = 5.0
 
 
 class MalformedFrameError(EngineError):

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.runtime.errors import RetryLaterError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 
 if TYPE_CHECKING:
@@ -64,18 +65,11 @@ class LogCorruptError(EngineError):
     status = 500
 
 
-class LogWriteError(EngineError):
+class LogWriteError(RetryLaterError):
     """The log refused a write (disk full, storage gone): nothing was acknowledged; retry later."""
 
     code = "log_unavailable"
     status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, retry_after_s)
-        self.message, self.retry_after_s = message, retry_after_s
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(slots=True, frozen=True)
