@@ -161,6 +161,12 @@ class DurabilitySpec(_Strict):
     # (27 frames/s prefill, FACTS.md), inside the 30 s recovery goal; more often costs a snapshot
     # write (the stream's KV bytes) each time.
     snapshot_every_frames: int = Field(600, ge=0)
+    # A snapshot is built whole in host memory (the export, its bytes, and the read-back: about 3x
+    # the stream's KV for a moment) and rewritten whole each time; a stream whose KV (host + device)
+    # is larger is not snapshotted (its log stays whole and a rebuild replays it all). 4 GiB is
+    # about 9 minutes of a 7B-shaped stream under `full`, 3 hours under `cluster` with slab sharing
+    # off. 0: no limit. Incremental snapshots would lift this (not built).
+    snapshot_max_bytes: int = Field(4 << 30, ge=0)
 
     @field_validator("store")
     @classmethod

@@ -89,7 +89,7 @@ class ShardDurability:
         if snaps is None:
             return {"enabled": False}
         return {"enabled": True, "every_frames": snaps.every_frames, "taken": snaps.taken, "failed": snaps.failed,
-                "in_flight": snaps.in_flight,
+                "skipped": snaps.skipped, "max_bytes": snaps.max_bytes, "in_flight": snaps.in_flight,
                 "streams": dict(snaps.last)}
 
     def _make_snapshots(self, dur: DurabilitySpec) -> StreamSnapshots | None:
@@ -100,7 +100,13 @@ class ShardDurability:
         if type(store).put_snapshot is FrameLog.put_snapshot or type(store).truncate_before is FrameLog.truncate_before:
             return None
         return StreamSnapshots(store, dur.snapshot_every_frames, self._call, self._engine.export_stream,
-                               lambda sid, slot: self._slots.get(sid) is slot, self._spec.hold_timeout_s)
+                               lambda sid, slot: self._slots.get(sid) is slot, self._spec.hold_timeout_s,
+                               size=self._stream_kv_bytes, max_bytes=dur.snapshot_max_bytes)
+
+    def _stream_kv_bytes(self, stream_id: str) -> int:
+        """The stream's KV bytes (host pool + device), on the engine thread (via `_call`)."""
+        info = self._engine.stream_info(stream_id)
+        return int(info.get("kv_bytes_host", 0)) + int(info.get("kv_bytes_device", 0))
 
     async def drain(self, timeout_s: float) -> dict[str, Any]:
         """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted

@@ -132,11 +132,14 @@ class StreamSnapshots:
     def __init__(
         self, store: FrameLog, every_frames: int, call: Callable[..., Awaitable[Any]],
         export: Callable[[str], dict[str, Any]], owns: Callable[[str, StreamSlot], bool], hold_timeout_s: float,
+        size: Callable[[str], int] | None = None, max_bytes: int = 0,
     ) -> None:
         if every_frames < 1:
             raise ValueError(f"every_frames must be >= 1, got {every_frames}")
         self._store, self.every_frames, self._call, self._export = store, every_frames, call, export
         self._owns, self._hold_timeout_s = owns, hold_timeout_s
+        self._size, self.max_bytes = size, max_bytes  # streams over max_bytes are not snapshotted
+        self.skipped = 0
         self._due: dict[str, int] = {}  # frames acknowledged since the stream's last mark
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_mark = 0
@@ -177,6 +180,14 @@ class StreamSnapshots:
                 async with slot.lock:
                     if not self._owns(sid, slot):
                         return None
+                    if self.max_bytes and self._size is not None:
+                        nbytes = await self._call(self._size, sid)
+                        if nbytes > self.max_bytes:
+                            self.skipped += 1
+                            self._due[sid] = 0
+                            log.warning("stream %s: %d KV bytes > snapshot_max_bytes %d: no snapshot, its log "
+                                        "stays whole", sid, nbytes, self.max_bytes)
+                            return None
                     state = await self._call(self._export, sid)
                     mark = self._last_mark = max(time.time_ns(), self._last_mark + 1)
                     last_seq = slot.last_seq

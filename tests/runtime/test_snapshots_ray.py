@@ -26,9 +26,10 @@ BATCHES_AFTER_SNAPSHOT = 7
 WAIT_S = 20.0
 
 
-def _snap_config(name: str, root: str, num_shards: int, every: int):
+def _snap_config(name: str, root: str, num_shards: int, every: int, max_bytes: int = 0):
     cfg = _config(name, root, num_shards)
-    return cfg.model_copy(update={"durability": cfg.durability.model_copy(update={"snapshot_every_frames": every})})
+    durability = cfg.durability.model_copy(update={"snapshot_every_frames": every, "snapshot_max_bytes": max_bytes})
+    return cfg.model_copy(update={"durability": durability})
 
 
 async def _stats(cfg, shard: str) -> dict:
@@ -73,6 +74,34 @@ def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster,
     assert not any(isinstance(r, OpenRecord) for r in records) and len(tail) < BATCHES // 2
     assert tail == list(range(records[0].last_seq + 1, BATCHES))
     assert (info["frames"], info["last_seq"]) == (4 * BATCHES, BATCHES - 1)
+
+
+def test_a_stream_over_snapshot_max_bytes_keeps_its_whole_log(ray_cluster, tmp_path):
+    cfg = _snap_config("snapcap", str(tmp_path / "log"), 1, EVERY, max_bytes=1)  # every stream is over
+    shutdown_runtime(cfg, forget_streams=True)
+    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
+        await _frames(d, "cam", range(BATCHES // 3), time.monotonic() + 60)
+        until = time.monotonic() + WAIT_S
+        while (stats := await _stats(cfg, cfg.shard_name(0)))["in_flight"]:
+            assert time.monotonic() < until, stats
+            await asyncio.sleep(0.05)
+        return stats, await d.call("cam", "stream_info")
+
+    try:
+        stats, info = asyncio.run(go())
+        records = list(logs.read("cam"))
+        snapshot = logs.get_snapshot("cam")
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert stats["taken"] == 0 and stats["skipped"] >= 1 and stats["failed"] == 0 and snapshot is None
+    assert isinstance(records[0], OpenRecord)  # never compacted
+    assert [r.seq for r in records if isinstance(r, FrameRecord)] == list(range(BATCHES // 3))
+    assert info["frames"] == 4 * (BATCHES // 3)
 
 
 def test_killed_after_a_snapshot_every_frame_is_back_and_only_the_tail_replayed(ray_cluster, tmp_path):
