@@ -4,8 +4,10 @@ A snapshot is {"meta": plain data, "tensors": {name: Tensor}}: the stream's coun
 sink + window, its retriever's device state, and the contents of the host-pool slabs it owns.
 Importing allocates fresh slabs in the target pool and rewrites every slab reference, so the
 stream's clusters move whole (a stream never spans shards) and answers after a move are identical.
-Tensors come back on the host; the transport (torch.distributed, Ray's object store) is the
-runtime's business.
+Tensors stay where the stream keeps them (resident window and retriever state on the engine's
+device, pool slabs on the host), as copies: the runtime's transport sends device tensors over NCCL
+and host tensors over gloo (or Ray's object store), and `import_stream` puts each where the target
+engine keeps it.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def _owner(obj, path):
 def export_stream(state: StreamState) -> dict[str, Any]:
     cache = state.cache
     retriever = cache.retriever
-    tensors: dict[str, torch.Tensor] = {f"resident.{n}": getattr(cache, n).cpu().clone() for n in _RESIDENT}
+    tensors: dict[str, torch.Tensor] = {f"resident.{n}": getattr(cache, n).clone() for n in _RESIDENT}
     meta: dict[str, Any] = {"counters": {c: getattr(state, c) for c in _COUNTERS}, "total_tokens": cache.total_tokens,
                             "method": retriever.method, "plain": {}}
     for path, tnames, pnames, _ in _RETRIEVER_FIELDS[retriever.method]:
         obj = _owner(retriever, path)
         for n in tnames:
-            tensors[f"retriever.{path}.{n}"] = getattr(obj, n).cpu().clone()
+            tensors[f"retriever.{path}.{n}"] = getattr(obj, n).clone()
         for n in pnames:
             meta["plain"][f"{path}.{n}"] = getattr(obj, n)
     pool = retriever.pool
@@ -64,7 +66,7 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     if meta["method"] != retriever.method:
         raise ValueError(f"snapshot uses retrieval {meta['method']!r}, this engine {retriever.method!r}")
     pool, dev = retriever.pool, cache.device
-    old = tensors["pool.slab_ids"].to(torch.int64)
+    old = tensors["pool.slab_ids"].to("cpu", torch.int64)
     new = pool.allocate(old.numel(), retriever.owner)
     pool.kv[new] = tensors["pool.kv"].to(pool.kv.dtype)
     pool.order[new] = tensors["pool.order"]
@@ -82,6 +84,7 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
         for n in tnames:
             t = tensors[f"retriever.{path}.{n}"]
             if n == slab_attr:
+                t = t.cpu()
                 t = torch.where(t >= 0, remap[t.clamp(min=0)], -1)
             setattr(obj, n, t.to(dev, copy=True))
         for n in pnames:
