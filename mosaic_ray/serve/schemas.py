@@ -117,6 +117,8 @@ class FrameAck(BaseModel):
     frames_added: int
     frames_total: int | None = None
     duplicate: bool = False
+    frames_pruned: int | None = Field(None, description="frames of the stream pruned before the encoder so far "
+                                                        "(null for engines that do not prune)")
 
 
 # ---------------------------------------------------------------------- text and questions

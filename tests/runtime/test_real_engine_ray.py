@@ -67,3 +67,22 @@ def test_greedy_answers_survive_migration_both_ways(runtime):
     assert (there["transport"], back["transport"]) == ("distributed", "object_store")
     assert after_there[0] == after_there[1]
     assert after_back[0] == after_back[1]
+
+
+def test_frame_acks_report_pruned_frames(runtime):
+    """With pruning switched on for a stream, a batch of one frame repeated is mostly pruned before
+    the encoder, and the shard's acknowledgement says how many frames the stream has pruned."""
+    a, _ = runtime.shard_names
+    frame = np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+
+    async def go():
+        d = await StreamDirectory.connect(runtime)
+        await d.ask_router("create_stream", "static", a)
+        await d.call("static", "configure_stream", {"pruning": True})
+        first = await d.call("static", "append_frames", 0, [frame] * 4, [0.0, 1.0, 2.0, 3.0])
+        second = await d.call("static", "append_frames", 1, [frame] * 4, [4.0, 5.0, 6.0, 7.0])
+        return first, second, await d.call("static", "stream_info")
+
+    first, second, info = asyncio.run(go())
+    assert first["frames_pruned"] == 3 and second["frames_pruned"] == 7  # the first frame is kept
+    assert info["frames"] == 1 and info["frames_seen"] == 8 and info["duration_s"] == 7.0

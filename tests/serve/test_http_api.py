@@ -79,7 +79,8 @@ def test_frames_in_every_encoding_and_seq_deduplication(http, stream):
         {"ts": 1.0, "raw": raw, "shape": [8, 8, 3]},
     ])
     ack = http.post(f"/v1/streams/{stream}/frames", content=body, headers=MSGPACK).json()
-    assert ack == {"stream_id": stream, "seq": 0, "frames_added": 3, "frames_total": 3, "duplicate": False}
+    assert ack == {"stream_id": stream, "seq": 0, "frames_added": 3, "frames_total": 3, "duplicate": False,
+                   "frames_pruned": None}  # the fake engine does not prune
     again = http.post(f"/v1/streams/{stream}/frames", content=body, headers=MSGPACK).json()
     assert again["duplicate"] and again["frames_added"] == 0
     one = http.post(f"/v1/streams/{stream}/frames?ts=2.0&seq=1", content=_image("JPEG"),
