@@ -42,16 +42,17 @@ async def _frames(d: StreamDirectory, sid: str, seqs, deadline: float) -> None:
         await _call(d, sid, "append_frames", seq, FRAMES[:4], [4.0 * seq + i for i in range(4)], deadline=deadline)
 
 
-def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster, tmp_path):
-    cfg = _snap_config("snapcadence", str(tmp_path / "log"), 1, EVERY)
+def _ingest_and_settle(cfg, root, batches: int):
+    """Open "cam" on shard 0, push `batches` 4-frame batches, wait for snapshots in flight; returns
+    (snapshot stats, stream info, the log's records, the stored snapshot)."""
     shutdown_runtime(cfg, forget_streams=True)
-    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
+    logs = DiskFrameLog(root / cfg.name)
 
     async def go():
         await connect_runtime(cfg)
         d = await StreamDirectory.connect(cfg)
         await d.ask_router("create_stream", "cam", cfg.shard_name(0))
-        await _frames(d, "cam", range(BATCHES), time.monotonic() + 60)
+        await _frames(d, "cam", range(batches), time.monotonic() + 60)
         until = time.monotonic() + WAIT_S  # snapshots are written off the request path
         while (stats := await _stats(cfg, cfg.shard_name(0)))["in_flight"]:
             assert time.monotonic() < until, stats
@@ -60,10 +61,14 @@ def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster,
 
     try:
         stats, info = asyncio.run(go())
-        records = list(logs.read("cam"))
-        snapshot = logs.get_snapshot("cam")
+        return stats, info, list(logs.read("cam")), logs.get_snapshot("cam")
     finally:
         shutdown_runtime(cfg, forget_streams=True)
+
+
+def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster, tmp_path):
+    cfg = _snap_config("snapcadence", str(tmp_path / "log"), 1, EVERY)
+    stats, info, records, snapshot = _ingest_and_settle(cfg, tmp_path / "log", BATCHES)
     assert stats["enabled"] and stats["every_frames"] == EVERY and stats["failed"] == 0
     assert stats["taken"] >= 2  # 120 frames: at 40, 80 and 120 (one at a time per stream)
     assert isinstance(records[0], MarkRecord) and snapshot is not None and snapshot[0] == records[0].mark
@@ -78,26 +83,7 @@ def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster,
 
 def test_a_stream_over_snapshot_max_bytes_keeps_its_whole_log(ray_cluster, tmp_path):
     cfg = _snap_config("snapcap", str(tmp_path / "log"), 1, EVERY, max_bytes=1)  # every stream is over
-    shutdown_runtime(cfg, forget_streams=True)
-    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
-
-    async def go():
-        await connect_runtime(cfg)
-        d = await StreamDirectory.connect(cfg)
-        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
-        await _frames(d, "cam", range(BATCHES // 3), time.monotonic() + 60)
-        until = time.monotonic() + WAIT_S
-        while (stats := await _stats(cfg, cfg.shard_name(0)))["in_flight"]:
-            assert time.monotonic() < until, stats
-            await asyncio.sleep(0.05)
-        return stats, await d.call("cam", "stream_info")
-
-    try:
-        stats, info = asyncio.run(go())
-        records = list(logs.read("cam"))
-        snapshot = logs.get_snapshot("cam")
-    finally:
-        shutdown_runtime(cfg, forget_streams=True)
+    stats, info, records, snapshot = _ingest_and_settle(cfg, tmp_path / "log", BATCHES // 3)
     assert stats["taken"] == 0 and stats["skipped"] >= 1 and stats["failed"] == 0 and snapshot is None
     assert isinstance(records[0], OpenRecord)  # never compacted
     assert [r.seq for r in records if isinstance(r, FrameRecord)] == list(range(BATCHES // 3))
