@@ -164,8 +164,8 @@ class DurabilitySpec(_Strict):
     # A snapshot is built whole in host memory (the export, its bytes, and the read-back: about 3x
     # the stream's KV for a moment) and rewritten whole each time; a stream whose KV (host + device)
     # is larger is not snapshotted (its log stays whole and a rebuild replays it all). 4 GiB is
-    # about 9 minutes of a 7B-shaped stream under `full`, 3 hours under `cluster` with slab sharing
-    # off. 0: no limit. Incremental snapshots would lift this (not built).
+    # about 8 minutes of a 7B-shaped stream (~28 GiB of KV per hour, on the GPU under `full`, in
+    # the host pool under `cluster`). 0: no limit. Incremental snapshots would lift this (not built).
     snapshot_max_bytes: int = Field(4 << 30, ge=0)
 
     @field_validator("store")
