@@ -22,8 +22,7 @@ from pathlib import Path
 from mosaic_ray.bench import cli, report
 from mosaic_ray.bench.engines import METHODS, engine_kwargs, runtime_config
 from mosaic_ray.bench.load_gen import LoadSpec, run_load
-from mosaic_ray.bench.ray_env import start_ray
-from mosaic_ray.bench.serve_stack import Stack
+from mosaic_ray.bench.serve_stack import Stack, bench_stack
 from mosaic_ray.bench.targets import DirectTarget, HttpTarget
 from mosaic_ray.bench.video_frames import real_frames
 
@@ -92,22 +91,16 @@ def main(argv=None) -> int:
         return 0
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
-    ray_session = start_ray(num_gpus=1)
-    stack = Stack()
     result = {"bench": NAME, "machine": report.machine(), "model": a.model, "engine_device": a.device,
               "video": source, "frame_px": a.size, "streams": a.streams, "fps_per_stream": a.fps,
               "seconds": a.seconds, "question_every_s": a.question_every, "max_tokens": a.max_tokens,
               "window_tokens": a.window, "quick": a.quick, "wall_s": 0.0, "rows": []}
-    try:
+    with bench_stack(num_gpus=1) as stack:
         for m in a.methods.split(","):
             result["rows"] += measure(stack, a, m, frames)
             result["wall_s"] = time.perf_counter() - t0
             table = publish(a.out, result)  # after every method: a cut-off run keeps what it measured
-    finally:
-        stack.close()
-        ray_session.close()
-    print("\n".join(table))
-    print(f"wrote {a.out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    report.done(a.out, NAME, table, result["wall_s"])
     return 0
 
 

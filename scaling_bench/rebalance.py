@@ -23,21 +23,11 @@ from pathlib import Path
 
 from mosaic_ray.bench import cli, report
 from mosaic_ray.bench.engines import engine_kwargs, runtime_config
-from mosaic_ray.bench.ray_env import start_ray
 from mosaic_ray.bench.rebalance import SkewSpec, measure
-from mosaic_ray.bench.serve_stack import Stack
+from mosaic_ray.bench.serve_stack import bench_stack
 from mosaic_ray.bench.video_frames import real_frames
 
 NAME = "rebalance"
-
-
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
 
 
 def plot(result: dict, path) -> None:
@@ -126,7 +116,7 @@ def main(argv=None) -> int:
         result = json.loads(Path(a.from_json).read_text())
         print("\n".join(publish(a.out, result)))
         return 0
-    a.shards = max(2, a.shards or gpu_count())
+    a.shards = max(2, a.shards or report.gpu_count())
     a.pool_mb = a.pool_mb or (16384 if a.device == "cuda" else 8192)
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     spec = SkewSpec(streams=a.streams, frames=a.frames, batch=a.batch, fps=a.fps, migrations=a.migrations,
@@ -134,26 +124,21 @@ def main(argv=None) -> int:
     cfg = runtime_config("rebalance", a.shards, engine_kwargs(a.method, a.model, a.device, a.window, a.pool_mb))
     cfg["migration"] = {"transport": a.transport, "timeout_s": 300.0}
     t0 = time.perf_counter()
-    ray_session = start_ray(num_gpus=a.shards)
-    stack = Stack()
-    try:
-        stack.runtime(cfg)
-        if not a.no_progress:
-            print(f"  runtime of {a.shards} shards up in {time.perf_counter() - t0:.1f} s", flush=True)
-        measured = asyncio.run(measure(cfg, spec, frames, not a.no_progress))
-    finally:
-        stack.drop(cfg)
-        stack.close()
-        ray_session.close()
+    with bench_stack(num_gpus=a.shards) as stack:
+        try:
+            stack.runtime(cfg)
+            if not a.no_progress:
+                print(f"  runtime of {a.shards} shards up in {time.perf_counter() - t0:.1f} s", flush=True)
+            measured = asyncio.run(measure(cfg, spec, frames, not a.no_progress))
+        finally:
+            stack.drop(cfg)
     mach = report.machine()
-    result = {"bench": NAME, "machine": mach, "cards": gpu_count(), "shards": a.shards, "model": a.model,
+    result = {"bench": NAME, "machine": mach, "cards": report.gpu_count(), "shards": a.shards, "model": a.model,
               "engine_device": a.device, "method": a.method, "transport": a.transport, "video": source,
               "frame_px": a.size, "streams": a.streams, "frames": a.frames, "batch_frames": a.batch, "fps": a.fps,
               "max_tokens": a.max_tokens, "quick": a.quick, "wall_s": time.perf_counter() - t0,
               "rows": measured["loads_before"], **measured}
-    lines = publish(a.out, result)
-    print("\n".join(lines))
-    print(f"wrote {a.out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    report.done(a.out, NAME, publish(a.out, result), result["wall_s"])
     return 0
 
 

@@ -42,33 +42,29 @@ def main() -> int:
 
     import ray
 
-    from mosaic_ray.bench.ray_env import start_ray
     from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
-    from mosaic_ray.bench.serve_stack import Stack
+    from mosaic_ray.bench.serve_stack import bench_stack
 
-    session = start_ray(num_gpus=a.shards)
-    stack = Stack()
     log_root = tempfile.mkdtemp(prefix="mosaic-log-")
     cfg = {"name": "reliability", "num_shards": a.shards, "engine": {"factory": a.engine},
            "shard": {"num_gpus": 1, "num_cpus": 0},
            "router": {"health_interval_s": 1.0},
            "durability": {"root": log_root, "fsync": a.fsync}}
+    spec = ReliabilityLoadSpec(streams=a.streams, seconds=a.seconds, fps=a.fps, batch_frames=a.batch,
+                               question_every_s=a.question_every, kill_after_s=None if a.no_kill else a.kill_after)
+
+    async def kill() -> str:
+        name = f"{cfg['name']}:shard:0"
+        ray.kill(ray.get_actor(name, namespace="mosaic_ray"), no_restart=True)
+        return name
+
     try:
-        url = stack.app(cfg)
-        spec = ReliabilityLoadSpec(streams=a.streams, seconds=a.seconds, fps=a.fps, batch_frames=a.batch,
-                                   question_every_s=a.question_every,
-                                   kill_after_s=None if a.no_kill else a.kill_after)
-
-        async def kill() -> str:
-            name = f"{cfg['name']}:shard:0"
-            ray.kill(ray.get_actor(name, namespace="mosaic_ray"), no_restart=True)
-            return name
-
-        out = asyncio.run(run_reliability_load(url, spec, kill))
+        with bench_stack(num_gpus=a.shards) as stack:
+            try:
+                out = asyncio.run(run_reliability_load(stack.app(cfg), spec, kill))
+            finally:
+                stack.drop(cfg, app=True)
     finally:
-        stack.drop(cfg, app=True)
-        stack.close()
-        session.close()
         shutil.rmtree(log_root, ignore_errors=True)
     print(json.dumps(out, indent=1))
     if a.out:

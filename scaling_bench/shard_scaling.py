@@ -21,21 +21,11 @@ import time
 from mosaic_ray.bench import cli, report
 from mosaic_ray.bench.engines import engine_kwargs, runtime_config
 from mosaic_ray.bench.load_gen import LoadSpec, run_load
-from mosaic_ray.bench.ray_env import start_ray
-from mosaic_ray.bench.serve_stack import Stack
+from mosaic_ray.bench.serve_stack import Stack, bench_stack
 from mosaic_ray.bench.targets import DirectTarget, HttpTarget
 from mosaic_ray.bench.video_frames import real_frames
 
 NAME = "shard_scaling"
-
-
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except ImportError:
-        return 1
 
 
 def measure(stack: Stack, a: argparse.Namespace, n: int, frames) -> dict:
@@ -87,21 +77,16 @@ def main(argv=None) -> int:
     if a.quick:  # 1..3 logical shards, 2 streams each, 5 s per point
         a.max_shards = a.max_shards or 3
         a.streams_per_shard, a.batch, a.seconds, a.question_every = 2, 4, 5.0, 1.0
-    a.max_shards = a.max_shards or gpu_count()
+    a.max_shards = a.max_shards or max(1, report.gpu_count())
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     t0 = time.perf_counter()
-    ray_session = start_ray(num_gpus=a.max_shards)
-    stack = Stack()
     rows = []
-    try:
+    with bench_stack(num_gpus=a.max_shards) as stack:
         for n in range(1, a.max_shards + 1):
             rows.append(measure(stack, a, n, frames))
             r = rows[-1]
             print(f"  {n} shard(s): {r['ingest_fps']:7.1f} frames/s, {r['questions_per_s']:5.2f} questions/s, "
                   f"TTFT p99 {r['ttft']['p99_ms']:.0f} ms, errors {r['errors']}", flush=True)
-    finally:
-        stack.close()
-        ray_session.close()
     base = rows[0]
     for r in rows:
         r["efficiency_frames"] = r["ingest_fps"] / (r["shards"] * base["ingest_fps"]) if base["ingest_fps"] else 0.0
@@ -121,10 +106,8 @@ def main(argv=None) -> int:
         table.append(f"| {r['shards']} | {r['ingest_fps']:.1f} | {r['efficiency_frames']:.2f} | "
                      f"{r['questions_per_s']:.2f} | {r['efficiency_questions']:.2f} | {r['ttft']['p50_ms']:.0f} | "
                      f"{r['ttft']['p99_ms']:.0f} | {r['errors']} |")
-    out = report.write(a.out, NAME, result, table)
-    plot(rows, out / f"{NAME}.png")
-    print("\n".join(table))
-    print(f"wrote {out}/{NAME}.{{json,md,png}} in {result['wall_s']:.0f} s")
+    report.publish(a.out, NAME, result, table, plot)
+    report.done(a.out, NAME, table, result["wall_s"])
     return 0
 
 

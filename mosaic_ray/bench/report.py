@@ -27,6 +27,22 @@ def machine() -> dict[str, Any]:
             "gpu": card is not None, "host": platform.node(), "python": platform.python_version(), "commit": commit}
 
 
+def gpu_count() -> int:
+    """CUDA devices this process sees (0 without CUDA or torch)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def done(out: str | Path, name: str, table: list[str], wall_s: float) -> None:
+    """A scaling script's last words: its table and where the files went."""
+    print("\n".join(table))
+    print(f"wrote {out}/{name}.{{json,md,png}} in {wall_s:.0f} s")
+
+
 def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

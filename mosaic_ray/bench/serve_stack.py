@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -72,3 +74,18 @@ class Stack:
             from ray import serve
 
             serve.shutdown()
+
+
+@contextmanager
+def bench_stack(num_gpus: int) -> Iterator[Stack]:
+    """Ray (the cluster a job runs in, else a private one with `num_gpus` logical GPUs:
+    `ray_env.start_ray`) and a `Stack` on it; Serve and a private Ray are stopped on exit."""
+    from mosaic_ray.bench.ray_env import start_ray
+
+    session = start_ray(num_gpus=num_gpus)
+    stack = Stack()
+    try:
+        yield stack
+    finally:
+        stack.close()
+        session.close()
