@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import tempfile
-from pathlib import Path
 
 FAKE = "tests.runtime.fake_engine:FakeEngine"
 
@@ -42,6 +40,7 @@ def main() -> int:
 
     import ray
 
+    from mosaic_ray.bench import report
     from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
     from mosaic_ray.bench.serve_stack import bench_stack
 
@@ -66,10 +65,7 @@ def main() -> int:
                 stack.drop(cfg, app=True)
     finally:
         shutil.rmtree(log_root, ignore_errors=True)
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "reliability_load.json").write_text(json.dumps(out, indent=1))
+    report.show_json(a.out, "reliability_load", out)
     ok = out["errors"] == 0 and out["frames_acked"] == out["frames_stored"]
     print("OK: every acknowledged frame stored" if ok else "FAILED: see lost_streams / first_errors")
     return 0 if ok else 1

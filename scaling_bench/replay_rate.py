@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ except ImportError:  # the GPU machine has no Ray (FACTS.md); runtime.errors onl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mosaic_ray.bench import report  # noqa: E402
 from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
 from mosaic_ray.runtime.frame_batcher import FrameBatcher  # noqa: E402
 from mosaic_ray.runtime.frame_codec import decode_all, inspect  # noqa: E402
@@ -169,10 +169,7 @@ def main() -> int:
            "live_ingest_fps": round(total / live_s, 1), "rebuild_all_fps": round(total / many_s, 1),
            "rebuild_all_s": round(many_s, 2), "rebuild_one_fps": round(a.frames / one_s, 1),
            "rebuild_one_s": round(one_s, 2), "rebuilt_equal_live": same}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "replay_rate.json").write_text(json.dumps(out, indent=1))
+    report.show_json(a.out, "replay_rate", out)
     return 0 if same else 1
 
 

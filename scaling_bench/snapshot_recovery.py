@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ except ImportError:  # a GPU machine without Ray; runtime.errors only needs this
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mosaic_ray.bench import report  # noqa: E402
 from mosaic_ray.engine.interface import AskRequest  # noqa: E402
 from mosaic_ray.runtime.frame_codec import decode_all  # noqa: E402
 from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord  # noqa: E402
@@ -165,10 +165,7 @@ def main() -> int:
            # that may change clustering and so a greedy answer; snapshot + tail regroups only the tail
            "answer_equal_live": {"full": full_answer == want_answer, "snapshot": got_answer == want_answer},
            "answer_snapshot_equal_full": got_answer == full_answer}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "snapshot_recovery.json").write_text(json.dumps(out, indent=1))
+    report.show_json(a.out, "snapshot_recovery", out)
     return 0 if same else 1
 
 

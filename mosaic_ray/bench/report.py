@@ -43,10 +43,23 @@ def done(out: str | Path, name: str, table: list[str], wall_s: float) -> None:
     print(f"wrote {out}/{name}.{{json,md,png}} in {wall_s:.0f} s")
 
 
-def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) -> Path:
+def write_json(out: str | Path, name: str, result: dict[str, Any]) -> Path:
+    """`out/name.json` (the folder made when missing); returns the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return out
+
+
+def show_json(out: str | Path | None, name: str, result: dict[str, Any]) -> None:
+    """Print `result` as JSON, and write it to `out/name.json` when `out` is given."""
+    print(json.dumps(result, indent=1))
+    if out:
+        write_json(out, name, result)
+
+
+def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) -> Path:
+    out = write_json(out, name, result)
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
     return out
 
