@@ -56,8 +56,16 @@ class FramePatcher:
         self.patch, self.merge, self.temporal = p.patch_size, p.merge_size, p.temporal_patch_size
         self.min_pixels, self.max_pixels = p.size["shortest_edge"], p.size["longest_edge"]
         self.scale = float(p.rescale_factor) if p.do_rescale else 1.0
-        self.mean = torch.tensor(p.image_mean if p.do_normalize else [0.0] * 3, dtype=torch.float32)
-        self.std = torch.tensor(p.image_std if p.do_normalize else [1.0] * 3, dtype=torch.float32)
+        mean = torch.tensor(p.image_mean if p.do_normalize else [0.0] * 3, dtype=torch.float32)
+        std = torch.tensor(p.image_std if p.do_normalize else [1.0] * 3, dtype=torch.float32)
+        self._mean_std = {torch.device("cpu"): (mean[:, None, None], std[:, None, None])}  # per device, [C, 1, 1]
+
+    def _normalizer(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std [C, 1, 1] on `device`, copied there once (not on every call)."""
+        if device not in self._mean_std:
+            mean, std = self._mean_std[torch.device("cpu")]
+            self._mean_std[device] = (mean.to(device), std.to(device))
+        return self._mean_std[device]
 
     def applies(self, frames: list[np.ndarray]) -> bool:
         shapes = {f.shape for f in frames}
@@ -70,9 +78,9 @@ class FramePatcher:
         """RGB uint8 frames [H, W, 3] (all one size, see `applies`) -> (pixel_values, image_grid_thw)."""
         x = torch.from_numpy(np.stack(frames)).to(device, non_blocking=True)  # [B, H, W, 3] uint8
         B, H, W, C = x.shape
-        mean, std = self.mean.to(device), self.std.to(device)
+        mean, std = self._normalizer(x.device)
         # rescale in float64 then normalize in float32: bit-identical to the processor's numpy path
-        x = ((x.permute(0, 3, 1, 2).double() * self.scale).float() - mean[:, None, None]) / std[:, None, None]
+        x = ((x.permute(0, 3, 1, 2).double() * self.scale).float() - mean) / std
         ps, m = self.patch, self.merge
         gh, gw = H // ps, W // ps
         x = x.reshape(B, C, gh // m, m, ps, gw // m, m, ps).permute(0, 2, 5, 3, 6, 1, 4, 7)  # B gh gw mh mw C ph pw
