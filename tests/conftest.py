@@ -87,3 +87,12 @@ def serve_url(ray_cluster):
     yield f"http://127.0.0.1:{port}"
     serve.delete("mosaic-test")
     shutdown_runtime(RuntimeConfig(**cfg["runtime"]), forget_streams=True)
+
+
+@pytest.fixture(scope="module")
+def http(serve_url):
+    """An HTTP client of the shared Serve app, one per test module."""
+    import httpx
+
+    with httpx.Client(base_url=serve_url, timeout=60) as c:
+        yield c

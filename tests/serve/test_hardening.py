@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 
-import httpx
 import msgpack
 import pytest
 from PIL import Image
@@ -17,12 +16,6 @@ pytestmark = pytest.mark.ray
 
 BODY_LIMIT = 4 << 20  # fake_app_config's ingress.max_body_bytes
 S = "/v1/streams/{sid}"
-
-
-@pytest.fixture(scope="module")
-def http(serve_url):
-    with httpx.Client(base_url=serve_url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 
-import httpx
 import msgpack
 import numpy as np
 import pytest
@@ -31,12 +30,6 @@ def _noise_jpeg(size: int = 128) -> bytes:
 
 def _batch(seq, frames) -> bytes:
     return msgpack.packb({"seq": seq, "frames": frames}, use_bin_type=True)
-
-
-@pytest.fixture(scope="module")
-def http(serve_url):
-    with httpx.Client(base_url=serve_url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture

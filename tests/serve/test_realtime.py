@@ -9,7 +9,6 @@ import io
 import json
 import threading
 
-import httpx
 import msgpack
 import numpy as np
 import pytest
@@ -74,12 +73,6 @@ class Session:
         self.send(type="session.close")
         self.until("session.closed")
         self.ws.close()
-
-
-@pytest.fixture(scope="module")
-def http(serve_url):
-    with httpx.Client(base_url=serve_url, timeout=60) as c:
-        yield c
 
 
 def test_session_end_to_end_then_resume(serve_url, http):
