@@ -111,6 +111,9 @@ class MigrationSpec(_Strict):
     verify: bool = True
     # Rendezvous and transfer deadline of the distributed path.
     timeout_s: float = Field(60.0, gt=0)
+    # Address the target dials for the distributed rendezvous (the source's store); None: the
+    # source node's IP as Ray knows it. Set it to pick one network of a host with several.
+    rendezvous_host: str | None = None
     # A source whose move is neither finished nor aborted this long (its router died mid-move)
     # thaws and serves the stream again. Longer than any move; a restarted router reconciles sooner.
     abandon_after_s: float = Field(300.0, gt=0)

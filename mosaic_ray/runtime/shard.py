@@ -246,7 +246,7 @@ class ShardActor(ShardDurability):
 
     async def migration_offer(self, stream_id: str, transport: str) -> TransferOffer:
         """Offer the frozen stream by `transport` ("distributed" | "object_store")."""
-        host = ray.util.get_node_ip_address()
+        host = self._mig.rendezvous_host or ray.util.get_node_ip_address()
         async with self._transport_errors(stream_id):
             return self._outgoing[stream_id].offer(transport, host, self._mig.timeout_s)
 

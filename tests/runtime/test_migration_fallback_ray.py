@@ -23,8 +23,9 @@ def test_auto_falls_back_to_the_object_store(ray_cluster):
         engine={"factory": FACTORY},
         shard={"num_gpus": 1, "num_cpus": 0},
         router={"health_interval_s": 0},
-        # No rendezvous completes in a millisecond: the distributed path fails every time.
-        migration={"transport": "auto", "timeout_s": 0.001},
+        # The rendezvous address is unroutable (TEST-NET-1) and the deadline a millisecond: the
+        # distributed path fails every time (a millisecond alone sometimes sufficed on loopback).
+        migration={"transport": "auto", "timeout_s": 0.001, "rendezvous_host": "192.0.2.1"},
     )
     a, b = cfg.shard_names
     frames = [np.full((8, 8, 3), i, np.uint8) for i in range(4)]
