@@ -66,6 +66,19 @@ class OverloadedError(EngineError):
     status = 503
 
 
+class BatchPartlyAppliedError(Exception):
+    """A batched append failed after some of its streams committed their frames. `applied` maps
+    each of those streams to the frames it holds (what `append_frames` returns); every other
+    stream of the batch is unchanged, and `cause` is the failure. Never raised for one entry."""
+
+    def __init__(self, applied: dict[str, int], cause: BaseException) -> None:
+        super().__init__(applied, cause)
+        self.applied, self.cause = applied, cause
+
+    def __str__(self) -> str:
+        return f"{len(self.applied)} stream(s) appended before the batch failed: {self.cause!r}"
+
+
 @dataclass(slots=True)
 class AskRequest:
     """One question to one stream. `since`/`until` (seconds, stream clock) restrict retrieval."""

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.interface import (
     AskRequest,
     Engine,
@@ -111,56 +112,12 @@ class StreamEngine(Engine):
         return state.pruning.pruned if state is not None else 0
 
     # ------------------------------------------------------------------ ingest
-    def _check_frames(self, state: StreamState, frames, timestamps) -> None:
-        if not isinstance(frames, (list, tuple)) or len(frames) == 0:
-            raise InvalidInputError("frames must be a non-empty list")
-        if len(frames) != len(timestamps):
-            raise InvalidInputError(f"got {len(frames)} frames but {len(timestamps)} timestamps")
-        if len(frames) > self.config.max_frames_per_call:
-            raise InvalidInputError(f"at most {self.config.max_frames_per_call} frames per call, got {len(frames)}")
-        last = state.clock
-        for i, (f, ts) in enumerate(zip(frames, timestamps)):
-            if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
-                got = f"{type(f).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}"
-                raise InvalidInputError(f"frame {i}: expected an RGB uint8 array [H, W, 3], got {got}")
-            if min(f.shape[:2]) < 14 or max(f.shape[:2]) > 8192:
-                raise InvalidInputError(f"frame {i}: size {f.shape[:2]} outside [14, 8192] pixels")
-            if not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
-                raise InvalidInputError(f"frame {i}: timestamp must be a finite number >= 0, got {ts!r}")
-            if ts < last:
-                raise InvalidInputError(f"frame {i}: timestamp {ts} goes back before the stream clock {last}")
-            last = ts
-
     def append_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
         return self.append_frames_batch([(stream_id, frames, timestamps)])[0]
 
     def append_frames_batch(self, items: list[tuple[str, list[np.ndarray], list[float]]]) -> list[int]:
-        """Frames of several streams in one vision batch and one decoder forward."""
-        states = [self._get(sid) for sid, _, _ in items]
-        if len({s.stream_id for s in states}) != len(states):
-            raise InvalidInputError("append_frames_batch: one entry per stream")
-        for state, (_, frames, ts) in zip(states, items):
-            self._check_frames(state, frames, ts)
-        # Near-duplicates are dropped before the encoder; their timestamps still move the clock.
-        plans = [self.pruner.plan(state.pruning, frames, ts) for state, (_, frames, ts) in zip(states, items)]
-        ready = []
-        for state, plan, (_, frames, ts) in zip(states, plans, items):
-            frames, ts = plan.kept(frames), plan.kept(ts)
-            if not frames:
-                continue
-            if state.busy:
-                if len(state.deferred) + len(frames) > self.config.max_deferred_frames:
-                    raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
-                state.deferred.append((list(frames), list(ts)))
-                state.clock = max(state.clock, float(ts[-1]))
-            else:
-                ready.append((state, list(frames), [float(t) for t in ts]))
-        if ready:
-            self._ingest_frames(ready)
-        for state, plan, (_, _, ts) in zip(states, plans, items):
-            self.pruner.commit(state.pruning, plan)
-            state.clock = max(state.clock, float(ts[-1]))
-        return [s.frames + sum(len(f) for f, _ in s.deferred) for s in states]
+        """Frames of several streams in one vision batch and one decoder forward (`frame_append`)."""
+        return frame_append.append_frames_batch(self, items)
 
     def _ingest_frames(self, ready) -> None:
         all_frames = [f for _, frames, _ in ready for f in frames]
@@ -170,7 +127,14 @@ class StreamEngine(Engine):
             chunks = [self.adapter.frame_chunk(features[k + i], ts[i]) for i in range(len(frames))]
             k += len(frames)
             work.append((state, chunks, ts))
-        self._ingest(work)
+        try:
+            self._ingest(work)
+        except frame_append.PartialCommitError as exc:
+            self._count_frames(ready[: exc.committed])
+            raise
+        self._count_frames(ready)
+
+    def _count_frames(self, ready) -> None:
         for state, frames, _ in ready:
             state.frames += len(frames)
             self.counters["frames"] += len(frames)
@@ -197,9 +161,19 @@ class StreamEngine(Engine):
         ctx, _ = self._forward_hidden(segs, steps)
         for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
             batch = token_batch(state, ctx.new_k, ctx.new_v, row, seg.size, seg.time, seg.block, seg.positions)
-            commit(state, batch, seg.span, len(chunks), clock=max(ts))
-            state.cache.maintain(self.config.splits_per_step)
+            try:
+                commit(state, batch, seg.span, len(chunks), clock=max(ts))
+            except Exception as exc:  # rows before this one are in: say so, or the caller retries them
+                if row == 0:
+                    raise
+                raise frame_append.PartialCommitError(row, exc) from exc
             self.counters["tokens"] += seg.size
+            try:  # deferred upkeep: a full pool leaves the splits queued for a later step
+                state.cache.maintain(self.config.splits_per_step)
+            except PoolExhaustedError:
+                pass
+            except Exception as exc:
+                raise frame_append.PartialCommitError(row + 1, exc) from exc
 
     def _forward_hidden(self, segs: list[Segment], steps: list[StreamStep]) -> tuple[StepContext, torch.Tensor]:
         b, n = len(segs), max(s.size for s in segs)

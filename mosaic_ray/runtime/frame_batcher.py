@@ -10,7 +10,8 @@ Invariants:
   lock), so one engine call never holds two entries of one stream, and a stream's frames reach
   the engine in order.
 - Failure isolation: when a batched call fails, each entry is retried alone, so one stream's bad
-  frames fail only that stream's append (the engine leaves a failed call without effect).
+  frames fail only that stream's append. A failed call changes no stream, except the streams a
+  `BatchPartlyAppliedError` names: their frames are in, so they are acknowledged, not retried.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mosaic_ray.engine.interface import Engine
+from mosaic_ray.engine.interface import BatchPartlyAppliedError, Engine
 
 EngineCall = Callable[..., Awaitable[Any]]
 
@@ -66,6 +67,11 @@ class FrameBatcher:
             try:
                 self.calls += 1
                 held = await self._call(self._batched, [(sid, f, t) for sid, f, t, _ in batch])
+            except BatchPartlyAppliedError as exc:  # those streams are in: never append them twice
+                for sid, _, _, done in batch:
+                    if sid in exc.applied:
+                        _settle(done, result=exc.applied[sid])
+                batch = [item for item in batch if item[0] not in exc.applied]
             except Exception:
                 pass  # isolate the culprit below
             else:

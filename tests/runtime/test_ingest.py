@@ -138,3 +138,33 @@ def test_appends_of_different_streams_share_one_engine_call_and_fail_alone():
     assert bad[0]["frames_added"] == 1 and bad[1]["frames_added"] == 1
     assert isinstance(bad[2], InvalidInputError)
     assert [h.engine.stream_info(s)["frames"] for s in ("s", "t", "u")] == [2, 2, 1]
+
+
+def test_streams_a_failed_batch_already_applied_are_acknowledged_not_appended_twice():
+    from mosaic_ray.engine.interface import BatchPartlyAppliedError
+
+    engine = FakeEngine(frame_delay_s=FRAME_DELAY_S)
+    for sid in "abc":
+        engine.open_stream(sid)
+    real_batch, calls = engine.append_frames_batch, []
+
+    def batch(items):  # the first batch: "a" commits, then the pool is "full"
+        calls.append([sid for sid, _, _ in items])
+        if len(items) == 1 or calls.count(["a", "b"]) > 1:
+            return real_batch(items)
+        n = real_batch(items[:1])
+        raise BatchPartlyAppliedError({items[0][0]: n[0]}, MemoryError("pool full"))
+
+    engine.append_frames_batch = batch
+    batcher = FrameBatcher(engine, EngineRunner("test").call, 64)
+
+    async def go():
+        blocker = asyncio.create_task(batcher.append("c", [np.zeros((8, 8, 3), np.uint8)], [0.0]))
+        await asyncio.sleep(0.005)  # "c" occupies the engine; "a" and "b" queue into one batch
+        both = await asyncio.gather(*(batcher.append(s, [np.full((8, 8, 3), 7, np.uint8)], [1.0]) for s in "ab"))
+        return await blocker, both
+
+    held_c, (held_a, held_b) = run(go())
+    assert held_c == 1 and held_a == 1 and held_b == 1
+    assert [engine.stream_info(s)["frames"] for s in "ab"] == [1, 1]
+    assert ["a", "b"] in calls  # the batch that partly failed; "b" was then retried alone

@@ -1,0 +1,100 @@
+"""Appending frames of one or several streams: validation, pruning, deferral, partial commits.
+
+`append_frames_batch(engine, items)` is the engine's batched append (one vision batch and one
+decoder forward for every stream that is ready). Its contract:
+
+- Everything is validated before anything changes (shapes, timestamps, the deferral bound); a call
+  that fails validation changes no stream.
+- A stream answering a question defers its frames (acknowledged, prefilled after the answer).
+- Streams commit one after another after the shared forward (`StreamEngine._ingest`). If a commit
+  fails (the host pool is full, say) the streams before it keep their frames: the call raises
+  `BatchPartlyAppliedError` naming them, and every other stream is exactly as before the call, so
+  a caller can retry just those. With one entry there is nothing partial: the error is raised as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
+
+if TYPE_CHECKING:
+    from mosaic_ray.engine.stream_engine import StreamEngine
+    from mosaic_ray.engine.stream_state import StreamState
+
+
+class PartialCommitError(Exception):
+    """Raised by `StreamEngine._ingest`: rows [0, committed) of the step are in, the rest are not."""
+
+    def __init__(self, committed: int, cause: BaseException) -> None:
+        super().__init__(committed, cause)
+        self.committed, self.cause = committed, cause
+
+
+def check_frames(max_frames: int, state: StreamState, frames, timestamps) -> None:
+    """Raise InvalidInputError unless `frames` are RGB uint8 arrays with non-decreasing timestamps
+    at or after the stream clock."""
+    if not isinstance(frames, (list, tuple)) or len(frames) == 0:
+        raise InvalidInputError("frames must be a non-empty list")
+    if len(frames) != len(timestamps):
+        raise InvalidInputError(f"got {len(frames)} frames but {len(timestamps)} timestamps")
+    if len(frames) > max_frames:
+        raise InvalidInputError(f"at most {max_frames} frames per call, got {len(frames)}")
+    last = state.clock
+    for i, (f, ts) in enumerate(zip(frames, timestamps)):
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+            got = f"{type(f).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}"
+            raise InvalidInputError(f"frame {i}: expected an RGB uint8 array [H, W, 3], got {got}")
+        if min(f.shape[:2]) < 14 or max(f.shape[:2]) > 8192:
+            raise InvalidInputError(f"frame {i}: size {f.shape[:2]} outside [14, 8192] pixels")
+        if not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+            raise InvalidInputError(f"frame {i}: timestamp must be a finite number >= 0, got {ts!r}")
+        if ts < last:
+            raise InvalidInputError(f"frame {i}: timestamp {ts} goes back before the stream clock {last}")
+        last = ts
+
+
+def append_frames_batch(engine: StreamEngine, items: list[tuple[str, list[np.ndarray], list[float]]]) -> list[int]:
+    """See the module docstring; returns the frames each stream holds (deferred ones included)."""
+    states = [engine._get(sid) for sid, _, _ in items]
+    if len({s.stream_id for s in states}) != len(states):
+        raise InvalidInputError("append_frames_batch: one entry per stream")
+    cfg = engine.config
+    for state, (_, frames, ts) in zip(states, items):
+        check_frames(cfg.max_frames_per_call, state, frames, ts)
+    # Near-duplicates are dropped before the encoder; their timestamps still move the clock.
+    plans = [engine.pruner.plan(state.pruning, frames, ts) for state, (_, frames, ts) in zip(states, items)]
+    kept = [(plan.kept(frames), plan.kept(ts)) for plan, (_, frames, ts) in zip(plans, items)]
+    for state, (frames, _) in zip(states, kept):
+        if frames and state.busy and len(state.deferred) + len(frames) > cfg.max_deferred_frames:
+            raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
+    applied, ready = [], []
+    for i, (state, (frames, ts)) in enumerate(zip(states, kept)):
+        if not frames:
+            applied.append(i)
+        elif state.busy:
+            state.deferred.append((list(frames), list(ts)))
+            applied.append(i)
+        else:
+            ready.append(i)
+    error, done = None, len(ready)
+    if ready:
+        try:
+            engine._ingest_frames([(states[i], list(kept[i][0]), [float(t) for t in kept[i][1]]) for i in ready])
+        except PartialCommitError as exc:
+            error, done = exc.cause, exc.committed
+        except Exception as exc:
+            error, done = exc, 0
+    applied += ready[:done]
+    for i in applied:
+        engine.pruner.commit(states[i].pruning, plans[i])
+        states[i].clock = max(states[i].clock, float(items[i][2][-1]))
+    held = [s.frames + sum(len(f) for f, _ in s.deferred) for s in states]
+    if error is not None:
+        if not applied:
+            raise error
+        raise BatchPartlyAppliedError({states[i].stream_id: held[i] for i in sorted(applied)}, error)
+    return held

@@ -1,0 +1,96 @@
+"""Batched appends: a failure after some streams committed names them, and leaves the rest as they were."""
+
+import pytest
+
+from mosaic_ray.cache.host_pool import PoolExhaustedError
+from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
+from mosaic_ray.engine.interface import AskRequest
+from tests.engine.engine_fixtures import frames, make_engine
+
+Q = AskRequest("Describe the scene.", max_tokens=6)
+
+
+def _fail_appends_of(engine, sid):
+    cache = engine.streams[sid].cache
+
+    def full(batch):
+        raise PoolExhaustedError("HostPool full (test)")
+
+    cache.append = full
+
+
+def _view(engine, sid):
+    s = engine.streams[sid]
+    return (s.frames, s.tokens, s.clock, s.next_pos, s.cache.past_tokens + s.cache.resident_tokens)
+
+
+@pytest.mark.parametrize("method", ["cluster", "token"])
+def test_a_commit_failing_midway_names_the_streams_that_are_in(tiny_adapter, method):
+    engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    ref = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    for sid in ("a", "b", "c"):
+        engine.open_stream(sid)
+        ref.open_stream(sid)
+    _fail_appends_of(engine, "b")
+    before = _view(engine, "b")
+    items = [(sid, frames(2, seed=i), [0.0, 1.0]) for i, sid in enumerate(("a", "b", "c"))]
+    with pytest.raises(BatchPartlyAppliedError) as info:
+        engine.append_frames_batch(items)
+    assert info.value.applied == {"a": 2} and isinstance(info.value.cause, PoolExhaustedError)
+    assert _view(engine, "b") == before and _view(engine, "c")[0] == 0
+    # "a" holds exactly what a lone append gives; retrying it would go back in time
+    ref.append_frames("a", frames(2, seed=0), [0.0, 1.0])
+    assert _view(engine, "a") == _view(ref, "a")
+    with pytest.raises(InvalidInputError, match="goes back"):
+        engine.append_frames("a", frames(2, seed=0), [0.0, 1.0])
+    # the streams that were not applied take the same frames again, and answer like the reference
+    del engine.streams["b"].cache.append
+    assert engine.append_frames_batch(items[1:]) == [2, 2]
+    ref.append_frames_batch(items[1:])
+    for sid in ("a", "b", "c"):
+        assert engine.answer(sid, Q).text == ref.answer(sid, Q).text
+
+
+def test_one_entry_raises_the_failure_itself(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.open_stream("a")
+    _fail_appends_of(engine, "a")
+    with pytest.raises(PoolExhaustedError):
+        engine.append_frames("a", frames(2), [0.0, 1.0])
+    assert engine.streams["a"].frames == 0 and engine.streams["a"].clock == 0.0
+
+
+def test_a_deferred_stream_counts_as_applied_when_the_forward_fails(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    for sid in ("busy", "b"):
+        engine.open_stream(sid)
+    engine.append_frames("busy", frames(1), [0.0])
+    engine._start("busy", Q)
+    _fail_appends_of(engine, "b")
+    with pytest.raises(BatchPartlyAppliedError) as info:
+        engine.append_frames_batch([("busy", frames(1, seed=5), [1.0]), ("b", frames(1), [0.0])])
+    assert info.value.applied == {"busy": 2}
+    assert engine.stream_info("busy")["deferred_frames"] == 1 and engine.streams["b"].frames == 0
+
+
+def test_the_deferral_bound_is_checked_before_any_stream_changes(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.config.max_deferred_frames = 1
+    for sid in ("busy", "b"):
+        engine.open_stream(sid)
+    engine.append_frames("busy", frames(1), [0.0])
+    engine._start("busy", Q)
+    with pytest.raises(OverloadedError):
+        engine.append_frames_batch([("b", frames(1), [0.0]), ("busy", frames(2, seed=5), [1.0, 2.0])])
+    assert engine.streams["b"].frames == 0 and engine.stream_info("busy")["deferred_frames"] == 0
+
+
+def test_a_full_pool_during_splits_keeps_the_frames(tiny_adapter, monkeypatch):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    engine.open_stream("a")
+
+    def full(max_work=None):
+        raise PoolExhaustedError("HostPool full (test)")
+
+    monkeypatch.setattr(engine.streams["a"].cache, "maintain", full)
+    assert engine.append_frames("a", frames(3), [0.0, 1.0, 2.0]) == 3
