@@ -77,6 +77,7 @@ def table(r: dict) -> list[str]:
     for mv in r["moves"]:
         lines.append(f"| {mv['stream']} | {mv['source']} -> {mv['target']} | {mv['transport']} | {mv['seconds']:.3f} "
                      f"| {mv['kv_bytes'] / 2**20:.1f} | {mv['gb_per_s']:.3f} | {mv['s_per_stream_hour']:.0f} |")
+    lines += phase_table(r["moves"])
     ident = r["identity"]
     differ = [" / ".join(x["pair"]) for x in ident if not x["equal"]]
     lines += ["", f"Identity (greedy, {r['max_tokens']} tokens, answer text): "
@@ -84,6 +85,27 @@ def table(r: dict) -> list[str]:
                   f"{r['identity_moved_vs_unmoved']} of them moved vs never moved; "
                   f"{r['distinct_answers']} distinct answer(s) over the {len(ident)} pairs"
                   + (f"; DIFFER: {', '.join(differ)}" if differ else "")]
+    return lines
+
+
+PHASES = (("freeze_s", "freeze"), ("export_s", "export"), ("source_fingerprint_s", "fingerprint (source)"),
+          ("receive_connect_s", "connect"), ("receive_transfer_s", "transfer"),
+          ("receive_fingerprint_s", "fingerprint (target)"), ("import_s", "import"), ("total_s", "total"))
+
+
+def phase_table(moves: list[dict]) -> list[str]:
+    """Seconds per phase of each explicit move, as the shards measured them (runs before the
+    phases were reported have none)."""
+    moves = [m for m in moves if m.get("phases")]
+    if not moves:
+        return []
+    lines = ["", "| explicit move | " + " | ".join(label for _, label in PHASES) + " | bytes by backend |",
+             "|---" * (len(PHASES) + 2) + "|"]
+    for mv in moves:
+        ph = mv["phases"]
+        by = ", ".join(f"{k.removeprefix('receive_bytes_')} {v / 2**20:.0f} MiB" for k, v in ph.items()
+                       if k.startswith("receive_bytes_"))
+        lines.append(f"| {mv['stream']} | " + " | ".join(f"{ph.get(k, 0.0):.3f}" for k, _ in PHASES) + f" | {by} |")
     return lines
 
 

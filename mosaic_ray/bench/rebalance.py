@@ -103,7 +103,7 @@ async def timed_move(d: Any, sid: str, target: str, spec: SkewSpec) -> dict[str,
             "seconds": dt, "kv_bytes": nbytes, "kv_bytes_host": int(info.get("kv_bytes_host", 0)),
             "kv_bytes_device": int(info.get("kv_bytes_device", 0)), "past_tokens": info.get("past_tokens"),
             "stream_duration_s": duration, "gb_per_s": nbytes / dt / 1e9 if dt else 0.0,
-            "s_per_stream_hour": dt * 3600.0 / duration if duration else 0.0}
+            "s_per_stream_hour": dt * 3600.0 / duration if duration else 0.0, "phases": res.get("phases", {})}
 
 
 async def explicit_moves(d: Any, spec: SkewSpec, moved: set[str], shards: list[str],

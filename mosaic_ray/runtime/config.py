@@ -106,7 +106,7 @@ class MigrationSpec(_Strict):
     # auto: torch.distributed (NCCL for CUDA tensors, gloo for host tensors), falling back to Ray's
     # object store when the group cannot form; or force one path.
     transport: Literal["auto", "distributed", "object_store"] = "auto"
-    # Compare SHA-256 of every tensor on both sides; a mismatch aborts the move (the source keeps
+    # Compare a fingerprint of every tensor on both sides (migration.fingerprint); a mismatch aborts the move (the source keeps
     # the stream). Costs one read of the state on each side.
     verify: bool = True
     # Rendezvous and transfer deadline of the distributed path.

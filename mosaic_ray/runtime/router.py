@@ -190,8 +190,9 @@ class Router(ShardRecovery):
         await self.ready()
         async with self._lock(stream_id):
             source = self.locate(stream_id)
-            used = await self._move(stream_id, source, target, transport) if source != target else "none"
-        return {"id": stream_id, "source": source, "target": target, "transport": used}
+            phases: dict[str, float] = {}
+            used = await self._move(stream_id, source, target, transport, phases) if source != target else "none"
+        return {"id": stream_id, "source": source, "target": target, "transport": used, "phases": phases}
 
     async def rebalance(self) -> list[dict[str, str]]:
         """One rebalancing round; returns the moves made."""
@@ -219,18 +220,25 @@ class Router(ShardRecovery):
             self._reports_at = 0.0
             return done
 
-    async def _move(self, sid: str, source: str, target: str, transport: str | None = None) -> str:
-        """Move `sid`; returns the transport that carried it."""
+    async def _move(self, sid: str, source: str, target: str, transport: str | None = None,
+                    phases: dict[str, float] | None = None) -> str:
+        """Move `sid`; returns the transport that carried it. `phases` gets the seconds (and bytes)
+        of each step, as the two shards measured them, and `total_s` as seen here."""
+        phases = {} if phases is None else phases
+        t_start = time.perf_counter()
         transport = transport or self._cfg.migration.transport
         kinds = {"auto": ["distributed", "object_store"], "distributed": ["distributed"],
                  "object_store": ["object_store"]}.get(transport)
         if kinds is None:
             raise InvalidInputError(f"unknown transport {transport!r}")
-        await self._on(source, "migration_begin", sid)
+        phases.update(await self._on(source, "migration_begin", sid) or {})
         try:
             for i, kind in enumerate(kinds):
                 try:
-                    await self._transfer(sid, source, target, await self._on(source, "migration_offer", sid, kind))
+                    offer = await self._on(source, "migration_offer", sid, kind)
+                    t0 = time.perf_counter()
+                    phases.update(await self._transfer(sid, source, target, offer))
+                    phases["transfer_and_import_s"] = time.perf_counter() - t0
                     break
                 except Exception as exc:
                     if i + 1 == len(kinds):
@@ -247,13 +255,15 @@ class Router(ShardRecovery):
                 raise MigrationError(f"moving {sid!r} from {source} to {target} failed: {exc}") from None
             raise
         await self._on(source, "migration_finish", sid, target)
+        phases["total_s"] = time.perf_counter() - t_start
         return kind
 
-    async def _transfer(self, sid: str, source: str, target: str, offer: Any) -> None:
+    async def _transfer(self, sid: str, source: str, target: str, offer: Any) -> dict[str, float]:
         if offer.transport == "distributed":
-            await asyncio.gather(self._on(source, "migration_send", sid), self._on(target, "migration_receive", offer))
-        else:
-            await self._on(target, "migration_receive", offer)
+            sent, got = await asyncio.gather(self._on(source, "migration_send", sid),
+                                             self._on(target, "migration_receive", offer))
+            return {**(sent or {}), **(got or {})}
+        return await self._on(target, "migration_receive", offer) or {}
 
     # ------------------------------------------------------------------ internals
     @asynccontextmanager

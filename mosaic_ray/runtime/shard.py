@@ -228,14 +228,18 @@ class ShardActor(ShardDurability):
             raise EngineFailedError(f"engine did not answer within {self._spec.health_timeout_s} s") from None
 
     # ------------------------------------------------------------------ migration (see router.py)
-    async def migration_begin(self, stream_id: str) -> None:
-        """Freeze the stream (its new requests are held) and export it, ready to be offered."""
+    async def migration_begin(self, stream_id: str) -> dict[str, float]:
+        """Freeze the stream (its new requests are held) and export it, ready to be offered.
+        Returns seconds spent: freeze (in-flight requests drained), export, fingerprint."""
         from mosaic_ray.runtime.migration import MigrationSource
 
         slot = self._slot(stream_id)
+        t0 = time.perf_counter()
         await slot.freeze()
+        t1 = time.perf_counter()
         try:
             state = await self._call(self._engine.export_stream, stream_id)
+            t2 = time.perf_counter()
             meta = {"engine": state["meta"], "last_seq": slot.last_seq, "rates": slot.rates()}
             source = await asyncio.to_thread(MigrationSource, stream_id, meta, state["tensors"], self._mig.verify)
         except BaseException:
@@ -243,6 +247,7 @@ class ShardActor(ShardDurability):
             raise
         self._outgoing[stream_id] = source
         asyncio.get_running_loop().create_task(self._expire(stream_id, source))
+        return {"freeze_s": t1 - t0, "export_s": t2 - t1, "source_fingerprint_s": source.stats.fingerprint_s}
 
     async def migration_offer(self, stream_id: str, transport: str) -> TransferOffer:
         """Offer the frozen stream by `transport` ("distributed" | "object_store")."""
@@ -250,23 +255,28 @@ class ShardActor(ShardDurability):
         async with self._transport_errors(stream_id):
             return self._outgoing[stream_id].offer(transport, host, self._mig.timeout_s)
 
-    async def migration_send(self, stream_id: str) -> None:
+    async def migration_send(self, stream_id: str) -> dict[str, float]:
         async with self._transport_errors(stream_id):
-            await asyncio.to_thread(self._outgoing[stream_id].send, self._mig.timeout_s)
+            stats = await asyncio.to_thread(self._outgoing[stream_id].send, self._mig.timeout_s)
+        return {f"send_{k}": v for k, v in stats.as_dict().items() if k != "fingerprint_s"}
 
-    async def migration_receive(self, offer: TransferOffer) -> None:
-        """Fetch and install a stream offered by another shard. On failure nothing is installed."""
+    async def migration_receive(self, offer: TransferOffer) -> dict[str, float]:
+        """Fetch and install a stream offered by another shard. On failure nothing is installed.
+        Returns seconds spent: connect, transfer, fingerprint, import (and bytes by backend)."""
         from mosaic_ray.runtime.migration import receive
 
         sid = offer.stream_id
         if sid in self._slots:
             raise StreamExistsError(f"stream {sid!r} exists on {self.name}")
         async with self._transport_errors(sid):
-            tensors = await asyncio.to_thread(receive, offer, self._mig.verify)
+            tensors, stats = await asyncio.to_thread(receive, offer, self._mig.verify)
+        t0 = time.perf_counter()
         await self._call(self._engine.import_stream, sid, {"meta": offer.meta["engine"], "tensors": tensors})
+        timings = {f"receive_{k}": v for k, v in stats.as_dict().items()} | {"import_s": time.perf_counter() - t0}
         self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s, offer.meta["last_seq"], offer.meta["rates"])
         self._moved.pop(sid, None)
         self._meter.migrations_in += 1
+        return timings
 
     async def migration_finish(self, stream_id: str, moved_to: str) -> None:
         """The stream lives on `moved_to` now: drop this copy, redirect held and later requests."""

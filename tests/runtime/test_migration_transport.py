@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mosaic_ray.runtime.errors import MigrationError
-from mosaic_ray.runtime.migration import MigrationSource, byte_view, receive
+from mosaic_ray.runtime import migration
+from mosaic_ray.runtime.migration import MigrationSource, byte_view, fingerprint, receive
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64,
           torch.int64, torch.int32, torch.uint8, torch.bool]
@@ -40,9 +41,10 @@ def _move(src: MigrationSource) -> dict[str, torch.Tensor]:
 
     sender = threading.Thread(target=send)
     sender.start()
-    out = receive(offer, verify=True)
+    out, stats = receive(offer, verify=True)
     sender.join(TIMEOUT_S)
     assert not errors
+    assert stats.nbytes == sum(s.nbytes for s in offer.specs) == stats.by_backend.get("gloo", 0)
     return out
 
 
@@ -63,3 +65,17 @@ def test_a_corrupted_tensor_is_refused():
     src.specs[0] = type(spec)(spec.name, spec.shape, spec.dtype, spec.device, spec.nbytes, "0" * 64)
     with pytest.raises(MigrationError, match="corrupted"):
         _move(src)
+
+
+def test_the_fingerprint_sees_flipped_swapped_and_missing_bytes(monkeypatch):
+    monkeypatch.setattr(migration, "_FP_CHUNK", 5)  # several chunks, the last one partial
+    t = torch.randint(-1000, 1000, (37,), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+    base = fingerprint(t)
+    assert fingerprint(t.clone()) == base and fingerprint(t.view(torch.int32)) == base  # the bytes, not the dtype
+    flipped = t.clone()
+    flipped[20] ^= 1 << 40
+    swapped = t.clone()
+    swapped[[3, 30]] = t[[30, 3]]
+    odd = byte_view(t)[:-3]  # not a whole number of words: padded, and its length differs
+    assert len({base, fingerprint(flipped), fingerprint(swapped), fingerprint(t[:-1]), fingerprint(odd)}) == 5
+    assert fingerprint(torch.empty(0)) != fingerprint(torch.zeros(1))
