@@ -72,20 +72,23 @@ _FP_CHUNK = 1 << 24  # 64-bit words per fingerprint step (128 MiB of temporaries
 
 
 def fingerprint(t: torch.Tensor) -> str:
-    """A 128-bit fingerprint of the tensor's bytes, computed on its own device: the wrapping
-    int64 sum of its 8-byte words and the sum of each word times an odd function of its index.
-    Catches flipped, lost, truncated and reordered bytes; not a cryptographic hash."""
+    """A 128-bit fingerprint of the tensor's bytes: the wrapping int64 sum of its 8-byte words and
+    the sum of each word times an odd function of its index. Catches flipped, lost, truncated and
+    reordered bytes; not a cryptographic hash. Computed on the GPU when there is one (a host
+    tensor is copied there chunk by chunk: a shard actor has one CPU thread, a GPU reads it at
+    tens of GB/s), else on the CPU; the result is the same."""
     b = byte_view(t)
     nbytes = b.numel()
     pad = (-nbytes) % 8
     if pad:
         b = torch.cat([b, b.new_zeros(pad)])
     w = b.view(torch.int64)
-    plain = torch.zeros((), dtype=torch.int64, device=w.device)
-    mixed = torch.zeros((), dtype=torch.int64, device=w.device)
+    dev = _local_device("cuda") if torch.cuda.is_available() else w.device
+    plain = torch.zeros((), dtype=torch.int64, device=dev)
+    mixed = torch.zeros((), dtype=torch.int64, device=dev)
     for start in range(0, w.numel(), _FP_CHUNK):
-        part = w[start : start + _FP_CHUNK]
-        idx = torch.arange(start, start + part.numel(), dtype=torch.int64, device=w.device)
+        part = w[start : start + _FP_CHUNK].to(dev)
+        idx = torch.arange(start, start + part.numel(), dtype=torch.int64, device=dev)
         plain += part.sum()
         mixed += (part * (idx * _MIX + 1 | 1)).sum()
     return f"{nbytes}:{int(plain) & (2**64 - 1):016x}{int(mixed) & (2**64 - 1):016x}"
