@@ -53,10 +53,8 @@ def export_stream(state: StreamState) -> dict[str, Any]:
     pool = retriever.pool
     slabs = (pool.owner == retriever.owner).nonzero().flatten()
     tensors["pool.slab_ids"] = slabs
-    tensors["pool.kv"] = pool.kv[slabs].clone()
-    tensors["pool.order"] = pool.order[slabs].clone()
-    tensors["pool.time"] = pool.time[slabs].clone()
-    tensors["pool.pos"] = pool.pos[slabs].clone()
+    for n in ("kv", "order", "time", "pos"):  # indexing by a tensor copies: one pass over the bytes
+        tensors[f"pool.{n}"] = getattr(pool, n)[slabs]
     return {"meta": meta, "tensors": tensors}
 
 

@@ -131,7 +131,12 @@ class _Groups:
     def get(self, backend: str) -> Any:
         if backend not in self.groups:
             t0 = time.perf_counter()
-            self.groups[backend] = _group(self.store, backend, self.rank, self.timeout)
+            group = self.groups[backend] = _group(self.store, backend, self.rank, self.timeout)
+            # one byte each way forms the communicator now, so connect and transfer are told apart
+            ping = torch.zeros(1, dtype=torch.uint8, device=_local_device("cuda" if backend == "nccl" else "cpu"))
+            (group.send([ping], 1, 0) if self.rank == 0 else group.recv([ping], 0, 0)).wait()
+            if backend == "nccl":
+                torch.cuda.synchronize()
             self.stats.connect_s += time.perf_counter() - t0
         return self.groups[backend]
 
