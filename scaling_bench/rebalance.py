@@ -116,16 +116,18 @@ def publish(out: str, result: dict) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common(p)
-    # 2 x --streams streams on one shard before the rebalance: at 7b-shape, 120 frames of 336 px are
-    # ~0.9 GiB of host KV each (144 tokens x 56 KB a frame, FACTS.md), 8 streams ~7 GiB
+    # 2 x --streams streams on one shard before the rebalance. Host KV per frame at 7b-shape (336 px,
+    # 144 tokens): ~8.6 MB dense (token); ~130 MB for cluster with the random-init weights, whose
+    # keys form singleton clusters, one 16-token slab each. The defaults fit a 16 GiB pool with
+    # either; the token run of docs/benchmarks.md section 8 used --streams 4 --frames 60.
     p.set_defaults(pool_mb=None)
     p.add_argument("--method", default="cluster", help="retrieval method of every shard")
     p.add_argument("--shards", type=int, default=None, help="default: the GPUs of this machine (at least 2)")
-    p.add_argument("--streams", type=int, default=4, help="measured streams on shard 0 (each has a twin there too)")
-    p.add_argument("--frames", type=int, default=120, help="frames per stream")
+    p.add_argument("--streams", type=int, default=2, help="measured streams on shard 0 (each has a twin there too)")
+    p.add_argument("--frames", type=int, default=16, help="frames per stream")
     p.add_argument("--batch", type=int, default=8, help="frames per append call")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second of stream time (a 1 frame/s camera)")
-    p.add_argument("--migrations", type=int, default=4, help="explicit migrate() calls timed after the rebalance")
+    p.add_argument("--migrations", type=int, default=2, help="explicit migrate() calls timed after the rebalance")
     p.add_argument("--max-rounds", type=int, default=8, help="rebalancing rounds at most")
     p.add_argument("--transport", default="distributed", choices=["distributed", "object_store", "auto"])
     p.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run's JSON")

@@ -93,11 +93,13 @@ def main(argv=None) -> int:
         r["efficiency_questions"] = (r["questions_per_s"] / (r["shards"] * base["questions_per_s"])
                                      if base["questions_per_s"] else 0.0)
     mach = report.machine()
-    result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "method": a.method,
+    cards = report.gpu_count()
+    result = {"bench": NAME, "machine": mach, "cards": cards, "model": a.model, "engine_device": a.device, "method": a.method,
               "path": a.path, "video": source, "frame_px": a.size, "streams_per_shard": a.streams_per_shard,
               "batch_frames": a.batch, "seconds": a.seconds, "question_every_s": a.question_every,
               "max_tokens": a.max_tokens, "quick": a.quick, "wall_s": time.perf_counter() - t0, "rows": rows}
-    table = [f"Machine: {mach['device']}; model {a.model} on {a.device}; {a.method} retrieval; path {a.path}; "
+    where = f"{mach['device']} x {cards}, one shard per GPU" if mach["gpu"] else f"{mach['device']}, logical GPUs"
+    table = [f"Machine: {where}; model {a.model} on {a.device}; {a.method} retrieval; path {a.path}; "
              f"{a.streams_per_shard} streams per shard pushing {a.batch}-frame batches of {source} ({a.size}px) back "
              f"to back, a question every {a.question_every:g} s per stream; {a.seconds:g} s per point",
              "", "| shards | frames/s | efficiency (frames) | questions/s | efficiency (questions) | TTFT p50 ms "
