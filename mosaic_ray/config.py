@@ -7,11 +7,14 @@ the field, its allowed range and the value it got, so a bad YAML file fails at s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
+DENSE_SLAB_TOKENS = 16  # PoolConfig.slab_tokens when unset, for full / frame / token
+CLUSTER_SLAB_TOKENS = 4  # ... and for cluster retrieval
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,10 +81,13 @@ class PoolConfig:
     # Refuse to take more than this share of the RAM free at start: the OS, Ray's object store and
     # the model's own host copies need the rest.
     max_ram_fraction: float = 0.8
-    # Tokens per slab. 16 rows of a 128-dim bf16 head = 4 KB of K plus 4 KB of V per slab: large
-    # enough for full-speed UVA reads (>= 1 KB rows run at ~49.5 GB/s, FACTS.md) and small enough
-    # that a half-empty last slab wastes little.
-    slab_tokens: int = 16
+    # Tokens per slab; None: chosen by the cache (`CacheConfig`): 16 for the dense logs of the
+    # full / frame / token methods (16 rows of a 128-dim bf16 head = 4 KB of K per slab), 4 for
+    # cluster retrieval, where every cluster owns whole slabs and most clusters are small (mean
+    # 1.2-1.3 tokens with real weights at the default threshold, docs/benchmarks.md section 8): 4x
+    # less host memory, and 4 rows of a 128-dim head are still 1 KB runs, read at full UVA speed
+    # (>= 1 KB rows run at ~49.5 GB/s, FACTS.md).
+    slab_tokens: int | None = None
     # "auto": pin when CUDA is available (pinned pages are what the UVA gather reads).
     pin_memory: str = "auto"
 
@@ -90,7 +96,8 @@ class PoolConfig:
             _check_range("PoolConfig.capacity_bytes", self.capacity_bytes, 0, None, low_open=True)
         _check_range("PoolConfig.ram_fraction", self.ram_fraction, 0.0, 1.0, low_open=True)
         _check_range("PoolConfig.max_ram_fraction", self.max_ram_fraction, 0.0, 1.0, low_open=True)
-        _check_range("PoolConfig.slab_tokens", self.slab_tokens, 1, 4096)
+        if self.slab_tokens is not None:
+            _check_range("PoolConfig.slab_tokens", self.slab_tokens, 1, 4096)
         if self.pin_memory not in ("auto", "yes", "no"):
             raise ValueError(f"PoolConfig.pin_memory must be one of auto|yes|no, got {self.pin_memory!r}")
 
@@ -168,6 +175,9 @@ class CacheConfig:
             self.cluster = ClusterConfig(**self.cluster)
         if isinstance(self.pool, dict):
             self.pool = PoolConfig(**self.pool)
+        if self.pool.slab_tokens is None:
+            self.pool = dataclasses.replace(self.pool, slab_tokens=CLUSTER_SLAB_TOKENS if self.retrieval == "cluster"
+                                            else DENSE_SLAB_TOKENS)
 
     def budget_for(self, past_tokens: int) -> int:
         """Tokens to retrieve per (layer, KV head) for a past of `past_tokens` offloaded tokens."""

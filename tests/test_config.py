@@ -32,3 +32,12 @@ def test_budget_ratio_and_floor():
 def test_nested_dicts_become_configs():
     cfg = CacheConfig(cluster={"split_size": 32, "max_size": 64}, pool={"slab_tokens": 8})
     assert cfg.cluster.split_size == 32 and cfg.pool.slab_tokens == 8
+
+
+def test_slab_tokens_follow_the_retrieval_method_unless_set():
+    from mosaic_ray.config import CLUSTER_SLAB_TOKENS, DENSE_SLAB_TOKENS
+
+    assert CacheConfig(retrieval="cluster").pool.slab_tokens == CLUSTER_SLAB_TOKENS
+    for method in ("full", "frame", "token"):
+        assert CacheConfig(retrieval=method).pool.slab_tokens == DENSE_SLAB_TOKENS
+    assert CacheConfig(retrieval="cluster", pool={"slab_tokens": 32}).pool.slab_tokens == 32

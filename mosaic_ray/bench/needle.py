@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig, PoolConfig
+from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, ClusterConfig, EngineConfig, PoolConfig
 from mosaic_ray.bench.needle_report import goal, print_table, write
 from mosaic_ray.bench.needle_stream import NEEDLES, Recording, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
 from mosaic_ray.bench.report import bkey
@@ -60,7 +60,7 @@ FRAME_SIZE = {"tiny": 56, "dino-smollm2": 112}
 # Host-pool bytes of a cluster stream over its K/V bytes: clusters fill their last slab partly, at
 # worst one slab per member (3.5x measured on dino-smollm2 at 224 px after 2.2k past tokens, over
 # 10x at 112 px). The pool's pages are touched only when used; the floor covers --quick streams.
-CLUSTER_POOL_FACTOR = PoolConfig().slab_tokens
+CLUSTER_POOL_FACTOR = CLUSTER_SLAB_TOKENS
 POOL_FLOOR_BYTES = 256 << 20
 _CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
 

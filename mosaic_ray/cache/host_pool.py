@@ -23,7 +23,7 @@ from __future__ import annotations
 import psutil
 import torch
 
-from mosaic_ray.config import KVLayout, PoolConfig
+from mosaic_ray.config import DENSE_SLAB_TOKENS, KVLayout, PoolConfig
 
 
 class PoolExhaustedError(MemoryError):
@@ -34,7 +34,7 @@ class HostPool:
     def __init__(self, layout: KVLayout, config: PoolConfig | None = None) -> None:
         self.layout = layout
         self.config = config or PoolConfig()
-        self.slab_tokens = self.config.slab_tokens
+        self.slab_tokens = self.config.slab_tokens or DENSE_SLAB_TOKENS
         self.slab_bytes = self._slab_bytes(layout, self.slab_tokens)
         capacity = self._choose_capacity()
         self.num_slabs = max(1, capacity // self.slab_bytes)
