@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mosaic_ray.bench.synthetic import centers_for, frame_batch
-from mosaic_ray.config import CacheConfig, EngineConfig
+from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig
 from mosaic_ray.engine.interface import AskRequest
 from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model import attention
@@ -82,14 +82,21 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
 
 
 def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
-    method, _, flag = variant.partition(":")  # e.g. "cluster:prefetch"
+    # e.g. "cluster:prefetch", or "cluster:vr=0.15:slab=16" (the cluster knobs of an older default)
+    method, *flags = variant.split(":")
+    knobs = dict(f.split("=", 1) for f in flags if "=" in f)
+    unknown = set(knobs) - {"vr", "slab"} | {f for f in flags if "=" not in f} - {"prefetch"}
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=)")
+    flag = "prefetch" if "prefetch" in flags else ""
     # the pool is sized to the stream (slab tails waste a little), capped by --pool-gb; `full` keeps
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
     cfg = EngineConfig(model="bench", device=str(device), prefetch=flag == "prefetch", cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
-        pool={"capacity_bytes": max(capacity, 64 << 20)}))
+        pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
+        cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio))}))
     engine = StreamEngine(cfg, adapter=adapter)
     row = {"method": variant, "minutes": minutes}
     try:
@@ -195,16 +202,17 @@ def main(argv=None) -> int:
     (out / "bench_query.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "bench_query.png")
     head = ("| minutes | method | TTFT p50 ms | TTFT p99 ms | decode tok/s | fetch ms (host-side unless --time-fetch) | GB/s (share of 53.5) "
-            "| copies | prefetch hit rate | device MiB | per stream-hour GiB |")
+            "| copies | prefetch hit rate | device MiB | per stream-hour GiB | host pool MiB |")
     lines = [f"Card: {card}; model {a.model}; {tokens} tokens/frame at {a.fps} fps; budget {a.budget:.0%}", "", head,
-             "|" + "---|" * 11]
+             "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['minutes']} | {r['method']} | {r['error']} |")
             continue
         lines.append(f"| {r['minutes']} | {r['method']} | {r['ttft_ms_p50']:.1f} | {r['ttft_ms_p99']:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {r['fetch_ms']:.1f} | {r['achieved_gbps']:.1f} ({r['achieved_share_of_peak']:.2f}) | "
-                     f"{r['copies_per_question']:.0f} | {r['prefetch_hit_rate']:.2f} | {r['device_bytes'] / 2**20:.0f} | {r['device_bytes_per_stream_hour'] / 2**30:.2f} |")
+                     f"{r['copies_per_question']:.0f} | {r['prefetch_hit_rate']:.2f} | {r['device_bytes'] / 2**20:.0f} | {r['device_bytes_per_stream_hour'] / 2**30:.2f} | "
+                     f"{r.get('host_bytes', 0) / 2**20:.0f} |")
     (out / "bench_query.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -65,14 +65,17 @@ DEFAULT_VIDEOS = ("bigbuckbunny", "bikes", "opencv-doc")  # opencv-doc: when ins
 
 
 
+_CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
+
+
 @dataclass(slots=True)
 class Variant:
     """One retrieval configuration to replay: a method plus the cluster/pool knobs it runs with."""
 
     name: str
     method: str
-    variance_ratio: float = 0.15
-    slab_tokens: int = 16
+    variance_ratio: float = _CLUSTER.variance_ratio  # the engine's default
+    slab_tokens: int | None = None  # None: the engine's choice for the method (PoolConfig)
     split_size: int = 64
     # Drain every pending split before each question (the engine drains a bounded batch per ingest
     # step only): shows what the split backlog at query time costs.
@@ -89,11 +92,10 @@ class Variant:
 
 BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("token", "token"),
                  Variant("cluster", "cluster")]
-SWEEP_VARIANTS = [Variant("cluster vr=0.05", "cluster", variance_ratio=0.05),
-                  Variant("cluster vr=0.5", "cluster", variance_ratio=0.5),
-                  Variant("cluster vr=1.0", "cluster", variance_ratio=1.0),
-                  Variant("cluster slab=64", "cluster", slab_tokens=64),
-                  Variant("cluster vr=0.5 slab=64", "cluster", variance_ratio=0.5, slab_tokens=64)]
+SWEEP_VARIANTS = [*(Variant(f"cluster vr={vr:g}", "cluster", variance_ratio=vr) for vr in (0.05, 0.15, 0.5, 1.0)
+                    if vr != _CLUSTER.variance_ratio),
+                  Variant("cluster slab=16", "cluster", slab_tokens=16),
+                  Variant("cluster slab=64", "cluster", slab_tokens=64)]
 # Opt-in (--variants): draining the whole split backlog before each question took 120-950 s of CPU
 # on dino-smollm2 (tens of thousands of splits), more than the rest of the run together.
 EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)]
@@ -128,7 +130,8 @@ def _replay(rec: Recording, variant: Variant, s: Settings, on_question, on_attem
     """
     total = sum(op[1].size for op in rec.ops if op[0] == "append")
     row = 2 * rec.layout.head_dim * torch.empty((), dtype=rec.layout.dtype).element_size() + 16
-    capacity = max(1 << 20, 4 * max(1, variant.slab_tokens // 16) * total * rec.layout.groups * row)
+    slab_tokens = variant.cache_config(s.sink, s.window, 1 << 20).pool.slab_tokens
+    capacity = max(1 << 20, 4 * max(1, slab_tokens // 16) * total * rec.layout.groups * row)
     for _attempt in range(4):
         on_attempt()
         pool = HostPool(rec.layout, variant.cache_config(s.sink, s.window, capacity).pool)
@@ -228,7 +231,7 @@ def run_model(model: str, s: Settings, log=print) -> dict:
         last = extras[-1]
         entry = {
             "config": {"method": variant.method, "variance_ratio": variant.variance_ratio,
-                       "slab_tokens": variant.slab_tokens, "split_size": variant.split_size,
+                       "slab_tokens": cache.retriever.pool.slab_tokens, "split_size": variant.split_size,
                        "drain_before_query": variant.drain_before_query},
             "device_bytes": last["device_bytes"], "index_bytes": last["index_bytes"],
             "host_bytes": last["host_bytes"], "replay_s": round(time.perf_counter() - tv, 2),

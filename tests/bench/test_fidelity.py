@@ -90,3 +90,12 @@ def test_recall_is_relative_to_exact_top_b_by_true_mass():
     wrong = take(torch.topk(p, B, 1).indices)
     wrong.values[0, 0] += 1  # a value that is not the stream's is caught
     assert fidelity._metrics_for(ref, wrong, B, torch.ones(1, 1, D))["mapping_errors"] == 1
+
+
+def test_the_default_variant_replays_the_engines_defaults():
+    from mosaic_ray.bench.fidelity import Variant
+    from mosaic_ray.config import CacheConfig, ClusterConfig
+
+    got = Variant("cluster", "cluster").cache_config(sink=16, window=256, capacity_bytes=1 << 20)
+    assert got.cluster.variance_ratio == ClusterConfig().variance_ratio
+    assert got.pool.slab_tokens == CacheConfig(retrieval="cluster").pool.slab_tokens
