@@ -83,10 +83,10 @@ class PoolConfig:
     max_ram_fraction: float = 0.8
     # Tokens per slab; None: chosen by the cache (`CacheConfig`): 16 for the dense logs of the
     # full / frame / token methods (16 rows of a 128-dim bf16 head = 4 KB of K per slab), 4 for
-    # cluster retrieval, where every cluster owns whole slabs and most clusters are small (mean
-    # 1.2-1.3 tokens with real weights at the default threshold, docs/benchmarks.md section 8): 4x
-    # less host memory, and 4 rows of a 128-dim head are still 1 KB runs, read at full UVA speed
-    # (>= 1 KB rows run at ~49.5 GB/s, FACTS.md).
+    # cluster retrieval, where every cluster owns whole slabs and clusters are small (real weights,
+    # docs/benchmarks.md section 8: ~6 tokens at variance_ratio 0.5, slabs 77 % full against 34 %
+    # with 16; 1.3 tokens at 0.15, 33 % against 8 %), and 4 rows of a 128-dim head are still 1 KB
+    # runs, read at full UVA speed (>= 1 KB rows run at ~49.5 GB/s, FACTS.md).
     slab_tokens: int | None = None
     # "auto": pin when CUDA is available (pinned pages are what the UVA gather reads).
     pin_memory: str = "auto"

@@ -103,7 +103,7 @@ class TransferStats:
     """Seconds per phase of one transfer, as one side saw them."""
 
     fingerprint_s: float = 0.0
-    connect_s: float = 0.0  # process groups formed (lazily, at their first message)
+    connect_s: float = 0.0  # process groups formed, their communicator included (`_Groups.get`)
     transfer_s: float = 0.0
     nbytes: int = 0
     by_backend: dict[str, int] = field(default_factory=dict)
@@ -121,7 +121,7 @@ def _group(store: dist.Store, backend: str, rank: int, timeout: datetime.timedel
 
 
 class _Groups:
-    """The transfer's process groups, one per backend, formed at their first message."""
+    """The transfer's process groups, one per backend, formed when first needed."""
 
     def __init__(self, store: dist.Store, rank: int, timeout_s: float, stats: TransferStats) -> None:
         self.store, self.rank, self.stats = store, rank, stats
@@ -132,7 +132,8 @@ class _Groups:
         if backend not in self.groups:
             t0 = time.perf_counter()
             group = self.groups[backend] = _group(self.store, backend, self.rank, self.timeout)
-            # one byte each way forms the communicator now, so connect and transfer are told apart
+            # one byte from rank 0 to rank 1 forms the communicator now (NCCL's is lazy), so
+            # connect and transfer are timed apart
             ping = torch.zeros(1, dtype=torch.uint8, device=_local_device("cuda" if backend == "nccl" else "cpu"))
             (group.send([ping], 1, 0) if self.rank == 0 else group.recv([ping], 0, 0)).wait()
             if backend == "nccl":

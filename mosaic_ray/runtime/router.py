@@ -220,11 +220,10 @@ class Router(ShardRecovery):
             self._reports_at = 0.0
             return done
 
-    async def _move(self, sid: str, source: str, target: str, transport: str | None = None,
-                    phases: dict[str, float] | None = None) -> str:
+    async def _move(self, sid: str, source: str, target: str, transport: str | None,
+                    phases: dict[str, float]) -> str:
         """Move `sid`; returns the transport that carried it. `phases` gets the seconds (and bytes)
         of each step, as the two shards measured them, and `total_s` as seen here."""
-        phases = {} if phases is None else phases
         t_start = time.perf_counter()
         transport = transport or self._cfg.migration.transport
         kinds = {"auto": ["distributed", "object_store"], "distributed": ["distributed"],
