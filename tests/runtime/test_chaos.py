@@ -66,6 +66,20 @@ async def _call(d: StreamDirectory, sid: str, method: str, *args, deadline: floa
             await asyncio.sleep(RETRY_PAUSE_S)
 
 
+async def _kill_shard0_until_quarantined(d: StreamDirectory, cfg: RuntimeConfig, sid: str) -> EngineError:
+    """Kill shard 0 for good, then poll `sid` until it answers 500 (its rebuild failed and it is
+    quarantined) or RECOVERY_LIMIT_S pass; returns the last error it answered."""
+    ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+    deadline = time.monotonic() + RECOVERY_LIMIT_S
+    while True:
+        try:
+            await d.call(sid, "stream_info")
+        except EngineError as exc:
+            if exc.status == 500 or time.monotonic() > deadline:
+                return exc
+        await asyncio.sleep(0.1)
+
+
 async def _ingest(d: StreamDirectory, sid: str, stop: asyncio.Event, acked: dict) -> None:
     seq = 0
     while not stop.is_set():
@@ -189,16 +203,7 @@ def test_a_stream_whose_log_breaks_the_engine_is_quarantined(ray_cluster, tmp_pa
         await d.call("poison", "append_frames", 0, FRAMES[:2], [0.0, 1.0])
         with pytest.raises(EngineError):
             await d.call("poison", "append_text", CRASH_TEXT, 2.0)  # logged, then the engine broke
-        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
-        deadline = time.monotonic() + RECOVERY_LIMIT_S
-        while True:
-            try:
-                await d.call("poison", "stream_info")
-            except EngineError as exc:
-                if exc.status == 500 or time.monotonic() > deadline:
-                    final = exc
-                    break
-            await asyncio.sleep(0.2)
+        final = await _kill_shard0_until_quarantined(d, cfg, "poison")
         first = await d.ask_router("recovery_status")
         await d.ask_router("health")  # a health round retries failed rebuilds, not quarantined ones
         await asyncio.sleep(0.5)

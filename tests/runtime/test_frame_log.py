@@ -34,13 +34,6 @@ def _history() -> list:
             FrameRecord(2, (EncodedFrame("raw", bytes(range(12)), (2, 2, 3)),), (9.0,))]
 
 
-@pytest.fixture(params=["disk", "memory"])
-def store(request, tmp_path):
-    log = DiskFrameLog(tmp_path / "logs", "always") if request.param == "disk" else MemoryFrameLog()
-    yield log
-    log.close()
-
-
 def test_contract_round_trip_in_order(store):
     history = _history()
     store.append("s1", history[:2])

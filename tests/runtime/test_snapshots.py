@@ -16,7 +16,6 @@ from mosaic_ray.runtime.frame_log import (
     FrameRecord,
     LogWriteError,
     MarkRecord,
-    MemoryFrameLog,
     OpenRecord,
     OptionsRecord,
     SnapshotCorruptError,
@@ -45,13 +44,6 @@ def _state(frames: int) -> dict:
     feats = torch.arange(frames * 4, dtype=torch.float32).reshape(frames, 4)
     tensors = {"features": feats, "keys": feats.to(torch.bfloat16), "t": torch.arange(frames, dtype=torch.float64)}
     return {"meta": {"frames": frames, "texts": [[0.5, "early note"]]}, "tensors": tensors}
-
-
-@pytest.fixture(params=["disk", "memory"])
-def store(request, tmp_path):
-    log = DiskFrameLog(tmp_path / "logs", "always") if request.param == "disk" else MemoryFrameLog()
-    yield log
-    log.close()
 
 
 def test_contract_snapshot_slot_replaced_and_deleted_with_the_stream(store):

@@ -11,12 +11,11 @@ import time
 import pytest
 import ray
 
-from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
 from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
 from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
 from mosaic_ray.serve.directory import StreamDirectory
-from tests.runtime.test_chaos import FRAMES, RECOVERY_LIMIT_S, _call, _config, _ingest
+from tests.runtime.test_chaos import FRAMES, RECOVERY_LIMIT_S, _call, _config, _ingest, _kill_shard0_until_quarantined
 
 pytestmark = pytest.mark.ray
 
@@ -175,15 +174,8 @@ def test_a_compacted_log_whose_snapshot_is_corrupt_is_quarantined(ray_cluster, t
         data = bytearray(path.read_bytes())
         data[-1] ^= 0xFF
         path.write_bytes(bytes(data))
-        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
-        deadline = time.monotonic() + RECOVERY_LIMIT_S
-        while True:
-            try:
-                await d.call("lost", "stream_info")
-            except EngineError as exc:
-                if exc.status == 500 or time.monotonic() > deadline:
-                    return exc, await d.ask_router("recovery_status")
-            await asyncio.sleep(0.1)
+        final = await _kill_shard0_until_quarantined(d, cfg, "lost")
+        return final, await d.ask_router("recovery_status")
 
     try:
         final, status = asyncio.run(go())
