@@ -222,6 +222,30 @@ class PruningConfig:
 
 
 @dataclass(slots=True)
+class DevicePoolConfig:
+    """The engine's one preallocated device K/V pool (`cache/device_pool.py`): every stream's sink
+    and window, `full` streams' whole past, each question's retrieved set and its own tokens.
+
+    Give `capacity_tokens` (exact), else on a GPU `memory_fraction` of the device memory free once
+    the model is loaded (vLLM's gpu_memory_utilization idea), else on the CPU `cpu_capacity_bytes`.
+    """
+
+    capacity_tokens: int | None = None
+    # 0.6 of what is free after the weights: a 7b-shape model on an H200 leaves ~124 GiB free, so
+    # ~74 GiB = 1.4M tokens = 2.6 stream-hours of `full`, with room for activations and the
+    # vision tower's batch.
+    memory_fraction: float = 0.6
+    # CPU default (tests, the demo): lazily allocated, so untouched slots cost no RAM.
+    cpu_capacity_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.capacity_tokens is not None:
+            _check_range("DevicePoolConfig.capacity_tokens", self.capacity_tokens, 1, 1 << 31)
+        _check_range("DevicePoolConfig.memory_fraction", self.memory_fraction, 0.0, 0.95, low_open=True)
+        _check_range("DevicePoolConfig.cpu_capacity_bytes", self.cpu_capacity_bytes, 1, 1 << 44)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """One StreamEngine: a model on one device, many streams, one host pool."""
 
@@ -234,6 +258,7 @@ class EngineConfig:
     # Square side frames are resized to before the vision encoder; None = the model's default.
     frame_size: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    kv_pool: DevicePoolConfig = field(default_factory=DevicePoolConfig)
     max_streams: int = 1024
     # Frames accepted in one append call (one vision batch).
     max_frames_per_call: int = 256
@@ -256,6 +281,8 @@ class EngineConfig:
             self.cache = CacheConfig(**self.cache)
         if isinstance(self.pruning, dict):
             self.pruning = PruningConfig(**self.pruning)
+        if isinstance(self.kv_pool, dict):
+            self.kv_pool = DevicePoolConfig(**self.kv_pool)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.frame_size is not None:

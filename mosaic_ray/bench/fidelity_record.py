@@ -73,22 +73,26 @@ class Recording:
 
 @contextlib.contextmanager
 def record_cache_calls(ops: list[tuple]):
-    """Log every append/maintain the engine makes on its stream caches (one stream in the harness)."""
-    append, maintain = StreamCache.append, StreamCache.maintain
+    """Log every append/maintain the engine makes on its stream caches (one stream in the harness).
+    Tokens enter a cache through `StreamCache.adopt` (their K/V already in the device pool): each
+    adoption is logged as the TokenBatch an `append` replays."""
+    adopt, maintain = StreamCache.adopt, StreamCache.maintain
 
-    def rec_append(self, batch: TokenBatch) -> int:
-        ops.append(("append", batch))
-        return append(self, batch)
+    def rec_adopt(self, slots, order, time, pos, block=None) -> int:
+        k, v = self.kv_pool.read(slots)
+        block = block if block is not None else order // 64
+        ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone())))
+        return adopt(self, slots, order, time, pos, block)
 
     def rec_maintain(self, max_work: int | None = None) -> int:
         ops.append(("maintain", max_work))
         return maintain(self, max_work)
 
-    StreamCache.append, StreamCache.maintain = rec_append, rec_maintain
+    StreamCache.adopt, StreamCache.maintain = rec_adopt, rec_maintain
     try:
         yield
     finally:
-        StreamCache.append, StreamCache.maintain = append, maintain
+        StreamCache.adopt, StreamCache.maintain = adopt, maintain
 
 
 @contextlib.contextmanager

@@ -209,7 +209,7 @@ def install(engine, stream_id: str, config: CacheConfig, rec: Recording | None =
     from mosaic_ray.engine import snapshot as snap
     from mosaic_ray.engine.stream_state import StreamState
 
-    cache = StreamCache(engine.layout, config, engine.pool, engine.device)
+    cache = StreamCache(engine.layout, config, engine.pool, engine.device, engine.kv_pool)
     if snapshot is not None:
         # import_stream adopts the snapshot's tensors (on CPU `.to(device)` is a no-op, not a copy)
         # and the stream then updates them in place: give each import its own copy.

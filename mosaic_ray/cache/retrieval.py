@@ -21,6 +21,7 @@ import abc
 import torch
 
 from mosaic_ray.cache.cluster_index import ClusterIndex
+from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.selection import NEG_INF, pack_in_order, select_units, time_overlap
@@ -141,46 +142,70 @@ class Retriever(abc.ABC):
 
 
 class FullRetriever(Retriever):
-    """Keeps every past token on the device; `retrieve` returns all of them (in time order)."""
+    """Keeps every past token on the device, in slots of the device pool: tokens leaving a stream's
+    window change owner (`adopt`), nothing is copied; a question attends the slots in place
+    (`past_slots`). `retrieve` returns all of them, in time order (tests, fidelity)."""
 
     method = "full"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        G, D, P = self.layout.groups, self.layout.head_dim, self.layout.pos_dims
-        dev, dt = self.device, self.layout.dtype
-        self.k = torch.empty(G, 0, D, dtype=dt, device=dev)
-        self.v = torch.empty(G, 0, D, dtype=dt, device=dev)
+    def __init__(self, layout, config, pool, device, kv_pool: DeviceKVPool | None = None) -> None:
+        super().__init__(layout, config, pool, device)
+        self.kv_pool = kv_pool if kv_pool is not None else DeviceKVPool(layout, self.device, growable=True)
+        dev, P = self.device, self.layout.pos_dims
+        # capacity grows by doubling (`_grow`), the first `past_tokens` entries are live
+        self.slots = torch.empty(0, dtype=torch.int64, device=dev)
         self.order = torch.empty(0, dtype=torch.int64, device=dev)
         self.time = torch.empty(0, dtype=torch.float32, device=dev)
         self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
 
     def insert(self, batch: TokenBatch) -> None:
         batch.check(self.layout)
-        n0, n = self.past_tokens, batch.size
-        for name, value, dim in (("k", batch.keys, 1), ("v", batch.values, 1), ("order", batch.order, 0),
-                                 ("time", batch.time, 0), ("pos", batch.pos, 0)):
-            t = _grow(getattr(self, name), dim, n0 + n, 0)
-            t.narrow(dim, n0, n).copy_(value.to(self.device, t.dtype))
+        slots = self.kv_pool.allocate(batch.size)
+        self.kv_pool.write(slots, batch.keys, batch.values)
+        self.adopt(slots, batch.order, batch.time, batch.pos)
+
+    def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor) -> None:
+        """Take over tokens already in the device pool (their slots become this retriever's)."""
+        n0, n = self.past_tokens, slots.numel()
+        for name, value in (("slots", slots), ("order", order), ("time", time), ("pos", pos)):
+            t = _grow(getattr(self, name), 0, n0 + n, 0)
+            t.narrow(0, n0, n).copy_(value.to(self.device, t.dtype))
             setattr(self, name, t)
         self.past_tokens = n0 + n
+
+    def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor:
+        """Slots of the past tokens a question may see (all, or those inside [since, until])."""
+        N = self.past_tokens
+        if since is None and until is None:
+            return self.slots[:N]
+        return self.slots[:N][_time_mask(self.time[:N], since, until)]
 
     def retrieve(self, layer, query, budget, since=None, until=None) -> Retrieved:
         self._check_query(layer, query)
         N, H = self.past_tokens, self.layout.num_kv_heads
-        g = self.groups_of(layer)
+        k, v = self.kv_pool.read_layer(layer, self.slots[:N])
         valid = _time_mask(self.time[:N], since, until)[None].expand(H, N)
         return Retrieved(
-            keys=self.k[g, :N], values=self.v[g, :N], order=self.order[:N][None].expand(H, N),
+            keys=k, values=v, order=self.order[:N][None].expand(H, N),
             pos=self.pos[:N][None].expand(H, N, -1), valid=valid,
         )
 
     def device_bytes(self) -> int:
         n = self.past_tokens
-        return 2 * n * self.layout.groups * self._row_bytes + n * (8 + 4 + 4 * self.layout.pos_dims)
+        return 2 * n * self.layout.groups * self._row_bytes + n * (8 + 8 + 4 + 4 * self.layout.pos_dims)
+
+    def export_past(self) -> dict[str, torch.Tensor]:
+        N = self.past_tokens
+        k, v = self.kv_pool.read(self.slots[:N])
+        return {"k": k, "v": v, "order": self.order[:N].clone(), "time": self.time[:N].clone(), "pos": self.pos[:N].clone()}
+
+    def import_past(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.release()
+        self.insert(TokenBatch(tensors["k"], tensors["v"], tensors["order"], tensors["time"], tensors["pos"]))
 
     def release(self) -> int:
-        self.__init__(self.layout, self.config, self.pool, self.device)
+        self.kv_pool.free(self.slots[: self.past_tokens])
+        self.__init__(self.layout, self.config, self.pool, self.device, self.kv_pool)
         return 0
 
 
@@ -355,5 +380,9 @@ RETRIEVERS: dict[str, type[Retriever]] = {
 }
 
 
-def make_retriever(layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str) -> Retriever:
+def make_retriever(layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str,
+                   kv_pool: DeviceKVPool | None = None) -> Retriever:
+    """The stream's retriever; `full` keeps its past in `kv_pool` (the engine's device pool)."""
+    if config.retrieval == "full":
+        return FullRetriever(layout, config, pool, device, kv_pool)
     return RETRIEVERS[config.retrieval](layout, config, pool, device)

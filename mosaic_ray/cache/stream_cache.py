@@ -1,34 +1,38 @@
-"""StreamCache: one stream's KV cache = resident sink + local window on the device, past retrieved.
+"""StreamCache: one stream's KV cache = resident sink + local window in the device pool, past retrieved.
 
     [ sink | ............ past (retriever) ............ | local window ]
       first sink_tokens      tokens that left the window    last window_tokens
 
-`append` adds new tokens (K after RoPE, V) for every layer at once; tokens pushed out of the window
-go to the retriever in one batch (so one assignment call covers all layers and heads). Device
-memory is bounded by sink + window + the retriever's device part, whatever the stream's length.
+The resident tokens are slots of the engine's `DeviceKVPool` (`slots`, time order, sink first);
+attention reads them in place. New tokens enter in two steps: a forward stores their K/V into slots
+`reserve`d for them, then `adopt` makes them resident (or `discard` gives them back if the step
+failed), so a failed step leaves the stream exactly as it was. Tokens pushed out of the window go
+to the retriever in one batch (one assignment call covers all layers and heads); for `full` they
+stay in their slots and only change owner, so nothing of a `full` stream is ever copied.
 
-Verbs: append / resident / retrieve / maintain / release.
+Verbs: reserve / adopt / discard / append / resident / retrieve / maintain / release.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.retrieval import Retriever, make_retriever
+from mosaic_ray.cache.retrieval import FullRetriever, Retriever, make_retriever
 from mosaic_ray.cache.token_batch import Retrieved, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
 
 
 class StreamCache:
-    def __init__(self, layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str) -> None:
+    def __init__(self, layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str,
+                 kv_pool: DeviceKVPool | None = None) -> None:
         self.layout, self.config, self.device = layout, config, torch.device(device)
-        self.retriever: Retriever = make_retriever(layout, config, pool, self.device)
-        G, D, P = layout.groups, layout.head_dim, layout.pos_dims
-        dt, dev = layout.dtype, self.device
+        self.kv_pool = kv_pool if kv_pool is not None else DeviceKVPool(layout, self.device, growable=True)
+        self.retriever: Retriever = make_retriever(layout, config, pool, self.device, self.kv_pool)
+        P, dev = layout.pos_dims, self.device
         # Resident tokens, in time order: sink first, then the window.
-        self.k = torch.empty(G, 0, D, dtype=dt, device=dev)
-        self.v = torch.empty(G, 0, D, dtype=dt, device=dev)
+        self.slots = torch.empty(0, dtype=torch.int64, device=dev)
         self.order = torch.empty(0, dtype=torch.int64, device=dev)
         self.time = torch.empty(0, dtype=torch.float32, device=dev)
         self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
@@ -37,7 +41,7 @@ class StreamCache:
 
     @property
     def resident_tokens(self) -> int:
-        return self.order.numel()
+        return self.slots.numel()
 
     @property
     def past_tokens(self) -> int:
@@ -46,40 +50,81 @@ class StreamCache:
     def budget(self) -> int:
         return self.config.budget_for(self.past_tokens)
 
-    def append(self, batch: TokenBatch) -> int:
-        """Add tokens (all layers); returns how many were offloaded to the retriever.
+    # ------------------------------------------------------------------ entering tokens
+    def reserve(self, n: int) -> torch.Tensor:
+        """Slots for n new tokens (a forward stores their K/V there); adopt or discard them."""
+        return self.kv_pool.allocate(n)
 
-        All-or-nothing: if the retriever refuses (pool full), the resident state is unchanged.
-        """
-        batch.check(self.layout)
+    def discard(self, slots: torch.Tensor) -> None:
+        self.kv_pool.free(slots)
+
+    def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor,
+              block: torch.Tensor | None = None) -> int:
+        """Make tokens whose K/V are in `slots` resident; returns how many left the window.
+
+        All-or-nothing: if the retriever refuses (host pool full), the stream is unchanged and the
+        slots are still the caller's."""
         dev = self.device
-        k = torch.cat([self.k, batch.keys.to(dev, self.layout.dtype)], 1)
-        v = torch.cat([self.v, batch.values.to(dev, self.layout.dtype)], 1)
+        n_new = slots.numel()
+        block = block if block is not None else order // 64
+        all_slots = torch.cat([self.slots, slots.to(dev, torch.int64)])
         meta = [
-            torch.cat([self.order, batch.order.to(dev, torch.int64)]),
-            torch.cat([self.time, batch.time.to(dev, torch.float32)]),
-            torch.cat([self.pos, batch.pos.to(dev, torch.int32)]),
-            torch.cat([self.block, batch.blocks().to(dev, torch.int64)]),
+            torch.cat([self.order, order.to(dev, torch.int64)]),
+            torch.cat([self.time, time.to(dev, torch.float32)]),
+            torch.cat([self.pos, pos.to(dev, torch.int32)]),
+            torch.cat([self.block, block.to(dev, torch.int64)]),
         ]
-        n = meta[0].numel()
+        n = all_slots.numel()
         sink, window = self.config.sink_tokens, self.config.window_tokens
         evict = max(0, n - sink - window)
         if evict:
             sl = slice(min(sink, n), min(sink, n) + evict)
-            self.retriever.insert(TokenBatch(k[:, sl], v[:, sl], meta[0][sl], meta[1][sl], meta[2][sl], meta[3][sl]))
+            out = all_slots[sl]
+            if isinstance(self.retriever, FullRetriever):
+                self.retriever.adopt(out, meta[0][sl], meta[1][sl], meta[2][sl])  # same slots, new owner
+            else:
+                k, v = self.kv_pool.read(out)
+                self.retriever.insert(TokenBatch(k, v, meta[0][sl], meta[1][sl], meta[2][sl], meta[3][sl]))
+                self.kv_pool.free(out)
             keep = torch.cat([torch.arange(0, sl.start, device=dev), torch.arange(sl.stop, n, device=dev)])
-            k, v = k[:, keep], v[:, keep]
+            all_slots = all_slots[keep]
             meta = [m[keep] for m in meta]
-        self.k, self.v = k, v
+        self.slots = all_slots
         self.order, self.time, self.pos, self.block = meta
-        self.total_tokens += batch.size
+        self.total_tokens += n_new
         return evict
 
+    def append(self, batch: TokenBatch) -> int:
+        """Add tokens whose K/V are given (all layers); returns how many were offloaded."""
+        batch.check(self.layout)
+        slots = self.reserve(batch.size)
+        try:
+            self.kv_pool.write(slots, batch.keys, batch.values)
+            return self.adopt(slots, batch.order, batch.time, batch.pos, batch.blocks())
+        except BaseException:
+            self.discard(slots)
+            raise
+
+    # ------------------------------------------------------------------ reading
     def resident(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k [H, R, D], v [H, R, D], pos [R, P]) of the sink + window of one layer, time order."""
-        H = self.layout.num_kv_heads
-        g = slice(layer * H, (layer + 1) * H)
-        return self.k[g], self.v[g], self.pos
+        """(k [H, R, D], v [H, R, D], pos [R, P]) of the sink + window of one layer, time order (a copy)."""
+        k, v = self.kv_pool.read_layer(layer, self.slots)
+        return k, v, self.pos
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Resident keys of every layer [G, R, D] (a copy; snapshots and tests)."""
+        return self.kv_pool.read(self.slots)[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv_pool.read(self.slots)[1]
+
+    def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
+        """The past's slots when it lives in the device pool (`full`), else None (it is retrieved)."""
+        if isinstance(self.retriever, FullRetriever):
+            return self.retriever.past_slots(since, until)
+        return None
 
     def retrieve(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None) -> Retrieved:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
@@ -92,6 +137,7 @@ class StreamCache:
     def maintain(self, max_work: int | None = None) -> int:
         return self.retriever.maintain(max_work)
 
+    # ------------------------------------------------------------------ accounting, lifetime
     def device_bytes(self) -> int:
         row = self.layout.head_dim * torch.empty((), dtype=self.layout.dtype).element_size()
         resident = 2 * self.resident_tokens * self.layout.groups * row
@@ -100,7 +146,17 @@ class StreamCache:
     def host_bytes(self) -> int:
         return self.retriever.host_bytes()
 
+    def load_resident(self, k: torch.Tensor, v: torch.Tensor, order, time, pos, block) -> None:
+        """Install resident tokens (snapshot import): K/V [G, R, D] into fresh slots."""
+        self.kv_pool.free(self.slots)
+        slots = self.kv_pool.allocate(order.numel())
+        self.kv_pool.write(slots, k, v)
+        dev = self.device
+        self.slots, self.order, self.time = slots, order.to(dev, torch.int64, copy=True), time.to(dev, torch.float32, copy=True)
+        self.pos, self.block = pos.to(dev, torch.int32, copy=True), block.to(dev, torch.int64, copy=True)
+
     def release(self) -> int:
         freed = self.retriever.release()
-        self.__init__(self.layout, self.config, self.retriever.pool, self.device)
+        self.kv_pool.free(self.slots)
+        self.__init__(self.layout, self.config, self.retriever.pool, self.device, self.kv_pool)
         return freed

@@ -50,8 +50,7 @@ class Prefetcher:
         ctx = attention._ACTIVE.get()
         if ctx is None or not ctx.prefetch:
             return
-        steps = [(i, s) for i, s in enumerate(ctx.streams)
-                 if s.retrieve and s.cache.past_tokens > 0 and s.cache.config.retrieval != "full"]
+        steps = [(i, ctx.streams[i]) for i in ctx.retrieving if ctx.streams[i].cache.past_tokens > 0]
         if not steps:
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -62,7 +61,8 @@ class Prefetcher:
             self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             for i, step in steps:
-                q_mean = q[i, :, : step.new_tokens].float().reshape(Hkv, -1, q.shape[-1]).mean(1)
+                lo, hi = ctx.meta.q_bounds[i]
+                q_mean = q[0, :, lo:hi].float().transpose(0, 1).reshape(hi - lo, Hkv, -1, q.shape[-1]).mean((0, 2))
                 sel = step.cache.select(layer + 1, q_mean, step.since, step.until)
                 data = gather(step.cache.retriever.pool, sel.rows, step.cache.device, step.cache.retriever.host_parts)
                 ready = None

@@ -58,6 +58,9 @@ class QuestionRun:
     t_first: float | None = None
     t_done: float | None = None
     pending_pos: list[torch.Tensor] = field(default_factory=list)
+    # slots attended before the question's own tokens: the stream's sink + window, then the past
+    # (a `full` stream's slots in place, else the working set's retrieved slots)
+    context: torch.Tensor | None = None
 
     def next_ids(self) -> list[int]:
         if self.phase == "prefill":

@@ -22,7 +22,7 @@ from mosaic_ray.engine.stream_state import StreamState
 _RESIDENT = ("k", "v", "order", "time", "pos", "block")
 # Per retriever: (object path, tensor attributes, plain attributes, slab-table attribute or None)
 _RETRIEVER_FIELDS = {
-    "full": [("", ("k", "v", "order", "time", "pos"), ("past_tokens",), None)],
+    "full": [],  # its past is device-pool slots: exported as K/V by `FullRetriever.export_past`
     "token": [("", ("keys",), ("past_tokens",), None),
               ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
     "frame": [("", ("rep_sum", "start", "count", "t_min", "t_max", "block_id"), ("past_tokens", "num_blocks"), None),
@@ -41,7 +41,11 @@ def _owner(obj, path):
 def export_stream(state: StreamState) -> dict[str, Any]:
     cache = state.cache
     retriever = cache.retriever
-    tensors: dict[str, torch.Tensor] = {f"resident.{n}": getattr(cache, n).clone() for n in _RESIDENT}
+    k, v = cache.kv_pool.read(cache.slots)
+    tensors: dict[str, torch.Tensor] = {"resident.k": k, "resident.v": v}
+    tensors.update({f"resident.{n}": getattr(cache, n).clone() for n in _RESIDENT[2:]})
+    if retriever.method == "full":
+        tensors.update({f"retriever.past.{n}": t for n, t in retriever.export_past().items()})
     meta: dict[str, Any] = {"counters": {c: getattr(state, c) for c in _COUNTERS}, "total_tokens": cache.total_tokens,
                             "method": retriever.method, "plain": {}}
     for path, tnames, pnames, _ in _RETRIEVER_FIELDS[retriever.method]:
@@ -74,8 +78,9 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     remap[old] = new
     # copies, never views: the stream mutates its tensors in place, and a snapshot may be imported
     # more than once
-    for n in _RESIDENT:
-        setattr(cache, n, tensors[f"resident.{n}"].to(dev, copy=True))
+    cache.load_resident(*(tensors[f"resident.{n}"] for n in _RESIDENT))
+    if retriever.method == "full":
+        retriever.import_past({n: tensors[f"retriever.past.{n}"] for n in ("k", "v", "order", "time", "pos")})
     cache.total_tokens = meta["total_tokens"]
     for path, tnames, pnames, slab_attr in _RETRIEVER_FIELDS[retriever.method]:
         obj = _owner(retriever, path)

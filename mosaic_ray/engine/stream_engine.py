@@ -25,8 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mosaic_ray.attention.backend import build_metadata
+from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.interface import (
@@ -41,7 +44,8 @@ from mosaic_ray.engine.interface import (
 from mosaic_ray.engine.frame_pruner import FramePruner, options_of
 from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question import Answer, QuestionRun
-from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit, token_batch
+from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit
+from mosaic_ray.model import attention
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StepContext, StreamStep
 
@@ -57,6 +61,8 @@ class StreamEngine(Engine):
         if self.config.prefetch:
             Prefetcher.install(self.adapter)
         self.pool = HostPool(self.layout, self.config.cache.pool)
+        # after the weights, so a GPU pool is sized from the memory they leave free
+        self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
         self.pruner = FramePruner(self.config.pruning)
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
@@ -82,7 +88,7 @@ class StreamEngine(Engine):
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         if len(self.streams) >= self.config.max_streams:
             raise OverloadedError(f"engine holds its maximum of {self.config.max_streams} streams")
-        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device),
+        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool),
                             pruning=self.pruner.new_state())
         prefix = self.adapter.prefix_text()
         if prefix:
@@ -157,13 +163,20 @@ class StreamEngine(Engine):
     def _ingest(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
         """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
         segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
+        slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
-        ctx, _ = self._forward_hidden(segs, steps)
+        try:
+            self._forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
+        except BaseException:
+            for (state, _, _), sl in zip(work, slots):
+                state.cache.discard(sl)
+            raise
         for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
-            batch = token_batch(state, ctx.new_k, ctx.new_v, row, seg.size, seg.time, seg.block, seg.positions)
             try:
-                commit(state, batch, seg.span, len(chunks), clock=max(ts))
+                commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts))
             except Exception as exc:  # rows before this one are in: say so, or the caller retries them
+                for (st, _, _), sl in zip(work[row:], slots[row:]):
+                    st.cache.discard(sl)
                 if row == 0:
                     raise
                 raise frame_append.PartialCommitError(row, exc) from exc
@@ -173,20 +186,35 @@ class StreamEngine(Engine):
             except PoolExhaustedError:
                 pass
             except Exception as exc:
+                for (st, _, _), sl in zip(work[row + 1:], slots[row + 1:]):
+                    st.cache.discard(sl)
                 raise frame_append.PartialCommitError(row + 1, exc) from exc
 
-    def _forward_hidden(self, segs: list[Segment], steps: list[StreamStep]) -> tuple[StepContext, torch.Tensor]:
-        b, n = len(segs), max(s.size for s in segs)
-        hidden = segs[0].embeds.shape[1]
+    def _reserve(self, needs: list[tuple[StreamCache, int]]) -> list[torch.Tensor]:
+        """Device-pool slots for each stream's new tokens, all or none (a full pool is an overload)."""
+        got: list[torch.Tensor] = []
+        try:
+            for cache, n in needs:
+                got.append(cache.reserve(n))
+        except DevicePoolExhaustedError as exc:
+            for (cache, _), sl in zip(needs, got):
+                cache.discard(sl)
+            raise OverloadedError(str(exc)) from exc
+        return got
+
+    def _forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
+                 new_slots: list[torch.Tensor]) -> torch.Tensor:
+        """One decoder forward over every sequence's new tokens, packed into one row; sequence i
+        attends kv_lists[i] then its own new tokens (stored into new_slots[i]). Returns the hidden
+        state of each sequence's last token [S, hidden]."""
         P = self.layout.pos_dims
-        embeds = torch.zeros(b, n, hidden, dtype=segs[0].embeds.dtype, device=self.device)
-        pos = torch.zeros(P, b, n, dtype=torch.long, device=self.device)
-        for i, s in enumerate(segs):
-            embeds[i, : s.size] = s.embeds
-            pos[:, i, : s.size] = s.positions.to(self.device)
-        ctx = StepContext(steps, prefetch=self.config.prefetch)
-        out = self.adapter.forward(embeds, pos, ctx)
-        return ctx, out
+        embeds = torch.cat([s.embeds for s in segs])[None]  # [1, T, hidden]
+        pos = torch.cat([s.positions for s in segs], 1).to(self.device)[:, None]  # [P, 1, T]
+        meta = build_metadata(kv_lists, new_slots, self.device)
+        ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
+        out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
+        last = torch.tensor([hi - 1 for _, hi in meta.q_bounds], device=self.device)
+        return out[0, last]
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
@@ -202,17 +230,27 @@ class StreamEngine(Engine):
                 f"of {self.config.max_question_tokens} tokens"
             )
         closing_ids = tok.encode(closing, add_special_tokens=False)
-        step = StreamStep(state.cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True,
-                          reserve=len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
+        cache = state.cache
+        # the past a question attends: `full` reads its slots in place; the others retrieve at
+        # most min(budget, past) tokens per (layer, KV head) into reserved slots
+        past = cache.past_slots(request.since, request.until)
+        retrieved = 0 if past is not None else min(cache.budget(), cache.past_tokens)
+        try:
+            work = WorkingSet.reserve(self.kv_pool, retrieved, len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
+        except DevicePoolExhaustedError as exc:
+            raise OverloadedError(str(exc)) from exc
+        attended = [cache.slots] + ([past] if past is not None else []) + [work.retrieved]
+        step = StreamStep(cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True, work=work)
         gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
         run = QuestionRun(state, request, prompt_ids, closing_ids, step,
-                          set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen)
+                          set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen,
+                          context=torch.cat(attended))
         state.busy = True
         return run
 
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
         """One forward for every run (prefill, decode or closing); returns each run's new text."""
-        segs = []
+        segs, kv_lists, new_slots = [], [], []
         for run in runs:
             ids = run.next_ids()
             chunk = self.adapter.ids_chunk(ids)
@@ -221,30 +259,34 @@ class StreamEngine(Engine):
             segs.append(Segment(chunk.embeds, positions, t, torch.zeros(chunk.size, dtype=torch.long), chunk.span))
             run.step.new_tokens = chunk.size
             run.step.retrieve = run.phase == "prefill"
-        ctx, hidden = self._forward_hidden(segs, [r.step for r in runs])
+            work = run.step.work
+            kv_lists.append(torch.cat([run.context, work.own[: work.used]]))
+            new_slots.append(work.next_slots(chunk.size))
+        hidden = self._forward(segs, [r.step for r in runs], kv_lists, new_slots)
+        logits = self.adapter.logits(hidden)  # [S, vocab]
         deltas = []
         for row, (run, seg) in enumerate(zip(runs, segs)):
+            run.step.work.advance(seg.size)
             run.pending_pos.append(seg.positions)
             run.pos_cursor += seg.span
             if run.phase == "closing":
                 self._commit_run(run)
                 deltas.append("")
                 continue
-            logits = self.adapter.logits(hidden[row, seg.size - 1])
-            deltas.append(run.take_token(logits, self.adapter.tokenizer))
+            deltas.append(run.take_token(logits[row], self.adapter.tokenizer))
         return deltas
 
     def _commit_run(self, run: QuestionRun) -> None:
-        state = run.state
-        own = {layer: buf.own() for layer, buf in run.step.buffers.items()}
-        layers = sorted(own)
-        n = own[layers[0]][0].shape[1]
+        state, work = run.state, run.step.work
+        n = work.used
         pos = torch.cat(run.pending_pos, 1)
-        new_k = {l: own[l][0][None] for l in layers}
-        new_v = {l: own[l][1][None] for l in layers}
-        batch = token_batch(state, new_k, new_v, 0, n, torch.full((n,), state.clock),
-                            torch.full((n,), state.block, dtype=torch.long), pos)
-        commit(state, batch, run.pos_cursor - state.next_pos, 1)
+        try:
+            commit(state, work.own[:n], torch.full((n,), state.clock), torch.full((n,), state.block, dtype=torch.long),
+                   pos, run.pos_cursor - state.next_pos, 1)
+        except BaseException:
+            self._release(run)
+            raise
+        work.release(keep_own=True)  # the stream owns the Q/A's slots now
         state.cache.maintain(self.config.splits_per_step)  # the Q/A's tokens may have flagged splits
         state.questions += 1
         self.counters["questions"] += 1
@@ -255,8 +297,9 @@ class StreamEngine(Engine):
     def _release(self, run: QuestionRun) -> None:
         state = run.state
         state.busy = False
-        run.step.retrieved.clear()
-        run.step.buffers.clear()
+        if run.step.work is not None:
+            run.step.work.release()
+        run.step.prefetched.clear()
         deferred, state.deferred = state.deferred, []
         for frames, ts in deferred:  # frames acknowledged during the answer, in arrival order
             self._ingest_frames([(state, frames, ts)])
@@ -338,6 +381,8 @@ class StreamEngine(Engine):
             "kv_bytes_device": sum(s.cache.device_bytes() for s in self.streams.values()),
             "kv_bytes_host": sum(s.cache.host_bytes() for s in self.streams.values()),
             "pool_capacity_bytes": self.pool.capacity_bytes, "pool_used_bytes": self.pool.used_bytes,
+            "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
+            "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
             "active_questions": len(self._runs), **{f"{k}_total": v for k, v in self.counters.items()},
         }
 
@@ -358,7 +403,7 @@ class StreamEngine(Engine):
 
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
-        cache = StreamCache(self.layout, self.config.cache, self.pool, self.device)
+        cache = StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool)
         state = import_stream(stream_id, snapshot, cache)
         state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
         self.streams[stream_id] = state

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.model.adapter import Chunk
 
 
@@ -61,21 +60,15 @@ def assemble(state: StreamState, chunks: list[Chunk], times: list[float]) -> Seg
     return Segment(torch.cat(embeds), torch.cat(positions, 1), torch.cat(time), torch.cat(block), offset - state.next_pos)
 
 
-def token_batch(state: StreamState, new_k: dict, new_v: dict, row: int, n: int, seg_time, seg_block, seg_pos) -> TokenBatch:
-    """The step's new K/V of batch row `row` (first n tokens), every layer, as a TokenBatch."""
-    layers = sorted(new_k)
-    keys = torch.stack([new_k[l][row, :, :n] for l in layers])  # [L, H, n, D]
-    values = torch.stack([new_v[l][row, :, :n] for l in layers])
-    L, H, _, D = keys.shape
+def commit(state: StreamState, slots: torch.Tensor, seg_time: torch.Tensor, seg_block: torch.Tensor,
+           seg_pos: torch.Tensor, span: int, blocks: int, clock: float | None = None) -> None:
+    """Make a step's tokens (K/V already stored in `slots`) part of the stream, then advance the
+    counters (all-or-nothing: if the cache refuses, nothing moved and the slots are the caller's).
+    seg_pos [P, n] absolute positions; seg_time / seg_block [n]."""
+    n = slots.numel()
     order = torch.arange(state.tokens, state.tokens + n)
-    return TokenBatch(keys.reshape(L * H, n, D), values.reshape(L * H, n, D), order,
-                      seg_time.float(), seg_pos.T.contiguous().int(), seg_block)
-
-
-def commit(state: StreamState, batch: TokenBatch, span: int, blocks: int, clock: float | None = None) -> None:
-    """Append a step's tokens to the cache, then advance the counters (all-or-nothing)."""
-    state.cache.append(batch)
-    state.tokens += batch.size
+    state.cache.adopt(slots, order, seg_time.float(), seg_pos.T.contiguous().int(), seg_block)
+    state.tokens += n
     state.next_pos += span
     state.block += blocks
     if clock is not None:

@@ -13,10 +13,10 @@ Q = AskRequest("Describe the scene.", max_tokens=6)
 def _fail_appends_of(engine, sid):
     cache = engine.streams[sid].cache
 
-    def full(batch):
+    def full(*args, **kwargs):
         raise PoolExhaustedError("HostPool full (test)")
 
-    cache.append = full
+    cache.adopt = full  # how a step's tokens enter a cache
 
 
 def _view(engine, sid):
@@ -44,7 +44,7 @@ def test_a_commit_failing_midway_names_the_streams_that_are_in(tiny_adapter, met
     with pytest.raises(InvalidInputError, match="goes back"):
         engine.append_frames("a", frames(2, seed=0), [0.0, 1.0])
     # the streams that were not applied take the same frames again, and answer like the reference
-    del engine.streams["b"].cache.append
+    del engine.streams["b"].cache.adopt
     assert engine.append_frames_batch(items[1:]) == [2, 2]
     ref.append_frames_batch(items[1:])
     for sid in ("a", "b", "c"):

@@ -1,0 +1,52 @@
+"""Question retrieval for one layer: for every question in prefill, score the past with the
+question's mean query per KV head, fetch the chosen tokens and write them into the question's
+reserved slots of the device pool (`WorkingSet.fill`), where the layer's one attention call reads
+them beside the stream's resident slots.
+
+With a prefetch (`engine/prefetch.py`) the rows a guess made one layer earlier already brought are
+taken from it and only the misses are read now, so what attention sees is exactly the same.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def question_queries(q: torch.Tensor, bounds: list[tuple[int, int]], num_kv_heads: int) -> list[torch.Tensor]:
+    """Per sequence its mean query per KV head [Hkv, D] (mean over its tokens and the group's
+    query heads), from q [T, Hq, D]."""
+    T, Hq, D = q.shape
+    out = []
+    for lo, hi in bounds:
+        out.append(q[lo:hi].float().view(hi - lo, num_kv_heads, Hq // num_kv_heads, D).mean((0, 2)))
+    return out
+
+
+@torch.no_grad()
+def retrieve_layer(ctx, layer: int, q: torch.Tensor) -> None:
+    """Fill layer `layer` of every retrieving question's working set (ctx: a StepContext)."""
+    Hkv = ctx.pool.layout.num_kv_heads
+    bounds = [ctx.meta.q_bounds[i] for i in ctx.retrieving]
+    for i, q_mean in zip(ctx.retrieving, question_queries(q, bounds, Hkv)):
+        step = ctx.streams[i]
+        if step.cache.past_tokens == 0:
+            continue
+        t0 = time.perf_counter()
+        pre = step.prefetched.pop(layer, None)
+        if pre is None:
+            got = step.cache.retrieve(layer, q_mean, step.since, step.until)
+        else:
+            sel = step.cache.select(layer, q_mean, step.since, step.until)
+            got = step.cache.retriever.fetch(sel, step.since, step.until, prefetched=pre)
+            rows = int((sel.rows >= 0).sum())
+            step.fetched["rows"] += rows
+            step.fetched["prefetch_hits"] += rows - got.misses
+        step.work.fill(layer, got.keys, got.values, got.valid)
+        if ctx.time_fetch and q.is_cuda:
+            torch.cuda.synchronize()
+        step.fetched["seconds"] += time.perf_counter() - t0
+        step.fetched["copies"] += got.copies
+        step.fetched["bytes"] += got.bytes_moved
+        step.fetched["tokens"] += got.tokens
