@@ -27,7 +27,7 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model import attention
 from mosaic_ray.model.registry import load_model
 
-METHODS = ("full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
+METHODS = ("plain-hf", "full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
 PINNED_PEAK_GBPS = 53.5
 QUESTIONS = ["What is the person in the red jacket doing?", "When did the car leave?", "How many birds are there?",
              "What color is the door?", "Summarize the last scene.", "Who entered the room first?",
@@ -142,6 +142,37 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
     return row
 
 
+def run_plain(adapter, minutes, fps, tokens, questions, device) -> dict:
+    """The anchor row: plain transformers with the whole stream in a DynamicCache, same questions."""
+    from mosaic_ray.bench import plain_hf
+
+    past = int(minutes * 60 * fps) * tokens
+    row = {"method": "plain-hf", "minutes": minutes, "past_tokens": past}
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        runs = []
+        for i in range(questions + 1):
+            prompt, _ = adapter.question_text(QUESTIONS[i % len(QUESTIONS)])
+            runs.append(plain_hf.question(adapter, past, adapter.tokenizer.encode(prompt, add_special_tokens=False), 16))
+        runs = runs[1:]
+        ttft = sorted(r["ttft_ms"] for r in runs)
+        row.update(ttft_ms_p50=ttft[len(ttft) // 2], ttft_ms_p99=ttft[-1],
+                   decode_tok_s=sum(r["decode_tok_s"] for r in runs) / len(runs), fetch_ms=0.0, bytes_per_question=0,
+                   copies_per_question=0, achieved_gbps=0.0, achieved_share_of_peak=0.0, prefetch_hit_rate=0.0,
+                   device_bytes=past * adapter.layout.bytes_per_token, host_bytes=0,
+                   device_bytes_per_stream_hour=past * adapter.layout.bytes_per_token / (minutes / 60),
+                   peak_vram_bytes=(torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None)
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err)[:120]}"
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -150,8 +181,9 @@ def plot(rows, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lengths = sorted({r["minutes"] for r in rows})
-    width = 0.8 / len(METHODS)
-    for j, m in enumerate(METHODS):
+    shown = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / len(shown)
+    for j, m in enumerate(shown):
         ttft = [next((r.get("ttft_ms_p50", 0) for r in rows if r["method"] == m and r["minutes"] == L), 0) for L in lengths]
         mem = [next((r.get("device_bytes", 0) / 2**30 for r in rows if r["method"] == m and r["minutes"] == L), 0) for L in lengths]
         xs = [i + j * width for i in range(len(lengths))]
@@ -191,6 +223,10 @@ def main(argv=None) -> int:
     rows = []
     for minutes in [float(m) for m in a.minutes.split(",")]:
         for method in a.methods.split(","):
+            if method == "plain-hf":
+                rows.append(run_plain(adapter, minutes, a.fps, tokens, a.questions, device))
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}), flush=True)
+                continue
             row = run_method(adapter, method, minutes, a.fps, tokens, a.budget, a.window, a.questions, a.pool_gb,
                              device, real if minutes == float(a.minutes.split(",")[0]) else None)
             rows.append(row)

@@ -1,6 +1,9 @@
 """Where one shard's GPU time goes, with the engine in-process (no Ray, no HTTP): ingest of B streams
 x 1 frame in one `append_frames_batch` call (and the vision tower alone), then 1 and N questions
-answered together. The ceiling under `streams_per_gpu.py` and `query_latency.py`.
+answered together, then decode ms per step with 1, 8, 32, 64 questions together, each stream holding
+`--decode-kv` tokens (`full`: all of them attended at every step), beside plain transformers at the
+same batch and KV length (`plain-hf`, a DynamicCache, eager). The ceiling under `streams_per_gpu.py`
+and `query_latency.py`.
 
     python scaling_bench/engine_profile.py --frames-file scratch/frames_336.npz        # GPU, 7b-shape
     python scaling_bench/engine_profile.py --quick --out /tmp/r                        # CPU, seconds
@@ -29,10 +32,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,4,16,32", help="streams appending one frame each, per call")
     p.add_argument("--calls", type=int, default=6, help="timed calls per batch size (after 3 warm-up calls)")
     p.add_argument("--questions", type=int, default=8, help="questions answered together in the second timing")
+    p.add_argument("--decode-batches", default="1,8,32,64", help="questions decoding together (empty: skip)")
+    p.add_argument("--decode-kv", type=int, default=8192, help="tokens each decoding stream attends")
+    p.add_argument("--decode-tokens", type=int, default=24, help="answer tokens per question in the decode timing")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-transformers decode anchor")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:
         a.batches, a.calls, a.questions = "1,4", 2, 2
+        a.decode_batches, a.decode_kv, a.decode_tokens = "1,4", 256, 6
     frames, source = real_frames(a.size, frames_file=a.frames_file)
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -82,19 +90,98 @@ def main(argv=None) -> int:
         questions.append({"questions": n, "wall_ms": wall * 1e3, "ttft_p50_ms": ttft * 1e3,
                           "tokens": sum(len(x.token_ids) for x in answers)})
         print(f"  {n} question(s) together: {wall * 1e3:.0f} ms, TTFT p50 {ttft * 1e3:.0f} ms", flush=True)
+    decode = decode_profile(a, engine, sync) if a.decode_batches else []
     mach = report.machine()
     result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "method": a.method,
-              "video": source, "frame_px": a.size, "engine_build_s": built_s, "ingest": rows, "questions": questions}
+              "video": source, "frame_px": a.size, "engine_build_s": built_s, "ingest": rows, "questions": questions,
+              "decode_kv_tokens": a.decode_kv, "decode": decode}
     table = [f"Machine: {mach['device']}; model {a.model} on {a.device}; {a.method} retrieval; {a.size}px frames of "
              f"{source}; engine in-process", "", "| streams x 1 frame per call | ms per call | frames/s | vision alone ms |",
              "|---|---|---|---|"]
     table += [f"| {r['streams']} | {r['ms_per_call']:.1f} | {r['frames_per_s']:.1f} | {r['vision_ms']:.1f} |" for r in rows]
     table += ["", f"| questions together ({a.max_tokens} tokens each) | wall ms | TTFT p50 ms |", "|---|---|---|"]
     table += [f"| {q['questions']} | {q['wall_ms']:.0f} | {q['ttft_p50_ms']:.0f} |" for q in questions]
+    if decode:
+        table += ["", f"| questions decoding together (each over {a.decode_kv} tokens) | mosaic_ray ms/step | "
+                      "plain transformers ms/step | ratio |", "|---|---|---|---|"]
+        table += [f"| {d['questions']} | {d['ms_per_step']:.1f} | {d.get('plain_ms_per_step') or float('nan'):.1f} | "
+                  f"{(d.get('plain_ms_per_step') or float('nan')) / d['ms_per_step']:.2f} |" for d in decode]
     out = report.write(a.out, NAME, result, table)
     print("\n".join(table))
     print(f"wrote {out}/{NAME}.{{json,md}}")
     return 0
+
+
+def decode_profile(a, engine, sync) -> list[dict]:
+    """ms per decode step with B questions together, each stream holding `decode_kv` tokens in the
+    device pool (a `full` engine of the same model), beside plain transformers at the same B."""
+    from mosaic_ray.bench import plain_hf
+    from mosaic_ray.bench.synthetic import centers_for, frame_batch
+    from mosaic_ray.config import EngineConfig
+
+    for sid in list(engine.streams):  # the ingest engine gives its device pool back first
+        engine.close_stream(sid)
+    adapter = engine.adapter
+    engine.kv_pool = engine.runner = None
+    gc_collect(a.device)
+    cfg = EngineConfig(model=a.model, device=a.device, cache={"retrieval": "full", "window_tokens": a.window,
+                                                                "sink_tokens": 16, "pool": {"capacity_bytes": 64 << 20}})
+    full = StreamEngine(cfg, adapter=adapter)
+    centers = centers_for(full.layout, full.device)
+    rows, chunk = [], 1024
+    for B in (int(x) for x in a.decode_batches.split(",")):
+        sids = [f"d{B}-{i}" for i in range(B)]
+        for s in sids:
+            full.open_stream(s)
+            state = full.streams[s]
+            for f in range(-(-a.decode_kv // chunk)):
+                n = min(chunk, a.decode_kv - f * chunk)
+                batch = frame_batch(full.layout, f, n, full.device, centers, pos_start=state.next_pos)
+                batch.order += state.tokens - f * n
+                state.cache.append(batch)
+                state.tokens += n
+                state.next_pos += n
+        short, long_ = 4, 4 + a.decode_tokens
+
+        def timed(n):
+            sync()
+            t = time.perf_counter()
+            got = full.answer_batch([(s, AskRequest("Describe what happens.", max_tokens=n)) for s in sids])
+            sync()
+            return time.perf_counter() - t, got
+
+        timed(long_)  # warm-up (graph capture of this bucket, kernels)
+        # two answers that differ only in their number of decode steps: the difference is decode
+        # alone (prefill, closing and commit cancel)
+        (t_short, _), (t_long, answers) = timed(short), timed(long_)
+        steps = min(len(x.token_ids) for x in answers) - short
+        row = {"questions": B, "ms_per_step": (t_long - t_short) / max(1, steps) * 1e3, "decode_steps": steps,
+               "ttft_p50_ms": sorted(x.ttft_s for x in answers)[B // 2] * 1e3}
+        for s in sids:
+            full.close_stream(s)
+        row["graph_steps"], row["eager_decode_steps"] = full.runner.counters["graph_steps"], full.runner.counters["eager_decode_steps"]
+        rows.append(row)
+        print(f"  decode B={B:3d}: {row['ms_per_step']:6.1f} ms/step", flush=True)
+    # the anchor runs alone on the card: our engine's device pool is given back first
+    del full, state
+    gc_collect(a.device)
+    for row in rows if not a.no_plain else []:
+        try:
+            row["plain_ms_per_step"] = plain_hf.decode_step(adapter, row["questions"], a.decode_kv)
+        except torch.OutOfMemoryError as err:
+            row["plain_error"] = str(err)[:100]
+        gc_collect(a.device)
+        print(f"  plain transformers decode B={row['questions']:3d}: {row.get('plain_ms_per_step', float('nan')):6.1f} ms/step",
+              flush=True)
+    return rows
+
+
+def gc_collect(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class AttentionMetadata:
     max_q: int
     max_kv: int
     q_bounds: list[tuple[int, int]]  # host copy of cu_q as (start, end) pairs
+    splits: int | None = None  # split-KV factor; None = chosen per call (a CUDA graph fixes it)
 
     @property
     def num_seqs(self) -> int:
@@ -70,4 +71,4 @@ def attend(pool: DeviceKVPool, layer: int, q: torch.Tensor, meta: AttentionMetad
     # CPU tensors take the torch reference even under TRITON_INTERPRET (the interpreter is for the
     # kernel's own tests, far too slow for a model's forward)
     return ragged_attention(q, pool.k[layer], pool.v[layer], pool.valid[layer], meta.kv_indices, meta.cu_q,
-                            meta.cu_kv, scale, meta.max_q, meta.max_kv, backend="auto" if q.is_cuda else "torch")
+                            meta.cu_kv, scale, meta.max_q, meta.max_kv, splits=meta.splits, backend="auto" if q.is_cuda else "torch")

@@ -156,6 +156,16 @@ def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
         StreamCache.retrieve = retrieve
 
 
+def _full_share(cache: StreamCache, lo: int, hi: int, since: float | None, until: float | None) -> torch.Tensor:
+    """Share of tokens [lo, hi) a `full` question sees: resident ones, and past ones in [since, until]."""
+    from mosaic_ray.cache.retrieval import _time_mask
+
+    r, n = cache.retriever, cache.retriever.past_tokens
+    past = (r.order[:n] >= lo) & (r.order[:n] < hi) & _time_mask(r.time[:n], since, until)
+    resident = (cache.order >= lo) & (cache.order < hi)
+    return (past.sum() + resident.sum()).float() / max(1, hi - lo)
+
+
 def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Variant], rec: Recording, s: Settings,
               snapshots: dict[str, dict] | None = None, log=print) -> dict[str, list[dict]]:
     """Ask every needle's question, in order, of all `streams` at once; per stream, one row per question.
@@ -187,8 +197,10 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
         with _watch_retrievals(target, hits):
             answers = engine.answer_batch(requests)
         target[0] = None
-        for (sid, cache), a in zip(streams.items(), answers):
+        for (sid, cache), a, (_, req) in zip(streams.items(), answers, requests):
             got = hits.get(id(cache))
+            if cache.config.retrieval == "full":  # attends its past in place: nothing is retrieved
+                got = [_full_share(cache, lo, hi, req.since, req.until)]
             budget = cache.config.budget_for(past[sid]) if cache.config.retrieval != "full" else past[sid]
             rows[sid].append({
                 "needle": i, "answer": a.text, "correct": needle.answer.lower() in a.text.lower(),

@@ -73,9 +73,10 @@ class DeviceKVPool:
         self._allocate_storage(n)
         self.k[:, :old_n], self.v[:, :old_n], self.valid[:, :old_n] = k, v, valid
         fresh = torch.arange(n - 1, old_n - 1, -1, dtype=torch.int64)
-        self._free = torch.cat([fresh, self._free[: self._top]])
-        self._top = self._free.numel()
-        self.num_slots = n
+        stack = torch.empty(n, dtype=torch.int64)  # room for every slot coming back
+        free = torch.cat([fresh, self._free[: self._top]])
+        stack[: free.numel()] = free
+        self._free, self._top, self.num_slots = stack, free.numel(), n
 
     @property
     def free_slots(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mosaic_ray.engine.interface import AskRequest
-from mosaic_ray.engine.sampling import choose_token, cut_at_stop
+from mosaic_ray.engine.sampling import cut_at_stop
 from mosaic_ray.engine.stream_state import StreamState
 from mosaic_ray.model.attention import StreamStep
 
@@ -70,9 +70,8 @@ class QuestionRun:
         last = self.generated[-1] if self.generated else None
         return ([last] if last is not None and last not in self.eos else []) + self.closing_ids
 
-    def take_token(self, logits: torch.Tensor, tokenizer) -> str:
-        """Choose the next token after a prefill/decode step; returns the new text to emit."""
-        token = choose_token(logits, self.request.temperature, self.request.top_p, self.generator)
+    def take_token(self, token: int, tokenizer) -> str:
+        """Take the token chosen after a prefill/decode step; returns the new text to emit."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.generated.append(token)

@@ -18,6 +18,15 @@ def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+                  generators: list[torch.Generator | None]) -> list[int]:
+    """logits [S, vocab] -> one token per row: greedy rows with one argmax and one copy to the host
+    for the whole batch, sampled rows one by one (`choose_token`)."""
+    greedy = torch.argmax(logits, -1).tolist()
+    return [g if t <= 0.0 else choose_token(logits[i], t, p, gen)
+            for i, (g, t, p, gen) in enumerate(zip(greedy, temperatures, top_ps, generators))]
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Text up to the first stop string (excluded), and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mosaic_ray.attention.backend import build_metadata
 from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
@@ -42,12 +41,13 @@ from mosaic_ray.engine.interface import (
     UnknownStreamError,
 )
 from mosaic_ray.engine.frame_pruner import FramePruner, options_of
+from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.prefetch import Prefetcher
+from mosaic_ray.engine.sampling import choose_tokens
 from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit
-from mosaic_ray.model import attention
 from mosaic_ray.model.adapter import ModelAdapter
-from mosaic_ray.model.attention import StepContext, StreamStep
+from mosaic_ray.model.attention import StreamStep
 
 
 class StreamEngine(Engine):
@@ -63,6 +63,7 @@ class StreamEngine(Engine):
         self.pool = HostPool(self.layout, self.config.cache.pool)
         # after the weights, so a GPU pool is sized from the memory they leave free
         self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
+        self.runner = ModelRunner(self.adapter, self.kv_pool, self.config)
         self.pruner = FramePruner(self.config.pruning)
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
@@ -166,7 +167,7 @@ class StreamEngine(Engine):
         slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
         try:
-            self._forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
+            self.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
         except BaseException:
             for (state, _, _), sl in zip(work, slots):
                 state.cache.discard(sl)
@@ -201,20 +202,6 @@ class StreamEngine(Engine):
                 cache.discard(sl)
             raise OverloadedError(str(exc)) from exc
         return got
-
-    def _forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
-                 new_slots: list[torch.Tensor]) -> torch.Tensor:
-        """One decoder forward over every sequence's new tokens, packed into one row; sequence i
-        attends kv_lists[i] then its own new tokens (stored into new_slots[i]). Returns the hidden
-        state of each sequence's last token [S, hidden]."""
-        P = self.layout.pos_dims
-        embeds = torch.cat([s.embeds for s in segs])[None]  # [1, T, hidden]
-        pos = torch.cat([s.positions for s in segs], 1).to(self.device)[:, None]  # [P, 1, T]
-        meta = build_metadata(kv_lists, new_slots, self.device)
-        ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
-        out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
-        last = torch.tensor([hi - 1 for _, hi in meta.q_bounds], device=self.device)
-        return out[0, last]
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
@@ -262,8 +249,17 @@ class StreamEngine(Engine):
             work = run.step.work
             kv_lists.append(torch.cat([run.context, work.own[: work.used]]))
             new_slots.append(work.next_slots(chunk.size))
-        hidden = self._forward(segs, [r.step for r in runs], kv_lists, new_slots)
-        logits = self.adapter.logits(hidden)  # [S, vocab]
+        steps = [r.step for r in runs]
+        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path
+            ids = [int(r.generated[-1]) for r in runs]
+            positions = torch.cat([s.positions for s in segs], 1)
+            logits = self.runner.decode(ids, positions, steps, kv_lists, new_slots)
+        else:
+            logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
+        live = [i for i, r in enumerate(runs) if r.phase != "closing"]
+        tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
+                                              [runs[i].request.top_p for i in live],
+                                              [runs[i].generator for i in live]))) if live else {}
         deltas = []
         for row, (run, seg) in enumerate(zip(runs, segs)):
             run.step.work.advance(seg.size)
@@ -273,7 +269,7 @@ class StreamEngine(Engine):
                 self._commit_run(run)
                 deltas.append("")
                 continue
-            deltas.append(run.take_token(logits[row], self.adapter.tokenizer))
+            deltas.append(run.take_token(tokens[row], self.adapter.tokenizer))
         return deltas
 
     def _commit_run(self, run: QuestionRun) -> None:

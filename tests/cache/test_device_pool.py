@@ -46,6 +46,9 @@ def test_growable_pool_keeps_contents():
     more = pool.allocate(5)
     assert pool.num_slots >= first.numel() + 5 and set(more.tolist()).isdisjoint(first.tolist())
     assert torch.equal(pool.read(first)[0], k)
+    pool.free(first)
+    pool.free(more)  # every slot can come back after a growth
+    assert pool.free_slots == pool.num_slots
 
 
 def test_cpu_default_capacity_follows_the_byte_budget():

@@ -1,0 +1,153 @@
+"""ModelRunner: the model, the device KV pool, and one forward per engine step.
+
+    forward(segs, steps, kv_lists, new_slots)   eager: any mix of ingest chunks, question prefill
+                                                (with retrieval) and decode, packed into one row
+    decode(ids, positions, kv_lists, new_slots) one token per sequence: a CUDA-graph replay per
+                                                batch-size bucket where it can run, else eager
+
+Both take, per sequence, the slots it attends before this step (`kv_lists`) and the slots its new
+tokens are stored into (`new_slots`); attention reads everything through one flat index list
+(`attention.backend.AttentionMetadata`). A decode graph holds static input buffers (token ids,
+positions, slot mapping, index list, cumulative lengths) that each step fills with a few copies,
+then replays embedding -> decoder -> lm_head; padding sequences of a bucket attend one scratch
+slot, and their outputs are ignored. Answers are those of the eager path (tested on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mosaic_ray.attention.backend import AttentionMetadata, build_metadata
+from mosaic_ray.cache.device_pool import DeviceKVPool
+from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine.stream_state import Segment
+from mosaic_ray.kernels.ragged_attention import choose_splits
+from mosaic_ray.model import attention
+from mosaic_ray.model.adapter import ModelAdapter
+from mosaic_ray.model.attention import StepContext, StreamStep
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class ModelRunner:
+    def __init__(self, adapter: ModelAdapter, kv_pool: DeviceKVPool, config: EngineConfig) -> None:
+        self.adapter, self.kv_pool, self.config = adapter, kv_pool, config
+        self.device = adapter.device
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self._graph_pool = None
+        self.counters = {"graph_steps": 0, "eager_decode_steps": 0}
+        # one slot padding sequences of a graph bucket write to and attend (zeros, valid)
+        self.scratch = kv_pool.allocate(1)
+        kv_pool.k[:, self.scratch] = 0
+        kv_pool.v[:, self.scratch] = 0
+        kv_pool.valid[:, self.scratch] = True
+
+    # ------------------------------------------------------------------ eager
+    def forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
+                new_slots: list[torch.Tensor], logits: bool = False) -> torch.Tensor | None:
+        """One decoder forward over every sequence's new tokens, packed into one row. Returns the
+        logits of each sequence's last token [S, vocab] when asked, else None."""
+        P = self.adapter.layout.pos_dims
+        embeds = torch.cat([s.embeds for s in segs])[None]  # [1, T, hidden]
+        pos = torch.cat([s.positions for s in segs], 1).to(self.device)[:, None]  # [P, 1, T]
+        meta = build_metadata(kv_lists, new_slots, self.device)
+        ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
+        out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
+        if not logits:
+            return None
+        last = torch.tensor([hi - 1 for _, hi in meta.q_bounds], device=self.device)
+        return self.adapter.logits(out[0, last])
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, ids: list[int], positions: torch.Tensor, steps: list[StreamStep], kv_lists: list[torch.Tensor],
+               new_slots: list[torch.Tensor]) -> torch.Tensor:
+        """One new token per sequence (ids [S], positions [P, S]) -> logits [S, vocab]."""
+        S = len(ids)
+        graph = self._graph_for(S, max(k.numel() for k in kv_lists) + 1) if self.use_graphs else None
+        if graph is None:
+            self.counters["eager_decode_steps"] += 1
+            chunks = [Segment(self.adapter.embed_ids([i]), positions[:, j : j + 1], None, None, 1) for j, i in enumerate(ids)]
+            return self.forward(chunks, steps, kv_lists, new_slots, logits=True)
+        self.counters["graph_steps"] += 1
+        return graph.run(ids, positions, kv_lists, new_slots)
+
+    def _graph_for(self, batch: int, longest: int) -> "_DecodeGraph | None":
+        bucket = next((b for b in GRAPH_BUCKETS if b >= batch and b <= self.config.max_graph_batch), None)
+        if bucket is None or longest > self.config.graph_max_kv:
+            return None
+        if bucket not in self.graphs:
+            try:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                self.graphs[bucket] = _DecodeGraph(self, bucket)
+            except Exception as exc:  # a model whose layers cannot be captured: stay eager
+                logger.warning("decode CUDA graph capture failed (%r); decoding eagerly", exc)
+                self.use_graphs = False
+                return None
+        return self.graphs[bucket]
+
+
+class _DecodeGraph:
+    """Static buffers and the captured decode step of one batch-size bucket."""
+
+    def __init__(self, runner: ModelRunner, batch: int) -> None:
+        ad, dev = runner.adapter, runner.device
+        self.runner, self.batch = runner, batch
+        P, cap = ad.layout.pos_dims, runner.config.graph_max_kv
+        scratch = int(runner.scratch)
+        self.scratch = scratch
+        self.ids = torch.zeros(1, batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(P, 1, batch, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((batch,), scratch, dtype=torch.int64, device=dev)
+        self.kv_indices = torch.full((batch * cap,), scratch, dtype=torch.int64, device=dev)
+        self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        self.cu_kv = torch.arange(batch + 1, dtype=torch.int32, device=dev)  # padding: one scratch entry each
+        self.host_cu = torch.zeros(batch + 1, dtype=torch.int32, pin_memory=True)
+        splits = choose_splits(batch * ad.layout.num_kv_heads, cap,
+                               torch.cuda.get_device_properties(dev).multi_processor_count)
+        self.meta = AttentionMetadata(self.slot_mapping, self.kv_indices, self.cu_q, self.cu_kv, max_q=1,
+                                      max_kv=cap, q_bounds=[(i, i + 1) for i in range(batch)], splits=splits)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels compiled, workspaces allocated before capture
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        ad = self.runner.adapter
+        ctx = StepContext([], self.runner.kv_pool, self.meta)
+        hidden = ad.forward(ad.embedding()(self.ids), self.pos, ctx)
+        return ad.logits(hidden[0])
+
+    def run(self, ids: list[int], positions: torch.Tensor, kv_lists: list[torch.Tensor],
+            new_slots: list[torch.Tensor]) -> torch.Tensor:
+        S, B = len(ids), self.batch
+        lens = [k.numel() + 1 for k in kv_lists]
+        total = sum(lens)
+        cu = self.host_cu
+        cu[0] = 0
+        cu[1 : S + 1] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+        cu[S + 1 :] = total + torch.arange(1, B - S + 1, dtype=torch.int32)
+        parts = []
+        for k, n in zip(kv_lists, new_slots):
+            parts += [k, n]
+        self.kv_indices[:total].copy_(torch.cat(parts))
+        self.kv_indices[total : total + B - S].fill_(self.scratch)
+        self.cu_kv.copy_(cu, non_blocking=True)
+        self.slot_mapping[:S].copy_(torch.cat(new_slots))
+        self.slot_mapping[S:].fill_(self.scratch)
+        self.ids[0, :S].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.ids[0, S:].zero_()
+        self.pos[:, 0, :S].copy_(positions)
+        self.pos[:, 0, S:].zero_()
+        self.graph.replay()
+        return self.logits[:S]
