@@ -272,12 +272,12 @@ class EngineConfig:
     # from 158 to 327 ms, because selection + gather launch are host-bound and ran twice
     # (docs/benchmarks.md); it pays once selection runs in a fused kernel.
     prefetch: bool = False
-    # Decode steps (one token per question) replay a CUDA graph per batch-size bucket on a GPU;
-    # a sequence attending more than `graph_max_kv` slots, or more than `max_graph_batch`
-    # questions together, decodes eagerly. 65536 covers a 1-hour stream at a 5 % budget plus the
-    # window (~30k); the index buffer costs 8 bytes per slot per bucket row.
+    # Decode steps (one token per question) replay a CUDA graph per batch-size bucket on a GPU; a
+    # batch attending more than `graph_max_kv` slots in all, or more than `max_graph_batch`
+    # questions together, decodes eagerly. 2M slots (16 MiB of index per bucket) hold one `full`
+    # stream of ~4 h, or 64 questions over 32k slots each (a 1-hour stream at 5 % is ~30k).
     cuda_graphs: bool = True
-    graph_max_kv: int = 65536
+    graph_max_kv: int = 1 << 21
     max_graph_batch: int = 64
     seed: int = 0
     # Default for every stream; a stream may switch it (`StreamEngine.configure_stream`).
@@ -299,7 +299,7 @@ class EngineConfig:
         _check_range("EngineConfig.max_deferred_frames", self.max_deferred_frames, 0, 1 << 20)
         _check_range("EngineConfig.splits_per_step", self.splits_per_step, 0, 1 << 20)
         _check_range("EngineConfig.max_question_tokens", self.max_question_tokens, 1, 1 << 20)
-        _check_range("EngineConfig.graph_max_kv", self.graph_max_kv, 1, 1 << 24)
+        _check_range("EngineConfig.graph_max_kv", self.graph_max_kv, 1, 1 << 28)
         _check_range("EngineConfig.max_graph_batch", self.max_graph_batch, 1, 256)
 
     def resolved_device(self) -> str:

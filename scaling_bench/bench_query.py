@@ -27,7 +27,7 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model import attention
 from mosaic_ray.model.registry import load_model
 
-METHODS = ("plain-hf", "full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
+METHODS = ("plain-hf", "plain-hf:no-cudnn", "full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
 PINNED_PEAK_GBPS = 53.5
 QUESTIONS = ["What is the person in the red jacket doing?", "When did the car leave?", "How many birds are there?",
              "What color is the door?", "Summarize the last scene.", "Who entered the room first?",
@@ -142,12 +142,13 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
     return row
 
 
-def run_plain(adapter, minutes, fps, tokens, questions, device) -> dict:
-    """The anchor row: plain transformers with the whole stream in a DynamicCache, same questions."""
+def run_plain(adapter, minutes, fps, tokens, questions, device, variant: str = "plain-hf") -> dict:
+    """The anchor row: plain transformers with the whole stream in a DynamicCache, same questions
+    (`plain-hf:no-cudnn`: torch's SDPA may not choose cuDNN, see plain_hf.NO_CUDNN)."""
     from mosaic_ray.bench import plain_hf
 
     past = int(minutes * 60 * fps) * tokens
-    row = {"method": "plain-hf", "minutes": minutes, "past_tokens": past}
+    row = {"method": variant, "minutes": minutes, "past_tokens": past}
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -155,7 +156,8 @@ def run_plain(adapter, minutes, fps, tokens, questions, device) -> dict:
         runs = []
         for i in range(questions + 1):
             prompt, _ = adapter.question_text(QUESTIONS[i % len(QUESTIONS)])
-            runs.append(plain_hf.question(adapter, past, adapter.tokenizer.encode(prompt, add_special_tokens=False), 16))
+            runs.append(plain_hf.question(adapter, past, adapter.tokenizer.encode(prompt, add_special_tokens=False), 16,
+                                          cudnn=variant != "plain-hf:no-cudnn"))
         runs = runs[1:]
         ttft = sorted(r["ttft_ms"] for r in runs)
         row.update(ttft_ms_p50=ttft[len(ttft) // 2], ttft_ms_p99=ttft[-1],
@@ -221,18 +223,22 @@ def main(argv=None) -> int:
     tokens = adapter.frame_chunk(adapter.encode_frames(real[:1])[0], 0.0).size
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "bench_query.partial.json"
     for minutes in [float(m) for m in a.minutes.split(",")]:
         for method in a.methods.split(","):
-            if method == "plain-hf":
-                rows.append(run_plain(adapter, minutes, a.fps, tokens, a.questions, device))
+            if method.startswith("plain-hf"):
+                rows.append(run_plain(adapter, minutes, a.fps, tokens, a.questions, device, method))
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}), flush=True)
+                partial.write_text(json.dumps(rows, indent=1))
                 continue
             row = run_method(adapter, method, minutes, a.fps, tokens, a.budget, a.window, a.questions, a.pool_gb,
                              device, real if minutes == float(a.minutes.split(",")[0]) else None)
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(rows, indent=1))
+    partial.unlink()
     result = {"device": card, "model": a.model, "tokens_per_frame": tokens, "fps": a.fps, "budget_ratio": a.budget,
               "window_tokens": a.window, "rows": rows}
     (out / "bench_query.json").write_text(json.dumps(result, indent=1))

@@ -14,6 +14,7 @@ import contextlib
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from mosaic_ray.model.attention import ATTENTION_NAME
@@ -24,14 +25,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# torch's SDPA backends without cuDNN: on the H200 (torch 2.11) cuDNN's attention builds an
+# execution plan for every new key length, 1.75 ms of host time per call, i.e. ~49 ms per decode
+# step of a 28-layer model whose KV grows by one token a step (torch.profiler, docs/benchmarks.md)
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 @contextlib.contextmanager
-def plain_attention(adapter):
-    """transformers' own SDPA attention (and its own masks) for the decoder while inside."""
+def plain_attention(adapter, cudnn: bool = True):
+    """transformers' own SDPA attention (and its own masks) for the decoder while inside; with
+    cudnn=False torch may not pick cuDNN's kernel (the tuned anchor)."""
     model = adapter.model
     composite = hasattr(model.config, "text_config")
     model.set_attn_implementation({"text_config": "sdpa"} if composite else "sdpa")
     try:
-        yield
+        with contextlib.nullcontext() if cudnn else sdpa_kernel(NO_CUDNN):
+            yield
     finally:
         model.set_attn_implementation({"text_config": ATTENTION_NAME} if composite else ATTENTION_NAME)
 
@@ -61,10 +70,10 @@ def _forward(adapter, ids: torch.Tensor, past: int, cache: DynamicCache) -> torc
     return adapter.lm_head()(out.last_hidden_state[:, -1]).argmax(-1)
 
 
-def question(adapter, past_tokens: int, prompt_ids: list[int], max_tokens: int) -> dict:
+def question(adapter, past_tokens: int, prompt_ids: list[int], max_tokens: int, cudnn: bool = True) -> dict:
     """One question over `past_tokens` of stream in a DynamicCache: TTFT (prefill of the prompt,
     first token chosen) and decode tokens/s (greedy, `max_tokens` tokens, no stop)."""
-    with plain_attention(adapter):
+    with plain_attention(adapter, cudnn):
         return _question(adapter, past_tokens, prompt_ids, max_tokens)
 
 
@@ -86,9 +95,9 @@ def _question(adapter, past_tokens: int, prompt_ids: list[int], max_tokens: int)
     return {"ttft_ms": (t1 - t0) * 1e3, "decode_tok_s": (max_tokens - 1) / max(1e-9, t2 - t1)}
 
 
-def decode_step(adapter, batch: int, kv_tokens: int, steps: int = 8) -> float:
+def decode_step(adapter, batch: int, kv_tokens: int, steps: int = 8, cudnn: bool = True) -> float:
     """ms per decode step of `batch` streams each over `kv_tokens` of cache (eager, one token each)."""
-    with plain_attention(adapter):
+    with plain_attention(adapter, cudnn):
         return _decode_step(adapter, batch, kv_tokens, steps)
 
 

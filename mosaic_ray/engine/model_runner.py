@@ -68,7 +68,7 @@ class ModelRunner:
                new_slots: list[torch.Tensor]) -> torch.Tensor:
         """One new token per sequence (ids [S], positions [P, S]) -> logits [S, vocab]."""
         S = len(ids)
-        graph = self._graph_for(S, max(k.numel() for k in kv_lists) + 1) if self.use_graphs else None
+        graph = self._graph_for(S, sum(k.numel() + 1 for k in kv_lists)) if self.use_graphs else None
         if graph is None:
             self.counters["eager_decode_steps"] += 1
             chunks = [Segment(self.adapter.embed_ids([i]), positions[:, j : j + 1], None, None, 1) for j, i in enumerate(ids)]
@@ -76,9 +76,9 @@ class ModelRunner:
         self.counters["graph_steps"] += 1
         return graph.run(ids, positions, kv_lists, new_slots)
 
-    def _graph_for(self, batch: int, longest: int) -> "_DecodeGraph | None":
+    def _graph_for(self, batch: int, slots: int) -> "_DecodeGraph | None":
         bucket = next((b for b in GRAPH_BUCKETS if b >= batch and b <= self.config.max_graph_batch), None)
-        if bucket is None or longest > self.config.graph_max_kv:
+        if bucket is None or slots + bucket > self.config.graph_max_kv:
             return None
         if bucket not in self.graphs:
             try:
@@ -98,20 +98,20 @@ class _DecodeGraph:
     def __init__(self, runner: ModelRunner, batch: int) -> None:
         ad, dev = runner.adapter, runner.device
         self.runner, self.batch = runner, batch
-        P, cap = ad.layout.pos_dims, runner.config.graph_max_kv
+        P, cap = ad.layout.pos_dims, runner.config.graph_max_kv  # slots of the whole batch
         scratch = int(runner.scratch)
         self.scratch = scratch
         self.ids = torch.zeros(1, batch, dtype=torch.long, device=dev)
         self.pos = torch.zeros(P, 1, batch, dtype=torch.long, device=dev)
         self.slot_mapping = torch.full((batch,), scratch, dtype=torch.int64, device=dev)
-        self.kv_indices = torch.full((batch * cap,), scratch, dtype=torch.int64, device=dev)
+        self.kv_indices = torch.full((cap,), scratch, dtype=torch.int64, device=dev)
         self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         self.cu_kv = torch.arange(batch + 1, dtype=torch.int32, device=dev)  # padding: one scratch entry each
         self.host_cu = torch.zeros(batch + 1, dtype=torch.int32, pin_memory=True)
-        splits = choose_splits(batch * ad.layout.num_kv_heads, cap,
+        splits = choose_splits(batch * ad.layout.num_kv_heads, cap // batch,
                                torch.cuda.get_device_properties(dev).multi_processor_count)
         self.meta = AttentionMetadata(self.slot_mapping, self.kv_indices, self.cu_q, self.cu_kv, max_q=1,
-                                      max_kv=cap, q_bounds=[(i, i + 1) for i in range(batch)], splits=splits)
+                                      max_kv=cap // batch, q_bounds=[(i, i + 1) for i in range(batch)], splits=splits)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
