@@ -111,6 +111,8 @@ def main(argv=None) -> int:
             table.append(f"| {d['questions']} | {d['ms_per_step']:.1f} | {d.get('plain_ms_per_step') or nan:.1f} | "
                          f"{d.get('plain_no_cudnn_ms_per_step') or nan:.1f} | {plain / d['ms_per_step']:.2f} |")
     out = report.write(a.out, NAME, result, table)
+    if decode:
+        plot_decode(result, out / f"{NAME}.png")
     print("\n".join(table))
     print(f"wrote {out}/{NAME}.{{json,md}}")
     return 0
@@ -180,6 +182,30 @@ def decode_profile(a, engine, sync) -> list[dict]:
         print(f"  plain transformers decode B={row['questions']:3d}: {row.get('plain_ms_per_step', float('nan')):6.1f} ms/step"
               f" ({row.get('plain_no_cudnn_ms_per_step', float('nan')):6.1f} without cuDNN attention)", flush=True)
     return rows
+
+
+def plot_decode(result: dict, path) -> None:
+    """Decode ms per step against questions decoding together: ours beside plain transformers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["decode"]
+    bs = [r["questions"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(bs, [r["ms_per_step"] for r in rows], "o-", label="mosaic_ray (CUDA-graph decode)")
+    for key, label in (("plain_ms_per_step", "plain transformers, default SDPA"),
+                       ("plain_no_cudnn_ms_per_step", "plain transformers, SDPA without cuDNN")):
+        if any(key in r for r in rows):
+            ax.plot(bs, [r.get(key, float("nan")) for r in rows], "s--", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("questions decoding together")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"{result['model']} on {result['machine']['device']}, {result['decode_kv_tokens']} KV tokens each")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def gc_collect(device: str) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, ClusterConfig, EngineConfig, PoolConfig
 from mosaic_ray.bench.needle_report import goal, print_table, write
@@ -138,22 +139,27 @@ class Settings:
 def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
     """While target[0] = (lo, hi), log per cache and layer the share of tokens [lo, hi) that the
     question's prefill sees, per KV head: retrieved from the past, or resident (sink + window)."""
-    retrieve = StreamCache.retrieve
+    retrieve_into = StreamCache.retrieve_into
 
-    def watched(self, layer, query, since=None, until=None):
-        r = retrieve(self, layer, query, since, until)
+    def watched(self, layer, query, work, since=None, until=None):
+        sel, counts = retrieve_into(self, layer, query, work, since, until)
         if target[0] is not None:
             lo, hi = target[0]
             resident = int(((self.order >= lo) & (self.order < hi)).sum())
-            got = ((r.order >= lo) & (r.order < hi) & r.valid).sum(1).float() + resident
+            rows = sel.rows.cpu()
+            pool = self.retriever.pool
+            order = pool.order.view(-1)[rows.clamp(min=0)]
+            t = pool.time.view(-1)[rows.clamp(min=0)]
+            ok = (rows >= 0) & time_overlap(t, t, since, until)
+            got = ((order >= lo) & (order < hi) & ok).sum(1).float() + resident
             hits.setdefault(id(self), []).append(got / max(1, hi - lo))
-        return r
+        return sel, counts
 
-    StreamCache.retrieve = watched
+    StreamCache.retrieve_into = watched
     try:
         yield
     finally:
-        StreamCache.retrieve = retrieve
+        StreamCache.retrieve_into = retrieve_into
 
 
 def _full_share(cache: StreamCache, lo: int, hi: int, since: float | None, until: float | None) -> torch.Tensor:

@@ -24,9 +24,10 @@ from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.selection import NEG_INF, pack_in_order, select_units, time_overlap
+from mosaic_ray.cache.selection import NEG_INF, pack_in_order, prefix_positions, select_units, time_overlap
 from mosaic_ray.cache.time_log import TimeLog, _grow
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
+from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import CacheConfig, KVLayout
 
 
@@ -53,6 +54,16 @@ def _finish(
         keys=take(k), values=take(fetched["v"]), order=take(fetched["order"]), pos=take(fetched["pos"]),
         valid=take(valid), copies=copies, bytes_moved=bytes_moved,
     )
+
+
+def _device_counts(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[valid tokens, contiguous runs, rows] of a selection [H, B], as one device tensor."""
+    if rows.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=rows.device)
+    r = torch.sort(rows, dim=1).values
+    starts = r >= 0
+    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    return torch.stack([valid.sum(), starts.sum(), (rows >= 0).sum()])
 
 
 def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]:
@@ -117,6 +128,17 @@ class Retriever(abc.ABC):
 
     def _device_keys(self, sel: Selection) -> torch.Tensor | None:
         return None
+
+    def fetch_into(self, sel: Selection, work: WorkingSet, since: float | None = None,
+                   until: float | None = None) -> torch.Tensor:
+        """Move the selected rows straight into the question's retrieved slots for `sel.layer`,
+        with no host synchronization (attention does not need them in time order). Returns device
+        counters [valid tokens, contiguous host runs read, rows read] for the question's stats."""
+        fetched = gather(self.pool, sel.rows, self.device, self.host_parts)
+        keys = self._device_keys(sel)
+        valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
+        work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)
+        return _device_counts(sel.rows, valid)
 
     def retrieve(
         self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
@@ -352,17 +374,23 @@ class ClusterRetriever(Retriever):
             ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
             ranged = since is not None or until is not None
             sizes = self._in_range_estimate(cnt, t_min, t_max, since, until) if ranged else cnt
-            h, c = select_units(scores.masked_fill(~ok, NEG_INF), sizes, budget)
+            scores = scores.masked_fill(~ok, NEG_INF)
+            if not ranged:  # members laid out by position: the same rows, no host sync
+                unit, member, valid = prefix_positions(scores, cnt, budget)
+                heads = torch.arange(layer * H, (layer + 1) * H, device=unit.device)[:, None]
+                slab = ix.slabs[heads, unit, (member // ix.S).clamp(max=ix.max_slabs - 1)]
+                return Selection(layer, torch.where(valid, slab * ix.S + member % ix.S, -1))
+            h, c = select_units(scores, sizes, budget)
             rows, _ = ix.member_rows(h + layer * H, c)
-            if ranged:  # drop out-of-range members before they take budget
-                times = self.pool.device_views(rows.device)["time"] if rows.is_cuda else self.pool.time
-                t = times.view(-1)[rows.clamp(min=0).to(times.device)].to(rows.device)
-                rows = rows.masked_fill(~_time_mask(t, since, until), -1)
             return Selection(layer, pack_in_order(h, rows, H, budget))
 
     def fetch(self, sel, since=None, until=None, prefetched=None) -> Retrieved:
         with self.index.query_guard():  # no split may move members while their rows are read
             return super().fetch(sel, since, until, prefetched)
+
+    def fetch_into(self, sel, work, since=None, until=None) -> torch.Tensor:
+        with self.index.query_guard():
+            return super().fetch_into(sel, work, since, until)
 
     @staticmethod
     def _in_range_estimate(cnt, t_min, t_max, since, until) -> torch.Tensor:

@@ -34,6 +34,29 @@ def select_units(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tupl
     return h, order[h, k]
 
 
+def prefix_positions(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best-first prefix of `select_units`, laid out by output position with no host sync:
+    entry p of head h is member `member[h, p]` of unit `unit[h, p]`, valid while p is below the
+    selected units' total size. Units and members come in the order `select_units` followed by
+    `pack_in_order` gives them (head by head, units in score order, members in order), so the rows
+    are the same. Output [H, budget]."""
+    H, C = scores.shape
+    dev = scores.device
+    if C == 0 or budget == 0:
+        empty = torch.zeros(H, budget, dtype=torch.int64, device=dev)
+        return empty, empty, torch.zeros(H, budget, dtype=torch.bool, device=dev)
+    order = torch.argsort(scores, dim=1, descending=True)
+    s_sorted = scores.gather(1, order)
+    z = sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0)
+    csum = torch.cumsum(z, 1)
+    fits = (csum <= budget) & torch.isfinite(s_sorted) & (z > 0)
+    total = (z * fits).sum(1, keepdim=True)  # fits is a prefix: csum is non-decreasing
+    p = torch.arange(budget, device=dev)[None].expand(H, budget).contiguous()
+    k = torch.searchsorted(csum, p, right=True).clamp(max=C - 1)  # the unit holding position p
+    member = p - (csum.gather(1, k) - z.gather(1, k))
+    return order.gather(1, k), member, p < total
+
+
 def pack_in_order(head: torch.Tensor, rows: torch.Tensor, num_heads: int, budget: int) -> torch.Tensor:
     """Place valid rows (>= 0) of units [m, M], listed head by head in priority order, into
     [H, budget]; rows past a head's budget are dropped. No sort and no host sync."""

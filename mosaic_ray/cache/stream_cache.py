@@ -20,7 +20,8 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.retrieval import FullRetriever, Retriever, make_retriever
-from mosaic_ray.cache.token_batch import Retrieved, TokenBatch
+from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
+from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import CacheConfig, KVLayout
 
 
@@ -129,6 +130,14 @@ class StreamCache:
     def retrieve(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None) -> Retrieved:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
         return self.retriever.retrieve(layer, query, self.budget(), since, until)
+
+    def retrieve_into(self, layer: int, query: torch.Tensor, work: WorkingSet, since: float | None = None,
+                      until: float | None = None) -> tuple[Selection, torch.Tensor]:
+        """The question path: select for one layer and write the chosen tokens into the question's
+        retrieved slots, without a host sync (selection and copy stay on the device). Returns the
+        selection and device counters [tokens, host runs, rows read]."""
+        sel = self.select(layer, query, since, until)
+        return sel, self.retriever.fetch_into(sel, work, since, until)
 
     def select(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None):
         """The retriever's selection for one layer at this stream's budget (no K/V moved)."""

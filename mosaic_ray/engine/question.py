@@ -101,11 +101,11 @@ class QuestionRun:
 
     def answer(self) -> Answer:
         end = self.t_done or time.perf_counter()
+        retriever = self.step.cache.retriever
+        f = self.step.fetch_stats(retriever._row_bytes * len(retriever.host_parts))
         return Answer(
             text=self.emitted, token_ids=self.generated_text_ids(), ttft_s=(self.t_first or end) - self.t_start,
             total_s=end - self.t_start, finish_reason=self.finish_reason,
-            fetched_tokens=self.step.fetched["tokens"], fetched_bytes=self.step.fetched["bytes"],
-            copies=self.step.fetched["copies"], fetch_s=self.step.fetched["seconds"],
-            prefetch_hit_rate=(self.step.fetched["prefetch_hits"] / self.step.fetched["rows"]
-                               if self.step.fetched["rows"] else None),
+            fetched_tokens=f["tokens"], fetched_bytes=f["bytes"], copies=f["copies"], fetch_s=f["seconds"],
+            prefetch_hit_rate=(f["prefetch_hits"] / f["rows"] if f["rows"] else None),
         )

@@ -1,0 +1,58 @@
+"""The sync-free prefix selection (`prefix_positions`) gives the rows of the host-synced one
+(`select_units` + `pack_in_order`), and a question's `retrieve_into` the tokens of `retrieve`."""
+
+import pytest
+import torch
+
+from cache_fixtures import make_batch
+from mosaic_ray.cache.device_pool import DeviceKVPool
+from mosaic_ray.cache.selection import NEG_INF, pack_in_order, prefix_positions, select_units
+from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.cache.working_set import WorkingSet
+from mosaic_ray.config import CacheConfig, ClusterConfig
+
+MAX_SIZE = 9  # members per unit at most
+# (heads, units, budget)
+CASES = [(1, 1, 1), (3, 17, 20), (4, 50, 7), (2, 40, 400), (4, 33, 64)]
+
+
+def _rows_old(scores, sizes, budget):
+    h, c = select_units(scores, sizes, budget)
+    j = torch.arange(MAX_SIZE)
+    rows = torch.where(j[None] < sizes[h, c][:, None], c[:, None] * 1000 + j[None], -1)
+    return pack_in_order(h, rows, scores.shape[0], budget)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefix_positions_equal_select_then_pack(case, seed):
+    H, C, budget = case
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (H, C), generator=g).float()  # ties on purpose
+    scores[torch.rand(H, C, generator=g) < 0.2] = NEG_INF  # out of range / empty units
+    sizes = torch.randint(1, MAX_SIZE + 1, (H, C), generator=g)
+    unit, member, valid = prefix_positions(scores, sizes, budget)
+    new = torch.where(valid, unit * 1000 + member, -1)
+    assert torch.equal(new, _rows_old(scores, sizes, budget))
+
+
+@pytest.mark.parametrize("method", ["token", "cluster"])
+def test_retrieve_into_writes_the_tokens_retrieve_returns(layout, pool, method):
+    cfg = CacheConfig(retrieval=method, budget_tokens=37, sink_tokens=4, window_tokens=24,
+                      cluster=ClusterConfig(split_size=16, max_size=32))
+    kv = DeviceKVPool(layout, "cpu", growable=True)
+    cache = StreamCache(layout, cfg, pool, "cpu", kv)
+    for i in range(8):
+        cache.append(make_batch(layout, i * 29, 29, seed=i))
+    B = min(cache.budget(), cache.past_tokens)
+    work = WorkingSet.reserve(kv, B, 4)
+    for layer in range(layout.num_layers):
+        q = torch.randn(layout.num_kv_heads, layout.head_dim)
+        want = cache.retrieve(layer, q)
+        _, counts = cache.retrieve_into(layer, q, work)
+        for h in range(layout.num_kv_heads):
+            ok = kv.valid[layer, work.retrieved, h]
+            got = {tuple(r.tolist()) for r in kv.k[layer, work.retrieved[ok], h]}
+            exp = {tuple(r.tolist()) for r in want.keys[h][want.valid[h]]}
+            assert got == exp and len(got) > 0
+        assert int(counts[0]) == int(want.valid.sum())
