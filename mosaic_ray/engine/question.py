@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mosaic_ray.engine.interface import AskRequest
+from mosaic_ray.engine.detokenizer import IncrementalDetokenizer
 from mosaic_ray.engine.sampling import cut_at_stop
 from mosaic_ray.engine.stream_state import StreamState
 from mosaic_ray.model.attention import StreamStep
@@ -49,6 +50,8 @@ class QuestionRun:
     pos_cursor: int = 0
     generated: list[int] = field(default_factory=list)
     emitted: str = ""
+    text: str = ""  # the answer's text so far (held-back partial characters excluded)
+    detokenizer: IncrementalDetokenizer | None = None
     finish_reason: str = ""
     queue: asyncio.Queue | None = None
     generator: torch.Generator | None = None
@@ -71,25 +74,34 @@ class QuestionRun:
         return ([last] if last is not None and last not in self.eos else []) + self.closing_ids
 
     def take_token(self, token: int, tokenizer) -> str:
-        """Take the token chosen after a prefill/decode step; returns the new text to emit."""
+        """Take the token chosen after a prefill/decode step; returns the new text to emit (never
+        half a character: `IncrementalDetokenizer`)."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
+        if self.detokenizer is None:
+            self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.generated.append(token)
-        if token in self.eos:
+        eos = token in self.eos
+        if not eos:
+            self.text += self.detokenizer.push(token)
+        last = eos or len(self.generated) >= self.request.max_tokens or self.cancelled
+        if last:  # the answer ends: what was held back comes out now
+            self.text += self.detokenizer.finish()
+        cut, stopped = cut_at_stop(self.text, self.request.stop)
+        if stopped or eos:
             self._finish("stop")
-            return ""
-        text = tokenizer.decode(self.generated_text_ids(), skip_special_tokens=True)
-        cut, stopped = cut_at_stop(text, self.request.stop)
-        # emit only text that extends what was already sent (a detokenization may revise its tail)
-        delta = ""
-        if cut.startswith(self.emitted):
-            delta, self.emitted = cut[len(self.emitted):], cut
-        if stopped:
-            self._finish("stop")
-        elif len(self.generated) >= self.request.max_tokens or self.cancelled:
+        elif last:
             self._finish("cancelled" if self.cancelled else "length")
         else:
             self.phase = "decode"
+        if self.phase != "closing" and self.request.stop:
+            # the tail may be the start of a stop string still being written: hold it back
+            hold = max(len(x) for x in self.request.stop) - 1
+            cut = cut[: max(len(self.emitted), len(cut) - hold)]
+        # emit only text that extends what was already sent
+        delta = ""
+        if cut.startswith(self.emitted):
+            delta, self.emitted = cut[len(self.emitted):], cut
         return delta
 
     def generated_text_ids(self) -> list[int]:
