@@ -336,13 +336,10 @@ class FrameRetriever(Retriever):
         if self.config.frame_top_k is not None and F > self.config.frame_top_k:
             kth = torch.topk(scores, self.config.frame_top_k, dim=1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, NEG_INF)
-        h, f = select_units(scores, self.count[:F][None].expand(H, F), budget)
-        longest = self.config.window_tokens if F == 0 else int(self.count[:F].max())
-        span = torch.arange(longest, device=self.device)
-        tok = self.start[f][:, None] + span[None, :]
-        tok = torch.where(span[None, :] < self.count[f][:, None], tok, -1)
-        rows = self.log.rows(tok, g[h]) if tok.numel() else tok
-        return Selection(layer, pack_in_order(h, rows, H, budget))
+        # blocks best-first, laid out by position (the rows of select_units + pack_in_order, no sync)
+        unit, member, valid = prefix_positions(scores, self.count[:F][None].expand(H, F), budget)
+        tok = torch.where(valid, self.start[:F][unit] + member, -1) if F else torch.full_like(unit, -1)
+        return Selection(layer, self.log.rows(tok, g))
 
     def device_bytes(self) -> int:
         n, F = self.log.size, self.num_blocks

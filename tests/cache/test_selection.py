@@ -36,7 +36,7 @@ def test_prefix_positions_equal_select_then_pack(case, seed):
     assert torch.equal(new, _rows_old(scores, sizes, budget))
 
 
-@pytest.mark.parametrize("method", ["token", "cluster"])
+@pytest.mark.parametrize("method", ["frame", "token", "cluster"])
 def test_retrieve_into_writes_the_tokens_retrieve_returns(layout, pool, method):
     cfg = CacheConfig(retrieval=method, budget_tokens=37, sink_tokens=4, window_tokens=24,
                       cluster=ClusterConfig(split_size=16, max_size=32))
