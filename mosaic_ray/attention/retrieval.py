@@ -3,8 +3,8 @@ question's mean query per KV head, fetch the chosen tokens and write them into t
 reserved slots of the device pool (`WorkingSet.fill`), where the layer's one attention call reads
 them beside the stream's resident slots.
 
-Without prefetch nothing here waits for the device: selection, the UVA gather and the counters
-stay on the GPU (`StreamCache.retrieve_into`). With a prefetch (`engine/prefetch.py`) the rows a guess made one layer earlier already brought are
+Nothing here waits for the device: selection, the UVA gather and the counters stay on the GPU
+(`StreamCache.retrieve_into`). With a prefetch (`engine/prefetch.py`) the rows a guess made one layer earlier already brought are
 taken from it and only the misses are read now, so what attention sees is exactly the same.
 """
 
@@ -36,19 +36,9 @@ def retrieve_layer(ctx, layer: int, q: torch.Tensor) -> None:
             continue
         t0 = time.perf_counter()
         pre = step.prefetched.pop(layer, None)
-        if pre is None:  # select and copy on the device; counters stay there until the answer
-            _, counts = step.cache.retrieve_into(layer, q_mean, step.work, step.since, step.until)
-            step.counts = counts if step.counts is None else step.counts + counts
-        else:
-            sel = step.cache.select(layer, q_mean, step.since, step.until)
-            got = step.cache.retriever.fetch(sel, step.since, step.until, prefetched=pre)
-            rows = int((sel.rows >= 0).sum())
-            step.fetched["rows"] += rows
-            step.fetched["prefetch_hits"] += rows - got.misses
-            step.work.fill(layer, got.keys, got.values, got.valid)
-            step.fetched["copies"] += got.copies
-            step.fetched["bytes"] += got.bytes_moved
-            step.fetched["tokens"] += got.tokens
+        # select and copy on the device (rows a prefetch brought reused); counters stay there
+        _, counts = step.cache.retrieve_into(layer, q_mean, step.work, step.since, step.until, pre)
+        step.counts = counts if step.counts is None else step.counts + counts
         if ctx.time_fetch and q.is_cuda:
             torch.cuda.synchronize()
         step.fetched["seconds"] += time.perf_counter() - t0

@@ -141,8 +141,8 @@ def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
     question's prefill sees, per KV head: retrieved from the past, or resident (sink + window)."""
     retrieve_into = StreamCache.retrieve_into
 
-    def watched(self, layer, query, work, since=None, until=None):
-        sel, counts = retrieve_into(self, layer, query, work, since, until)
+    def watched(self, layer, query, work, since=None, until=None, prefetched=None):
+        sel, counts = retrieve_into(self, layer, query, work, since, until, prefetched)
         if target[0] is not None:
             lo, hi = target[0]
             resident = int(((self.order >= lo) & (self.order < hi)).sum())

@@ -56,14 +56,18 @@ def _finish(
     )
 
 
-def _device_counts(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[valid tokens, contiguous runs, rows] of a selection [H, B], as one device tensor."""
+def _device_counts(rows: torch.Tensor, valid: torch.Tensor, read: torch.Tensor, prefetched: bool) -> torch.Tensor:
+    """Counters of one layer's fetch as one device tensor: [valid tokens, contiguous host runs read,
+    rows read from the host, rows selected under a prefetch, of which the prefetch had brought]."""
     if rows.numel() == 0:
-        return torch.zeros(3, dtype=torch.int64, device=rows.device)
-    r = torch.sort(rows, dim=1).values
+        return torch.zeros(5, dtype=torch.int64, device=rows.device)
+    r = torch.sort(read, dim=1).values
     starts = r >= 0
     starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
-    return torch.stack([valid.sum(), starts.sum(), (rows >= 0).sum()])
+    selected, n_read = (rows >= 0).sum(), (read >= 0).sum()
+    zero = torch.zeros_like(selected)
+    return torch.stack([valid.sum(), starts.sum(), n_read, selected if prefetched else zero,
+                        selected - n_read if prefetched else zero])
 
 
 def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]:
@@ -130,15 +134,19 @@ class Retriever(abc.ABC):
         return None
 
     def fetch_into(self, sel: Selection, work: WorkingSet, since: float | None = None,
-                   until: float | None = None) -> torch.Tensor:
+                   until: float | None = None, prefetched: Prefetched | None = None) -> torch.Tensor:
         """Move the selected rows straight into the question's retrieved slots for `sel.layer`,
-        with no host synchronization (attention does not need them in time order). Returns device
-        counters [valid tokens, contiguous host runs read, rows read] for the question's stats."""
-        fetched = gather(self.pool, sel.rows, self.device, self.host_parts)
+        with no host synchronization (attention does not need them in time order). Rows a prefetch
+        brought are taken from it, only the misses are read from the host now. Returns the device
+        counters of `_device_counts`."""
+        if prefetched is None:
+            fetched, read = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
+        else:
+            fetched, read = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
         keys = self._device_keys(sel)
         valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
         work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)
-        return _device_counts(sel.rows, valid)
+        return _device_counts(sel.rows, valid, read, prefetched is not None)
 
     def retrieve(
         self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
@@ -385,9 +393,9 @@ class ClusterRetriever(Retriever):
         with self.index.query_guard():  # no split may move members while their rows are read
             return super().fetch(sel, since, until, prefetched)
 
-    def fetch_into(self, sel, work, since=None, until=None) -> torch.Tensor:
+    def fetch_into(self, sel, work, since=None, until=None, prefetched=None) -> torch.Tensor:
         with self.index.query_guard():
-            return super().fetch_into(sel, work, since, until)
+            return super().fetch_into(sel, work, since, until, prefetched)
 
     @staticmethod
     def _in_range_estimate(cnt, t_min, t_max, since, until) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mosaic_ray.cache.device_pool import DeviceKVPool
+from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.retrieval import FullRetriever, Retriever, make_retriever
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
@@ -132,12 +133,13 @@ class StreamCache:
         return self.retriever.retrieve(layer, query, self.budget(), since, until)
 
     def retrieve_into(self, layer: int, query: torch.Tensor, work: WorkingSet, since: float | None = None,
-                      until: float | None = None) -> tuple[Selection, torch.Tensor]:
+                      until: float | None = None, prefetched: Prefetched | None = None) -> tuple[Selection, torch.Tensor]:
         """The question path: select for one layer and write the chosen tokens into the question's
-        retrieved slots, without a host sync (selection and copy stay on the device). Returns the
-        selection and device counters [tokens, host runs, rows read]."""
+        retrieved slots, without a host sync (selection and copy stay on the device; rows a
+        prefetch brought are reused). Returns the selection and the device counters
+        (`retrieval._device_counts`)."""
         sel = self.select(layer, query, since, until)
-        return sel, self.retriever.fetch_into(sel, work, since, until)
+        return sel, self.retriever.fetch_into(sel, work, since, until, prefetched)
 
     def select(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None):
         """The retriever's selection for one layer at this stream's budget (no K/V moved)."""

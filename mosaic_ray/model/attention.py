@@ -56,17 +56,19 @@ class StreamStep:
                                                                "rows": 0, "prefetch_hits": 0})
     # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
     prefetched: dict = field(default_factory=dict)
-    # device counters [tokens, host runs, rows] of the sync-free retrieval, summed over layers
+    # device counters of the retrieval (`retrieval._device_counts`), summed over layers
     counts: torch.Tensor | None = None
 
     def fetch_stats(self, row_bytes: int) -> dict[str, float]:
         """`fetched` with the device counters folded in (one host sync, when the answer is read)."""
         out = dict(self.fetched)
         if self.counts is not None:
-            tokens, runs, rows = self.counts.tolist()
+            tokens, runs, read, prefetch_rows, prefetch_hits = self.counts.tolist()
             out["tokens"] += tokens
             out["copies"] += runs
-            out["bytes"] += rows * row_bytes
+            out["bytes"] += read * row_bytes
+            out["rows"] += prefetch_rows
+            out["prefetch_hits"] += prefetch_hits
         return out
 
 

@@ -76,3 +76,25 @@ def test_streams_are_isolated(tiny_adapter):
     a1 = engine.answer("a", AskRequest(QUESTION, max_tokens=MAX_TOKENS)).token_ids
     a2 = alone.answer("a", AskRequest(QUESTION, max_tokens=MAX_TOKENS)).token_ids
     assert a1 == a2
+
+
+@pytest.mark.parametrize("method", ["token", "cluster"])
+def test_prefetch_changes_no_answer(tiny_adapter, method):
+    """Cross-layer prefetch is exact: rows it guessed wrong are fetched at the layer."""
+    imgs = frames(12, seed=4)
+    got = {}
+    for prefetch in (False, True):
+        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+        engine.config.prefetch = prefetch
+        if prefetch:
+            from mosaic_ray.engine.prefetch import Prefetcher
+
+            Prefetcher.install(engine.adapter)
+        engine.open_stream("s")
+        for i in range(0, 12, 3):
+            engine.append_frames("s", imgs[i : i + 3], [float(i), i + 1.0, i + 2.0])
+        a = engine.answer("s", AskRequest(QUESTION, max_tokens=MAX_TOKENS))
+        got[prefetch] = (a.token_ids, a.fetched_tokens)
+        if prefetch:
+            assert a.prefetch_hit_rate is not None and 0.0 <= a.prefetch_hit_rate <= 1.0
+    assert got[True] == got[False]
