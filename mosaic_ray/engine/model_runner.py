@@ -119,7 +119,9 @@ class _DecodeGraph:
                 self._step()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner._graph_pool):
+        # thread_local: other threads of a shard (frame log, migration fingerprints) may use the GPU
+        # while the engine thread captures
+        with torch.cuda.graph(self.graph, pool=runner._graph_pool, capture_error_mode="thread_local"):
             self.logits = self._step()
 
     def _step(self) -> torch.Tensor:
