@@ -4,12 +4,15 @@
     leaving the window go to the stream's retriever) -> ask (prefill with per-layer retrieval, then
     decode; questions of several streams step together) -> close_stream
 
-Batching: frames of several streams given to `append_frames_batch` share one vision batch and one
-decoder forward (ragged rows padded, masked per stream); every active question takes one decode
+A step: reserve device-pool slots for the new tokens -> one forward (`model_runner`: every
+sequence packed into one row; decode steps replay a CUDA graph) -> choose tokens (greedy rows in
+one device-to-host copy) -> commit (the streams adopt their slots). Frames of several streams given
+to `append_frames_batch` share one vision batch and one forward; every active question takes one
 step per engine step, all in one forward.
 
 Atomicity: inputs are validated before anything changes; a stream's counters move only after its
-cache accepted the step (`stream_state.commit`), so a failing call leaves the stream as it was.
+cache adopted the step's slots (`stream_state.commit`); a failed step gives its slots back, so a
+failing call leaves the stream as it was.
 A stream answering a question defers frames that arrive meanwhile (bounded) and prefills them
 right after the answer is committed, so no acknowledged frame is lost or reordered.
 """
@@ -227,7 +230,7 @@ class StreamEngine(Engine):
         except DevicePoolExhaustedError as exc:
             raise OverloadedError(str(exc)) from exc
         attended = [cache.slots] + ([past] if past is not None else []) + [work.retrieved]
-        step = StreamStep(cache, 0, retrieve=True, since=request.since, until=request.until, use_past=True, work=work)
+        step = StreamStep(cache, 0, retrieve=True, since=request.since, until=request.until, work=work)
         gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
         run = QuestionRun(state, request, prompt_ids, closing_ids, step,
                           set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen,

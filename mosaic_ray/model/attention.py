@@ -48,7 +48,6 @@ class StreamStep:
     retrieve: bool = False
     since: float | None = None
     until: float | None = None
-    use_past: bool = False
     work: WorkingSet | None = None
     # what this stream's retrieval moved on the critical path ({"copies", "bytes", "tokens",
     # "seconds"}, summed over layers) and how many selected rows a prefetch had already brought
