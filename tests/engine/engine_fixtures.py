@@ -7,7 +7,8 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 
 
 def make_engine(adapter, retrieval="full", window=4096, budget=None, sink=16, **cache):
-    cfg = EngineConfig(model="tiny", device="cpu", cache=CacheConfig(
+    """An engine on the adapter's device (its device pool sized for tests)."""
+    cfg = EngineConfig(model="tiny", device=str(adapter.device), kv_pool={"capacity_tokens": 1 << 16}, cache=CacheConfig(
         retrieval=retrieval, window_tokens=window, sink_tokens=sink, budget_tokens=budget,
         pool={"capacity_bytes": 16 << 20}, **cache))
     return StreamEngine(cfg, adapter=adapter)

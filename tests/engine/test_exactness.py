@@ -25,18 +25,20 @@ def _reference_ids(adapter, imgs, question, max_tokens):
     q = tok.encode(prompt, add_special_tokens=False)
     ids += q
     types += [0] * len(q)
-    input_ids = torch.tensor([ids])
+    dev = adapter.device
+    input_ids = torch.tensor([ids], device=dev)
     with torch.no_grad():
         out = adapter.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-            image_grid_thw=grid, mm_token_type_ids=torch.tensor([types]), max_new_tokens=max_tokens,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels.to(dev),
+            image_grid_thw=grid.to(dev), mm_token_type_ids=torch.tensor([types], device=dev), max_new_tokens=max_tokens,
             do_sample=False, eos_token_id=adapter.eos_token_ids, pad_token_id=tok.pad_token_id,
         )
     gen = out[0, len(ids):].tolist()
     return [t for t in gen if t not in adapter.eos_token_ids]
 
 
-def test_full_retrieval_equals_model_generate(tiny_adapter):
+def test_full_retrieval_equals_model_generate(tiny_adapter_on):
+    tiny_adapter = tiny_adapter_on
     imgs = frames(3, seed=1)
     engine = make_engine(tiny_adapter, "full")
     engine.open_stream("s")
@@ -48,7 +50,8 @@ def test_full_retrieval_equals_model_generate(tiny_adapter):
 
 
 @pytest.mark.parametrize("method", ["frame", "token", "cluster"])
-def test_full_budget_equals_full(tiny_adapter, method):
+def test_full_budget_equals_full(tiny_adapter_on, method):
+    tiny_adapter = tiny_adapter_on
     imgs = frames(12, seed=2)
     answers = {}
     for m in ("full", method):
