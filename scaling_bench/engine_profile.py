@@ -149,10 +149,10 @@ def decode_profile(a, engine, sync) -> list[dict]:
                 state.next_pos += n
         short, long_ = 4, 4 + a.decode_tokens
 
-        def timed(n):
+        def timed(n, engine=full):
             sync()
             t = time.perf_counter()
-            got = full.answer_batch([(s, AskRequest("Describe what happens.", max_tokens=n)) for s in sids])
+            got = engine.answer_batch([(s, AskRequest("Describe what happens.", max_tokens=n)) for s in sids])
             sync()
             return time.perf_counter() - t, got
 

@@ -164,7 +164,7 @@ def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
 
 def _full_share(cache: StreamCache, lo: int, hi: int, since: float | None, until: float | None) -> torch.Tensor:
     """Share of tokens [lo, hi) a `full` question sees: resident ones, and past ones in [since, until]."""
-    from mosaic_ray.cache.retrieval import _time_mask
+    from mosaic_ray.cache.retriever import _time_mask
 
     r, n = cache.retriever, cache.retriever.past_tokens
     past = (r.order[:n] >= lo) & (r.order[:n] < hi) & _time_mask(r.time[:n], since, until)

@@ -20,7 +20,9 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.retrieval import FullRetriever, Retriever, make_retriever
+from mosaic_ray.cache.full_retriever import FullRetriever
+from mosaic_ray.cache.retrieval import make_retriever
+from mosaic_ray.cache.retriever import Retriever
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import CacheConfig, KVLayout
@@ -137,7 +139,7 @@ class StreamCache:
         """The question path: select for one layer and write the chosen tokens into the question's
         retrieved slots, without a host sync (selection and copy stay on the device; rows a
         prefetch brought are reused). Returns the selection and the device counters
-        (`retrieval._device_counts`)."""
+        (`retriever._device_counts`)."""
         sel = self.select(layer, query, since, until)
         return sel, self.retriever.fetch_into(sel, work, since, until, prefetched)
 

@@ -31,7 +31,6 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.interface import (
@@ -46,9 +45,9 @@ from mosaic_ray.engine.interface import (
 from mosaic_ray.engine.frame_pruner import FramePruner, options_of
 from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.prefetch import Prefetcher
-from mosaic_ray.engine.sampling import choose_tokens
+from mosaic_ray.engine.question_step import QuestionStepper
 from mosaic_ray.engine.question import Answer, QuestionRun
-from mosaic_ray.engine.stream_state import Segment, StreamState, assemble, commit
+from mosaic_ray.engine.stream_state import StreamState, assemble, commit
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
 
@@ -67,6 +66,7 @@ class StreamEngine(Engine):
         # after the weights, so a GPU pool is sized from the memory they leave free
         self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
         self.runner = ModelRunner(self.adapter, self.kv_pool, self.config)
+        self.questions = QuestionStepper(self.adapter, self.runner, self.kv_pool, self.config)
         self.pruner = FramePruner(self.config.pruning)
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
@@ -208,71 +208,15 @@ class StreamEngine(Engine):
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
-        state = self._get(stream_id)
-        if state.busy:
-            raise StreamBusyError(f"stream {stream_id!r} is already answering a question")
-        prompt, closing = self.adapter.question_text(request.question)
-        tok = self.adapter.tokenizer
-        prompt_ids = tok.encode(prompt, add_special_tokens=False)
-        if len(prompt_ids) + request.max_tokens > self.config.max_question_tokens:
-            raise InvalidInputError(
-                f"question of {len(prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the limit "
-                f"of {self.config.max_question_tokens} tokens"
-            )
-        closing_ids = tok.encode(closing, add_special_tokens=False)
-        cache = state.cache
-        # the past a question attends: `full` reads its slots in place; the others retrieve at
-        # most min(budget, past) tokens per (layer, KV head) into reserved slots
-        past = cache.past_slots(request.since, request.until)
-        retrieved = 0 if past is not None else min(cache.budget(), cache.past_tokens)
-        try:
-            work = WorkingSet.reserve(self.kv_pool, retrieved, len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
-        except DevicePoolExhaustedError as exc:
-            raise OverloadedError(str(exc)) from exc
-        attended = [cache.slots] + ([past] if past is not None else []) + [work.retrieved]
-        step = StreamStep(cache, 0, retrieve=True, since=request.since, until=request.until, work=work)
-        gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
-        run = QuestionRun(state, request, prompt_ids, closing_ids, step,
-                          set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen,
-                          context=torch.cat(attended))
-        state.busy = True
-        return run
+        return self.questions.start(self._get(stream_id), request)
 
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
-        """One forward for every run (prefill, decode or closing); returns each run's new text."""
-        segs, kv_lists, new_slots = [], [], []
-        for run in runs:
-            ids = run.next_ids()
-            chunk = self.adapter.ids_chunk(ids)
-            positions = chunk.positions + run.pos_cursor
-            t = torch.full((chunk.size,), run.state.clock)
-            segs.append(Segment(chunk.embeds, positions, t, torch.zeros(chunk.size, dtype=torch.long), chunk.span))
-            run.step.new_tokens = chunk.size
-            run.step.retrieve = run.phase == "prefill"
-            work = run.step.work
-            kv_lists.append(torch.cat([run.context, work.own[: work.used]]))
-            new_slots.append(work.next_slots(chunk.size))
-        steps = [r.step for r in runs]
-        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path
-            ids = [int(r.generated[-1]) for r in runs]
-            positions = torch.cat([s.positions for s in segs], 1)
-            logits = self.runner.decode(ids, positions, steps, kv_lists, new_slots)
-        else:
-            logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
-        live = [i for i, r in enumerate(runs) if r.phase != "closing"]
-        tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
-                                              [runs[i].request.top_p for i in live],
-                                              [runs[i].generator for i in live]))) if live else {}
-        deltas = []
-        for row, (run, seg) in enumerate(zip(runs, segs)):
-            run.step.work.advance(seg.size)
-            run.pending_pos.append(seg.positions)
-            run.pos_cursor += seg.span
-            if run.phase == "closing":
-                self._commit_run(run)
-                deltas.append("")
-                continue
-            deltas.append(run.take_token(tokens[row], self.adapter.tokenizer))
+        """One step for every run (prefill, decode or closing); returns each run's new text. Runs
+        whose closing text was fed in this step commit their Q/A to the stream."""
+        closing = [r for r in runs if r.phase == "closing"]
+        deltas = self.questions.step(runs)
+        for run in closing:
+            self._commit_run(run)
         return deltas
 
     def _commit_run(self, run: QuestionRun) -> None:

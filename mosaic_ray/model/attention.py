@@ -55,7 +55,7 @@ class StreamStep:
                                                                "rows": 0, "prefetch_hits": 0})
     # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
     prefetched: dict = field(default_factory=dict)
-    # device counters of the retrieval (`retrieval._device_counts`), summed over layers
+    # device counters of the retrieval (`retriever._device_counts`), summed over layers
     counts: torch.Tensor | None = None
 
     def fetch_stats(self, row_bytes: int) -> dict[str, float]:

@@ -1,0 +1,161 @@
+"""Retriever: the interface every retrieval method implements, and the fetch path they share.
+
+A retriever holds a stream's past (tokens that left the local window) and gives a question the
+part of it that matters, under a token budget per (layer, KV head). Verbs: insert / select /
+fetch / fetch_into / retrieve / maintain / release (+ device_bytes / host_bytes). The methods are
+in `full_retriever.py` (the past stays in the device pool) and `retrieval.py` (frame, token,
+cluster: the past in the host pool), which also picks one by name.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
+from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.selection import time_overlap
+from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
+from mosaic_ray.cache.working_set import WorkingSet
+from mosaic_ray.config import CacheConfig, KVLayout
+
+
+def _time_mask(time: torch.Tensor, since: float | None, until: float | None) -> torch.Tensor:
+    return time_overlap(time, time, since, until)
+
+
+def _finish(
+    fetched: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    since: float | None,
+    until: float | None,
+    copies: int,
+    bytes_moved: int,
+    keys: torch.Tensor | None = None,
+) -> Retrieved:
+    """Mask padding and out-of-range members, then sort each head's tokens by time (valid first)."""
+    valid = (rows >= 0) & _time_mask(fetched["time"], since, until)
+    big = torch.iinfo(torch.int64).max
+    perm = torch.argsort(fetched["order"].masked_fill(~valid, big), dim=1)
+    take = lambda t: t.gather(1, perm) if t.dim() == 2 else t.gather(1, perm[..., None].expand_as(t))  # noqa: E731
+    k = keys if keys is not None else fetched["k"]
+    return Retrieved(
+        keys=take(k), values=take(fetched["v"]), order=take(fetched["order"]), pos=take(fetched["pos"]),
+        valid=take(valid), copies=copies, bytes_moved=bytes_moved,
+    )
+
+
+def _device_counts(rows: torch.Tensor, valid: torch.Tensor, read: torch.Tensor, prefetched: bool) -> torch.Tensor:
+    """Counters of one layer's fetch as one device tensor: [valid tokens, contiguous host runs read,
+    rows read from the host, rows selected under a prefetch, of which the prefetch had brought]."""
+    if rows.numel() == 0:
+        return torch.zeros(5, dtype=torch.int64, device=rows.device)
+    r = torch.sort(read, dim=1).values
+    starts = r >= 0
+    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    selected, n_read = (rows >= 0).sum(), (read >= 0).sum()
+    zero = torch.zeros_like(selected)
+    return torch.stack([valid.sum(), starts.sum(), n_read, selected if prefetched else zero,
+                        selected - n_read if prefetched else zero])
+
+
+def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]:
+    """(contiguous host runs, bytes) of a selection [H, B], with one host sync for both."""
+    if rows.numel() == 0:
+        return 0, 0
+    r = torch.sort(rows, dim=1).values
+    starts = r >= 0
+    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    runs, n = torch.stack([starts.sum(), (rows >= 0).sum()]).tolist()
+    return int(runs), int(n) * bytes_per_row
+
+
+class Retriever(abc.ABC):
+    method: str = ""
+
+    def __init__(self, layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str) -> None:
+        self.layout, self.config, self.pool = layout, config, pool
+        self.device = torch.device(device)
+        self.owner = pool.register_owner()
+        self.past_tokens = 0
+        self._row_bytes = layout.head_dim * torch.empty((), dtype=layout.dtype).element_size()
+
+    def groups_of(self, layer: int) -> torch.Tensor:
+        H = self.layout.num_kv_heads
+        return torch.arange(layer * H, (layer + 1) * H, device=self.device)
+
+    def _check_query(self, layer: int, query: torch.Tensor) -> None:
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer must be in [0, {self.layout.num_layers}), got {layer}")
+        if tuple(query.shape) != (H, D):
+            raise ValueError(f"query: expected shape {(H, D)}, got {tuple(query.shape)}")
+
+    @abc.abstractmethod
+    def insert(self, batch: TokenBatch) -> None:
+        """Take tokens that left the local window (all layers at once)."""
+
+    # what the host pool supplies for a selected row: K and V, or V only (token keeps K on the device)
+    host_parts = "kv"
+
+    def select(
+        self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
+    ) -> Selection:
+        """Choose the past tokens for one layer: query [H, D] is the question's mean query per KV
+        head, after RoPE. Reads only device metadata; moves no K/V."""
+        raise NotImplementedError(f"{self.method} retrieval has no separate selection")
+
+    def fetch(self, sel: Selection, since: float | None = None, until: float | None = None,
+              prefetched: Prefetched | None = None) -> Retrieved:
+        """Move the selected rows to the device. Rows already brought by `prefetched` (a guess made
+        a layer earlier) are taken from it; only the misses are read from the host now."""
+        if prefetched is None:
+            fetched, misses = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
+        else:
+            fetched, misses = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+        per_row = self._row_bytes * len(self.host_parts)
+        copies, moved = _copies_and_bytes(misses, per_row)
+        out = _finish(fetched, sel.rows, since, until, copies, moved, keys=self._device_keys(sel))
+        out.misses = moved // per_row
+        return out
+
+    def _device_keys(self, sel: Selection) -> torch.Tensor | None:
+        return None
+
+    def fetch_into(self, sel: Selection, work: WorkingSet, since: float | None = None,
+                   until: float | None = None, prefetched: Prefetched | None = None) -> torch.Tensor:
+        """Move the selected rows straight into the question's retrieved slots for `sel.layer`,
+        with no host synchronization (attention does not need them in time order). Rows a prefetch
+        brought are taken from it, only the misses are read from the host now. Returns the device
+        counters of `_device_counts`."""
+        if prefetched is None:
+            fetched, read = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
+        else:
+            fetched, read = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+        keys = self._device_keys(sel)
+        valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
+        work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)
+        return _device_counts(sel.rows, valid, read, prefetched is not None)
+
+    def retrieve(
+        self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None
+    ) -> Retrieved:
+        """select + fetch: the selected past tokens of one layer on the device, in time order."""
+        return self.fetch(self.select(layer, query, budget, since, until), since, until)
+
+    def maintain(self, max_work: int | None = None) -> int:
+        """Deferred upkeep off the query path; returns work done (0 when there is none)."""
+        return 0
+
+    @abc.abstractmethod
+    def device_bytes(self) -> int:
+        """Device memory this stream's past costs (K/V kept on the device, or index metadata)."""
+
+    def host_bytes(self) -> int:
+        return self.pool.owned_slabs(self.owner) * self.pool.slab_bytes
+
+    def release(self) -> int:
+        """Free everything of this stream; returns slabs freed."""
+        self.past_tokens = 0
+        return self.pool.release_owner(self.owner)

@@ -1,0 +1,95 @@
+"""QuestionStepper: a question's start and its steps (prepare tensors -> one forward -> sample).
+
+    start(state, request)  validate, tokenize, reserve the question's working set in the device pool
+    step(runs)             one forward for every run (prefill, decode or closing), then each run takes
+                           its chosen token; greedy rows come back in one device-to-host copy
+
+A run whose closing text was fed in a step is left in phase "closing" with its own tokens in its
+working set: the engine commits it to the stream (`StreamEngine._commit_run`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
+from mosaic_ray.cache.working_set import WorkingSet
+from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine.interface import AskRequest, InvalidInputError, OverloadedError, StreamBusyError
+from mosaic_ray.engine.model_runner import ModelRunner
+from mosaic_ray.engine.question import QuestionRun
+from mosaic_ray.engine.sampling import choose_tokens
+from mosaic_ray.engine.stream_state import Segment, StreamState
+from mosaic_ray.model.adapter import ModelAdapter
+from mosaic_ray.model.attention import StreamStep
+
+
+class QuestionStepper:
+    def __init__(self, adapter: ModelAdapter, runner: ModelRunner, kv_pool: DeviceKVPool, config: EngineConfig) -> None:
+        self.adapter, self.runner, self.kv_pool, self.config = adapter, runner, kv_pool, config
+
+    def start(self, state: StreamState, request: AskRequest) -> QuestionRun:
+        if state.busy:
+            raise StreamBusyError(f"stream {state.stream_id!r} is already answering a question")
+        prompt, closing = self.adapter.question_text(request.question)
+        tok = self.adapter.tokenizer
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        if len(prompt_ids) + request.max_tokens > self.config.max_question_tokens:
+            raise InvalidInputError(
+                f"question of {len(prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the limit "
+                f"of {self.config.max_question_tokens} tokens"
+            )
+        closing_ids = tok.encode(closing, add_special_tokens=False)
+        cache = state.cache
+        # the past a question attends: `full` reads its slots in place; the others retrieve at
+        # most min(budget, past) tokens per (layer, KV head) into reserved slots
+        past = cache.past_slots(request.since, request.until)
+        retrieved = 0 if past is not None else min(cache.budget(), cache.past_tokens)
+        try:
+            work = WorkingSet.reserve(self.kv_pool, retrieved, len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
+        except DevicePoolExhaustedError as exc:
+            raise OverloadedError(str(exc)) from exc
+        attended = [cache.slots] + ([past] if past is not None else []) + [work.retrieved]
+        step = StreamStep(cache, 0, retrieve=True, since=request.since, until=request.until, work=work)
+        gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
+        run = QuestionRun(state, request, prompt_ids, closing_ids, step,
+                          set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen,
+                          context=torch.cat(attended))
+        state.busy = True
+        return run
+
+    def step(self, runs: list[QuestionRun]) -> list[str]:
+        """One forward for every run; returns each run's new text ("" for closing runs)."""
+        segs, kv_lists, new_slots = [], [], []
+        for run in runs:
+            ids = run.next_ids()
+            chunk = self.adapter.ids_chunk(ids)
+            positions = chunk.positions + run.pos_cursor
+            t = torch.full((chunk.size,), run.state.clock)
+            segs.append(Segment(chunk.embeds, positions, t, torch.zeros(chunk.size, dtype=torch.long), chunk.span))
+            run.step.new_tokens = chunk.size
+            run.step.retrieve = run.phase == "prefill"
+            work = run.step.work
+            kv_lists.append(torch.cat([run.context, work.own[: work.used]]))
+            new_slots.append(work.next_slots(chunk.size))
+        steps = [r.step for r in runs]
+        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path
+            ids = [int(r.generated[-1]) for r in runs]
+            positions = torch.cat([s.positions for s in segs], 1)
+            logits = self.runner.decode(ids, positions, steps, kv_lists, new_slots)
+        else:
+            logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
+        live = [i for i, r in enumerate(runs) if r.phase != "closing"]
+        tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
+                                              [runs[i].request.top_p for i in live],
+                                              [runs[i].generator for i in live]))) if live else {}
+        deltas = []
+        for row, (run, seg) in enumerate(zip(runs, segs)):
+            run.step.work.advance(seg.size)
+            run.pending_pos.append(seg.positions)
+            run.pos_cursor += seg.span
+            if run.phase == "closing":
+                deltas.append("")
+                continue
+            deltas.append(run.take_token(tokens[row], self.adapter.tokenizer))
+        return deltas
