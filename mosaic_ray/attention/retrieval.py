@@ -18,7 +18,7 @@ import torch
 def question_queries(q: torch.Tensor, bounds: list[tuple[int, int]], num_kv_heads: int) -> list[torch.Tensor]:
     """Per sequence its mean query per KV head [Hkv, D] (mean over its tokens and the group's
     query heads), from q [T, Hq, D]."""
-    T, Hq, D = q.shape
+    _, Hq, D = q.shape
     out = []
     for lo, hi in bounds:
         out.append(q[lo:hi].float().view(hi - lo, num_kv_heads, Hq // num_kv_heads, D).mean((0, 2)))

@@ -46,17 +46,22 @@ def _finish(
     )
 
 
+def _runs(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous host runs among rows [H, B] (-1 = none), as a device scalar."""
+    r = torch.sort(rows, dim=1).values
+    starts = r >= 0
+    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    return starts.sum()
+
+
 def _device_counts(rows: torch.Tensor, valid: torch.Tensor, read: torch.Tensor, prefetched: bool) -> torch.Tensor:
     """Counters of one layer's fetch as one device tensor: [valid tokens, contiguous host runs read,
     rows read from the host, rows selected under a prefetch, of which the prefetch had brought]."""
     if rows.numel() == 0:
         return torch.zeros(5, dtype=torch.int64, device=rows.device)
-    r = torch.sort(read, dim=1).values
-    starts = r >= 0
-    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
     selected, n_read = (rows >= 0).sum(), (read >= 0).sum()
     zero = torch.zeros_like(selected)
-    return torch.stack([valid.sum(), starts.sum(), n_read, selected if prefetched else zero,
+    return torch.stack([valid.sum(), _runs(read), n_read, selected if prefetched else zero,
                         selected - n_read if prefetched else zero])
 
 
@@ -64,10 +69,7 @@ def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]
     """(contiguous host runs, bytes) of a selection [H, B], with one host sync for both."""
     if rows.numel() == 0:
         return 0, 0
-    r = torch.sort(rows, dim=1).values
-    starts = r >= 0
-    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
-    runs, n = torch.stack([starts.sum(), (rows >= 0).sum()]).tolist()
+    runs, n = torch.stack([_runs(rows), (rows >= 0).sum()]).tolist()
     return int(runs), int(n) * bytes_per_row
 
 
@@ -110,10 +112,7 @@ class Retriever(abc.ABC):
               prefetched: Prefetched | None = None) -> Retrieved:
         """Move the selected rows to the device. Rows already brought by `prefetched` (a guess made
         a layer earlier) are taken from it; only the misses are read from the host now."""
-        if prefetched is None:
-            fetched, misses = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
-        else:
-            fetched, misses = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+        fetched, misses = self._gather(sel, prefetched)
         per_row = self._row_bytes * len(self.host_parts)
         copies, moved = _copies_and_bytes(misses, per_row)
         out = _finish(fetched, sel.rows, since, until, copies, moved, keys=self._device_keys(sel))
@@ -123,16 +122,19 @@ class Retriever(abc.ABC):
     def _device_keys(self, sel: Selection) -> torch.Tensor | None:
         return None
 
+    def _gather(self, sel: Selection, prefetched: Prefetched | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the selected rows on the device, the rows read from the host for them)."""
+        if prefetched is None:
+            return gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
+        return merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+
     def fetch_into(self, sel: Selection, work: WorkingSet, since: float | None = None,
                    until: float | None = None, prefetched: Prefetched | None = None) -> torch.Tensor:
         """Move the selected rows straight into the question's retrieved slots for `sel.layer`,
         with no host synchronization (attention does not need them in time order). Rows a prefetch
         brought are taken from it, only the misses are read from the host now. Returns the device
         counters of `_device_counts`."""
-        if prefetched is None:
-            fetched, read = gather(self.pool, sel.rows, self.device, self.host_parts), sel.rows
-        else:
-            fetched, read = merge_prefetched(self.pool, sel.rows, self.device, self.host_parts, prefetched)
+        fetched, read = self._gather(sel, prefetched)
         keys = self._device_keys(sel)
         valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
         work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)

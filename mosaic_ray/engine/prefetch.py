@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 
+from mosaic_ray.attention.retrieval import question_queries
 from mosaic_ray.cache.gather import Prefetched, gather
 from mosaic_ray.model import attention
 
@@ -60,9 +61,8 @@ class Prefetcher:
         if main is not None:
             self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            for i, step in steps:
-                lo, hi = ctx.meta.q_bounds[i]
-                q_mean = q[0, :, lo:hi].float().transpose(0, 1).reshape(hi - lo, Hkv, -1, q.shape[-1]).mean((0, 2))
+            means = question_queries(q[0].transpose(0, 1), [ctx.meta.q_bounds[i] for i, _ in steps], Hkv)
+            for (i, step), q_mean in zip(steps, means):
                 sel = step.cache.select(layer + 1, q_mean, step.since, step.until)
                 data = gather(step.cache.retriever.pool, sel.rows, step.cache.device, step.cache.retriever.host_parts)
                 ready = None
