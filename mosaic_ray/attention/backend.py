@@ -32,10 +32,6 @@ class AttentionMetadata:
     q_bounds: list[tuple[int, int]]  # host copy of cu_q as (start, end) pairs
     splits: int | None = None  # split-KV factor; None = chosen per call (a CUDA graph fixes it)
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_bounds)
-
 
 def build_metadata(kv_lists: list[torch.Tensor], new_slots: list[torch.Tensor], device: torch.device) -> AttentionMetadata:
     """kv_lists[s]: the slots sequence s attends before this step; new_slots[s]: where its new

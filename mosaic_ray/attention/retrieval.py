@@ -41,4 +41,4 @@ def retrieve_layer(ctx, layer: int, q: torch.Tensor) -> None:
         step.counts = counts if step.counts is None else step.counts + counts
         if ctx.time_fetch and q.is_cuda:
             torch.cuda.synchronize()
-        step.fetched["seconds"] += time.perf_counter() - t0
+        step.fetch_seconds += time.perf_counter() - t0

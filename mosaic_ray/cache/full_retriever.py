@@ -47,10 +47,6 @@ class FullRetriever(Retriever):
         """The past's keys [G, N, D], every layer (a copy out of the pool; tests and fidelity)."""
         return self.kv_pool.read(self.slots[: self.past_tokens])[0]
 
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv_pool.read(self.slots[: self.past_tokens])[1]
-
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor:
         """Slots of the past tokens a question may see (all, or those inside [since, until])."""
         N = self.past_tokens

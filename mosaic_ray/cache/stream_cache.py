@@ -115,15 +115,6 @@ class StreamCache:
         k, v = self.kv_pool.read_layer(layer, self.slots)
         return k, v, self.pos
 
-    @property
-    def k(self) -> torch.Tensor:
-        """Resident keys of every layer [G, R, D] (a copy; snapshots and tests)."""
-        return self.kv_pool.read(self.slots)[0]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv_pool.read(self.slots)[1]
-
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
         """The past's slots when it lives in the device pool (`full`), else None (it is retrieved)."""
         if isinstance(self.retriever, FullRetriever):

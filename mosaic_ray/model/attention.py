@@ -49,26 +49,19 @@ class StreamStep:
     since: float | None = None
     until: float | None = None
     work: WorkingSet | None = None
-    # what this stream's retrieval moved on the critical path ({"copies", "bytes", "tokens",
-    # "seconds"}, summed over layers) and how many selected rows a prefetch had already brought
-    fetched: dict[str, float] = field(default_factory=lambda: {"copies": 0, "bytes": 0, "tokens": 0, "seconds": 0.0,
-                                                               "rows": 0, "prefetch_hits": 0})
+    # host time this stream's retrieval took in the forward (with TIME_FETCH: device time too)
+    fetch_seconds: float = 0.0
     # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
     prefetched: dict = field(default_factory=dict)
     # device counters of the retrieval (`retriever._device_counts`), summed over layers
     counts: torch.Tensor | None = None
 
     def fetch_stats(self, row_bytes: int) -> dict[str, float]:
-        """`fetched` with the device counters folded in (one host sync, when the answer is read)."""
-        out = dict(self.fetched)
-        if self.counts is not None:
-            tokens, runs, read, prefetch_rows, prefetch_hits = self.counts.tolist()
-            out["tokens"] += tokens
-            out["copies"] += runs
-            out["bytes"] += read * row_bytes
-            out["rows"] += prefetch_rows
-            out["prefetch_hits"] += prefetch_hits
-        return out
+        """What the retrieval moved, summed over layers: {"tokens", "copies", "bytes", "rows",
+        "prefetch_hits", "seconds"} (one host sync, when the answer is read)."""
+        tokens, runs, read, rows, hits = self.counts.tolist() if self.counts is not None else (0, 0, 0, 0, 0)
+        return {"tokens": tokens, "copies": runs, "bytes": read * row_bytes, "rows": rows, "prefetch_hits": hits,
+                "seconds": self.fetch_seconds}
 
 
 class StepContext:
