@@ -71,7 +71,8 @@ class ModelRunner:
         graph = self._graph_for(S, sum(k.numel() + 1 for k in kv_lists)) if self.use_graphs else None
         if graph is None:
             self.counters["eager_decode_steps"] += 1
-            chunks = [Segment(self.adapter.embed_ids([i]), positions[:, j : j + 1], None, None, 1) for j, i in enumerate(ids)]
+            embeds = self.adapter.embed_ids(ids)  # one lookup for the batch
+            chunks = [Segment(embeds[j : j + 1], positions[:, j : j + 1], None, None, 1) for j in range(len(ids))]
             return self.forward(chunks, steps, kv_lists, new_slots, logits=True)
         self.counters["graph_steps"] += 1
         return graph.run(ids, positions, kv_lists, new_slots)

@@ -60,34 +60,36 @@ class QuestionStepper:
 
     def step(self, runs: list[QuestionRun]) -> list[str]:
         """One forward for every run; returns each run's new text ("" for closing runs)."""
-        segs, kv_lists, new_slots = [], [], []
-        for run in runs:
-            ids = run.next_ids()
-            chunk = self.adapter.ids_chunk(ids)
-            positions = chunk.positions + run.pos_cursor
-            t = torch.full((chunk.size,), run.state.clock)
-            segs.append(Segment(chunk.embeds, positions, t, torch.zeros(chunk.size, dtype=torch.long), chunk.span))
-            run.step.new_tokens = chunk.size
-            run.step.retrieve = run.phase == "prefill"
-            work = run.step.work
-            kv_lists.append(torch.cat([run.context, work.own[: work.used]]))
-            new_slots.append(work.next_slots(chunk.size))
         steps = [r.step for r in runs]
-        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path
-            ids = [int(r.generated[-1]) for r in runs]
-            positions = torch.cat([s.positions for s in segs], 1)
-            logits = self.runner.decode(ids, positions, steps, kv_lists, new_slots)
+        kv_lists = [torch.cat([r.context, r.step.work.own[: r.step.work.used]]) for r in runs]
+        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path embeds the ids
+            P = self.adapter.layout.pos_dims
+            positions = torch.tensor([r.pos_cursor for r in runs], device=self.adapter.device)[None].expand(P, -1)
+            spans, sizes = [1] * len(runs), [1] * len(runs)
+            new_slots = [r.step.work.next_slots(1) for r in runs]
+            for r in runs:
+                r.step.new_tokens, r.step.retrieve = 1, False
+            logits = self.runner.decode([int(r.generated[-1]) for r in runs], positions, steps, kv_lists, new_slots)
+            pending = [positions[:, j : j + 1] for j in range(len(runs))]
         else:
+            segs = []
+            for run in runs:
+                chunk = self.adapter.ids_chunk(run.next_ids())
+                segs.append(Segment(chunk.embeds, chunk.positions + run.pos_cursor, None, None, chunk.span))
+                run.step.new_tokens = chunk.size
+                run.step.retrieve = run.phase == "prefill"
+            new_slots = [r.step.work.next_slots(seg.size) for r, seg in zip(runs, segs)]
             logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
+            spans, sizes, pending = [s.span for s in segs], [s.size for s in segs], [s.positions for s in segs]
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
                                               [runs[i].request.top_p for i in live],
                                               [runs[i].generator for i in live]))) if live else {}
         deltas = []
-        for row, (run, seg) in enumerate(zip(runs, segs)):
-            run.step.work.advance(seg.size)
-            run.pending_pos.append(seg.positions)
-            run.pos_cursor += seg.span
+        for row, run in enumerate(runs):
+            run.step.work.advance(sizes[row])
+            run.pending_pos.append(pending[row])
+            run.pos_cursor += spans[row]
             if run.phase == "closing":
                 deltas.append("")
                 continue
