@@ -78,9 +78,8 @@ def record_cache_calls(ops: list[tuple]):
     adoption is logged as the TokenBatch an `append` replays."""
     adopt, maintain = StreamCache.adopt, StreamCache.maintain
 
-    def rec_adopt(self, slots, order, time, pos, block=None) -> int:
+    def rec_adopt(self, slots, order, time, pos, block) -> int:
         k, v = self.kv_pool.read(slots)
-        block = block if block is not None else order // 64
         ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone())))
         return adopt(self, slots, order, time, pos, block)
 

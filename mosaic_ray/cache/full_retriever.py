@@ -33,6 +33,10 @@ class FullRetriever(Retriever):
         self.kv_pool.write(slots, batch.keys, batch.values)
         self.adopt(slots, batch.order, batch.time, batch.pos)
 
+    def take_evicted(self, kv_pool, slots, order, time, pos, block) -> None:
+        """The tokens stay in their slots, which become this retriever's: nothing is copied."""
+        self.adopt(slots, order, time, pos)
+
     def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor) -> None:
         """Take over tokens already in the device pool (their slots become this retriever's)."""
         n0, n = self.past_tokens, slots.numel()

@@ -13,6 +13,7 @@ import abc
 
 import torch
 
+from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.selection import time_overlap
@@ -97,6 +98,20 @@ class Retriever(abc.ABC):
     @abc.abstractmethod
     def insert(self, batch: TokenBatch) -> None:
         """Take tokens that left the local window (all layers at once)."""
+
+    def take_evicted(self, kv_pool: DeviceKVPool, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor,
+                     pos: torch.Tensor, block: torch.Tensor) -> None:
+        """Take tokens leaving a stream's window whose K/V are in device-pool `slots`. Here: their
+        K/V are read out and inserted, and the slots go back to the pool (a retriever that keeps its
+        past in the pool takes the slots over instead)."""
+        k, v = kv_pool.read(slots)
+        self.insert(TokenBatch(k, v, order, time, pos, block))
+        kv_pool.free(slots)
+
+    def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
+        """Slots of the past a question attends in place, when it lives in the device pool; None
+        when it is retrieved into the question's working set (every method but `full`)."""
+        return None
 
     # what the host pool supplies for a selected row: K and V, or V only (token keeps K on the device)
     host_parts = "kv"

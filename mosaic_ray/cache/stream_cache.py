@@ -20,7 +20,6 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.full_retriever import FullRetriever
 from mosaic_ray.cache.retrieval import make_retriever
 from mosaic_ray.cache.retriever import Retriever
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
@@ -63,14 +62,13 @@ class StreamCache:
         self.kv_pool.free(slots)
 
     def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor,
-              block: torch.Tensor | None = None) -> int:
+              block: torch.Tensor) -> int:
         """Make tokens whose K/V are in `slots` resident; returns how many left the window.
 
         All-or-nothing: if the retriever refuses (host pool full), the stream is unchanged and the
         slots are still the caller's."""
         dev = self.device
         n_new = slots.numel()
-        block = block if block is not None else order // 64
         all_slots = torch.cat([self.slots, slots.to(dev, torch.int64)])
         meta = [
             torch.cat([self.order, order.to(dev, torch.int64)]),
@@ -83,13 +81,7 @@ class StreamCache:
         evict = max(0, n - sink - window)
         if evict:
             sl = slice(min(sink, n), min(sink, n) + evict)
-            out = all_slots[sl]
-            if isinstance(self.retriever, FullRetriever):
-                self.retriever.adopt(out, meta[0][sl], meta[1][sl], meta[2][sl])  # same slots, new owner
-            else:
-                k, v = self.kv_pool.read(out)
-                self.retriever.insert(TokenBatch(k, v, meta[0][sl], meta[1][sl], meta[2][sl], meta[3][sl]))
-                self.kv_pool.free(out)
+            self.retriever.take_evicted(self.kv_pool, all_slots[sl], *(m[sl] for m in meta))
             keep = torch.cat([torch.arange(0, sl.start, device=dev), torch.arange(sl.stop, n, device=dev)])
             all_slots = all_slots[keep]
             meta = [m[keep] for m in meta]
@@ -117,9 +109,7 @@ class StreamCache:
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
         """The past's slots when it lives in the device pool (`full`), else None (it is retrieved)."""
-        if isinstance(self.retriever, FullRetriever):
-            return self.retriever.past_slots(since, until)
-        return None
+        return self.retriever.past_slots(since, until)
 
     def retrieve(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None) -> Retrieved:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
