@@ -1,5 +1,5 @@
 """ragged_attention: one attention call for every sequence of a step, over K/V read in place from
-the device pool by slot, grouped-query heads without repeating K/V, split-KV for decode.
+the device pool by slot, grouped-query heads without repeating K/V, split-KV where programs are few.
 
 Inputs (one layer):
     q           [T, Hq, D]           the step's new tokens, sequences packed back to back
@@ -62,11 +62,11 @@ if HAS_TRITON:
     # mid-stream; only shapes of the model (head counts, head_dim) and the tiling are constexpr.
     # SPLITS is a runtime value (a constexpr would compile a variant per split count met); only
     # whether partials are written (PARTIAL) is compiled in.
-    @triton.jit(do_not_specialize=["max_q_tiles", "SPLITS"])
+    @triton.jit(do_not_specialize=["SPLITS"])
     def _ragged_attention_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, idx_ptr, cu_q_ptr, cu_kv_ptr,
         out_ptr, part_o_ptr, part_ml_ptr,
-        scale, max_q_tiles, SPLITS,
+        scale, SPLITS,
         stride_qt, stride_qh,
         stride_ks, stride_kh,
         stride_vs, stride_vh,
@@ -134,10 +134,10 @@ if HAS_TRITON:
                 tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_ok)
 
 
-def choose_splits(programs: int, max_kv: int, sm_count: int = 132) -> int:
+def choose_splits(programs: int, max_kv: int, sms: int = 132) -> int:
     """Split-KV factor: enough programs to occupy every SM twice when (sequence, KV head, query
     tile) programs are few, never splits shorter than 512 slots, at most 64."""
-    want = -(-2 * sm_count // max(1, programs))
+    want = -(-2 * sms // max(1, programs))
     return int(max(1, min(want, max_kv // 512, 64)))
 
 
@@ -148,7 +148,8 @@ PREFILL_TILE = (64, 32, 4, 2)  # H200 sweep: ingest 16 x 146 over 2.2k 0.68 ms v
 _SM_COUNT: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere), looked up once per device."""
     if device.type != "cuda":
         return 1
     i = device.index if device.index is not None else torch.cuda.current_device()
@@ -180,9 +181,9 @@ def ragged_attention(q, k_pool, v_pool, valid, kv_indices, cu_q, cu_kv, scale: f
     block_q = 1 if max_q == 1 else max(1, rows // rep)
     block_m = max(16, triton.next_power_of_2(block_q * rep))
     block_d = triton.next_power_of_2(D)
-    if splits is None:
-        splits = choose_splits(S * Hkv * -(-max_q // block_q), max_kv, _sm_count(q.device))
     q_tiles = -(-max_q // block_q)
+    if splits is None:
+        splits = choose_splits(S * Hkv * q_tiles, max_kv, sm_count(q.device))
     out = torch.empty_like(q)
     if splits > 1:
         part_o = torch.empty(T, Hq, splits, block_d, dtype=torch.float32, device=q.device)
@@ -192,7 +193,7 @@ def ragged_attention(q, k_pool, v_pool, valid, kv_indices, cu_q, cu_kv, scale: f
     grid = (S, Hkv, q_tiles * splits)
     _ragged_attention_kernel[grid](
         q, k_pool, v_pool, valid.view(torch.uint8), kv_indices, cu_q, cu_kv, out, part_o, part_ml,
-        float(scale), q_tiles, splits,
+        float(scale), splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         valid.stride(0), out.stride(0), out.stride(1),
         REP=rep, D=D, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=splits > 1,

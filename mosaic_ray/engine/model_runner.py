@@ -23,7 +23,7 @@ from mosaic_ray.attention.backend import AttentionMetadata, build_metadata
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine.stream_state import Segment
-from mosaic_ray.kernels.ragged_attention import choose_splits
+from mosaic_ray.kernels.ragged_attention import choose_splits, sm_count
 from mosaic_ray.model import attention
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StepContext, StreamStep
@@ -109,8 +109,7 @@ class _DecodeGraph:
         self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         self.cu_kv = torch.arange(batch + 1, dtype=torch.int32, device=dev)  # padding: one scratch entry each
         self.host_cu = torch.zeros(batch + 1, dtype=torch.int32, pin_memory=True)
-        splits = choose_splits(batch * ad.layout.num_kv_heads, cap // batch,
-                               torch.cuda.get_device_properties(dev).multi_processor_count)
+        splits = choose_splits(batch * ad.layout.num_kv_heads, cap // batch, sm_count(dev))
         self.meta = AttentionMetadata(self.slot_mapping, self.kv_indices, self.cu_q, self.cu_kv, max_q=1,
                                       max_kv=cap // batch, q_bounds=[(i, i + 1) for i in range(batch)], splits=splits)
         side = torch.cuda.Stream(dev)
