@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench.synthetic import centers_for, frame_batch
+from mosaic_ray.bench.synthetic import centers_for, fill
 from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig
 from mosaic_ray.engine.interface import AskRequest
 from mosaic_ray.engine.stream_engine import StreamEngine
@@ -51,20 +51,6 @@ def _frames(n: int):
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def fill(engine: StreamEngine, sid: str, frames: int, tokens: int, centers) -> None:
-    """Append `frames` synthetic frames of `tokens` tokens straight into the stream's cache."""
-    state = engine.streams[sid]
-    for f in range(frames):
-        batch = frame_batch(engine.layout, f, tokens, engine.device, centers, pos_start=state.next_pos)
-        batch.order += state.tokens - f * tokens
-        state.cache.append(batch)
-        state.cache.maintain(engine.config.splits_per_step)
-        state.tokens += tokens
-        state.next_pos += tokens
-        state.frames += 1
-        state.clock = float(f)
 
 
 def ingest_latency(engine: StreamEngine, frames) -> float:

@@ -122,7 +122,7 @@ def decode_profile(a, engine, sync) -> list[dict]:
     """ms per decode step with B questions together, each stream holding `decode_kv` tokens in the
     device pool (a `full` engine of the same model), beside plain transformers at the same B."""
     from mosaic_ray.bench import plain_hf
-    from mosaic_ray.bench.synthetic import centers_for, frame_batch
+    from mosaic_ray.bench.synthetic import centers_for, fill
     from mosaic_ray.config import EngineConfig
 
     for sid in list(engine.streams):  # the ingest engine gives its device pool back first
@@ -137,16 +137,10 @@ def decode_profile(a, engine, sync) -> list[dict]:
     rows, chunk = [], 1024
     for B in (int(x) for x in a.decode_batches.split(",")):
         sids = [f"d{B}-{i}" for i in range(B)]
+        tokens = min(chunk, a.decode_kv)  # each stream holds decode_kv tokens, rounded down to whole chunks
         for s in sids:
             full.open_stream(s)
-            state = full.streams[s]
-            for f in range(-(-a.decode_kv // chunk)):
-                n = min(chunk, a.decode_kv - f * chunk)
-                batch = frame_batch(full.layout, f, n, full.device, centers, pos_start=state.next_pos)
-                batch.order += state.tokens - f * n
-                state.cache.append(batch)
-                state.tokens += n
-                state.next_pos += n
+            fill(full, s, a.decode_kv // tokens, tokens, centers)
         short, long_ = 4, 4 + a.decode_tokens
 
         def timed(n, engine=full):
@@ -169,7 +163,7 @@ def decode_profile(a, engine, sync) -> list[dict]:
         rows.append(row)
         print(f"  decode B={B:3d}: {row['ms_per_step']:6.1f} ms/step", flush=True)
     # the anchor runs alone on the card: our engine's device pool is given back first
-    del full, state
+    del full
     gc_collect(a.device)
     for row in rows if not a.no_plain else []:
         for key, cudnn in (("plain_ms_per_step", True), ("plain_no_cudnn_ms_per_step", False)):

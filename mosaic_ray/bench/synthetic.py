@@ -31,3 +31,17 @@ def frame_batch(layout: KVLayout, frame: int, tokens: int, device, centers: torc
 def centers_for(layout: KVLayout, device, count: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(layout.groups, count, layout.head_dim, device=device, generator=g) * 2
+
+
+def fill(engine, sid: str, frames: int, tokens: int, centers) -> None:
+    """Append `frames` synthetic frames of `tokens` tokens straight into the stream's cache."""
+    state = engine.streams[sid]
+    for f in range(frames):
+        batch = frame_batch(engine.layout, f, tokens, engine.device, centers, pos_start=state.next_pos)
+        batch.order += state.tokens - f * tokens
+        state.cache.append(batch)
+        state.cache.maintain(engine.config.splits_per_step)
+        state.tokens += tokens
+        state.next_pos += tokens
+        state.frames += 1
+        state.clock = float(f)
