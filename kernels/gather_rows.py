@@ -53,11 +53,17 @@ if HAS_TRITON:
         stride_ok_b,
         stride_ov_h,
         stride_ov_b,
+        slots_ptr,
+        valid_ptr,
+        stride_valid_h,
+        stride_valid_b,
         S: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
         LOAD_K: tl.constexpr,
         LOAD_V: tl.constexpr,
+        SLOTTED: tl.constexpr,
+        WRITE_VALID: tl.constexpr,
     ):
         # Row blocks on grid axis 0 (up to 2^31 - 1 programs), heads on axis 1 (up to 65535).
         offs_b = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -72,7 +78,13 @@ if HAS_TRITON:
         in_d = offs_d < D
         load_mask = valid[:, None] & in_d[None, :]
         store_mask = in_b[:, None] & in_d[None, :]
-        ob = offs_b.to(tl.int64)[:, None]
+        if SLOTTED:  # output row b of every head is row slots[b] of the outputs (a device-pool layer)
+            ob1 = tl.load(slots_ptr + offs_b, mask=in_b, other=0).to(tl.int64)
+        else:
+            ob1 = offs_b.to(tl.int64)
+        ob = ob1[:, None]
+        if WRITE_VALID:
+            tl.store(valid_ptr + h * stride_valid_h + ob1 * stride_valid_b, valid.to(tl.int8), mask=in_b)
         if LOAD_K:
             k = tl.load(pool_ptr + src[:, None] + offs_d[None, :], mask=load_mask, other=0.0)
             tl.store(out_k_ptr + h * stride_ok_h + ob * stride_ok_b + offs_d[None, :], k, mask=store_mask)
@@ -87,6 +99,8 @@ def gather_rows_reference(
     which: str,
     out_k: torch.Tensor | None,
     out_v: torch.Tensor | None,
+    out_slots: torch.Tensor | None = None,
+    out_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Plain torch: index the pool where it lives, zero the -1 rows, copy into the outputs."""
     S = pool_kv.shape[2]
@@ -96,11 +110,17 @@ def gather_rows_reference(
     slab, off = r // S, r % S
     for half, out in ((0, out_k), (1, out_v)):
         if out is not None and which in (("k", "kv") if half == 0 else ("v", "kv")):
-            out.copy_(pool_kv[slab, half, off].masked_fill(~valid[..., None], 0), non_blocking=True)
+            got = pool_kv[slab, half, off].masked_fill(~valid[..., None], 0)
+            if out_slots is None:
+                out.copy_(got, non_blocking=True)
+            else:  # [H, B, D] -> rows out_slots[b] of out [N, H, D]
+                out.index_copy_(0, out_slots.to(out.device), got.transpose(0, 1).to(out.device))
+    if out_valid is not None:
+        out_valid.index_copy_(0, out_slots.to(out_valid.device), valid.transpose(0, 1).to(out_valid.device))
     return out_k, out_v
 
 
-def _check(pool_kv, rows, which, out_k, out_v) -> None:
+def _check(pool_kv, rows, which, out_k, out_v, out_slots=None, out_valid=None) -> None:
     if pool_kv.dim() != 4 or pool_kv.shape[1] != 2:
         raise ValueError(f"{OP}: pool_kv must be [num_slabs, 2, S, D], got {tuple(pool_kv.shape)}")
     _backend.check_dtype(OP, "pool_kv", pool_kv, DTYPES)
@@ -115,12 +135,25 @@ def _check(pool_kv, rows, which, out_k, out_v) -> None:
         raise ValueError(f"{OP}: pool_kv rows must be contiguous, got strides {pool_kv.stride()}")
     D = pool_kv.shape[3]
     shape = (*rows.shape, D)
+    if out_slots is not None:
+        if rows.dim() != 2 or out_slots.dim() != 1 or out_slots.numel() != rows.shape[1]:
+            raise ValueError(f"{OP}: out_slots must be [B] for rows [H, B], got {tuple(out_slots.shape)} and {tuple(rows.shape)}")
+        _backend.check_dtype(OP, "out_slots", out_slots, ID_DTYPES)
+        for name, out in (("out_k", out_k), ("out_v", out_v)):
+            if out is not None and (out.dim() != 3 or out.shape[1:] != (rows.shape[0], D)):
+                raise ValueError(f"{OP}: with out_slots, {name} must be [N, {rows.shape[0]}, {D}], got {tuple(out.shape)}")
+        if out_valid is not None and (out_valid.dtype != torch.bool or out_valid.dim() != 2 or out_valid.shape[1] != rows.shape[0]):
+            raise ValueError(f"{OP}: out_valid must be bool [N, {rows.shape[0]}], got {out_valid.dtype} {tuple(out_valid.shape)}")
+        shape = None
+    elif out_valid is not None:
+        raise ValueError(f"{OP}: out_valid needs out_slots")
     for name, out, needed in (("out_k", out_k, which in ("k", "kv")), ("out_v", out_v, which in ("v", "kv"))):
         if not needed:
             continue
         if out is None:
             raise ValueError(f"{OP}: which={which!r} needs {name}")
-        _backend.check_shape(OP, name, out, shape)
+        if shape is not None:
+            _backend.check_shape(OP, name, out, shape)
         if out.dtype != pool_kv.dtype:
             raise TypeError(f"{OP}: {name} dtype {out.dtype} must equal pool_kv dtype {pool_kv.dtype}")
         _backend.check_last_dim_contiguous(OP, name, out)
@@ -137,6 +170,8 @@ def gather_rows(
     out_k: torch.Tensor | None = None,
     out_v: torch.Tensor | None = None,
     *,
+    out_slots: torch.Tensor | None = None,
+    out_valid: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     backend: str = "auto",
     block_rows: int | None = None,
@@ -145,7 +180,10 @@ def gather_rows(
     """Copy rows `rows` (slab * S + offset; -1 = zero row) of `pool_kv` into (out_k, out_v).
 
     pool_kv [N, 2, S, D] on the outputs' device or in (pinned) host memory; rows [B] or [H, B]
-    int64 -> outputs [B, D] or [H, B, D]. `which` picks K, V or both; an output that is needed and
+    int64 -> outputs [B, D] or [H, B, D]. With `out_slots` [B] (rows [H, B]) the outputs are a
+    device-pool layer [N, H, D] and row (h, b) lands in out[out_slots[b], h]; `out_valid` [N, H]
+    bool then receives rows >= 0 at the same places (a question's retrieved slots, filled in one
+    launch with no staging buffer). `which` picks K, V or both; an output that is needed and
     not given is allocated on `device` (default: rows' device). Bit-exact. Rows must be < N*S
     (not checked on the GPU path: that would cost a device sync).
     The copy is asynchronous on the current stream: do not rewrite the pool rows it reads until it
@@ -156,11 +194,11 @@ def gather_rows(
         raise ValueError(f"{OP}: which must be one of {WHICH}, got {which!r}")
     dev = torch.device(device) if device is not None else rows.device
     D = pool_kv.shape[-1] if pool_kv.dim() == 4 else 0
-    if which in ("k", "kv") and out_k is None:
+    if out_slots is None and which in ("k", "kv") and out_k is None:
         out_k = torch.empty((*rows.shape, D), dtype=pool_kv.dtype, device=dev)
-    if which in ("v", "kv") and out_v is None:
+    if out_slots is None and which in ("v", "kv") and out_v is None:
         out_v = torch.empty((*rows.shape, D), dtype=pool_kv.dtype, device=dev)
-    _check(pool_kv, rows, which, out_k, out_v)
+    _check(pool_kv, rows, which, out_k, out_v, out_slots, out_valid)
     out_any = out_k if which != "v" else out_v
     chosen = _backend.choose(OP, backend, pool_kv, out_any)
     if chosen == "triton" and out_any.is_cuda and pool_kv.device.type == "cpu":
@@ -169,7 +207,7 @@ def gather_rows(
             _backend.fallback(OP, problem, backend)
             chosen = "torch"
     if chosen == "torch":
-        return gather_rows_reference(pool_kv, rows, which, out_k, out_v)
+        return gather_rows_reference(pool_kv, rows, which, out_k, out_v, out_slots, out_valid)
 
     r = rows if rows.dim() == 2 else rows.unsqueeze(0)
     H, B = r.shape
@@ -181,6 +219,12 @@ def gather_rows(
     ov = out_v if out_v is not None else out_any
     ok = ok if ok.dim() == 3 else ok.unsqueeze(0)
     ov = ov if ov.dim() == 3 else ov.unsqueeze(0)
+    if out_slots is not None:  # [N, H, D]: the kernel's (h, b) strides are (stride 1, stride 0)
+        ok, ov = ok.transpose(0, 1), ov.transpose(0, 1)
+        slots = out_slots.to(out_any.device, torch.int64)
+    else:
+        slots = r  # unused pointer
+    vt = out_valid.view(torch.int8).transpose(0, 1) if out_valid is not None else ok
     S = pool_kv.shape[2]
     block_d = _backend.next_power_of_2(D)
     block_r = block_rows or max(1, DEFAULT_TILE // block_d)
@@ -193,13 +237,15 @@ def gather_rows(
                 pool_kv.stride(0), pool_kv.stride(1), pool_kv.stride(2),
                 r.stride(0), r.stride(1),
                 ok.stride(0), ok.stride(1), ov.stride(0), ov.stride(1),
+                slots, vt, vt.stride(0), vt.stride(1),
                 S=S, BLOCK_R=block_r, BLOCK_D=block_d,
-                LOAD_K=which in ("k", "kv"), LOAD_V=which in ("v", "kv"),
+                LOAD_K=which in ("k", "kv") and out_k is not None, LOAD_V=which in ("v", "kv") and out_v is not None,
+                SLOTTED=out_slots is not None, WRITE_VALID=out_valid is not None,
                 num_warps=num_warps or DEFAULT_NUM_WARPS,
             )
         except ValueError as e:  # Triton's launcher refused a host pointer (no UVA mapping)
             if "cannot be accessed from Triton" not in str(e):
                 raise
             _backend.fallback(OP, f"UVA launch refused: {e}", backend)
-            return gather_rows_reference(pool_kv, rows, which, out_k, out_v)
+            return gather_rows_reference(pool_kv, rows, which, out_k, out_v, out_slots, out_valid)
     return out_k, out_v

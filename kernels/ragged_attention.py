@@ -134,6 +134,27 @@ if HAS_TRITON:
                 tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_ok)
 
 
+    @triton.jit(do_not_specialize=["splits"])
+    def _combine_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, splits, Hq, stride_ot, stride_oh,
+                               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one (token, query head): out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)
+        row = tl.program_id(0)
+        t, hq = row // Hq, row % Hq
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < splits
+        d = tl.arange(0, BLOCK_D)
+        base = row.to(tl.int64) * splits + s
+        m = tl.load(part_ml_ptr + base * 2, mask=s_ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + base * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+        o = tl.load(part_o_ptr + base[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None] & (d[None, :] < D), other=0.0)
+        num = tl.sum(o * w[:, None], 0)
+        den = tl.sum(l * w, 0)
+        out = num / tl.where(den == 0.0, 1.0, den)
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
 def choose_splits(programs: int, max_kv: int, sms: int = 132) -> int:
     """Split-KV factor: enough programs to occupy every SM twice when (sequence, KV head, query
     tile) programs are few, never splits shorter than 512 slots, at most 64."""
@@ -199,11 +220,7 @@ def ragged_attention(q, k_pool, v_pool, valid, kv_indices, cu_q, cu_kv, scale: f
         REP=rep, D=D, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PARTIAL=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
     )
-    if splits > 1:
-        m, l = part_ml[..., 0], part_ml[..., 1]
-        m_max = m.amax(-1, keepdim=True)
-        w = torch.exp(m - torch.where(torch.isinf(m_max), 0.0, m_max))  # [T, Hq, splits]
-        num = (part_o[..., :D] * w[..., None]).sum(2)
-        den = (l * w).sum(-1, keepdim=True)
-        out.copy_(num / torch.where(den == 0, 1.0, den))
+    if splits > 1:  # one launch merges the splits' partials
+        _combine_splits_kernel[(T * Hq,)](part_o, part_ml, out, splits, Hq, out.stride(0), out.stride(1),
+                                          D=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out

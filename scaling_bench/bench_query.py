@@ -67,23 +67,27 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
     return times[len(times) // 2]
 
 
-def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
-    # e.g. "cluster:prefetch", or "cluster:vr=0.15:slab=16" (the cluster knobs of an older default)
+def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device) -> StreamEngine:
+    """The engine of one row: `variant` is a method name with flags, e.g. "cluster:prefetch", or
+    "cluster:vr=0.15:slab=16" (the cluster knobs of an older default)."""
     method, *flags = variant.split(":")
     knobs = dict(f.split("=", 1) for f in flags if "=" in f)
     unknown = set(knobs) - {"vr", "slab"} | {f for f in flags if "=" not in f} - {"prefetch"}
     if unknown:
         raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=)")
-    flag = "prefetch" if "prefetch" in flags else ""
     # the pool is sized to the stream (slab tails waste a little), capped by --pool-gb; `full` keeps
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
-    cfg = EngineConfig(model="bench", device=str(device), prefetch=flag == "prefetch", cache=CacheConfig(
+    cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
         cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio))}))
-    engine = StreamEngine(cfg, adapter=adapter)
+    return StreamEngine(cfg, adapter=adapter)
+
+
+def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
+    engine = make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device)
     row = {"method": variant, "minutes": minutes}
     try:
         if real_frames is not None:

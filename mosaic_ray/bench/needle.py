@@ -141,19 +141,20 @@ def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
     question's prefill sees, per KV head: retrieved from the past, or resident (sink + window)."""
     retrieve_into = StreamCache.retrieve_into
 
-    def watched(self, layer, query, work, since=None, until=None, prefetched=None):
-        sel, counts = retrieve_into(self, layer, query, work, since, until, prefetched)
+    def watched(self, layer, query, work, counts, since=None, until=None, prefetched=None):
+        sel = retrieve_into(self, layer, query, work, counts, since, until, prefetched)
         if target[0] is not None:
             lo, hi = target[0]
             resident = int(((self.order >= lo) & (self.order < hi)).sum())
-            rows = sel.rows.cpu()
+            # a fused path lists no rows: `select` gives the same ones (the same scores and order)
+            rows = (sel if sel is not None else self.select(layer, query, since, until)).rows.cpu()
             pool = self.retriever.pool
             order = pool.order.view(-1)[rows.clamp(min=0)]
             t = pool.time.view(-1)[rows.clamp(min=0)]
             ok = (rows >= 0) & time_overlap(t, t, since, until)
             got = ((order >= lo) & (order < hi) & ok).sum(1).float() + resident
             hits.setdefault(id(self), []).append(got / max(1, hi - lo))
-        return sel, counts
+        return sel
 
     StreamCache.retrieve_into = watched
     try:

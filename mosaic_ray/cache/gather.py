@@ -83,6 +83,29 @@ def _gather_uva(pool: HostPool, rows: torch.Tensor, device: torch.device, parts:
     return out
 
 
+def gather_into(pool: HostPool, rows: torch.Tensor, k_out: torch.Tensor | None, v_out: torch.Tensor | None,
+                slots: torch.Tensor, valid_out: torch.Tensor) -> None:
+    """Read rows [H, B] (-1 = padding) from the pool straight into a device-pool layer: row (h, b)
+    into k_out/v_out [N, H, D] at slot slots[b] (None: that half is not read), rows >= 0 into
+    valid_out [N, H]. One launch on a GPU (the UVA kernel), no staging buffer, no host sync; on
+    the CPU the torch reference, bit-exact with it. Row metadata is not read (attention needs none)."""
+    from mosaic_ray.kernels.gather_rows import gather_rows
+
+    parts = ("k" if k_out is not None else "") + ("v" if v_out is not None else "")
+    gpu = valid_out.is_cuda and pool.pinned
+    gather_rows(pool.kv, rows, parts, k_out, v_out, out_slots=slots, out_valid=valid_out,
+                backend="auto" if gpu else "torch")
+
+
+def gather_times(pool: HostPool, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Timestamps [H, B] of rows [H, B] (any value at padding), read in place on a GPU."""
+    safe = rows.clamp(min=0)
+    slab, off = safe // pool.slab_tokens, safe % pool.slab_tokens
+    if device.type == "cuda" and pool.pinned:
+        return pool.device_views(device)["time"][slab, off]
+    return pool.time[slab.cpu(), off.cpu()].to(device)
+
+
 def merge_prefetched(pool: HostPool, rows: torch.Tensor, device: torch.device, parts: str,
                      pre: Prefetched) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Rows [H, B] from a prefetch where it has them (hits), from the host otherwise (misses).

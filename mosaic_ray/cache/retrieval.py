@@ -27,6 +27,7 @@ from mosaic_ray.cache.selection import NEG_INF, pack_in_order, prefix_positions,
 from mosaic_ray.cache.time_log import TimeLog, _grow
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
+from mosaic_ray.kernels.gather_clusters import cluster_positions, gather_clusters
 
 
 class TokenRetriever(Retriever):
@@ -148,27 +149,51 @@ class ClusterRetriever(Retriever):
         self.index.insert(batch)
         self.past_tokens += batch.size
 
+    def _ranked(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's clusters best-first: (order, sizes in that order, running total), [H, C]
+        each, on the device (empty cluster slots have size 0: taking them moves nothing)."""
+        ix, H = self.index, self.layout.num_kv_heads
+        g = slice(layer * H, (layer + 1) * H)  # a view of the layer's clusters: no copies, no sync
+        scores = torch.bmm(ix.centroid[g], query.float()[:, :, None]).squeeze(-1)
+        order = torch.argsort(scores, dim=1, descending=True)
+        sizes = ix.count[g].gather(1, order)
+        return order, sizes, torch.cumsum(sizes, 1)
+
     def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
         ix, H = self.index, self.layout.num_kv_heads
         budget = min(budget, self.past_tokens)
-        g = slice(layer * H, (layer + 1) * H)  # a view of the layer's clusters: no copies, no sync
+        g = slice(layer * H, (layer + 1) * H)
         with ix.query_guard():
+            if since is None and until is None:  # the rows `retrieve_into` moves, in its layout
+                order, sizes, csum = self._ranked(layer, query)
+                rows, _ = cluster_positions(order, sizes, csum, ix.slabs[g], budget, budget, ix.S)
+                return Selection(layer, rows)
             cnt = ix.count[g]
             scores = torch.bmm(ix.centroid[g], query.float()[:, :, None]).squeeze(-1)
             t_min, t_max = ix.t_min[g], ix.t_max[g]
             ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
-            ranged = since is not None or until is not None
-            sizes = self._in_range_estimate(cnt, t_min, t_max, since, until) if ranged else cnt
-            scores = scores.masked_fill(~ok, NEG_INF)
-            if not ranged:  # members laid out by position: the same rows, no host sync
-                unit, member, valid = prefix_positions(scores, cnt, budget)
-                heads = torch.arange(layer * H, (layer + 1) * H, device=unit.device)[:, None]
-                slab = ix.slabs[heads, unit, (member // ix.S).clamp(max=ix.max_slabs - 1)]
-                return Selection(layer, torch.where(valid, slab * ix.S + member % ix.S, -1))
-            h, c = select_units(scores, sizes, budget)
+            sizes = self._in_range_estimate(cnt, t_min, t_max, since, until)
+            h, c = select_units(scores.masked_fill(~ok, NEG_INF), sizes, budget)
             rows, _ = ix.member_rows(h + layer * H, c)
             return Selection(layer, pack_in_order(h, rows, H, budget))
+
+    def retrieve_into(self, layer, query, budget, work, counts, since=None, until=None, prefetched=None):
+        """Without a time range or a prefetch: clusters scored, sorted best-first and their members
+        moved into the question's slots by one `gather_clusters` launch (the rows of `select`, in
+        the same layout; nothing listed on the host, no sync)."""
+        if since is not None or until is not None or prefetched is not None:
+            return super().retrieve_into(layer, query, budget, work, counts, since, until, prefetched)
+        self._check_query(layer, query)
+        ix, H, kv = self.index, self.layout.num_kv_heads, work.pool
+        budget = min(budget, self.past_tokens)
+        with ix.query_guard():
+            order, sizes, csum = self._ranked(layer, query)
+            gpu = kv.k.is_cuda and self.pool.pinned
+            gather_clusters(self.pool.kv, order, sizes, csum, ix.slabs[layer * H : (layer + 1) * H], budget,
+                            work.retrieved[:budget], kv.k[layer], kv.v[layer], kv.valid[layer], counts,
+                            backend="auto" if gpu else "torch")
+        return None
 
     def fetch(self, sel, since=None, until=None, prefetched=None) -> Retrieved:
         with self.index.query_guard():  # no split may move members while their rows are read

@@ -14,7 +14,7 @@ import abc
 import torch
 
 from mosaic_ray.cache.device_pool import DeviceKVPool
-from mosaic_ray.cache.gather import Prefetched, gather, merge_prefetched
+from mosaic_ray.cache.gather import Prefetched, gather, gather_into, gather_times, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
@@ -48,10 +48,10 @@ def _finish(
 
 
 def _runs(rows: torch.Tensor) -> torch.Tensor:
-    """Contiguous host runs among rows [H, B] (-1 = none), as a device scalar."""
-    r = torch.sort(rows, dim=1).values
-    starts = r >= 0
-    starts[:, 1:] &= r[:, 1:] != r[:, :-1] + 1
+    """Contiguous host runs among rows [H, B] (-1 = none) in the order they are read, as a device
+    scalar (selections list a unit's members in order, so a run is one contiguous read)."""
+    starts = rows >= 0
+    starts[:, 1:] &= rows[:, 1:] != rows[:, :-1] + 1
     return starts.sum()
 
 
@@ -60,17 +60,19 @@ def _device_counts(rows: torch.Tensor, valid: torch.Tensor, read: torch.Tensor, 
     rows read from the host, rows selected under a prefetch, of which the prefetch had brought]."""
     if rows.numel() == 0:
         return torch.zeros(5, dtype=torch.int64, device=rows.device)
-    selected, n_read = (rows >= 0).sum(), (read >= 0).sum()
-    zero = torch.zeros_like(selected)
-    return torch.stack([valid.sum(), _runs(read), n_read, selected if prefetched else zero,
-                        selected - n_read if prefetched else zero])
+    n_read = (read >= 0).sum()
+    if not prefetched:
+        zero = torch.zeros_like(n_read)
+        return torch.stack([n_read if valid is None else valid.sum(), _runs(read), n_read, zero, zero])
+    selected = (rows >= 0).sum()
+    return torch.stack([valid.sum(), _runs(read), n_read, selected, selected - n_read])
 
 
 def _copies_and_bytes(rows: torch.Tensor, bytes_per_row: int) -> tuple[int, int]:
     """(contiguous host runs, bytes) of a selection [H, B], with one host sync for both."""
     if rows.numel() == 0:
         return 0, 0
-    runs, n = torch.stack([_runs(rows), (rows >= 0).sum()]).tolist()
+    runs, n = torch.stack([_runs(torch.sort(rows, dim=1).values), (rows >= 0).sum()]).tolist()
     return int(runs), int(n) * bytes_per_row
 
 
@@ -149,11 +151,37 @@ class Retriever(abc.ABC):
         with no host synchronization (attention does not need them in time order). Rows a prefetch
         brought are taken from it, only the misses are read from the host now. Returns the device
         counters of `_device_counts`."""
-        fetched, read = self._gather(sel, prefetched)
+        if prefetched is not None:
+            fetched, read = self._gather(sel, prefetched)
+            keys = self._device_keys(sel)
+            valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
+            work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)
+            return _device_counts(sel.rows, valid, read, True)
+        # the common path: one launch moves the rows into the slots and marks them valid
+        kv, layer, W = work.pool, sel.layer, sel.rows.shape[1]
+        slots = work.retrieved[:W]
+        if W > work.retrieved.numel():
+            raise RuntimeError(f"retrieval returned {W} tokens per head, {work.retrieved.numel()} reserved")
         keys = self._device_keys(sel)
-        valid = (sel.rows >= 0) & _time_mask(fetched["time"], since, until)
-        work.fill(sel.layer, fetched["k"] if keys is None else keys, fetched["v"], valid)
-        return _device_counts(sel.rows, valid, read, prefetched is not None)
+        gather_into(self.pool, sel.rows, kv.k[layer] if keys is None else None, kv.v[layer], slots, kv.valid[layer])
+        if keys is not None:
+            kv.k[layer].index_copy_(0, slots, keys.transpose(0, 1).to(kv.k.dtype))
+        valid = None
+        if since is not None or until is not None:  # members outside the range stay out
+            valid = (sel.rows >= 0) & _time_mask(gather_times(self.pool, sel.rows, self.device), since, until)
+            kv.valid[layer].index_copy_(0, slots, valid.transpose(0, 1))
+        return _device_counts(sel.rows, valid, sel.rows, False)
+
+    def retrieve_into(self, layer: int, query: torch.Tensor, budget: int, work: WorkingSet, counts: torch.Tensor,
+                      since: float | None = None, until: float | None = None,
+                      prefetched: Prefetched | None = None) -> Selection | None:
+        """The question path: select for one layer and write the chosen tokens into the question's
+        retrieved slots, adding the layer's counters to `counts` [5] (`_device_counts`), all on
+        the device. Returns the selection when it was made as rows (None when a method moved its
+        tokens without listing them)."""
+        sel = self.select(layer, query, budget, since, until)
+        counts += self.fetch_into(sel, work, since, until, prefetched)
+        return sel
 
     def retrieve(
         self, layer: int, query: torch.Tensor, budget: int, since: float | None = None, until: float | None = None

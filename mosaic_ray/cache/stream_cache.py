@@ -115,14 +115,14 @@ class StreamCache:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
         return self.retriever.retrieve(layer, query, self.budget(), since, until)
 
-    def retrieve_into(self, layer: int, query: torch.Tensor, work: WorkingSet, since: float | None = None,
-                      until: float | None = None, prefetched: Prefetched | None = None) -> tuple[Selection, torch.Tensor]:
+    def retrieve_into(self, layer: int, query: torch.Tensor, work: WorkingSet, counts: torch.Tensor,
+                      since: float | None = None, until: float | None = None,
+                      prefetched: Prefetched | None = None) -> Selection | None:
         """The question path: select for one layer and write the chosen tokens into the question's
         retrieved slots, without a host sync (selection and copy stay on the device; rows a
-        prefetch brought are reused). Returns the selection and the device counters
-        (`retriever._device_counts`)."""
-        sel = self.select(layer, query, since, until)
-        return sel, self.retriever.fetch_into(sel, work, since, until, prefetched)
+        prefetch brought are reused); the layer's counters are added to `counts` [5]
+        (`retriever._device_counts`). Returns the selection's rows when they were listed."""
+        return self.retriever.retrieve_into(layer, query, self.budget(), work, counts, since, until, prefetched)
 
     def select(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None):
         """The retriever's selection for one layer at this stream's budget (no K/V moved)."""

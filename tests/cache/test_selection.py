@@ -49,7 +49,8 @@ def test_retrieve_into_writes_the_tokens_retrieve_returns(layout, pool, method):
     for layer in range(layout.num_layers):
         q = torch.randn(layout.num_kv_heads, layout.head_dim)
         want = cache.retrieve(layer, q)
-        _, counts = cache.retrieve_into(layer, q, work)
+        counts = torch.zeros(5, dtype=torch.int64)
+        cache.retrieve_into(layer, q, work, counts)
         for h in range(layout.num_kv_heads):
             ok = kv.valid[layer, work.retrieved, h]
             got = {tuple(r.tolist()) for r in kv.k[layer, work.retrieved[ok], h]}
