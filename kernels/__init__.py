@@ -1,11 +1,16 @@
 """GPU kernels of the clustered KV cache: one op per module, each a Triton kernel with a torch
 reference (`<op>_reference`) that also serves CPU machines.
 
-    gather_slabs      whole slabs (cluster runs) from the pinned host pool -> device K/V (UVA)
-    gather_rows       single token rows from the pinned host pool -> device K/V (token baseline)
-    score_centroids   query . centroid for every group in one launch -> [G, Q, C] fp32
-    select_budget     best-first clusters under a token budget -> Selection(mask, count, tokens)
+    gather_clusters   a question's best clusters, member by member, from the pinned host pool
+                      straight into its slots of the device KV pool (one launch per layer, UVA)
+    gather_rows       single token rows from the pinned host pool -> device K/V, or straight
+                      into pool slots (frame / token retrieval, prefetch)
+    ragged_attention  every sequence of a step over its slots of the device pool (split-KV, GQA)
     assign_nearest    nearest live centroid and its squared distance, fused (ingest)
+
+Removed after measuring (docs/benchmarks.md section 2): score_centroids (torch bmm was faster),
+select_budget (one program per group: slower than sort + cumsum at the few groups of a layer),
+gather_slabs (whole slabs cannot stop at a budget inside a cluster; gather_clusters moves members).
 
 Every op takes backend="auto" | "triton" | "torch" (see backend.py); uva.py explains how the
 kernels read pinned host memory in place. benchmark_<op>.py beside each op times it on a GPU;
@@ -14,27 +19,19 @@ bench_all.py runs them all.
 
 from mosaic_ray.kernels.assign_nearest import assign_nearest, assign_nearest_reference
 from mosaic_ray.kernels.backend import FALLBACKS, KernelUnavailableError
+from mosaic_ray.kernels.gather_clusters import gather_clusters, gather_clusters_reference
 from mosaic_ray.kernels.gather_rows import gather_rows, gather_rows_reference
-from mosaic_ray.kernels.gather_slabs import gather_slabs, gather_slabs_reference
-from mosaic_ray.kernels.score_centroids import score_centroids, score_centroids_reference
-from mosaic_ray.kernels.select_budget import Selection, select_budget, select_budget_reference, selected_ids
 from mosaic_ray.kernels.uva import UVAError, device_view
 
 __all__ = [
     "FALLBACKS",
     "KernelUnavailableError",
-    "Selection",
     "UVAError",
     "assign_nearest",
     "assign_nearest_reference",
     "device_view",
+    "gather_clusters",
+    "gather_clusters_reference",
     "gather_rows",
     "gather_rows_reference",
-    "gather_slabs",
-    "gather_slabs_reference",
-    "score_centroids",
-    "score_centroids_reference",
-    "select_budget",
-    "select_budget_reference",
-    "selected_ids",
 ]

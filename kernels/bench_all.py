@@ -18,10 +18,7 @@ from typing import Any
 from mosaic_ray.kernels import benchmark_common as bc
 
 BENCHMARKS = [
-    "benchmark_gather_slabs",
     "benchmark_gather_rows",
-    "benchmark_score_centroids",
-    "benchmark_select_budget",
     "benchmark_assign_nearest",
 ]
 
@@ -35,22 +32,14 @@ def _best(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] 
 def summarize(name: str, payload: dict[str, Any]) -> list[str]:
     rows = payload.get("results", [])
     lines = []
-    if name == "benchmark_gather_slabs":
-        big = max((r["MB"] for r in rows if "MB" in r), default=None)
-        for pattern in ("random", "runs4", "runs64"):
-            for method in ("uva_kernel", "uva_torch_index", "cpu_index_copy", "per_run_copy", "contiguous_copy"):
-                r = _best(rows, "gbps", pattern=pattern, method=method, MB=big)
-                if r:
-                    lines.append(f"gather_slabs {pattern:7s} {r['MB']:.3g} MB {method:16s} {r['gbps']:6.1f} GB/s "
-                                 f"= {r['frac_of_peak']:.2f} of pinned peak (goal >= 0.9)")
-    elif name == "benchmark_gather_rows":
+    if name == "benchmark_gather_rows":
         for D in sorted({r.get("D") for r in rows if r.get("D")}):
             big = max((r["B"] for r in rows if r.get("D") == D), default=None)
             for method in ("uva_kernel", "uva_kernel_best", "uva_torch_index", "cpu_index_copy"):
                 r = _best(rows, "gbps", D=D, B=big, pattern="random", method=method)
                 if r:
                     lines.append(f"gather_rows D={D} B={big} {method:16s} {r['gbps']:6.1f} GB/s = {r['frac_of_peak']:.2f} of peak")
-    elif name in ("benchmark_score_centroids", "benchmark_select_budget", "benchmark_assign_nearest"):
+    elif name == "benchmark_assign_nearest":
         keys = [k for k in ("G", "Q", "n", "C") if rows and k in rows[0]]
         cases = sorted({tuple(r.get(k) for k in keys) for r in rows})
         for case in cases[-2:]:
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--only", nargs="*", default=None, help="benchmark names (e.g. gather_slabs)")
+    p.add_argument("--only", nargs="*", default=None, help="benchmark names (e.g. gather_rows)")
     args = p.parse_args(argv)
 
     names = BENCHMARKS if not args.only else [f"benchmark_{n.removeprefix('benchmark_')}" for n in args.only]

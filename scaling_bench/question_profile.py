@@ -83,6 +83,10 @@ def main(argv=None) -> int:
             engine._advance([run])
         while run.phase != "done":
             engine._advance([run])
+        moved = run.answer().fetched_bytes
+        events = pre.key_averages()
+        dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        gather_us = sum(getattr(e, dev_attr) for e in events if e.key.startswith(("_gather_clusters_kernel", "_gather_rows_kernel")))
         stacks = pre.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=a.top)
         print(stacks, flush=True)
         tag = method.replace(":", "_")
@@ -99,6 +103,8 @@ def main(argv=None) -> int:
         engine.close_stream("s")
         res = {"method": method, "minutes": a.minutes, "ttft_ms_unprofiled": plain[1] * 1e3,
                "ttft_ms": ans.ttft_s * 1e3, "total_ms": wall * 1e3,
+               "bytes_moved": moved, "gather_kernel_ms": gather_us / 1e3,
+               "copy_gbps_in_kernel": moved / (gather_us * 1e3) if gather_us else None,
                "prefill": {k: v for k, v in _summary(pre, cuda, a.top).items() if not k.startswith("top")},
                "answer_tokens": len(ans.token_ids), **_summary(prof, cuda, a.top)}
         results.append(res)
@@ -113,13 +119,14 @@ def main(argv=None) -> int:
     (out / "question_profile.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
                                                            "model": a.model, "results": results}, indent=1))
     lines = ["| method | minutes | TTFT ms | TTFT ms (profiled) | answer ms | GPU kernel ms | launches | syncs | "
-             "retrieve host ms | prefill: launches | syncs | retrieve host ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "retrieve host ms | prefill: launches | syncs | retrieve host ms | MB moved | gather kernel ms | GB/s in kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = r["prefill"]
         lines.append(f"| {r['method']} | {r['minutes']} | {r['ttft_ms_unprofiled']:.1f} | {r['ttft_ms']:.1f} | {r['total_ms']:.1f} | "
                      f"{r['gpu_kernel_ms']:.1f} | {r['kernel_launches']} | {r['syncs']} | {r['retrieve_host_ms']:.1f} | "
-                     f"{f['kernel_launches']} | {f['syncs']} | {f['retrieve_host_ms']:.1f} |")
+                     f"{f['kernel_launches']} | {f['syncs']} | {f['retrieve_host_ms']:.1f} | {r['bytes_moved'] / 1e6:.0f} | "
+                     f"{r['gather_kernel_ms']:.2f} | {r['copy_gbps_in_kernel'] or 0:.1f} |")
     for r in results:
         lines += ["", f"{r['method']}: top ops by host time", "", "| op | calls | self host ms | self GPU ms |", "|---|---|---|---|"]
         lines += [f"| {t['op']} | {t['calls']} | {t['self_host_ms']:.2f} | {t['self_gpu_ms']:.2f} |" for t in r["top_host"]]

@@ -43,15 +43,13 @@ def test_kernel_reads_pinned_pool_in_place():
     """The production path: a pinned CPU tensor passed straight to the Triton kernel."""
     if backend.INTERPRET:
         pytest.skip("the interpreter does not read through UVA")
-    from mosaic_ray.kernels.gather_slabs import gather_slabs
+    from mosaic_ray.kernels.gather_rows import gather_rows
 
     pool = torch.randn(8, 2, 16, 128).to(torch.bfloat16).pin_memory()
-    ids = torch.tensor([7, -1, 0], device="cuda")
-    out_k = torch.empty((48, 128), dtype=torch.bfloat16, device="cuda")
-    out_v = torch.empty_like(out_k)
+    rows = torch.tensor([7 * 16 + 3, -1, 5], device="cuda")
     backend.FALLBACKS.clear()
-    gather_slabs(pool, ids, out_k, out_v, backend="triton")
+    out_k, out_v = gather_rows(pool, rows, "kv", backend="triton")
     assert not backend.FALLBACKS
-    assert torch.equal(out_k[:16].cpu().view(torch.int16), pool[7, 0].view(torch.int16))
-    assert torch.equal(out_v[32:].cpu().view(torch.int16), pool[0, 1].view(torch.int16))
-    assert not out_k[16:32].any()
+    assert torch.equal(out_k[0].cpu().view(torch.int16), pool[7, 0, 3].view(torch.int16))
+    assert torch.equal(out_v[2].cpu().view(torch.int16), pool[0, 1, 5].view(torch.int16))
+    assert not out_k[1].any()
