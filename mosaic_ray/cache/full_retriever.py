@@ -36,6 +36,7 @@ class FullRetriever(Retriever):
     def take_evicted(self, kv_pool, slots, order, time, pos, block) -> None:
         """The tokens stay in their slots, which become this retriever's: nothing is copied."""
         self.adopt(slots, order, time, pos)
+        return None
 
     def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor) -> None:
         """Take over tokens already in the device pool (their slots become this retriever's)."""

@@ -102,13 +102,13 @@ class Retriever(abc.ABC):
         """Take tokens that left the local window (all layers at once)."""
 
     def take_evicted(self, kv_pool: DeviceKVPool, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor,
-                     pos: torch.Tensor, block: torch.Tensor) -> None:
+                     pos: torch.Tensor, block: torch.Tensor) -> torch.Tensor | None:
         """Take tokens leaving a stream's window whose K/V are in device-pool `slots`. Here: their
-        K/V are read out and inserted, and the slots go back to the pool (a retriever that keeps its
-        past in the pool takes the slots over instead)."""
+        K/V are read out and inserted, and the slots are returned for the caller to free (a
+        retriever that keeps its past in the pool takes the slots over instead and returns None)."""
         k, v = kv_pool.read(slots)
         self.insert(TokenBatch(k, v, order, time, pos, block))
-        kv_pool.free(slots)
+        return slots
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
         """Slots of the past a question attends in place, when it lives in the device pool; None

@@ -10,7 +10,7 @@ failed), so a failed step leaves the stream exactly as it was. Tokens pushed out
 to the retriever in one batch (one assignment call covers all layers and heads); for `full` they
 stay in their slots and only change owner, so nothing of a `full` stream is ever copied.
 
-Verbs: reserve / adopt / discard / append / resident / retrieve / maintain / release.
+Verbs: reserve / adopt / discard / append / hold / unhold / resident / retrieve / maintain / release.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class StreamCache:
         self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
         self.block = torch.empty(0, dtype=torch.int64, device=dev)
         self.total_tokens = 0
+        # Questions attending this stream's slots as they were at their start (`hold`): slots that
+        # leave the window meanwhile are freed only when the last of them lets go.
+        self._holds = 0
+        self._held: list[torch.Tensor] = []
 
     @property
     def resident_tokens(self) -> int:
@@ -81,7 +85,12 @@ class StreamCache:
         evict = max(0, n - sink - window)
         if evict:
             sl = slice(min(sink, n), min(sink, n) + evict)
-            self.retriever.take_evicted(self.kv_pool, all_slots[sl], *(m[sl] for m in meta))
+            freed = self.retriever.take_evicted(self.kv_pool, all_slots[sl], *(m[sl] for m in meta))
+            if freed is not None:
+                if self._holds:
+                    self._held.append(freed)
+                else:
+                    self.kv_pool.free(freed)
             keep = torch.cat([torch.arange(0, sl.start, device=dev), torch.arange(sl.stop, n, device=dev)])
             all_slots = all_slots[keep]
             meta = [m[keep] for m in meta]
@@ -100,6 +109,19 @@ class StreamCache:
         except BaseException:
             self.discard(slots)
             raise
+
+    def hold(self) -> None:
+        """A question now attends the current resident slots: until `unhold`, slots leaving the
+        window keep their K/V (they are freed at the last unhold), so frames may enter meanwhile."""
+        self._holds += 1
+
+    def unhold(self) -> None:
+        if self._holds <= 0:
+            raise RuntimeError("StreamCache.unhold without a hold")
+        self._holds -= 1
+        if self._holds == 0 and self._held:
+            self.kv_pool.free(torch.cat(self._held))
+            self._held = []
 
     # ------------------------------------------------------------------ reading
     def resident(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,5 +174,7 @@ class StreamCache:
     def release(self) -> int:
         freed = self.retriever.release()
         self.kv_pool.free(self.slots)
+        if self._held:
+            self.kv_pool.free(torch.cat(self._held))
         self.__init__(self.layout, self.config, self.retriever.pool, self.device, self.kv_pool)
         return freed

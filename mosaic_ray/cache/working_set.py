@@ -7,8 +7,9 @@
 
 The stream's resident slots (sink + window) and a `full` stream's past are attended in place, never
 copied here. When the answer commits, the stream adopts `own[:used]` (the Q/A joins its context
-like any tokens); everything else goes back to the pool. Invariant: while a question holds a
-working set, its stream's resident slots do not change (the stream is busy; frames are deferred).
+like any tokens); everything else goes back to the pool. Invariant: the slots a question attends
+keep their K/V until it ends, even when frames enter its stream meanwhile (the stream's cache is
+held: `StreamCache.hold`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ decoder forward for every stream that is ready). Its contract:
 
 - Everything is validated before anything changes (shapes, timestamps, the deferral bound); a call
   that fails validation changes no stream.
-- A stream answering a question defers its frames (acknowledged, prefilled after the answer).
+- A stream whose question has not run its prefill step yet defers its frames (acknowledged,
+  ingested right after that step); during the rest of an answer frames are ingested at once
+  (`engine/question.py` says how positions keep the answer exact).
 - Streams commit one after another after the shared forward (`StreamEngine._ingest`). If a commit
   fails (the host pool is full, say) the streams before it keep their frames: the call raises
   `BatchPartlyAppliedError` naming them, and every other stream is exactly as before the call, so
@@ -69,13 +71,13 @@ def append_frames_batch(engine: StreamEngine, items: list[tuple[str, list[np.nda
     plans = [engine.pruner.plan(state.pruning, frames, ts) for state, (_, frames, ts) in zip(states, items)]
     kept = [(plan.kept(frames), plan.kept(ts)) for plan, (_, frames, ts) in zip(plans, items)]
     for state, (frames, _) in zip(states, kept):
-        if frames and state.busy and len(state.deferred) + len(frames) > cfg.max_deferred_frames:
+        if frames and state.awaiting_prefill and len(state.deferred) + len(frames) > cfg.max_deferred_frames:
             raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
     applied, ready = [], []
     for i, (state, (frames, ts)) in enumerate(zip(states, kept)):
         if not frames:
             applied.append(i)
-        elif state.busy:
+        elif state.awaiting_prefill:
             state.deferred.append((list(frames), list(ts)))
             applied.append(i)
         else:

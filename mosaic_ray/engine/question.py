@@ -5,8 +5,15 @@ reusing the prefill's retrieved set) -> closing (the last token and the turn's c
 so they join the stream) -> done (the whole Q/A is appended to the stream's cache like any tokens:
 text and video share clusters).
 
-Positions: the run uses positions from the stream's `next_pos` on; nothing of the stream changes
-until the run commits, so a failed run leaves the stream as it was.
+Positions and frames that arrive meanwhile: at its start a run reserves the stream's next
+`pos_reserved` positions (as many as its own slots: prompt, answer, closing text) and holds the
+stream's resident slots (`StreamCache.hold`); its prefill attends the stream exactly as it was at
+the start. Frames that arrive before the prefill step wait for it (`StreamState.awaiting_prefill`,
+one step); after it they are ingested while the answer decodes, at positions after the reserved
+range, and never change what the answer attends. The Q/A commits at its reserved positions, with
+the timestamp of the question's start; if nothing entered the stream meanwhile the unused tail of
+the range is given back (positions stay contiguous), else it stays a gap (RoPE sees relative
+distances only). A failed run changes nothing of the stream but that gap.
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ class QuestionRun:
     t_first: float | None = None
     t_done: float | None = None
     pending_pos: list[torch.Tensor] = field(default_factory=list)
+    pos_base: int = 0  # the first reserved position; pos_cursor walks [pos_base, pos_base + pos_reserved)
+    pos_reserved: int = 0
+    clock: float = 0.0  # the stream clock when the question was asked: the Q/A's timestamp
+    released: bool = False
     # slots attended before the question's own tokens: the stream's sink + window, then the past
     # (a `full` stream's slots in place, else the working set's retrieved slots)
     context: torch.Tensor | None = None

@@ -45,8 +45,9 @@ class QuestionStepper:
         # most min(budget, past) tokens per (layer, KV head) into reserved slots
         past = cache.past_slots(request.since, request.until)
         retrieved = 0 if past is not None else min(cache.budget(), cache.past_tokens)
+        own = len(prompt_ids) + request.max_tokens + len(closing_ids) + 1
         try:
-            work = WorkingSet.reserve(self.kv_pool, retrieved, len(prompt_ids) + request.max_tokens + len(closing_ids) + 1)
+            work = WorkingSet.reserve(self.kv_pool, retrieved, own)
         except DevicePoolExhaustedError as exc:
             raise OverloadedError(str(exc)) from exc
         attended = [cache.slots] + ([past] if past is not None else []) + [work.retrieved]
@@ -54,8 +55,11 @@ class QuestionStepper:
         gen = torch.Generator().manual_seed(request.seed if request.seed is not None else self.config.seed)
         run = QuestionRun(state, request, prompt_ids, closing_ids, step,
                           set(self.adapter.eos_token_ids), pos_cursor=state.next_pos, generator=gen,
-                          context=torch.cat(attended))
-        state.busy = True
+                          context=torch.cat(attended), pos_base=state.next_pos, pos_reserved=own, clock=state.clock)
+        # the run's positions are its own; frames ingested during the answer come after them
+        state.next_pos += own
+        state.busy = state.awaiting_prefill = True
+        cache.hold()
         return run
 
     def step(self, runs: list[QuestionRun]) -> list[str]:
@@ -75,6 +79,8 @@ class QuestionStepper:
             segs = []
             for run in runs:
                 chunk = self.adapter.ids_chunk(run.next_ids())
+                if run.pos_cursor + chunk.span > run.pos_base + run.pos_reserved:
+                    raise RuntimeError(f"question of stream {run.state.stream_id!r} outgrew its reserved positions")
                 segs.append(Segment(chunk.embeds, chunk.positions + run.pos_cursor, None, None, chunk.span))
                 run.step.new_tokens = chunk.size
                 run.step.retrieve = run.phase == "prefill"

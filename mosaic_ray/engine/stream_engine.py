@@ -13,8 +13,10 @@ step per engine step, all in one forward.
 Atomicity: inputs are validated before anything changes; a stream's counters move only after its
 cache adopted the step's slots (`stream_state.commit`); a failed step gives its slots back, so a
 failing call leaves the stream as it was.
-A stream answering a question defers frames that arrive meanwhile (bounded) and prefills them
-right after the answer is committed, so no acknowledged frame is lost or reordered.
+Frames keep flowing while a stream answers: they wait only for the question's prefill step
+(bounded), then are ingested while the answer decodes, at positions after the answer's reserved
+range (`engine/question.py`), so no acknowledged frame is lost or reordered and the answer is the
+one the stream gave at the question's start.
 """
 
 from __future__ import annotations
@@ -214,7 +216,11 @@ class StreamEngine(Engine):
         """One step for every run (prefill, decode or closing); returns each run's new text. Runs
         whose closing text was fed in this step commit their Q/A to the stream."""
         closing = [r for r in runs if r.phase == "closing"]
+        prefilled = [r for r in runs if r.phase == "prefill"]
         deltas = self.questions.step(runs)
+        for run in prefilled:  # its context is retrieved: the stream's frames may enter again
+            run.state.awaiting_prefill = False
+            self._flush_deferred(run.state)
         for run in closing:
             self._commit_run(run)
         return deltas
@@ -223,10 +229,15 @@ class StreamEngine(Engine):
         state, work = run.state, run.step.work
         n = work.used
         pos = torch.cat(run.pending_pos, 1)
+        alone = state.next_pos == run.pos_base + run.pos_reserved  # nothing entered during the answer
         try:
-            commit(state, work.own[:n], torch.full((n,), state.clock), torch.full((n,), state.block, dtype=torch.long),
-                   pos, run.pos_cursor - state.next_pos, 1)
+            if alone:  # give the unused reserved positions back: the stream stays contiguous
+                state.next_pos = run.pos_base
+            commit(state, work.own[:n], torch.full((n,), run.clock), torch.full((n,), state.block, dtype=torch.long),
+                   pos, run.pos_cursor - run.pos_base if alone else 0, 1)
         except BaseException:
+            if alone:
+                state.next_pos = run.pos_base + run.pos_reserved
             self._release(run)
             raise
         work.release(keep_own=True)  # the stream owns the Q/A's slots now
@@ -238,13 +249,22 @@ class StreamEngine(Engine):
         self._release(run)
 
     def _release(self, run: QuestionRun) -> None:
+        if run.released:
+            return
+        run.released = True
         state = run.state
-        state.busy = False
+        state.busy = state.awaiting_prefill = False
+        if run.phase != "done" and state.next_pos == run.pos_base + run.pos_reserved:
+            state.next_pos = run.pos_base  # not committed and nothing came after: no gap
         if run.step.work is not None:
             run.step.work.release()
         run.step.prefetched.clear()
+        state.cache.unhold()
+        self._flush_deferred(state)
+
+    def _flush_deferred(self, state: StreamState) -> None:
         deferred, state.deferred = state.deferred, []
-        for frames, ts in deferred:  # frames acknowledged during the answer, in arrival order
+        for frames, ts in deferred:  # frames acknowledged before the prefill ran, in arrival order
             self._ingest_frames([(state, frames, ts)])
 
     def answer_batch(self, items: list[tuple[str, AskRequest]]) -> list[Answer]:

@@ -26,6 +26,8 @@ class StreamState:
     clock: float = 0.0
     block: int = 0
     busy: bool = False
+    # a question started and its prefill has not run: frames wait in `deferred` for that one step
+    awaiting_prefill: bool = False
     deferred: list = field(default_factory=list)
     # The stream's redundant-frame pruning (`frame_pruner.PruneState`); set by the engine.
     pruning: Any = None
