@@ -247,6 +247,28 @@ class DevicePoolConfig:
 
 
 @dataclass(slots=True)
+class SchedulerConfig:
+    """What one engine step may spend (`engine/scheduler.py`)."""
+
+    # Decoder tokens per step: decode tokens of every active question first, then question
+    # prefills, then frame-ingest chunks.
+    token_budget: int = 8192
+    # Frames through the vision tower per step.
+    encoder_budget: int = 32
+    # Cluster splits drained between steps, over all streams (background work).
+    maintenance_budget: int = 64
+    # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
+    # questions' prefills.
+    lag_priority_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("SchedulerConfig.token_budget", self.token_budget, 1, 1 << 24)
+        _check_range("SchedulerConfig.encoder_budget", self.encoder_budget, 1, 1 << 16)
+        _check_range("SchedulerConfig.maintenance_budget", self.maintenance_budget, 0, 1 << 20)
+        _check_range("SchedulerConfig.lag_priority_s", self.lag_priority_s, 0.0, 3600.0)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """One StreamEngine: a model on one device, many streams, one host pool."""
 
@@ -283,10 +305,13 @@ class EngineConfig:
     seed: int = 0
     # Default for every stream; a stream may switch it (`StreamEngine.configure_stream`).
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, dict):
             self.cache = CacheConfig(**self.cache)
+        if isinstance(self.scheduler, dict):
+            self.scheduler = SchedulerConfig(**self.scheduler)
         if isinstance(self.pruning, dict):
             self.pruning = PruningConfig(**self.pruning)
         if isinstance(self.kv_pool, dict):

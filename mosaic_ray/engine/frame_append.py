@@ -17,6 +17,7 @@ decoder forward for every stream that is ready). Its contract:
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,16 +37,16 @@ class PartialCommitError(Exception):
         self.committed, self.cause = committed, cause
 
 
-def check_frames(max_frames: int, state: StreamState, frames, timestamps) -> None:
+def check_frames(max_frames: int, state: StreamState, frames, timestamps, after: float | None = None) -> None:
     """Raise InvalidInputError unless `frames` are RGB uint8 arrays with non-decreasing timestamps
-    at or after the stream clock."""
+    at or after the stream clock (and after `after`, the last frame already queued)."""
     if not isinstance(frames, (list, tuple)) or len(frames) == 0:
         raise InvalidInputError("frames must be a non-empty list")
     if len(frames) != len(timestamps):
         raise InvalidInputError(f"got {len(frames)} frames but {len(timestamps)} timestamps")
     if len(frames) > max_frames:
         raise InvalidInputError(f"at most {max_frames} frames per call, got {len(frames)}")
-    last = state.clock
+    last = state.clock if after is None else max(state.clock, after)
     for i, (f, ts) in enumerate(zip(frames, timestamps)):
         if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
             got = f"{type(f).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}"
@@ -78,7 +79,7 @@ def append_frames_batch(engine: StreamEngine, items: list[tuple[str, list[np.nda
         if not frames:
             applied.append(i)
         elif state.awaiting_prefill:
-            state.deferred.append((list(frames), list(ts)))
+            state.deferred.append((list(frames), list(ts), time.monotonic()))
             applied.append(i)
         else:
             ready.append(i)
@@ -94,7 +95,7 @@ def append_frames_batch(engine: StreamEngine, items: list[tuple[str, list[np.nda
     for i in applied:
         engine.pruner.commit(states[i].pruning, plans[i])
         states[i].clock = max(states[i].clock, float(items[i][2][-1]))
-    held = [s.frames + sum(len(f) for f, _ in s.deferred) for s in states]
+    held = [s.frames + sum(len(f) for f, _, _ in s.deferred) for s in states]
     if error is not None:
         if not applied:
             raise error

@@ -91,8 +91,13 @@ class AskRequest:
     since: float | None = None
     until: float | None = None
     seed: int | None = None
+    # "interactive" (TTFT first: its prefill goes before lagging streams' frames) or "batch"
+    # (after them); see engine/scheduler.py
+    priority: str = "interactive"
 
     def __post_init__(self) -> None:
+        if self.priority not in ("interactive", "batch"):
+            raise InvalidInputError(f"priority must be 'interactive' or 'batch', got {self.priority!r}")
         if not isinstance(self.question, str) or not self.question.strip():
             raise InvalidInputError("question must be a non-empty string")
         if not 1 <= self.max_tokens <= 4096:

@@ -49,6 +49,7 @@ from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question_step import QuestionStepper
 from mosaic_ray.engine.question import Answer, QuestionRun
+from mosaic_ray.engine.step_loop import StepLoop
 from mosaic_ray.engine.stream_state import StreamState, assemble, commit
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
@@ -73,6 +74,8 @@ class StreamEngine(Engine):
         self.streams: dict[str, StreamState] = {}
         self._runs: list[QuestionRun] = []
         self._driver: asyncio.Task | None = None
+        self.loop = StepLoop(self)  # drives ask / submit_frames under the step scheduler
+        self.last_frame_tokens = 0  # decoder tokens of the last frame ingested (the scheduler's cost)
         self.counters = {"frames": 0, "texts": 0, "questions": 0, "tokens": 0}
 
     @classmethod
@@ -131,6 +134,29 @@ class StreamEngine(Engine):
         """Frames of several streams in one vision batch and one decoder forward (`frame_append`)."""
         return frame_append.append_frames_batch(self, items)
 
+    def submit_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
+        """Queue frames for the step loop (the serving path): validated and pruned now, ingested by
+        a later step under the scheduler's budgets (most lagging stream first). Returns the frames
+        the stream holds, queued ones included. A full queue is an overload (503)."""
+        state = self._get(stream_id)
+        queued = [t for _, ts, _ in state.deferred for t in ts]
+        frame_append.check_frames(self.config.max_frames_per_call, state, frames, timestamps,
+                                  after=queued[-1] if queued else None)
+        plan = self.pruner.plan(state.pruning, frames, timestamps)
+        kept, kept_ts = plan.kept(frames), [float(t) for t in plan.kept(timestamps)]
+        if len(queued) + len(kept) > self.config.max_deferred_frames:
+            raise OverloadedError(f"stream {stream_id!r}: {len(queued)} frames already wait for ingest")
+        self.pruner.commit(state.pruning, plan)
+        if kept:
+            state.deferred.append((list(kept), kept_ts, time.monotonic()))
+        self._kick()
+        return state.frames + len(queued) + len(kept)
+
+    def _kick(self) -> None:
+        """Start the step loop on the running event loop if it is not driving already."""
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self.loop.run())
+
     def _ingest_frames(self, ready) -> None:
         all_frames = [f for _, frames, _ in ready for f in frames]
         features = self.adapter.encode_frames(all_frames)
@@ -138,6 +164,8 @@ class StreamEngine(Engine):
         for state, frames, ts in ready:
             chunks = [self.adapter.frame_chunk(features[k + i], ts[i]) for i in range(len(frames))]
             k += len(frames)
+            if chunks:
+                self.last_frame_tokens = chunks[-1].size
             work.append((state, chunks, ts))
         try:
             self._ingest(work)
@@ -187,6 +215,9 @@ class StreamEngine(Engine):
                     raise
                 raise frame_append.PartialCommitError(row, exc) from exc
             self.counters["tokens"] += seg.size
+            if self.loop.active:  # the step loop drains splits between steps
+                self.loop.needs_maintenance.add(state.stream_id)
+                continue
             try:  # deferred upkeep: a full pool leaves the splits queued for a later step
                 state.cache.maintain(self.config.splits_per_step)
             except PoolExhaustedError:
@@ -241,7 +272,8 @@ class StreamEngine(Engine):
             self._release(run)
             raise
         work.release(keep_own=True)  # the stream owns the Q/A's slots now
-        state.cache.maintain(self.config.splits_per_step)  # the Q/A's tokens may have flagged splits
+        if not self.loop.active:  # the Q/A's tokens may have flagged splits (the loop drains them later)
+            state.cache.maintain(self.config.splits_per_step)
         state.questions += 1
         self.counters["questions"] += 1
         run.phase = "done"
@@ -263,8 +295,10 @@ class StreamEngine(Engine):
         self._flush_deferred(state)
 
     def _flush_deferred(self, state: StreamState) -> None:
+        if self.loop.active:  # the step loop ingests them under its budgets
+            return
         deferred, state.deferred = state.deferred, []
-        for frames, ts in deferred:  # frames acknowledged before the prefill ran, in arrival order
+        for frames, ts, _ in deferred:  # frames acknowledged before the prefill ran, in arrival order
             self._ingest_frames([(state, frames, ts)])
 
     def answer_batch(self, items: list[tuple[str, AskRequest]]) -> list[Answer]:
@@ -291,8 +325,7 @@ class StreamEngine(Engine):
         run = self._start(stream_id, request)
         run.queue = asyncio.Queue()
         self._runs.append(run)
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        self._kick()
         try:
             while True:
                 item = await run.queue.get()
@@ -304,27 +337,6 @@ class StreamEngine(Engine):
         finally:
             run.cancelled = True
 
-    async def _drive(self) -> None:
-        """Continuous batching: every active question advances one step per forward."""
-        while self._runs:
-            runs = list(self._runs)
-            try:
-                deltas = self._advance(runs)
-            except Exception as err:  # the step failed for all of them: release, report
-                for run in runs:
-                    self._runs.remove(run)
-                    if run.phase != "done":
-                        self._release(run)
-                    run.queue.put_nowait(err)
-                continue
-            for run, delta in zip(runs, deltas):
-                if delta:
-                    run.queue.put_nowait(delta)
-                if run.phase == "done":
-                    self._runs.remove(run)
-                    run.queue.put_nowait(None)
-            await asyncio.sleep(0)
-
     # ------------------------------------------------------------------ reporting
     def stream_info(self, stream_id: str) -> dict[str, Any]:
         s = self._get(stream_id)
@@ -333,7 +345,8 @@ class StreamEngine(Engine):
             "tokens": s.tokens, "duration_s": s.clock, "resident_tokens": s.cache.resident_tokens,
             "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
             "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
-            "busy": s.busy, "deferred_frames": sum(len(f) for f, _ in s.deferred),
+            "busy": s.busy, "deferred_frames": sum(len(f) for f, _, _ in s.deferred),
+            "ingest_lag_s": (time.monotonic() - s.deferred[0][2]) if s.deferred else 0.0,
             "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),
         }
 
@@ -347,6 +360,7 @@ class StreamEngine(Engine):
             "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
             "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
             "active_questions": len(self._runs), **{f"{k}_total": v for k, v in self.counters.items()},
+            **{f"step_{k}_total": v for k, v in self.loop.counters.items()},
         }
 
     def export_stream(self, stream_id: str) -> dict[str, Any]:

@@ -1,0 +1,175 @@
+"""StepLoop: the engine's driver when it serves (questions from `ask`, frames from `submit_frames`):
+each step asks the `StepScheduler` what to spend the budgets on, runs it, and does the planned
+background work after it.
+
+    build the scheduler's view (questions' needs, streams' waiting frames, streams with splits)
+    -> plan -> one question step for the planned runs (prefill and decode together)
+    -> one ingest forward for the planned frames of every stream (one vision batch)
+    -> cluster splits (`maintenance_budget`), off every question's step
+
+While the loop drives, commits (of frames and of finished answers) do not drain splits inline;
+the streams that may need some are remembered and served here in turn. Frames that fail to ingest
+go back to the front of their stream's queue (they were acknowledged: never dropped); the error is
+counted and the stream retried on a later step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from mosaic_ray.cache.host_pool import PoolExhaustedError
+from mosaic_ray.engine import frame_append
+from mosaic_ray.engine.scheduler import IngestWork, QuestionWork, StepScheduler
+
+if TYPE_CHECKING:
+    from mosaic_ray.engine.stream_engine import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENS_PER_FRAME = 256  # until the first frame is ingested
+RETRY_S = 0.05  # pause after a step that could do nothing (a failure that repeats)
+
+
+class StepLoop:
+    def __init__(self, engine: StreamEngine) -> None:
+        self.engine = engine
+        self.scheduler = StepScheduler(engine.config.scheduler)
+        self.active = False  # True while `run` drives the engine
+        self.needs_maintenance: set[str] = set()
+        self.tokens_per_frame = DEFAULT_TOKENS_PER_FRAME
+        self.counters = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "ingest_tokens": 0,
+                         "ingest_frames": 0, "splits": 0, "ingest_errors": 0}
+
+    def has_work(self) -> bool:
+        e = self.engine
+        return bool(e._runs) or any(s.deferred for s in e.streams.values()) or bool(self.needs_maintenance)
+
+    async def run(self) -> None:
+        self.active = True
+        try:
+            while self.has_work():
+                try:
+                    progressed = self.step()
+                except Exception as err:  # a bug of ours must not leave an answer waiting forever
+                    logger.exception("engine step failed")
+                    self._fail_all(err)
+                    progressed = False
+                # yield to the engine thread's other calls; back off while a failure repeats
+                await asyncio.sleep(0 if progressed else RETRY_S)
+        finally:
+            self.active = False
+
+    def _fail_all(self, err: BaseException) -> None:
+        e = self.engine
+        for run in list(e._runs):
+            e._runs.remove(run)
+            if run.phase != "done":
+                e._release(run)
+            if run.queue is not None:
+                run.queue.put_nowait(err)
+
+    def step(self) -> bool:
+        """One scheduled step (also callable without a loop: tests, tools); False when it could do
+        nothing (all its work failed or waits)."""
+        e, now = self.engine, time.monotonic()
+        questions = [QuestionWork(id(run), run.state.stream_id, run.phase, len(run.next_ids()),
+                                  run.request.priority == "interactive", run.t_start) for run in e._runs]
+        ingest = [IngestWork(s.stream_id, sum(len(f) for f, _, _ in s.deferred), self.tokens_per_frame,
+                             s.deferred[0][2], blocked=s.awaiting_prefill)
+                  for s in e.streams.values() if s.deferred]
+        splits = {sid: e.config.scheduler.maintenance_budget for sid in self.needs_maintenance if sid in e.streams}
+        plan = self.scheduler.schedule(questions, ingest, now, splits)
+        self.counters["steps"] += 1
+        for key in ("decode_tokens", "prefill_tokens", "ingest_tokens"):
+            self.counters[key] += getattr(plan, key)
+        planned = set(plan.questions)
+        runs = [r for r in e._runs if id(r) in planned]
+        progressed = bool(runs)
+        if runs:
+            self._questions(runs)
+        if plan.ingest:
+            progressed |= self._ingest(plan.ingest)
+        for sid, n in plan.maintenance.items():
+            progressed |= self._maintain(sid, n)
+        return progressed
+
+    # ------------------------------------------------------------------ parts of a step
+    def _questions(self, runs) -> None:
+        e = self.engine
+        try:
+            deltas = e._advance(runs)
+        except Exception as err:  # the step failed for all of them: release, report
+            for run in runs:
+                e._runs.remove(run)
+                if run.phase != "done":
+                    e._release(run)
+                if run.queue is not None:
+                    run.queue.put_nowait(err)
+            return
+        for run, delta in zip(runs, deltas):
+            if delta and run.queue is not None:
+                run.queue.put_nowait(delta)
+            if run.phase == "done":
+                e._runs.remove(run)
+                self.needs_maintenance.add(run.state.stream_id)
+                if run.queue is not None:
+                    run.queue.put_nowait(None)
+
+    def _ingest(self, take: dict[str, int]) -> bool:
+        e = self.engine
+        ready, popped = [], []
+        for sid, n in take.items():
+            state = e.streams[sid]
+            frames, ts, entries = [], [], []
+            while n > 0 and state.deferred:
+                f, t, arrived = state.deferred[0]
+                k = min(n, len(f))
+                frames += f[:k]
+                ts += t[:k]
+                entries.append((f[:k], t[:k], arrived))
+                if k == len(f):
+                    state.deferred.pop(0)
+                else:
+                    state.deferred[0] = (f[k:], t[k:], arrived)
+                n -= k
+            ready.append((state, frames, [float(x) for x in ts]))
+            popped.append(entries)
+        try:
+            e._ingest_frames(ready)
+            done = len(ready)
+        except frame_append.PartialCommitError as exc:
+            done = exc.committed
+            self._failed(ready[done:], popped[done:], exc.cause)
+        except Exception as exc:
+            done = 0
+            self._failed(ready, popped, exc)
+        for state, frames, _ in ready[:done]:
+            self.needs_maintenance.add(state.stream_id)
+            self.counters["ingest_frames"] += len(frames)
+        if done and e.last_frame_tokens:
+            self.tokens_per_frame = e.last_frame_tokens
+        return done > 0
+
+    def _failed(self, ready, popped, exc: BaseException) -> None:
+        """Acknowledged frames that could not be ingested go back to the front of their queue."""
+        self.counters["ingest_errors"] += 1
+        logger.warning("ingest of %d streams failed (%r); their frames stay queued", len(ready), exc)
+        for (state, _, _), entries in zip(ready, popped):
+            state.deferred[:0] = entries
+
+    def _maintain(self, sid: str, n: int) -> bool:
+        state = self.engine.streams.get(sid)
+        if state is None:
+            self.needs_maintenance.discard(sid)
+            return False
+        try:
+            done = state.cache.maintain(n)
+        except PoolExhaustedError:  # the splits stay queued; a later step retries
+            return False
+        self.counters["splits"] += done
+        if done < n:  # drained
+            self.needs_maintenance.discard(sid)
+        return True
