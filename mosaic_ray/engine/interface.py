@@ -113,6 +113,11 @@ class AskRequest:
 class Engine(abc.ABC):
     """A single-device engine holding many streams."""
 
+    # True when frames and texts of a stream may be appended while it answers, once the answer's
+    # first text came out (its context is fixed from the prefill on): the shard then releases the
+    # stream's lock at the first delta instead of holding it for the whole answer.
+    appends_during_answers: bool = False
+
     @abc.abstractmethod
     def open_stream(self, stream_id: str) -> None: ...
 

@@ -56,6 +56,7 @@ from mosaic_ray.model.attention import StreamStep
 
 
 class StreamEngine(Engine):
+    appends_during_answers = True  # engine/question.py: reserved positions, held slots
     def __init__(self, config: EngineConfig | None = None, adapter: ModelAdapter | None = None) -> None:
         from mosaic_ray.model.registry import load_model
 
@@ -185,8 +186,8 @@ class StreamEngine(Engine):
             raise InvalidInputError("text must be a non-empty string")
         if not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp) or timestamp < 0:
             raise InvalidInputError(f"timestamp must be a finite number >= 0, got {timestamp!r}")
-        if state.busy:
-            raise StreamBusyError(f"stream {stream_id!r} is answering a question; retry shortly")
+        if state.awaiting_prefill:
+            raise StreamBusyError(f"stream {stream_id!r} is starting to answer a question; retry shortly")
         chunk = self.adapter.text_chunk(self.adapter.caption_text(text, float(timestamp)))
         if chunk.size > self.config.max_question_tokens:
             raise InvalidInputError(f"text of {chunk.size} tokens exceeds the limit of {self.config.max_question_tokens}")

@@ -164,9 +164,15 @@ class ShardActor(ShardDurability):
         return {"text": "".join(parts), "deltas": len(parts), "ttft_s": timing.get("ttft_s", 0.0)}
 
     async def _deltas(self, stream_id: str, request: dict[str, Any], timing: dict[str, float]):
+        """The stream's lock is held until the answer's first delta: its start and prefill are in
+        order with the stream's other requests; after that, an engine that takes appends during
+        answers (`Engine.appends_during_answers`) gets the stream's frames while it decodes."""
         slot = self._slot(stream_id)
         req = AskRequest(**request)
-        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+        early = getattr(self._engine, "appends_during_answers", False)
+        async with slot.admit(self._spec.hold_timeout_s):
+            await slot.lock.acquire()
+            locked = True
             self._meter.query_started()
             slot.query_rate.add()
             self._active_queries += 1
@@ -176,6 +182,9 @@ class ShardActor(ShardDurability):
                     if "ttft_s" not in timing:
                         timing["ttft_s"] = time.perf_counter() - start
                         self._meter.ttft.observe(timing["ttft_s"])
+                    if locked and early:
+                        slot.lock.release()
+                        locked = False
                     yield delta
             except EngineError:
                 raise
@@ -183,6 +192,8 @@ class ShardActor(ShardDurability):
                 raise self._broken(exc) from None
             finally:
                 self._active_queries -= 1
+                if locked:
+                    slot.lock.release()
 
     # ------------------------------------------------------------------ load, health
     async def load(self) -> LoadReport:

@@ -67,9 +67,11 @@ class _Stream:
 
 
 class FakeEngine(Engine):
-    def __init__(self, frame_delay_s: float = 0.0, token_delay_s: float = 0.0) -> None:
+    def __init__(self, frame_delay_s: float = 0.0, token_delay_s: float = 0.0,
+                 appends_during_answers: bool = False) -> None:
         self.frame_delay_s = frame_delay_s
         self.token_delay_s = token_delay_s
+        self.appends_during_answers = appends_during_answers
         self._streams: dict[str, _Stream] = {}
 
     def open_stream(self, stream_id: str) -> None:
