@@ -142,6 +142,8 @@ class QueryIn(_In):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: StopList = Field(default_factory=list)
     seed: Seed | None = None
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="interactive: TTFT first; batch: after lagging streams' frames")
 
     @model_validator(mode="after")
     def _window(self) -> QueryIn:
