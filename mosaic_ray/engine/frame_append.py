@@ -25,7 +25,6 @@ import numpy as np
 from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
 
 if TYPE_CHECKING:
-    from mosaic_ray.engine.stream_engine import StreamEngine
     from mosaic_ray.engine.stream_state import StreamState
 
 
@@ -60,8 +59,9 @@ def check_frames(max_frames: int, state: StreamState, frames, timestamps, after:
         last = ts
 
 
-def append_frames_batch(engine: StreamEngine, items: list[tuple[str, list[np.ndarray], list[float]]]) -> list[int]:
-    """See the module docstring; returns the frames each stream holds (deferred ones included)."""
+def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[float]]]) -> list[int]:
+    """See the module docstring (`engine`: the StreamEngine, which calls this; no import back up);
+    returns the frames each stream holds (deferred ones included)."""
     states = [engine._get(sid) for sid, _, _ in items]
     if len({s.stream_id for s in states}) != len(states):
         raise InvalidInputError("append_frames_batch: one entry per stream")

@@ -18,14 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
-
 from mosaic_ray.cache.host_pool import PoolExhaustedError
 from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.scheduler import IngestWork, QuestionWork, StepScheduler
-
-if TYPE_CHECKING:
-    from mosaic_ray.engine.stream_engine import StreamEngine
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +29,7 @@ RETRY_S = 0.05  # pause after a step that could do nothing (a failure that repea
 
 
 class StepLoop:
-    def __init__(self, engine: StreamEngine) -> None:
+    def __init__(self, engine) -> None:  # the StreamEngine it drives (which owns it: no import back up)
         self.engine = engine
         self.scheduler = StepScheduler(engine.config.scheduler)
         self.active = False  # True while `run` drives the engine
