@@ -22,6 +22,7 @@ one the stream gave at the question's start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +78,8 @@ class StreamEngine(Engine):
         self._driver: asyncio.Task | None = None
         self.loop = StepLoop(self)  # drives ask / submit_frames under the step scheduler
         self.last_frame_tokens = 0  # decoder tokens of the last frame ingested (the scheduler's cost)
+        self.busy_s = 0.0  # seconds spent working (vision, forwards, sampling, commits): capacity
+        self._busy_depth = 0
         self.counters = {"frames": 0, "texts": 0, "questions": 0, "tokens": 0}
 
     @classmethod
@@ -158,7 +161,23 @@ class StreamEngine(Engine):
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self.loop.run())
 
+    @contextlib.contextmanager
+    def _working(self):
+        """Count the time of the outermost piece of work in `busy_s` (nested calls count once)."""
+        self._busy_depth += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._busy_depth -= 1
+            if self._busy_depth == 0:
+                self.busy_s += time.perf_counter() - t0
+
     def _ingest_frames(self, ready) -> None:
+        with self._working():
+            self._ingest_frames_now(ready)
+
+    def _ingest_frames_now(self, ready) -> None:
         all_frames = [f for _, frames, _ in ready for f in frames]
         features = self.adapter.encode_frames(all_frames)
         work, k = [], 0
@@ -197,6 +216,10 @@ class StreamEngine(Engine):
 
     def _ingest(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
         """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
+        with self._working():
+            self._ingest_now(work)
+
+    def _ingest_now(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
         segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
         slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
@@ -247,6 +270,10 @@ class StreamEngine(Engine):
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
         """One step for every run (prefill, decode or closing); returns each run's new text. Runs
         whose closing text was fed in this step commit their Q/A to the stream."""
+        with self._working():
+            return self._advance_now(runs)
+
+    def _advance_now(self, runs: list[QuestionRun]) -> list[str]:
         closing = [r for r in runs if r.phase == "closing"]
         prefilled = [r for r in runs if r.phase == "prefill"]
         deltas = self.questions.step(runs)
@@ -360,7 +387,8 @@ class StreamEngine(Engine):
             "pool_capacity_bytes": self.pool.capacity_bytes, "pool_used_bytes": self.pool.used_bytes,
             "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
             "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
-            "active_questions": len(self._runs), **{f"{k}_total": v for k, v in self.counters.items()},
+            "active_questions": len(self._runs), "busy_s_total": self.busy_s,
+            **{f"{k}_total": v for k, v in self.counters.items()},
             **{f"step_{k}_total": v for k, v in self.loop.counters.items()},
         }
 

@@ -68,6 +68,13 @@ class ShardSpec(_Strict):
     # Frames queued on the shard but not yet in the engine. Beyond this, ingest answers 503 with
     # Retry-After. 256 frames is ~10 s of 8 streams at 3 fps: enough to absorb a question's pause.
     max_pending_frames: int = Field(256, ge=1)
+    # A new stream is refused (503 + Retry-After; the router tries the next shard) when the
+    # engine's measured busy share, scaled by (streams + 1) / streams, would pass this
+    # (`runtime/capacity.py`). None (the default, for CPU demos and tests, where a small model
+    # keeps the engine busy all the time): admit by the other limits only. GPU configs set 0.9.
+    max_utilization: float | None = Field(None, gt=0, le=1)
+    # The window the engine's busy share is measured over (seconds).
+    capacity_window_s: float = Field(30.0, gt=0)
     # Frames queued for one stream (beyond the batch the engine is taking): half the shard's
     # queue, so one flooding stream cannot take all of it; ~40 s of a 3 fps stream.
     max_stream_pending_frames: int = Field(128, ge=1)

@@ -41,7 +41,13 @@ import ray
 
 from mosaic_ray.engine.interface import EngineError, InvalidInputError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.errors import MigrationError, QuotaExceededError, ShardUnavailableError, unwrap_ray_error
+from mosaic_ray.runtime.errors import (
+    MigrationError,
+    QuotaExceededError,
+    ShardBusyError,
+    ShardUnavailableError,
+    unwrap_ray_error,
+)
 from mosaic_ray.runtime.load import LoadReport, least_loaded, plan_moves
 from mosaic_ray.runtime.recovery import ShardRecovery
 from mosaic_ray.runtime.shard import spawn_shard
@@ -125,12 +131,18 @@ class Router(ShardRecovery):
                 raise StreamExistsError(f"stream {sid!r} exists")
             if quota is not None and self._map.count_prefixed(quota[0]) >= quota[1]:
                 raise QuotaExceededError(f"at most {quota[1]} streams may be held at once", quota[2])
-            target = shard or await self._least_loaded()
-            self._reserved[target] = self._reserved.get(target, 0) + 1
-            try:
-                await self._on(target, "open_stream", sid)
-            finally:
-                self._reserved[target] -= 1
+            # a shard at its measured capacity refuses (ShardBusyError): the next least loaded is tried
+            candidates = [shard] if shard is not None else await self._by_load()
+            for i, target in enumerate(candidates):
+                self._reserved[target] = self._reserved.get(target, 0) + 1
+                try:
+                    await self._on(target, "open_stream", sid)
+                    break
+                except ShardBusyError:
+                    if i == len(candidates) - 1:
+                        raise
+                finally:
+                    self._reserved[target] -= 1
             self._map.set(sid, target)
         return {"id": sid, "shard": target}
 
@@ -296,6 +308,17 @@ class Router(ShardRecovery):
             await step
         except Exception as exc:
             log.warning("cleanup step failed: %s", exc)
+
+    async def _by_load(self) -> list[str]:
+        """Healthy shards, least loaded first (ties by name)."""
+        reports = await self._fresh_reports(self._cfg.router.load_cache_s)
+        counts = self._map.count_by_shard()
+        w = self._cfg.router.weights
+        scores = {n: dataclasses.replace(r, streams=counts.get(n, 0) + self._reserved.get(n, 0)).score(w)
+                  for n, r in reports.items()}
+        if not scores:
+            raise ShardUnavailableError("no healthy shard")
+        return sorted(sorted(scores), key=lambda n: scores[n])
 
     async def _least_loaded(self) -> str:
         reports = await self._fresh_reports(self._cfg.router.load_cache_s)

@@ -43,6 +43,7 @@ from mosaic_ray.runtime.errors import (
     ShuttingDownError,
     StreamMovedError,
 )
+from mosaic_ray.runtime.capacity import CapacityGate
 from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.ingest import IngestQueue
@@ -73,6 +74,7 @@ class ShardActor(ShardDurability):
         self._snapshots = self._make_snapshots(dur)  # None: no snapshots (shard_durability.py)
         self._draining = False
         self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
+        self._capacity = CapacityGate(self._spec.max_utilization, self._spec.capacity_window_s)
         self._batcher = FrameBatcher(self._engine, self._call, self._spec.max_batch_frames)
         self._ingest = IngestQueue(
             self._batcher.append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
@@ -94,6 +96,10 @@ class ShardActor(ShardDurability):
     async def open_stream(self, stream_id: str) -> None:
         if stream_id in self._slots:
             raise StreamExistsError(f"stream {stream_id!r} exists")
+        self._observe_capacity(await self._call(self._engine.stats))
+        why = self._capacity.refusal(len(self._slots))
+        if why is not None:
+            raise ShardBusyError(why, self._capacity.retry_after_s())
         await self._call(self._engine.open_stream, stream_id)
         if self._log is not None:
             try:
@@ -196,8 +202,13 @@ class ShardActor(ShardDurability):
                     slot.lock.release()
 
     # ------------------------------------------------------------------ load, health
+    def _observe_capacity(self, stats: dict[str, Any]) -> None:
+        if "busy_s_total" in stats:  # engines that measure their work (StreamEngine)
+            self._capacity.observe(time.monotonic(), float(stats["busy_s_total"]))
+
     async def load(self) -> LoadReport:
         stats = await self._call(self._engine.stats)
+        self._observe_capacity(stats)
         rates = [slot.rates() for slot in self._slots.values()]
         return LoadReport(
             shard=self.name,
@@ -224,7 +235,11 @@ class ShardActor(ShardDurability):
 
     async def metrics(self) -> dict[str, Any]:
         report = await self.load()
-        return {**self._meter.snapshot(), "shard": self.name, "streams": report.streams,
+        stats = await self._call(self._engine.stats)
+        engine = {k: v for k, v in stats.items() if k.startswith("step_") or k == "busy_s_total"}
+        util = self._capacity.utilization()
+        return {**self._meter.snapshot(), **engine, **({"engine_utilization": util} if util is not None else {}),
+                "shard": self.name, "streams": report.streams,
                 "kv_bytes_device": report.kv_bytes_device, "kv_bytes_host": report.kv_bytes_host,
                 "pending_frames": report.pending_frames, "active_queries": report.active_queries,
                 "healthy": report.healthy}

@@ -68,10 +68,13 @@ class _Stream:
 
 class FakeEngine(Engine):
     def __init__(self, frame_delay_s: float = 0.0, token_delay_s: float = 0.0,
-                 appends_during_answers: bool = False) -> None:
+                 appends_during_answers: bool = False, busy_share: float | None = None) -> None:
         self.frame_delay_s = frame_delay_s
         self.token_delay_s = token_delay_s
         self.appends_during_answers = appends_during_answers
+        # when set, stats() reports this share of the wall time as busy (the capacity gate's input)
+        self.busy_share = busy_share
+        self._born = time.monotonic()
         self._streams: dict[str, _Stream] = {}
 
     def open_stream(self, stream_id: str) -> None:
@@ -161,6 +164,7 @@ class FakeEngine(Engine):
             "frames_total": sum(i["frames"] for i in infos),
             "kv_bytes_device": sum(i["kv_bytes_device"] for i in infos),
             "kv_bytes_host": sum(i["kv_bytes_host"] for i in infos),
+            **({"busy_s_total": self.busy_share * (time.monotonic() - self._born)} if self.busy_share is not None else {}),
         }
 
     def export_stream(self, stream_id: str) -> dict[str, Any]:
