@@ -388,6 +388,8 @@ class StreamEngine(Engine):
             "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
             "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
             "active_questions": len(self._runs), "busy_s_total": self.busy_s,
+            "ingest_lag_s_max": max((time.monotonic() - s.deferred[0][2] for s in self.streams.values() if s.deferred),
+                                    default=0.0),
             **{f"{k}_total": v for k, v in self.counters.items()},
             **{f"step_{k}_total": v for k, v in self.loop.counters.items()},
         }

@@ -25,6 +25,17 @@ _SIMPLE = [
 ]
 
 
+# figures only engines that measure them report (StreamEngine): rendered for the shards that have them
+_OPTIONAL = [
+    ("mosaic_engine_busy_seconds_total", "counter", "Seconds the engine spent working.", "busy_s_total"),
+    ("mosaic_engine_utilization", "gauge", "Busy share of the engine over the capacity window.", "engine_utilization"),
+    ("mosaic_ingest_lag_seconds_max", "gauge", "Age of the oldest frame waiting for ingest, over the shard's streams.",
+     "ingest_lag_s_max"),
+    ("mosaic_engine_steps_total", "counter", "Scheduled engine steps.", "step_steps_total"),
+]
+_STEP_TOKENS = ("decode", "prefill", "ingest")
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -39,6 +50,19 @@ def render(shards: list[dict[str, Any]]) -> str:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         for s in shards:
             lines.append(f'{name}{{shard="{_label(s["shard"])}"}} {_num(s[key])}')
+    for name, kind, help_text, key in _OPTIONAL:
+        having = [x for x in shards if key in x]
+        if having:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{shard="{_label(x["shard"])}"}} {_num(x[key])}' for x in having]
+    having = [x for x in shards if "step_decode_tokens_total" in x]
+    if having:
+        lines += ["# HELP mosaic_step_tokens_total Decoder tokens of scheduled steps, by kind (the step mix).",
+                  "# TYPE mosaic_step_tokens_total counter"]
+        for x in having:
+            for kind in _STEP_TOKENS:
+                lines.append(f'mosaic_step_tokens_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
+                             f'{_num(x[f"step_{kind}_tokens_total"])}')
     lines += ["# HELP mosaic_kv_bytes KV cache bytes held, by tier.", "# TYPE mosaic_kv_bytes gauge"]
     for s in shards:
         for tier in ("device", "host"):
