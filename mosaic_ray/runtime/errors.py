@@ -42,7 +42,8 @@ class RetryLaterError(EngineError):
 
 
 class ShardBusyError(RetryLaterError):
-    """The shard's ingest queue is full, or the stream is held longer than allowed; retry later."""
+    """The shard's ingest queue is full, the stream is held longer than allowed, or the shard's
+    measured capacity takes no new stream (`runtime/capacity.py`); retry later."""
 
     code = "overloaded"
     status = 503
