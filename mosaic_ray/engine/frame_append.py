@@ -71,16 +71,21 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
     # Near-duplicates are dropped before the encoder; their timestamps still move the clock.
     plans = [engine.pruner.plan(state.pruning, frames, ts) for state, (_, frames, ts) in zip(states, items)]
     kept = [(plan.kept(frames), plan.kept(ts)) for plan, (_, frames, ts) in zip(plans, items)]
-    for state, (frames, _) in zip(states, kept):
-        if frames and state.awaiting_prefill and len(state.deferred) + len(frames) > cfg.max_deferred_frames:
-            raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for a question")
-    applied, ready = [], []
+    # a stream whose frames already wait (for a question's prefill, or for the step loop) queues
+    # these behind them, so its frames enter in order
+    waits = [state.awaiting_prefill or bool(state.deferred) for state in states]
+    for state, wait, (frames, _) in zip(states, waits, kept):
+        if frames and wait and sum(len(f) for f, _, _ in state.deferred) + len(frames) > cfg.max_deferred_frames:
+            raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for ingest")
+    applied, ready, flush = [], [], []
     for i, (state, (frames, ts)) in enumerate(zip(states, kept)):
         if not frames:
             applied.append(i)
-        elif state.awaiting_prefill:
+        elif waits[i]:
             state.deferred.append((list(frames), list(ts), time.monotonic()))
             applied.append(i)
+            if not state.awaiting_prefill:
+                flush.append(state)  # nothing holds them back: in now (unless the step loop takes them)
         else:
             ready.append(i)
     error, done = None, len(ready)
@@ -92,6 +97,8 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
         except Exception as exc:
             error, done = exc, 0
     applied += ready[:done]
+    for state in flush:
+        engine._flush_deferred(state)
     for i in applied:
         engine.pruner.commit(states[i].pruning, plans[i])
         states[i].clock = max(states[i].clock, float(items[i][2][-1]))

@@ -22,6 +22,7 @@ one the stream gave at the question's start.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import math
 import time
@@ -54,6 +55,9 @@ from mosaic_ray.engine.step_loop import StepLoop
 from mosaic_ray.engine.stream_state import StreamState, assemble, commit
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
+
+
+logger = logging.getLogger(__name__)
 
 
 class StreamEngine(Engine):
@@ -151,6 +155,7 @@ class StreamEngine(Engine):
         if len(queued) + len(kept) > self.config.max_deferred_frames:
             raise OverloadedError(f"stream {stream_id!r}: {len(queued)} frames already wait for ingest")
         self.pruner.commit(state.pruning, plan)
+        state.clock = max(state.clock, float(timestamps[-1]))  # pruned frames move the clock too
         if kept:
             state.deferred.append((list(kept), kept_ts, time.monotonic()))
         self._kick()
@@ -323,11 +328,20 @@ class StreamEngine(Engine):
         self._flush_deferred(state)
 
     def _flush_deferred(self, state: StreamState) -> None:
-        if self.loop.active:  # the step loop ingests them under its budgets
+        """Ingest the stream's waiting frames in arrival order (the step loop, when it drives, takes
+        them under its budgets instead). A failure leaves the rest queued (they were acknowledged):
+        it is logged, not raised, so it fails neither an answer nor the call that triggered it."""
+        if self.loop.active:
             return
-        deferred, state.deferred = state.deferred, []
-        for frames, ts, _ in deferred:  # frames acknowledged before the prefill ran, in arrival order
-            self._ingest_frames([(state, frames, ts)])
+        while state.deferred and not state.awaiting_prefill:
+            frames, ts, _ = state.deferred[0]
+            try:
+                self._ingest_frames([(state, frames, ts)])
+            except Exception as exc:
+                logger.warning("stream %r: %d waiting frames could not be ingested yet (%r)", state.stream_id,
+                               sum(len(f) for f, _, _ in state.deferred), exc)
+                return
+            state.deferred.pop(0)
 
     def answer_batch(self, items: list[tuple[str, AskRequest]]) -> list[Answer]:
         """Answer questions of several streams together, synchronously (tests, benchmarks, CLI)."""

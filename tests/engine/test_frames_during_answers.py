@@ -81,3 +81,23 @@ def test_a_failed_question_gives_its_positions_back(tiny_adapter, monkeypatch):
     engine._release(run)
     state = engine.streams["s"]
     assert state.next_pos == before and not state.busy and state.cache._holds == 0
+
+
+def test_waiting_frames_that_fail_to_enter_stay_queued_and_the_answer_goes_on(tiny_adapter, monkeypatch):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    _stream(engine, 3)
+    run = engine._start("s", Q)
+    engine.append_frames("s", frames(2, seed=3), [3.0, 4.0])  # waits for the prefill step
+    real = engine._ingest_frames
+    monkeypatch.setattr(engine, "_ingest_frames", lambda ready: (_ for _ in ()).throw(RuntimeError("pool full (test)")))
+    engine._advance([run])  # the prefill runs; the flush fails, the frames stay
+    assert run.phase == "decode" and engine.stream_info("s")["deferred_frames"] == 2
+    monkeypatch.setattr(engine, "_ingest_frames", real)
+    # a later append queues behind them and brings them in, in order
+    assert engine.append_frames("s", frames(1, seed=4), [5.0]) == 6
+    state = engine.streams["s"]
+    assert engine.stream_info("s")["deferred_frames"] == 0 and state.frames == 6
+    assert float(state.cache.time.max()) == 5.0
+    while run.phase != "done":
+        engine._advance([run])
+    assert engine.stream_info("s")["questions"] == 1
