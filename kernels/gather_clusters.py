@@ -35,6 +35,19 @@ NUM_WARPS = 4
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _first_above(row_ptr, x, C, steps):
+        # per lane: the first index k in [0, C] with row[k] > x (row non-decreasing): searchsorted right
+        lo = x * 0
+        hi = lo + C
+        for _ in range(steps):
+            mid = (lo + hi) // 2
+            v = tl.load(row_ptr + mid, mask=mid < hi, other=0)
+            go = (mid < hi) & (v <= x)
+            lo = tl.where(go, mid + 1, lo)
+            hi = tl.where(go | (mid >= hi), hi, mid)
+        return lo
+
     @triton.jit(do_not_specialize=["C", "W", "budget", "steps"])
     def _gather_clusters_kernel(
         pool_ptr, order_ptr, sizes_ptr, csum_ptr, slabs_ptr, slots_ptr,
@@ -50,30 +63,15 @@ if HAS_TRITON:
         h = tl.program_id(1).to(tl.int64)
         csum_row = csum_ptr + h * stride_sel_h
         # the taken total: the largest csum <= budget (csum is non-decreasing)
-        lo = tl.zeros([1], dtype=tl.int64)
-        hi = tl.zeros([1], dtype=tl.int64) + C
-        for _ in range(steps):
-            mid = (lo + hi) // 2
-            v = tl.load(csum_row + mid, mask=mid < hi, other=0)
-            go = (mid < hi) & (v <= budget)
-            lo = tl.where(go, mid + 1, lo)
-            hi = tl.where(go | (mid >= hi), hi, mid)
-        total = tl.load(csum_row + tl.maximum(lo - 1, 0), mask=lo > 0, other=0)
+        n_fit = _first_above(csum_row, tl.zeros([1], dtype=tl.int64) + budget, C, steps)
+        total = tl.load(csum_row + tl.maximum(n_fit - 1, 0), mask=n_fit > 0, other=0)
 
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         in_p = offs_p < W
         p = offs_p.to(tl.int64)
         # each position's cluster: the first k with csum[k] > p
-        plo = tl.zeros([BLOCK_P], dtype=tl.int64)
-        phi = tl.zeros([BLOCK_P], dtype=tl.int64) + C
-        for _ in range(steps):
-            mid = (plo + phi) // 2
-            v = tl.load(csum_row + mid, mask=mid < phi, other=0)
-            go = (mid < phi) & (v <= p)
-            plo = tl.where(go, mid + 1, plo)
-            phi = tl.where(go | (mid >= phi), phi, mid)
         valid = in_p & (p < total)
-        k = tl.minimum(plo, C - 1)
+        k = tl.minimum(_first_above(csum_row, p, C, steps), C - 1)
         z = tl.load(sizes_ptr + h * stride_sel_h + k, mask=valid, other=0).to(tl.int64)
         c = tl.load(csum_row + k, mask=valid, other=0)
         unit = tl.load(order_ptr + h * stride_sel_h + k, mask=valid, other=0).to(tl.int64)
