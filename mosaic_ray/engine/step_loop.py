@@ -50,16 +50,17 @@ class StepLoop:
                     progressed = self.step()
                 except Exception as err:  # a bug of ours must not leave an answer waiting forever
                     logger.exception("engine step failed")
-                    self._fail_all(err)
+                    self._fail(list(self.engine._runs), err)
                     progressed = False
                 # yield to the engine thread's other calls; back off while a failure repeats
                 await asyncio.sleep(0 if progressed else RETRY_S)
         finally:
             self.active = False
 
-    def _fail_all(self, err: BaseException) -> None:
+    def _fail(self, runs, err: BaseException) -> None:
+        """Runs whose step failed: released, and the error handed to whoever waits on them."""
         e = self.engine
-        for run in list(e._runs):
+        for run in runs:
             e._runs.remove(run)
             if run.phase != "done":
                 e._release(run)
@@ -96,13 +97,8 @@ class StepLoop:
         e = self.engine
         try:
             deltas = e._advance(runs)
-        except Exception as err:  # the step failed for all of them: release, report
-            for run in runs:
-                e._runs.remove(run)
-                if run.phase != "done":
-                    e._release(run)
-                if run.queue is not None:
-                    run.queue.put_nowait(err)
+        except Exception as err:  # the step failed for all of them
+            self._fail(runs, err)
             return
         for run, delta in zip(runs, deltas):
             if delta and run.queue is not None:

@@ -67,11 +67,16 @@ class Move:
     target: str
 
 
+def by_load(scores: dict[str, float]) -> list[str]:
+    """Shards from the lowest score up (ties: by name, so placement is deterministic)."""
+    return sorted(sorted(scores), key=lambda s: scores[s])
+
+
 def least_loaded(scores: dict[str, float]) -> str:
-    """The shard with the lowest score (ties: the first by name, so placement is deterministic)."""
+    """The shard with the lowest score (ties: the first by name)."""
     if not scores:
         raise ValueError("no healthy shard to place on")
-    return min(sorted(scores), key=lambda s: scores[s])
+    return by_load(scores)[0]
 
 
 def plan_moves(

@@ -48,7 +48,7 @@ from mosaic_ray.runtime.errors import (
     ShardUnavailableError,
     unwrap_ray_error,
 )
-from mosaic_ray.runtime.load import LoadReport, least_loaded, plan_moves
+from mosaic_ray.runtime.load import LoadReport, by_load, plan_moves
 from mosaic_ray.runtime.recovery import ShardRecovery
 from mosaic_ray.runtime.shard import spawn_shard
 from mosaic_ray.runtime.stream_map import StreamMap, open_store
@@ -318,19 +318,10 @@ class Router(ShardRecovery):
                   for n, r in reports.items()}
         if not scores:
             raise ShardUnavailableError("no healthy shard")
-        return sorted(sorted(scores), key=lambda n: scores[n])
+        return by_load(scores)
 
     async def _least_loaded(self) -> str:
-        reports = await self._fresh_reports(self._cfg.router.load_cache_s)
-        counts = self._map.count_by_shard()
-        w = self._cfg.router.weights
-        scores = {
-            n: dataclasses.replace(r, streams=counts.get(n, 0) + self._reserved.get(n, 0)).score(w)
-            for n, r in reports.items()
-        }
-        if not scores:
-            raise ShardUnavailableError("no healthy shard")
-        return least_loaded(scores)
+        return (await self._by_load())[0]
 
     async def _fresh_reports(self, max_age_s: float) -> dict[str, LoadReport]:
         """Load reports of the healthy shards, reusing ones younger than `max_age_s`."""
