@@ -16,6 +16,7 @@ decoder forward for every stream that is ready). Its contract:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputErr
 
 if TYPE_CHECKING:
     from mosaic_ray.engine.stream_state import StreamState
+
+logger = logging.getLogger(__name__)
 
 
 class PartialCommitError(Exception):
@@ -75,7 +78,7 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
     # these behind them, so its frames enter in order
     waits = [state.awaiting_prefill or bool(state.deferred) for state in states]
     for state, wait, (frames, _) in zip(states, waits, kept):
-        if frames and wait and sum(len(f) for f, _, _ in state.deferred) + len(frames) > cfg.max_deferred_frames:
+        if frames and wait and state.waiting_frames + len(frames) > cfg.max_deferred_frames:
             raise OverloadedError(f"stream {state.stream_id!r}: too many frames waiting for ingest")
     applied, ready, flush = [], [], []
     for i, (state, (frames, ts)) in enumerate(zip(states, kept)):
@@ -102,9 +105,43 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
     for i in applied:
         engine.pruner.commit(states[i].pruning, plans[i])
         states[i].clock = max(states[i].clock, float(items[i][2][-1]))
-    held = [s.frames + sum(len(f) for f, _, _ in s.deferred) for s in states]
+    held = [s.frames + s.waiting_frames for s in states]
     if error is not None:
         if not applied:
             raise error
         raise BatchPartlyAppliedError({states[i].stream_id: held[i] for i in sorted(applied)}, error)
     return held
+
+
+def submit_frames(engine, state: StreamState, frames, timestamps) -> int:
+    """Queue frames of one stream for the engine's step loop: validated (after the frames already
+    queued) and pruned now, ingested by a later step under the scheduler's budgets. Returns the
+    frames the stream holds, queued ones included; a full queue is an overload (503)."""
+    queued = [t for _, ts, _ in state.deferred for t in ts]
+    check_frames(engine.config.max_frames_per_call, state, frames, timestamps, after=queued[-1] if queued else None)
+    plan = engine.pruner.plan(state.pruning, frames, timestamps)
+    kept, kept_ts = plan.kept(frames), [float(t) for t in plan.kept(timestamps)]
+    if len(queued) + len(kept) > engine.config.max_deferred_frames:
+        raise OverloadedError(f"stream {state.stream_id!r}: {len(queued)} frames already wait for ingest")
+    engine.pruner.commit(state.pruning, plan)
+    state.clock = max(state.clock, float(timestamps[-1]))  # pruned frames move the clock too
+    if kept:
+        state.deferred.append((list(kept), kept_ts, time.monotonic()))
+    return state.frames + state.waiting_frames
+
+
+def flush_waiting(engine, state: StreamState) -> None:
+    """Ingest the stream's waiting frames in arrival order (the step loop, when it drives, takes
+    them under its budgets instead). A failure leaves the rest queued (they were acknowledged):
+    it is logged, not raised, so it fails neither an answer nor the call that triggered it."""
+    if engine.loop.active:
+        return
+    while state.deferred and not state.awaiting_prefill:
+        frames, ts, _ = state.deferred[0]
+        try:
+            engine._ingest_frames([(state, frames, ts)])
+        except Exception as exc:
+            logger.warning("stream %r: %d waiting frames could not be ingested yet (%r)", state.stream_id,
+                           state.waiting_frames, exc)
+            return
+        state.deferred.pop(0)

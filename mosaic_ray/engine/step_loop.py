@@ -73,7 +73,7 @@ class StepLoop:
         e, now = self.engine, time.monotonic()
         questions = [QuestionWork(id(run), run.state.stream_id, run.phase, len(run.next_ids()),
                                   run.request.priority == "interactive", run.t_start) for run in e._runs]
-        ingest = [IngestWork(s.stream_id, sum(len(f) for f, _, _ in s.deferred), self.tokens_per_frame,
+        ingest = [IngestWork(s.stream_id, s.waiting_frames, self.tokens_per_frame,
                              s.deferred[0][2], blocked=s.awaiting_prefill)
                   for s in e.streams.values() if s.deferred]
         splits = {sid: e.config.scheduler.maintenance_budget for sid in self.needs_maintenance if sid in e.streams}

@@ -22,8 +22,7 @@ one the stream gave at the question's start.
 from __future__ import annotations
 
 import asyncio
-import logging
-import contextlib
+import functools
 import math
 import time
 from collections.abc import AsyncIterator
@@ -57,7 +56,20 @@ from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
 
 
-logger = logging.getLogger(__name__)
+def _counts_busy(method):
+    """Add the time of the outermost piece of engine work to `busy_s` (nested calls count once):
+    the shard's measured capacity (`runtime/capacity.py`)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        self._busy_depth += 1
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy_depth -= 1
+            if self._busy_depth == 0:
+                self.busy_s += time.perf_counter() - t0
+    return timed
 
 
 class StreamEngine(Engine):
@@ -143,46 +155,18 @@ class StreamEngine(Engine):
         return frame_append.append_frames_batch(self, items)
 
     def submit_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
-        """Queue frames for the step loop (the serving path): validated and pruned now, ingested by
-        a later step under the scheduler's budgets (most lagging stream first). Returns the frames
-        the stream holds, queued ones included. A full queue is an overload (503)."""
-        state = self._get(stream_id)
-        queued = [t for _, ts, _ in state.deferred for t in ts]
-        frame_append.check_frames(self.config.max_frames_per_call, state, frames, timestamps,
-                                  after=queued[-1] if queued else None)
-        plan = self.pruner.plan(state.pruning, frames, timestamps)
-        kept, kept_ts = plan.kept(frames), [float(t) for t in plan.kept(timestamps)]
-        if len(queued) + len(kept) > self.config.max_deferred_frames:
-            raise OverloadedError(f"stream {stream_id!r}: {len(queued)} frames already wait for ingest")
-        self.pruner.commit(state.pruning, plan)
-        state.clock = max(state.clock, float(timestamps[-1]))  # pruned frames move the clock too
-        if kept:
-            state.deferred.append((list(kept), kept_ts, time.monotonic()))
+        """Queue frames for the step loop (the serving path; `frame_append.submit_frames`)."""
+        held = frame_append.submit_frames(self, self._get(stream_id), frames, timestamps)
         self._kick()
-        return state.frames + len(queued) + len(kept)
+        return held
 
     def _kick(self) -> None:
         """Start the step loop on the running event loop if it is not driving already."""
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self.loop.run())
 
-    @contextlib.contextmanager
-    def _working(self):
-        """Count the time of the outermost piece of work in `busy_s` (nested calls count once)."""
-        self._busy_depth += 1
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._busy_depth -= 1
-            if self._busy_depth == 0:
-                self.busy_s += time.perf_counter() - t0
-
+    @_counts_busy
     def _ingest_frames(self, ready) -> None:
-        with self._working():
-            self._ingest_frames_now(ready)
-
-    def _ingest_frames_now(self, ready) -> None:
         all_frames = [f for _, frames, _ in ready for f in frames]
         features = self.adapter.encode_frames(all_frames)
         work, k = [], 0
@@ -219,12 +203,9 @@ class StreamEngine(Engine):
         state.texts += 1
         self.counters["texts"] += 1
 
+    @_counts_busy
     def _ingest(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
         """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
-        with self._working():
-            self._ingest_now(work)
-
-    def _ingest_now(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
         segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
         slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
@@ -272,13 +253,10 @@ class StreamEngine(Engine):
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
         return self.questions.start(self._get(stream_id), request)
 
+    @_counts_busy
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
         """One step for every run (prefill, decode or closing); returns each run's new text. Runs
         whose closing text was fed in this step commit their Q/A to the stream."""
-        with self._working():
-            return self._advance_now(runs)
-
-    def _advance_now(self, runs: list[QuestionRun]) -> list[str]:
         closing = [r for r in runs if r.phase == "closing"]
         prefilled = [r for r in runs if r.phase == "prefill"]
         deltas = self.questions.step(runs)
@@ -328,20 +306,7 @@ class StreamEngine(Engine):
         self._flush_deferred(state)
 
     def _flush_deferred(self, state: StreamState) -> None:
-        """Ingest the stream's waiting frames in arrival order (the step loop, when it drives, takes
-        them under its budgets instead). A failure leaves the rest queued (they were acknowledged):
-        it is logged, not raised, so it fails neither an answer nor the call that triggered it."""
-        if self.loop.active:
-            return
-        while state.deferred and not state.awaiting_prefill:
-            frames, ts, _ = state.deferred[0]
-            try:
-                self._ingest_frames([(state, frames, ts)])
-            except Exception as exc:
-                logger.warning("stream %r: %d waiting frames could not be ingested yet (%r)", state.stream_id,
-                               sum(len(f) for f, _, _ in state.deferred), exc)
-                return
-            state.deferred.pop(0)
+        frame_append.flush_waiting(self, state)
 
     def answer_batch(self, items: list[tuple[str, AskRequest]]) -> list[Answer]:
         """Answer questions of several streams together, synchronously (tests, benchmarks, CLI)."""
@@ -387,7 +352,7 @@ class StreamEngine(Engine):
             "tokens": s.tokens, "duration_s": s.clock, "resident_tokens": s.cache.resident_tokens,
             "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
             "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
-            "busy": s.busy, "deferred_frames": sum(len(f) for f, _, _ in s.deferred),
+            "busy": s.busy, "deferred_frames": s.waiting_frames,
             "ingest_lag_s": (time.monotonic() - s.deferred[0][2]) if s.deferred else 0.0,
             "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),
         }

@@ -32,6 +32,11 @@ class StreamState:
     # The stream's redundant-frame pruning (`frame_pruner.PruneState`); set by the engine.
     pruning: Any = None
 
+    @property
+    def waiting_frames(self) -> int:
+        """Acknowledged frames not ingested yet (`deferred` entries: frames, timestamps, arrival)."""
+        return sum(len(f) for f, _, _ in self.deferred)
+
 
 @dataclass(slots=True)
 class Segment:
