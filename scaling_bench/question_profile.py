@@ -37,11 +37,12 @@ def _summary(prof, cuda: bool, top: int) -> dict:
     syncs = sum(e.count for e in events if "Synchronize" in e.key)
     gpu_us = sum(getattr(e, dev_attr) for e in events if getattr(e, dev_attr) > 0 and e.device_type.name == "CUDA") if cuda else 0
     retrieve = next((e for e in events if e.key == "mosaic.retrieve_layer"), None)
+    gather_us = sum(getattr(e, dev_attr) for e in events if e.key.startswith(("_gather_clusters_kernel", "_gather_rows_kernel")))
     by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     by_gpu = sorted(events, key=lambda e: getattr(e, dev_attr), reverse=True)[:top] if cuda else []
     row = lambda e: {"op": e.key[:80], "calls": e.count, "self_host_ms": e.self_cpu_time_total / 1e3,  # noqa: E731
                      "self_gpu_ms": getattr(e, dev_attr) / 1e3}
-    return {"kernel_launches": launches, "syncs": syncs, "gpu_kernel_ms": gpu_us / 1e3,
+    return {"kernel_launches": launches, "syncs": syncs, "gpu_kernel_ms": gpu_us / 1e3, "gather_kernel_ms": gather_us / 1e3,
             "retrieve_host_ms": retrieve.cpu_time_total / 1e3 if retrieve else 0.0,
             "retrieve_calls": retrieve.count if retrieve else 0,
             "top_host": [row(e) for e in by_host], "top_gpu": [row(e) for e in by_gpu]}
@@ -84,9 +85,7 @@ def main(argv=None) -> int:
         while run.phase != "done":
             engine._advance([run])
         moved = run.answer().fetched_bytes
-        events = pre.key_averages()
-        dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-        gather_us = sum(getattr(e, dev_attr) for e in events if e.key.startswith(("_gather_clusters_kernel", "_gather_rows_kernel")))
+        prefill = {k: v for k, v in _summary(pre, cuda, a.top).items() if not k.startswith("top")}
         stacks = pre.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=a.top)
         print(stacks, flush=True)
         tag = method.replace(":", "_")
@@ -103,9 +102,9 @@ def main(argv=None) -> int:
         engine.close_stream("s")
         res = {"method": method, "minutes": a.minutes, "ttft_ms_unprofiled": plain[1] * 1e3,
                "ttft_ms": ans.ttft_s * 1e3, "total_ms": wall * 1e3,
-               "bytes_moved": moved, "gather_kernel_ms": gather_us / 1e3,
-               "copy_gbps_in_kernel": moved / (gather_us * 1e3) if gather_us else None,
-               "prefill": {k: v for k, v in _summary(pre, cuda, a.top).items() if not k.startswith("top")},
+               "bytes_moved": moved, "gather_kernel_ms": prefill["gather_kernel_ms"],
+               "copy_gbps_in_kernel": moved / (prefill["gather_kernel_ms"] * 1e6) if prefill["gather_kernel_ms"] else None,
+               "prefill": prefill,
                "answer_tokens": len(ans.token_ids), **_summary(prof, cuda, a.top)}
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if not k.startswith("top")}), flush=True)

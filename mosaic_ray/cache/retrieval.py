@@ -149,14 +149,17 @@ class ClusterRetriever(Retriever):
         self.index.insert(batch)
         self.past_tokens += batch.size
 
+    def _scores(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """query . centroid of the layer's cluster slots [H, C] (a view of the index: no copy, no sync)."""
+        H = self.layout.num_kv_heads
+        return torch.bmm(self.index.centroid[layer * H : (layer + 1) * H], query.float()[:, :, None]).squeeze(-1)
+
     def _ranked(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's clusters best-first: (order, sizes in that order, running total), [H, C]
         each, on the device (empty cluster slots have size 0: taking them moves nothing)."""
-        ix, H = self.index, self.layout.num_kv_heads
-        g = slice(layer * H, (layer + 1) * H)  # a view of the layer's clusters: no copies, no sync
-        scores = torch.bmm(ix.centroid[g], query.float()[:, :, None]).squeeze(-1)
-        order = torch.argsort(scores, dim=1, descending=True)
-        sizes = ix.count[g].gather(1, order)
+        H = self.layout.num_kv_heads
+        order = torch.argsort(self._scores(layer, query), dim=1, descending=True)
+        sizes = self.index.count[layer * H : (layer + 1) * H].gather(1, order)
         return order, sizes, torch.cumsum(sizes, 1)
 
     def select(self, layer, query, budget, since=None, until=None) -> Selection:
@@ -169,8 +172,7 @@ class ClusterRetriever(Retriever):
                 order, sizes, csum = self._ranked(layer, query)
                 rows, _ = cluster_positions(order, sizes, csum, ix.slabs[g], budget, budget, ix.S)
                 return Selection(layer, rows)
-            cnt = ix.count[g]
-            scores = torch.bmm(ix.centroid[g], query.float()[:, :, None]).squeeze(-1)
+            cnt, scores = ix.count[g], self._scores(layer, query)
             t_min, t_max = ix.t_min[g], ix.t_max[g]
             ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
             sizes = self._in_range_estimate(cnt, t_min, t_max, since, until)
