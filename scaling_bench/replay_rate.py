@@ -3,8 +3,8 @@ frames were ingested live: the number that decides whether a dead shard's stream
 within 30 s (docs/reliability.md). No Ray needed (runs on the GPU machine as it is).
 
 For S streams of F frames (JPEG, --size px, as clients send them):
-1. live: the decoded frames appended as ingest does, all streams' batches merged per engine call
-   (`FrameBatcher`, `--batch` frames per stream per call);
+1. live: the decoded frames appended as the shard does (`StreamEngine.ingest_frames`, `--batch`
+   frames per stream per call; the engine's step loop merges the streams' frames per forward);
 2. the same batches written to a `DiskFrameLog`, then every stream rebuilt in a fresh engine by
    `log_replay.replay` (read, JPEG decode one group ahead, the same cross-stream batching), as
    `ShardActor.recover_stream` does for S streams at once; then one stream alone.
@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mosaic_ray.bench import report  # noqa: E402
 from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
-from mosaic_ray.runtime.frame_batcher import FrameBatcher  # noqa: E402
 from mosaic_ray.runtime.frame_codec import decode_all, inspect  # noqa: E402
 from mosaic_ray.runtime.frame_log import FrameRecord, OpenRecord  # noqa: E402
 from mosaic_ray.runtime.frame_log_disk import DiskFrameLog  # noqa: E402
@@ -74,17 +73,13 @@ def synced(eng: StreamEngine, device: str):
 
 
 async def live(eng: StreamEngine, streams: dict, batch: int, device: str) -> float:
-    async def call(fn, *args):
-        return fn(*args)
-
-    batcher = FrameBatcher(eng, call, batch * len(streams))
     decoded = {sid: decode_all(frames) for sid, frames in streams.items()}
     start = time.perf_counter()
 
     async def feed(sid: str):
         frames = decoded[sid]
         for i in range(0, len(frames), batch):
-            await batcher.append(sid, frames[i:i + batch], [float(t) for t in range(i, min(i + batch, len(frames)))])
+            await eng.ingest_frames(sid, frames[i:i + batch], [float(t) for t in range(i, min(i + batch, len(frames)))])
 
     await asyncio.gather(*(feed(s) for s in streams))
     synced(eng, device)
@@ -92,11 +87,6 @@ async def live(eng: StreamEngine, streams: dict, batch: int, device: str) -> flo
 
 
 async def rebuild(eng: StreamEngine, log: DiskFrameLog, sids: list[str], batch: int, device: str) -> float:
-    async def call(fn, *args):
-        return fn(*args)
-
-    batcher = FrameBatcher(eng, call, batch * len(sids))
-
     async def decode(frames):
         return await asyncio.to_thread(decode_all, frames)
 
@@ -107,7 +97,7 @@ async def rebuild(eng: StreamEngine, log: DiskFrameLog, sids: list[str], batch: 
         async def text(x, ts):
             eng.append_text(sid, x, ts)
 
-        return await replay(records, lambda f, t: batcher.append(sid, f, t), text, decode, batch)
+        return await replay(records, lambda f, t: eng.ingest_frames(sid, f, t), text, decode, batch)
 
     start = time.perf_counter()
     await asyncio.gather(*(one(s) for s in sids))

@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
+from mosaic_ray.engine.stream_state import WaitingFrames
 
 if TYPE_CHECKING:
+    import asyncio
+
     from mosaic_ray.engine.stream_state import StreamState
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
         if not frames:
             applied.append(i)
         elif waits[i]:
-            state.deferred.append((list(frames), list(ts), time.monotonic()))
+            state.deferred.append(WaitingFrames(list(frames), list(ts), time.monotonic()))
             applied.append(i)
             if not state.awaiting_prefill:
                 flush.append(state)  # nothing holds them back: in now (unless the step loop takes them)
@@ -113,11 +116,13 @@ def append_frames_batch(engine, items: list[tuple[str, list[np.ndarray], list[fl
     return held
 
 
-def submit_frames(engine, state: StreamState, frames, timestamps) -> int:
+def submit_frames(engine, state: StreamState, frames, timestamps, done: asyncio.Future | None = None) -> int:
     """Queue frames of one stream for the engine's step loop: validated (after the frames already
     queued) and pruned now, ingested by a later step under the scheduler's budgets. Returns the
-    frames the stream holds, queued ones included; a full queue is an overload (503)."""
-    queued = [t for _, ts, _ in state.deferred for t in ts]
+    frames the stream holds, queued ones included; a full queue is an overload (503). `done`
+    (optional) is settled when they are ingested (`WaitingFrames`); with every frame pruned it is
+    settled at once."""
+    queued = [t for w in state.deferred for t in w.timestamps]
     check_frames(engine.config.max_frames_per_call, state, frames, timestamps, after=queued[-1] if queued else None)
     plan = engine.pruner.plan(state.pruning, frames, timestamps)
     kept, kept_ts = plan.kept(frames), [float(t) for t in plan.kept(timestamps)]
@@ -125,23 +130,50 @@ def submit_frames(engine, state: StreamState, frames, timestamps) -> int:
         raise OverloadedError(f"stream {state.stream_id!r}: {len(queued)} frames already wait for ingest")
     engine.pruner.commit(state.pruning, plan)
     state.clock = max(state.clock, float(timestamps[-1]))  # pruned frames move the clock too
+    entry = WaitingFrames(list(kept), kept_ts, time.monotonic(), done)
     if kept:
-        state.deferred.append((list(kept), kept_ts, time.monotonic()))
-    return state.frames + state.waiting_frames
+        state.deferred.append(entry)
+    held = state.frames + state.waiting_frames
+    if not kept:
+        entry.settle(held)
+    return held
 
 
 def flush_waiting(engine, state: StreamState) -> None:
-    """Ingest the stream's waiting frames in arrival order (the step loop, when it drives, takes
-    them under its budgets instead). A failure leaves the rest queued (they were acknowledged):
-    it is logged, not raised, so it fails neither an answer nor the call that triggered it."""
-    if engine.loop.active:
-        return
+    """Ingest the stream's waiting frames now unless the step loop drives (it takes them under
+    its budgets then)."""
+    if not engine.loop.active:
+        ingest_waiting(engine, state)
+
+
+def ingest_waiting(engine, state: StreamState) -> bool:
+    """Ingest the stream's waiting frames now, in arrival order, whole entries of up to the
+    scheduler's encoder budget per forward (before a question or a text of the stream, whose
+    place in the stream comes after them; when no step loop drives). Returns True when none waits.
+
+    A failure is logged, not raised (it fails neither an answer nor the call that triggered it):
+    entries with a `done` fail with it and are dropped (their sender is told), the others stay
+    queued (they were acknowledged)."""
+    budget = max(1, engine.config.scheduler.encoder_budget)
     while state.deferred and not state.awaiting_prefill:
-        frames, ts, _ = state.deferred[0]
+        group, n = [], 0
+        for w in state.deferred:
+            if group and n + len(w.frames) > budget:
+                break
+            group.append(w)
+            n += len(w.frames)
         try:
-            engine._ingest_frames([(state, frames, ts)])
+            engine._ingest_frames([(state, [f for w in group for f in w.frames],
+                                    [t for w in group for t in w.timestamps])])
         except Exception as exc:
             logger.warning("stream %r: %d waiting frames could not be ingested yet (%r)", state.stream_id,
                            state.waiting_frames, exc)
-            return
-        state.deferred.pop(0)
+            state.deferred = [w for w in state.deferred if not (w in group and w.done is not None)]
+            for w in group:
+                w.settle(error=exc)
+            return False
+        del state.deferred[: len(group)]
+        held = state.frames + state.waiting_frames
+        for w in group:
+            w.settle(held)
+    return not state.deferred

@@ -9,7 +9,8 @@ background work after it.
 
 While the loop drives, commits (of frames and of finished answers) do not drain splits inline;
 the streams that may need some are remembered and served here in turn. Frames that fail to ingest
-go back to the front of their stream's queue (they were acknowledged: never dropped); the error is
+go back to the front of their stream's queue when they were acknowledged on queueing (never
+dropped), or fail their waiting sender (`StreamEngine.ingest_frames`) and are dropped; the error is
 counted and the stream retried on a later step.
 """
 
@@ -21,6 +22,7 @@ import time
 from mosaic_ray.cache.host_pool import PoolExhaustedError
 from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.scheduler import IngestWork, QuestionWork, StepScheduler
+from mosaic_ray.engine.stream_state import WaitingFrames
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class StepLoop:
         questions = [QuestionWork(id(run), run.state.stream_id, run.phase, len(run.next_ids()),
                                   run.request.priority == "interactive", run.t_start) for run in e._runs]
         ingest = [IngestWork(s.stream_id, s.waiting_frames, self.tokens_per_frame,
-                             s.deferred[0][2], blocked=s.awaiting_prefill)
+                             s.oldest_waiting, blocked=s.awaiting_prefill)
                   for s in e.streams.values() if s.deferred]
         splits = {sid: e.config.scheduler.maintenance_budget for sid in self.needs_maintenance if sid in e.streams}
         plan = self.scheduler.schedule(questions, ingest, now, splits)
@@ -114,20 +116,18 @@ class StepLoop:
         ready, popped = [], []
         for sid, n in take.items():
             state = e.streams[sid]
-            frames, ts, entries = [], [], []
+            pieces = []
             while n > 0 and state.deferred:
-                f, t, arrived = state.deferred[0]
-                k = min(n, len(f))
-                frames += f[:k]
-                ts += t[:k]
-                entries.append((f[:k], t[:k], arrived))
-                if k == len(f):
-                    state.deferred.pop(0)
-                else:
-                    state.deferred[0] = (f[k:], t[k:], arrived)
+                head = state.deferred[0]
+                k = min(n, len(head.frames))
+                if k == len(head.frames):
+                    pieces.append(state.deferred.pop(0))
+                else:  # the rest of the entry waits for a later step; its `done` settles then
+                    pieces.append(WaitingFrames(head.frames[:k], head.timestamps[:k], head.arrived, head.done, last=False))
+                    head.frames, head.timestamps = head.frames[k:], head.timestamps[k:]
                 n -= k
-            ready.append((state, frames, [float(x) for x in ts]))
-            popped.append(entries)
+            ready.append((state, [f for p in pieces for f in p.frames], [float(t) for p in pieces for t in p.timestamps]))
+            popped.append(pieces)
         try:
             e._ingest_frames(ready)
             done = len(ready)
@@ -137,19 +137,28 @@ class StepLoop:
         except Exception as exc:
             done = 0
             self._failed(ready, popped, exc)
-        for state, frames, _ in ready[:done]:
+        for (state, frames, _), pieces in zip(ready[:done], popped[:done]):
             self.needs_maintenance.add(state.stream_id)
             self.counters["ingest_frames"] += len(frames)
+            held = state.frames + state.waiting_frames
+            for p in pieces:
+                p.settle(held)
         if done and e.last_frame_tokens:
             self.tokens_per_frame = e.last_frame_tokens
         return done > 0
 
     def _failed(self, ready, popped, exc: BaseException) -> None:
-        """Acknowledged frames that could not be ingested go back to the front of their queue."""
+        """Frames that could not be ingested: those acknowledged when queued go back to the front
+        of their queue (never dropped); those whose sender waits (`done`) fail with the error and
+        are dropped, with the rest of a split entry."""
         self.counters["ingest_errors"] += 1
         logger.warning("ingest of %d streams failed (%r); their frames stay queued", len(ready), exc)
-        for (state, _, _), entries in zip(ready, popped):
-            state.deferred[:0] = entries
+        for (state, _, _), pieces in zip(ready, popped):
+            for p in pieces:
+                p.settle(error=exc)
+            if pieces and not pieces[-1].last and pieces[-1].done is not None:
+                state.deferred.pop(0)  # the rest of the failed entry
+            state.deferred[:0] = [p for p in pieces if p.done is None]
 
     def _maintain(self, sid: str, n: int) -> bool:
         state = self.engine.streams.get(sid)

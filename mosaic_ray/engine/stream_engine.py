@@ -128,6 +128,8 @@ class StreamEngine(Engine):
         state = self._get(stream_id)
         if state.busy:
             raise StreamBusyError(f"stream {stream_id!r} is answering a question")
+        for w in state.deferred:  # their senders learn the stream is gone
+            w.settle(error=UnknownStreamError(f"stream {stream_id!r} was closed"))
         state.cache.release()
         del self.streams[stream_id]
 
@@ -159,6 +161,16 @@ class StreamEngine(Engine):
         held = frame_append.submit_frames(self, self._get(stream_id), frames, timestamps)
         self._kick()
         return held
+
+    async def ingest_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
+        """The serving path's append (the shard's): the frames are queued for the step loop
+        (validated and pruned now, `frame_append.submit_frames`), which ingests those of every
+        stream together under the scheduler's budgets; returns the frames the stream holds once
+        these are ingested. A failed ingest raises here and leaves them out of the stream."""
+        done = asyncio.get_running_loop().create_future()
+        frame_append.submit_frames(self, self._get(stream_id), frames, timestamps, done)
+        self._kick()
+        return await done
 
     def _kick(self) -> None:
         """Start the step loop on the running event loop if it is not driving already."""
@@ -196,6 +208,8 @@ class StreamEngine(Engine):
             raise InvalidInputError(f"timestamp must be a finite number >= 0, got {timestamp!r}")
         if state.awaiting_prefill:
             raise StreamBusyError(f"stream {stream_id!r} is starting to answer a question; retry shortly")
+        if not frame_append.ingest_waiting(self, state):  # the text comes after the frames it follows
+            raise OverloadedError(f"stream {stream_id!r}: frames waiting for ingest could not be ingested; retry")
         chunk = self.adapter.text_chunk(self.adapter.caption_text(text, float(timestamp)))
         if chunk.size > self.config.max_question_tokens:
             raise InvalidInputError(f"text of {chunk.size} tokens exceeds the limit of {self.config.max_question_tokens}")
@@ -251,7 +265,10 @@ class StreamEngine(Engine):
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
-        return self.questions.start(self._get(stream_id), request)
+        state = self._get(stream_id)
+        if not state.busy:  # the question sees every frame that came before it (a failure is logged)
+            frame_append.ingest_waiting(self, state)
+        return self.questions.start(state, request)
 
     @_counts_busy
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
@@ -353,7 +370,7 @@ class StreamEngine(Engine):
             "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
             "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
             "busy": s.busy, "deferred_frames": s.waiting_frames,
-            "ingest_lag_s": (time.monotonic() - s.deferred[0][2]) if s.deferred else 0.0,
+            "ingest_lag_s": (time.monotonic() - s.oldest_waiting) if s.deferred else 0.0,
             "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),
         }
 
@@ -367,7 +384,7 @@ class StreamEngine(Engine):
             "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
             "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
             "active_questions": len(self._runs), "busy_s_total": self.busy_s,
-            "ingest_lag_s_max": max((time.monotonic() - s.deferred[0][2] for s in self.streams.values() if s.deferred),
+            "ingest_lag_s_max": max((time.monotonic() - s.oldest_waiting for s in self.streams.values() if s.deferred),
                                     default=0.0),
             **{f"{k}_total": v for k, v in self.counters.items()},
             **{f"step_{k}_total": v for k, v in self.loop.counters.items()},
@@ -379,6 +396,8 @@ class StreamEngine(Engine):
         state = self._get(stream_id)
         if state.busy:
             raise StreamBusyError(f"stream {stream_id!r} is answering a question")
+        if not frame_append.ingest_waiting(self, state):  # a snapshot holds every frame it was given
+            raise OverloadedError(f"stream {stream_id!r}: frames waiting for ingest could not be ingested; retry")
         snapshot = export_stream(state)
         meta, tensors = self.pruner.export(state.pruning)
         snapshot["meta"]["pruning"] = meta

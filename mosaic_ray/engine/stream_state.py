@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,32 @@ import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.model.adapter import Chunk
+
+
+@dataclass(slots=True, eq=False)
+class WaitingFrames:
+    """Frames the engine holds and has not ingested yet, in arrival order (`StreamState.deferred`).
+
+    `done` (set by `StreamEngine.ingest_frames`, the serving path) resolves to the frames the
+    stream holds once these are ingested, or fails with the error that kept them out (they are
+    then dropped: their sender was told). Entries without `done` were acknowledged when queued:
+    a failure puts them back at the front of the queue, never drops them. `last` is False for the
+    first part of an entry a step split (its `done` resolves with the last part)."""
+
+    frames: list
+    timestamps: list[float]
+    arrived: float
+    done: asyncio.Future | None = None
+    last: bool = True
+
+    def settle(self, held: int | None = None, error: BaseException | None = None) -> None:
+        """Resolve `done` (if any, and once) with `held`, or fail it with `error`."""
+        if self.done is None or self.done.done() or (error is None and not self.last):
+            return
+        if error is not None:
+            self.done.set_exception(error)
+        else:
+            self.done.set_result(held)
 
 
 @dataclass(slots=True)
@@ -28,14 +55,19 @@ class StreamState:
     busy: bool = False
     # a question started and its prefill has not run: frames wait in `deferred` for that one step
     awaiting_prefill: bool = False
-    deferred: list = field(default_factory=list)
+    deferred: list[WaitingFrames] = field(default_factory=list)
     # The stream's redundant-frame pruning (`frame_pruner.PruneState`); set by the engine.
     pruning: Any = None
 
     @property
     def waiting_frames(self) -> int:
-        """Acknowledged frames not ingested yet (`deferred` entries: frames, timestamps, arrival)."""
-        return sum(len(f) for f, _, _ in self.deferred)
+        """Frames the engine holds and has not ingested yet (`deferred`)."""
+        return sum(len(w.frames) for w in self.deferred)
+
+    @property
+    def oldest_waiting(self) -> float | None:
+        """Arrival time (monotonic) of the oldest waiting frame, None when none waits."""
+        return self.deferred[0].arrived if self.deferred else None
 
 
 @dataclass(slots=True)

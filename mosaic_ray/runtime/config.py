@@ -84,9 +84,6 @@ class ShardSpec(_Strict):
     max_stream_requests: int = Field(64, ge=1)
     # Frames of one stream coalesced into one append (bounds one call's memory and latency).
     max_coalesce_frames: int = Field(64, ge=1)
-    # Frames of all streams in one engine call (one vision batch). FACTS.md: the vision tower
-    # reaches 190 frames/s at batch 16 and 223 at 64 on an H100, so 64 takes nearly all the gain.
-    max_batch_frames: int = Field(64, ge=1)
     # Threads decoding JPEG/PNG frames on the shard (PIL releases the GIL): ~1 ms per 224x224
     # JPEG on one core (measured, examples/measure_serve_overhead.py), so 4 keep up with ~4000 fps.
     decode_threads: int = Field(4, ge=1)
@@ -153,7 +150,7 @@ class DurabilitySpec(_Strict):
     # is fsynced and closed. 512 fits Linux's default 1024 descriptors with room for sockets.
     max_open_files: int = Field(512, ge=1)
     # Frames of one stream replayed in one engine call when a stream is rebuilt (as ingest's
-    # `max_coalesce_frames`; replays of different streams still meet in one `FrameBatcher` call).
+    # `max_coalesce_frames`; replays of different streams still meet in one step of the engine's loop).
     replay_batch_frames: int = Field(64, ge=1)
     # Streams a router rebuilds at once after a shard dies.
     replay_parallel_streams: int = Field(16, ge=1)

@@ -10,7 +10,8 @@ would need an engine that is thread-safe. So the engine gets one thread with its
 - concurrent `ask` iterators are advanced on that loop, so an engine whose `ask` awaits between
   decode steps can interleave, and batch, questions of many streams.
 
-Verbs: call (a sync engine method) / iterate (an async iterator from the engine) / close.
+Verbs: call (a sync engine method) / await_ (a coroutine of the engine) / iterate (an async
+iterator from the engine) / close.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class EngineRunner:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the engine thread; the caller's loop stays free meanwhile."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run(fn, args), self._loop))
+
+    async def await_(self, make_coro: Callable[[], Any]) -> Any:
+        """Create the coroutine `make_coro()` on the engine thread and await its result there (an
+        engine verb that waits for its step loop); cancelling the caller cancels it."""
+        async def run():
+            return await make_coro()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
 
     async def iterate(self, make_iter: Callable[[], Any]) -> AsyncIterator[Any]:
         """Yield the items of the async iterator `make_iter()`, created and advanced on the engine

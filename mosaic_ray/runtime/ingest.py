@@ -3,7 +3,7 @@
 Batches of one stream that arrive while the engine is busy with that stream are coalesced into one
 append (up to `max_coalesce_frames`): many small HTTP requests become few engine calls. Streams
 drain independently, so a long question on one stream delays only that stream; appends of
-different streams that meet are merged into one engine call by `FrameBatcher`.
+different streams meet in the engine's step loop, which ingests them in one forward.
 
 Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
@@ -35,7 +35,7 @@ from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
 
-# (stream_id, frames, timestamps) -> frames the stream holds: `FrameBatcher.append`.
+# (stream_id, frames, timestamps) -> frames the stream holds, once they are in: `ShardActor._engine_append`.
 AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[int]]
 # (stream_id, batches with their seq set) -> their records are in the stream's log.
 LogFn = Callable[[str, list[FrameBatch]], Awaitable[None]]

@@ -12,8 +12,8 @@ the engine ends up holding what it held when the records were acknowledged:
   ends the replay: the engine is broken, and the caller gives up on the stream.
 
 Speed: consecutive frame records are applied in groups of up to `max_frames` frames (one engine
-call each; the shard's `FrameBatcher` merges the groups of streams replayed at once into one
-call), and the next group is decoded while the engine works on the current one. A group the
+call each; the engine's step loop ingests the groups of streams replayed at once in one
+forward), and the next group is decoded while the engine works on the current one. A group the
 engine refuses is applied again record by record, to skip only the refused ones.
 
 Records other than frames, text and options (`OpenRecord`, a snapshot's `MarkRecord`) are skipped.

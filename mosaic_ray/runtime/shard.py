@@ -6,11 +6,12 @@ every engine call on one dedicated thread (`EngineRunner`), so the actor's event
 admit requests, coalesce ingest, report load and answer health checks while the GPU works.
 
 Per stream (`StreamSlot`): requests are admitted, then run one at a time in arrival order; frame
-batches are coalesced and deduplicated by seq (`IngestQueue`); a migrating stream holds its
-requests and then redirects them (`StreamMovedError`) to its new shard.
+batches are coalesced, deduplicated by seq and logged (`IngestQueue`), then handed to the engine's
+step loop (`_engine_append`), whose scheduler batches the frames of all streams; a migrating stream
+holds its requests and then redirects them (`StreamMovedError`) to its new shard.
 
 Invariants:
-- Only `_call` touches the engine, and only from the runner thread.
+- Only `_call` and `_engine_append` touch the engine, and only from the runner thread.
 - An engine that raises anything but an `EngineError` is broken: the shard remembers it and
   `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
   recovery takes over); a hung engine fails `check_health` by timeout.
@@ -41,7 +42,6 @@ from mosaic_ray.runtime.errors import (
     StreamMovedError,
 )
 from mosaic_ray.runtime.capacity import CapacityGate
-from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
@@ -73,9 +73,8 @@ class ShardActor(ShardDurability, ShardMigration):
         self._draining = False
         self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
         self._capacity = CapacityGate(self._spec.max_utilization, self._spec.capacity_window_s)
-        self._batcher = FrameBatcher(self._engine, self._call, self._spec.max_batch_frames)
         self._ingest = IngestQueue(
-            self._batcher.append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
+            self._engine_append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
             self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
             max_stream_pending_frames=self._spec.max_stream_pending_frames,
         )
@@ -270,6 +269,21 @@ class ShardActor(ShardDurability, ShardMigration):
     async def _call(self, fn, *args):
         try:
             return await self._runner.call(fn, *args)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise self._broken(exc) from None
+
+    async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]) -> int:
+        """Frames into the engine; returns the frames the stream holds. An engine with a step loop
+        takes them into its scheduler's queue (`ingest_frames`): the frames of every stream queued
+        meanwhile share one vision batch and one forward, the only cross-stream batching there is.
+        Other engines get one `append_frames` call per stream's batch."""
+        ingest = getattr(self._engine, "ingest_frames", None)
+        if ingest is None:
+            return await self._call(self._engine.append_frames, stream_id, frames, stamps)
+        try:
+            return await self._runner.await_(lambda: ingest(stream_id, frames, stamps))
         except EngineError:
             raise
         except Exception as exc:

@@ -1,7 +1,7 @@
 """ShardDurability: a shard's verbs for recovery and shutdown (docs/reliability.md).
 
 A mixin of `ShardActor` (shard.py), kept apart so each file holds one concept. It uses the
-actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`, `_batcher`,
+actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`, `_engine_append`,
 `_engine`, `_call`, `_fatal`, `_draining` and `name`.
 
 - `recover_stream`: rebuild a stream another shard held, from its snapshot (if any) and the
@@ -56,7 +56,7 @@ class ShardDurability:
         try:
             done = await replay(
                 plan.records,
-                lambda frames, stamps: self._batcher.append(stream_id, frames, stamps),
+                lambda frames, stamps: self._engine_append(stream_id, frames, stamps),
                 lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
                 self._log.decode,
                 self._log.spec.replay_batch_frames,

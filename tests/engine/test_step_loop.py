@@ -138,3 +138,91 @@ def test_submit_validates_and_bounds_the_queue(tiny_adapter):
     assert e.stream_info("s")["frames"] == 1
     with pytest.raises(InvalidInputError, match="priority"):
         AskRequest("hi", priority="urgent")
+
+
+def test_ingest_frames_returns_once_the_frames_are_in_and_shares_one_forward(tiny_adapter, monkeypatch):
+    e = _engine(tiny_adapter)
+    for sid in "ab":
+        e.open_stream(sid)
+    forwards, real = [], e._ingest_frames
+    monkeypatch.setattr(e, "_ingest_frames", lambda ready: forwards.append(len(ready)) or real(ready))
+
+    async def go():
+        return await asyncio.gather(e.ingest_frames("a", frames(2, seed=1), [0.0, 1.0]),
+                                    e.ingest_frames("b", frames(3, seed=2), [0.0, 1.0, 2.0]))
+
+    assert asyncio.run(go()) == [2, 3]  # held, and ingested (not queued) when they return
+    assert [e.streams[s].frames for s in "ab"] == [2, 3] and forwards[0] == 2
+
+
+def test_a_failed_ingest_fails_its_waiting_sender_and_drops_only_its_frames(tiny_adapter, monkeypatch):
+    e = _engine(tiny_adapter)
+    e.open_stream("s")
+    real, failures = e._ingest_frames, []
+
+    def flaky(ready):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("device busy (test)")
+        return real(ready)
+
+    monkeypatch.setattr(e, "_ingest_frames", flaky)
+
+    async def go():
+        first = asyncio.ensure_future(e.ingest_frames("s", frames(2, seed=3), [0.0, 1.0]))
+        await asyncio.sleep(0)  # queued; the loop's first step fails it
+        with pytest.raises(RuntimeError, match="device busy"):
+            await first
+        return await e.ingest_frames("s", frames(1, seed=4), [2.0])
+
+    assert asyncio.run(go()) == 1  # the failed frames are not in; the next ones are
+    assert e.stream_info("s")["frames"] == 1 and e.loop.counters["ingest_errors"] == 1
+
+
+def test_a_question_a_text_and_a_snapshot_take_the_frames_queued_before_them(tiny_adapter):
+    live, alone = _engine(tiny_adapter), _engine(tiny_adapter)
+    for e in (live, alone):
+        e.open_stream("s")
+    shown = frames(5, seed=6)
+    alone.append_frames("s", shown, [float(i) for i in range(5)])
+    want = alone.answer("s", Q).text
+
+    async def go():
+        live.submit_frames("s", shown, [float(i) for i in range(5)])
+        assert live.stream_info("s")["deferred_frames"] == 5  # not ingested: no step has run
+        return "".join([d async for d in live.ask("s", Q)])
+
+    assert asyncio.run(go()) == want  # the question saw the queued frames, as if appended first
+
+    async def text_after_frames():
+        live.submit_frames("s", frames(1, seed=7), [9.0])
+        live.append_text("s", "a caption", 9.5)
+        return live.streams["s"].frames
+
+    assert asyncio.run(text_after_frames()) == 6  # the frame went in before the text
+
+    async def snapshot_after_frames():
+        live.submit_frames("s", frames(1, seed=8), [10.0])
+        return live.export_stream("s")
+
+    snap = asyncio.run(snapshot_after_frames())
+    assert live.streams["s"].frames == 7 and live.stream_info("s")["deferred_frames"] == 0
+    live.close_stream("s")
+    live.import_stream("s", snap)
+    assert live.streams["s"].frames == 7
+
+
+def test_closing_a_stream_fails_its_waiting_senders(tiny_adapter):
+    from mosaic_ray.engine.interface import UnknownStreamError
+
+    e = _engine(tiny_adapter)
+    e.open_stream("s")
+
+    async def go():
+        pending = asyncio.ensure_future(e.ingest_frames("s", frames(1, seed=1), [0.0]))
+        await asyncio.sleep(0)
+        e.close_stream("s")  # before the loop's step
+        with pytest.raises(UnknownStreamError, match="closed"):
+            await pending
+
+    asyncio.run(go())

@@ -4,6 +4,7 @@ deduplication, failure isolation and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import pytest
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
-from mosaic_ray.runtime.frame_batcher import FrameBatcher
 from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
@@ -34,9 +34,11 @@ class Harness:
         self.engine.append_frames = spy
         self.runner = EngineRunner("test")
         self.meter = ShardMeter(10.0, (0.1,))
-        self.batcher = FrameBatcher(self.engine, self.runner.call, 64)
-        self.queue = IngestQueue(self.batcher.append, self.meter, max_pending, 64)
+        self.queue = IngestQueue(self.append, self.meter, max_pending, 64)
         self.slot = StreamSlot("s", 10.0)
+
+    async def append(self, sid, frames, stamps):
+        return await self.runner.call(self.engine.append_frames, sid, frames, stamps)
 
     def submit(self, seq, values, stamps):
         frames = [np.full((8, 8, 3), v, np.uint8) for v in values]
@@ -111,60 +113,58 @@ def test_a_full_queue_answers_busy_with_a_retry_hint():
     assert busy.status == 503 and busy.retry_after_s >= 1.0
 
 
-def test_appends_of_different_streams_share_one_engine_call_and_fail_alone():
+def test_appends_of_different_streams_share_one_step_of_the_engine_loop_and_fail_alone():
+    """The shard's path into a real engine: IngestQueue -> `StreamEngine.ingest_frames` on the
+    engine thread. Appends of streams that meet are ingested by one step (one forward), and a
+    refused batch fails alone."""
+    from mosaic_ray.config import CacheConfig, EngineConfig
+    from mosaic_ray.engine.stream_engine import StreamEngine
+    from mosaic_ray.model.registry import load_model
+
+    cfg = EngineConfig(model="tiny", device="cpu", kv_pool={"capacity_tokens": 1 << 14},
+                       cache=CacheConfig(retrieval="full", pool={"capacity_bytes": 16 << 20}))
+    engine = StreamEngine(cfg, adapter=load_model("tiny", "cpu"))
+    runner = EngineRunner("test")
+    ids = ("s", "t", "u")
+    for sid in ids:
+        engine.open_stream(sid)
+
+    async def append(sid, frames, ts):
+        return await runner.await_(lambda: engine.ingest_frames(sid, frames, ts))
+
+    forwards, real_ingest = [], engine._ingest_frames
+
+    def spy(ready):  # the streams of each ingest forward
+        forwards.append([state.stream_id for state, _, _ in ready])
+        return real_ingest(ready)
+
+    engine._ingest_frames = spy
+    queue = IngestQueue(append, ShardMeter(10.0, (0.1,)), 1000, 64)
+    slots = {sid: StreamSlot(sid, 10.0) for sid in ids}
+    rng = np.random.default_rng(0)
+
+    async def round_(seq: int, u_ts: float):
+        return await asyncio.gather(
+            *(queue.submit(slots[sid], seq, [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)],
+                           [u_ts if sid == "u" else float(seq)]) for sid in ids),
+            return_exceptions=True,
+        )
+
     async def go():
-        h = Harness()
-        for sid in ("t", "u"):
-            h.engine.open_stream(sid)
-        slots = {sid: StreamSlot(sid, 10.0) for sid in ("s", "t", "u")}
-        frames = [np.zeros((8, 8, 3), np.uint8)]
-
-        async def round_(seq: int, u_ts: float):
-            # Three streams append in the same instant: one engine call takes all three.
-            return await asyncio.gather(
-                h.queue.submit(slots["s"], seq, frames, [float(seq)]),
-                h.queue.submit(slots["t"], seq, frames, [float(seq)]),
-                h.queue.submit(slots["u"], seq, frames, [u_ts]),
-                return_exceptions=True,
-            )
-
+        busy = asyncio.ensure_future(runner.call(time.sleep, 0.3))  # the three appends queue behind it
+        await asyncio.sleep(0.05)
         ok = await round_(0, 0.0)
-        calls_ok = h.batcher.calls
+        await busy
         bad = await round_(1, float("nan"))  # u's frame is refused by the engine
-        return h, ok, calls_ok, bad
+        return ok, bad
 
-    h, ok, calls_ok, bad = run(go())
-    assert [r["frames_added"] for r in ok] == [1, 1, 1] and calls_ok == 1
+    try:
+        ok, bad = run(go())
+    finally:
+        runner.close()
+    assert [r["frames_added"] for r in ok] == [1, 1, 1] and [r["frames_total"] for r in ok] == [1, 1, 1]
+    assert forwards[0] == ["s", "t", "u"]  # round 0: one forward for the three streams
     assert bad[0]["frames_added"] == 1 and bad[1]["frames_added"] == 1
     assert isinstance(bad[2], InvalidInputError)
-    assert [h.engine.stream_info(s)["frames"] for s in ("s", "t", "u")] == [2, 2, 1]
-
-
-def test_streams_a_failed_batch_already_applied_are_acknowledged_not_appended_twice():
-    from mosaic_ray.engine.interface import BatchPartlyAppliedError
-
-    engine = FakeEngine(frame_delay_s=FRAME_DELAY_S)
-    for sid in "abc":
-        engine.open_stream(sid)
-    real_batch, calls = engine.append_frames_batch, []
-
-    def batch(items):  # the first batch: "a" commits, then the pool is "full"
-        calls.append([sid for sid, _, _ in items])
-        if len(items) == 1 or calls.count(["a", "b"]) > 1:
-            return real_batch(items)
-        n = real_batch(items[:1])
-        raise BatchPartlyAppliedError({items[0][0]: n[0]}, MemoryError("pool full"))
-
-    engine.append_frames_batch = batch
-    batcher = FrameBatcher(engine, EngineRunner("test").call, 64)
-
-    async def go():
-        blocker = asyncio.create_task(batcher.append("c", [np.zeros((8, 8, 3), np.uint8)], [0.0]))
-        await asyncio.sleep(0.005)  # "c" occupies the engine; "a" and "b" queue into one batch
-        both = await asyncio.gather(*(batcher.append(s, [np.full((8, 8, 3), 7, np.uint8)], [1.0]) for s in "ab"))
-        return await blocker, both
-
-    held_c, (held_a, held_b) = run(go())
-    assert held_c == 1 and held_a == 1 and held_b == 1
-    assert [engine.stream_info(s)["frames"] for s in "ab"] == [1, 1]
-    assert ["a", "b"] in calls  # the batch that partly failed; "b" was then retried alone
+    assert [engine.stream_info(s)["frames"] for s in ids] == [2, 2, 1]
+    assert [slots[s].last_seq for s in ids] == [1, 1, 0]
