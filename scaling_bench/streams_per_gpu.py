@@ -48,13 +48,16 @@ def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames, prune:
                 async with target as t:
                     return await run_load(t, spec, frames, not a.no_progress, f"{label} x{n}")
 
+            busy0, t0 = stack.engine_busy_s(cfg), time.perf_counter()
             res = asyncio.run(go())
+            busy = (stack.engine_busy_s(cfg) - busy0) / (time.perf_counter() - t0)
             ok = res.sustained(a.max_lag_s, a.max_ttft_s)
-            steps.append({**res.summary(), "sustained": ok})
+            steps.append({**res.summary(), "sustained": ok, "engine_busy_share": busy})
             s = steps[-1]
-            print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p99 "
-                  f"{s['ttft']['p99_ms']:6.0f} ms, {s['ingest_fps']:6.1f} frames/s -> {'ok' if ok else 'FAIL'}",
-                  flush=True)
+            print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p50/p99 "
+                  f"{s['ttft']['p50_ms']:5.0f}/{s['ttft']['p99_ms']:5.0f} ms, answer p50/p99 {s['e2e']['p50_ms']:5.0f}/"
+                  f"{s['e2e']['p99_ms']:5.0f} ms, {s['ingest_fps']:6.1f} frames/s, engine busy {busy:4.0%} "
+                  f"-> {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
                 break
             best = n
@@ -141,16 +144,18 @@ def publish(out: str, result: dict) -> list[str]:
              f"{r0['frame_px']}px frames of {r0['video']} at {r0['fps_per_stream']:g} frame/s per stream; a question "
              f"every {r0['question_every_s']:g} s per stream; {r0['seconds_per_step']:g} s per step; sustained = lag "
              f"p99 <= {r0['max_lag_s']:g} s and TTFT p99 <= {r0['max_ttft_s']:g} s",
-             "", "| method | max streams sustained | at max: lag p99 ms | TTFT p50 ms | TTFT p99 ms | frames/s "
-             "| first failing step |", "|---|---|---|---|---|---|---|"]
+             "", "| method | max streams sustained | at max: lag p99 ms | TTFT p50 ms | TTFT p99 ms | answer p50 ms "
+             "| answer p99 ms | frames/s | engine busy | first failing step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ok = [s for s in r["steps"] if s["sustained"]]
         bad = [s for s in r["steps"] if not s["sustained"]]
         at = ok[-1] if ok else None
         fail = (f"{bad[0]['streams']} (lag p99 {bad[0]['lag']['p99_ms']:.0f} ms, TTFT p99 {bad[0]['ttft']['p99_ms']:.0f} ms"
                 f"{', errors' if bad[0]['errors'] else ''})") if bad else "none (ramp exhausted)"
+        busy = at.get("engine_busy_share") if at else None
         cells = (f"{at['lag']['p99_ms']:.0f} | {at['ttft']['p50_ms']:.0f} | {at['ttft']['p99_ms']:.0f} | "
-                 f"{at['ingest_fps']:.1f}") if at else "- | - | - | -"
+                 f"{at['e2e']['p50_ms']:.0f} | {at['e2e']['p99_ms']:.0f} | {at['ingest_fps']:.1f} | "
+                 f"{'-' if busy is None else f'{busy:.0%}'}") if at else "- | - | - | - | - | - | -"
         table.append(f"| {r['method']} | {r['max_streams']}{'+' if r['ramp_exhausted'] else ''} | {cells} | {fail} |")
     return report.publish(out, NAME, result, table, plot)
 
