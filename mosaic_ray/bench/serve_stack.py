@@ -67,7 +67,7 @@ class Stack:
         from mosaic_ray.runtime.config import RuntimeConfig
 
         config = RuntimeConfig(**cfg)
-        shards = [ray.get_actor(n, namespace=config.namespace) for n in config.shard_names()]
+        shards = [ray.get_actor(n, namespace=config.namespace) for n in config.shard_names]
         return float(sum(m.get("busy_s_total", 0.0) for m in ray.get([s.metrics.remote() for s in shards])))
 
     def drop(self, cfg: dict[str, Any], app: bool = False) -> None:

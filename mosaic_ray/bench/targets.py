@@ -81,3 +81,38 @@ class DirectTarget:
     async def delete(self, sid: str) -> None:
         await self._d.ask_router("delete_stream", sid)
         self._d.forget(sid)
+
+
+class EngineTarget:
+    """A `StreamEngine` in this process, driven as a shard drives it (`ingest_frames`, `ask`) on the
+    caller's event loop: no Ray, no HTTP; what the engine's step loop alone sustains."""
+
+    name = "engine"
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def __aenter__(self) -> EngineTarget:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    async def create(self, sid: str) -> None:
+        self.engine.open_stream(sid)
+
+    async def push(self, sid: str, seq: int, frames: list[np.ndarray], ts: list[float]) -> None:
+        await self.engine.ingest_frames(sid, frames, ts)
+
+    async def ask(self, sid: str, question: str, max_tokens: int) -> tuple[float, float]:
+        from mosaic_ray.engine.interface import AskRequest
+
+        t0 = time.perf_counter()
+        first = None
+        async for _ in self.engine.ask(sid, AskRequest(question, max_tokens=max_tokens)):
+            first = first if first is not None else time.perf_counter() - t0
+        end = time.perf_counter() - t0
+        return (first if first is not None else end), end
+
+    async def delete(self, sid: str) -> None:
+        self.engine.close_stream(sid)

@@ -47,6 +47,19 @@ class ModelRunner:
         kv_pool.v[:, self.scratch] = 0
         kv_pool.valid[:, self.scratch] = True
 
+    def capture_graphs(self) -> int:
+        """Capture the decode graph of every batch-size bucket now (at engine start, as vLLM does),
+        so that no answer pays a capture (~0.1-1 s at 7b-shape) the first time its batch size
+        occurs. Returns the buckets captured."""
+        if not self.use_graphs:
+            return 0
+        for b in GRAPH_BUCKETS:
+            if b <= self.config.max_graph_batch and b + 1 <= self.config.graph_max_kv:
+                self._graph_for(b, 0)
+            if not self.use_graphs:  # a capture failed: eager from now on
+                break
+        return len(self.graphs)
+
     # ------------------------------------------------------------------ eager
     def forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
                 new_slots: list[torch.Tensor], logits: bool = False) -> torch.Tensor | None:

@@ -10,6 +10,9 @@ Each step, in this order, while the budgets last:
     4. prefills of batch questions, oldest first;
     5. frame ingest of the other streams, most lagging first (a frame costs its decoder tokens
        and one unit of the encoder budget);
+frames are ingested only once due: a full vision batch (`encoder_budget` frames) waits, or the
+oldest has waited `ingest_wait_s` (an ingest forward costs about the same for 1 frame as for 16,
+so frames are batched across arrivals; `StepPlan.wake_in_s` says when the next becomes due);
 then, between steps, up to `maintenance_budget` cluster splits, streams in turn (background work,
 never inside a question's step).
 
@@ -64,6 +67,8 @@ class StepPlan:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     ingest_tokens: int = 0
+    # seconds until waiting frames become due (None: none waits, or they are due now)
+    wake_in_s: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -96,6 +101,10 @@ class StepScheduler:
                 plan.decode_tokens += q.tokens
         prefills = sorted((q for q in questions if q.phase == "prefill"), key=lambda q: q.arrived)
         waiting = [w for w in ingest if w.frames > 0 and not w.blocked]
+        if waiting and sum(w.frames for w in waiting) < cfg.encoder_budget:  # not a full batch yet
+            wait = cfg.ingest_wait_s - (now - min(w.oldest for w in waiting))
+            if wait > 0:
+                plan.wake_in_s, waiting = wait, []
         lagging = sorted((w for w in waiting if now - w.oldest >= cfg.lag_priority_s), key=lambda w: w.oldest)
         others = sorted((w for w in waiting if now - w.oldest < cfg.lag_priority_s), key=lambda w: w.oldest)
         # 2-5. interactive prefills, lagging ingest, batch prefills, other ingest

@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+from torch.profiler import record_function
+
 from mosaic_ray.cache.host_pool import PoolExhaustedError
 from mosaic_ray.engine import frame_append
 from mosaic_ray.engine.scheduler import IngestWork, QuestionWork, StepScheduler
@@ -37,8 +40,11 @@ class StepLoop:
         self.active = False  # True while `run` drives the engine
         self.needs_maintenance: set[str] = set()
         self.tokens_per_frame = DEFAULT_TOKENS_PER_FRAME
+        self.wake_in_s: float | None = None  # the last plan's: when held-back frames become due
         self.counters = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "ingest_tokens": 0,
-                         "ingest_frames": 0, "splits": 0, "ingest_errors": 0}
+                         "ingest_frames": 0, "ingest_steps": 0, "splits": 0, "ingest_errors": 0,
+                         # wall seconds of each part of the steps (host time, the GPU work it waits on included)
+                         "question_s": 0.0, "ingest_s": 0.0, "maintenance_s": 0.0}
 
     def has_work(self) -> bool:
         e = self.engine
@@ -54,8 +60,9 @@ class StepLoop:
                     logger.exception("engine step failed")
                     self._fail(list(self.engine._runs), err)
                     progressed = False
-                # yield to the engine thread's other calls; back off while a failure repeats
-                await asyncio.sleep(0 if progressed else RETRY_S)
+                # yield to the engine thread's other calls; back off while a failure repeats or
+                # until held-back frames are due
+                await asyncio.sleep(0 if progressed else min(RETRY_S, self.wake_in_s or RETRY_S))
         finally:
             self.active = False
 
@@ -80,18 +87,29 @@ class StepLoop:
                   for s in e.streams.values() if s.deferred]
         splits = {sid: e.config.scheduler.maintenance_budget for sid in self.needs_maintenance if sid in e.streams}
         plan = self.scheduler.schedule(questions, ingest, now, splits)
+        self.wake_in_s = plan.wake_in_s
         self.counters["steps"] += 1
         for key in ("decode_tokens", "prefill_tokens", "ingest_tokens"):
             self.counters[key] += getattr(plan, key)
         planned = set(plan.questions)
         runs = [r for r in e._runs if id(r) in planned]
         progressed = bool(runs)
+        c, t0 = self.counters, time.perf_counter()
         if runs:
-            self._questions(runs)
+            with record_function("step.questions"):
+                self._questions(runs)
+        t1 = time.perf_counter()
         if plan.ingest:
-            progressed |= self._ingest(plan.ingest)
-        for sid, n in plan.maintenance.items():
-            progressed |= self._maintain(sid, n)
+            with record_function("step.ingest"):
+                progressed |= self._ingest(plan.ingest)
+            c["ingest_steps"] += 1
+        t2 = time.perf_counter()
+        with record_function("step.maintenance"):
+            for sid, n in plan.maintenance.items():
+                progressed |= self._maintain(sid, n)
+        c["question_s"] += t1 - t0
+        c["ingest_s"] += t2 - t1
+        c["maintenance_s"] += time.perf_counter() - t2
         return progressed
 
     # ------------------------------------------------------------------ parts of a step

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
@@ -87,6 +88,7 @@ class StreamEngine(Engine):
         # after the weights, so a GPU pool is sized from the memory they leave free
         self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
         self.runner = ModelRunner(self.adapter, self.kv_pool, self.config)
+        self.runner.capture_graphs()
         self.questions = QuestionStepper(self.adapter, self.runner, self.kv_pool, self.config)
         self.pruner = FramePruner(self.config.pruning)
         self.streams: dict[str, StreamState] = {}
@@ -180,7 +182,8 @@ class StreamEngine(Engine):
     @_counts_busy
     def _ingest_frames(self, ready) -> None:
         all_frames = [f for _, frames, _ in ready for f in frames]
-        features = self.adapter.encode_frames(all_frames)
+        with record_function("ingest.encode"):
+            features = self.adapter.encode_frames(all_frames)
         work, k = [], 0
         for state, frames, ts in ready:
             chunks = [self.adapter.frame_chunk(features[k + i], ts[i]) for i in range(len(frames))]
@@ -224,14 +227,16 @@ class StreamEngine(Engine):
         slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
         steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
         try:
-            self.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
+            with record_function("ingest.forward"):
+                self.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
         except BaseException:
             for (state, _, _), sl in zip(work, slots):
                 state.cache.discard(sl)
             raise
         for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
             try:
-                commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts))
+                with record_function("ingest.commit"):
+                    commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts))
             except Exception as exc:  # rows before this one are in: say so, or the caller retries them
                 for (st, _, _), sl in zip(work[row:], slots[row:]):
                     st.cache.discard(sl)

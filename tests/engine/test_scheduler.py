@@ -23,6 +23,8 @@ def test_config_is_checked():
         SchedulerConfig(token_budget=0)
     with pytest.raises(ValueError, match="encoder_budget"):
         SchedulerConfig(encoder_budget=0)
+    with pytest.raises(ValueError, match="ingest_wait_s"):
+        SchedulerConfig(ingest_wait_s=-1.0)
 
 
 def test_budgets_are_never_exceeded_unless_one_item_is_alone():
@@ -44,9 +46,28 @@ def test_budgets_are_never_exceeded_unless_one_item_is_alone():
         for sid, n in plan.ingest.items():
             src = next(x for x in ws if x.stream_id == sid)
             assert 0 < n <= src.frames and not src.blocked
-        # something waiting is always served: a step is never empty while work is there
-        if qs or any(x.frames and not x.blocked for x in ws):
+        # something due is always served: a step is never empty while due work is there
+        ready = [x for x in ws if x.frames and not x.blocked]
+        due = ready and (sum(x.frames for x in ready) >= cfg.encoder_budget
+                         or 3.0 - min(x.oldest for x in ready) >= cfg.ingest_wait_s)
+        if qs or due:
             assert not plan.empty
+        if ready and not due:
+            assert not plan.ingest and 0 < plan.wake_in_s <= cfg.ingest_wait_s
+
+
+def test_frames_wait_to_share_one_forward_until_a_full_batch_or_the_wait_is_over():
+    s = StepScheduler(SchedulerConfig(encoder_budget=8, ingest_wait_s=0.5))
+    held = s.schedule([], [w("a", 2, oldest=10.0), w("b", 1, oldest=10.2)], now=10.3)
+    assert held.empty and held.wake_in_s == pytest.approx(0.2)  # 3 frames, the oldest 0.3 s old
+    due = s.schedule([], [w("a", 2, oldest=10.0), w("b", 1, oldest=10.2)], now=10.5)
+    assert due.ingest == {"a": 2, "b": 1}  # the oldest waited 0.5 s: all of them, together
+    full = s.schedule([], [w("a", 5, oldest=10.2), w("b", 3, oldest=10.25)], now=10.3)
+    assert full.ingest == {"a": 5, "b": 3}  # a full vision batch waits: no reason to hold it
+    with_decode = s.schedule([q(1)], [w("a", 1, oldest=10.2)], now=10.3)
+    assert with_decode.questions == [1] and not with_decode.ingest  # the decode step stays light
+    at_once = StepScheduler(SchedulerConfig(ingest_wait_s=0.0)).schedule([], [w("a", 1, oldest=10.3)], now=10.3)
+    assert at_once.ingest == {"a": 1}
 
 
 def test_every_decode_token_comes_first():

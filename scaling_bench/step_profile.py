@@ -1,0 +1,182 @@
+"""Where the engine's step loop spends a live load's time, in-process (no Ray, no HTTP).
+
+S streams of real frames at --fps per wall second, a --max-tokens question every --question-every
+s per stream, driven as a shard drives the engine (`StreamEngine.ingest_frames`, `ask`: the
+`EngineTarget` of the load generator). Per stream count: ingest lag, TTFT and answer latency as in
+streams_per_gpu.py, and the step loop's own accounting: steps, seconds in question steps, ingest
+forwards and maintenance, frames per ingest forward, decode / prefill / ingest tokens. With
+--profile-steps N, a torch.profiler table of N ingest forwards of the largest count.
+
+    python scaling_bench/step_profile.py --methods cluster --streams 16,32 --out docs/results/gpu/h200   # GPU
+    python scaling_bench/step_profile.py --quick --out /tmp/r                                        # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from mosaic_ray.bench import cli, report
+from mosaic_ray.bench.engines import engine_kwargs
+from mosaic_ray.bench.load_gen import LoadSpec, run_load
+from mosaic_ray.bench.targets import EngineTarget
+from mosaic_ray.bench.video_frames import real_frames
+
+NAME = "step_profile"
+PARTS = ("question_s", "ingest_s", "maintenance_s")
+
+
+def measure(a: argparse.Namespace, method: str, n: int, frames) -> dict:
+    from mosaic_ray.engine.stream_engine import StreamEngine
+
+    engine = StreamEngine.from_spec(**engine_kwargs(method, a.model, a.device, a.window, a.pool_mb))
+    spec = LoadSpec(streams=n, seconds=a.seconds, fps=a.fps, question_every_s=a.question_every,
+                    max_tokens=a.max_tokens, warmup_s=a.warmup, prefix=f"{method}-{n}")
+
+    async def go():
+        before = {}
+
+        async def snapshot():  # the loop's counters once the warm-up is over
+            await asyncio.sleep(a.warmup)
+            before.update(engine.loop.counters, busy=engine.stats()["busy_s_total"], t=time.perf_counter())
+
+        snap = asyncio.create_task(snapshot())
+        res = await run_load(EngineTarget(engine), spec, frames, not a.no_progress, f"{method} x{n}")
+        await snap
+        after = {**engine.loop.counters, "busy": engine.stats()["busy_s_total"], "t": time.perf_counter()}
+        return res, {k: after[k] - before[k] for k in after}
+
+    res, d = asyncio.run(go())
+    wall = d.pop("t")
+    row = {"method": method, **res.summary(), "sustained": res.sustained(a.max_lag_s, a.max_ttft_s),
+           "loop": d, "measured_s": wall, "engine_busy_share": d["busy"] / wall,
+           "frames_per_ingest_step": d["ingest_frames"] / max(1, d["ingest_steps"]),
+           **{f"{p}_share": d[p] / wall for p in PARTS}}
+    print(f"  {method:8s} {n:4d} streams: lag p99 {row['lag']['p99_ms']:7.0f} ms, TTFT p50/p99 "
+          f"{row['ttft']['p50_ms']:5.0f}/{row['ttft']['p99_ms']:5.0f} ms, answer p50 {row['e2e']['p50_ms']:5.0f} ms, "
+          f"{row['ingest_fps']:5.1f} frames/s; steps {d['steps']}, busy {row['engine_busy_share']:.0%} "
+          f"(questions {row['question_s_share']:.0%}, ingest {row['ingest_s_share']:.0%}, maintenance "
+          f"{row['maintenance_s_share']:.0%}), {row['frames_per_ingest_step']:.1f} frames per ingest forward, "
+          f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} ms each", flush=True)
+    if a.profile_steps and n == max(int(x) for x in a.streams.split(",")):
+        row["profile"] = profile_steps(engine, a, method, frames)
+    return row
+
+
+def profile_steps(engine, a, method: str, frames) -> str:
+    """torch.profiler over `--profile-steps` ingest forwards of the loop (from `--profile-after` s
+    into a fresh load of the same streams, once their windows are full): where an ingest goes."""
+    import torch
+
+    spec = LoadSpec(streams=max(int(x) for x in a.streams.split(",")), seconds=a.profile_after + 8, fps=a.fps,
+                    question_every_s=a.question_every, max_tokens=a.max_tokens, warmup_s=0, prefix=f"{method}-prof")
+    loop, done = engine.loop, []
+    real_ingest = loop._ingest
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = torch.profiler.profile(activities=acts)
+
+    def ingest(take):
+        if not done and time.perf_counter() - t0 > a.profile_after:
+            prof.start()
+            done.append(0)
+        if not done or done[0] >= a.profile_steps:
+            return real_ingest(take)
+        out = real_ingest(take)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        done[0] += 1
+        if done[0] == a.profile_steps:
+            prof.stop()
+        return out
+
+    loop._ingest = ingest
+    t0 = time.perf_counter()
+    asyncio.run(run_load(EngineTarget(engine), spec, frames, False, "profile"))
+    loop._ingest = real_ingest
+    if done and done[0] < a.profile_steps:
+        prof.stop()
+    if not done:
+        return "no ingest forward after --profile-after"
+    cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
+    gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) \
+        if torch.cuda.is_available() else ""
+    return f"{done[0]} ingest forwards\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common(p)
+    p.add_argument("--methods", default="cluster")
+    p.add_argument("--streams", default="16,32", help="stream counts, one fresh engine each")
+    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--question-every", type=float, default=8.0)
+    p.add_argument("--max-lag-s", type=float, default=2.0)
+    p.add_argument("--max-ttft-s", type=float, default=1.0)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="torch.profiler table of N ingest forwards of the largest count (a fresh load)")
+    p.add_argument("--profile-after", type=float, default=20.0, help="seconds into that load (windows filled)")
+    a = p.parse_args(argv)
+    cli.resolve(a)
+    if a.quick:
+        a.streams, a.fps, a.seconds, a.warmup, a.question_every, a.profile_after = "2", 4.0, 4.0, 1.0, 1.0, 1.0
+    frames, source = real_frames(a.size, frames_file=a.frames_file)
+    t0 = time.perf_counter()
+    result = {"bench": NAME, "machine": report.machine(), "model": a.model, "engine_device": a.device,
+              "video": source, "frame_px": a.size, "fps_per_stream": a.fps, "seconds": a.seconds,
+              "question_every_s": a.question_every, "max_tokens": a.max_tokens, "window_tokens": a.window,
+              "quick": a.quick, "wall_s": 0.0, "rows": []}
+    table = []
+    for m in a.methods.split(","):
+        for n in [int(x) for x in a.streams.split(",")]:
+            result["rows"].append(measure(a, m, n, frames))
+            result["wall_s"] = time.perf_counter() - t0
+            table = publish(a.out, result)
+    for r in result["rows"]:
+        if "profile" in r:
+            Path(a.out, f"{NAME}_{r['method']}_{r['streams']}_profile.txt").write_text(r.pop("profile"))
+    table = publish(a.out, result)
+    report.done(a.out, NAME, table, result["wall_s"])
+    return 0
+
+
+def publish(out: str, result: dict) -> list[str]:
+    r0 = result
+    table = [f"Machine: {r0['machine']['device']}; model {r0['model']} on {r0['engine_device']}; in-process engine; "
+             f"{r0['frame_px']}px frames at {r0['fps_per_stream']:g} frame/s per stream; a {r0['max_tokens']}-token "
+             f"question every {r0['question_every_s']:g} s per stream; {r0['seconds']:g} s per point", "",
+             "| method | streams | lag p99 ms | TTFT p50 / p99 ms | answer p50 ms | frames/s | steps | engine busy "
+             "| question steps | ingest forwards | maintenance | frames per ingest forward | ms per ingest forward |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        d = r["loop"]
+        table.append(f"| {r['method']} | {r['streams']} | {r['lag']['p99_ms']:.0f} | {r['ttft']['p50_ms']:.0f} / "
+                     f"{r['ttft']['p99_ms']:.0f} | {r['e2e']['p50_ms']:.0f} | {r['ingest_fps']:.1f} | {d['steps']:.0f} | "
+                     f"{r['engine_busy_share']:.0%} | {r['question_s_share']:.0%} | {r['ingest_s_share']:.0%} | "
+                     f"{r['maintenance_s_share']:.0%} | {r['frames_per_ingest_step']:.1f} | "
+                     f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} |")
+    return report.publish(out, NAME, {k: v for k, v in result.items()}, table, plot)
+
+
+def plot(rows, path) -> None:
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['method']} x{r['streams']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for p in PARTS:
+        vals = [r[f"{p}_share"] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=p.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("share of wall time")
+    ax.set_title("engine step loop: where the time goes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
