@@ -112,6 +112,29 @@ class StepLoop:
         c["maintenance_s"] += time.perf_counter() - t2
         return progressed
 
+    def ingest_before(self, state) -> bool:
+        """Ingest `state`'s waiting frames now (a question of that stream comes after them), with
+        the waiting frames of the other streams in the same forwards while the encoder budget
+        lasts: a forward costs nearly the same for 1 frame as for 16, and theirs would need one
+        soon. Returns True when none of `state`'s frames waits (a failure is logged by `_ingest`)."""
+        e, budget = self.engine, max(1, self.engine.config.scheduler.encoder_budget)
+        for _ in range(64):  # bounded: a stream whose frames keep failing does not hold the question
+            if not state.deferred or state.awaiting_prefill:
+                break
+            take = {state.stream_id: min(state.waiting_frames, budget)}
+            room = budget - take[state.stream_id]
+            others = sorted((s for s in e.streams.values() if s is not state and s.deferred and not s.awaiting_prefill),
+                            key=lambda s: s.oldest_waiting)
+            for s in others:
+                if room <= 0:
+                    break
+                take[s.stream_id] = min(s.waiting_frames, room)
+                room -= take[s.stream_id]
+            if not self._ingest(take):
+                break
+            self.counters["ingest_steps"] += 1
+        return not state.deferred
+
     # ------------------------------------------------------------------ parts of a step
     def _questions(self, runs) -> None:
         e = self.engine

@@ -272,7 +272,7 @@ class StreamEngine(Engine):
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
         state = self._get(stream_id)
         if not state.busy:  # the question sees every frame that came before it (a failure is logged)
-            frame_append.ingest_waiting(self, state)
+            self.loop.ingest_before(state)
         return self.questions.start(state, request)
 
     @_counts_busy
