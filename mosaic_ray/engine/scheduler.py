@@ -10,9 +10,11 @@ Each step, in this order, while the budgets last:
     4. prefills of batch questions, oldest first;
     5. frame ingest of the other streams, most lagging first (a frame costs its decoder tokens
        and one unit of the encoder budget);
-frames are ingested only once due: a full vision batch (`encoder_budget` frames) waits, or the
-oldest has waited `ingest_wait_s` (an ingest forward costs about the same for 1 frame as for 16,
-so frames are batched across arrivals; `StepPlan.wake_in_s` says when the next becomes due);
+frames are ingested only once due: a full vision batch waits (`encoder_budget` frames, or one
+frame of every open stream when there are fewer: no more can come while each sender waits for
+its acknowledgement), or the oldest has waited `ingest_wait_s` (an ingest forward costs about the
+same for 1 frame as for 16, so frames are batched across arrivals; `StepPlan.wake_in_s` says when
+the next becomes due);
 then, between steps, up to `maintenance_budget` cluster splits, streams in turn (background work,
 never inside a question's step).
 
@@ -83,7 +85,7 @@ class StepScheduler:
         self._turn = 0  # round-robin start for maintenance
 
     def schedule(self, questions: list[QuestionWork], ingest: list[IngestWork], now: float,
-                 maintenance: dict[str, int] | None = None) -> StepPlan:
+                 maintenance: dict[str, int] | None = None, open_streams: int | None = None) -> StepPlan:
         cfg, plan = self.config, StepPlan()
         self._step += 1
         live = {q.key for q in questions}
@@ -101,7 +103,8 @@ class StepScheduler:
                 plan.decode_tokens += q.tokens
         prefills = sorted((q for q in questions if q.phase == "prefill"), key=lambda q: q.arrived)
         waiting = [w for w in ingest if w.frames > 0 and not w.blocked]
-        if waiting and sum(w.frames for w in waiting) < cfg.encoder_budget:  # not a full batch yet
+        full = cfg.encoder_budget if open_streams is None else min(cfg.encoder_budget, max(1, open_streams))
+        if waiting and sum(w.frames for w in waiting) < full:  # not a full batch yet
             wait = cfg.ingest_wait_s - (now - min(w.oldest for w in waiting))
             if wait > 0:
                 plan.wake_in_s, waiting = wait, []

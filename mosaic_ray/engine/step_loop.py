@@ -86,7 +86,7 @@ class StepLoop:
                              s.oldest_waiting, blocked=s.awaiting_prefill)
                   for s in e.streams.values() if s.deferred]
         splits = {sid: e.config.scheduler.maintenance_budget for sid in self.needs_maintenance if sid in e.streams}
-        plan = self.scheduler.schedule(questions, ingest, now, splits)
+        plan = self.scheduler.schedule(questions, ingest, now, splits, open_streams=len(e.streams))
         self.wake_in_s = plan.wake_in_s
         self.counters["steps"] += 1
         for key in ("decode_tokens", "prefill_tokens", "ingest_tokens"):

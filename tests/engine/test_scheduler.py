@@ -68,6 +68,11 @@ def test_frames_wait_to_share_one_forward_until_a_full_batch_or_the_wait_is_over
     assert with_decode.questions == [1] and not with_decode.ingest  # the decode step stays light
     at_once = StepScheduler(SchedulerConfig(ingest_wait_s=0.0)).schedule([], [w("a", 1, oldest=10.3)], now=10.3)
     assert at_once.ingest == {"a": 1}
+    # fewer open streams than a vision batch: a frame of each is a full batch (their senders wait)
+    both = s.schedule([], [w("a", 1, oldest=10.2), w("b", 1, oldest=10.25)], now=10.3, open_streams=2)
+    assert both.ingest == {"a": 1, "b": 1}
+    one_of_three = s.schedule([], [w("a", 1, oldest=10.2), w("b", 1, oldest=10.25)], now=10.3, open_streams=3)
+    assert one_of_three.empty
 
 
 def test_every_decode_token_comes_first():
