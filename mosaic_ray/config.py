@@ -261,7 +261,9 @@ class SchedulerConfig:
     # questions' prefills.
     lag_priority_s: float = 1.0
     # Waiting frames are held back to share one forward until a full vision batch
-    # (`encoder_budget` frames) waits or the oldest has waited this long (seconds). An ingest
+    # (`encoder_budget` frames, or one per open stream) waits, or the oldest has waited this long
+    # (seconds), or the last ingest forward is this old (a frame after a quiet spell goes in at
+    # once; under load, forwards are spaced this far apart). An ingest
     # forward is launch-bound at a few frames (H200, 7b-shape: ~70 ms for 1.4 frames, 135 ms for
     # 16): ingesting each frame as it comes spends the GPU on launches and rides on every decode
     # step. 0: ingest at once.

@@ -12,9 +12,10 @@ Each step, in this order, while the budgets last:
        and one unit of the encoder budget);
 frames are ingested only once due: a full vision batch waits (`encoder_budget` frames, or one
 frame of every open stream when there are fewer: no more can come while each sender waits for
-its acknowledgement), or the oldest has waited `ingest_wait_s` (an ingest forward costs about the
-same for 1 frame as for 16, so frames are batched across arrivals; `StepPlan.wake_in_s` says when
-the next becomes due);
+its acknowledgement), or the oldest has waited `ingest_wait_s`, or the last ingest forward is
+`ingest_wait_s` old (an ingest forward costs about the same for 1 frame as for 16: under load,
+forwards are spaced so that each carries many frames; a frame after a quiet spell goes in at once;
+`StepPlan.wake_in_s` says when the next becomes due);
 then, between steps, up to `maintenance_budget` cluster splits, streams in turn (background work,
 never inside a question's step).
 
@@ -83,6 +84,11 @@ class StepScheduler:
         self._served: dict[Hashable, int] = {}  # question -> the last step it was in
         self._step = 0
         self._turn = 0  # round-robin start for maintenance
+        self._last_ingest = float("-inf")  # when the last ingest forward was planned (`note_ingest`)
+
+    def note_ingest(self, now: float) -> None:
+        """An ingest forward ran at `now` (planned here, or run outside a step: a question's start)."""
+        self._last_ingest = now
 
     def schedule(self, questions: list[QuestionWork], ingest: list[IngestWork], now: float,
                  maintenance: dict[str, int] | None = None, open_streams: int | None = None) -> StepPlan:
@@ -105,7 +111,7 @@ class StepScheduler:
         waiting = [w for w in ingest if w.frames > 0 and not w.blocked]
         full = cfg.encoder_budget if open_streams is None else min(cfg.encoder_budget, max(1, open_streams))
         if waiting and sum(w.frames for w in waiting) < full:  # not a full batch yet
-            wait = cfg.ingest_wait_s - (now - min(w.oldest for w in waiting))
+            wait = cfg.ingest_wait_s - max(now - min(w.oldest for w in waiting), now - self._last_ingest)
             if wait > 0:
                 plan.wake_in_s, waiting = wait, []
         lagging = sorted((w for w in waiting if now - w.oldest >= cfg.lag_priority_s), key=lambda w: w.oldest)
@@ -115,6 +121,8 @@ class StepScheduler:
         self._ingest(plan, lagging)
         self._prefills(plan, [q for q in prefills if not q.interactive], fits)
         self._ingest(plan, others)
+        if plan.ingest:
+            self.note_ingest(now)
         plan.maintenance = self._maintenance(maintenance or {})
         return plan
 

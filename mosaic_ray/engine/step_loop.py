@@ -130,6 +130,7 @@ class StepLoop:
                     break
                 take[s.stream_id] = min(s.waiting_frames, room)
                 room -= take[s.stream_id]
+            self.scheduler.note_ingest(time.monotonic())
             if not self._ingest(take):
                 break
             self.counters["ingest_steps"] += 1

@@ -35,6 +35,9 @@ def test_budgets_are_never_exceeded_unless_one_item_is_alone():
         qs = [q(i, rng.choice(["prefill", "decode", "closing"]), rng.randint(1, 300), rng.random() < 0.5, rng.random())
               for i in range(rng.randint(0, 6))]
         ws = [w(f"v{i}", rng.randint(0, 5), rng.randint(1, 200), rng.random() * 3, rng.random() < 0.2) for i in range(rng.randint(0, 6))]
+        last = rng.choice([None, rng.random() * 3])  # when the last ingest forward ran
+        if last is not None:
+            s.note_ingest(last)
         plan = s.schedule(qs, ws, now=3.0)
         items = len(plan.questions) + len(plan.ingest)
         spent = sum(x.tokens for x in qs if x.key in plan.questions) + sum(
@@ -48,8 +51,9 @@ def test_budgets_are_never_exceeded_unless_one_item_is_alone():
             assert 0 < n <= src.frames and not src.blocked
         # something due is always served: a step is never empty while due work is there
         ready = [x for x in ws if x.frames and not x.blocked]
-        due = ready and (sum(x.frames for x in ready) >= cfg.encoder_budget
-                         or 3.0 - min(x.oldest for x in ready) >= cfg.ingest_wait_s)
+        due = ready and (sum(x.frames for x in ready) >= cfg.encoder_budget or last is None
+                         or 3.0 - min(x.oldest for x in ready) >= cfg.ingest_wait_s
+                         or 3.0 - last >= cfg.ingest_wait_s)
         if qs or due:
             assert not plan.empty
         if ready and not due:
@@ -58,8 +62,12 @@ def test_budgets_are_never_exceeded_unless_one_item_is_alone():
 
 def test_frames_wait_to_share_one_forward_until_a_full_batch_or_the_wait_is_over():
     s = StepScheduler(SchedulerConfig(encoder_budget=8, ingest_wait_s=0.5))
+    quiet = s.schedule([], [w("a", 1, oldest=9.9)], now=9.9)
+    assert quiet.ingest == {"a": 1}  # no ingest for a while: the frame goes in at once
+    s.note_ingest(9.95)  # e.g. a question's start ingested its stream's frames
     held = s.schedule([], [w("a", 2, oldest=10.0), w("b", 1, oldest=10.2)], now=10.3)
-    assert held.empty and held.wake_in_s == pytest.approx(0.2)  # 3 frames, the oldest 0.3 s old
+    # 3 frames, the oldest 0.3 s old, the last forward 0.35 s ago: due 0.15 s from now
+    assert held.empty and held.wake_in_s == pytest.approx(0.15)
     due = s.schedule([], [w("a", 2, oldest=10.0), w("b", 1, oldest=10.2)], now=10.5)
     assert due.ingest == {"a": 2, "b": 1}  # the oldest waited 0.5 s: all of them, together
     full = s.schedule([], [w("a", 5, oldest=10.2), w("b", 3, oldest=10.25)], now=10.3)
