@@ -16,7 +16,6 @@ decoder forward for every stream that is ready). Its contract:
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import TYPE_CHECKING
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     import asyncio
 
     from mosaic_ray.engine.stream_state import StreamState
-
-logger = logging.getLogger(__name__)
 
 
 class PartialCommitError(Exception):
@@ -141,39 +138,6 @@ def submit_frames(engine, state: StreamState, frames, timestamps, done: asyncio.
 
 def flush_waiting(engine, state: StreamState) -> None:
     """Ingest the stream's waiting frames now unless the step loop drives (it takes them under
-    its budgets then)."""
+    its budgets then); `StepLoop.ingest_before` does it, a failure logged there, not raised."""
     if not engine.loop.active:
-        ingest_waiting(engine, state)
-
-
-def ingest_waiting(engine, state: StreamState) -> bool:
-    """Ingest the stream's waiting frames now, in arrival order, whole entries of up to the
-    scheduler's encoder budget per forward (before a question or a text of the stream, whose
-    place in the stream comes after them; when no step loop drives). Returns True when none waits.
-
-    A failure is logged, not raised (it fails neither an answer nor the call that triggered it):
-    entries with a `done` fail with it and are dropped (their sender is told), the others stay
-    queued (they were acknowledged)."""
-    budget = max(1, engine.config.scheduler.encoder_budget)
-    while state.deferred and not state.awaiting_prefill:
-        group, n = [], 0
-        for w in state.deferred:
-            if group and n + len(w.frames) > budget:
-                break
-            group.append(w)
-            n += len(w.frames)
-        try:
-            engine._ingest_frames([(state, [f for w in group for f in w.frames],
-                                    [t for w in group for t in w.timestamps])])
-        except Exception as exc:
-            logger.warning("stream %r: %d waiting frames could not be ingested yet (%r)", state.stream_id,
-                           state.waiting_frames, exc)
-            state.deferred = [w for w in state.deferred if not (w in group and w.done is not None)]
-            for w in group:
-                w.settle(error=exc)
-            return False
-        del state.deferred[: len(group)]
-        held = state.frames + state.waiting_frames
-        for w in group:
-            w.settle(held)
-    return not state.deferred
+        engine.loop.ingest_before(state)

@@ -113,7 +113,8 @@ class StepLoop:
         return progressed
 
     def ingest_before(self, state) -> bool:
-        """Ingest `state`'s waiting frames now (a question of that stream comes after them), with
+        """Ingest `state`'s waiting frames now (a question, text or snapshot of that stream comes
+        after them; or no loop drives: `frame_append.flush_waiting`), with
         the waiting frames of the other streams in the same forwards while the encoder budget
         lasts: a forward costs nearly the same for 1 frame as for 16, and theirs would need one
         soon. Returns True when none of `state`'s frames waits (a failure is logged by `_ingest`)."""

@@ -36,7 +36,7 @@ from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
-from mosaic_ray.engine import frame_append
+from mosaic_ray.engine import engine_report, frame_append
 from mosaic_ray.engine.interface import (
     AskRequest,
     Engine,
@@ -46,7 +46,7 @@ from mosaic_ray.engine.interface import (
     StreamExistsError,
     UnknownStreamError,
 )
-from mosaic_ray.engine.frame_pruner import FramePruner, options_of
+from mosaic_ray.engine.frame_pruner import FramePruner
 from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question_step import QuestionStepper
@@ -211,7 +211,7 @@ class StreamEngine(Engine):
             raise InvalidInputError(f"timestamp must be a finite number >= 0, got {timestamp!r}")
         if state.awaiting_prefill:
             raise StreamBusyError(f"stream {stream_id!r} is starting to answer a question; retry shortly")
-        if not frame_append.ingest_waiting(self, state):  # the text comes after the frames it follows
+        if not self.loop.ingest_before(state):  # the text comes after the frames it follows
             raise OverloadedError(f"stream {stream_id!r}: frames waiting for ingest could not be ingested; retry")
         chunk = self.adapter.text_chunk(self.adapter.caption_text(text, float(timestamp)))
         if chunk.size > self.config.max_question_tokens:
@@ -368,32 +368,10 @@ class StreamEngine(Engine):
 
     # ------------------------------------------------------------------ reporting
     def stream_info(self, stream_id: str) -> dict[str, Any]:
-        s = self._get(stream_id)
-        return {
-            "id": s.stream_id, "frames": s.frames, "texts": s.texts, "questions": s.questions,
-            "tokens": s.tokens, "duration_s": s.clock, "resident_tokens": s.cache.resident_tokens,
-            "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
-            "kv_bytes_host": s.cache.host_bytes(), "retrieval": self.config.cache.retrieval,
-            "busy": s.busy, "deferred_frames": s.waiting_frames,
-            "ingest_lag_s": (time.monotonic() - s.oldest_waiting) if s.deferred else 0.0,
-            "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),
-        }
+        return engine_report.stream_info(self, self._get(stream_id))
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "streams": len(self.streams), "model": self.config.model, "device": str(self.device),
-            "retrieval": self.config.cache.retrieval,
-            "kv_bytes_device": sum(s.cache.device_bytes() for s in self.streams.values()),
-            "kv_bytes_host": sum(s.cache.host_bytes() for s in self.streams.values()),
-            "pool_capacity_bytes": self.pool.capacity_bytes, "pool_used_bytes": self.pool.used_bytes,
-            "kv_pool_capacity_bytes": self.kv_pool.capacity_bytes,
-            "kv_pool_used_bytes": self.kv_pool.used_slots * self.kv_pool.slot_bytes,
-            "active_questions": len(self._runs), "busy_s_total": self.busy_s,
-            "ingest_lag_s_max": max((time.monotonic() - s.oldest_waiting for s in self.streams.values() if s.deferred),
-                                    default=0.0),
-            **{f"{k}_total": v for k, v in self.counters.items()},
-            **{f"step_{k}_total": v for k, v in self.loop.counters.items()},
-        }
+        return engine_report.engine_stats(self)
 
     def export_stream(self, stream_id: str) -> dict[str, Any]:
         from mosaic_ray.engine.snapshot import export_stream
@@ -401,7 +379,7 @@ class StreamEngine(Engine):
         state = self._get(stream_id)
         if state.busy:
             raise StreamBusyError(f"stream {stream_id!r} is answering a question")
-        if not frame_append.ingest_waiting(self, state):  # a snapshot holds every frame it was given
+        if not self.loop.ingest_before(state):  # a snapshot holds every frame it was given
             raise OverloadedError(f"stream {stream_id!r}: frames waiting for ingest could not be ingested; retry")
         snapshot = export_stream(state)
         meta, tensors = self.pruner.export(state.pruning)

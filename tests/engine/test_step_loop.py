@@ -21,6 +21,19 @@ def _engine(tiny_adapter, method="cluster", **scheduler):
     return e
 
 
+def _fail_first_ingest(e, monkeypatch) -> None:
+    """The engine's first ingest forward raises; the later ones run."""
+    real, failures = e._ingest_frames, []
+
+    def flaky(ready):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("device busy (test)")
+        return real(ready)
+
+    monkeypatch.setattr(e, "_ingest_frames", flaky)
+
+
 def test_submitted_frames_are_ingested_under_the_encoder_budget(tiny_adapter):
     e = _engine(tiny_adapter, encoder_budget=2)
     e.open_stream("s")
@@ -97,16 +110,7 @@ def test_splits_run_between_steps_not_inside_the_commit(tiny_adapter, monkeypatc
 def test_frames_that_fail_to_ingest_stay_queued(tiny_adapter, monkeypatch):
     e = _engine(tiny_adapter)
     e.open_stream("s")
-    real = e._ingest_frames
-    failures = []
-
-    def flaky(ready):
-        if not failures:
-            failures.append(1)
-            raise RuntimeError("device busy (test)")
-        return real(ready)
-
-    monkeypatch.setattr(e, "_ingest_frames", flaky)
+    _fail_first_ingest(e, monkeypatch)
 
     async def go():
         e.submit_frames("s", frames(2, seed=3), [0.0, 1.0])
@@ -158,15 +162,7 @@ def test_ingest_frames_returns_once_the_frames_are_in_and_shares_one_forward(tin
 def test_a_failed_ingest_fails_its_waiting_sender_and_drops_only_its_frames(tiny_adapter, monkeypatch):
     e = _engine(tiny_adapter)
     e.open_stream("s")
-    real, failures = e._ingest_frames, []
-
-    def flaky(ready):
-        if not failures:
-            failures.append(1)
-            raise RuntimeError("device busy (test)")
-        return real(ready)
-
-    monkeypatch.setattr(e, "_ingest_frames", flaky)
+    _fail_first_ingest(e, monkeypatch)
 
     async def go():
         first = asyncio.ensure_future(e.ingest_frames("s", frames(2, seed=3), [0.0, 1.0]))
