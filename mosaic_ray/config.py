@@ -156,6 +156,13 @@ class CacheConfig:
     sink_tokens: int = 16
     # Most recent tokens kept on the device; tokens leaving it go to the retrieval structure.
     window_tokens: int = 2048
+    # Tokens that leave the window are offloaded (handed to the retriever: clustered, copied to
+    # the host pool) in batches of at least this many. Until then they stay where they are, in the
+    # device pool, and questions attend them exactly, like the window. One assignment of 1024
+    # tokens costs the host about what one of 146 does (the launches and syncs of an insert do
+    # not grow with it), so this divides the ingest path's offload cost by ~7 at 146-token frames;
+    # the price is up to this many more tokens held on the device per stream. 1: offload at once.
+    offload_batch: int = 1024
     # Frame method: at most this many blocks per question and layer-head (ReKV-style top-k).
     frame_top_k: int | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -172,6 +179,7 @@ class CacheConfig:
         _check_range("CacheConfig.min_budget_tokens", self.min_budget_tokens, 0, 1 << 24)
         _check_range("CacheConfig.sink_tokens", self.sink_tokens, 0, 1 << 16)
         _check_range("CacheConfig.window_tokens", self.window_tokens, 1, 1 << 22)
+        _check_range("CacheConfig.offload_batch", self.offload_batch, 1, 1 << 20)
         if self.frame_top_k is not None:
             _check_range("CacheConfig.frame_top_k", self.frame_top_k, 1, 1 << 20)
         if isinstance(self.cluster, dict):

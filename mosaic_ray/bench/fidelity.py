@@ -84,6 +84,7 @@ class Variant:
     def cache_config(self, sink: int, window: int, capacity_bytes: int) -> CacheConfig:
         return CacheConfig(
             retrieval=self.method, sink_tokens=sink, window_tokens=window,
+            offload_batch=1,  # selection is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
                                   max_size=max(128, 2 * self.split_size)),
             pool=PoolConfig(capacity_bytes=capacity_bytes, slab_tokens=self.slab_tokens, pin_memory="no"),

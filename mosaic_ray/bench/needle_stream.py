@@ -228,6 +228,7 @@ def install(engine, stream_id: str, config: CacheConfig, rec: Recording | None =
 def cluster_makeup(cache: StreamCache, rec: Recording) -> dict:
     """Clusters of a cluster stream, and those that hold needle tokens: size, share of text members."""
     ix = cache.retriever.index
+    ix.pool.sync()
     g, c = (ix.count > 0).nonzero(as_tuple=True)
     rows, valid = ix.member_rows(g, c)
     orders = torch.where(valid, ix.pool.order.view(-1)[rows.clamp(min=0)], -1)  # [clusters, max_size]

@@ -16,6 +16,7 @@ class FullRetriever(Retriever):
     (`past_slots`). `retrieve` returns all of them, in time order (tests, fidelity)."""
 
     method = "full"
+    past_in_place = True
 
     def __init__(self, layout, config, pool, device, kv_pool: DeviceKVPool | None = None) -> None:
         super().__init__(layout, config, pool, device)

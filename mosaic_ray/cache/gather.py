@@ -42,6 +42,7 @@ def gather(
     H, B = rows.shape
     if device.type == "cuda" and pool.pinned:
         return _gather_uva(pool, rows, device, parts)
+    pool.sync()
     flat = rows.reshape(-1).to("cpu", torch.int64)
     valid = flat >= 0
     safe = flat.clamp(min=0)

@@ -15,7 +15,13 @@ Invariants: a slab is either free or owned by exactly one owner; allocation is a
 (a request the pool cannot serve raises PoolExhaustedError and changes nothing); what `read`
 returns is bit-exact with what `write` stored.
 
-Verbs: allocate / free / release_owner / write / read.
+Writes from a GPU: rows given as a CUDA tensor (with a pinned pool) are written by the GPU itself
+through UVA views of the pinned memory, in the order of the current CUDA stream: no host sync and
+no staging copy on the ingest path. Readers on the GPU (the gather kernels, on that stream or one
+that waits on it) see them in order; host-side readers (`read`, snapshots) call `sync` first, which
+waits only when device writes are outstanding.
+
+Verbs: allocate / free / release_owner / write / read / sync.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class HostPool:
         self._free = torch.arange(self.num_slabs - 1, -1, -1, dtype=torch.int64)
         self._free_top = self.num_slabs
         self._next_owner = 0
+        self._written_from: torch.device | None = None  # a device with GPU writes not yet waited for
 
     # ------------------------------------------------------------------ sizing
     @staticmethod
@@ -88,14 +95,20 @@ class HostPool:
         return has_cuda
 
     def device_views(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """CUDA tensors aliasing the pinned metadata (order, time, pos): indexed on the device, each
-        element read is a PCIe load; no host sync, no staging copy."""
+        """CUDA tensors aliasing the pinned storage (kv, order, time, pos): indexed on the device, each
+        element read or written is a PCIe access; no host sync, no staging copy."""
         key = str(device)
         if key not in self._device_views:
             from mosaic_ray.kernels.uva import device_view
 
-            self._device_views[key] = {n: device_view(getattr(self, n), device) for n in ("order", "time", "pos")}
+            self._device_views[key] = {n: device_view(getattr(self, n), device) for n in ("kv", "order", "time", "pos")}
         return self._device_views[key]
+
+    def sync(self) -> None:
+        """Wait for the GPU writes issued so far (before reading the pool on the host)."""
+        if self._written_from is not None:
+            torch.cuda.current_stream(self._written_from).synchronize()
+            self._written_from = None
 
     # ------------------------------------------------------------------ ownership
     def register_owner(self) -> int:
@@ -145,7 +158,10 @@ class HostPool:
         if bool((self.owner[slab_ids] < 0).any()) or slab_ids.unique().numel() != slab_ids.numel():
             raise RuntimeError("HostPool.free: slab freed twice")
         self.owner[slab_ids] = -1
-        self.order.view(self.num_slabs, -1)[slab_ids] = -1
+        if self._written_from is not None:  # after the GPU's writes in flight, in their stream's order
+            self.device_views(self._written_from)["order"][slab_ids.to(self._written_from)] = -1
+        else:
+            self.order[slab_ids] = -1
         n = slab_ids.numel()
         self._free[self._free_top : self._free_top + n] = slab_ids
         self._free_top += n
@@ -170,7 +186,11 @@ class HostPool:
         time: torch.Tensor,
         pos: torch.Tensor,
     ) -> None:
-        """Store n rows. rows [n] int; k, v [n, head_dim]; order [n]; time [n]; pos [n, P]."""
+        """Store n rows. rows [n] int; k, v [n, head_dim]; order [n]; time [n]; pos [n, P].
+
+        Rows on a CUDA device (and a pinned pool): the GPU writes them in place, asynchronously
+        (see the module doc); the caller must have allocated their slabs (not re-checked there:
+        that would be a host sync)."""
         n = rows.numel()
         D, P = self.layout.head_dim, self.layout.pos_dims
         for name, t, shape in (("k", k, (n, D)), ("v", v, (n, D)), ("pos", pos, (n, P))):
@@ -178,6 +198,9 @@ class HostPool:
                 raise ValueError(f"HostPool.write: {name} shape expected {shape}, got {tuple(t.shape)}")
         if order.numel() != n or time.numel() != n:
             raise ValueError(f"HostPool.write: order/time need {n} entries, got {order.numel()}/{time.numel()}")
+        if rows.is_cuda and self.pinned:
+            self._write_from_device(rows, k, v, order, time, pos)
+            return
         slab, off = self._split_rows(rows)
         if n and bool((self.owner[slab] < 0).any()):
             raise RuntimeError("HostPool.write: row in a free slab")
@@ -187,8 +210,22 @@ class HostPool:
         self.time[slab, off] = time.to(device="cpu", dtype=torch.float32)
         self.pos[slab, off] = pos.to(device="cpu", dtype=torch.int32)
 
+    def _write_from_device(self, rows, k, v, order, time, pos) -> None:
+        dev = rows.device
+        views = self.device_views(dev)
+        rows = rows.to(torch.int64)
+        slab, off = rows // self.slab_tokens, rows % self.slab_tokens
+        kv = views["kv"]
+        kv[slab, 0, off] = k.to(dev, self.layout.dtype)
+        kv[slab, 1, off] = v.to(dev, self.layout.dtype)
+        views["order"][slab, off] = order.to(dev, torch.int64)
+        views["time"][slab, off] = time.to(dev, torch.float32)
+        views["pos"][slab, off] = pos.to(dev, torch.int32)
+        self._written_from = dev
+
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k [n, D], v [n, D], order [n], time [n], pos [n, P]) of the given rows, on the host."""
+        self.sync()
         slab, off = self._split_rows(rows)
         return (
             self.kv[slab, 0, off],

@@ -115,6 +115,9 @@ class Retriever(abc.ABC):
         when it is retrieved into the question's working set (every method but `full`)."""
         return None
 
+    # True when the past stays in the device pool and questions attend it in place (`full`)
+    past_in_place = False
+
     # what the host pool supplies for a selected row: K and V, or V only (token keeps K on the device)
     host_parts = "kv"
 

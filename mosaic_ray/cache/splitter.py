@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mosaic_ray.cache.gather import gather
 from mosaic_ray.cache.token_batch import ranks_within
 
 if TYPE_CHECKING:
@@ -37,9 +38,10 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     flagged = flagged[:limit]
     g, c = flagged[:, 0], flagged[:, 1]
     rows, valid = index.member_rows(g, c)
-    k, v, order, time, pos = index.pool.read(rows.clamp(min=0).flatten().cpu())
     m, M = rows.shape
-    keys = k.view(m, M, -1).to(index.device, torch.float32)
+    # the members, on the index's device (a GPU reads them from the pinned pool in place)
+    got = gather(index.pool, rows, index.device, "kv")
+    keys = got["k"].float()
     labels = two_means(keys, valid, index.config.split_iters)
     n1 = (labels & valid).sum(1)
     n0 = valid.sum(1) - n1
@@ -69,15 +71,14 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     table = torch.where(lab[..., None], child_slabs[:, None, :], parent[:, None, :])  # [m, M, R]
     slab_of = table.gather(2, (rank // S).clamp(min=0)[..., None]).squeeze(-1)
     dst = (slab_of * S + rank % S)[valid]
-    sel = valid.flatten().cpu()
-    index.pool.write(dst.cpu(), k[sel], v[sel], order[sel], time[sel], pos.view(m * M, -1)[sel])
+    index.pool.write(dst, got["k"][valid], got["v"][valid], got["order"][valid], got["time"][valid], got["pos"][valid])
     # exact statistics of both children from their members
     side = (torch.arange(m, device=dev)[:, None] * 2 + lab.long())[valid]
     kf = keys[valid]
     cnt = torch.zeros(2 * m, dtype=torch.int64, device=dev).index_add_(0, side, torch.ones_like(side))
     ksum = torch.zeros(2 * m, kf.shape[1], device=dev).index_add_(0, side, kf)
     ksq = torch.zeros(2 * m, device=dev).index_add_(0, side, (kf * kf).sum(1))
-    t = time.view(m, M).to(dev)[valid]
+    t = got["time"][valid]
     tmin = torch.full((2 * m,), _INF, device=dev).scatter_reduce_(0, side, t, "amin")
     tmax = torch.full((2 * m,), -_INF, device=dev).scatter_reduce_(0, side, t, "amax")
     for half, slot, slabs in ((0, c, parent), (1, child, child_slabs)):
@@ -92,7 +93,7 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     for slot in (c, child):
         index._flag(g * index.capacity + slot, tau)
     if freed.numel():
-        index.pool.free(freed.cpu())
+        index.pool.free(freed)
     return m
 
 

@@ -1,16 +1,30 @@
 """StreamCache: one stream's KV cache = resident sink + local window in the device pool, past retrieved.
 
-    [ sink | ............ past (retriever) ............ | local window ]
-      first sink_tokens      tokens that left the window    last window_tokens
+    [ sink | ............ past (retriever) ............ | staged | local window ]
+      first sink_tokens      offloaded tokens             left the   last window_tokens
+                                                         window
 
 The resident tokens are slots of the engine's `DeviceKVPool` (`slots`, time order, sink first);
 attention reads them in place. New tokens enter in two steps: a forward stores their K/V into slots
 `reserve`d for them, then `adopt` makes them resident (or `discard` gives them back if the step
-failed), so a failed step leaves the stream exactly as it was. Tokens pushed out of the window go
-to the retriever in one batch (one assignment call covers all layers and heads); for `full` they
-stay in their slots and only change owner, so nothing of a `full` stream is ever copied.
+failed), so a failed step leaves the stream exactly as it was.
 
-Verbs: reserve / adopt / discard / append / hold / unhold / resident / retrieve / maintain / release.
+Tokens pushed out of the window are *staged*: they keep their slots, and questions attend them in
+place, exactly, like the window (`past_slots`). Once `config.offload_batch` of them have gathered,
+`maintain` (background work between engine steps) hands them to the retriever in one batch (one
+assignment call covers all layers, heads and frames: `offload`), which frees their slots. Staged
+tokens are never offloaded while a question holds the stream (it attends them as they were at its
+start; its retrieval must not see them a second time). A stream whose maintenance falls behind
+offloads inline once four batches are staged, so the device memory they take stays bounded. For
+`full` the past stays in its slots anyway: tokens leaving the window change owner at once, nothing
+is copied.
+
+Counting: `past_tokens` = staged + offloaded (the budget is a share of it); a question retrieves
+`retrieved_tokens()` = min(budget, offloaded) per (layer, KV head) and attends the staged ones on
+top: with a budget >= the past, it attends exactly the whole past.
+
+Verbs: reserve / adopt / discard / append / hold / unhold / resident / retrieve / maintain / settle /
+release.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.retrieval import make_retriever
 from mosaic_ray.cache.retriever import Retriever
+from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import CacheConfig, KVLayout
@@ -41,6 +56,10 @@ class StreamCache:
         self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
         self.block = torch.empty(0, dtype=torch.int64, device=dev)
         self.total_tokens = 0
+        # Staged tokens (left the window, not yet offloaded), chunks in time order:
+        # (slots, order, time, pos, block) each.
+        self._staged: list[tuple[torch.Tensor, ...]] = []
+        self.staged_tokens = 0
         # Questions attending this stream's slots as they were at their start (`hold`): slots that
         # leave the window meanwhile are freed only when the last of them lets go.
         self._holds = 0
@@ -52,10 +71,18 @@ class StreamCache:
 
     @property
     def past_tokens(self) -> int:
-        return self.retriever.past_tokens
+        """Tokens that left the window: staged + offloaded."""
+        return self.retriever.past_tokens + self.staged_tokens
 
     def budget(self) -> int:
         return self.config.budget_for(self.past_tokens)
+
+    def retrieved_tokens(self) -> int:
+        """Tokens per (layer, KV head) a question retrieves into its working set: min(budget,
+        offloaded); 0 when the retriever keeps the past in the device pool (`full`)."""
+        if self.retriever.past_in_place:
+            return 0
+        return min(self.budget(), self.retriever.past_tokens)
 
     # ------------------------------------------------------------------ entering tokens
     def reserve(self, n: int) -> torch.Tensor:
@@ -73,6 +100,8 @@ class StreamCache:
         slots are still the caller's."""
         dev = self.device
         n_new = slots.numel()
+        if self.staged_tokens >= 4 * self.config.offload_batch and not self._holds:
+            self.offload()  # maintenance fell behind: bound what waits on the device (may raise: unchanged)
         all_slots = torch.cat([self.slots, slots.to(dev, torch.int64)])
         meta = [
             torch.cat([self.order, order.to(dev, torch.int64)]),
@@ -85,12 +114,12 @@ class StreamCache:
         evict = max(0, n - sink - window)
         if evict:
             sl = slice(min(sink, n), min(sink, n) + evict)
-            freed = self.retriever.take_evicted(self.kv_pool, all_slots[sl], *(m[sl] for m in meta))
-            if freed is not None:
-                if self._holds:
-                    self._held.append(freed)
-                else:
-                    self.kv_pool.free(freed)
+            leaving = (all_slots[sl], *(m[sl] for m in meta))
+            if self.retriever.past_in_place or self.config.offload_batch <= 1:
+                self._free_or_hold(self.retriever.take_evicted(self.kv_pool, *leaving))
+            else:
+                self._staged.append(leaving)
+                self.staged_tokens += evict
             keep = torch.cat([torch.arange(0, sl.start, device=dev), torch.arange(sl.stop, n, device=dev)])
             all_slots = all_slots[keep]
             meta = [m[keep] for m in meta]
@@ -98,6 +127,38 @@ class StreamCache:
         self.order, self.time, self.pos, self.block = meta
         self.total_tokens += n_new
         return evict
+
+    def _free_or_hold(self, freed: torch.Tensor | None) -> None:
+        if freed is None:
+            return
+        if self._holds:
+            self._held.append(freed)
+        else:
+            self.kv_pool.free(freed)
+
+    def _staged_parts(self) -> tuple[torch.Tensor, ...]:
+        if len(self._staged) > 1:
+            self._staged = [tuple(torch.cat(p) for p in zip(*self._staged))]
+        return self._staged[0]
+
+    def offload(self) -> int:
+        """Hand every staged token to the retriever now, in one insert; returns how many.
+
+        All-or-nothing: if the retriever refuses (host pool full) they stay staged. Refused while
+        a question holds the stream (its retrieval would see them twice)."""
+        if not self.staged_tokens:
+            return 0
+        if self._holds:
+            raise RuntimeError("StreamCache.offload while a question holds the stream")
+        parts = self._staged_parts()
+        freed = self.retriever.take_evicted(self.kv_pool, *parts)
+        n, self._staged, self.staged_tokens = self.staged_tokens, [], 0
+        self._free_or_hold(freed)
+        return n
+
+    def settle(self) -> None:
+        """Offload what is staged, whatever its amount (snapshots; tools that read the retriever)."""
+        self.offload()
 
     def append(self, batch: TokenBatch) -> int:
         """Add tokens whose K/V are given (all layers); returns how many were offloaded."""
@@ -130,8 +191,20 @@ class StreamCache:
         return k, v, self.pos
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
-        """The past's slots when it lives in the device pool (`full`), else None (it is retrieved)."""
-        return self.retriever.past_slots(since, until)
+        """Slots of the past a question attends in place (inside [since, until]): `full`'s whole
+        past, or the staged tokens; None when there are none (the rest is retrieved)."""
+        parts = [p for p in (self.retriever.past_slots(since, until), self._staged_slots(since, until)) if p is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _staged_slots(self, since: float | None, until: float | None) -> torch.Tensor | None:
+        if not self.staged_tokens:
+            return None
+        slots, _, time, _, _ = self._staged_parts()
+        if since is None and until is None:
+            return slots
+        return slots[time_overlap(time, time, since, until)]
 
     def retrieve(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None) -> Retrieved:
         """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
@@ -151,12 +224,21 @@ class StreamCache:
         return self.retriever.select(layer, query, self.budget(), since, until)
 
     def maintain(self, max_work: int | None = None) -> int:
-        return self.retriever.maintain(max_work)
+        """Background upkeep between engine steps; returns units of work done (an offload of the
+        staged tokens counts one, then the retriever's, e.g. cluster splits, up to `max_work`)."""
+        done = 0
+        if self.staged_tokens >= self.config.offload_batch and not self._holds:
+            done = 1 if self.offload() else 0
+        if max_work is not None:
+            if max_work - done <= 0:
+                return done
+            return done + self.retriever.maintain(max_work - done)
+        return done + self.retriever.maintain(None)
 
     # ------------------------------------------------------------------ accounting, lifetime
     def device_bytes(self) -> int:
         row = self.layout.head_dim * torch.empty((), dtype=self.layout.dtype).element_size()
-        resident = 2 * self.resident_tokens * self.layout.groups * row
+        resident = 2 * (self.resident_tokens + self.staged_tokens) * self.layout.groups * row
         return resident + self.retriever.device_bytes()
 
     def host_bytes(self) -> int:
@@ -174,6 +256,8 @@ class StreamCache:
     def release(self) -> int:
         freed = self.retriever.release()
         self.kv_pool.free(self.slots)
+        if self.staged_tokens:
+            self.kv_pool.free(self._staged_parts()[0])
         if self._held:
             self.kv_pool.free(torch.cat(self._held))
         self.__init__(self.layout, self.config, self.retriever.pool, self.device, self.kv_pool)

@@ -20,7 +20,7 @@ def stream_info(engine, s: StreamState) -> dict[str, Any]:
     return {
         "id": s.stream_id, "frames": s.frames, "texts": s.texts, "questions": s.questions,
         "tokens": s.tokens, "duration_s": s.clock, "resident_tokens": s.cache.resident_tokens,
-        "past_tokens": s.cache.past_tokens, "kv_bytes_device": s.cache.device_bytes(),
+        "past_tokens": s.cache.past_tokens, "staged_tokens": s.cache.staged_tokens, "kv_bytes_device": s.cache.device_bytes(),
         "kv_bytes_host": s.cache.host_bytes(), "retrieval": engine.config.cache.retrieval,
         "busy": s.busy, "deferred_frames": s.waiting_frames, "ingest_lag_s": ingest_lag_s(s, time.monotonic()),
         "frames_pruned": s.pruning.pruned, "frames_seen": s.frames + s.pruning.pruned, **options_of(s.pruning),

@@ -41,10 +41,11 @@ class QuestionStepper:
             )
         closing_ids = tok.encode(closing, add_special_tokens=False)
         cache = state.cache
-        # the past a question attends: `full` reads its slots in place; the others retrieve at
-        # most min(budget, past) tokens per (layer, KV head) into reserved slots
+        # the past a question attends: in place, `full`'s whole past or the tokens staged for
+        # offload; retrieved, at most min(budget, offloaded) tokens per (layer, KV head) into
+        # reserved slots
         past = cache.past_slots(request.since, request.until)
-        retrieved = 0 if past is not None else min(cache.budget(), cache.past_tokens)
+        retrieved = cache.retrieved_tokens()
         own = len(prompt_ids) + request.max_tokens + len(closing_ids) + 1
         try:
             work = WorkingSet.reserve(self.kv_pool, retrieved, own)

@@ -16,8 +16,9 @@ its acknowledgement), or the oldest has waited `ingest_wait_s`, or the last inge
 `ingest_wait_s` old (an ingest forward costs about the same for 1 frame as for 16: under load,
 forwards are spaced so that each carries many frames; a frame after a quiet spell goes in at once;
 `StepPlan.wake_in_s` says when the next becomes due);
-then, between steps, up to `maintenance_budget` cluster splits, streams in turn (background work,
-never inside a question's step).
+then, between steps, up to `maintenance_budget` units of upkeep (an offload of a stream's staged
+tokens counts one, a cluster split one), streams in turn (background work, never inside a
+question's step).
 
 Invariants (tests/engine/test_scheduler.py): the token and encoder budgets are never exceeded,
 except by a single item alone in an otherwise empty step (a prompt or a frame larger than the

@@ -40,6 +40,7 @@ def _owner(obj, path):
 
 def export_stream(state: StreamState) -> dict[str, Any]:
     cache = state.cache
+    cache.settle()  # staged tokens are offloaded first: a snapshot holds a sink, a window and a past
     retriever = cache.retriever
     k, v = cache.kv_pool.read(cache.slots)
     tensors: dict[str, torch.Tensor] = {"resident.k": k, "resident.v": v}
@@ -55,6 +56,7 @@ def export_stream(state: StreamState) -> dict[str, Any]:
         for n in pnames:
             meta["plain"][f"{path}.{n}"] = getattr(obj, n)
     pool = retriever.pool
+    pool.sync()  # the GPU's writes into the pool have landed before the host copies the slabs
     slabs = (pool.owner == retriever.owner).nonzero().flatten()
     tensors["pool.slab_ids"] = slabs
     for n in ("kv", "order", "time", "pos"):  # indexing by a tensor copies: one pass over the bytes

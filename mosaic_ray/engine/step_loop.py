@@ -5,9 +5,10 @@ background work after it.
     build the scheduler's view (questions' needs, streams' waiting frames, streams with splits)
     -> plan -> one question step for the planned runs (prefill and decode together)
     -> one ingest forward for the planned frames of every stream (one vision batch)
-    -> cluster splits (`maintenance_budget`), off every question's step
+    -> background upkeep (`maintenance_budget`): offloading a stream's staged tokens (one insert
+       of `cache.offload_batch` or more), cluster splits; off every question's step
 
-While the loop drives, commits (of frames and of finished answers) do not drain splits inline;
+While the loop drives, commits (of frames and of finished answers) do not offload or split inline;
 the streams that may need some are remembered and served here in turn. Frames that fail to ingest
 go back to the front of their stream's queue when they were acknowledged on queueing (never
 dropped), or fail their waiting sender (`StreamEngine.ingest_frames`) and are dropped; the error is

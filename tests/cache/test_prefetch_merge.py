@@ -12,7 +12,7 @@ from mosaic_ray.config import CacheConfig, ClusterConfig
 @pytest.mark.parametrize("method", ["frame", "token", "cluster"])
 @pytest.mark.parametrize("guess", ["same", "other", "none"])
 def test_fetch_with_prefetch_equals_plain_fetch(layout, pool, method, guess):
-    cache = StreamCache(layout, CacheConfig(retrieval=method, budget_tokens=30, window_tokens=16, sink_tokens=2,
+    cache = StreamCache(layout, CacheConfig(retrieval=method, offload_batch=1, budget_tokens=30, window_tokens=16, sink_tokens=2,
                                             cluster=ClusterConfig(split_size=16, max_size=32)), pool, "cpu")
     for i in range(8):
         cache.append(make_batch(layout, i * 25, 25, seed=i))

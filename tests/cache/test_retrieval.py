@@ -12,7 +12,7 @@ SINK, WINDOW = 4, 24
 
 
 def _stream(layout, pool, method, budget, n_batches=8, n=29):
-    cfg = CacheConfig(retrieval=method, budget_tokens=budget, sink_tokens=SINK, window_tokens=WINDOW,
+    cfg = CacheConfig(retrieval=method, offload_batch=1, budget_tokens=budget, sink_tokens=SINK, window_tokens=WINDOW,
                       cluster=ClusterConfig(split_size=16, max_size=32))
     cache = StreamCache(layout, cfg, pool, "cpu")
     batches = [make_batch(layout, i * n, n, seed=i) for i in range(n_batches)]

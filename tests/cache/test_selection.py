@@ -38,7 +38,7 @@ def test_prefix_positions_equal_select_then_pack(case, seed):
 
 @pytest.mark.parametrize("method", ["frame", "token", "cluster"])
 def test_retrieve_into_writes_the_tokens_retrieve_returns(layout, pool, method):
-    cfg = CacheConfig(retrieval=method, budget_tokens=37, sink_tokens=4, window_tokens=24,
+    cfg = CacheConfig(retrieval=method, offload_batch=1, budget_tokens=37, sink_tokens=4, window_tokens=24,
                       cluster=ClusterConfig(split_size=16, max_size=32))
     kv = DeviceKVPool(layout, "cpu", growable=True)
     cache = StreamCache(layout, cfg, pool, "cpu", kv)

@@ -11,7 +11,7 @@ from mosaic_ray.config import CacheConfig
 @pytest.mark.parametrize("method", ["token", "cluster", "full"])
 def test_held_slots_keep_their_kv_until_unhold(layout, pool, method):
     kv = DeviceKVPool(layout, "cpu", growable=True)
-    cfg = CacheConfig(retrieval=method, sink_tokens=2, window_tokens=6, budget_tokens=8)
+    cfg = CacheConfig(retrieval=method, sink_tokens=2, window_tokens=6, budget_tokens=8, offload_batch=1)
     cache = StreamCache(layout, cfg, pool, "cpu", kv)
     cache.append(make_batch(layout, 0, 8, seed=1))
     attended = cache.slots.clone()
@@ -30,7 +30,7 @@ def test_held_slots_keep_their_kv_until_unhold(layout, pool, method):
 
 def test_release_frees_held_slots(layout, pool):
     kv = DeviceKVPool(layout, "cpu", growable=True)
-    cache = StreamCache(layout, CacheConfig(retrieval="token", sink_tokens=2, window_tokens=6, budget_tokens=8), pool, "cpu", kv)
+    cache = StreamCache(layout, CacheConfig(retrieval="token", sink_tokens=2, window_tokens=6, budget_tokens=8, offload_batch=1), pool, "cpu", kv)
     total = kv.free_slots
     cache.append(make_batch(layout, 0, 8, seed=1))
     cache.hold()

@@ -18,7 +18,7 @@ def test_uva_gather_equals_host_gather(parts):
     layout = KVLayout(2, 4, 128, torch.bfloat16)
     pool = HostPool(layout, PoolConfig(capacity_bytes=64 << 20))
     assert pool.pinned
-    cache = StreamCache(layout, CacheConfig(retrieval="token", window_tokens=8, sink_tokens=0), pool, "cuda")
+    cache = StreamCache(layout, CacheConfig(retrieval="token", window_tokens=8, sink_tokens=0, offload_batch=1), pool, "cuda")
     centers = centers_for(layout, "cuda")
     for f in range(6):
         cache.append(frame_batch(layout, f, 50, "cuda", centers))
@@ -38,7 +38,7 @@ def test_retrieval_same_on_cuda_and_cpu(method):
     out = {}
     for dev in ("cpu", "cuda"):
         pool = HostPool(layout, PoolConfig(capacity_bytes=64 << 20, pin_memory="auto"))
-        cache = StreamCache(layout, CacheConfig(retrieval=method, window_tokens=16, sink_tokens=4, budget_tokens=40), pool, dev)
+        cache = StreamCache(layout, CacheConfig(retrieval=method, offload_batch=1, window_tokens=16, sink_tokens=4, budget_tokens=40), pool, dev)
         centers = centers_for(layout, "cpu")
         for f in range(8):  # the same tokens on both devices: drawn on the CPU, then moved
             b = frame_batch(layout, f, 30, "cpu", centers)
@@ -51,3 +51,27 @@ def test_retrieval_same_on_cuda_and_cpu(method):
     same = (out["cpu"][0] == out["cuda"][0]).float().mean()
     assert same >= 0.95, float(same)
     torch.testing.assert_close(out["cpu"][1][out["cpu"][0] == out["cuda"][0]], out["cuda"][1][out["cpu"][0] == out["cuda"][0]])
+
+
+def test_device_writes_land_bit_exact_and_in_order():
+    """Rows written from the GPU (through UVA, no host sync) read back on the host bit for bit, and
+    a slab freed after them reads as free (order -1) once they land."""
+    layout = KVLayout(2, 4, 128, torch.bfloat16)
+    host = HostPool(layout, PoolConfig(capacity_bytes=64 << 20))
+    dev = HostPool(layout, PoolConfig(capacity_bytes=64 << 20))
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    for p in (host, dev):
+        p.allocate(n // p.slab_tokens + 2, owner=1)
+    rows = torch.randperm(n, generator=g)
+    k, v = torch.randn(n, 128, generator=g).bfloat16(), torch.randn(n, 128, generator=g).bfloat16()
+    order, time, pos = torch.arange(n), torch.rand(n, generator=g), torch.randint(0, 99, (n, 3), generator=g).int()
+    host.write(rows, k, v, order, time, pos)
+    dev.write(rows.cuda(), k.cuda(), v.cuda(), order.cuda(), time.cuda(), pos.cuda())
+    for a, b in zip(host.read(rows), dev.read(rows)):  # read() waits for the device writes
+        assert torch.equal(a, b)
+    first = rows[:1] // dev.slab_tokens
+    dev.write(rows.cuda(), k.cuda(), v.cuda(), order.cuda(), time.cuda(), pos.cuda())
+    dev.free(first)
+    dev.sync()
+    assert bool((dev.order[first] == -1).all())
