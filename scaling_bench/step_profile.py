@@ -60,7 +60,8 @@ def measure(a: argparse.Namespace, method: str, n: int, frames) -> dict:
           f"{row['ingest_fps']:5.1f} frames/s; steps {d['steps']}, busy {row['engine_busy_share']:.0%} "
           f"(questions {row['question_s_share']:.0%}, ingest {row['ingest_s_share']:.0%}, maintenance "
           f"{row['maintenance_s_share']:.0%}), {row['frames_per_ingest_step']:.1f} frames per ingest forward, "
-          f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} ms each", flush=True)
+          f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} ms each; {d.get('offloads', 0)} offloads "
+          f"({d.get('offloaded_tokens', 0)} tokens), {d['splits']} splits", flush=True)
     if a.profile_steps and n == max(int(x) for x in a.streams.split(",")):
         row["profile"] = profile_steps(engine, a, method, frames)
     return row

@@ -43,7 +43,7 @@ class StepLoop:
         self.tokens_per_frame = DEFAULT_TOKENS_PER_FRAME
         self.wake_in_s: float | None = None  # the last plan's: when held-back frames become due
         self.counters = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "ingest_tokens": 0,
-                         "ingest_frames": 0, "ingest_steps": 0, "splits": 0, "ingest_errors": 0,
+                         "ingest_frames": 0, "ingest_steps": 0, "splits": 0, "offloads": 0, "offloaded_tokens": 0, "ingest_errors": 0,
                          # wall seconds of each part of the steps (host time, the GPU work it waits on included)
                          "question_s": 0.0, "ingest_s": 0.0, "maintenance_s": 0.0}
 
@@ -209,11 +209,16 @@ class StepLoop:
         if state is None:
             self.needs_maintenance.discard(sid)
             return False
+        staged = state.cache.staged_tokens
         try:
             done = state.cache.maintain(n)
-        except PoolExhaustedError:  # the splits stay queued; a later step retries
+        except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries
             return False
-        self.counters["splits"] += done
+        offloaded = staged - state.cache.staged_tokens
+        if offloaded > 0:
+            self.counters["offloads"] += 1
+            self.counters["offloaded_tokens"] += offloaded
+        self.counters["splits"] += done - (offloaded > 0)
         if done < n:  # drained
             self.needs_maintenance.discard(sid)
         return True
