@@ -30,8 +30,13 @@ class LoadSpec:
     batch_frames: int = 1          # frames per push
     question_every_s: float = 5.0  # per stream; 0: no questions
     max_tokens: int = 16
-    warmup_s: float = 0.0          # samples that start earlier are not counted
+    warmup_s: float = 0.0          # samples that start earlier are not counted (part of `seconds`)
     prefix: str = "ld"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_s < self.seconds:
+            raise ValueError(f"LoadSpec: warmup_s ({self.warmup_s}) must be in [0, seconds = {self.seconds}): "
+                             f"the warm-up is the start of the load, the rest is measured")
 
 
 @dataclass
@@ -56,8 +61,10 @@ class LoadResult:
         }
 
     def sustained(self, max_lag_s: float, max_ttft_p99_s: float) -> bool:
-        """Kept up with real time (every due frame acknowledged, lag p99 bounded) and TTFT p99 bounded."""
-        return (not self.errors and self.frames_acked >= self.frames_due
+        """Kept up with real time (every due frame acknowledged, lag p99 bounded) and TTFT p99 bounded,
+        measured: a load with no lag sample (or no TTFT sample while questions were due) proves nothing."""
+        measured = bool(self.lags) and (bool(self.ttft) or not self.spec.get("question_every_s"))
+        return (measured and not self.errors and self.frames_acked >= self.frames_due
                 and pct(self.lags, 0.99) <= max_lag_s and pct(self.ttft, 0.99) <= max_ttft_p99_s)
 
 

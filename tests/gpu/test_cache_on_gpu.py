@@ -65,7 +65,8 @@ def test_device_writes_land_bit_exact_and_in_order():
         p.allocate(n // p.slab_tokens + 2, owner=1)
     rows = torch.randperm(n, generator=g)
     k, v = torch.randn(n, 128, generator=g).bfloat16(), torch.randn(n, 128, generator=g).bfloat16()
-    order, time, pos = torch.arange(n), torch.rand(n, generator=g), torch.randint(0, 99, (n, 3), generator=g).int()
+    order, time = torch.arange(n), torch.rand(n, generator=g)
+    pos = torch.randint(0, 99, (n, layout.pos_dims), generator=g).int()
     host.write(rows, k, v, order, time, pos)
     dev.write(rows.cuda(), k.cuda(), v.cuda(), order.cuda(), time.cuda(), pos.cuda())
     for a, b in zip(host.read(rows), dev.read(rows)):  # read() waits for the device writes
