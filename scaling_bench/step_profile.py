@@ -62,7 +62,7 @@ def measure(a: argparse.Namespace, method: str, n: int, frames) -> dict:
           f"{row['maintenance_s_share']:.0%}), {row['frames_per_ingest_step']:.1f} frames per ingest forward, "
           f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} ms each; {d.get('offloads', 0)} offloads "
           f"({d.get('offloaded_tokens', 0)} tokens), {d['splits']} splits", flush=True)
-    if a.profile_steps and n == max(int(x) for x in a.streams.split(",")):
+    if (a.profile_steps or a.profile_seconds) and n == max(int(x) for x in a.streams.split(",")):
         row["profile"] = profile_steps(engine, a, method, frames)
     return row
 
@@ -72,7 +72,7 @@ def profile_steps(engine, a, method: str, frames) -> str:
     into a fresh load of the same streams, once their windows are full): where an ingest goes."""
     import torch
 
-    spec = LoadSpec(streams=max(int(x) for x in a.streams.split(",")), seconds=a.profile_after + 8, fps=a.fps,
+    spec = LoadSpec(streams=max(int(x) for x in a.streams.split(",")), seconds=a.profile_after + a.profile_seconds + 4, fps=a.fps,
                     question_every_s=a.question_every, max_tokens=a.max_tokens, warmup_s=0, prefix=f"{method}-prof")
     loop, done = engine.loop, []
     real_ingest = loop._ingest
@@ -93,10 +93,28 @@ def profile_steps(engine, a, method: str, frames) -> str:
             prof.stop()
         return out
 
-    loop._ingest = ingest
+    async def window():  # --profile-seconds: everything the engine does for S seconds
+        await asyncio.sleep(a.profile_after)
+        prof.start()
+        done.append(a.profile_steps)
+        await asyncio.sleep(a.profile_seconds)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.stop()
+
+    async def go():
+        timer = asyncio.create_task(window()) if a.profile_seconds else None
+        await run_load(EngineTarget(engine), spec, frames, False, "profile")
+        if timer is not None:
+            await timer
+
+    if not a.profile_seconds:
+        loop._ingest = ingest
     t0 = time.perf_counter()
-    asyncio.run(run_load(EngineTarget(engine), spec, frames, False, "profile"))
+    asyncio.run(go())
     loop._ingest = real_ingest
+    if a.profile_seconds:
+        done[:] = [a.profile_steps] if done else []
     if done and done[0] < a.profile_steps:
         prof.stop()
     if not done:
@@ -104,7 +122,8 @@ def profile_steps(engine, a, method: str, frames) -> str:
     cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
     gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) \
         if torch.cuda.is_available() else ""
-    return f"{done[0]} ingest forwards\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}"
+    what = f"{a.profile_seconds:g} s of the engine" if a.profile_seconds else f"{done[0]} ingest forwards"
+    return f"{what}\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}"
 
 
 def main(argv=None) -> int:
@@ -121,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="torch.profiler table of N ingest forwards of the largest count (a fresh load)")
     p.add_argument("--profile-after", type=float, default=20.0, help="seconds into that load (windows filled)")
+    p.add_argument("--profile-seconds", type=float, default=0.0,
+                   help="instead: profile everything the engine does for S seconds from --profile-after")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:

@@ -11,6 +11,7 @@ working set: the engine commits it to the stream (`StreamEngine._commit_run`).
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.working_set import WorkingSet
@@ -74,7 +75,8 @@ class QuestionStepper:
             new_slots = [r.step.work.next_slots(1) for r in runs]
             for r in runs:
                 r.step.new_tokens, r.step.retrieve = 1, False
-            logits = self.runner.decode([int(r.generated[-1]) for r in runs], positions, steps, kv_lists, new_slots)
+            with record_function("question.decode"):
+                logits = self.runner.decode([int(r.generated[-1]) for r in runs], positions, steps, kv_lists, new_slots)
             pending = [positions[:, j : j + 1] for j in range(len(runs))]
         else:
             segs = []
@@ -86,7 +88,8 @@ class QuestionStepper:
                 run.step.new_tokens = chunk.size
                 run.step.retrieve = run.phase == "prefill"
             new_slots = [r.step.work.next_slots(seg.size) for r, seg in zip(runs, segs)]
-            logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
+            with record_function("question.prefill"):
+                logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
             spans, sizes, pending = [s.span for s in segs], [s.size for s in segs], [s.positions for s in segs]
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],

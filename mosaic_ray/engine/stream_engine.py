@@ -271,9 +271,10 @@ class StreamEngine(Engine):
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
         state = self._get(stream_id)
-        if not state.busy:  # the question sees every frame that came before it (a failure is logged)
-            self.loop.ingest_before(state)
-        return self.questions.start(state, request)
+        with record_function("question.start"):
+            if not state.busy:  # the question sees every frame that came before it (a failure is logged)
+                self.loop.ingest_before(state)
+            return self.questions.start(state, request)
 
     @_counts_busy
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
