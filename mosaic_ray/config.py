@@ -263,8 +263,12 @@ class SchedulerConfig:
     token_budget: int = 8192
     # Frames through the vision tower per step.
     encoder_budget: int = 32
-    # Cluster splits drained between steps, over all streams (background work).
-    maintenance_budget: int = 64
+    # Units of background upkeep between steps, over all streams: a cluster split is one, an
+    # offload of a stream's staged tokens one. A drain of splits costs about the same host time
+    # for 64 as for 256 (launches and syncs, not arithmetic): on the H200 at 16 streams of
+    # 7b-shape, 64 per step spent 35 % of the engine's time in maintenance (docs/benchmarks.md
+    # section 10); 256 takes a batch of ClusterConfig.split_batch at a time.
+    maintenance_budget: int = 256
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.
     lag_priority_s: float = 1.0

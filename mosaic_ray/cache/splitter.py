@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from mosaic_ray.cache.gather import gather
-from mosaic_ray.cache.token_batch import ranks_within
 
 if TYPE_CHECKING:
     from mosaic_ray.cache.cluster_index import ClusterIndex
@@ -30,13 +29,16 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     if index.querying:
         raise RuntimeError("drain_splits called while a query holds the cluster index")
     limit = index.config.split_batch if max_clusters is None else max_clusters
-    if not bool(index.split_flag.any()):
-        index.refresh_flags()
-    flagged = index.split_flag.nonzero()
-    if flagged.numel() == 0 or limit <= 0:
+    if limit <= 0:
         return 0
+    flagged = index.split_flag.nonzero()
+    if flagged.numel() == 0:
+        index.refresh_flags()
+        flagged = index.split_flag.nonzero()
+        if flagged.numel() == 0:
+            return 0
     flagged = flagged[:limit]
-    g, c = flagged[:, 0], flagged[:, 1]
+    g, c = flagged[:, 0], flagged[:, 1]  # g ascending (nonzero's order)
     rows, valid = index.member_rows(g, c)
     m, M = rows.shape
     # the members, on the index's device (a GPU reads them from the pinned pool in place)
@@ -48,11 +50,12 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     # children: label 0 stays in slot c, label 1 goes to a new slot of group g
     slabs_needed0 = -(-n0 // index.S)
     slabs_needed1 = -(-n1 // index.S)
-    new_slabs = index.pool.allocate(int(slabs_needed1.sum()), index.owner).to(index.device)
     G = index.layout.groups
     per_group_new = torch.zeros(G, dtype=torch.int64, device=index.device).index_add_(0, g, torch.ones_like(g))
-    offsets = ranks_within(g)
-    index._ensure_capacity(int((index.num_clusters + per_group_new).max()))
+    offsets = torch.arange(m, device=index.device) - torch.searchsorted(g, g)  # rank of each split in its group
+    n_new_slabs, clusters_after = torch.stack([slabs_needed1.sum(), (index.num_clusters + per_group_new).max()]).tolist()
+    new_slabs = index.pool.allocate(n_new_slabs, index.owner).to(index.device)
+    index._ensure_capacity(clusters_after)
     child = index.num_clusters[g] + offsets
     index.num_clusters += per_group_new
     tau = index.thresholds()
@@ -70,15 +73,17 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     rank = torch.where(lab, torch.cumsum(lab.long(), 1) - 1, torch.cumsum((~lab & valid).long(), 1) - 1)
     table = torch.where(lab[..., None], child_slabs[:, None, :], parent[:, None, :])  # [m, M, R]
     slab_of = table.gather(2, (rank // S).clamp(min=0)[..., None]).squeeze(-1)
-    dst = (slab_of * S + rank % S)[valid]
-    index.pool.write(dst, got["k"][valid], got["v"][valid], got["order"][valid], got["time"][valid], got["pos"][valid])
+    members = valid.flatten().nonzero().squeeze(1)  # one sync lists every member of every split
+    flat = lambda t: t.flatten(0, 1).index_select(0, members)  # noqa: E731  [m, M, ...] -> [members, ...]
+    dst = flat(slab_of * S + rank % S)
+    index.pool.write(dst, flat(got["k"]), flat(got["v"]), flat(got["order"]), flat(got["time"]), flat(got["pos"]))
     # exact statistics of both children from their members
-    side = (torch.arange(m, device=dev)[:, None] * 2 + lab.long())[valid]
-    kf = keys[valid]
+    side = flat(torch.arange(m, device=dev)[:, None] * 2 + lab.long())
+    kf = flat(keys)
     cnt = torch.zeros(2 * m, dtype=torch.int64, device=dev).index_add_(0, side, torch.ones_like(side))
     ksum = torch.zeros(2 * m, kf.shape[1], device=dev).index_add_(0, side, kf)
     ksq = torch.zeros(2 * m, device=dev).index_add_(0, side, (kf * kf).sum(1))
-    t = got["time"][valid]
+    t = flat(got["time"])
     tmin = torch.full((2 * m,), _INF, device=dev).scatter_reduce_(0, side, t, "amin")
     tmax = torch.full((2 * m,), -_INF, device=dev).scatter_reduce_(0, side, t, "amax")
     for half, slot, slabs in ((0, c, parent), (1, child, child_slabs)):
@@ -122,9 +127,8 @@ def two_means(keys: torch.Tensor, valid: torch.Tensor, iters: int) -> torch.Tens
         b = (keys * w1[..., None]).sum(1) / w1.sum(1, keepdim=True).clamp(min=1)
     n1 = labels.sum(1)
     n = valid.sum(1)
-    degenerate = (n1 == 0) | (n1 == n)
-    if bool(degenerate.any()):
-        r = torch.arange(M, device=keys.device)[None, :]
-        halves = (r >= (n // 2)[:, None]) & valid
-        labels = torch.where(degenerate[:, None], halves, labels)
+    degenerate = (n1 == 0) | (n1 == n)  # (no host test of it: the fallback costs less than a sync)
+    r = torch.arange(M, device=keys.device)[None, :]
+    halves = (r >= (n // 2)[:, None]) & valid
+    labels = torch.where(degenerate[:, None], halves, labels)
     return labels
