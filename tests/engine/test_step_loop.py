@@ -107,6 +107,34 @@ def test_splits_run_between_steps_not_inside_the_commit(tiny_adapter, monkeypatc
     assert e.loop.counters["ingest_frames"] == 3 and not e.loop.needs_maintenance
 
 
+def test_tokens_leaving_the_window_are_offloaded_between_steps(tiny_adapter, monkeypatch):
+    """The ingest forward only stages what leaves the window; the offload (the insert into the
+    clusters) is the loop's background work, and every staged token ends up offloaded."""
+    e = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, offload_batch=48)
+    e.open_stream("s")
+    cache, staged_after_ingest = e.streams["s"].cache, []
+    real_ingest = e._ingest
+
+    def ingest(work):
+        out = real_ingest(work)
+        staged_after_ingest.append((cache.staged_tokens, cache.retriever.past_tokens))
+        return out
+
+    monkeypatch.setattr(e, "_ingest", ingest)
+
+    async def go():
+        e.submit_frames("s", frames(6, seed=3), [float(i) for i in range(6)])
+        while e.loop.has_work():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert staged_after_ingest and all(st > 0 for st, _ in staged_after_ingest)  # the commit staged, never inserted
+    assert staged_after_ingest[0][1] == 0
+    c = e.loop.counters
+    assert c["offloads"] >= 1 and c["offloaded_tokens"] == cache.retriever.past_tokens > 0
+    assert cache.staged_tokens < e.config.cache.offload_batch  # what remains waits for a full batch
+
+
 def test_frames_that_fail_to_ingest_stay_queued(tiny_adapter, monkeypatch):
     e = _engine(tiny_adapter)
     e.open_stream("s")

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.ray
 ENGINE_KWARGS = {
     "model": "tiny",
     "device": "cpu",
-    # A small window so that most tokens leave it: the move must carry clusters and pool slabs.
-    "cache": {"retrieval": "cluster", "window_tokens": 32, "sink_tokens": 4, "pool": {"capacity_bytes": 16 << 20}},
+    # A small window so that most tokens leave it, offloaded in small batches: the move must carry
+    # clusters and pool slabs (a snapshot offloads what is still staged first).
+    "cache": {"retrieval": "cluster", "window_tokens": 32, "sink_tokens": 4, "offload_batch": 16,
+              "pool": {"capacity_bytes": 16 << 20}},
 }
 FRAMES = 10
 
