@@ -158,10 +158,11 @@ class CacheConfig:
     window_tokens: int = 2048
     # Tokens that leave the window are offloaded (handed to the retriever: clustered, copied to
     # the host pool) in batches of at least this many. Until then they stay where they are, in the
-    # device pool, and questions attend them exactly, like the window. One assignment of 1024
-    # tokens costs the host about what one of 146 does (the launches and syncs of an insert do
-    # not grow with it), so this divides the ingest path's offload cost by ~7 at 146-token frames;
-    # the price is up to this many more tokens held on the device per stream. 1: offload at once.
+    # device pool, and questions attend them exactly, like the window. An insert is mostly
+    # launches and host syncs: on the H200 at 7B shapes one of 7 frames (146 tokens each) cost
+    # 1.8x one of a single frame, 3.9x less per frame (docs/benchmarks.md section 10.1), and the
+    # offload leaves the ingest forward; the price is up to 4x this many more tokens held on the
+    # device per stream. 1: offload at once, inside the ingest.
     offload_batch: int = 1024
     # Frame method: at most this many blocks per question and layer-head (ReKV-style top-k).
     frame_top_k: int | None = None
@@ -264,10 +265,10 @@ class SchedulerConfig:
     # Frames through the vision tower per step.
     encoder_budget: int = 32
     # Units of background upkeep between steps, over all streams: a cluster split is one, an
-    # offload of a stream's staged tokens one. A drain of splits costs about the same host time
-    # for 64 as for 256 (launches and syncs, not arithmetic): on the H200 at 16 streams of
-    # 7b-shape, 64 per step spent 35 % of the engine's time in maintenance (docs/benchmarks.md
-    # section 10); 256 takes a batch of ClusterConfig.split_batch at a time.
+    # offload of a stream's staged tokens one. A drain is host-bound: on the H200 at 16 streams
+    # of 7b-shape, drains of 64 took 21 ms of host time for 6.3 ms of GPU work and upkeep 40 % of
+    # the wall time (docs/benchmarks.md section 10.1); 256 drains a whole ClusterConfig.split_batch
+    # at once (its own effect was not measured apart).
     maintenance_budget: int = 256
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.

@@ -90,7 +90,7 @@ def bench_query(layout, device, frames, tokens, budget_ratio, questions, pool_gb
         for f in range(frames):
             cache.append(frame_batch(layout, f, tokens, device, centers))
             cache.maintain()
-        cache.settle()  # the questions below retrieve from the whole past
+        cache.offload()  # the questions below retrieve from the whole past
         sync(device)
         ingest = time.perf_counter() - t0
         lat, copies, moved, fetched = [], 0, 0, 0

@@ -33,7 +33,7 @@ def measure(a: argparse.Namespace, frames: list, ratio: float, slab: int) -> dic
     for k in range(0, a.frames, a.batch):
         n = min(a.batch, a.frames - k)
         engine.append_frames("s", [frames[(k + j) % len(frames)] for j in range(n)], [float(k + j) for j in range(n)])
-    engine.streams["s"].cache.settle()  # tokens staged for offload are clustered too: storage of the whole past
+    engine.streams["s"].cache.offload()  # tokens staged for offload are clustered too: storage of the whole past
     ingest_s = time.perf_counter() - t0
     info = engine.stream_info("s")
     index = engine.streams["s"].cache.retriever.index

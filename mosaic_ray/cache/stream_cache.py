@@ -23,7 +23,7 @@ Counting: `past_tokens` = staged + offloaded (the budget is a share of it); a qu
 `retrieved_tokens()` = min(budget, offloaded) per (layer, KV head) and attends the staged ones on
 top: with a budget >= the past, it attends exactly the whole past.
 
-Verbs: reserve / adopt / discard / append / hold / unhold / resident / retrieve / maintain / settle /
+Verbs: reserve / adopt / discard / append / hold / unhold / resident / retrieve / maintain / offload /
 release.
 """
 
@@ -142,7 +142,9 @@ class StreamCache:
         return self._staged[0]
 
     def offload(self) -> int:
-        """Hand every staged token to the retriever now, in one insert; returns how many.
+        """Hand every staged token to the retriever now, whatever their number, in one insert
+        (`maintain` when a batch has gathered; snapshots and tools that read the retriever);
+        returns how many.
 
         All-or-nothing: if the retriever refuses (host pool full) they stay staged. Refused while
         a question holds the stream (its retrieval would see them twice)."""
@@ -155,10 +157,6 @@ class StreamCache:
         n, self._staged, self.staged_tokens = self.staged_tokens, [], 0
         self._free_or_hold(freed)
         return n
-
-    def settle(self) -> None:
-        """Offload what is staged, whatever its amount (snapshots; tools that read the retriever)."""
-        self.offload()
 
     def append(self, batch: TokenBatch) -> int:
         """Add tokens whose K/V are given (all layers); returns how many were offloaded."""

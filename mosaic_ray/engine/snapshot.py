@@ -40,7 +40,7 @@ def _owner(obj, path):
 
 def export_stream(state: StreamState) -> dict[str, Any]:
     cache = state.cache
-    cache.settle()  # staged tokens are offloaded first: a snapshot holds a sink, a window and a past
+    cache.offload()  # staged tokens are offloaded first: a snapshot holds a sink, a window and a past
     retriever = cache.retriever
     k, v = cache.kv_pool.read(cache.slots)
     tensors: dict[str, torch.Tensor] = {"resident.k": k, "resident.v": v}

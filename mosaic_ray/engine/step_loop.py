@@ -117,8 +117,8 @@ class StepLoop:
         """Ingest `state`'s waiting frames now (a question, text or snapshot of that stream comes
         after them; or no loop drives: `frame_append.flush_waiting`), with
         the waiting frames of the other streams in the same forwards while the encoder budget
-        lasts: a forward costs nearly the same for 1 frame as for 16, and theirs would need one
-        soon. Returns True when none of `state`'s frames waits (a failure is logged by `_ingest`)."""
+        lasts: a forward of 16 frames costs ~2x one of 1-2 (launch-bound), and theirs would need
+        one soon. Returns True when none of `state`'s frames waits (a failure is logged by `_ingest`)."""
         e, budget = self.engine, max(1, self.engine.config.scheduler.encoder_budget)
         for _ in range(64):  # bounded: a stream whose frames keep failing does not hold the question
             if not state.deferred or state.awaiting_prefill:

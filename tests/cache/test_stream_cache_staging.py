@@ -116,10 +116,10 @@ def test_offload_batch_one_offloads_at_once(layout, pool):
     assert cache.staged_tokens == 0 and cache.retriever.past_tokens == 8
 
 
-def test_settle_and_release(layout, pool):
+def test_offload_of_a_part_batch_and_release(layout, pool):
     cache, kv = _cache(layout, pool, "frame")
     cache.append(make_batch(layout, 0, 20, seed=1))
-    cache.settle()
+    cache.offload()
     assert cache.staged_tokens == 0 and cache.retriever.past_tokens == 8
     cache.append(make_batch(layout, 20, 5, seed=2))
     assert cache.staged_tokens == 5
