@@ -116,11 +116,18 @@ class ClusterConfig:
     variance_ratio: float = 0.5
     # Clusters larger than this are queued for a deferred 2-means split (prototype: 64).
     split_size: int = 64
-    # Hard cap: a cluster this large takes no new member until it has been split; the token seeds
-    # a new cluster instead. Bounds the slab table and the work of one split.
+    # A cluster this large is full: it takes no new member until it has been split, and a token
+    # that would have joined it joins the nearest cluster with room, or seeds one. Bounds the slab
+    # table and the work of one split. Measured on real features (dino-smollm2, bigbuckbunny +
+    # bikes at 5 fps, 5 % budget): max_size 64 (no size splits at all: clusters fill in arrival
+    # order) recalls 0.673 of exact top-k past mass against 0.759 with 128, whose 2-means splits
+    # keep clusters tighter than the variance bound alone (worst layer 0.59 vs 0.85).
     max_size: int = 128
-    # Deferred splits drained per call of `drain_splits` (bounded work off the query path).
-    split_batch: int = 256
+    # Deferred splits drained per call of `drain_splits` (bounded work off the query path). A drain
+    # is ~300 launches and ~5 host syncs whatever its size (H200, 7b-shape: 21 ms of host time and
+    # 6.3 ms of GPU work for 64 splits), and one offload of 1024 staged tokens of a 7b-shape stream
+    # flagged ~1.7k splits (docs/benchmarks.md section 10.1): one drain takes them all.
+    split_batch: int = 2048
     # Lloyd iterations of each 2-means split.
     split_iters: int = 8
     # Rounds of in-batch seeding: tokens no existing cluster can take seed new clusters, one new
@@ -267,9 +274,9 @@ class SchedulerConfig:
     # Units of background upkeep between steps, over all streams: a cluster split is one, an
     # offload of a stream's staged tokens one. A drain is host-bound: on the H200 at 16 streams
     # of 7b-shape, drains of 64 took 21 ms of host time for 6.3 ms of GPU work and upkeep 40 % of
-    # the wall time (docs/benchmarks.md section 10.1); 256 drains a whole ClusterConfig.split_batch
-    # at once (its own effect was not measured apart).
-    maintenance_budget: int = 256
+    # the wall time (docs/benchmarks.md section 10.1); 2048 drains a whole
+    # ClusterConfig.split_batch at once.
+    maintenance_budget: int = 2048
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.
     lag_priority_s: float = 1.0

@@ -47,11 +47,14 @@ def _frames(layout, first: int, count: int, tokens: int, device, centers) -> Tok
                         (("keys", 1), ("values", 1), ("order", 0), ("time", 0), ("pos", 0), ("block", 0))))
 
 
-def bench_assign(layout, device, frames, tokens, warm, pool_gb, batch: int = 1) -> dict:
+def bench_assign(layout, device, frames, tokens, warm, pool_gb, batch: int = 1, split_batch: int | None = None) -> dict:
     """Insert `frames` frames, `batch` frames per insert call (1: as each frame leaves the window;
-    7: one offload of CacheConfig.offload_batch = 1024 staged tokens of 146-token frames)."""
+    7: one offload of CacheConfig.offload_batch = 1024 staged tokens of 146-token frames); after
+    each insert, drain the flagged splits until none is left, `split_batch` per drain."""
     pool = HostPool(layout, PoolConfig(capacity_bytes=int(pool_gb * 2**30)))
-    index = ClusterIndex(layout, ClusterConfig(), pool, pool.register_owner(), device)
+    config = ClusterConfig() if split_batch is None else ClusterConfig(split_batch=split_batch)
+    index = ClusterIndex(layout, config, pool, pool.register_owner(), device)
+    splits = drains = 0
     centers = torch.randn(layout.groups, 32, layout.head_dim, device=device) * 2
     times, split_times = [], []
     for f in range(0, frames - batch + 1, batch):
@@ -61,7 +64,12 @@ def bench_assign(layout, device, frames, tokens, warm, pool_gb, batch: int = 1) 
         index.insert(b)
         sync(device)
         t1 = time.perf_counter()
-        index.drain_splits()
+        while True:
+            done = index.drain_splits()
+            if f >= warm:
+                splits, drains = splits + done, drains + 1
+            if done < config.split_batch:
+                break
         sync(device)
         t2 = time.perf_counter()
         if f >= warm:
@@ -71,6 +79,8 @@ def bench_assign(layout, device, frames, tokens, warm, pool_gb, batch: int = 1) 
     with_splits = (sum(times) + sum(split_times)) / len(times)
     return {
         "frames": frames, "tokens_per_frame": tokens, "frames_per_insert": batch, "clusters_per_group": index.total_clusters / layout.groups,
+        "split_batch": config.split_batch, "splits_per_frame": splits / max(1, len(times) * batch),
+        "drains_per_insert": drains / max(1, len(times)),
         "insert_ms_per_frame": per_frame * 1e3, "split_ms_per_frame": sum(split_times) / len(times) * 1e3,
         "token_layer_assignments_per_s": tokens * layout.num_layers / per_frame,
         "token_layer_assignments_per_s_with_splits": tokens * layout.num_layers / with_splits,
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-query", action="store_true")
     p.add_argument("--insert-batches", default="1,7",
                    help="frames per insert call, side by side (7 x 146 tokens ~ one offload of 1024 staged tokens)")
+    p.add_argument("--split-batches", default=None,
+                   help="ClusterConfig.split_batch values side by side, at the first --insert-batches value")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU, seconds")
     a = p.parse_args(argv)
@@ -151,6 +163,13 @@ def main(argv=None) -> int:
         print(f"{batch} frame(s) per insert: insert {r['insert_ms_per_frame']:.2f} ms/frame, "
               f"splits {r['split_ms_per_frame']:.2f} ms/frame, clusters/group {r['clusters_per_group']:.0f}", flush=True)
     out["assign"] = out["assign_by_batch"][int(a.insert_batches.split(",")[0])]
+    if a.split_batches:
+        out["assign_by_split_batch"] = {}
+        for sb in [int(x) for x in a.split_batches.split(",")]:
+            r = bench_assign(layout, device, a.frames, a.tokens, a.warm, a.pool_gb, int(a.insert_batches.split(",")[0]), sb)
+            out["assign_by_split_batch"][sb] = r
+            print(f"split_batch {sb}: splits {r['split_ms_per_frame']:.2f} ms/frame ({r['splits_per_frame']:.1f} splits "
+                  f"per frame, {r['drains_per_insert']:.1f} drains per insert)", flush=True)
     if not a.skip_query:
         out["query"] = bench_query(layout, device, a.frames, a.tokens, a.budget, a.questions, a.pool_gb,
                                    window=64 if a.quick else 2048)

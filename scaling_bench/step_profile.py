@@ -93,13 +93,18 @@ def profile_steps(engine, a, method: str, frames) -> str:
             prof.stop()
         return out
 
+    syncs = SyncSites()
+
     async def window():  # --profile-seconds: everything the engine does for S seconds
         await asyncio.sleep(a.profile_after)
         prof.start()
+        if a.sync_sites:
+            syncs.start()
         done.append(a.profile_steps)
         await asyncio.sleep(a.profile_seconds)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        syncs.stop()
         prof.stop()
 
     async def go():
@@ -123,7 +128,59 @@ def profile_steps(engine, a, method: str, frames) -> str:
     gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) \
         if torch.cuda.is_available() else ""
     what = f"{a.profile_seconds:g} s of the engine" if a.profile_seconds else f"{done[0]} ingest forwards"
-    return f"{what}\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}"
+    sites = f"\n\nhost syncs by call site (torch.cuda sync debug mode):\n{syncs.table()}" if a.sync_sites else ""
+    return f"{what}\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}{sites}"
+
+
+class SyncSites:
+    """Counts the host syncs the engine makes, by call site: torch's CUDA sync debug mode warns at
+    every synchronizing call (`.item()`, `.tolist()`, `nonzero`, a blocking copy from pageable
+    memory) and the warning's stack says which line of ours made it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+        self._saved = None
+
+    def start(self) -> None:
+        import traceback
+        import warnings
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self._saved[0](message, category, filename, lineno, file, line)
+            ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]
+                    if "mosaic_ray" in f.filename or "transformers" in f.filename]
+            key = tuple(ours[-3:]) or (f"{Path(filename).name}:{lineno}",)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+        self._saved = (warnings.showwarning, warnings.filters[:])
+        warnings.showwarning = show
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import warnings
+
+        import torch
+
+        if self._saved is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._saved
+        self._saved = None
+
+    def table(self, limit: int = 40) -> str:
+        if not self.counts:
+            return "(none recorded: no GPU, or no sync)"
+        rows = sorted(self.counts.items(), key=lambda kv: -kv[1])[:limit]
+        total = sum(self.counts.values())
+        return "\n".join([f"{total} syncs at {len(self.counts)} call sites (innermost last):"]
+                         + [f"{n:7d}  {' <- '.join(reversed(k))}" for k, n in rows])
 
 
 def main(argv=None) -> int:
@@ -142,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-after", type=float, default=20.0, help="seconds into that load (windows filled)")
     p.add_argument("--profile-seconds", type=float, default=0.0,
                    help="instead: profile everything the engine does for S seconds from --profile-after")
+    p.add_argument("--sync-sites", action="store_true",
+                   help="with --profile-seconds: also count the host syncs by call site (CUDA only)")
     a = p.parse_args(argv)
     cli.resolve(a)
     if a.quick:

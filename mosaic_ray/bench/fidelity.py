@@ -76,7 +76,8 @@ class Variant:
     method: str
     variance_ratio: float = _CLUSTER.variance_ratio  # the engine's default
     slab_tokens: int | None = None  # None: the engine's choice for the method (PoolConfig)
-    split_size: int = 64
+    split_size: int = _CLUSTER.split_size
+    max_size: int = _CLUSTER.max_size
     # Drain every pending split before each question (the engine drains a bounded batch per ingest
     # step only): shows what the split backlog at query time costs.
     drain_before_query: bool = False
@@ -86,7 +87,7 @@ class Variant:
             retrieval=self.method, sink_tokens=sink, window_tokens=window,
             offload_batch=1,  # selection is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(128, 2 * self.split_size)),
+                                  max_size=max(self.max_size, self.split_size)),
             pool=PoolConfig(capacity_bytes=capacity_bytes, slab_tokens=self.slab_tokens, pin_memory="no"),
         )
 
@@ -96,7 +97,9 @@ BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("to
 SWEEP_VARIANTS = [*(Variant(f"cluster vr={vr:g}", "cluster", variance_ratio=vr) for vr in (0.05, 0.15, 0.5, 1.0)
                     if vr != _CLUSTER.variance_ratio),
                   Variant("cluster slab=16", "cluster", slab_tokens=16),
-                  Variant("cluster slab=64", "cluster", slab_tokens=64)]
+                  Variant("cluster slab=64", "cluster", slab_tokens=64),
+                  # clusters are full at split_size: no size split ever runs
+                  Variant("cluster max=64", "cluster", max_size=64)]
 # Opt-in (--variants): draining the whole split backlog before each question took 120-950 s of CPU
 # on dino-smollm2 (tens of thousands of splits), more than the rest of the run together.
 EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)]

@@ -109,13 +109,15 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ assignment
     def _nearest(self, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest used cluster per token: (d2 [G, n], idx [G, n]); d2 = inf when a group has none."""
+        """Nearest used cluster with room (count < max_size) per token: (d2 [G, n], idx [G, n]);
+        d2 = inf when a group has none."""
         G, n, _ = x.shape
         C = max(1, int(self.num_clusters.max()))
         d2 = torch.full((G, n), _INF, device=self.device)
         idx = torch.zeros((G, n), dtype=torch.int64, device=self.device)
         step = max(1, self.config.distance_block_elems // max(1, n * C))
         used = torch.arange(C, device=self.device)[None, :] < self.num_clusters[:, None]
+        used &= self.count[:, :C] < self.config.max_size  # a full cluster takes no member: the nearest with room
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
             mu = self.centroid[g0:g1, :C]
