@@ -83,7 +83,7 @@ class Variant:
             retrieval=self.method, sink_tokens=s.sink, window_tokens=s.window, budget_ratio=budget,
             offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(_CLUSTER.max_size, self.split_size)),
+                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size)),
             pool=PoolConfig(capacity_bytes=1 << 20, pin_memory="no"),  # streams live in the engine's pool
         )
 
