@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from mosaic_ray.config import DevicePoolConfig, KVLayout
+from mosaic_ray.transfer import to_device
 
 
 class DevicePoolExhaustedError(MemoryError):
@@ -103,7 +104,7 @@ class DeviceKVPool:
             self._grow(n - self._top)
         taken = self._free[self._top - n : self._top].flip(0)
         self._top -= n
-        return taken.to(self.device)
+        return to_device(taken, self.device)  # a copy: `_free` may change before it runs
 
     def free(self, slots: torch.Tensor) -> None:
         """Return slots to the pool (their contents become garbage)."""

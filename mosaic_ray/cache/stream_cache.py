@@ -40,6 +40,7 @@ from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.cache.working_set import WorkingSet
 from mosaic_ray.config import CacheConfig, KVLayout
+from mosaic_ray.transfer import to_device
 
 
 class StreamCache:
@@ -102,12 +103,12 @@ class StreamCache:
         n_new = slots.numel()
         if self.staged_tokens >= 4 * self.config.offload_batch and not self._holds:
             self.offload()  # maintenance fell behind: bound what waits on the device (may raise: unchanged)
-        all_slots = torch.cat([self.slots, slots.to(dev, torch.int64)])
+        all_slots = torch.cat([self.slots, to_device(slots, dev, torch.int64)])
         meta = [
-            torch.cat([self.order, order.to(dev, torch.int64)]),
-            torch.cat([self.time, time.to(dev, torch.float32)]),
-            torch.cat([self.pos, pos.to(dev, torch.int32)]),
-            torch.cat([self.block, block.to(dev, torch.int64)]),
+            torch.cat([self.order, to_device(order, dev, torch.int64)]),
+            torch.cat([self.time, to_device(time, dev, torch.float32)]),
+            torch.cat([self.pos, to_device(pos, dev, torch.int32)]),
+            torch.cat([self.block, to_device(block, dev, torch.int64)]),
         ]
         n = all_slots.numel()
         sink, window = self.config.sink_tokens, self.config.window_tokens

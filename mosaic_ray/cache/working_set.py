@@ -33,7 +33,7 @@ class WorkingSet:
         slots = pool.allocate(retrieved + own)  # all-or-nothing
         ws = cls(pool, slots[:retrieved], slots[retrieved:])
         if retrieved:
-            pool.valid[:, ws.retrieved] = False  # until a layer's retrieval fills them
+            pool.valid.index_fill_(1, ws.retrieved, False)  # until a layer's retrieval fills them (no host sync)
         return ws
 
     def next_slots(self, n: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from mosaic_ray.kernels.ragged_attention import choose_splits, sm_count
 from mosaic_ray.model import attention
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StepContext, StreamStep
+from mosaic_ray.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class ModelRunner:
         out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
         if not logits:
             return None
-        last = torch.tensor([hi - 1 for _, hi in meta.q_bounds], device=self.device)
+        last = to_device([hi - 1 for _, hi in meta.q_bounds], self.device, torch.int64)
         return self.adapter.logits(out[0, last])
 
     # ------------------------------------------------------------------ decode

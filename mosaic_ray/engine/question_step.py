@@ -23,6 +23,7 @@ from mosaic_ray.engine.sampling import choose_tokens
 from mosaic_ray.engine.stream_state import Segment, StreamState
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
+from mosaic_ray.transfer import to_device
 
 
 class QuestionStepper:
@@ -70,7 +71,7 @@ class QuestionStepper:
         kv_lists = [torch.cat([r.context, r.step.work.own[: r.step.work.used]]) for r in runs]
         if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path embeds the ids
             P = self.adapter.layout.pos_dims
-            positions = torch.tensor([r.pos_cursor for r in runs], device=self.adapter.device)[None].expand(P, -1)
+            positions = to_device([r.pos_cursor for r in runs], self.adapter.device, torch.int64)[None].expand(P, -1)
             spans, sizes = [1] * len(runs), [1] * len(runs)
             new_slots = [r.step.work.next_slots(1) for r in runs]
             for r in runs:

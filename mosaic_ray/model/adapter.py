@@ -18,6 +18,7 @@ import torch
 
 from mosaic_ray.config import KVLayout
 from mosaic_ray.model.attention import ATTENTION_NAME, StepContext
+from mosaic_ray.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -69,8 +70,7 @@ class ModelAdapter(abc.ABC):
     def frame_chunk(self, features: torch.Tensor, timestamp: float) -> Chunk: ...
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
-        t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self.embedding()(t)
+        return self.embedding()(to_device(ids, self.device, torch.long))
 
     def text_chunk(self, text: str) -> Chunk:
         return self.ids_chunk(self.tokenizer.encode(text, add_special_tokens=False))

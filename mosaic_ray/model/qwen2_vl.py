@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mosaic_ray.config import KVLayout
 from mosaic_ray.model.adapter import Chunk, ModelAdapter
 from mosaic_ray.model.attention import ATTENTION_NAME
-from mosaic_ray.model.vision_fast import VISION_ATTENTION, FramePatcher
+from mosaic_ray.model.vision_fast import VISION_ATTENTION, FramePatcher, VisionInputs
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -31,6 +31,8 @@ class Qwen2VLAdapter(ModelAdapter):
         cfg = model.config
         self.text_config = cfg.text_config
         self.merge = cfg.vision_config.spatial_merge_size
+        # Qwen2-VL's tower reads the grid only for these; Qwen2.5-VL's also for its window index
+        self.vision_inputs = VisionInputs(self.merge) if cfg.model_type == "qwen2_vl" else None
         self.image_token_id = cfg.image_token_id
         self.vision_start_id = cfg.vision_start_token_id
         self.vision_end_id = cfg.vision_end_token_id
@@ -58,7 +60,11 @@ class Qwen2VLAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_frames(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
         pixels, grid = self.preprocess(frames)
-        feats = self.model.model.get_image_features(pixels.to(self.device), grid.to(self.device)).pooler_output
+        if self.vision_inputs is not None:  # the host grid, and what the tower derives from it: no host sync
+            feats = self.model.model.get_image_features(pixels.to(self.device), grid,
+                                                        **self.vision_inputs(grid, self.device)).pooler_output
+        else:
+            feats = self.model.model.get_image_features(pixels.to(self.device), grid.to(self.device)).pooler_output
         self._last_grid = grid
         return [(f, g) for f, g in zip(feats, grid)]
 

@@ -12,6 +12,9 @@ model's numbers:
 - `packed_vision_attention`: registered under a name containing "flash", so the vision tower
   hands it the packed sequence with `cu_seq_lens`; when every frame has the same number of
   patches it is one batched SDPA call, otherwise one call per frame like transformers'.
+- `VisionInputs`: the tower's cumulative lengths, longest frame and rotary position ids, which
+  transformers derives from a device copy of the grid with ~7 host syncs per batch, made on the
+  host from the host grid (transformers' own helpers) and copied without a sync, once per grid.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+from mosaic_ray.transfer import to_device
 
 # "flash" in the name makes Qwen2-VL's VisionAttention pass the packed sequence and cu_seqlens.
 VISION_ATTENTION = "mosaic_flash_packed"
@@ -88,3 +94,23 @@ class FramePatcher:
         pixels = x.reshape(B * gh * gw, C * self.temporal * ps * ps)
         grid = torch.tensor([[1, gh, gw]] * B, dtype=torch.int64)
         return pixels, grid
+
+
+class VisionInputs:
+    """kwargs for the vision tower's forward (`cu_seqlens`, `max_seqlen`, `position_ids`) from a
+    host grid [B, 3]; transformers pops them instead of deriving them from the grid. Kept for the
+    last few grids (a stream's frames are all one size, so a batch's grid repeats)."""
+
+    def __init__(self, merge_size: int, keep: int = 16) -> None:
+        self.merge, self.keep = merge_size, keep
+        self._made: dict[tuple, dict] = {}
+
+    def __call__(self, grid: torch.Tensor, device: torch.device) -> dict:
+        key = (str(device), tuple(map(tuple, grid.tolist())))  # a host tensor: no sync
+        if key not in self._made:
+            if len(self._made) >= self.keep:
+                self._made.pop(next(iter(self._made)))
+            cu = get_vision_cu_seqlens(grid)
+            self._made[key] = {"cu_seqlens": to_device(cu, device), "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+                               "position_ids": to_device(get_vision_position_ids(grid, self.merge), device)}
+        return dict(self._made[key])

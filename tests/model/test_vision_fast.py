@@ -65,3 +65,23 @@ def test_vision_features_unchanged(adapter):
         model.set_attn_implementation({"vision_config": "mosaic_flash_packed"})
     for (got, _), w in zip(feats, want):
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_inputs_give_the_towers_own_features(adapter):
+    """The lengths and positions made on the host from the host grid are what the tower derives
+    itself: the same features, frames of two sizes in one batch included."""
+    from mosaic_ray.model.vision_fast import VisionInputs
+
+    inputs = VisionInputs(adapter.merge, keep=2)
+    visual = adapter.model.model
+    for sides in ([adapter.frame_size] * 3, [adapter.frame_size, adapter.frame_size * 2]):
+        frames = [f for s in sides for f in _frames(1, s, seed=s)]
+        out = adapter.processor(images=frames, return_tensors="pt")
+        pixels, grid = out["pixel_values"], out["image_grid_thw"]
+        with torch.no_grad():
+            ref = visual.get_image_features(pixels, grid.clone()).pooler_output
+            got = visual.get_image_features(pixels, grid, **inputs(grid, torch.device("cpu"))).pooler_output
+        assert len(got) == len(ref) == len(frames)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+    assert len(inputs._made) == 2
