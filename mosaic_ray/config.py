@@ -277,6 +277,12 @@ class SchedulerConfig:
     # the wall time (docs/benchmarks.md section 10.1); 2048 drains a whole
     # ClusterConfig.split_batch at once.
     maintenance_budget: int = 2048
+    # Share of the step loop's time that cluster splits may take while questions or frames wait
+    # (offloads of staged tokens always run: they bound device memory). Splits are refinement,
+    # not correctness: a cluster waiting for its split is full (ClusterConfig.max_size) and new
+    # tokens seed new clusters, so under load splits wait rather than hold answers and frames
+    # back; with nothing else to do they run freely. 1.0: no limit.
+    maintenance_share: float = 0.25
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.
     lag_priority_s: float = 1.0
@@ -294,6 +300,7 @@ class SchedulerConfig:
         _check_range("SchedulerConfig.ingest_wait_s", self.ingest_wait_s, 0.0, 60.0)
         _check_range("SchedulerConfig.encoder_budget", self.encoder_budget, 1, 1 << 16)
         _check_range("SchedulerConfig.maintenance_budget", self.maintenance_budget, 0, 1 << 20)
+        _check_range("SchedulerConfig.maintenance_share", self.maintenance_share, 0.0, 1.0)
         _check_range("SchedulerConfig.lag_priority_s", self.lag_priority_s, 0.0, 3600.0)
 
 

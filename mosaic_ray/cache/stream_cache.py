@@ -61,6 +61,8 @@ class StreamCache:
         # (slots, order, time, pos, block) each.
         self._staged: list[tuple[torch.Tensor, ...]] = []
         self.staged_tokens = 0
+        # offloads so far and the tokens they moved (inline ones in `adopt` included)
+        self.offloads = self.offloaded_tokens = 0
         # Questions attending this stream's slots as they were at their start (`hold`): slots that
         # leave the window meanwhile are freed only when the last of them lets go.
         self._holds = 0
@@ -156,6 +158,7 @@ class StreamCache:
         parts = self._staged_parts()
         freed = self.retriever.take_evicted(self.kv_pool, *parts)
         n, self._staged, self.staged_tokens = self.staged_tokens, [], 0
+        self.offloads, self.offloaded_tokens = self.offloads + 1, self.offloaded_tokens + n
         self._free_or_hold(freed)
         return n
 
@@ -222,11 +225,16 @@ class StreamCache:
         """The retriever's selection for one layer at this stream's budget (no K/V moved)."""
         return self.retriever.select(layer, query, self.budget(), since, until)
 
+    @property
+    def offload_due(self) -> bool:
+        """`maintain` would offload the staged tokens now (a batch waits, no question holds them)."""
+        return self.staged_tokens >= self.config.offload_batch and not self._holds
+
     def maintain(self, max_work: int | None = None) -> int:
         """Background upkeep between engine steps; returns units of work done (an offload of the
         staged tokens counts one, then the retriever's, e.g. cluster splits, up to `max_work`)."""
         done = 0
-        if self.staged_tokens >= self.config.offload_batch and not self._holds:
+        if self.offload_due:
             done = 1 if self.offload() else 0
         if max_work is not None:
             if max_work - done <= 0:

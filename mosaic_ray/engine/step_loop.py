@@ -6,7 +6,8 @@ background work after it.
     -> plan -> one question step for the planned runs (prefill and decode together)
     -> one ingest forward for the planned frames of every stream (one vision batch)
     -> background upkeep (`maintenance_budget`): offloading a stream's staged tokens (one insert
-       of `cache.offload_batch` or more), cluster splits; off every question's step
+       of `cache.offload_batch` or more), cluster splits (within `maintenance_share` of the
+       loop's time while questions or frames wait); off every question's step
 
 While the loop drives, commits (of frames and of finished answers) do not offload or split inline;
 the streams that may need some are remembered and served here in turn. Frames that fail to ingest
@@ -107,10 +108,13 @@ class StepLoop:
         t2 = time.perf_counter()
         with record_function("step.maintenance"):
             for sid, n in plan.maintenance.items():
-                progressed |= self._maintain(sid, n)
+                splits_ok = plan.split_time_s is None or time.perf_counter() - t2 < plan.split_time_s
+                progressed |= self._maintain(sid, n, splits=splits_ok)
+        t3 = time.perf_counter()
+        self.scheduler.note_step(t2 - t0, t3 - t2)
         c["question_s"] += t1 - t0
         c["ingest_s"] += t2 - t1
-        c["maintenance_s"] += time.perf_counter() - t2
+        c["maintenance_s"] += t3 - t2
         return progressed
 
     def ingest_before(self, state) -> bool:
@@ -172,6 +176,7 @@ class StepLoop:
                 n -= k
             ready.append((state, [f for p in pieces for f in p.frames], [float(t) for p in pieces for t in p.timestamps]))
             popped.append(pieces)
+        before = self._offloads([s for s, _, _ in ready])
         try:
             e._ingest_frames(ready)
             done = len(ready)
@@ -181,6 +186,7 @@ class StepLoop:
         except Exception as exc:
             done = 0
             self._failed(ready, popped, exc)
+        self._count_offloads([s for s, _, _ in ready], before)  # inline ones (upkeep fell behind)
         for (state, frames, _), pieces in zip(ready[:done], popped[:done]):
             self.needs_maintenance.add(state.stream_id)
             self.counters["ingest_frames"] += len(frames)
@@ -204,21 +210,36 @@ class StepLoop:
                 state.deferred.pop(0)  # the rest of the failed entry
             state.deferred[:0] = [p for p in pieces if p.done is None]
 
-    def _maintain(self, sid: str, n: int) -> bool:
+    @staticmethod
+    def _offloads(states) -> list[tuple[int, int]]:
+        return [(s.cache.offloads, s.cache.offloaded_tokens) for s in states]
+
+    def _count_offloads(self, states, before) -> int:
+        """Add the offloads the caches made since `before` to the counters; returns how many."""
+        n = 0
+        for s, (count, tokens) in zip(states, before):
+            n += s.cache.offloads - count
+            self.counters["offloaded_tokens"] += s.cache.offloaded_tokens - tokens
+        self.counters["offloads"] += n
+        return n
+
+    def _maintain(self, sid: str, n: int, splits: bool = True) -> bool:
+        """Up to n units of `sid`'s upkeep; with splits=False only the offload, when one is due
+        (the splits wait: `SchedulerConfig.maintenance_share`)."""
         state = self.engine.streams.get(sid)
         if state is None:
             self.needs_maintenance.discard(sid)
             return False
-        staged = state.cache.staged_tokens
+        if not splits:
+            if not state.cache.offload_due:
+                return False
+            n = 1  # the offload alone
+        before = self._offloads([state])
         try:
             done = state.cache.maintain(n)
         except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries
             return False
-        offloaded = staged - state.cache.staged_tokens
-        if offloaded > 0:
-            self.counters["offloads"] += 1
-            self.counters["offloaded_tokens"] += offloaded
-        self.counters["splits"] += done - (offloaded > 0)
-        if done < n:  # drained
+        self.counters["splits"] += done - self._count_offloads([state], before)
+        if done < n and splits:  # drained
             self.needs_maintenance.discard(sid)
         return True

@@ -250,3 +250,28 @@ def test_closing_a_stream_fails_its_waiting_senders(tiny_adapter):
             await pending
 
     asyncio.run(go())
+
+
+def test_splits_wait_while_work_waits_and_offloads_do_not(tiny_adapter):
+    """maintenance_share 0: while frames wait, the upkeep offloads (device memory stays bounded)
+    but leaves the splits for later; once nothing waits, they drain."""
+    from mosaic_ray.config import ClusterConfig, SchedulerConfig
+    from mosaic_ray.engine.scheduler import StepScheduler
+
+    e = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, offload_batch=8,
+                    cluster=ClusterConfig(split_size=2, max_size=4))
+    e.loop.scheduler = StepScheduler(SchedulerConfig(maintenance_share=0.0, ingest_wait_s=0.0, encoder_budget=4))
+    e.open_stream("s")
+    index = e.streams["s"].cache.retriever.index
+
+    async def go():
+        e.submit_frames("s", frames(12, seed=4), [float(i) for i in range(12)])
+        while e.streams["s"].deferred:  # frames wait at every step's upkeep
+            e.loop.step()
+        assert e.loop.counters["offloads"] >= 1 and e.loop.counters["splits"] == 0
+        assert index.pending_splits() > 0
+        while e.loop.has_work():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert e.loop.counters["splits"] > 0 and index.pending_splits() == 0
