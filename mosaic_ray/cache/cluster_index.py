@@ -178,7 +178,8 @@ class ClusterIndex:
 
         Parallel leader clustering, a few rounds: an unassigned token with no earlier unassigned
         token within `radius` becomes a seed; every other unassigned token joins its nearest seed
-        within `radius`. A member within `radius` of its seed keeps the cluster's variance <=
+        within `radius`, max_size per cluster (a seed with more joiners makes several clusters,
+        so a dense batch needs one round, not one per max_size tokens). A member within `radius` of its seed keeps the cluster's variance <=
         radius (variance about the mean <= mean squared distance to any point). Each round seeds
         at least the earliest unassigned token, so it ends; after `seed_rounds` the radius widens
         so the work per batch stays bounded (those clusters are flagged for a split if needed).
@@ -208,13 +209,20 @@ class ClusterIndex:
                 to_seed = d2.masked_fill(~(s_g[:, None, :] & close), float("inf"))
                 best, j = to_seed.min(-1)
                 near[g0:g1] = torch.where(torch.isfinite(best), j, -1)
-            slot_of = base[:, None] + new_per_group[:, None] + torch.cumsum(seed.long(), 1) - 1  # slot of each seed
-            zeros = torch.zeros_like(assign)
-            assign[:] = torch.where(seed, slot_of, assign)
+            # a seed takes every token within radius whose nearest seed it is, max_size members per
+            # cluster: the joiners beyond the first max_size - 1 fill further clusters of that seed
+            # in arrival order (each member within radius of the seed point, so each cluster's
+            # variance stays <= radius), instead of waiting for a later round each
             joins = un & ~seed & (near >= 0)
-            target = slot_of.gather(1, near.clamp(min=0))
-            assign[:] = self._admit(assign, joins, target, torch.ones_like(zeros))
-            new_per_group += seed.sum(1)
+            gi = torch.arange(G, device=dev)[:, None]
+            rank = ranks_within(torch.where(joins, gi * (1 << 32) + near, -1).flatten()).view(G, n)
+            chunk = torch.where(joins, (rank + 1) // self.config.max_size, 0)
+            extra = torch.zeros(G, n, dtype=torch.int64, device=dev).scatter_reduce_(1, near.clamp(min=0), chunk, "amax")
+            made = torch.where(seed, extra + 1, 0)  # clusters each seed makes
+            first = base[:, None] + new_per_group[:, None] + torch.cumsum(made, 1) - made  # its first slot
+            assign[:] = torch.where(seed, first, assign)
+            assign[:] = torch.where(joins, first.gather(1, near.clamp(min=0)) + chunk, assign)
+            new_per_group += made.sum(1)
             rounds += 1
             if rounds >= self.config.seed_rounds:
                 radius = torch.where(radius > 0, radius * 4, torch.full_like(radius, 1e-6))

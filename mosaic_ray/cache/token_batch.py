@@ -54,9 +54,12 @@ def ranks_within(keys: torch.Tensor) -> torch.Tensor:
     if keys.numel() == 0:
         return keys.clone()
     sorted_keys, perm = torch.sort(keys, stable=True)
-    _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(keys.numel(), device=keys.device) - torch.repeat_interleave(starts, counts)
+    idx = torch.arange(keys.numel(), device=keys.device)
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    # where each entry's run of equal keys starts: the running max of run starts (no host sync)
+    run_start = torch.where(first, idx, torch.zeros_like(idx)).cummax(0).values
+    rank_sorted = idx - run_start
     ranks = torch.empty_like(rank_sorted)
     ranks[perm] = rank_sorted
     return ranks

@@ -114,3 +114,24 @@ def test_bad_batch_shapes_name_expected_and_got(layout, pool):
         index.insert(bad)
     with pytest.raises(ValueError, match="float"):
         index.insert(TokenBatch(good.keys.long(), good.values.long(), good.order, good.time, good.pos))
+
+
+def test_a_dense_batch_seeds_in_one_round(monkeypatch):
+    """Tokens of two tight regions, far more than max_size each: one seeding round makes every
+    cluster they need (a seed's joiners beyond max_size fill further clusters), none over the cap,
+    each within the cohesion bound."""
+    from mosaic_ray.cache import cluster_index as ci
+
+    layout = KVLayout(1, 2, 8)
+    pool = HostPool(layout, PoolConfig(capacity_bytes=1 << 22, slab_tokens=4))
+    index = _index(layout, pool)  # max_size 32
+    batch = make_batch(layout, 0, 200, seed=3, centers=2, spread=0.01)
+    calls = []
+    real = ci.ranks_within
+    monkeypatch.setattr(ci, "ranks_within", lambda k: calls.append(1) or real(k))
+    index.insert(batch)
+    assert len(calls) == 2  # one seeding round + the member ranks
+    assert int(index.count.max()) <= index.config.max_size
+    assert int(index.count.sum()) == 200 * layout.groups
+    assert int(index.num_clusters.min()) >= 2 * (100 // index.config.max_size)  # both regions, chunked
+    assert bool((index.variances() <= index.thresholds()[:, None] + 1e-6).all())
