@@ -2,7 +2,8 @@
 
 Phases: prefill (the prompt, with per-layer retrieval of the past) -> decode (one token a step,
 reusing the prefill's retrieved set) -> closing (the last token and the turn's closing text are fed
-so they join the stream) -> done (the whole Q/A is appended to the stream's cache like any tokens:
+so they join the stream: one token a step beside decoding runs, in the decode CUDA graph, or the
+rest at once in an eager step) -> done (the whole Q/A is appended to the stream's cache like any tokens:
 text and video share clusters).
 
 Positions and frames that arrive meanwhile: at its start a run reserves the stream's next
@@ -71,6 +72,7 @@ class QuestionRun:
     pos_base: int = 0  # the first reserved position; pos_cursor walks [pos_base, pos_base + pos_reserved)
     pos_reserved: int = 0
     clock: float = 0.0  # the stream clock when the question was asked: the Q/A's timestamp
+    closing_fed: int = 0  # tokens of `closing_tokens()` fed so far
     released: bool = False
     # slots attended before the question's own tokens: the stream's sink + window, then the past
     # (a `full` stream's slots in place, else the working set's retrieved slots)
@@ -81,8 +83,17 @@ class QuestionRun:
             return self.prompt_ids
         if self.phase == "decode":
             return [self.generated[-1]]
+        return self.closing_tokens()[self.closing_fed :]
+
+    def closing_tokens(self) -> list[int]:
+        """What the closing phase feeds: the last token (unless it is an end token) and the closing text."""
         last = self.generated[-1] if self.generated else None
         return ([last] if last is not None and last not in self.eos else []) + self.closing_ids
+
+    @property
+    def closed(self) -> bool:
+        """The closing text is fed: the Q/A can join the stream."""
+        return self.phase == "closing" and self.closing_fed >= len(self.closing_tokens())
 
     def take_token(self, token: int, tokenizer) -> str:
         """Take the token chosen after a prefill/decode step; returns the new text to emit (never

@@ -4,8 +4,11 @@
     step(runs)             one forward for every run (prefill, decode or closing), then each run takes
                            its chosen token; greedy rows come back in one device-to-host copy
 
-A run whose closing text was fed in a step is left in phase "closing" with its own tokens in its
-working set: the engine commits it to the stream (`StreamEngine._commit_run`).
+A step of decoding and closing runs only feeds one token per run, through the decode CUDA graph
+(a closing run its next closing token: a Q/A's closing costs no eager forward); a step with a
+prefill is eager and feeds each closing run all its remaining tokens. A run whose closing text is
+all fed is left in phase "closing" (`QuestionRun.closed`) with its own tokens in its working set:
+the engine commits it to the stream (`StreamEngine._commit_run`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class QuestionStepper:
         """One forward for every run; returns each run's new text ("" for closing runs)."""
         steps = [r.step for r in runs]
         kv_lists = [torch.cat([r.context, r.step.work.own[: r.step.work.used]]) for r in runs]
-        if all(r.phase == "decode" for r in runs):  # one token each: the CUDA-graph path embeds the ids
+        if all(r.phase in ("decode", "closing") for r in runs):  # one token each: the CUDA-graph path
             P = self.adapter.layout.pos_dims
             positions = to_device([r.pos_cursor for r in runs], self.adapter.device, torch.int64)[None].expand(P, -1)
             spans, sizes = [1] * len(runs), [1] * len(runs)
@@ -77,8 +80,9 @@ class QuestionStepper:
             for r in runs:
                 r.step.new_tokens, r.step.retrieve = 1, False
             with record_function("question.decode"):
-                logits = self.runner.decode([int(r.generated[-1]) for r in runs], positions, steps, kv_lists, new_slots)
+                logits = self.runner.decode([int(r.next_ids()[0]) for r in runs], positions, steps, kv_lists, new_slots)
             pending = [positions[:, j : j + 1] for j in range(len(runs))]
+            fed = [1] * len(runs)
         else:
             segs = []
             for run in runs:
@@ -92,6 +96,7 @@ class QuestionStepper:
             with record_function("question.prefill"):
                 logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
             spans, sizes, pending = [s.span for s in segs], [s.size for s in segs], [s.positions for s in segs]
+            fed = [len(r.next_ids()) for r in runs]
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
                                               [runs[i].request.top_p for i in live],
@@ -102,6 +107,7 @@ class QuestionStepper:
             run.pending_pos.append(pending[row])
             run.pos_cursor += spans[row]
             if run.phase == "closing":
+                run.closing_fed += fed[row]
                 deltas.append("")
                 continue
             deltas.append(run.take_token(tokens[row], self.adapter.tokenizer))

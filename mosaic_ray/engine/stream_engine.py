@@ -279,7 +279,7 @@ class StreamEngine(Engine):
     @_counts_busy
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
         """One step for every run (prefill, decode or closing); returns each run's new text. Runs
-        whose closing text was fed in this step commit their Q/A to the stream."""
+        whose closing text is all fed after this step commit their Q/A to the stream."""
         closing = [r for r in runs if r.phase == "closing"]
         prefilled = [r for r in runs if r.phase == "prefill"]
         deltas = self.questions.step(runs)
@@ -287,7 +287,8 @@ class StreamEngine(Engine):
             run.state.awaiting_prefill = False
             self._flush_deferred(run.state)
         for run in closing:
-            self._commit_run(run)
+            if run.closed:
+                self._commit_run(run)
         return deltas
 
     def _commit_run(self, run: QuestionRun) -> None:

@@ -33,3 +33,25 @@ def test_graph_decode_equals_eager(method):
         if graphs:
             assert engine.runner.counters["graph_steps"] > 0
     assert answers[True] == answers[False]
+
+
+def test_closing_in_the_graph_then_a_follow_up_equals_eager():
+    """Answers of different lengths: the short ones close (one closing token per graph step)
+    while the long ones decode; the follow-up questions, which attend those committed Q/As,
+    answer as in the eager engine."""
+    adapter = load_model("tiny", "cuda")
+    answers = {}
+    for graphs in (False, True):
+        cfg = EngineConfig(model="tiny", device="cuda", cuda_graphs=graphs, kv_pool={"capacity_tokens": 1 << 16},
+                           cache=CacheConfig(retrieval="full", window_tokens=4096, sink_tokens=4,
+                                             pool={"capacity_bytes": 32 << 20}))
+        engine = StreamEngine(cfg, adapter=adapter)
+        rng = np.random.default_rng(1)
+        for i in range(3):
+            engine.open_stream(f"s{i}")
+            frames = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(4)]
+            engine.append_frames(f"s{i}", frames, [float(t) for t in range(4)])
+        first = engine.answer_batch([(f"s{i}", AskRequest("What happened?", max_tokens=2 + 5 * i)) for i in range(3)])
+        again = engine.answer_batch([(f"s{i}", AskRequest("And then?", max_tokens=6)) for i in range(3)])
+        answers[graphs] = [a.token_ids for a in first + again]
+    assert answers[True] == answers[False]
