@@ -39,6 +39,9 @@ def test_merge_reports_misses(layout, pool):
     owner = pool.register_owner()
     slabs = pool.allocate(2, owner)
     rows = torch.stack([slabs * pool.slab_tokens, slabs * pool.slab_tokens + 1])
+    n, D = rows.numel(), layout.head_dim  # known contents (a fresh slab holds whatever memory held: NaN too)
+    pool.write(rows.flatten(), torch.randn(n, D), torch.randn(n, D), torch.arange(n), torch.zeros(n),
+               torch.zeros(n, layout.pos_dims, dtype=torch.int32))
     pre = Prefetched(rows[:, :1], gather(pool, rows[:, :1], torch.device("cpu"), "kv"))
     data, misses = merge_prefetched(pool, rows, torch.device("cpu"), "kv", pre)
     assert torch.equal(misses[:, 0], torch.tensor([-1, -1])) and bool((misses[:, 1] >= 0).all())
