@@ -277,13 +277,11 @@ class SchedulerConfig:
     # the wall time (docs/benchmarks.md section 10.1); 2048 drains a whole
     # ClusterConfig.split_batch at once.
     maintenance_budget: int = 2048
-    # Share of the step loop's time that upkeep may take while questions or frames wait; past it
-    # a step still runs one offload of staged tokens (they bound device memory) and no split.
-    # Splits are refinement, not correctness: a cluster waiting for its split is full
-    # (ClusterConfig.max_size) and new tokens seed new clusters, so under load splits wait rather
-    # than hold answers and frames back; with nothing else to do they run freely. Streams started
-    # together offload together: on the H200, 32 offloads in one step held a question ~1 s.
-    # 1.0: no limit.
+    # Share of the step loop's time that cluster splits may take while questions or frames wait
+    # (offloads of staged tokens always run: they bound device memory). Splits are refinement,
+    # not correctness: a cluster waiting for its split is full (ClusterConfig.max_size) and new
+    # tokens seed new clusters, so under load splits wait rather than hold answers and frames
+    # back; with nothing else to do they run freely. 1.0: no limit.
     maintenance_share: float = 0.25
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.

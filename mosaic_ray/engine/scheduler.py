@@ -19,11 +19,10 @@ forwards are spaced so that each carries many frames; a frame after a quiet spel
 `StepPlan.wake_in_s` says when the next becomes due);
 then, between steps, up to `maintenance_budget` units of upkeep (an offload of a stream's staged
 tokens counts one, a cluster split one), streams in turn (background work, never inside a
-question's step). While questions or frames wait, upkeep gets at most `maintenance_share` of the
-loop's time: each step's foreground seconds earn share / (1 - share) seconds of upkeep (kept up
-to `MAX_UPKEEP_CREDIT_S`), every upkeep second spends it (`note_step`), and `StepPlan.upkeep_time_s`
-is what the next upkeep may spend (None: no limit, nothing else waits); past it, the loop still
-runs one offload per step (they bound device memory) and no split.
+question's step). While questions or frames wait, splits get at most `maintenance_share` of the
+loop's time: each step's foreground seconds earn share / (1 - share) seconds of split time (kept
+up to `MAX_SPLIT_CREDIT_S`), every upkeep second spends it (`note_step`), and `StepPlan.split_time_s`
+is what the next upkeep may spend on splits (None: no limit, nothing else waits).
 
 Invariants (tests/engine/test_scheduler.py): the token and encoder budgets are never exceeded,
 except by a single item alone in an otherwise empty step (a prompt or a frame larger than the
@@ -40,7 +39,7 @@ from typing import Hashable
 
 from mosaic_ray.config import SchedulerConfig
 
-MAX_UPKEEP_CREDIT_S = 0.5  # upkeep time saved up while upkeep had nothing to do or was held back
+MAX_SPLIT_CREDIT_S = 0.5  # split time saved up while splits had nothing to do or were held back
 
 
 @dataclass(slots=True)
@@ -80,9 +79,9 @@ class StepPlan:
     ingest_tokens: int = 0
     # seconds until waiting frames become due (None: none waits, or they are due now)
     wake_in_s: float | None = None
-    # seconds the upkeep after this step may spend (None: no limit); past it, one offload of
-    # staged tokens still runs, no split
-    upkeep_time_s: float | None = None
+    # seconds of cluster splits the upkeep after this step may spend (None: no limit); offloads
+    # of staged tokens run regardless
+    split_time_s: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -96,7 +95,7 @@ class StepScheduler:
         self._step = 0
         self._turn = 0  # round-robin start for maintenance
         self._last_ingest = float("-inf")  # when the last ingest forward was planned (`note_ingest`)
-        self._upkeep_credit = 0.0  # seconds of upkeep earned by foreground work (`note_step`)
+        self._split_credit = 0.0  # seconds of split time earned by foreground work (`note_step`)
 
     def note_step(self, foreground_s: float, upkeep_s: float) -> None:
         """A step ran `foreground_s` of questions and ingest, then `upkeep_s` of upkeep."""
@@ -104,7 +103,7 @@ class StepScheduler:
         if share >= 1.0 or foreground_s <= 0:  # no limit, or upkeep in otherwise idle time: free
             return
         earned = foreground_s * share / (1.0 - share)
-        self._upkeep_credit = min(MAX_UPKEEP_CREDIT_S, self._upkeep_credit + earned - upkeep_s)
+        self._split_credit = min(MAX_SPLIT_CREDIT_S, self._split_credit + earned - upkeep_s)
 
     def note_ingest(self, now: float) -> None:
         """An ingest forward ran at `now` (planned here, or run outside a step: a question's start)."""
@@ -146,7 +145,7 @@ class StepScheduler:
         plan.maintenance = self._maintenance(maintenance or {})
         busy = bool(questions) or any(w.frames > 0 for w in ingest)
         if busy and cfg.maintenance_share < 1.0:
-            plan.upkeep_time_s = max(0.0, self._upkeep_credit)
+            plan.split_time_s = max(0.0, self._split_credit)
         return plan
 
     def _take(self, plan: StepPlan, q: QuestionWork) -> None:

@@ -6,9 +6,8 @@ background work after it.
     -> plan -> one question step for the planned runs (prefill and decode together)
     -> one ingest forward for the planned frames of every stream (one vision batch)
     -> background upkeep (`maintenance_budget`): offloading a stream's staged tokens (one insert
-       of `cache.offload_batch` or more), cluster splits; while questions or frames wait, within
-       `maintenance_share` of the loop's time, but one offload per step always; off every
-       question's step
+       of `cache.offload_batch` or more), cluster splits (within `maintenance_share` of the
+       loop's time while questions or frames wait); off every question's step
 
 While the loop drives, commits (of frames and of finished answers) do not offload or split inline;
 the streams that may need some are remembered and served here in turn. Frames that fail to ingest
@@ -108,14 +107,9 @@ class StepLoop:
             c["ingest_steps"] += 1
         t2 = time.perf_counter()
         with record_function("step.maintenance"):
-            offloads = self.counters["offloads"]
             for sid, n in plan.maintenance.items():
-                # within the allowance: anything; past it, only the step's first offload (offloads
-                # bound device memory, but 32 streams' offloads at once stalled a step for ~1 s)
-                within = plan.upkeep_time_s is None or time.perf_counter() - t2 < plan.upkeep_time_s
-                first = self.counters["offloads"] == offloads
-                if within or first:
-                    progressed |= self._maintain(sid, n, splits=within)
+                splits_ok = plan.split_time_s is None or time.perf_counter() - t2 < plan.split_time_s
+                progressed |= self._maintain(sid, n, splits=splits_ok)
         t3 = time.perf_counter()
         self.scheduler.note_step(t2 - t0, t3 - t2)
         c["question_s"] += t1 - t0

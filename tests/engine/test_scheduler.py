@@ -164,19 +164,19 @@ def test_maintenance_is_bounded_and_takes_turns():
     assert StepScheduler(SchedulerConfig(maintenance_budget=0)).schedule([], [], 0.0, {"a": 5}).maintenance == {}
 
 
-def test_upkeep_gets_its_share_of_time_only_while_work_waits():
+def test_splits_get_their_share_of_time_only_while_work_waits():
     s = StepScheduler(SchedulerConfig(maintenance_share=0.25))
     busy = [q(1)]
-    assert s.schedule(busy, [], 0.0, {"a": 5}).upkeep_time_s == 0.0  # nothing earned yet
+    assert s.schedule(busy, [], 0.0, {"a": 5}).split_time_s == 0.0  # nothing earned yet
     s.note_step(0.3, 0.0)  # 0.3 s of foreground work earns 0.1 s of splits
-    assert s.schedule(busy, [], 0.0, {"a": 5}).upkeep_time_s == pytest.approx(0.1)
+    assert s.schedule(busy, [], 0.0, {"a": 5}).split_time_s == pytest.approx(0.1)
     s.note_step(0.3, 0.15)  # spent more than it earned this step
-    assert s.schedule(busy, [], 0.0, {"a": 5}).upkeep_time_s == pytest.approx(0.05)
+    assert s.schedule(busy, [], 0.0, {"a": 5}).split_time_s == pytest.approx(0.05)
     s.note_step(0.0, 2.0)  # upkeep in idle time costs nothing
-    assert s.schedule([], [w("x", 1)], 0.0, {"a": 5}).upkeep_time_s == pytest.approx(0.05)  # frames wait: busy
-    assert s.schedule([], [], 0.0, {"a": 5}).upkeep_time_s is None  # nothing waits: no limit
+    assert s.schedule([], [w("x", 1)], 0.0, {"a": 5}).split_time_s == pytest.approx(0.05)  # frames wait: busy
+    assert s.schedule([], [], 0.0, {"a": 5}).split_time_s is None  # nothing waits: no limit
     for _ in range(100):  # the credit saved up is bounded
         s.note_step(1.0, 0.0)
-    assert s.schedule(busy, [], 0.0, {"a": 5}).upkeep_time_s == pytest.approx(0.5)
+    assert s.schedule(busy, [], 0.0, {"a": 5}).split_time_s == pytest.approx(0.5)
     unlimited = StepScheduler(SchedulerConfig(maintenance_share=1.0))
-    assert unlimited.schedule(busy, [], 0.0, {"a": 5}).upkeep_time_s is None
+    assert unlimited.schedule(busy, [], 0.0, {"a": 5}).split_time_s is None
