@@ -165,14 +165,20 @@ class StreamEngine(Engine):
         return held
 
     async def ingest_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> int:
-        """The serving path's append (the shard's): the frames are queued for the step loop
-        (validated and pruned now, `frame_append.submit_frames`), which ingests those of every
-        stream together under the scheduler's budgets; returns the frames the stream holds once
-        these are ingested. A failed ingest raises here and leaves them out of the stream."""
+        """The serving path's append: the frames are queued for the step loop (validated and
+        pruned now, `frame_append.submit_frames`), which ingests those of every stream together
+        under the scheduler's budgets; returns the frames the stream holds once these are
+        ingested. A failed ingest raises here and leaves them out of the stream."""
+        return await self.queue_frames(stream_id, frames, timestamps)
+
+    def queue_frames(self, stream_id: str, frames: list[np.ndarray], timestamps: list[float]) -> asyncio.Future:
+        """`ingest_frames` in two halves (the shard's): queue the frames now (a bad batch raises
+        here), and return the future of what `ingest_frames` returns. A question, text or snapshot
+        of the stream asked after this call comes after these frames. Call on the engine's loop."""
         done = asyncio.get_running_loop().create_future()
         frame_append.submit_frames(self, self._get(stream_id), frames, timestamps, done)
         self._kick()
-        return await done
+        return done
 
     def _kick(self) -> None:
         """Start the step loop on the running event loop if it is not driving already."""

@@ -7,6 +7,10 @@ different streams meet in the engine's step loop, which ingests them in one forw
 
 Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
+  With an engine that queues frames (`queued=True`: `append` returns once the frames are queued
+  and hands back what to await for them to be in), the lock covers the seq check, the log and the
+  queueing only: a question of the stream does not wait for the step loop to ingest them (the
+  engine ingests a stream's queued frames before its question, so the order is the same).
 - seq: a batch whose seq equals the stream's `last_seq` is a replay: acknowledged, never appended;
   one below it is refused (`SeqConflictError`); a batch without seq gets `last_seq + 1`.
 - A batch is acknowledged only after the engine holds its frames and, when the shard keeps frame
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,8 +40,9 @@ from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
 
-# (stream_id, frames, timestamps) -> frames the stream holds, once they are in: `ShardActor._engine_append`.
-AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[int]]
+# (stream_id, frames, timestamps) -> frames the stream holds, once they are in: `ShardActor._engine_append`;
+# with `queued=True`, -> an awaitable of that, once the frames are queued in the engine.
+AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[Any]]
 # (stream_id, batches with their seq set) -> their records are in the stream's log.
 LogFn = Callable[[str, list[FrameBatch]], Awaitable[None]]
 
@@ -45,8 +51,9 @@ class IngestQueue:
     def __init__(
         self, append: AppendFn, meter: ShardMeter, max_pending_frames: int, max_coalesce_frames: int,
         decode_threads: int = 4, log: LogFn | None = None, max_stream_pending_frames: int | None = None,
+        queued: bool = False,
     ) -> None:
-        self._append_to_engine = append
+        self._append_to_engine, self._queued = append, queued
         self._log = log
         self._meter = meter
         self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
@@ -93,8 +100,10 @@ class IngestQueue:
                         group.append(batch)
                     except Exception as exc:
                         self._fail(batch, exc)
-                async with slot.lock:
-                    await self._apply(slot, group)
+                async with slot.lock:  # seq, log and the hand-over to the engine, in order
+                    accepted, pending = await self._apply(slot, group)
+                if accepted:  # the frames go in while the stream's other requests may run
+                    await self._settle(slot, accepted, pending)
         finally:
             slot.draining = False
 
@@ -108,7 +117,9 @@ class IngestQueue:
         group, slot.pending = slot.pending[:n], slot.pending[n:]
         return group
 
-    async def _apply(self, slot: StreamSlot, group: list[FrameBatch]) -> None:
+    async def _apply(self, slot: StreamSlot, group: list[FrameBatch]) -> tuple[list[FrameBatch], Any]:
+        """Under the stream's lock: seq check, log, hand the accepted batches to the engine.
+        Returns them and what to await for them to be in (or the exception the hand-over raised)."""
         accepted: list[FrameBatch] = []
         last = slot.last_seq
         for batch in group:
@@ -121,33 +132,53 @@ class IngestQueue:
                 batch.seq, last = seq, seq
                 accepted.append(batch)
         if not accepted:
-            return
+            return [], None
         if self._log is not None:
             try:
                 await self._log(slot.stream_id, accepted)
             except Exception as exc:  # not logged: nothing acknowledged, nothing appended
                 for batch in accepted:
                     self._fail(batch, exc)
-                return
+                return [], None
+        return accepted, await self._hand_over(slot, accepted)
+
+    async def _hand_over(self, slot: StreamSlot, batches: list[FrameBatch]) -> Any:
+        """Give the batches' frames to the engine: an awaitable of the frames the stream then
+        holds (or the exception raised on the way)."""
+        frames = [f for b in batches for f in b.frames]
+        stamps = [t for b in batches for t in b.timestamps]
         try:
-            await self._append(slot, accepted)
+            out = await self._append_to_engine(slot.stream_id, frames, stamps)
+        except Exception as exc:
+            return exc
+        return out if self._queued else _done(out)
+
+    async def _settle(self, slot: StreamSlot, accepted: list[FrameBatch], pending: Any) -> None:
+        """Wait for the handed-over frames; acknowledge them, or isolate the bad batch: when a
+        coalesced hand-over fails, its batches go in again one by one, in order."""
+        try:
+            await self._finish(slot, accepted, pending)
+            return
         except Exception as exc:
             if len(accepted) == 1:
                 self._fail(accepted[0], exc)
                 return
-            for batch in accepted:  # isolate the bad batch; the good ones go in, in order
-                try:
-                    await self._append(slot, [batch])
-                except Exception as one_exc:
-                    self._fail(batch, one_exc)
+        for batch in accepted:
+            async with slot.lock:
+                one = await self._hand_over(slot, [batch])
+            try:
+                await self._finish(slot, [batch], one)
+            except Exception as one_exc:
+                self._fail(batch, one_exc)
 
-    async def _append(self, slot: StreamSlot, batches: list[FrameBatch]) -> None:
-        frames = [f for b in batches for f in b.frames]
-        stamps = [t for b in batches for t in b.timestamps]
-        held = await self._append_to_engine(slot.stream_id, frames, stamps)
+    async def _finish(self, slot: StreamSlot, batches: list[FrameBatch], pending: Any) -> None:
+        if isinstance(pending, BaseException):
+            raise pending
+        held = await pending
+        frames = sum(len(b.frames) for b in batches)
         slot.last_seq = batches[-1].seq
-        slot.ingest_rate.add(len(frames))
-        self._meter.frames_added(len(frames))
+        slot.ingest_rate.add(frames)
+        self._meter.frames_added(frames)
         for b in batches:
             self._resolve(b, {"seq": b.seq, "frames_added": len(b.frames), "duplicate": False, "frames_total": held})
 
@@ -160,6 +191,10 @@ class IngestQueue:
         self.pending_frames -= batch.count
         if not batch.done.done():
             batch.done.set_exception(exc)
+
+
+async def _done(value: Any) -> Any:
+    return value
 
 
 def _drain_time_s(frames: int, rate: float) -> float:

@@ -76,7 +76,7 @@ class ShardActor(ShardDurability, ShardMigration):
         self._ingest = IngestQueue(
             self._engine_append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
             self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
-            max_stream_pending_frames=self._spec.max_stream_pending_frames,
+            max_stream_pending_frames=self._spec.max_stream_pending_frames, queued=True,
         )
         self._slots: dict[str, StreamSlot] = {}
         self._moved: OrderedDict[str, str] = OrderedDict()
@@ -274,26 +274,38 @@ class ShardActor(ShardDurability, ShardMigration):
         except Exception as exc:
             raise self._broken(exc) from None
 
-    async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]) -> int:
-        """Frames into the engine; returns the frames the stream holds. An engine with a step loop
-        takes them into its scheduler's queue (`ingest_frames`): the frames of every stream queued
-        meanwhile share one vision batch and one forward, the only cross-stream batching there is.
-        Other engines get one `append_frames` call per stream's batch."""
-        ingest = getattr(self._engine, "ingest_frames", None)
-        if ingest is None:
-            return await self._call(self._engine.append_frames, stream_id, frames, stamps)
-        try:
-            return await self._runner.await_(lambda: ingest(stream_id, frames, stamps))
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise self._broken(exc) from None
+    async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
+        """Frames into the engine; returns, once the engine has them queued (or, for an engine
+        without a step loop, appended), an awaitable of the frames the stream holds when they are
+        in (`IngestQueue(queued=True)`: the stream's lock is not held while the step loop ingests
+        them). An engine with a step loop queues them in its scheduler (`queue_frames`): the
+        frames of every stream queued meanwhile share one vision batch and one forward, the only
+        cross-stream batching there is. Other engines get one `append_frames` call per stream's batch."""
+        queue = getattr(self._engine, "queue_frames", None)
+        if queue is None:
+            held = await self._call(self._engine.append_frames, stream_id, frames, stamps)
+            return _ready(held)
+        done = await self._call(queue, stream_id, frames, stamps)
+
+        async def ingested() -> int:
+            try:
+                return await self._runner.await_(lambda: done)
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise self._broken(exc) from None
+
+        return ingested()
 
     def _broken(self, exc: BaseException) -> EngineFailedError:
         if self._fatal is None:
             self._fatal = exc
         self._meter.errors_total += 1
         return EngineFailedError(f"engine failed: {type(exc).__name__}: {exc}")
+
+
+async def _ready(value):
+    return value
 
 
 def spawn_shard(config: RuntimeConfig, index: int):

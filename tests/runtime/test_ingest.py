@@ -168,3 +168,36 @@ def test_appends_of_different_streams_share_one_step_of_the_engine_loop_and_fail
     assert isinstance(bad[2], InvalidInputError)
     assert [engine.stream_info(s)["frames"] for s in ids] == [2, 2, 1]
     assert [slots[s].last_seq for s in ids] == [1, 1, 0]
+
+
+def test_queued_frames_free_the_stream_lock_until_they_are_in():
+    """With an engine that queues frames (`queued=True`), the stream's lock covers the hand-over
+    only: a question can take it while the step loop has the frames, and the batch is
+    acknowledged once they are in, not before."""
+    from mosaic_ray.runtime.shard_metrics import ShardMeter
+
+    async def go():
+        handed, release = [], asyncio.Event()
+
+        async def append(sid, frames, stamps):  # queued now; in once `release` is set
+            handed.append(len(frames))
+
+            async def ingested():
+                await release.wait()
+                return len(frames)
+
+            return ingested()
+
+        queue = IngestQueue(append, ShardMeter(10.0, (0.1,)), 1000, 64, queued=True)
+        slot = StreamSlot("s", 10.0)
+        ack = asyncio.ensure_future(queue.submit(slot, 0, [np.zeros((8, 8, 3), np.uint8)], [0.0]))
+        while not handed:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(slot.lock.acquire(), 1.0)  # a question of the stream gets in now
+        slot.lock.release()
+        assert not ack.done() and slot.last_seq == -1  # not acknowledged before the frames are in
+        release.set()
+        return await ack, slot.last_seq
+
+    got, last = asyncio.run(go())
+    assert got["seq"] == 0 and got["frames_added"] == 1 and last == 0
