@@ -179,8 +179,10 @@ class ClusterIndex:
         Parallel leader clustering, a few rounds: an unassigned token with no earlier unassigned
         token within `radius` becomes a seed; every other unassigned token joins its nearest seed
         within `radius`, max_size per cluster (a seed with more joiners makes several clusters,
-        so a dense batch needs one round, not one per max_size tokens). A member within `radius` of its seed keeps the cluster's variance <=
-        radius (variance about the mean <= mean squared distance to any point). Each round seeds
+        so a dense batch needs one round, not one per max_size tokens). A member within `radius`
+        of its seed keeps the cluster's variance <= radius (variance about the mean <= mean
+        squared distance to any point). Groups are seeded in blocks of `distance_block_elems`
+        distances, each block's distances computed once for all its rounds. Each round seeds
         at least the earliest unassigned token, so it ends; after `seed_rounds` the radius widens
         so the work per batch stays bounded (those clusters are flagged for a split if needed).
         Mutates `assign`.
@@ -191,42 +193,44 @@ class ClusterIndex:
         radius = tau.clone()
         earlier = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
         step = max(1, self.config.distance_block_elems // max(1, n * n))
-        rounds = 0
-        while True:
-            un = assign < 0
-            if not bool(un.any()):
-                break
-            seed = torch.zeros_like(un)
-            near = torch.full((G, n), -1, dtype=torch.int64, device=dev)
-            for g0 in range(0, G, step):
-                g1 = min(G, g0 + step)
-                xg = x[g0:g1]
-                d2 = (x2[g0:g1, :, None] - 2 * torch.bmm(xg, xg.transpose(1, 2)) + x2[g0:g1, None, :]).clamp(min=0)
-                close = d2 <= radius[g0:g1, None, None]
-                covered = (close & earlier[None] & un[g0:g1, None, :]).any(-1)
-                s_g = un[g0:g1] & ~covered
-                seed[g0:g1] = s_g
-                to_seed = d2.masked_fill(~(s_g[:, None, :] & close), float("inf"))
-                best, j = to_seed.min(-1)
-                near[g0:g1] = torch.where(torch.isfinite(best), j, -1)
-            # a seed takes every token within radius whose nearest seed it is, max_size members per
-            # cluster: the joiners beyond the first max_size - 1 fill further clusters of that seed
-            # in arrival order (each member within radius of the seed point, so each cluster's
-            # variance stays <= radius), instead of waiting for a later round each
-            joins = un & ~seed & (near >= 0)
-            gi = torch.arange(G, device=dev)[:, None]
-            rank = ranks_within(torch.where(joins, gi * (1 << 32) + near, -1).flatten()).view(G, n)
-            chunk = torch.where(joins, (rank + 1) // self.config.max_size, 0)
-            extra = torch.zeros(G, n, dtype=torch.int64, device=dev).scatter_reduce_(1, near.clamp(min=0), chunk, "amax")
-            made = torch.where(seed, extra + 1, 0)  # clusters each seed makes
-            first = base[:, None] + new_per_group[:, None] + torch.cumsum(made, 1) - made  # its first slot
-            assign[:] = torch.where(seed, first, assign)
-            assign[:] = torch.where(joins, first.gather(1, near.clamp(min=0)) + chunk, assign)
-            new_per_group += made.sum(1)
-            rounds += 1
-            if rounds >= self.config.seed_rounds:
-                radius = torch.where(radius > 0, radius * 4, torch.full_like(radius, 1e-6))
+        for g0 in range(0, G, step):  # groups are independent: each block runs its own rounds
+            g1 = min(G, g0 + step)
+            xg, a, r = x[g0:g1], assign[g0:g1], radius[g0:g1]  # views: rounds write `assign` in place
+            d2 = (x2[g0:g1, :, None] - 2 * torch.bmm(xg, xg.transpose(1, 2)) + x2[g0:g1, None, :]).clamp(min=0)
+            close = d2 <= r[:, None, None]  # distances once per block, not once per round
+            rounds = 0
+            while True:
+                un = a < 0
+                if not bool(un.any()):
+                    break
+                covered = (close & earlier[None] & un[:, None, :]).any(-1)
+                seed = un & ~covered
+                best, near = d2.masked_fill(~(seed[:, None, :] & close), float("inf")).min(-1)
+                near = torch.where(torch.isfinite(best), near, -1)
+                new_per_group[g0:g1] += self._take_seeds(a, seed, un, near, base[g0:g1] + new_per_group[g0:g1])
+                rounds += 1
+                if rounds >= self.config.seed_rounds:
+                    r = torch.where(r > 0, r * 4, torch.full_like(r, 1e-6))
+                    close = d2 <= r[:, None, None]
         return new_per_group
+
+    def _take_seeds(self, a, seed, un, near, first_free) -> torch.Tensor:
+        """One seeding round of a block of groups: seeds become clusters and the tokens whose
+        nearest seed (within radius) they are join them, max_size members per cluster (the
+        joiners beyond the first max_size - 1 fill further clusters of that seed in arrival order:
+        each member is within radius of the seed point, so each cluster's variance stays <=
+        radius). Writes `a` (the block's assignment) in place; returns clusters made per group."""
+        Gb, n = a.shape
+        joins = un & ~seed & (near >= 0)
+        gi = torch.arange(Gb, device=a.device)[:, None]
+        rank = ranks_within(torch.where(joins, gi * (1 << 32) + near, -1).flatten()).view(Gb, n)
+        chunk = torch.where(joins, (rank + 1) // self.config.max_size, 0)
+        extra = torch.zeros(Gb, n, dtype=torch.int64, device=a.device).scatter_reduce_(1, near.clamp(min=0), chunk, "amax")
+        made = torch.where(seed, extra + 1, 0)  # clusters each seed makes
+        first = first_free[:, None] + torch.cumsum(made, 1) - made  # its first slot
+        a[:] = torch.where(seed, first, a)
+        a[:] = torch.where(joins, first.gather(1, near.clamp(min=0)) + chunk, a)
+        return made.sum(1)
 
     def _member_ranks(self, assign) -> torch.Tensor:
         """Index of each new token among its cluster's members (existing count + rank in batch)."""
