@@ -6,7 +6,8 @@
 
 A step: reserve device-pool slots for the new tokens -> one forward (`model_runner`: every
 sequence packed into one row; decode steps replay a CUDA graph) -> choose tokens (greedy rows in
-one device-to-host copy) -> commit (the streams adopt their slots). Frames of several streams given
+one device-to-host copy) -> commit (the streams adopt their slots); frames and text go through
+`ingest_step`, questions through `question_step`. Frames of several streams given
 to `append_frames_batch` share one vision batch and one forward; every active question takes one
 step per engine step, all in one forward.
 
@@ -32,11 +33,11 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
-from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
+from mosaic_ray.cache.device_pool import DeviceKVPool
+from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
-from mosaic_ray.engine import engine_report, frame_append
+from mosaic_ray.engine import engine_report, frame_append, ingest_step
 from mosaic_ray.engine.interface import (
     AskRequest,
     Engine,
@@ -52,9 +53,8 @@ from mosaic_ray.engine.prefetch import Prefetcher
 from mosaic_ray.engine.question_step import QuestionStepper
 from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.step_loop import StepLoop
-from mosaic_ray.engine.stream_state import StreamState, assemble, commit
+from mosaic_ray.engine.stream_state import StreamState, commit
 from mosaic_ray.model.adapter import ModelAdapter
-from mosaic_ray.model.attention import StreamStep
 
 
 def _counts_busy(method):
@@ -187,27 +187,8 @@ class StreamEngine(Engine):
 
     @_counts_busy
     def _ingest_frames(self, ready) -> None:
-        all_frames = [f for _, frames, _ in ready for f in frames]
-        with record_function("ingest.encode"):
-            features = self.adapter.encode_frames(all_frames)
-        work, k = [], 0
-        for state, frames, ts in ready:
-            chunks = [self.adapter.frame_chunk(features[k + i], ts[i]) for i in range(len(frames))]
-            k += len(frames)
-            if chunks:
-                self.last_frame_tokens = chunks[-1].size
-            work.append((state, chunks, ts))
-        try:
-            self._ingest(work)
-        except frame_append.PartialCommitError as exc:
-            self._count_frames(ready[: exc.committed])
-            raise
-        self._count_frames(ready)
-
-    def _count_frames(self, ready) -> None:
-        for state, frames, _ in ready:
-            state.frames += len(frames)
-            self.counters["frames"] += len(frames)
+        """Frames of several streams: one vision batch, then `_ingest` (`ingest_step.ingest_frames`)."""
+        ingest_step.ingest_frames(self, ready)
 
     def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
         state = self._get(stream_id)
@@ -228,51 +209,8 @@ class StreamEngine(Engine):
 
     @_counts_busy
     def _ingest(self, work: list[tuple[StreamState, list, list[float]]]) -> None:
-        """One decoder forward over each stream's chunks, then commit their tokens to the caches."""
-        segs = [assemble(state, chunks, ts) for state, chunks, ts in work]
-        slots = self._reserve([(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)])
-        steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
-        try:
-            with record_function("ingest.forward"):
-                self.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
-        except BaseException:
-            for (state, _, _), sl in zip(work, slots):
-                state.cache.discard(sl)
-            raise
-        for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
-            try:
-                with record_function("ingest.commit"):
-                    commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts))
-            except Exception as exc:  # rows before this one are in: say so, or the caller retries them
-                for (st, _, _), sl in zip(work[row:], slots[row:]):
-                    st.cache.discard(sl)
-                if row == 0:
-                    raise
-                raise frame_append.PartialCommitError(row, exc) from exc
-            self.counters["tokens"] += seg.size
-            if self.loop.active:  # the step loop drains splits between steps
-                self.loop.needs_maintenance.add(state.stream_id)
-                continue
-            try:  # deferred upkeep: a full pool leaves the splits queued for a later step
-                state.cache.maintain(self.config.splits_per_step)
-            except PoolExhaustedError:
-                pass
-            except Exception as exc:
-                for (st, _, _), sl in zip(work[row + 1:], slots[row + 1:]):
-                    st.cache.discard(sl)
-                raise frame_append.PartialCommitError(row + 1, exc) from exc
-
-    def _reserve(self, needs: list[tuple[StreamCache, int]]) -> list[torch.Tensor]:
-        """Device-pool slots for each stream's new tokens, all or none (a full pool is an overload)."""
-        got: list[torch.Tensor] = []
-        try:
-            for cache, n in needs:
-                got.append(cache.reserve(n))
-        except DevicePoolExhaustedError as exc:
-            for (cache, _), sl in zip(needs, got):
-                cache.discard(sl)
-            raise OverloadedError(str(exc)) from exc
-        return got
+        """One decoder forward over each stream's chunks, then their commit (`ingest_step.ingest_chunks`)."""
+        ingest_step.ingest_chunks(self, work)
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
