@@ -190,12 +190,11 @@ class ClusterIndex:
         G, n, _ = x.shape
         dev = self.device
         new_per_group = torch.zeros(G, dtype=torch.int64, device=dev)
-        radius = tau.clone()
         earlier = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
         step = max(1, self.config.distance_block_elems // max(1, n * n))
         for g0 in range(0, G, step):  # groups are independent: each block runs its own rounds
             g1 = min(G, g0 + step)
-            xg, a, r = x[g0:g1], assign[g0:g1], radius[g0:g1]  # views: rounds write `assign` in place
+            xg, a, r = x[g0:g1], assign[g0:g1], tau[g0:g1]  # views: rounds write `assign` in place
             d2 = (x2[g0:g1, :, None] - 2 * torch.bmm(xg, xg.transpose(1, 2)) + x2[g0:g1, None, :]).clamp(min=0)
             close = d2 <= r[:, None, None]  # distances once per block, not once per round
             rounds = 0

@@ -82,7 +82,6 @@ class QuestionStepper:
             with record_function("question.decode"):
                 logits = self.runner.decode([int(r.next_ids()[0]) for r in runs], positions, steps, kv_lists, new_slots)
             pending = [positions[:, j : j + 1] for j in range(len(runs))]
-            fed = [1] * len(runs)
         else:
             segs = []
             for run in runs:
@@ -96,7 +95,6 @@ class QuestionStepper:
             with record_function("question.prefill"):
                 logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
             spans, sizes, pending = [s.span for s in segs], [s.size for s in segs], [s.positions for s in segs]
-            fed = [len(r.next_ids()) for r in runs]
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
                                               [runs[i].request.top_p for i in live],
@@ -107,7 +105,7 @@ class QuestionStepper:
             run.pending_pos.append(pending[row])
             run.pos_cursor += spans[row]
             if run.phase == "closing":
-                run.closing_fed += fed[row]
+                run.closing_fed += sizes[row]  # text tokens: one per id fed
                 deltas.append("")
                 continue
             deltas.append(run.take_token(tokens[row], self.adapter.tokenizer))

@@ -151,7 +151,7 @@ class IngestQueue:
             out = await self._append_to_engine(slot.stream_id, frames, stamps)
         except Exception as exc:
             return exc
-        return out if self._queued else _done(out)
+        return out if self._queued else completed(out)
 
     async def _settle(self, slot: StreamSlot, accepted: list[FrameBatch], pending: Any) -> None:
         """Wait for the handed-over frames; acknowledge them, or isolate the bad batch: when a
@@ -193,7 +193,8 @@ class IngestQueue:
             batch.done.set_exception(exc)
 
 
-async def _done(value: Any) -> Any:
+async def completed(value: Any) -> Any:
+    """An awaitable of `value`, for an `AppendFn` with `queued=True` whose frames are in already."""
     return value
 
 

@@ -43,7 +43,7 @@ from mosaic_ray.runtime.errors import (
 )
 from mosaic_ray.runtime.capacity import CapacityGate
 from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.ingest import IngestQueue
+from mosaic_ray.runtime.ingest import IngestQueue, completed
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
 from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_migration import ShardMigration
@@ -284,7 +284,7 @@ class ShardActor(ShardDurability, ShardMigration):
         queue = getattr(self._engine, "queue_frames", None)
         if queue is None:
             held = await self._call(self._engine.append_frames, stream_id, frames, stamps)
-            return _ready(held)
+            return completed(held)
         done = await self._call(queue, stream_id, frames, stamps)
 
         async def ingested() -> int:
@@ -302,10 +302,6 @@ class ShardActor(ShardDurability, ShardMigration):
             self._fatal = exc
         self._meter.errors_total += 1
         return EngineFailedError(f"engine failed: {type(exc).__name__}: {exc}")
-
-
-async def _ready(value):
-    return value
 
 
 def spawn_shard(config: RuntimeConfig, index: int):
