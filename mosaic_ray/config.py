@@ -338,6 +338,11 @@ class EngineConfig:
     cuda_graphs: bool = True
     graph_max_kv: int = 1 << 21
     max_graph_batch: int = 64
+    # Question prefill steps of at most this many packed tokens replay piecewise CUDA graphs (one
+    # piece between two attentions, buckets of 16 .. this; `engine/prefill_graph.py`); larger
+    # ones run eagerly. 0: always eager. Each bucket keeps its queries and attention outputs of
+    # every layer: at 7b-shape ~0.4 MiB per bucket token, ~200 MiB for the buckets up to 256.
+    prefill_graph_tokens: int = 256
     seed: int = 0
     # Default for every stream; a stream may switch it (`StreamEngine.configure_stream`).
     pruning: PruningConfig = field(default_factory=PruningConfig)
@@ -363,6 +368,7 @@ class EngineConfig:
         _check_range("EngineConfig.max_question_tokens", self.max_question_tokens, 1, 1 << 20)
         _check_range("EngineConfig.graph_max_kv", self.graph_max_kv, 1, 1 << 28)
         _check_range("EngineConfig.max_graph_batch", self.max_graph_batch, 1, 256)
+        _check_range("EngineConfig.prefill_graph_tokens", self.prefill_graph_tokens, 0, 4096)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

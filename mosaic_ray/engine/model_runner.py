@@ -2,6 +2,11 @@
 
     forward(segs, steps, kv_lists, new_slots)   eager: any mix of ingest chunks, question prefill
                                                 (with retrieval) and decode, packed into one row
+    prefill(ids, positions, steps, kv_lists, new_slots)
+                                                text tokens only (question prefills with the decode
+                                                or closing tokens of the step's other runs): a
+                                                piecewise CUDA-graph replay per token bucket where
+                                                it can run (`prefill_graph.py`), else `forward`
     decode(ids, positions, kv_lists, new_slots) one token per sequence: a CUDA-graph replay per
                                                 batch-size bucket where it can run, else eager
 
@@ -22,6 +27,7 @@ import torch
 from mosaic_ray.attention.backend import AttentionMetadata, build_metadata
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.config import EngineConfig
+from mosaic_ray.engine.prefill_graph import PrefillGraph
 from mosaic_ray.engine.stream_state import Segment
 from mosaic_ray.kernels.ragged_attention import choose_splits, sm_count
 from mosaic_ray.model import attention
@@ -32,6 +38,7 @@ from mosaic_ray.transfer import to_device
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # packed tokens of a prefill graph
 
 
 class ModelRunner:
@@ -41,7 +48,10 @@ class ModelRunner:
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self._graph_pool = None
-        self.counters = {"graph_steps": 0, "eager_decode_steps": 0}
+        self.prefill_graphs: dict[int, PrefillGraph] = {}
+        self._prefill_pool = None
+        self.use_prefill_graphs = self.use_graphs and config.prefill_graph_tokens > 0
+        self.counters = {"graph_steps": 0, "eager_decode_steps": 0, "prefill_graph_steps": 0, "eager_prefill_steps": 0}
         # one slot padding sequences of a graph bucket write to and attend (zeros, valid)
         self.scratch = kv_pool.allocate(1)
         kv_pool.k[:, self.scratch] = 0
@@ -49,9 +59,9 @@ class ModelRunner:
         kv_pool.valid[:, self.scratch] = True
 
     def capture_graphs(self) -> int:
-        """Capture the decode graph of every batch-size bucket now (at engine start, as vLLM does),
-        so that no answer pays a capture (~0.1-1 s at 7b-shape) the first time its batch size
-        occurs. Returns the buckets captured."""
+        """Capture the decode graph of every batch-size bucket and the prefill graph of every
+        token bucket now (at engine start, as vLLM does), so that no answer pays a capture
+        (~0.1-1 s at 7b-shape) the first time its size occurs. Returns the graphs captured."""
         if not self.use_graphs:
             return 0
         for b in GRAPH_BUCKETS:
@@ -59,7 +69,11 @@ class ModelRunner:
                 self._graph_for(b, 0)
             if not self.use_graphs:  # a capture failed: eager from now on
                 break
-        return len(self.graphs)
+        for t in PREFILL_BUCKETS:
+            if not self.use_prefill_graphs or t > self.config.prefill_graph_tokens:
+                break
+            self._prefill_graph_for(t)
+        return len(self.graphs) + len(self.prefill_graphs)
 
     # ------------------------------------------------------------------ eager
     def forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
@@ -76,6 +90,45 @@ class ModelRunner:
             return None
         last = to_device([hi - 1 for _, hi in meta.q_bounds], self.device, torch.int64)
         return self.adapter.logits(out[0, last])
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, ids: list[list[int]], positions: torch.Tensor, steps: list[StreamStep],
+                kv_lists: list[torch.Tensor], new_slots: list[torch.Tensor]) -> torch.Tensor:
+        """Text tokens of every sequence (ids[s], packed in order at `positions` [P, T] on the
+        device) -> logits of each sequence's last token [S, vocab]: a prefill graph's replay
+        when one fits (no prefetch, no per-layer fetch timing), else the eager `forward`."""
+        flat = [i for x in ids for i in x]
+        graph = None
+        if self.use_prefill_graphs and not self.config.prefetch and not attention.TIME_FETCH:
+            graph = self._prefill_graph_for(len(flat))
+        if graph is None:
+            self.counters["eager_prefill_steps"] += 1
+            embeds, segs, lo = self.adapter.embed_ids(flat), [], 0
+            for x in ids:
+                segs.append(Segment(embeds[lo : lo + len(x)], positions[:, lo : lo + len(x)], None, None, len(x)))
+                lo += len(x)
+            return self.forward(segs, steps, kv_lists, new_slots, logits=True)
+        self.counters["prefill_graph_steps"] += 1
+        meta = build_metadata(kv_lists, new_slots, self.device)
+        hidden = graph.run(flat, positions, StepContext(steps, self.kv_pool, meta))
+        last = to_device([hi - 1 for _, hi in meta.q_bounds], self.device, torch.int64)
+        return self.adapter.logits(hidden[last])
+
+    def _prefill_graph_for(self, tokens: int) -> PrefillGraph | None:
+        bucket = next((t for t in PREFILL_BUCKETS if t >= tokens), None)
+        if bucket is None or bucket > self.config.prefill_graph_tokens:
+            return None
+        if bucket not in self.prefill_graphs:
+            try:
+                if self._prefill_pool is None:
+                    self._prefill_pool = torch.cuda.graph_pool_handle()
+                self.prefill_graphs[bucket] = PrefillGraph(self.adapter, self.kv_pool, int(self.scratch), bucket,
+                                                           self._prefill_pool)
+            except Exception as exc:  # a model whose layers cannot be captured: prefill eagerly
+                logger.warning("prefill CUDA graph capture failed (%r); prefilling eagerly", exc)
+                self.use_prefill_graphs = False
+                return None
+        return self.prefill_graphs[bucket]
 
     # ------------------------------------------------------------------ decode
     def decode(self, ids: list[int], positions: torch.Tensor, steps: list[StreamStep], kv_lists: list[torch.Tensor],

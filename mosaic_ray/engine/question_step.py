@@ -23,7 +23,7 @@ from mosaic_ray.engine.interface import AskRequest, InvalidInputError, Overloade
 from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.question import QuestionRun
 from mosaic_ray.engine.sampling import choose_tokens
-from mosaic_ray.engine.stream_state import Segment, StreamState
+from mosaic_ray.engine.stream_state import StreamState
 from mosaic_ray.model.adapter import ModelAdapter
 from mosaic_ray.model.attention import StreamStep
 from mosaic_ray.transfer import to_device
@@ -82,19 +82,25 @@ class QuestionStepper:
             with record_function("question.decode"):
                 logits = self.runner.decode([int(r.next_ids()[0]) for r in runs], positions, steps, kv_lists, new_slots)
             pending = [positions[:, j : j + 1] for j in range(len(runs))]
-        else:
-            segs = []
-            for run in runs:
-                chunk = self.adapter.ids_chunk(run.next_ids())
-                if run.pos_cursor + chunk.span > run.pos_base + run.pos_reserved:
+        else:  # text tokens only: prompts, and the other runs' decode or closing tokens
+            ids = [r.next_ids() for r in runs]
+            for run, x in zip(runs, ids):
+                if run.pos_cursor + len(x) > run.pos_base + run.pos_reserved:
                     raise RuntimeError(f"question of stream {run.state.stream_id!r} outgrew its reserved positions")
-                segs.append(Segment(chunk.embeds, chunk.positions + run.pos_cursor, None, None, chunk.span))
-                run.step.new_tokens = chunk.size
+                run.step.new_tokens = len(x)
                 run.step.retrieve = run.phase == "prefill"
-            new_slots = [r.step.work.next_slots(seg.size) for r, seg in zip(runs, segs)]
+            # a text token's positions count up in every position dim (`ModelAdapter.ids_chunk`)
+            P = self.adapter.layout.pos_dims
+            host = [p for r, x in zip(runs, ids) for p in range(r.pos_cursor, r.pos_cursor + len(x))]
+            positions = to_device(host, self.adapter.device, torch.int64)[None].expand(P, -1)
+            new_slots = [r.step.work.next_slots(len(x)) for r, x in zip(runs, ids)]
             with record_function("question.prefill"):
-                logits = self.runner.forward(segs, steps, kv_lists, new_slots, logits=True)
-            spans, sizes, pending = [s.span for s in segs], [s.size for s in segs], [s.positions for s in segs]
+                logits = self.runner.prefill(ids, positions, steps, kv_lists, new_slots)
+            spans = sizes = [len(x) for x in ids]
+            bounds = [0]
+            for n in sizes:
+                bounds.append(bounds[-1] + n)
+            pending = [positions[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
                                               [runs[i].request.top_p for i in live],

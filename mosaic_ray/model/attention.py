@@ -10,6 +10,10 @@ makes one ragged attention call over every sequence's slots. No model code is re
 
 The step's tokens are packed: the decoder sees one row [1, T] holding each sequence's new tokens
 back to back (`AttentionMetadata.q_bounds`).
+
+While a question prefill's piecewise CUDA graph is captured (`engine/prefill_graph.py`), the
+context carries a `layer_break`: the attention function hands it the layer's queries and returns
+the buffer it names, so that retrieval and the ragged attention run eagerly between graph pieces.
 """
 
 from __future__ import annotations
@@ -68,9 +72,12 @@ class StepContext:
     """Passed to the decoder as `past_key_values`: stores new K/V by slot and serves attention."""
 
     def __init__(self, streams: list[StreamStep], pool: DeviceKVPool, meta: AttentionMetadata,
-                 prefetch: bool = False, time_fetch: bool = False) -> None:
+                 prefetch: bool = False, time_fetch: bool = False, layer_break=None) -> None:
         self.streams, self.pool, self.meta = streams, pool, meta
         self.prefetch, self.time_fetch = prefetch, time_fetch
+        # (layer, queries [T, Hq, D], scale) -> the attention output buffer: while a piecewise
+        # CUDA graph is captured (`engine/prefill_graph.py`), attention is cut out of the forward
+        self.layer_break = layer_break
         self.retrieving = [i for i, s in enumerate(streams) if s.retrieve and s.work is not None
                            and s.work.retrieved.numel() > 0]
         self._token = None
@@ -103,9 +110,11 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [T, Hq, D]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.layer_break is not None:  # a capture: the next piece reads what the break returns
+        return ctx.layer_break(layer, q.contiguous(), scale)[None], None
     if ctx.retrieving:
         retrieve_layer(ctx, layer, q)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = backend.attend(ctx.pool, layer, q.contiguous(), ctx.meta, scale)
     return out[None], None
 
