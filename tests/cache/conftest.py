@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.config import KVLayout, PoolConfig
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 16
