@@ -275,8 +275,8 @@ class ShardActor(ShardDurability, ShardMigration):
             raise self._broken(exc) from None
 
     async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
-        """Frames into the engine; returns, once the engine has them queued (or, for an engine
-        without a step loop, appended), an awaitable of the frames the stream holds when they are
+        """Frames into the engine; returns, once they are queued on the engine's thread (or, for an
+        engine without a step loop, appended), an awaitable of the frames the stream holds when they are
         in (`IngestQueue(queued=True)`: the stream's lock is not held while the step loop ingests
         them). An engine with a step loop queues them in its scheduler (`queue_frames`): the
         frames of every stream queued meanwhile share one vision batch and one forward, the only
@@ -285,11 +285,16 @@ class ShardActor(ShardDurability, ShardMigration):
         if queue is None:
             held = await self._call(self._engine.append_frames, stream_id, frames, stamps)
             return completed(held)
-        done = await self._call(queue, stream_id, frames, stamps)
+        async def queue_and_wait() -> int:  # on the engine's loop: a bad batch raises at once
+            return await queue(stream_id, frames, stamps)
+
+        # queued on the engine's loop now, so the stream's later requests run after it; not
+        # waited for here: the stream's lock is not held while the engine finishes its step
+        queued = self._runner.await_(queue_and_wait)
 
         async def ingested() -> int:
             try:
-                return await self._runner.await_(lambda: done)
+                return await queued
             except EngineError:
                 raise
             except Exception as exc:
