@@ -230,13 +230,13 @@ class StepLoop:
         if state is None:
             self.needs_maintenance.discard(sid)
             return False
-        if not splits:
-            if not state.cache.offload_due:
-                return False
-            n = 1  # the offload alone
+        if not splits and not state.cache.offload_due:
+            return False
         before = self._offloads([state])
         try:
-            done = state.cache.maintain(n)
+            done = int(self.engine._offload_staged(state))  # counted in the engine's busy time
+            if splits and n > done:
+                done += state.cache.maintain(n - done)
         except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries
             return False
         self.counters["splits"] += done - self._count_offloads([state], before)

@@ -221,6 +221,14 @@ class StreamEngine(Engine):
             return self.questions.start(state, request)
 
     @_counts_busy
+    def _offload_staged(self, state: StreamState) -> bool:
+        """The step loop's upkeep: offload `state`'s staged tokens when a batch has gathered
+        (`StreamCache.offload_due`); True when it did. Counted as busy, as the forwards are: every
+        stream's frames need it (it bounds device memory) and its cost grows with the streams, so
+        capacity must see it. Splits are not counted: they refine clusters in the time left."""
+        return bool(state.cache.offload_due and state.cache.offload())
+
+    @_counts_busy
     def _advance(self, runs: list[QuestionRun]) -> list[str]:
         """One step for every run (prefill, decode or closing); returns each run's new text. Runs
         whose closing text is all fed after this step commit their Q/A to the stream."""
