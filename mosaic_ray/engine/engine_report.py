@@ -39,6 +39,7 @@ def engine_stats(engine) -> dict[str, Any]:
         "kv_pool_used_bytes": engine.kv_pool.used_slots * engine.kv_pool.slot_bytes,
         "active_questions": len(engine._runs), "busy_s_total": engine.busy_s,
         "ingest_lag_s_max": max((ingest_lag_s(s, now) for s in streams), default=0.0),
+        "ingest_lag_s_by_stream": {s.stream_id: ingest_lag_s(s, now) for s in streams},
         **{f"{k}_total": v for k, v in engine.counters.items()},
         **{f"step_{k}_total": v for k, v in engine.loop.counters.items()},
     }

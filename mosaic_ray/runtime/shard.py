@@ -236,7 +236,7 @@ class ShardActor(ShardDurability, ShardMigration):
     async def metrics(self) -> dict[str, Any]:
         stats = await self._call(self._engine.stats)
         report = self._report(stats)
-        engine = {k: v for k, v in stats.items() if k.startswith("step_") or k in ("busy_s_total", "ingest_lag_s_max")}
+        engine = {k: v for k, v in stats.items() if k.startswith("step_") or k in ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream")}
         util = self._capacity.utilization()
         return {**self._meter.snapshot(), **engine, **({"engine_utilization": util} if util is not None else {}),
                 "shard": self.name, "streams": report.streams,

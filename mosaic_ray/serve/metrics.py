@@ -34,6 +34,7 @@ _OPTIONAL = [
     ("mosaic_engine_steps_total", "counter", "Scheduled engine steps.", "step_steps_total"),
 ]
 _STEP_TOKENS = ("decode", "prefill", "ingest")
+_STEP_PARTS = ("question", "ingest", "maintenance")  # the step loop's `*_s` counters
 
 
 def _label(value: str) -> str:
@@ -63,6 +64,21 @@ def render(shards: list[dict[str, Any]]) -> str:
             for kind in _STEP_TOKENS:
                 lines.append(f'mosaic_step_tokens_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
                              f'{_num(x[f"step_{kind}_tokens_total"])}')
+        lines += ["# HELP mosaic_step_seconds_total Wall seconds of the step loop, by part (question steps, "
+                  "ingest forwards, upkeep: offloads and splits).", "# TYPE mosaic_step_seconds_total counter"]
+        for x in having:
+            for kind in _STEP_PARTS:
+                if f"step_{kind}_s_total" in x:
+                    lines.append(f'mosaic_step_seconds_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
+                                 f'{_num(float(x[f"step_{kind}_s_total"]))}')
+    having = [x for x in shards if "ingest_lag_s_by_stream" in x]
+    if having:
+        lines += ["# HELP mosaic_stream_ingest_lag_seconds Age of the stream's oldest frame waiting for ingest (0: none waits).",
+                  "# TYPE mosaic_stream_ingest_lag_seconds gauge"]
+        for x in having:
+            for sid, lag in sorted(x["ingest_lag_s_by_stream"].items()):
+                lines.append(f'mosaic_stream_ingest_lag_seconds{{shard="{_label(x["shard"])}",stream="{_label(sid)}"}} '
+                             f'{_num(float(lag))}')
     lines += ["# HELP mosaic_kv_bytes KV cache bytes held, by tier.", "# TYPE mosaic_kv_bytes gauge"]
     for s in shards:
         for tier in ("device", "host"):
