@@ -200,7 +200,9 @@ class ClusterIndex:
             rounds = 0
             while True:
                 un = a < 0
-                if not bool(un.any()):
+                # a host sync per check: the first round goes without one (with no token left it
+                # changes nothing: no seed, no joiner)
+                if rounds and not bool(un.any()):
                     break
                 covered = (close & earlier[None] & un[:, None, :]).any(-1)
                 seed = un & ~covered
@@ -236,9 +238,8 @@ class ClusterIndex:
         G = assign.shape[0]
         key = torch.arange(G, device=self.device)[:, None] * (1 << 32) + assign
         rank = ranks_within(key.flatten()).view_as(key)
-        old = torch.zeros_like(assign)
-        existing = assign < self.capacity
-        old[existing] = self.count.gather(1, assign.clamp(max=self.capacity - 1))[existing]
+        existing = assign < self.capacity  # (no boolean-mask write: it would sync with the host)
+        old = torch.where(existing, self.count.gather(1, assign.clamp(max=self.capacity - 1)), 0)
         return old + rank
 
     def _slab_needs(self, assign, member_rank, clusters_after):
@@ -267,7 +268,8 @@ class ClusterIndex:
         # statistics of the touched clusters only: running sum = centroid x count
         flat = (gi * self.capacity + assign).flatten()
         touched, inv = torch.unique(flat, return_inverse=True)
-        cnt = self.count.view(-1)[touched] + torch.bincount(inv, minlength=touched.numel())
+        joined = torch.zeros(touched.numel(), dtype=self.count.dtype, device=self.device)
+        cnt = self.count.view(-1)[touched] + joined.index_add_(0, inv, torch.ones_like(inv, dtype=joined.dtype))
         sums = self.centroid.view(-1, D)[touched] * self.count.view(-1)[touched, None].float()
         sums.index_add_(0, inv, x.reshape(-1, D))
         self.sumsq.view(-1)[touched] = self.sumsq.view(-1)[touched].index_add(0, inv, x2.flatten())
