@@ -58,7 +58,8 @@ def measure(a: argparse.Namespace, method: str, n: int, frames) -> dict:
           f"{row['ttft']['p50_ms']:5.0f}/{row['ttft']['p99_ms']:5.0f} ms, answer p50 {row['e2e']['p50_ms']:5.0f} ms, "
           f"{row['ingest_fps']:5.1f} frames/s; steps {d['steps']}, busy {row['engine_busy_share']:.0%} "
           f"(questions {row['question_s_share']:.0%}, ingest {row['ingest_s_share']:.0%}, maintenance "
-          f"{row['maintenance_s_share']:.0%}), {row['frames_per_ingest_step']:.1f} frames per ingest forward, "
+          f"{row['maintenance_s_share']:.0%}, of it offloads {d.get('offload_s', 0.0) / wall:.0%}), "
+          f"{row['frames_per_ingest_step']:.1f} frames per ingest forward, "
           f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} ms each; {d.get('offloads', 0)} offloads "
           f"({d.get('offloaded_tokens', 0)} tokens), {d['splits']} splits", flush=True)
     if (a.profile_steps or a.profile_seconds) and n == max(int(x) for x in a.streams.split(",")):
@@ -230,14 +231,15 @@ def publish(out: str, result: dict) -> list[str]:
              f"{r0['frame_px']}px frames at {r0['fps_per_stream']:g} frame/s per stream; a {r0['max_tokens']}-token "
              f"question every {r0['question_every_s']:g} s per stream; {r0['seconds']:g} s per point", "",
              "| method | streams | lag p99 ms | TTFT p50 / p99 ms | answer p50 ms | frames/s | steps | engine busy "
-             "| question steps | ingest forwards | maintenance | frames per ingest forward | ms per ingest forward |",
+             "| question steps | ingest forwards | maintenance (offloads) | frames per ingest forward | ms per ingest forward |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         d = r["loop"]
         table.append(f"| {r['method']} | {r['streams']} | {r['lag']['p99_ms']:.0f} | {r['ttft']['p50_ms']:.0f} / "
                      f"{r['ttft']['p99_ms']:.0f} | {r['e2e']['p50_ms']:.0f} | {r['ingest_fps']:.1f} | {d['steps']:.0f} | "
                      f"{r['engine_busy_share']:.0%} | {r['question_s_share']:.0%} | {r['ingest_s_share']:.0%} | "
-                     f"{r['maintenance_s_share']:.0%} | {r['frames_per_ingest_step']:.1f} | "
+                     f"{r['maintenance_s_share']:.0%} ({d.get('offload_s', 0.0) / r['measured_s']:.0%}) | "
+                     f"{r['frames_per_ingest_step']:.1f} | "
                      f"{1e3 * d['ingest_s'] / max(1, d['ingest_steps']):.1f} |")
     return report.publish(out, NAME, {k: v for k, v in result.items()}, table, plot)
 

@@ -46,7 +46,8 @@ class StepLoop:
         self.counters = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "ingest_tokens": 0,
                          "ingest_frames": 0, "ingest_steps": 0, "splits": 0, "offloads": 0, "offloaded_tokens": 0, "ingest_errors": 0,
                          # wall seconds of each part of the steps (host time, the GPU work it waits on included)
-                         "question_s": 0.0, "ingest_s": 0.0, "maintenance_s": 0.0}
+                         "question_s": 0.0, "ingest_s": 0.0, "maintenance_s": 0.0,
+                         "offload_s": 0.0}  # the offloads' share of maintenance_s
 
     def has_work(self) -> bool:
         e = self.engine
@@ -234,7 +235,9 @@ class StepLoop:
             return False
         before = self._offloads([state])
         try:
+            t0 = time.perf_counter()
             done = int(self.engine._offload_staged(state))  # counted in the engine's busy time
+            self.counters["offload_s"] += time.perf_counter() - t0
             if splits and n > done:
                 done += state.cache.maintain(n - done)
         except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries

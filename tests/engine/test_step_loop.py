@@ -183,6 +183,10 @@ def test_the_offload_counts_as_busy_and_splits_do_not(tiny_adapter, monkeypatch)
     # every upkeep call's busy time: 0.2 s per offload, nothing for the splits' 0.2 s each
     upkeep_busy = e.busy_s - e.loop.counters["ingest_s"] - e.loop.counters["question_s"]
     assert 0.2 * offloads - 0.05 <= upkeep_busy < 0.2 * offloads + 0.1 * split_calls
+    # the loop's own account: the offloads' share of its upkeep time
+    c = e.loop.counters
+    assert 0.2 * offloads - 0.05 <= c["offload_s"] < 0.2 * offloads + 0.1
+    assert c["maintenance_s"] >= c["offload_s"] + 0.2 * split_calls - 0.05
 
 
 def test_frames_that_fail_to_ingest_stay_queued(tiny_adapter, monkeypatch):
