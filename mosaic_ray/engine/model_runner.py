@@ -86,10 +86,12 @@ class ModelRunner:
         meta = build_metadata(kv_lists, new_slots, self.device)
         ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
         out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
-        if not logits:
-            return None
+        return self._last_logits(out[0], meta) if logits else None
+
+    def _last_logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Packed hidden states [T, hidden] -> logits of each sequence's last token [S, vocab]."""
         last = to_device([hi - 1 for _, hi in meta.q_bounds], self.device, torch.int64)
-        return self.adapter.logits(out[0, last])
+        return self.adapter.logits(hidden[last])
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, ids: list[list[int]], positions: torch.Tensor, steps: list[StreamStep],
@@ -103,16 +105,13 @@ class ModelRunner:
             graph = self._prefill_graph_for(len(flat))
         if graph is None:
             self.counters["eager_prefill_steps"] += 1
-            embeds, segs, lo = self.adapter.embed_ids(flat), [], 0
-            for x in ids:
-                segs.append(Segment(embeds[lo : lo + len(x)], positions[:, lo : lo + len(x)], None, None, len(x)))
-                lo += len(x)
+            sizes = [len(x) for x in ids]
+            segs = [Segment(e, p, None, None, n) for e, p, n in
+                    zip(self.adapter.embed_ids(flat).split(sizes), positions.split(sizes, 1), sizes)]
             return self.forward(segs, steps, kv_lists, new_slots, logits=True)
         self.counters["prefill_graph_steps"] += 1
         meta = build_metadata(kv_lists, new_slots, self.device)
-        hidden = graph.run(flat, positions, StepContext(steps, self.kv_pool, meta))
-        last = to_device([hi - 1 for _, hi in meta.q_bounds], self.device, torch.int64)
-        return self.adapter.logits(hidden[last])
+        return self._last_logits(graph.run(flat, positions, StepContext(steps, self.kv_pool, meta)), meta)
 
     def _prefill_graph_for(self, tokens: int) -> PrefillGraph | None:
         bucket = next((t for t in PREFILL_BUCKETS if t >= tokens), None)

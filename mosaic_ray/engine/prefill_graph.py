@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_ray.attention import backend
 from mosaic_ray.attention.backend import AttentionMetadata
-from mosaic_ray.attention.retrieval import retrieve_layer
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.model.adapter import ModelAdapter
-from mosaic_ray.model.attention import StepContext
+from mosaic_ray.model.attention import StepContext, attend_layer
 from mosaic_ray.transfer import to_device
 
 
@@ -112,12 +110,8 @@ class PrefillGraph:
         self.pos[:, 0, :T].copy_(positions)
         self.slot_mapping[:T].copy_(ctx.meta.slot_mapping)
         self.slot_mapping[T:].fill_(self.scratch)  # padding never writes a real slot
-        pool, meta = self.kv_pool, ctx.meta
         for layer, piece in enumerate(self.pieces[:-1]):
             piece.replay()
-            q = self.q[layer][:T]
-            if ctx.retrieving:
-                retrieve_layer(ctx, layer, q)
-            self.out[layer][:T].copy_(backend.attend(pool, layer, q, meta, self.scale[layer]))
+            self.out[layer][:T].copy_(attend_layer(ctx, layer, self.q[layer][:T], self.scale[layer]))
         self.pieces[-1].replay()
         return self.hidden[0, :T]

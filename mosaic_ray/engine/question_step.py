@@ -97,10 +97,7 @@ class QuestionStepper:
             with record_function("question.prefill"):
                 logits = self.runner.prefill(ids, positions, steps, kv_lists, new_slots)
             spans = sizes = [len(x) for x in ids]
-            bounds = [0]
-            for n in sizes:
-                bounds.append(bounds[-1] + n)
-            pending = [positions[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+            pending = list(positions.split(sizes, 1))
         live = [i for i, r in enumerate(runs) if r.phase != "closing"]
         tokens = dict(zip(live, choose_tokens(logits[live], [runs[i].request.temperature for i in live],
                                               [runs[i].request.top_p for i in live],

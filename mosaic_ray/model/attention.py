@@ -113,10 +113,15 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.layer_break is not None:  # a capture: the next piece reads what the break returns
         return ctx.layer_break(layer, q.contiguous(), scale)[None], None
+    return attend_layer(ctx, layer, q, scale)[None], None
+
+
+def attend_layer(ctx: StepContext, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """A layer's attention for the step, queries [T, Hq, D] -> [T, Hq, D]: first the retrieved
+    slots of its questions in prefill, then one ragged attention over every sequence's slots."""
     if ctx.retrieving:
         retrieve_layer(ctx, layer, q)
-    out = backend.attend(ctx.pool, layer, q.contiguous(), ctx.meta, scale)
-    return out[None], None
+    return backend.attend(ctx.pool, layer, q.contiguous(), ctx.meta, scale)
 
 
 AttentionInterface.register(ATTENTION_NAME, retrieval_attention)

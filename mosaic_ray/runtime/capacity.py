@@ -2,8 +2,9 @@
 
 The engine reports the seconds it spent working (`busy_s_total` in its stats: vision, forwards,
 sampling, commits, offloads of staged tokens; not cluster splits, which fill the time left). Over
-the last `window_s` the gate takes utilization = busy seconds / wall seconds; a new stream, taken to cost what the average stream of the shard costs, would make it
-utilization x (streams + 1) / streams. Above `max_utilization` the new stream is refused with 503
+the last `window_s` the gate takes utilization = busy seconds / wall seconds; a new stream, taken
+to cost what the average stream of the shard costs, would make it utilization x (streams + 1) /
+streams. Above `max_utilization` the new stream is refused with 503
 and a Retry-After (the router then tries the next shard), instead of every stream's lag growing
 silently. With no samples yet, or no streams, everything is admitted (there is nothing to measure).
 

@@ -61,11 +61,12 @@ class EngineRunner:
     async def iterate(self, make_iter: Callable[[], Any]) -> AsyncIterator[Any]:
         """Yield the items of the async iterator `make_iter()`, created and advanced on the engine
         thread. Closing this generator early (a client went away) closes the engine's iterator."""
-        holder: list[Any] = []
+        it = None
 
         async def first() -> tuple[bool, Any]:  # created and first advanced in one hop
-            holder.append(make_iter().__aiter__())
-            return await self._next(holder[0])
+            nonlocal it
+            it = make_iter().__aiter__()
+            return await self._next(it)
 
         try:
             step = first()
@@ -74,9 +75,9 @@ class EngineRunner:
                 if done:
                     return
                 yield item
-                step = self._next(holder[0])
+                step = self._next(it)
         finally:
-            close = getattr(holder[0], "aclose", None) if holder else None
+            close = getattr(it, "aclose", None)
             if close is not None:
                 await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self._loop))
 

@@ -7,9 +7,9 @@ different streams meet in the engine's step loop, which ingests them in one forw
 
 Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
-  With an engine that queues frames (`queued=True`: `append` returns once the frames are queued
-  on the engine's thread, without waiting for the engine to take them
-  and hands back what to await for them to be in), the lock covers the seq check, the log and the
+  With an engine that queues frames (`queued=True`: `append` returns once the frames' hand-over
+  is queued on the engine's thread, without waiting for the engine to take them, and hands back
+  what to await for them to be in), the lock covers the seq check, the log and the
   queueing only: a question of the stream does not wait for the step loop to ingest them (the
   engine ingests a stream's queued frames before its question, so the order is the same).
 - seq: a batch whose seq equals the stream's `last_seq` is a replay: acknowledged, never appended;

@@ -51,6 +51,9 @@ from mosaic_ray.runtime.shard_log import ShardLog
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
+# engine stats passed on to /metrics besides the step loop's `step_*` counters
+_ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream")
+
 if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
     from mosaic_ray.runtime.migration import MigrationSource
 
@@ -236,7 +239,7 @@ class ShardActor(ShardDurability, ShardMigration):
     async def metrics(self) -> dict[str, Any]:
         stats = await self._call(self._engine.stats)
         report = self._report(stats)
-        engine = {k: v for k, v in stats.items() if k.startswith("step_") or k in ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream")}
+        engine = {k: v for k, v in stats.items() if k.startswith("step_") or k in _ENGINE_FIGURES}
         util = self._capacity.utilization()
         return {**self._meter.snapshot(), **engine, **({"engine_utilization": util} if util is not None else {}),
                 "shard": self.name, "streams": report.streams,
@@ -275,9 +278,9 @@ class ShardActor(ShardDurability, ShardMigration):
             raise self._broken(exc) from None
 
     async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
-        """Frames into the engine; returns, once they are queued on the engine's thread (or, for an
-        engine without a step loop, appended), an awaitable of the frames the stream holds when they are
-        in (`IngestQueue(queued=True)`: the stream's lock is not held while the step loop ingests
+        """Frames into the engine; returns, once they are queued on the engine's thread (or, for
+        an engine without a step loop, appended), an awaitable of the frames the stream holds when
+        they are in (`IngestQueue(queued=True)`: the stream's lock is not held while the step loop ingests
         them). An engine with a step loop queues them in its scheduler (`queue_frames`): the
         frames of every stream queued meanwhile share one vision batch and one forward, the only
         cross-stream batching there is. Other engines get one `append_frames` call per stream's batch."""

@@ -68,9 +68,8 @@ def render(shards: list[dict[str, Any]]) -> str:
                   "ingest forwards, upkeep: offloads and splits).", "# TYPE mosaic_step_seconds_total counter"]
         for x in having:
             for kind in _STEP_PARTS:
-                if f"step_{kind}_s_total" in x:
-                    lines.append(f'mosaic_step_seconds_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
-                                 f'{_num(float(x[f"step_{kind}_s_total"]))}')
+                lines.append(f'mosaic_step_seconds_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
+                             f'{_num(float(x[f"step_{kind}_s_total"]))}')
     having = [x for x in shards if "ingest_lag_s_by_stream" in x]
     if having:
         lines += ["# HELP mosaic_stream_ingest_lag_seconds Age of the stream's oldest frame waiting for ingest (0: none waits).",
