@@ -134,6 +134,12 @@ class ClusterConfig:
     # cluster per group per round; after this many rounds the rest join their nearest seed and the
     # seed is queued for a split (never an unbounded loop on the ingest path).
     seed_rounds: int = 16
+    # Unassigned tokens of one insert are seeded in runs of this many consecutive (arrival-order)
+    # tokens, each run on its own: seeding costs runs x seed_chunk^2 distances instead of
+    # tokens^2 (an offload of 2.5k staged tokens of a 7b-shape stream spent most of the GPU of a
+    # 64-stream H200 in seeding). Runs never share a cluster; the next insert joins across them.
+    # 0 = all of a batch's unassigned tokens together.
+    seed_chunk: int = 512
     # Elements of one [groups, tokens, clusters] distance block; larger batches are chunked by
     # group so that assignment memory stays bounded however many clusters a stream has.
     distance_block_elems: int = 1 << 26
@@ -145,6 +151,7 @@ class ClusterConfig:
         _check_range("ClusterConfig.split_batch", self.split_batch, 1, 1 << 20)
         _check_range("ClusterConfig.split_iters", self.split_iters, 1, 100)
         _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
+        _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
         _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
 
 

@@ -181,46 +181,83 @@ class ClusterIndex:
         within `radius`, max_size per cluster (a seed with more joiners makes several clusters,
         so a dense batch needs one round, not one per max_size tokens). A member within `radius`
         of its seed keeps the cluster's variance <= radius (variance about the mean <= mean
-        squared distance to any point). Groups are seeded in blocks of `distance_block_elems`
-        distances, each block's distances computed once for all its rounds. Each round seeds
-        at least the earliest unassigned token, so it ends; after `seed_rounds` the radius widens
-        so the work per batch stays bounded (those clusters are flagged for a split if needed).
-        Mutates `assign`.
+        squared distance to any point). Each round seeds at least the earliest unassigned token,
+        so it ends; after `seed_rounds` the radius widens so the work per batch stays bounded
+        (those clusters are flagged for a split if needed).
+
+        Cost is quadratic in the tokens seeded together, so only the unassigned tokens take part
+        (compacted, in arrival order: one host sync for their largest count), and they are seeded
+        in runs of `seed_chunk` consecutive tokens, each run on its own (a run is one row of the
+        seeding problem, like a group). Rows are seeded in blocks of `distance_block_elems`
+        distances, each block's distances computed once for all its rounds. Mutates `assign`.
         """
-        G, n, _ = x.shape
+        G, n, D = x.shape
         dev = self.device
         new_per_group = torch.zeros(G, dtype=torch.int64, device=dev)
-        earlier = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
-        step = max(1, self.config.distance_block_elems // max(1, n * n))
-        for g0 in range(0, G, step):  # groups are independent: each block runs its own rounds
-            g1 = min(G, g0 + step)
-            xg, a, r = x[g0:g1], assign[g0:g1], tau[g0:g1]  # views: rounds write `assign` in place
-            d2 = (x2[g0:g1, :, None] - 2 * torch.bmm(xg, xg.transpose(1, 2)) + x2[g0:g1, None, :]).clamp(min=0)
+        un = assign < 0
+        left = un.sum(1)
+        m = int(left.max())  # the one host sync of the compaction
+        if m == 0:
+            return new_per_group
+        c = min(m, self.config.seed_chunk or m)
+        k = -(-m // c)  # runs per group
+        # unassigned tokens first, in arrival order; columns past a group's count are padding
+        order = torch.argsort((~un).to(torch.uint8), dim=1, stable=True)[:, :m]
+        pad = k * c - m
+        valid = torch.arange(m, device=dev)[None, :] < left[:, None]
+        if pad:
+            order = torch.cat([order, order.new_zeros(G, pad)], 1)
+            valid = torch.cat([valid, valid.new_zeros(G, pad)], 1)
+        xs = x.gather(1, order[..., None].expand(G, k * c, D)).view(G * k, c, D)
+        x2s = x2.gather(1, order).view(G * k, c)
+        local = torch.where(valid, -1, -2).view(G * k, c)  # -1: to seed, -2: padding (takes no part)
+        made = self._seed_rows(local, xs, x2s, tau.repeat_interleave(k))
+        # local cluster ids -> slots: after the group's existing clusters and its earlier runs
+        made = made.view(G, k)
+        first = (base[:, None] + torch.cumsum(made, 1) - made).view(G * k, 1)
+        slot = (local + first).view(G, k * c)[:, :m]
+        assign.scatter_(1, order[:, :m], torch.where(valid[:, :m], slot, assign.gather(1, order[:, :m])))
+        return made.sum(1)
+
+    def _seed_rows(self, a, x, x2, radius) -> torch.Tensor:
+        """Leader clustering of each row of `a` [R, c] (-1 = to seed, -2 = padding) on its own:
+        writes row-local cluster ids (0, 1, ...) into `a`; returns clusters made per row."""
+        R, c = a.shape
+        dev = self.device
+        made = torch.zeros(R, dtype=torch.int64, device=dev)
+        earlier = torch.tril(torch.ones(c, c, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
+        step = max(1, self.config.distance_block_elems // max(1, c * c))
+        for r0 in range(0, R, step):  # rows are independent: each block runs its own rounds
+            r1 = min(R, r0 + step)
+            ab, r = a[r0:r1], radius[r0:r1]  # a view: rounds write `a` in place
+            d2 = (x2[r0:r1, :, None] - 2 * torch.bmm(x[r0:r1], x[r0:r1].transpose(1, 2)) + x2[r0:r1, None, :]).clamp(min=0)
             close = d2 <= r[:, None, None]  # distances once per block, not once per round
+            close_earlier = close & earlier[None]
             rounds = 0
             while True:
-                un = a < 0
+                un = ab == -1
                 # a host sync per check: the first round goes without one (with no token left it
                 # changes nothing: no seed, no joiner)
                 if rounds and not bool(un.any()):
                     break
-                covered = (close & earlier[None] & un[:, None, :]).any(-1)
+                covered = (close_earlier & un[:, None, :]).any(-1)
                 seed = un & ~covered
                 best, near = d2.masked_fill(~(seed[:, None, :] & close), float("inf")).min(-1)
                 near = torch.where(torch.isfinite(best), near, -1)
-                new_per_group[g0:g1] += self._take_seeds(a, seed, un, near, base[g0:g1] + new_per_group[g0:g1])
+                made[r0:r1] += self._take_seeds(ab, seed, un, near, made[r0:r1])
                 rounds += 1
                 if rounds >= self.config.seed_rounds:
                     r = torch.where(r > 0, r * 4, torch.full_like(r, 1e-6))
                     close = d2 <= r[:, None, None]
-        return new_per_group
+                    close_earlier = close & earlier[None]
+        return made
 
     def _take_seeds(self, a, seed, un, near, first_free) -> torch.Tensor:
-        """One seeding round of a block of groups: seeds become clusters and the tokens whose
+        """One seeding round of a block of rows: seeds become clusters and the tokens whose
         nearest seed (within radius) they are join them, max_size members per cluster (the
         joiners beyond the first max_size - 1 fill further clusters of that seed in arrival order:
         each member is within radius of the seed point, so each cluster's variance stays <=
-        radius). Writes `a` (the block's assignment) in place; returns clusters made per group."""
+        radius). Writes `a` (the block's assignment) in place; returns clusters made per row."""
         Gb, n = a.shape
         joins = un & ~seed & (near >= 0)
         gi = torch.arange(Gb, device=a.device)[:, None]

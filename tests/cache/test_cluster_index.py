@@ -56,9 +56,10 @@ def _check_invariants(index, batches, drained):
     spread=st.sampled_from([0.0, 0.1, 1.0, 5.0]),
     drain_each=st.booleans(),
     ratio=st.sampled_from([0.05, 0.15, 0.5]),
+    seed_chunk=st.sampled_from([0, 3, 16]),
 )
-def test_invariants_after_any_inserts_and_splits(layout, pool, sizes, spread, drain_each, ratio):
-    index = _index(layout, pool, variance_ratio=ratio)
+def test_invariants_after_any_inserts_and_splits(layout, pool, sizes, spread, drain_each, ratio, seed_chunk):
+    index = _index(layout, pool, variance_ratio=ratio, seed_chunk=seed_chunk)
     batches, start = [], 0
     for i, n in enumerate(sizes):
         batch = make_batch(layout, start, n, seed=i, spread=spread)
@@ -84,6 +85,55 @@ def test_clusters_follow_structure(layout, pool):
         pass
     per_group = index.num_clusters.float().mean().item()
     assert 6 <= per_group <= 20, per_group
+
+
+def _seed_problem(layout, n, seed):
+    batch = make_batch(layout, 0, n, seed=seed, spread=1.0)
+    x = batch.keys.float()
+    return x, (x * x).sum(-1)
+
+
+def test_seeding_ignores_the_tokens_the_join_took(layout, pool):
+    """Tokens already assigned take no part: the others get the clusters they would get alone."""
+    index = _index(layout, pool, seed_chunk=0)
+    G, n = layout.groups, 40
+    x, x2 = _seed_problem(layout, n, seed=3)
+    tau = torch.full((G,), 2.0)
+    taken = torch.rand(G, n, generator=torch.Generator().manual_seed(0)) < 0.5
+    assign = torch.where(taken, 1000, -1)
+    base = torch.full((G,), 7, dtype=torch.int64)
+    made = index._seed(assign, x, x2, tau, base)
+    assert bool((assign[taken] == 1000).all()) and bool((assign[~taken] >= 7).all())
+    for g in range(G):
+        rest = (~taken[g]).nonzero().flatten()
+        alone = torch.full((1, rest.numel()), -1, dtype=torch.int64)
+        one = _index(layout, pool, seed_chunk=0)
+        made_alone = one._seed(alone, x[g:g + 1, rest], x2[g:g + 1, rest], tau[g:g + 1], torch.tensor([7]))
+        assert torch.equal(assign[g, rest], alone[0]) and int(made[g]) == int(made_alone[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_seeding_runs_never_share_a_cluster(layout, pool, chunk):
+    """With seed_chunk = c, a new cluster's members are all in one run of c consecutive unassigned
+    tokens, slots are dense from the group's first free one, and a chunk as large as the batch is
+    the same as none."""
+    G, n = layout.groups, 37
+    x, x2 = _seed_problem(layout, n, seed=5)
+    tau = torch.full((G,), 4.0)
+    base = torch.arange(G, dtype=torch.int64)
+    assign = torch.full((G, n), -1, dtype=torch.int64)
+    made = _index(layout, pool, seed_chunk=chunk)._seed(assign, x, x2, tau, base)
+    run = torch.arange(n) // chunk
+    for g in range(G):
+        slots = assign[g]
+        assert torch.equal(torch.unique(slots), torch.arange(int(base[g]), int(base[g] + made[g])))
+        for c in torch.unique(slots):
+            assert torch.unique(run[slots == c]).numel() == 1
+    whole = torch.full((G, n), -1, dtype=torch.int64)
+    _index(layout, pool, seed_chunk=n)._seed(whole, x, x2, tau, base)
+    none = torch.full((G, n), -1, dtype=torch.int64)
+    _index(layout, pool, seed_chunk=0)._seed(none, x, x2, tau, base)
+    assert torch.equal(whole, none)
 
 
 def test_insert_is_all_or_nothing_when_pool_full(layout):
