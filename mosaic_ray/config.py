@@ -136,8 +136,9 @@ class ClusterConfig:
     seed_rounds: int = 16
     # Unassigned tokens of one insert are seeded in runs of this many consecutive (arrival-order)
     # tokens, each run on its own: seeding costs runs x seed_chunk^2 distances instead of
-    # tokens^2 (an offload of 2.5k staged tokens of a 7b-shape stream spent most of the GPU of a
-    # 64-stream H200 in seeding). Runs never share a cluster; the next insert joins across them.
+    # tokens^2 (64 7b-shape streams on an H200: offloads of ~2.5k staged tokens took 41 % of the
+    # engine's time, seeding the largest part; 24 % with 512, docs/benchmarks.md 10.4). Runs never
+    # share a cluster; the next insert joins across them.
     # 0 = all of a batch's unassigned tokens together.
     seed_chunk: int = 512
     # Elements of one [groups, tokens, clusters] distance block; larger batches are chunked by

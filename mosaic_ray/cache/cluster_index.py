@@ -203,20 +203,18 @@ class ClusterIndex:
         k = -(-m // c)  # runs per group
         # unassigned tokens first, in arrival order; columns past a group's count are padding
         order = torch.argsort((~un).to(torch.uint8), dim=1, stable=True)[:, :m]
-        pad = k * c - m
         valid = torch.arange(m, device=dev)[None, :] < left[:, None]
-        if pad:
-            order = torch.cat([order, order.new_zeros(G, pad)], 1)
-            valid = torch.cat([valid, valid.new_zeros(G, pad)], 1)
-        xs = x.gather(1, order[..., None].expand(G, k * c, D)).view(G * k, c, D)
-        x2s = x2.gather(1, order).view(G * k, c)
-        local = torch.where(valid, -1, -2).view(G * k, c)  # -1: to seed, -2: padding (takes no part)
-        made = self._seed_rows(local, xs, x2s, tau.repeat_interleave(k))
+        # padded to whole runs (the padding points at token 0 and takes no part)
+        order_p = torch.cat([order, order.new_zeros(G, k * c - m)], 1)
+        valid_p = torch.cat([valid, valid.new_zeros(G, k * c - m)], 1)
+        xs = x.gather(1, order_p[..., None].expand(G, k * c, D)).view(G * k, c, D)
+        x2s = x2.gather(1, order_p).view(G * k, c)
+        local = torch.where(valid_p, -1, -2).view(G * k, c)  # -1: to seed, -2: padding (takes no part)
+        made = self._seed_rows(local, xs, x2s, tau.repeat_interleave(k)).view(G, k)
         # local cluster ids -> slots: after the group's existing clusters and its earlier runs
-        made = made.view(G, k)
         first = (base[:, None] + torch.cumsum(made, 1) - made).view(G * k, 1)
         slot = (local + first).view(G, k * c)[:, :m]
-        assign.scatter_(1, order[:, :m], torch.where(valid[:, :m], slot, assign.gather(1, order[:, :m])))
+        assign.scatter_(1, order, torch.where(valid, slot, assign.gather(1, order)))
         return made.sum(1)
 
     def _seed_rows(self, a, x, x2, radius) -> torch.Tensor:

@@ -107,8 +107,7 @@ def test_seeding_ignores_the_tokens_the_join_took(layout, pool):
     for g in range(G):
         rest = (~taken[g]).nonzero().flatten()
         alone = torch.full((1, rest.numel()), -1, dtype=torch.int64)
-        one = _index(layout, pool, seed_chunk=0)
-        made_alone = one._seed(alone, x[g:g + 1, rest], x2[g:g + 1, rest], tau[g:g + 1], torch.tensor([7]))
+        made_alone = index._seed(alone, x[g:g + 1, rest], x2[g:g + 1, rest], tau[g:g + 1], torch.tensor([7]))
         assert torch.equal(assign[g, rest], alone[0]) and int(made[g]) == int(made_alone[0])
 
 
