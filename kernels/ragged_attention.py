@@ -165,7 +165,9 @@ def choose_splits(programs: int, max_kv: int, sms: int = 132) -> int:
 # (BLOCK_M rows = query tokens x grouped heads, BLOCK_N slots, num_warps, num_stages) for decode
 # (one query per sequence) and for prefill tiles
 DECODE_TILE = (16, 64, 4, 2)
-PREFILL_TILE = (64, 32, 4, 2)  # H200 sweep: ingest 16 x 146 over 2.2k 0.68 ms vs 1.16 at BLOCK_N 64
+# H200 sweeps (28 query / 4 KV heads, head_dim 128): 22 x 146 tokens over 2.2k slots 1.17 ms
+# against 1.54 at (64, 32, 4, 2); question prefill 6 x 20 over 3k 0.166 against 0.195 ms
+PREFILL_TILE = (128, 64, 8, 2)
 _SM_COUNT: dict[int, int] = {}
 
 

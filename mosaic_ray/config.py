@@ -291,6 +291,12 @@ class SchedulerConfig:
     # tokens seed new clusters, so under load splits wait rather than hold answers and frames
     # back; with nothing else to do they run freely. 1.0: no limit.
     maintenance_share: float = 0.25
+    # Offloads of staged tokens in the upkeep after one step while questions or frames wait, the
+    # streams with the most staged first; a stream with twice its `offload_batch` staged
+    # offloads regardless (it nears the inline bound of four). Streams opened together fall due
+    # together: unbounded, one upkeep offloaded every stream in turn (~30 ms each at 7b-shape on
+    # the H200), holding every question and frame behind it. 0: no limit.
+    offloads_per_step: int = 2
     # A stream whose oldest waiting frame is older than this (seconds) ingests before batch
     # questions' prefills.
     lag_priority_s: float = 1.0
@@ -309,6 +315,7 @@ class SchedulerConfig:
         _check_range("SchedulerConfig.encoder_budget", self.encoder_budget, 1, 1 << 16)
         _check_range("SchedulerConfig.maintenance_budget", self.maintenance_budget, 0, 1 << 20)
         _check_range("SchedulerConfig.maintenance_share", self.maintenance_share, 0.0, 1.0)
+        _check_range("SchedulerConfig.offloads_per_step", self.offloads_per_step, 0, 1 << 20)
         _check_range("SchedulerConfig.lag_priority_s", self.lag_priority_s, 0.0, 3600.0)
 
 

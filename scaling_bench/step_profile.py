@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -129,7 +130,55 @@ def profile_steps(engine, a, method: str, frames) -> str:
         if torch.cuda.is_available() else ""
     what = f"{a.profile_seconds:g} s of the engine" if a.profile_seconds else f"{done[0]} ingest forwards"
     sites = f"\n\nhost syncs by call site (torch.cuda sync debug mode):\n{syncs.table()}" if a.sync_sites else ""
-    return f"{what}\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}{sites}"
+    ranges = f"\n\nGPU time by range and kernel:\n{gpu_by_range(prof.events())}" if torch.cuda.is_available() else ""
+    return f"{what}\n\nby CPU total:\n{cpu}\n\nby CUDA total:\n{gpu}{ranges}{sites}"
+
+
+def kernel_name(name: str) -> str:
+    """A CUDA kernel's name without its template arguments, with the functor that tells one
+    elementwise kernel from another (`vectorized_elementwise_kernel[MulFunctor]`)."""
+    base = re.split(r"[<(]", name.removeprefix("void "), maxsplit=1)[0].split("::")[-1]
+    functors = [f for f in re.findall(r"(\w+(?:Functor|_functor|Op|_kernel_cuda))\b", name) if f != base]
+    return f"{base}[{functors[-1]}]" if functors else base[:80]
+
+
+def gpu_by_range(events, limit: int = 45) -> str:
+    """Where the GPU's time went: every kernel (and copy) charged to the innermost
+    `record_function` range around it on the GPU's timeline, then summed by range path and by
+    (range, kernel). The profiler's own tables charge a kernel to every range above it."""
+    from torch.autograd import DeviceType
+
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in gpu if e.is_user_annotation)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in gpu if not e.is_user_annotation)
+    if not kernels:
+        return "(no kernels recorded)"
+    by_path: dict[str, float] = {}
+    by_kernel: dict[tuple[str, str], list[float]] = {}
+    open_, i, busy, last_end = [], 0, 0.0, float("-inf")
+    for start, end, name in kernels:
+        while i < len(spans) and spans[i][0] <= start:
+            open_.append(spans[i])
+            i += 1
+        open_ = [s for s in open_ if s[1] >= end]  # ranges still around this kernel, outermost first
+        path = "/".join(s[2] for s in open_) or "(no range)"
+        dur = end - start
+        by_path[path] = by_path.get(path, 0.0) + dur
+        row = by_kernel.setdefault((open_[-1][2] if open_ else "(no range)", kernel_name(name)), [0.0, 0])
+        row[0] += dur
+        row[1] += 1
+        busy += max(0.0, end - max(start, last_end))
+        last_end = max(last_end, end)
+    window = kernels[-1][1] - kernels[0][0]
+    total = sum(by_path.values())
+    lines = [f"GPU busy {busy / 1e3:.0f} ms of {window / 1e3:.0f} ms ({busy / max(window, 1e-9):.0%}); kernel time {total / 1e3:.0f} ms",
+             "", f"{'ms':>9} {'share':>6}  range path"]
+    for path, us in sorted(by_path.items(), key=lambda kv: -kv[1])[:limit]:
+        lines.append(f"{us / 1e3:9.1f} {us / total:6.1%}  {path}")
+    lines += ["", f"{'ms':>9} {'share':>6} {'calls':>7} {'us/call':>8}  innermost range :: kernel"]
+    for (rng, kern), (us, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:limit]:
+        lines.append(f"{us / 1e3:9.1f} {us / total:6.1%} {n:7d} {us / n:8.1f}  {rng} :: {kern}")
+    return "\n".join(lines)
 
 
 class SyncSites:

@@ -83,9 +83,9 @@ def record_cache_calls(ops: list[tuple]):
         ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone())))
         return adopt(self, slots, order, time, pos, block)
 
-    def rec_maintain(self, max_work: int | None = None) -> int:
+    def rec_maintain(self, max_work: int | None = None, offload: bool = True) -> int:
         ops.append(("maintain", max_work))
-        return maintain(self, max_work)
+        return maintain(self, max_work, offload)
 
     StreamCache.adopt, StreamCache.maintain = rec_adopt, rec_maintain
     try:

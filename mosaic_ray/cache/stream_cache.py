@@ -230,11 +230,12 @@ class StreamCache:
         """`maintain` would offload the staged tokens now (a batch waits, no question holds them)."""
         return self.staged_tokens >= self.config.offload_batch and not self._holds
 
-    def maintain(self, max_work: int | None = None) -> int:
+    def maintain(self, max_work: int | None = None, offload: bool = True) -> int:
         """Background upkeep between engine steps; returns units of work done (an offload of the
-        staged tokens counts one, then the retriever's, e.g. cluster splits, up to `max_work`)."""
+        staged tokens counts one, unless `offload` is False, then the retriever's, e.g. cluster
+        splits, up to `max_work`)."""
         done = 0
-        if self.offload_due:
+        if offload and self.offload_due:
             done = 1 if self.offload() else 0
         if max_work is not None:
             if max_work - done <= 0:

@@ -59,7 +59,8 @@ def ingest_chunks(engine, work) -> None:
     steps = [StreamStep(state.cache, seg.size) for (state, _, _), seg in zip(work, segs)]
     try:
         with record_function("ingest.forward"):
-            engine.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots)
+            # frames attend their stream's resident slots only, every one valid: a dense step
+            engine.runner.forward(segs, steps, [state.cache.slots for state, _, _ in work], slots, dense=True)
     except BaseException:
         for (state, _, _), sl in zip(work, slots):
             state.cache.discard(sl)

@@ -77,13 +77,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ eager
     def forward(self, segs: list[Segment], steps: list[StreamStep], kv_lists: list[torch.Tensor],
-                new_slots: list[torch.Tensor], logits: bool = False) -> torch.Tensor | None:
+                new_slots: list[torch.Tensor], logits: bool = False, dense: bool = False) -> torch.Tensor | None:
         """One decoder forward over every sequence's new tokens, packed into one row. Returns the
-        logits of each sequence's last token [S, vocab] when asked, else None."""
+        logits of each sequence's last token [S, vocab] when asked, else None. `dense`: every slot
+        of kv_lists is valid for every KV head (a frame ingest: `AttentionMetadata.dense`)."""
         P = self.adapter.layout.pos_dims
         embeds = torch.cat([s.embeds for s in segs])[None]  # [1, T, hidden]
         pos = torch.cat([s.positions for s in segs], 1).to(self.device)[:, None]  # [P, 1, T]
-        meta = build_metadata(kv_lists, new_slots, self.device)
+        meta = build_metadata(kv_lists, new_slots, self.device, dense=dense)
         ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
         out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
         return self._last_logits(out[0], meta) if logits else None

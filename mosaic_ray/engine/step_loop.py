@@ -6,7 +6,8 @@ background work after it.
     -> plan -> one question step for the planned runs (prefill and decode together)
     -> one ingest forward for the planned frames of every stream (one vision batch)
     -> background upkeep (`maintenance_budget`): offloading a stream's staged tokens (one insert
-       of `cache.offload_batch` or more), cluster splits (within `maintenance_share` of the
+       of `cache.offload_batch` or more; at most `offloads_per_step` streams while questions or
+       frames wait, the most staged first), cluster splits (within `maintenance_share` of the
        loop's time while questions or frames wait); off every question's step
 
 While the loop drives, commits (of frames and of finished answers) do not offload or split inline;
@@ -108,9 +109,10 @@ class StepLoop:
             c["ingest_steps"] += 1
         t2 = time.perf_counter()
         with record_function("step.maintenance"):
+            may_offload = self._offload_turns(plan.maintenance, busy=bool(e._runs or ingest))
             for sid, n in plan.maintenance.items():
                 splits_ok = plan.split_time_s is None or time.perf_counter() - t2 < plan.split_time_s
-                progressed |= self._maintain(sid, n, splits=splits_ok)
+                progressed |= self._maintain(sid, n, splits=splits_ok, offload=sid in may_offload)
         t3 = time.perf_counter()
         self.scheduler.note_step(t2 - t0, t3 - t2)
         c["question_s"] += t1 - t0
@@ -224,25 +226,42 @@ class StepLoop:
         self.counters["offloads"] += n
         return n
 
-    def _maintain(self, sid: str, n: int, splits: bool = True) -> bool:
-        """Up to n units of `sid`'s upkeep; with splits=False only the offload, when one is due
-        (the splits wait: `SchedulerConfig.maintenance_share`)."""
+    def _offload_turns(self, planned: dict[str, int], busy: bool) -> set[str]:
+        """The streams whose due offload may run in this upkeep: all of them when nothing waits,
+        else the `offloads_per_step` with the most staged tokens, plus every stream with twice its
+        `offload_batch` staged (it nears the inline bound)."""
+        streams = self.engine.streams
+        due = [sid for sid in planned if sid in streams and streams[sid].cache.offload_due]
+        limit = self.scheduler.config.offloads_per_step
+        if not busy or not limit or len(due) <= limit:
+            return set(due)
+        due.sort(key=lambda sid: -streams[sid].cache.staged_tokens)
+        urgent = {sid for sid in due if streams[sid].cache.staged_tokens >= 2 * streams[sid].cache.config.offload_batch}
+        return set(due[:limit]) | urgent
+
+    def _maintain(self, sid: str, n: int, splits: bool = True, offload: bool = True) -> bool:
+        """Up to n units of `sid`'s upkeep: its offload when one is due and `offload` allows it,
+        then splits unless `splits` is False (they wait: `SchedulerConfig.maintenance_share`). A
+        stream whose due offload was held back stays queued for a later upkeep."""
         state = self.engine.streams.get(sid)
         if state is None:
             self.needs_maintenance.discard(sid)
             return False
-        if not splits and not state.cache.offload_due:
+        held_back = state.cache.offload_due and not offload
+        if not splits and not (offload and state.cache.offload_due):
             return False
         before = self._offloads([state])
         try:
-            t0 = time.perf_counter()
-            done = int(self.engine._offload_staged(state))  # counted in the engine's busy time
-            self.counters["offload_s"] += time.perf_counter() - t0
+            done = 0
+            if offload:
+                t0 = time.perf_counter()
+                done = int(self.engine._offload_staged(state))  # counted in the engine's busy time
+                self.counters["offload_s"] += time.perf_counter() - t0
             if splits and n > done:
-                done += state.cache.maintain(n - done)
+                done += state.cache.maintain(n - done, offload=False) if held_back else state.cache.maintain(n - done)
         except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries
             return False
         self.counters["splits"] += done - self._count_offloads([state], before)
-        if done < n and splits:  # drained
+        if done < n and splits and not held_back:  # drained
             self.needs_maintenance.discard(sid)
         return True

@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mosaic_ray.config import KVLayout
 from mosaic_ray.model.adapter import Chunk, ModelAdapter
 from mosaic_ray.model.attention import ATTENTION_NAME
-from mosaic_ray.model.vision_fast import VISION_ATTENTION, FramePatcher, VisionInputs
+from mosaic_ray.model.vision_fast import VISION_ATTENTION, FramePatcher, VisionInputs, fuse_vision_elementwise
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -28,6 +28,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.patcher = FramePatcher(self.processor)
         # the vision tower gets the packed frames in one attention call per layer (vision_fast.py)
         model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": VISION_ATTENTION})
+        fuse_vision_elementwise(model)  # QuickGELU and rotary one kernel each on CUDA
         cfg = model.config
         self.text_config = cfg.text_config
         self.merge = cfg.vision_config.spatial_merge_size

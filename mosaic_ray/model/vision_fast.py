@@ -15,6 +15,8 @@ model's numbers:
 - `VisionInputs`: the tower's cumulative lengths, longest frame and rotary position ids, which
   transformers derives from a device copy of the grid with ~7 host syncs per batch, made on the
   host from the host grid (transformers' own helpers) and copied without a sync, once per grid.
+- `fuse_vision_elementwise`: on CUDA, the tower's QuickGELU and its rotary each one kernel
+  (`kernels/vision_elementwise.py`) instead of chains of ~3 and ~14 launches over the packed patches.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
+from mosaic_ray.kernels.vision_elementwise import quick_gelu, rotary_vision
 from mosaic_ray.transfer import to_device
 
 # "flash" in the name makes Qwen2-VL's VisionAttention pass the packed sequence and cu_seqlens.
@@ -52,6 +55,50 @@ def packed_vision_attention(module, query, key, value, attention_mask=None, scal
 
 
 AttentionInterface.register(VISION_ATTENTION, packed_vision_attention)
+
+
+class FusedQuickGELU(torch.nn.Module):
+    """transformers' `QuickGELUActivation` (x * sigmoid(1.702 x)) in one kernel on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quick_gelu(x) if x.is_cuda else x * torch.sigmoid(1.702 * x)
+
+
+def _fused_rotary(original):
+    def apply_rotary_pos_emb_vision(q, k, cos, sin):
+        if q.is_cuda and q.dim() == 3 and cos.dim() == 2 and q.stride(-1) == 1 and k.stride(-1) == 1:
+            return rotary_vision(q, k, cos.contiguous(), sin.contiguous())
+        return original(q, k, cos, sin)
+
+    apply_rotary_pos_emb_vision.mosaic_fused = True
+    apply_rotary_pos_emb_vision.original = original
+    return apply_rotary_pos_emb_vision
+
+
+def fuse_vision_elementwise(model) -> int:
+    """Swap the vision tower's elementwise chains for fused kernels where they run on CUDA: each
+    block's QuickGELU becomes a `FusedQuickGELU` (this model's modules only), and the Qwen2-VL /
+    Qwen2.5-VL modules' `apply_rotary_pos_emb_vision`, which their vision attention looks up at
+    call time, a wrapper that takes the kernel for CUDA tensors and transformers' function
+    otherwise (process-wide, but the same fp32 math: see the kernels' tests). Idempotent; returns
+    the modules changed."""
+    from transformers.activations import QuickGELUActivation
+
+    changed = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuickGELUActivation) and ".visual." in f".{name}.":
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], FusedQuickGELU())
+            changed += 1
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    for mod in (modeling_qwen2_vl, modeling_qwen2_5_vl):
+        fn = getattr(mod, "apply_rotary_pos_emb_vision", None)
+        if fn is not None and not getattr(fn, "mosaic_fused", False):
+            mod.apply_rotary_pos_emb_vision = _fused_rotary(fn)
+            changed += 1
+    return changed
 
 
 class FramePatcher:

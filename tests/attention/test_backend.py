@@ -2,6 +2,7 @@
 attention over each sequence's [context | new] keys, for a mixed batch (ingest chunk, question
 prefill over retrieved slots with invalid entries, decode)."""
 
+import pytest
 import torch
 
 from mosaic_ray.attention.backend import attend, build_metadata, store_kv
@@ -51,3 +52,29 @@ def test_mixed_batch_equals_plain_attention():
         causal = torch.arange(L)[None] <= (L - n + torch.arange(n))[:, None]
         visible = causal[:, None, :] & pool.valid[layer, slots].T[None]
         torch.testing.assert_close(got[lo:hi], _sdpa(q[lo:hi], k, v, visible, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_step_on_flash_equals_the_ragged_kernel(dtype):
+    """A dense step (every slot valid: a frame ingest) goes through FlashAttention varlen with
+    grouped heads; it must equal the ragged kernel's output (same causal alignment at the end of
+    each sequence), for sequences of unequal lengths and slots scattered over the pool."""
+    dev = torch.device("cuda")
+    layout = KVLayout(num_layers=2, num_kv_heads=4, head_dim=128, dtype=dtype)
+    hq, layer = 28, 1
+    pool = DeviceKVPool(layout, dev, DevicePoolConfig(capacity_tokens=8192))
+    g = torch.Generator(device=dev).manual_seed(0)
+    ctx = [pool.allocate(n) for n in (700, 1, 2100)]
+    for s in ctx:
+        pool.write(s, torch.randn(layout.groups, s.numel(), 128, device=dev, generator=g).to(dtype),
+                   torch.randn(layout.groups, s.numel(), 128, device=dev, generator=g).to(dtype))
+    new = [pool.allocate(n) for n in (146, 37, 292)]
+    T = sum(n.numel() for n in new)
+    q = torch.randn(T, hq, 128, device=dev, generator=g).to(dtype)
+    kn, vn = (torch.randn(T, 4, 128, device=dev, generator=g).to(dtype) for _ in range(2))
+    dense = build_metadata(ctx, new, dev, dense=True)
+    store_kv(pool, layer, kn, vn, dense)
+    got = attend(pool, layer, q, dense, 128 ** -0.5)
+    want = attend(pool, layer, q, build_metadata(ctx, new, dev), 128 ** -0.5)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

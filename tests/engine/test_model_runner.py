@@ -37,3 +37,26 @@ def test_mixed_batch_equals_each_alone(tiny_adapter):
         torch.testing.assert_close(mixed[i], alone[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pool.k[:, slots[i]], pool.k[:, alone_slots[i]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pool.v[:, slots[i]], pool.v[:, alone_slots[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_ingest_steps_are_dense_only_over_valid_slots(tiny_adapter):
+    """Frame ingests are marked dense (`AttentionMetadata.dense`: FlashAttention on a GPU, which
+    cannot skip invalid entries): every slot they attend must be valid in every layer and KV head,
+    also after questions, whose retrieved sets hold invalid padding, freed their slots for reuse."""
+    from mosaic_ray.engine.interface import AskRequest
+
+    engine = make_engine(tiny_adapter, "cluster", window=64, sink=4, budget=24)
+    real, seen = engine.runner.forward, []
+
+    def forward(segs, steps, kv_lists, new_slots, logits=False, dense=False):
+        if dense:
+            slots = torch.cat(kv_lists)
+            seen.append(bool(engine.kv_pool.valid[:, slots].all()))
+        return real(segs, steps, kv_lists, new_slots, logits=logits, dense=dense)
+
+    engine.runner.forward = forward
+    engine.open_stream("a")
+    for i in range(4):
+        engine.append_frames("a", frames(2, seed=i), [2.0 * i, 2.0 * i + 1])
+        engine.answer("a", AskRequest(question="What is there?", max_tokens=3))
+    assert len(seen) >= 4 and all(seen)

@@ -169,9 +169,9 @@ def test_the_offload_counts_as_busy_and_splits_do_not(tiny_adapter, monkeypatch)
     busy_before_upkeep = []
     real_step_maintain = e.loop._maintain
 
-    def maintain(sid, n, splits=True):
+    def maintain(sid, n, splits=True, offload=True):
         busy_before_upkeep.append(e.busy_s)
-        return real_step_maintain(sid, n, splits=splits)
+        return real_step_maintain(sid, n, splits=splits, offload=offload)
 
     monkeypatch.setattr(e.loop, "_maintain", maintain)
 
@@ -332,3 +332,28 @@ def test_splits_wait_while_work_waits_and_offloads_do_not(tiny_adapter):
 
     asyncio.run(go())
     assert e.loop.counters["splits"] > 0 and index.pending_splits() == 0
+
+
+def test_offload_turns_take_the_most_staged_and_every_urgent_stream(tiny_adapter):
+    """Streams opened together fall due for their offload together: while work waits, one
+    upkeep offloads the `offloads_per_step` streams with the most staged, plus every stream with
+    twice a batch staged; with nothing waiting (or no limit), every due stream."""
+    from types import SimpleNamespace as NS
+
+    from mosaic_ray.config import SchedulerConfig
+    from mosaic_ray.engine.scheduler import StepScheduler
+
+    e = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, offload_batch=8)
+    e.loop.scheduler = StepScheduler(SchedulerConfig(offloads_per_step=2))
+    staged = {"a": 9, "b": 12, "c": 15, "d": 10, "e": 3}
+    e.streams = {s: NS(cache=NS(offload_due=n >= 8, staged_tokens=n, config=NS(offload_batch=8))) for s, n in staged.items()}
+    planned = dict.fromkeys(staged, 5)
+    assert e.loop._offload_turns(planned, busy=True) == {"c", "b"}  # the most staged two
+    e.streams["a"].cache.staged_tokens = 16  # twice a batch: urgent
+    e.streams["d"].cache.staged_tokens = 18
+    assert e.loop._offload_turns(planned, busy=True) == {"d", "a"}
+    e.loop.scheduler = StepScheduler(SchedulerConfig(offloads_per_step=1))
+    assert e.loop._offload_turns(planned, busy=True) == {"d", "a"}  # a beyond the limit: urgent
+    assert e.loop._offload_turns(planned, busy=False) == {"a", "b", "c", "d"}  # nothing waits: all due
+    e.loop.scheduler = StepScheduler(SchedulerConfig(offloads_per_step=0))
+    assert e.loop._offload_turns(planned, busy=True) == {"a", "b", "c", "d"}

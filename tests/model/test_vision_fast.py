@@ -85,3 +85,21 @@ def test_vision_inputs_give_the_towers_own_features(adapter):
         for a, b in zip(got, ref):
             assert torch.equal(a, b)
     assert len(inputs._made) == 2
+
+
+def test_fused_elementwise_is_wired_in(adapter):
+    """Every QuickGELU of the tower is the fused module and the rotary the fused wrapper; on the
+    CPU both take transformers' own math (the GPU path is checked in tests/gpu)."""
+    from transformers.activations import QuickGELUActivation
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    from mosaic_ray.model.vision_fast import FusedQuickGELU, fuse_vision_elementwise
+
+    visual = adapter.model.model.visual
+    acts = [m for m in visual.modules() if isinstance(m, (FusedQuickGELU, QuickGELUActivation))]
+    if adapter.model.config.vision_config.hidden_act == "quick_gelu":
+        assert acts and all(isinstance(m, FusedQuickGELU) for m in acts)
+    assert modeling_qwen2_vl.apply_rotary_pos_emb_vision.mosaic_fused
+    assert fuse_vision_elementwise(adapter.model) == 0  # idempotent
+    x = torch.randn(5, 7)
+    torch.testing.assert_close(FusedQuickGELU()(x), QuickGELUActivation()(x))
