@@ -7,6 +7,10 @@ reference (`<op>_reference`) that also serves CPU machines.
                       into pool slots (frame / token retrieval, prefetch)
     ragged_attention  every sequence of a step over its slots of the device pool (split-KV, GQA)
     assign_nearest    nearest live centroid and its squared distance, fused (ingest)
+    vision_elementwise  the vision tower's rotary and QuickGELU, one kernel each
+
+Frame ingests (dense steps) attend through PyTorch's FlashAttention varlen op instead of
+ragged_attention (`attention/backend.py`).
 
 Removed after measuring (docs/benchmarks.md section 2): score_centroids (torch bmm was faster),
 select_budget (one program per group: slower than sort + cumsum at the few groups of a layer),
