@@ -258,7 +258,7 @@ class StepLoop:
                 done = int(self.engine._offload_staged(state))  # counted in the engine's busy time
                 self.counters["offload_s"] += time.perf_counter() - t0
             if splits and n > done:
-                done += state.cache.maintain(n - done, offload=False) if held_back else state.cache.maintain(n - done)
+                done += state.cache.maintain(n - done, offload=not held_back)
         except PoolExhaustedError:  # the staged tokens and splits stay queued; a later step retries
             return False
         self.counters["splits"] += done - self._count_offloads([state], before)

@@ -86,7 +86,7 @@ def test_splits_run_between_steps_not_inside_the_commit(tiny_adapter, monkeypatc
     e.open_stream("s")
     calls = []
     real = e.streams["s"].cache.maintain
-    monkeypatch.setattr(e.streams["s"].cache, "maintain", lambda n=None: calls.append(("maintain", n)) or real(n))
+    monkeypatch.setattr(e.streams["s"].cache, "maintain", lambda n=None, offload=True: calls.append(("maintain", n)) or real(n, offload))
     real_ingest = e._ingest
 
     def ingest(work):
