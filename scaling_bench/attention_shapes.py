@@ -6,7 +6,6 @@ K/V gathered by slot + FlashAttention varlen (aten). Writes attention_shapes.jso
 import json
 import os
 import sys
-import time
 
 import torch
 
