@@ -50,14 +50,21 @@ def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames, prune:
 
             busy0, t0 = stack.engine_busy_s(cfg), time.perf_counter()
             res = asyncio.run(go())
-            busy = (stack.engine_busy_s(cfg) - busy0) / (time.perf_counter() - t0)
+            shard = stack.shard_metrics(cfg)[0]
+            busy = (shard.get("busy_s_total", 0.0) - busy0) / (time.perf_counter() - t0)
             ok = res.sustained(a.max_lag_s, a.max_ttft_s)
-            steps.append({**res.summary(), "sustained": ok, "engine_busy_share": busy})
+            # the engine's parts of TTFT over the point's last 30 s (the shard's engine: `ttft_parts`)
+            parts = shard.get("ttft_parts")
+            steps.append({**res.summary(), "sustained": ok, "engine_busy_share": busy, "engine_ttft_parts": parts})
             s = steps[-1]
             print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p50/p99 "
                   f"{s['ttft']['p50_ms']:5.0f}/{s['ttft']['p99_ms']:5.0f} ms, answer p50/p99 {s['e2e']['p50_ms']:5.0f}/"
                   f"{s['e2e']['p99_ms']:5.0f} ms, {s['ingest_fps']:6.1f} frames/s, engine busy {busy:4.0%} "
                   f"-> {'ok' if ok else 'FAIL'}", flush=True)
+            if parts and parts.get("n"):
+                print("  " + " " * 14 + "      engine TTFT parts p50/p99: " + ", ".join(
+                    f"{k} {parts[k]['p50_ms']:.0f}/{parts[k]['p99_ms']:.0f} ms" for k in ("start", "queue", "prefill")),
+                    flush=True)
             if not ok:
                 break
             best = n

@@ -42,4 +42,5 @@ def engine_stats(engine) -> dict[str, Any]:
         "ingest_lag_s_by_stream": {s.stream_id: ingest_lag_s(s, now) for s in streams},
         **{f"{k}_total": v for k, v in engine.counters.items()},
         **{f"step_{k}_total": v for k, v in engine.loop.counters.items()},
+        "ttft_parts": engine.loop.ttft_parts(),
     }

@@ -66,6 +66,8 @@ class QuestionRun:
     cancelled: bool = False
     error: BaseException | None = None
     t_start: float = field(default_factory=time.perf_counter)
+    t_ask: float | None = None  # `ask` entered the engine (before its start ingested the stream's waiting frames)
+    t_planned: float | None = None  # the first step that fed the prompt began
     t_first: float | None = None
     t_done: float | None = None
     pending_pos: list[torch.Tensor] = field(default_factory=list)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from torch.profiler import record_function
 
@@ -34,6 +35,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENS_PER_FRAME = 256  # until the first frame is ingested
 RETRY_S = 0.05  # pause after a step that could do nothing (a failure that repeats)
+# Event-loop turns `_deliver` gives up: a delta put in an answer's queue reaches the EngineRunner's
+# cross-thread future in three (the asker's generator wakes, its `__anext__` returns, the future's
+# done-callback runs); the shard's loop takes it from there.
+DELIVERY_TURNS = 3
+RECENT_TTFT = 4096  # first tokens kept for `ttft_parts`
+RECENT_TTFT_S = 30.0
+
+
+async def _deliver() -> None:
+    for _ in range(DELIVERY_TURNS):
+        await asyncio.sleep(0)
 
 
 class StepLoop:
@@ -44,11 +56,19 @@ class StepLoop:
         self.needs_maintenance: set[str] = set()
         self.tokens_per_frame = DEFAULT_TOKENS_PER_FRAME
         self.wake_in_s: float | None = None  # the last plan's: when held-back frames become due
+        self._busy = False  # the last plan's: questions or frames were waiting
+        self._foreground_s = 0.0  # the last step's question seconds
         self.counters = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "ingest_tokens": 0,
                          "ingest_frames": 0, "ingest_steps": 0, "splits": 0, "offloads": 0, "offloaded_tokens": 0, "ingest_errors": 0,
                          # wall seconds of each part of the steps (host time, the GPU work it waits on included)
                          "question_s": 0.0, "ingest_s": 0.0, "maintenance_s": 0.0,
-                         "offload_s": 0.0}  # the offloads' share of maintenance_s
+                         "offload_s": 0.0,  # the offloads' share of maintenance_s
+                         # a question's time to its first token, in three parts (summed over
+                         # `first_tokens` questions): its start (the stream's waiting frames
+                         # ingested first), the wait for a step, the step that fed its prompt
+                         "first_tokens": 0, "ttft_start_s": 0.0, "ttft_queue_s": 0.0, "ttft_prefill_s": 0.0}
+        # (monotonic time, start_s, queue_s, prefill_s) of recent first tokens (`ttft_parts`)
+        self.recent_ttft: deque[tuple[float, float, float, float]] = deque(maxlen=RECENT_TTFT)
 
     def has_work(self) -> bool:
         e = self.engine
@@ -59,7 +79,13 @@ class StepLoop:
         try:
             while self.has_work():
                 try:
-                    progressed = self.step()
+                    plan, runs = self._plan()
+                    progressed = self._run_questions(runs)
+                    if runs:
+                        # hand the new tokens to their askers before the step's ingest: a first
+                        # token must not wait for a vision batch (~100-200 ms at 64 streams)
+                        await _deliver()
+                    progressed |= self._run_rest(plan)
                 except Exception as err:  # a bug of ours must not leave an answer waiting forever
                     logger.exception("engine step failed")
                     self._fail(list(self.engine._runs), err)
@@ -83,6 +109,15 @@ class StepLoop:
     def step(self) -> bool:
         """One scheduled step (also callable without a loop: tests, tools); False when it could do
         nothing (all its work failed or waits)."""
+        plan, runs = self._plan()
+        progressed = self._run_questions(runs)
+        return self._run_rest(plan) or progressed
+
+    # ------------------------------------------------------------------ the halves of a step
+    # `run` yields to the engine's event loop between them (the askers get their tokens); other
+    # calls may run there (a new question's start, a stream closed), so the second half re-reads
+    # what it needs: streams gone are skipped, frames already taken are not taken twice.
+    def _plan(self):
         e, now = self.engine, time.monotonic()
         questions = [QuestionWork(id(run), run.state.stream_id, run.phase, len(run.next_ids()),
                                   run.request.priority == "interactive", run.t_start) for run in e._runs]
@@ -96,26 +131,35 @@ class StepLoop:
         for key in ("decode_tokens", "prefill_tokens", "ingest_tokens"):
             self.counters[key] += getattr(plan, key)
         planned = set(plan.questions)
-        runs = [r for r in e._runs if id(r) in planned]
-        progressed = bool(runs)
-        c, t0 = self.counters, time.perf_counter()
+        self._busy = bool(e._runs or ingest)
+        return plan, [r for r in e._runs if id(r) in planned]
+
+    def _run_questions(self, runs) -> bool:
+        t0 = time.perf_counter()
         if runs:
             with record_function("step.questions"):
                 self._questions(runs)
+        self._foreground_s = time.perf_counter() - t0
+        self.counters["question_s"] += self._foreground_s
+        return bool(runs)
+
+    def _run_rest(self, plan) -> bool:
+        e, c, progressed = self.engine, self.counters, False
         t1 = time.perf_counter()
-        if plan.ingest:
+        take = {sid: min(n, e.streams[sid].waiting_frames) for sid, n in plan.ingest.items()
+                if sid in e.streams and e.streams[sid].deferred and not e.streams[sid].awaiting_prefill}
+        if take:
             with record_function("step.ingest"):
-                progressed |= self._ingest(plan.ingest)
+                progressed |= self._ingest(take)
             c["ingest_steps"] += 1
         t2 = time.perf_counter()
         with record_function("step.maintenance"):
-            may_offload = self._offload_turns(plan.maintenance, busy=bool(e._runs or ingest))
+            may_offload = self._offload_turns(plan.maintenance, busy=self._busy)
             for sid, n in plan.maintenance.items():
                 splits_ok = plan.split_time_s is None or time.perf_counter() - t2 < plan.split_time_s
                 progressed |= self._maintain(sid, n, splits=splits_ok, offload=sid in may_offload)
         t3 = time.perf_counter()
-        self.scheduler.note_step(t2 - t0, t3 - t2)
-        c["question_s"] += t1 - t0
+        self.scheduler.note_step(self._foreground_s + t2 - t1, t3 - t2)
         c["ingest_s"] += t2 - t1
         c["maintenance_s"] += t3 - t2
         return progressed
@@ -147,13 +191,18 @@ class StepLoop:
 
     # ------------------------------------------------------------------ parts of a step
     def _questions(self, runs) -> None:
-        e = self.engine
+        e, t0 = self.engine, time.perf_counter()
+        for run in runs:
+            if run.t_planned is None:
+                run.t_planned = t0
         try:
             deltas = e._advance(runs)
         except Exception as err:  # the step failed for all of them
             self._fail(runs, err)
             return
         for run, delta in zip(runs, deltas):
+            if run.t_first is not None and run.t_planned is not None and len(run.generated) == 1:
+                self._note_first_token(run)
             if delta and run.queue is not None:
                 run.queue.put_nowait(delta)
             if run.phase == "done":
@@ -161,6 +210,28 @@ class StepLoop:
                 self.needs_maintenance.add(run.state.stream_id)
                 if run.queue is not None:
                     run.queue.put_nowait(None)
+
+    def _note_first_token(self, run) -> None:
+        c = self.counters
+        start = run.t_start - (run.t_ask if run.t_ask is not None else run.t_start)
+        queue, prefill = run.t_planned - run.t_start, run.t_first - run.t_planned
+        c["first_tokens"] += 1
+        c["ttft_start_s"] += start
+        c["ttft_queue_s"] += queue
+        c["ttft_prefill_s"] += prefill
+        self.recent_ttft.append((time.monotonic(), start, queue, prefill))
+
+    def ttft_parts(self, window_s: float = RECENT_TTFT_S) -> dict[str, object]:
+        """p50 / p99 (ms) of each part of the time to a first token, over the questions whose
+        first token came in the last `window_s` seconds (at most `RECENT_TTFT` of them)."""
+        since = time.monotonic() - window_s
+        rows = [r for r in self.recent_ttft if r[0] >= since]
+        out: dict[str, object] = {"n": len(rows), "window_s": window_s}
+        for i, name in enumerate(("start", "queue", "prefill"), start=1):
+            xs = sorted(r[i] for r in rows)
+            out[name] = ({"p50_ms": 1e3 * xs[len(xs) // 2], "p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
+                         if xs else {"p50_ms": 0.0, "p99_ms": 0.0})
+        return out
 
     def _ingest(self, take: dict[str, int]) -> bool:
         e = self.engine

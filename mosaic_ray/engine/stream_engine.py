@@ -214,11 +214,13 @@ class StreamEngine(Engine):
 
     # ------------------------------------------------------------------ questions
     def _start(self, stream_id: str, request: AskRequest) -> QuestionRun:
-        state = self._get(stream_id)
+        state, t_ask = self._get(stream_id), time.perf_counter()
         with record_function("question.start"):
             if not state.busy:  # the question sees every frame that came before it (a failure is logged)
                 self.loop.ingest_before(state)
-            return self.questions.start(state, request)
+            run = self.questions.start(state, request)
+        run.t_ask = t_ask
+        return run
 
     @_counts_busy
     def _offload_staged(self, state: StreamState) -> bool:

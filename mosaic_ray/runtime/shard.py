@@ -52,7 +52,7 @@ from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 # engine stats passed on to /metrics besides the step loop's `step_*` counters
-_ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream")
+_ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream", "ttft_parts")
 
 if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
     from mosaic_ray.runtime.migration import MigrationSource

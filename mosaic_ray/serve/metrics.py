@@ -35,6 +35,7 @@ _OPTIONAL = [
 ]
 _STEP_TOKENS = ("decode", "prefill", "ingest")
 _STEP_PARTS = ("question", "ingest", "maintenance")  # the step loop's `*_s` counters
+_TTFT_PARTS = ("start", "queue", "prefill")  # the step loop's `ttft_*_s` counters
 
 
 def _label(value: str) -> str:
@@ -70,6 +71,18 @@ def render(shards: list[dict[str, Any]]) -> str:
             for kind in _STEP_PARTS:
                 lines.append(f'mosaic_step_seconds_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
                              f'{_num(float(x[f"step_{kind}_s_total"]))}')
+        lines += ["# HELP mosaic_ttft_part_seconds_total A question's time to its first token in the engine, by part "
+                  "(start: the stream's waiting frames ingested first; queue: the wait for a step; prefill: the step "
+                  "that fed the prompt), summed over mosaic_first_tokens_total questions.",
+                  "# TYPE mosaic_ttft_part_seconds_total counter"]
+        for x in having:
+            for kind in _TTFT_PARTS:
+                lines.append(f'mosaic_ttft_part_seconds_total{{shard="{_label(x["shard"])}",kind="{kind}"}} '
+                             f'{_num(float(x.get(f"step_ttft_{kind}_s_total", 0.0)))}')
+        lines += ["# HELP mosaic_first_tokens_total Questions whose first token the engine produced.",
+                  "# TYPE mosaic_first_tokens_total counter"]
+        lines += [f'mosaic_first_tokens_total{{shard="{_label(x["shard"])}"}} {_num(x.get("step_first_tokens_total", 0))}'
+                  for x in having]
     having = [x for x in shards if "ingest_lag_s_by_stream" in x]
     if having:
         lines += ["# HELP mosaic_stream_ingest_lag_seconds Age of the stream's oldest frame waiting for ingest (0: none waits).",

@@ -14,7 +14,8 @@ def test_engine_figures_and_step_mix():
     page = render([_shard("a", busy_s_total=3.5, engine_utilization=0.4, ingest_lag_s_max=0.25,
                           step_steps_total=9, step_decode_tokens_total=5, step_prefill_tokens_total=40,
                           step_ingest_tokens_total=600, step_question_s_total=1.5, step_ingest_s_total=0.5,
-                          step_maintenance_s_total=0.25, ingest_lag_s_by_stream={"cam-2": 0.25, "cam-1": 0.0}),
+                          step_maintenance_s_total=0.25, step_ttft_start_s_total=0.75,
+                          step_first_tokens_total=3, ingest_lag_s_by_stream={"cam-2": 0.25, "cam-1": 0.0}),
                    _shard("b")])
     assert 'mosaic_engine_utilization{shard="a"} 0.4' in page
     assert 'mosaic_ingest_lag_seconds_max{shard="a"} 0.25' in page
@@ -25,3 +26,6 @@ def test_engine_figures_and_step_mix():
     assert 'mosaic_stream_ingest_lag_seconds{shard="a",stream="cam-2"} 0.25' in page
     assert 'mosaic_stream_ingest_lag_seconds{shard="a",stream="cam-1"} 0.0' in page
     assert 'stream_ingest_lag_seconds{shard="b"' not in page
+    assert 'mosaic_ttft_part_seconds_total{shard="a",kind="start"} 0.75' in page
+    assert 'mosaic_first_tokens_total{shard="a"} 3' in page
+    assert 'mosaic_first_tokens_total{shard="b"}' not in page
