@@ -48,14 +48,19 @@ def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames, prune:
                 async with target as t:
                     return await run_load(t, spec, frames, not a.no_progress, f"{label} x{n}")
 
-            busy0, t0 = stack.engine_busy_s(cfg), time.perf_counter()
+            before = stack.shard_metrics(cfg)[0]
+            busy0, t0 = before.get("busy_s_total", 0.0), time.perf_counter()
             res = asyncio.run(go())
             shard = stack.shard_metrics(cfg)[0]
+            # the engine's step mix over the point: its step counters' growth (steps, tokens, seconds)
+            mix = {k[len("step_"):-len("_total")]: shard[k] - before.get(k, 0)
+                   for k in shard if k.startswith("step_") and k.endswith("_total")}
             busy = (shard.get("busy_s_total", 0.0) - busy0) / (time.perf_counter() - t0)
             ok = res.sustained(a.max_lag_s, a.max_ttft_s)
             # the engine's parts of TTFT over the point's last 30 s (the shard's engine: `ttft_parts`)
             parts = shard.get("ttft_parts")
-            steps.append({**res.summary(), "sustained": ok, "engine_busy_share": busy, "engine_ttft_parts": parts})
+            steps.append({**res.summary(), "sustained": ok, "engine_busy_share": busy, "engine_ttft_parts": parts,
+                          "engine_step_mix": mix})
             s = steps[-1]
             print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p50/p99 "
                   f"{s['ttft']['p50_ms']:5.0f}/{s['ttft']['p99_ms']:5.0f} ms, answer p50/p99 {s['e2e']['p50_ms']:5.0f}/"

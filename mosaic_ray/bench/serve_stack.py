@@ -69,11 +69,6 @@ class Stack:
         shards = [ray.get_actor(n, namespace=config.namespace) for n in config.shard_names]
         return ray.get([s.metrics.remote() for s in shards])
 
-    def engine_busy_s(self, cfg: dict[str, Any]) -> float:
-        """Seconds the shards' engines of runtime `cfg` have spent working so far (their
-        `busy_s_total`, summed): the busy share of a step is this one's delta over its wall time."""
-        return float(sum(m.get("busy_s_total", 0.0) for m in self.shard_metrics(cfg)))
-
     def drop(self, cfg: dict[str, Any], app: bool = False) -> None:
         from mosaic_ray.runtime.bootstrap import shutdown_runtime
         from mosaic_ray.runtime.config import RuntimeConfig

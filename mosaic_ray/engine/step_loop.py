@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Generator
 
 from torch.profiler import record_function
 
@@ -85,7 +86,14 @@ class StepLoop:
                         # hand the new tokens to their askers before the step's ingest: a first
                         # token must not wait for a vision batch (~100-200 ms at 64 streams)
                         await _deliver()
-                    progressed |= self._run_rest(plan)
+                    rest = self._rest(plan)
+                    while True:  # the other calls of the engine's thread run where it pauses
+                        try:
+                            next(rest)
+                        except StopIteration as done:
+                            progressed |= done.value
+                            break
+                        await asyncio.sleep(0)
                 except Exception as err:  # a bug of ours must not leave an answer waiting forever
                     logger.exception("engine step failed")
                     self._fail(list(self.engine._runs), err)
@@ -111,12 +119,18 @@ class StepLoop:
         nothing (all its work failed or waits)."""
         plan, runs = self._plan()
         progressed = self._run_questions(runs)
-        return self._run_rest(plan) or progressed
+        rest = self._rest(plan)
+        while True:
+            try:
+                next(rest)
+            except StopIteration as done:
+                return done.value or progressed
 
-    # ------------------------------------------------------------------ the halves of a step
-    # `run` yields to the engine's event loop between them (the askers get their tokens); other
-    # calls may run there (a new question's start, a stream closed), so the second half re-reads
-    # what it needs: streams gone are skipped, frames already taken are not taken twice.
+    # ------------------------------------------------------------------ the parts of a step
+    # plan, questions, then the rest (ingest, upkeep: `_rest`). `run` yields to the engine's event
+    # loop between them (the askers get their tokens) and where `_rest` pauses; other calls may
+    # run there (a new question's start, a stream closed), so what follows re-reads what it
+    # needs: streams gone are skipped, frames already taken are not taken twice.
     def _plan(self):
         e, now = self.engine, time.monotonic()
         questions = [QuestionWork(id(run), run.state.stream_id, run.phase, len(run.next_ids()),
@@ -143,7 +157,12 @@ class StepLoop:
         self.counters["question_s"] += self._foreground_s
         return bool(runs)
 
-    def _run_rest(self, plan) -> bool:
+    def _rest(self, plan) -> Generator[None, None, bool]:
+        """The step's ingest, then its upkeep; returns whether it progressed. It pauses (yields)
+        after the ingest and after each offload (50-90 ms each at 64-96 7b-shape streams on an
+        H200): `run` lets the thread's waiting calls in there (a question's start, frames handed
+        over), so a question waits for a piece of a step, not a whole one. What a pause may
+        change is re-read after it: streams gone are skipped (`_maintain`)."""
         e, c, progressed = self.engine, self.counters, False
         t1 = time.perf_counter()
         take = {sid: min(n, e.streams[sid].waiting_frames) for sid, n in plan.ingest.items()
@@ -152,16 +171,22 @@ class StepLoop:
             with record_function("step.ingest"):
                 progressed |= self._ingest(take)
             c["ingest_steps"] += 1
-        t2 = time.perf_counter()
-        with record_function("step.maintenance"):
-            may_offload = self._offload_turns(plan.maintenance, busy=self._busy)
-            for sid, n in plan.maintenance.items():
-                splits_ok = plan.split_time_s is None or time.perf_counter() - t2 < plan.split_time_s
+        ingest_s = time.perf_counter() - t1
+        c["ingest_s"] += ingest_s
+        if take:
+            yield
+        upkeep_s = 0.0  # this step's own upkeep time, the pauses left out
+        may_offload = self._offload_turns(plan.maintenance, busy=self._busy)
+        for sid, n in plan.maintenance.items():
+            t = time.perf_counter()
+            splits_ok = plan.split_time_s is None or upkeep_s < plan.split_time_s
+            with record_function("step.maintenance"):
                 progressed |= self._maintain(sid, n, splits=splits_ok, offload=sid in may_offload)
-        t3 = time.perf_counter()
-        self.scheduler.note_step(self._foreground_s + t2 - t1, t3 - t2)
-        c["ingest_s"] += t2 - t1
-        c["maintenance_s"] += t3 - t2
+            upkeep_s += time.perf_counter() - t
+            if sid in may_offload:
+                yield
+        self.scheduler.note_step(self._foreground_s + ingest_s, upkeep_s)
+        c["maintenance_s"] += upkeep_s
         return progressed
 
     def ingest_before(self, state) -> bool:

@@ -313,12 +313,20 @@ class StreamEngine(Engine):
         self._kick()
         try:
             while True:
-                item = await run.queue.get()
+                # the text that came since the last yield in one delta: an asker that reads slower
+                # than the steps (one token each) gets what is there, not one hop per token
+                text, item = [], await run.queue.get()
+                while isinstance(item, str):
+                    text.append(item)
+                    if run.queue.empty():
+                        break
+                    item = run.queue.get_nowait()
+                if text:
+                    yield "".join(text)
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
         finally:
             run.cancelled = True
 

@@ -396,19 +396,57 @@ def test_a_first_token_reaches_its_asker_before_the_steps_ingest(tiny_adapter, m
     assert parts["n"] == 1 and parts["prefill"]["p99_ms"] > 0
 
 
-def test_a_stream_closed_between_the_halves_of_a_step_is_skipped(tiny_adapter):
+def _finish(rest) -> bool:
+    while True:
+        try:
+            next(rest)
+        except StopIteration as done:
+            return done.value
+
+
+def test_a_stream_closed_between_the_parts_of_a_step_is_skipped(tiny_adapter):
     e = _engine(tiny_adapter, ingest_wait_s=0.0)
     for sid in ("a", "b"):
         e.open_stream(sid)
 
-    async def go():  # no await until the halves ran: the loop task the submits start waits
+    async def go():  # no await until the parts ran: the loop task the submits start waits
         e.submit_frames("a", frames(2, seed=5), [0.0, 1.0])
         e.submit_frames("b", frames(2, seed=6), [0.0, 1.0])
         plan, runs = e.loop._plan()
         assert set(plan.ingest) == {"a", "b"}
         e.loop._run_questions(runs)
         e.close_stream("a")  # what another call may do while the loop yields
-        e.loop._run_rest(plan)
+        _finish(e.loop._rest(plan))
         assert "a" not in e.streams and e.stream_info("b")["frames"] == 2
 
     asyncio.run(go())
+
+
+def test_calls_queued_during_an_ingest_run_before_the_steps_upkeep(tiny_adapter, monkeypatch):
+    """The loop pauses after a step's ingest: a call the engine's thread got meanwhile (a
+    question's start, frames handed over) runs then, not after the step's upkeep."""
+    e = _engine(tiny_adapter, ingest_wait_s=0.0)
+    e.open_stream("a")
+    order: list[str] = []
+    real_ingest, real_maintain = e._ingest_frames, e.loop._maintain
+
+    def ingest(ready):
+        asyncio.get_running_loop().call_soon(order.append, "call")  # queued while the step runs
+        order.append("ingest")
+        return real_ingest(ready)
+
+    def maintain(sid, n, splits=True, offload=True):
+        order.append("upkeep")
+        return real_maintain(sid, n, splits=splits, offload=offload)
+
+    monkeypatch.setattr(e, "_ingest_frames", ingest)
+    monkeypatch.setattr(e.loop, "_maintain", maintain)
+
+    async def go():
+        e.loop.needs_maintenance.add("a")  # upkeep planned in the ingest's step
+        e.submit_frames("a", frames(2, seed=7), [0.0, 1.0])
+        while e.loop.has_work():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert order[:3] == ["ingest", "call", "upkeep"], order

@@ -65,6 +65,25 @@ def test_async_ask_streams_the_same_answer(tiny_adapter):
     assert asyncio.run(collect()) == twin.answer("s", Q).text
 
 
+def test_an_asker_that_reads_late_gets_the_text_so_far_in_one_delta(tiny_adapter):
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    twin = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    for e in (engine, twin):
+        e.open_stream("s")
+        e.append_frames("s", frames(6, seed=5), [float(i) for i in range(6)])
+
+    async def collect():
+        it = engine.ask("s", Q).__aiter__()
+        first = await it.__anext__()
+        while engine.loop.has_work():  # the answer finishes while nobody reads
+            await asyncio.sleep(0.01)
+        return [first] + [d async for d in it]
+
+    deltas, want = asyncio.run(collect()), twin.answer("s", Q)
+    assert "".join(deltas) == want.text
+    assert len(want.token_ids) > 2 and len(deltas) == 2  # the first, then all the rest at once
+
+
 def test_batched_questions_match_single(tiny_adapter):
     engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
     single = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
