@@ -65,7 +65,7 @@ def ramp_method(stack: Stack, a: argparse.Namespace, method: str, frames, prune:
             print(f"  {label:14s} {n:4d} streams: lag p99 {s['lag']['p99_ms']:7.0f} ms, TTFT p50/p99 "
                   f"{s['ttft']['p50_ms']:5.0f}/{s['ttft']['p99_ms']:5.0f} ms, answer p50/p99 {s['e2e']['p50_ms']:5.0f}/"
                   f"{s['e2e']['p99_ms']:5.0f} ms, {s['ingest_fps']:6.1f} frames/s, engine busy {busy:4.0%} "
-                  f"-> {'ok' if ok else 'FAIL'}", flush=True)
+                  f"-> {'ok' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s)", flush=True)
             if parts and parts.get("n"):
                 print("  " + " " * 14 + "      engine TTFT parts p50/p99: " + ", ".join(
                     f"{k} {parts[k]['p50_ms']:.0f}/{parts[k]['p99_ms']:.0f} ms" for k in ("start", "queue", "prefill")),
