@@ -72,9 +72,12 @@ def ingest_chunks(engine, work) -> None:
         except Exception as exc:  # rows before this one are in: say so, or the caller retries them
             for (st, _, _), sl in zip(work[row:], slots[row:]):
                 st.cache.discard(sl)
+            err = exc
+            if isinstance(exc, PoolExhaustedError):  # the host pool is full: capacity (a 503), not a fault
+                err = OverloadedError(f"stream {state.stream_id!r}: frames not ingested, {exc}; retry later")
             if row == 0:
-                raise
-            raise PartialCommitError(row, exc) from exc
+                raise err from (exc if err is not exc else None)
+            raise PartialCommitError(row, err) from exc
         engine.counters["tokens"] += seg.size
         if engine.loop.active:  # the step loop drains splits between steps
             engine.loop.needs_maintenance.add(state.stream_id)

@@ -36,7 +36,8 @@ def test_a_commit_failing_midway_names_the_streams_that_are_in(tiny_adapter, met
     items = [(sid, frames(2, seed=i), [0.0, 1.0]) for i, sid in enumerate(("a", "b", "c"))]
     with pytest.raises(BatchPartlyAppliedError) as info:
         engine.append_frames_batch(items)
-    assert info.value.applied == {"a": 2} and isinstance(info.value.cause, PoolExhaustedError)
+    # a full host pool is an overload (a 503 at the shard), not a broken engine
+    assert info.value.applied == {"a": 2} and isinstance(info.value.cause, OverloadedError)
     assert _view(engine, "b") == before and _view(engine, "c")[0] == 0
     # "a" holds exactly what a lone append gives; retrying it would go back in time
     ref.append_frames("a", frames(2, seed=0), [0.0, 1.0])
@@ -51,13 +52,18 @@ def test_a_commit_failing_midway_names_the_streams_that_are_in(tiny_adapter, met
         assert engine.answer(sid, Q).text == ref.answer(sid, Q).text
 
 
-def test_one_entry_raises_the_failure_itself(tiny_adapter):
+def test_one_entry_raises_the_failure_itself_a_full_host_pool_as_an_overload(tiny_adapter):
+    """A host pool that cannot take a stream's tokens is capacity, not a broken engine: the append
+    raises OverloadedError (a 503 at the shard, which stays healthy) and changes nothing."""
     engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
     engine.open_stream("a")
     _fail_appends_of(engine, "a")
-    with pytest.raises(PoolExhaustedError):
+    with pytest.raises(OverloadedError, match="HostPool full") as info:
         engine.append_frames("a", frames(2), [0.0, 1.0])
+    assert isinstance(info.value.__cause__, PoolExhaustedError)
     assert engine.streams["a"].frames == 0 and engine.streams["a"].clock == 0.0
+    del engine.streams["a"].cache.adopt  # room again: the cache's own method
+    assert engine.append_frames("a", frames(2), [0.0, 1.0]) == 2
 
 
 def test_a_deferred_stream_counts_as_applied_when_the_forward_fails(tiny_adapter):
@@ -94,3 +100,4 @@ def test_a_full_pool_during_splits_keeps_the_frames(tiny_adapter, monkeypatch):
 
     monkeypatch.setattr(engine.streams["a"].cache, "maintain", full)
     assert engine.append_frames("a", frames(3), [0.0, 1.0, 2.0]) == 3
+
