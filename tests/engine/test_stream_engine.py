@@ -52,12 +52,18 @@ def test_bad_inputs_leave_stream_unchanged(tiny_adapter):
         AskRequest("", max_tokens=4)
 
 
-def test_async_ask_streams_the_same_answer(tiny_adapter):
+def _engine_and_twin(tiny_adapter):
+    """Two engines holding the same stream "s" (6 frames): one to ask, one to answer plainly."""
     engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
     twin = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
     for e in (engine, twin):
         e.open_stream("s")
         e.append_frames("s", frames(6, seed=5), [float(i) for i in range(6)])
+    return engine, twin
+
+
+def test_async_ask_streams_the_same_answer(tiny_adapter):
+    engine, twin = _engine_and_twin(tiny_adapter)
 
     async def collect():
         return "".join([d async for d in engine.ask("s", Q)])
@@ -66,11 +72,7 @@ def test_async_ask_streams_the_same_answer(tiny_adapter):
 
 
 def test_an_asker_that_reads_late_gets_the_text_so_far_in_one_delta(tiny_adapter):
-    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
-    twin = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
-    for e in (engine, twin):
-        e.open_stream("s")
-        e.append_frames("s", frames(6, seed=5), [float(i) for i in range(6)])
+    engine, twin = _engine_and_twin(tiny_adapter)
 
     async def collect():
         it = engine.ask("s", Q).__aiter__()
