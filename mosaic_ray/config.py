@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
+SCORINGS = ("mean", "max")  # CacheConfig.scoring
+FILLS = ("prefix", "skip")  # CacheConfig.fill
 DENSE_SLAB_TOKENS = 16  # PoolConfig.slab_tokens when unset, for full / frame / token
 CLUSTER_SLAB_TOKENS = 4  # ... and for cluster retrieval
 
@@ -181,6 +183,14 @@ class CacheConfig:
     offload_batch: int = 1024
     # Frame method: at most this many blocks per question and layer-head (ReKV-style top-k).
     frame_top_k: int | None = None
+    # How a question scores the past's units (tokens, frame blocks, clusters), per (layer, KV head):
+    # "mean": by its mean query (over its tokens and the group's query heads); "max": by the best
+    # per-token attention estimate over every one of those queries, each normalised by its own
+    # partition (resident tokens + the past, a unit counted size times; `cache/query_set.py`).
+    scoring: str = "mean"
+    # Units are taken best-first within the budget. "prefix": the first unit that does not fit
+    # stops the selection; "skip": it is skipped and smaller ones after it still fill the budget.
+    fill: str = "prefix"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -198,6 +208,10 @@ class CacheConfig:
         _check_range("CacheConfig.offload_batch", self.offload_batch, 1, 1 << 20)
         if self.frame_top_k is not None:
             _check_range("CacheConfig.frame_top_k", self.frame_top_k, 1, 1 << 20)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"CacheConfig.scoring must be one of {'|'.join(SCORINGS)}, got {self.scoring!r}")
+        if self.fill not in FILLS:
+            raise ValueError(f"CacheConfig.fill must be one of {'|'.join(FILLS)}, got {self.fill!r}")
         if isinstance(self.cluster, dict):
             self.cluster = ClusterConfig(**self.cluster)
         if isinstance(self.pool, dict):

@@ -1,5 +1,5 @@
-"""Question retrieval for one layer: for every question in prefill, score the past with the
-question's mean query per KV head, fetch the chosen tokens and write them into the question's
+"""Question retrieval for one layer: for every question in prefill, score the past with what its
+stream's `CacheConfig.scoring` asks (the mean query per KV head, or every query: `StreamCache.query_for`), fetch the chosen tokens and write them into the question's
 reserved slots of the device pool (`WorkingSet.fill`), where the layer's one attention call reads
 them beside the stream's resident slots.
 
@@ -14,37 +14,36 @@ import time
 
 import torch
 
+from mosaic_ray.cache.query_set import mean_query
+
 
 def question_queries(q: torch.Tensor, bounds: list[tuple[int, int]], num_kv_heads: int) -> list[torch.Tensor]:
     """Per sequence its mean query per KV head [Hkv, D] (mean over its tokens and the group's
     query heads), from q [T, Hq, D]."""
-    _, Hq, D = q.shape
-    out = []
-    for lo, hi in bounds:
-        out.append(q[lo:hi].float().view(hi - lo, num_kv_heads, Hq // num_kv_heads, D).mean((0, 2)))
-    return out
+    return [mean_query(q[lo:hi], num_kv_heads) for lo, hi in bounds]
 
 
 @torch.no_grad()
-def retrieve_layer(ctx, layer: int, q: torch.Tensor) -> None:
-    """Fill layer `layer` of every retrieving question's working set (ctx: a StepContext)."""
+def retrieve_layer(ctx, layer: int, q: torch.Tensor, scale: float) -> None:
+    """Fill layer `layer` of every retrieving question's working set (ctx: a StepContext; q the
+    step's queries [T, Hq, D], `scale` the attention's)."""
     with torch.profiler.record_function("mosaic.retrieve_layer"):  # a label for profiles; ~1 us otherwise
-        _retrieve_layer(ctx, layer, q)
+        _retrieve_layer(ctx, layer, q, scale)
 
 
-def _retrieve_layer(ctx, layer: int, q: torch.Tensor) -> None:
-    Hkv = ctx.pool.layout.num_kv_heads
-    bounds = [ctx.meta.q_bounds[i] for i in ctx.retrieving]
-    for i, q_mean in zip(ctx.retrieving, question_queries(q, bounds, Hkv)):
+def _retrieve_layer(ctx, layer: int, q: torch.Tensor, scale: float) -> None:
+    for i in ctx.retrieving:
         step = ctx.streams[i]
         if step.cache.past_tokens == 0:
             continue
         t0 = time.perf_counter()
+        lo, hi = ctx.meta.q_bounds[i]
+        query = step.cache.query_for(layer, q[lo:hi], scale)  # CacheConfig.scoring
         pre = step.prefetched.pop(layer, None)
         # select and copy on the device (rows a prefetch brought reused); counters stay there
         if step.counts is None:
             step.counts = torch.zeros(5, dtype=torch.int64, device=q.device)
-        step.cache.retrieve_into(layer, q_mean, step.work, step.counts, step.since, step.until, pre)
+        step.cache.retrieve_into(layer, query, step.work, step.counts, step.since, step.until, pre)
         if ctx.time_fetch and q.is_cuda:
             torch.cuda.synchronize()
         step.fetch_seconds += time.perf_counter() - t0

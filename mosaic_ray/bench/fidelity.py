@@ -66,6 +66,7 @@ DEFAULT_VIDEOS = ("bigbuckbunny", "bikes", "opencv-doc")  # opencv-doc: when ins
 
 
 _CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
+_CACHE = CacheConfig()
 
 
 @dataclass(slots=True)
@@ -81,10 +82,12 @@ class Variant:
     # Drain every pending split before each question (the engine drains a bounded batch per ingest
     # step only): shows what the split backlog at query time costs.
     drain_before_query: bool = False
+    scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
+    fill: str = _CACHE.fill
 
     def cache_config(self, sink: int, window: int, capacity_bytes: int) -> CacheConfig:
         return CacheConfig(
-            retrieval=self.method, sink_tokens=sink, window_tokens=window,
+            retrieval=self.method, sink_tokens=sink, window_tokens=window, scoring=self.scoring, fill=self.fill,
             offload_batch=1,  # selection is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
                                   max_size=max(self.max_size, self.split_size)),
@@ -102,7 +105,13 @@ SWEEP_VARIANTS = [*(Variant(f"cluster vr={vr:g}", "cluster", variance_ratio=vr) 
                   Variant("cluster max=64", "cluster", max_size=64)]
 # Opt-in (--variants): draining the whole split backlog before each question took 120-950 s of CPU
 # on dino-smollm2 (tens of thousands of splits), more than the rest of the run together.
-EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)]
+EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True),
+                  # issue 19: scoring by every query (max, normalised), skip-and-continue filling
+                  *(v for m in ("frame", "token", "cluster") for v in (
+                      Variant(f"{m} mean prefix", m, scoring="mean", fill="prefix"),
+                      Variant(f"{m} max prefix", m, scoring="max", fill="prefix"),
+                      Variant(f"{m} mean skip", m, scoring="mean", fill="skip"),
+                      Variant(f"{m} max skip", m, scoring="max", fill="skip")) if m != "token" or v.fill == "prefix")]
 
 
 @dataclass(slots=True)
@@ -188,13 +197,14 @@ def run_model(model: str, s: Settings, log=print) -> dict:
             per_b = {b: [] for b in s.budgets}
             for layer in range(L):
                 q, kn, vn, sc = cap.q[layer], cap.k_new[layer], cap.v_new[layer], cap.scale[layer]
-                Hkv, rep = layout.num_kv_heads, q.shape[0] // layout.num_kv_heads
-                q_mean = q.reshape(Hkv, rep, -1, q.shape[-1]).mean((1, 2))
+                Hkv = layout.num_kv_heads
+                # what the engine asks with (CacheConfig.scoring): q [Hq, n, D] as [n, Hq, D]
+                query = cache.query_for(layer, q.transpose(0, 1), sc)
                 k_res, v_res, _ = cache.resident(layer)
                 R = k_res.shape[1]
                 ones = torch.ones(Hkv, R, dtype=torch.bool)
                 if variant.method == "full":
-                    r = cache.retrieve(layer, q_mean)
+                    r = cache.retrieve(layer, query)
                     out, p = attend(q, torch.cat([k_res, r.keys], 1), torch.cat([v_res, r.values], 1),
                                     torch.cat([ones, r.valid], 1), kn, vn, sc)
                     refs[(qi, layer)] = Reference(out, p[:, :R].sum(1), p[:, R:R + N].contiguous(),
@@ -205,7 +215,7 @@ def run_model(model: str, s: Settings, log=print) -> dict:
                 ref = refs[(qi, layer)]
                 for b, B in budgets_of[qi].items():
                     t = time.perf_counter()
-                    r = cache.retriever.retrieve(layer, q_mean, B)
+                    r = cache.retriever.retrieve(layer, query, B)
                     dt = time.perf_counter() - t
                     out, _ = attend(q, torch.cat([k_res, r.keys.float()], 1), torch.cat([v_res, r.values.float()], 1),
                                     torch.cat([ones, r.valid], 1), kn, vn, sc)
@@ -236,7 +246,8 @@ def run_model(model: str, s: Settings, log=print) -> dict:
         entry = {
             "config": {"method": variant.method, "variance_ratio": variant.variance_ratio,
                        "slab_tokens": cache.retriever.pool.slab_tokens, "split_size": variant.split_size,
-                       "drain_before_query": variant.drain_before_query},
+                       "drain_before_query": variant.drain_before_query, "scoring": variant.scoring,
+                       "fill": variant.fill},
             "device_bytes": last["device_bytes"], "index_bytes": last["index_bytes"],
             "host_bytes": last["host_bytes"], "replay_s": round(time.perf_counter() - tv, 2),
             "budgets": {},

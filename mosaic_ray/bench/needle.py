@@ -64,6 +64,7 @@ FRAME_SIZE = {"tiny": 56, "dino-smollm2": 112}
 CLUSTER_POOL_FACTOR = CLUSTER_SLAB_TOKENS
 POOL_FLOOR_BYTES = 256 << 20
 _CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
+_CACHE = CacheConfig()
 
 
 @dataclass(slots=True)
@@ -77,10 +78,13 @@ class Variant:
     # Oracle: retrieve only the past within this many seconds of the needle asked about (the
     # question's since/until), so the model sees the needle whole and little else.
     oracle_s: float | None = None
+    scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
+    fill: str = _CACHE.fill
 
     def cache_config(self, s: "Settings", budget: float) -> CacheConfig:
         return CacheConfig(
             retrieval=self.method, sink_tokens=s.sink, window_tokens=s.window, budget_ratio=budget,
+            scoring=self.scoring, fill=self.fill,
             offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
                                   max_size=max(_CLUSTER.max_size, 2 * self.split_size)),
@@ -94,19 +98,22 @@ ORACLE = Variant("oracle", "full", oracle_s=1.0)
 
 
 def parse_variant(spec: str) -> Variant:
-    """'cluster:vr=0.05,split=32' -> a cluster variant named 'cluster vr=0.05 split=32'."""
+    """'cluster:vr=0.05,split=32' -> a variant named 'cluster vr=0.05 split=32'. Knobs: vr and split
+    (cluster), scoring=mean|max and fill=prefix|skip (frame, token, cluster: CacheConfig)."""
     method, _, knobs = spec.partition(":")
-    if method != "cluster" or not knobs:
-        raise ValueError(f"extra variants are cluster:<knobs>, e.g. cluster:vr=0.05,split=32; got {spec!r}")
-    v = Variant("cluster " + knobs.replace(",", " "), "cluster")
+    if method not in ("frame", "token", "cluster") or not knobs:
+        raise ValueError(f"extra variants are <frame|token|cluster>:<knobs>, e.g. cluster:vr=0.05,split=32; got {spec!r}")
+    v = Variant(method + " " + knobs.replace(",", " "), method)
     for knob in knobs.split(","):
         key, _, value = knob.partition("=")
-        if key == "vr":
+        if key == "vr" and method == "cluster":
             v.variance_ratio = float(value)
-        elif key == "split":
+        elif key == "split" and method == "cluster":
             v.split_size = int(value)
+        elif key in ("scoring", "fill"):  # checked by CacheConfig when the variant's cache is made
+            setattr(v, key, value)
         else:
-            raise ValueError(f"unknown cluster knob {key!r} in {spec!r} (known: vr, split)")
+            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, scoring, fill)")
     return v
 
 
@@ -322,7 +329,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--filler-every", type=int, default=12, help="a filler caption every N frames")
     p.add_argument("--frames-per-call", type=int, default=2)
     p.add_argument("--answer-tokens", type=int, default=None, help="max tokens per answer (default 12; --quick 2)")
-    p.add_argument("--variants", default="", help="extra cluster variants, ';'-separated: cluster:vr=0.05,split=32")
+    p.add_argument("--variants", default="", help="extra variants, ';'-separated: cluster:vr=0.05,split=32;"
+                   "token:scoring=max;cluster:scoring=max,fill=skip")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle (full within 1 s of the needle)")
     p.add_argument("--independent", action="store_true",
                    help="ask each question of the stream as ingested (restored from a snapshot), without the earlier Q/As")

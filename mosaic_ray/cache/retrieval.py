@@ -23,7 +23,7 @@ from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.full_retriever import FullRetriever
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.retriever import Retriever, _time_mask
-from mosaic_ray.cache.selection import NEG_INF, pack_in_order, prefix_positions, select_units, time_overlap
+from mosaic_ray.cache.selection import NEG_INF, greedy_fill, pack_in_order, prefix_positions, select_units, time_overlap
 from mosaic_ray.cache.time_log import TimeLog, _grow
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
@@ -51,7 +51,7 @@ class TokenRetriever(Retriever):
     def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
         N, g = self.log.size, self.groups_of(layer)
-        scores = torch.einsum("hnd,hd->hn", self.keys[g, :N].float(), query.float())
+        scores = self._unit_scores(query, self.keys[g, :N])
         scores = scores.masked_fill(~_time_mask(self.log.time[:N], since, until)[None], NEG_INF)
         top = torch.topk(scores, min(budget, N), dim=1)
         idx = _sorted_ids(torch.where(torch.isfinite(top.values), top.indices, -1), N)
@@ -121,13 +121,14 @@ class FrameRetriever(Retriever):
         F, g, H = self.num_blocks, self.groups_of(layer), self.layout.num_kv_heads
         budget = min(budget, self.past_tokens)
         reps = self.rep_sum[g, :F] / self.count[:F].clamp(min=1)[None, :, None].float()
-        scores = torch.einsum("hfd,hd->hf", reps, query.float())
+        sizes = self.count[:F][None].expand(H, F)
+        scores = self._unit_scores(query, reps, sizes)
         scores = scores.masked_fill(~time_overlap(self.t_min[:F], self.t_max[:F], since, until)[None], NEG_INF)
         if self.config.frame_top_k is not None and F > self.config.frame_top_k:
             kth = torch.topk(scores, self.config.frame_top_k, dim=1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, NEG_INF)
         # blocks best-first, laid out by position (the rows of select_units + pack_in_order, no sync)
-        unit, member, valid = prefix_positions(scores, self.count[:F][None].expand(H, F), budget)
+        unit, member, valid = prefix_positions(scores, sizes, budget, self.config.fill)
         tok = torch.where(valid, self.start[:F][unit] + member, -1) if F else torch.full_like(unit, -1)
         return Selection(layer, self.log.rows(tok, g))
 
@@ -149,17 +150,21 @@ class ClusterRetriever(Retriever):
         self.index.insert(batch)
         self.past_tokens += batch.size
 
-    def _scores(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """query . centroid of the layer's cluster slots [H, C] (a view of the index: no copy, no sync)."""
-        H = self.layout.num_kv_heads
-        return torch.bmm(self.index.centroid[layer * H : (layer + 1) * H], query.float()[:, :, None]).squeeze(-1)
+    def _scores(self, layer: int, query) -> torch.Tensor:
+        """Scores of the layer's cluster slots [H, C] by their centroids (the index's own tensors:
+        no copy, no sync; empty slots weigh nothing in a QuerySet's partition)."""
+        g = slice(layer * self.layout.num_kv_heads, (layer + 1) * self.layout.num_kv_heads)
+        return self._unit_scores(query, self.index.centroid[g], self.index.count[g])
 
-    def _ranked(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _ranked(self, layer: int, query, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's clusters best-first: (order, sizes in that order, running total), [H, C]
-        each, on the device (empty cluster slots have size 0: taking them moves nothing)."""
+        each, on the device; the clusters `CacheConfig.fill` does not take within `budget` have
+        size 0 there (as empty cluster slots: taking them moves nothing)."""
         H = self.layout.num_kv_heads
         order = torch.argsort(self._scores(layer, query), dim=1, descending=True)
         sizes = self.index.count[layer * H : (layer + 1) * H].gather(1, order)
+        if self.config.fill == "skip":
+            sizes = greedy_fill(sizes, budget)
         return order, sizes, torch.cumsum(sizes, 1)
 
     def select(self, layer, query, budget, since=None, until=None) -> Selection:
@@ -169,14 +174,14 @@ class ClusterRetriever(Retriever):
         g = slice(layer * H, (layer + 1) * H)
         with ix.query_guard():
             if since is None and until is None:  # the rows `retrieve_into` moves, in its layout
-                order, sizes, csum = self._ranked(layer, query)
+                order, sizes, csum = self._ranked(layer, query, budget)
                 rows, _ = cluster_positions(order, sizes, csum, ix.slabs[g], budget, budget, ix.S)
                 return Selection(layer, rows)
             cnt, scores = ix.count[g], self._scores(layer, query)
             t_min, t_max = ix.t_min[g], ix.t_max[g]
             ok = (cnt > 0) & time_overlap(t_min, t_max, since, until)
             sizes = self._in_range_estimate(cnt, t_min, t_max, since, until)
-            h, c = select_units(scores.masked_fill(~ok, NEG_INF), sizes, budget)
+            h, c = select_units(scores.masked_fill(~ok, NEG_INF), sizes, budget, self.config.fill)
             rows, _ = ix.member_rows(h + layer * H, c)
             return Selection(layer, pack_in_order(h, rows, H, budget))
 
@@ -190,7 +195,7 @@ class ClusterRetriever(Retriever):
         ix, H, kv = self.index, self.layout.num_kv_heads, work.pool
         budget = min(budget, self.past_tokens)
         with ix.query_guard():
-            order, sizes, csum = self._ranked(layer, query)
+            order, sizes, csum = self._ranked(layer, query, budget)
             gpu = kv.k.is_cuda and self.pool.pinned
             gather_clusters(self.pool.kv, order, sizes, csum, ix.slabs[layer * H : (layer + 1) * H], budget,
                             work.retrieved[:budget], kv.k[layer], kv.v[layer], kv.valid[layer], counts,

@@ -16,6 +16,7 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched, gather, gather_into, gather_times, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.query_set import QuerySet
 from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.cache.working_set import WorkingSet
@@ -90,12 +91,23 @@ class Retriever(abc.ABC):
         H = self.layout.num_kv_heads
         return torch.arange(layer * H, (layer + 1) * H, device=self.device)
 
-    def _check_query(self, layer: int, query: torch.Tensor) -> None:
+    def _check_query(self, layer: int, query: torch.Tensor | QuerySet) -> None:
+        """A query is a mean query [H, D] or a QuerySet of [H, Q, D] (`cache/query_set.py`)."""
         H, D = self.layout.num_kv_heads, self.layout.head_dim
         if not 0 <= layer < self.layout.num_layers:
             raise ValueError(f"layer must be in [0, {self.layout.num_layers}), got {layer}")
-        if tuple(query.shape) != (H, D):
-            raise ValueError(f"query: expected shape {(H, D)}, got {tuple(query.shape)}")
+        shape = tuple(query.shape)
+        ok = shape == (H, D) if not isinstance(query, QuerySet) else (len(shape) == 3 and shape[0] == H and shape[2] == D)
+        if not ok:
+            raise ValueError(f"query: expected shape {(H, D)} or a QuerySet of ({H}, Q, {D}), got {shape}")
+
+    @staticmethod
+    def _unit_scores(query: torch.Tensor | QuerySet, reps: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[H, N] scores of units with keys reps [H, N, D]: query . rep for a mean query, else the
+        QuerySet's normalised best estimate (sizes [H, N]: members per unit, None: one each)."""
+        if isinstance(query, QuerySet):
+            return query.unit_scores(reps, sizes)
+        return torch.bmm(reps.float(), query.float()[:, :, None]).squeeze(-1)
 
     @abc.abstractmethod
     def insert(self, batch: TokenBatch) -> None:

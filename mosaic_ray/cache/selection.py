@@ -1,9 +1,10 @@
 """Budgeted, best-first selection of retrieval units, and packing their rows per head.
 
 A unit is what a method retrieves whole: a cluster, a frame block, or a single token. Every method
-scores its units for the question, then takes them best-first while the running token count stays
-within the budget (a prefix of the score order: the first unit that would overflow stops the
-selection, so the budget is never exceeded).
+scores its units for the question, then takes them best-first within the budget: with
+`fill="prefix"` a prefix of the score order (the first unit that would overflow stops the
+selection); with `fill="skip"` a unit that does not fit in what is left is skipped and the next ones
+are still tried (`greedy_fill`). Either way the budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -23,21 +24,50 @@ def time_overlap(t_min: torch.Tensor, t_max: torch.Tensor, since: float | None, 
     return ok
 
 
-def select_units(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-first prefix selection without building a mask: returns (head [m], unit [m]) of the chosen
+FILL_ROUNDS = 8  # rounds of `greedy_fill`: exact while at most this many units are skipped
+
+
+def greedy_fill(z: torch.Tensor, budget: int, rounds: int = FILL_ROUNDS) -> torch.Tensor:
+    """Skip-and-continue: z [H, C] unit sizes in score order (0: nothing to take) -> the same with
+    the units greedy filling does not take set to 0. Greedy walks best-first and takes a unit when
+    it fits in what is left of the budget. In parallel, in rounds: what is left only shrinks, so a
+    unit larger than it now is never taken; of the others the prefix that fits is taken. Each round
+    reproduces greedy up to its next skipped unit, so `rounds` rounds are exact while at most
+    rounds - 1 units are skipped (after that the rest stays untaken). No host sync."""
+    taken = torch.zeros_like(z, dtype=torch.bool)
+    left = torch.full((z.shape[0], 1), budget, dtype=z.dtype, device=z.device)
+    for _ in range(rounds):
+        cand = ~taken & (z > 0) & (z <= left)
+        take = cand & (torch.cumsum(z * cand, 1) <= left)
+        taken |= take
+        left = left - (z * take).sum(1, keepdim=True)
+    return z * taken
+
+
+def _fill(z: torch.Tensor, budget: int, fill: str) -> torch.Tensor:
+    """z with the units `fill` does not take zeroed ("prefix": those from the first overflow on)."""
+    if fill == "skip":
+        return greedy_fill(z, budget)
+    return z * (torch.cumsum(z, 1) <= budget)
+
+
+def select_units(scores: torch.Tensor, sizes: torch.Tensor, budget: int,
+                 fill: str = "prefix") -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first selection without building a mask: returns (head [m], unit [m]) of the chosen
     units, grouped by head and in score order within a head (one host sync: the nonzero)."""
     order = torch.argsort(scores, dim=1, descending=True)
     s_sorted = scores.gather(1, order)
-    z = sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0)
-    fits = (torch.cumsum(z, 1) <= budget) & torch.isfinite(s_sorted) & (z > 0)
+    z = _fill(sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0), budget, fill)
+    fits = z > 0
     h, k = fits.nonzero(as_tuple=True)
     return h, order[h, k]
 
 
-def prefix_positions(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best-first prefix of `select_units`, laid out by output position with no host sync:
-    entry p of head h is member `member[h, p]` of unit `unit[h, p]`, valid while p is below the
-    selected units' total size. Units and members come in the order `select_units` followed by
+def prefix_positions(scores: torch.Tensor, sizes: torch.Tensor, budget: int,
+                     fill: str = "prefix") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection of `select_units`, laid out by output position with no host sync: entry p of
+    head h is member `member[h, p]` of unit `unit[h, p]`, valid while p is below the selected
+    units' total size. Units and members come in the order `select_units` followed by
     `pack_in_order` gives them (head by head, units in score order, members in order), so the rows
     are the same. Output [H, budget]."""
     H, C = scores.shape
@@ -47,10 +77,9 @@ def prefix_positions(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> 
         return empty, empty, torch.zeros(H, budget, dtype=torch.bool, device=dev)
     order = torch.argsort(scores, dim=1, descending=True)
     s_sorted = scores.gather(1, order)
-    z = sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0)
-    csum = torch.cumsum(z, 1)
-    fits = (csum <= budget) & torch.isfinite(s_sorted) & (z > 0)
-    total = (z * fits).sum(1, keepdim=True)  # fits is a prefix: csum is non-decreasing
+    z = _fill(sizes.gather(1, order).masked_fill(~torch.isfinite(s_sorted), 0), budget, fill)
+    csum = torch.cumsum(z, 1)  # units not taken have size 0 here: they take no position
+    total = z.sum(1, keepdim=True)
     p = torch.arange(budget, device=dev)[None].expand(H, budget).contiguous()
     k = torch.searchsorted(csum, p, right=True).clamp(max=C - 1)  # the unit holding position p
     member = p - (csum.gather(1, k) - z.gather(1, k))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from mosaic_ray.cache.query_set import QuerySet, mean_query, query_set
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
@@ -192,6 +193,17 @@ class StreamCache:
         k, v = self.kv_pool.read_layer(layer, self.slots)
         return k, v, self.pos
 
+    def query_for(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor | QuerySet:
+        """What a question with queries q [T, Hq, D] (after RoPE) asks this stream's retriever with
+        at `layer` (`CacheConfig.scoring`): its mean query [H, D], or a QuerySet normalised over
+        what the question attends in place (sink, window, staged tokens)."""
+        H = self.layout.num_kv_heads
+        if self.config.scoring == "mean" or self.config.retrieval == "full":  # full ignores the query
+            return mean_query(q, H)
+        staged = self._staged_slots(None, None)
+        slots = self.slots if staged is None else torch.cat([self.slots, staged])
+        return query_set(q, self.kv_pool.k[layer, slots].transpose(0, 1), scale, H)
+
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
         """Slots of the past a question attends in place (inside [since, until]): `full`'s whole
         past, or the staged tokens; None when there are none (the rest is retrieved)."""
@@ -209,7 +221,8 @@ class StreamCache:
         return slots[time_overlap(time, time, since, until)]
 
     def retrieve(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None) -> Retrieved:
-        """The past's share for one layer: query [H, D] is the question's mean query per KV head."""
+        """The past's share for one layer: query is the question's mean query per KV head [H, D] or
+        a QuerySet (`query_for`)."""
         return self.retriever.retrieve(layer, query, self.budget(), since, until)
 
     def retrieve_into(self, layer: int, query: torch.Tensor, work: WorkingSet, counts: torch.Tensor,

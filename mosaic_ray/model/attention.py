@@ -120,7 +120,7 @@ def attend_layer(ctx: StepContext, layer: int, q: torch.Tensor, scale: float) ->
     """A layer's attention for the step, queries [T, Hq, D] -> [T, Hq, D]: first the retrieved
     slots of its questions in prefill, then one ragged attention over every sequence's slots."""
     if ctx.retrieving:
-        retrieve_layer(ctx, layer, q)
+        retrieve_layer(ctx, layer, q, scale)
     return backend.attend(ctx.pool, layer, q.contiguous(), ctx.meta, scale)
 
 

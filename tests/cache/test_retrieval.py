@@ -11,9 +11,9 @@ METHODS = ["full", "frame", "token", "cluster"]
 SINK, WINDOW = 4, 24
 
 
-def _stream(layout, pool, method, budget, n_batches=8, n=29):
+def _stream(layout, pool, method, budget, n_batches=8, n=29, scoring="mean", fill="prefix"):
     cfg = CacheConfig(retrieval=method, offload_batch=1, budget_tokens=budget, sink_tokens=SINK, window_tokens=WINDOW,
-                      cluster=ClusterConfig(split_size=16, max_size=32))
+                      cluster=ClusterConfig(split_size=16, max_size=32), scoring=scoring, fill=fill)
     cache = StreamCache(layout, cfg, pool, "cpu")
     batches = [make_batch(layout, i * n, n, seed=i) for i in range(n_batches)]
     for b in batches:
@@ -28,14 +28,20 @@ def _attend(q, k, v):
     return w @ v
 
 
+def _query(cache, layout, layer, q):
+    """What the engine asks with for q [H, D] taken as one token of one query head per KV head."""
+    return cache.query_for(layer, q[None], layout.head_dim ** -0.5)
+
+
+@pytest.mark.parametrize("scoring,fill", [("mean", "prefix"), ("max", "prefix"), ("max", "skip")])
 @pytest.mark.parametrize("method", METHODS)
-def test_full_budget_gives_exact_attention(layout, pool, method):
-    cache, batches = _stream(layout, pool, method, budget=10_000)
+def test_full_budget_gives_exact_attention(layout, pool, method, scoring, fill):
+    cache, batches = _stream(layout, pool, method, budget=10_000, scoring=scoring, fill=fill)
     keys = torch.cat([b.keys for b in batches], 1)
     values = torch.cat([b.values for b in batches], 1)
     for layer in range(layout.num_layers):
         q = torch.randn(layout.num_kv_heads, layout.head_dim)
-        got = cache.retrieve(layer, q)
+        got = cache.retrieve(layer, _query(cache, layout, layer, q))
         k_res, v_res, _ = cache.resident(layer)
         k = torch.cat([k_res[:, :SINK], got.keys, k_res[:, SINK:]], 1)
         v = torch.cat([v_res[:, :SINK], got.values, v_res[:, SINK:]], 1)
@@ -46,12 +52,13 @@ def test_full_budget_gives_exact_attention(layout, pool, method):
         assert torch.equal(got.keys, keys[g][:, got.order[0]])
 
 
+@pytest.mark.parametrize("scoring,fill", [("mean", "prefix"), ("max", "skip")])
 @pytest.mark.parametrize("method", ["frame", "token", "cluster"])
 @pytest.mark.parametrize("budget", [1, 7, 40, 100])
-def test_selection_never_exceeds_budget(layout, pool, method, budget):
-    cache, _ = _stream(layout, pool, method, budget=budget)
+def test_selection_never_exceeds_budget(layout, pool, method, budget, scoring, fill):
+    cache, _ = _stream(layout, pool, method, budget=budget, scoring=scoring, fill=fill)
     for layer in range(layout.num_layers):
-        got = cache.retrieve(layer, torch.randn(layout.num_kv_heads, layout.head_dim))
+        got = cache.retrieve(layer, _query(cache, layout, layer, torch.randn(layout.num_kv_heads, layout.head_dim)))
         assert int(got.valid.sum(1).max()) <= budget
         order = got.order.masked_fill(~got.valid, 1 << 40)
         assert bool((order[:, 1:] >= order[:, :-1]).all())
@@ -97,3 +104,12 @@ def test_query_shape_error(layout, pool):
         cache.retrieve(0, torch.randn(3, layout.head_dim))
     with pytest.raises(ValueError, match="layer"):
         cache.retrieve(9, torch.randn(layout.num_kv_heads, layout.head_dim))
+
+
+def test_skip_filling_takes_at_least_what_the_prefix_takes(layout, pool):
+    pre, _ = _stream(layout, pool, "cluster", budget=40)
+    skip, _ = _stream(layout, pool, "cluster", budget=40, fill="skip")
+    for layer in range(layout.num_layers):
+        q = torch.randn(layout.num_kv_heads, layout.head_dim)
+        a, b = pre.retrieve(layer, q), skip.retrieve(layer, q)
+        assert bool((b.valid.sum(1) >= a.valid.sum(1)).all()) and int(b.valid.sum(1).max()) <= 40

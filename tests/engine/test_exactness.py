@@ -49,13 +49,14 @@ def test_full_retrieval_equals_model_generate(tiny_adapter_on):
     assert got == want and len(got) > 0
 
 
+@pytest.mark.parametrize("scoring,fill", [("mean", "prefix"), ("max", "skip")])
 @pytest.mark.parametrize("method", ["frame", "token", "cluster"])
-def test_full_budget_equals_full(tiny_adapter_on, method):
+def test_full_budget_equals_full(tiny_adapter_on, method, scoring, fill):
     tiny_adapter = tiny_adapter_on
     imgs = frames(12, seed=2)
     answers = {}
     for m in ("full", method):
-        engine = make_engine(tiny_adapter, m, window=24, sink=4, budget=100_000)
+        engine = make_engine(tiny_adapter, m, window=24, sink=4, budget=100_000, scoring=scoring, fill=fill)
         engine.open_stream("s")
         for i in range(0, 12, 3):
             engine.append_frames("s", imgs[i : i + 3], [float(i), i + 1.0, i + 2.0])

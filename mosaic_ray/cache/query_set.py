@@ -1,0 +1,79 @@
+"""What a question asks a retriever with, for one layer: per KV head either its mean query
+([H, D], `CacheConfig.scoring="mean"`) or a `QuerySet` (`"max"`): every query of the group's heads
+and the question's tokens, scaled as attention scales them, with each query's log-partition over
+the stream's resident tokens.
+
+With a query set a unit (token, frame block, cluster) scores by its best per-token attention
+estimate over those queries: max_q (q . rep - log Z_q), where Z_q is the resident partition plus
+the past's, each unit counted size times (a cluster by its centroid). Why: a mean over ~20 prompt
+tokens x the group's query heads blurs what single heads look at (on real SmolLM2 keys some head
+puts 0.57-0.74 of its attention on a needle caption that the mean query gives 0.001-0.04; issue
+19's diagnosis), and normalising per query keeps a query with large logits from deciding alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+# logits [H, block, Q] computed at once: bounds the memory of scoring a long past
+SCORE_BLOCK_ELEMS = 1 << 24
+
+
+@dataclass(slots=True)
+class QuerySet:
+    """q [H, Q, D] float32, already multiplied by the attention scale (q . k is a logit);
+    log_z [H, Q] float32, log sum exp of each query's logits over the resident tokens."""
+
+    q: torch.Tensor
+    log_z: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.q.shape)
+
+    def unit_scores(self, reps: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[H, N]: max over the queries of log(estimated attention one member of unit n gets),
+        reps [H, N, D] (a unit's key: the token's, or a mean key); sizes [H, N] members per unit
+        (None: one each). A unit of size 0 scores -inf. No host sync."""
+        H, N, _ = reps.shape
+        Q = self.q.shape[1]
+        if N == 0:
+            return torch.empty(H, 0, dtype=torch.float32, device=reps.device)
+        step = max(1, SCORE_BLOCK_ELEMS // max(1, H * Q))
+        log_size = None if sizes is None else sizes.float().log()  # log 0 = -inf: empty units weigh nothing
+        # pass 1: the past's part of each query's partition
+        past = torch.full((H, Q), NEG_INF, dtype=torch.float32, device=reps.device)
+        for n0 in range(0, N, step):
+            lg = self._logits(reps[:, n0:n0 + step])
+            if log_size is not None:
+                lg = lg + log_size[:, n0:n0 + step, None]
+            past = torch.logaddexp(past, torch.logsumexp(lg, 1))
+        log_z = torch.logaddexp(self.log_z, past)[:, None, :]  # [H, 1, Q]
+        # pass 2: each unit's best normalised logit
+        out = torch.cat([(self._logits(reps[:, n0:n0 + step]) - log_z).amax(2) for n0 in range(0, N, step)], 1)
+        return out if sizes is None else out.masked_fill(sizes <= 0, NEG_INF)
+
+    def _logits(self, reps: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(reps.float(), self.q.transpose(1, 2))  # [H, n, Q]
+
+
+def mean_query(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[H, D]: one sequence's queries q [T, Hq, D] averaged over its tokens and each group's heads."""
+    T, Hq, D = q.shape
+    return q.float().reshape(T, num_kv_heads, Hq // num_kv_heads, D).mean((0, 2))
+
+
+def query_set(q: torch.Tensor, k_resident: torch.Tensor, scale: float, num_kv_heads: int) -> QuerySet:
+    """One sequence's queries q [T, Hq, D] (after RoPE) as a QuerySet against its resident keys
+    k_resident [H, R, D] (sink + window, after RoPE): Q = T x (Hq / H) queries per KV head."""
+    T, Hq, D = q.shape
+    H = num_kv_heads
+    qs = (q.float() * scale).reshape(T, H, Hq // H, D).permute(1, 0, 2, 3).reshape(H, -1, D)
+    if k_resident.shape[1] == 0:
+        log_z = torch.full(qs.shape[:2], NEG_INF, dtype=torch.float32, device=qs.device)
+    else:
+        log_z = torch.logsumexp(torch.bmm(qs, k_resident.float().transpose(1, 2)), 2)
+    return QuerySet(qs, log_z)

@@ -1,0 +1,68 @@
+"""Scoring by every query (`CacheConfig.scoring="max"`): the estimate against its formula, blocks
+against one pass, and what it is for: a unit one query head looks at, which the mean query misses."""
+
+import pytest
+import torch
+
+from mosaic_ray.cache import query_set as qs_mod
+from mosaic_ray.cache.query_set import QuerySet, mean_query, query_set
+
+
+def _reference(q, log_z_res, reps, sizes):
+    """max_q (q . rep - log Z_q), Z_q = exp(log_z_res) + sum_n size_n exp(q . rep_n); float64."""
+    q, reps = q.double(), reps.double()
+    logits = torch.einsum("hqd,hnd->hnq", q, reps)
+    w = torch.ones_like(logits[..., 0]) if sizes is None else sizes.double()
+    z = log_z_res.double().exp() + (w[..., None] * logits.exp()).sum(1)
+    s = (logits - z.log()[:, None, :]).amax(2)
+    return s if sizes is None else s.masked_fill(sizes <= 0, float("-inf"))
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_unit_scores_follow_the_formula_in_blocks_or_at_once(monkeypatch, sized):
+    g = torch.Generator().manual_seed(0)
+    H, Q, N, D = 2, 6, 37, 8
+    q = torch.randn(H, Q, D, generator=g) * 0.5
+    reps = torch.randn(H, N, D, generator=g)
+    log_z = torch.randn(H, Q, generator=g)
+    sizes = torch.randint(0, 5, (H, N), generator=g) if sized else None
+    want = _reference(q, log_z, reps, sizes)
+    once = QuerySet(q, log_z).unit_scores(reps, sizes)
+    monkeypatch.setattr(qs_mod, "SCORE_BLOCK_ELEMS", H * Q * 5)  # blocks of 5 units
+    blocked = QuerySet(q, log_z).unit_scores(reps, sizes)
+    torch.testing.assert_close(once.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocked, once, rtol=1e-6, atol=1e-6)
+
+
+def test_one_query_ranks_as_its_dot_product():
+    g = torch.Generator().manual_seed(1)
+    q, reps = torch.randn(3, 1, 16, generator=g), torch.randn(3, 50, 16, generator=g)
+    got = QuerySet(q, torch.zeros(3, 1)).unit_scores(reps)
+    dots = torch.einsum("hd,hnd->hn", q[:, 0], reps)
+    assert torch.equal(torch.argsort(got, 1), torch.argsort(dots, 1))
+
+
+def test_a_unit_one_head_attends_outranks_what_the_mean_query_favours():
+    """Group of 4 query heads: head 0 points at unit 0; the others weakly at unit 1. The mean
+    query picks unit 1, the query set unit 0 (head 0 gives it most of its attention)."""
+    D = 8
+    e = torch.eye(D)
+    reps = torch.stack([e[0], e[1], e[2]])[None] * 4.0  # [1, 3, D]
+    heads = torch.stack([e[0] * 2.0, e[1] * 0.9 + e[3], e[1] * 0.9 - e[3], e[1] * 0.9 + e[4]])  # [4, D]
+    q = heads[None, :, None, :].expand(1, 4, 1, D).reshape(1, 4, D)  # one token, Hq = 4 -> [T=1, Hq=4, D]
+    mean = mean_query(q.reshape(1, 4, D), 1)
+    assert int(torch.argmax(reps[0] @ mean[0])) == 1
+    qset = query_set(q.reshape(1, 4, D), torch.zeros(1, 0, D), 1.0, 1)
+    assert qset.shape == (1, 4, D)
+    assert int(torch.argmax(qset.unit_scores(reps)[0])) == 0
+
+
+def test_query_set_scales_and_groups_the_heads():
+    T, Hq, H, D = 3, 4, 2, 5
+    q = torch.randn(T, Hq, D)
+    k_res = torch.randn(H, 7, D)
+    s = query_set(q, k_res, 0.5, H)
+    assert s.q.shape == (H, T * Hq // H, D)
+    # KV head 1 serves query heads 2 and 3; entry (t, j) of its set is token t's head 2 + j
+    torch.testing.assert_close(s.q[1, 1], 0.5 * q[0, 3])
+    torch.testing.assert_close(s.log_z[1, 1], torch.logsumexp(k_res[1] @ (0.5 * q[0, 3]), 0))
