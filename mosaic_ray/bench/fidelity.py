@@ -16,14 +16,15 @@ Method (DESIGN.md sections 2-3, issue 3 item 5):
    `StreamCache` (own `HostPool`, same layout, sink and window) receives the same calls in the same
    order, so the cluster index sees the real arrival order and drains its splits as the engine does.
    At each question point, for each layer and budget B = round(budget x past tokens) per KV head,
-   the retriever is asked with the question's mean query per KV head (what the engine asks).
+   the retriever is asked with what the engine asks with (`StreamCache.query_for`: the question's
+   queries per KV head, or its mean query with `scoring="mean"`).
 3. **Score against the exact reference** (built from the `full` replay). Per KV head, the reference
    attention distribution p is the softmax of every question token's query of every query head of
    the group over [sink + window + whole past + question (causal)], averaged over those rows.
      * recall = p(sink + window + retrieved) / p(sink + window + exact top-B past tokens by p);
        `past_recall` is the same without the resident part (stricter). Every method returns at most
        B tokens (full returns all; its recall is clipped to 1), so recall is in [0, 1]; `token` is
-       the exact top-B by the *mean* query, not by p, so it may fall slightly below 1.
+       the top-B by its scoring (the mean query, or the best normalised query), not by p, so it may fall below 1.
      * out_err = ||o - o_ref|| / ||o_ref|| of the attention output over the layer's query heads and
        question tokens, o attending over [sink + window + retrieved + question].
      * copies / bytes_moved from `Retrieved` (summed over layers = per query); device bytes from
