@@ -146,6 +146,13 @@ class ClusterConfig:
     # Elements of one [groups, tokens, clusters] distance block; larger batches are chunked by
     # group so that assignment memory stays bounded however many clusters a stream has.
     distance_block_elems: int = 1 << 26
+    # Text segments (captions, Q/A turns) as units of their own: kept out of the video clusters,
+    # their keys exact on the device (~29 KB a token at 7B shapes), scored by their best token and
+    # fetched whole (`ClusterIndex`). On since 2026-12-04 (docs/benchmarks.md 5.1, real weights):
+    # needle accuracy at 5 / 10 / 20 % budgets 30 / 20 / 40 % -> 90 / 90 / 90 % (full attention:
+    # 80 %), at the price of attention-mass fidelity on video (past recall at 5 % 0.756 -> 0.656,
+    # output error 0.123 -> 0.150, section 4.1): whole captions take budget the video had.
+    text_units: bool = True
 
     def __post_init__(self) -> None:
         _check_range("ClusterConfig.variance_ratio", self.variance_ratio, 0.0, 100.0, low_open=True)

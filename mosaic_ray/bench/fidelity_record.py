@@ -78,10 +78,11 @@ def record_cache_calls(ops: list[tuple]):
     adoption is logged as the TokenBatch an `append` replays."""
     adopt, maintain = StreamCache.adopt, StreamCache.maintain
 
-    def rec_adopt(self, slots, order, time, pos, block) -> int:
+    def rec_adopt(self, slots, order, time, pos, block, text=None) -> int:
         k, v = self.kv_pool.read(slots)
-        ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone())))
-        return adopt(self, slots, order, time, pos, block)
+        ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone(),
+                                         None if text is None else text.clone())))
+        return adopt(self, slots, order, time, pos, block, text)
 
     def rec_maintain(self, max_work: int | None = None, offload: bool = True) -> int:
         ops.append(("maintain", max_work))

@@ -80,6 +80,7 @@ class Variant:
     oracle_s: float | None = None
     scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
     fill: str = _CACHE.fill
+    text_units: bool = _CLUSTER.text_units
 
     def cache_config(self, s: "Settings", budget: float) -> CacheConfig:
         return CacheConfig(
@@ -87,7 +88,7 @@ class Variant:
             scoring=self.scoring, fill=self.fill,
             offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size)),
+                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size), text_units=self.text_units),
             pool=PoolConfig(capacity_bytes=1 << 20, pin_memory="no"),  # streams live in the engine's pool
         )
 
@@ -98,8 +99,9 @@ ORACLE = Variant("oracle", "full", oracle_s=1.0)
 
 
 def parse_variant(spec: str) -> Variant:
-    """'cluster:vr=0.05,split=32' -> a variant named 'cluster vr=0.05 split=32'. Knobs: vr and split
-    (cluster), scoring=mean|max and fill=prefix|skip (frame, token, cluster: CacheConfig)."""
+    """'cluster:vr=0.05,split=32' -> a variant named 'cluster vr=0.05 split=32'. Knobs: vr, split and
+    text=on|off (cluster: ClusterConfig), scoring=mean|max and fill=prefix|skip (frame, token,
+    cluster: CacheConfig)."""
     method, _, knobs = spec.partition(":")
     if method not in ("frame", "token", "cluster") or not knobs:
         raise ValueError(f"extra variants are <frame|token|cluster>:<knobs>, e.g. cluster:vr=0.05,split=32; got {spec!r}")
@@ -112,8 +114,10 @@ def parse_variant(spec: str) -> Variant:
             v.split_size = int(value)
         elif key in ("scoring", "fill"):  # checked by CacheConfig when the variant's cache is made
             setattr(v, key, value)
+        elif key == "text" and method == "cluster" and value in ("on", "off"):
+            v.text_units = value == "on"
         else:
-            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, scoring, fill)")
+            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, text=on|off, scoring, fill)")
     return v
 
 

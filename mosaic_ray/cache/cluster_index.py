@@ -15,6 +15,12 @@ the group) and the cluster has room (< max_size, counting tokens of the same bat
 clustered among themselves by parallel leader clustering (seeds, and tokens within tau of a seed). Clusters that end up larger than
 split_size or above tau are flagged; `drain_splits` splits them by 2-means in bounded batches.
 
+Text segments (a caption, a Q/A turn: `TokenBatch.text`) are units of their own, not clustered by
+key distance: each is one cluster (or one per max_size of its tokens) that no frame token joins
+and no split touches, and the index keeps its tokens' exact keys on the device (`text_keys`,
+`text_slot`), so a question can score it by its best token (`ClusterRetriever`). Text and video
+units then compete for one budget (issue 19: a caption blurred into video clusters is lost).
+
 Invariants (tested): every inserted token is in exactly one cluster; centroid == mean of members;
 count <= max_size always; after `drain_splits()` runs dry every cluster has count <= split_size and
 variance <= tau. `insert` is all-or-nothing: when the pool cannot take the rows it raises
@@ -58,7 +64,14 @@ class ClusterIndex:
         self.key_count = torch.zeros(G, dtype=torch.float64, device=self.device)
         self.key_sum = torch.zeros(G, D, dtype=torch.float64, device=self.device)
         self.key_sumsq = torch.zeros(G, dtype=torch.float64, device=self.device)
+        self._no_text()
         self.querying = 0
+
+    def _no_text(self) -> None:
+        # Text segments' tokens: exact keys [G, t, D] and the cluster slot of each [G, t]
+        G, D = self.layout.groups, self.layout.head_dim
+        self.text_keys = torch.empty(G, 0, D, dtype=self.layout.dtype, device=self.device)
+        self.text_slot = torch.empty(G, 0, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, capacity: int) -> None:
@@ -94,7 +107,8 @@ class ClusterIndex:
             self.centroid.element_size() * self.layout.head_dim
             + 8 + 4 + 4 + 4 + 8 * self.max_slabs + 1
         )
-        return self.total_clusters * per_cluster
+        text = self.text_keys.numel() * self.text_keys.element_size() + self.text_slot.numel() * 8
+        return self.total_clusters * per_cluster + text
 
     # ------------------------------------------------------------------ thresholds
     def thresholds(self) -> torch.Tensor:
@@ -118,6 +132,7 @@ class ClusterIndex:
         step = max(1, self.config.distance_block_elems // max(1, n * C))
         used = torch.arange(C, device=self.device)[None, :] < self.num_clusters[:, None]
         used &= self.count[:, :C] < self.config.max_size  # a full cluster takes no member: the nearest with room
+        used &= ~self.text_mask()[:, :C]  # nor does a text segment's
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
             mu = self.centroid[g0:g1, :C]
@@ -142,22 +157,56 @@ class ClusterIndex:
 
         assign = torch.full((G, n), -1, dtype=torch.int64, device=self.device)
         base = self.num_clusters.clone()
-        # 1) join an existing cluster when cohesive and with room
+        # 0) text segments are units of their own: pieces of up to max_size tokens, new clusters
+        text_idx, piece_of, pieces = self._text_pieces(batch)
+        if pieces:
+            assign[:, text_idx] = base[:, None] + piece_of[None, :]
+        video = ~batch.texts().to(self.device) if self.config.text_units else torch.ones(n, dtype=torch.bool, device=self.device)
+        # 1) a frame's token joins an existing video cluster when cohesive and with room
         if self.total_clusters > 0:
             d2, j = self._nearest(x, x2)
             cnt = self.count.gather(1, j).float()
             var = self.variances().gather(1, j)
             new_var = cnt / (cnt + 1) * (var + d2 / (cnt + 1))
-            ok = torch.isfinite(d2) & (new_var <= tau[:, None])
+            ok = torch.isfinite(d2) & (new_var <= tau[:, None]) & video[None, :]
             assign = self._admit(assign, ok, j, self.count.gather(1, j))
         # 2) seed new clusters from what is left; tokens within tau of a seed join it
-        new_per_group = self._seed(assign, x, x2, tau, base)
+        new_per_group = pieces + self._seed(assign, x, x2, tau, base + pieces)
         # 3) reserve pool rows (all-or-nothing), then commit
         member_rank = self._member_ranks(assign)
         slab_of, new_slab_keys = self._slab_needs(assign, member_rank, base + new_per_group)
         new_slabs = self.pool.allocate(int(new_slab_keys.numel()), self.owner)
+        if pieces:  # their exact keys, on the device: a text unit scores by its best token
+            self.text_keys = torch.cat([self.text_keys, batch.keys[:, text_idx].to(self.device, self.layout.dtype)], 1)
+            self.text_slot = torch.cat([self.text_slot, assign[:, text_idx]], 1)  # before `_flag`: never split
         self._commit(batch, x, x2, assign, member_rank, slab_of, new_slab_keys, new_slabs, new_per_group, key_stats, tau)
         return assign
+
+    def _text_pieces(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The batch's text tokens: (their indices [t], each one's piece [t], pieces). A piece is a
+        run of at most max_size consecutive tokens of one text segment (block). One host sync when
+        the batch says which tokens are text."""
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if batch.text is None or not self.config.text_units:
+            return none, none, 0
+        idx = batch.text.to(self.device).nonzero().flatten()
+        if idx.numel() == 0:
+            return none, none, 0
+        blocks = batch.blocks().to(self.device)[idx]
+        i = torch.arange(idx.numel(), device=self.device)
+        starts = torch.ones_like(blocks, dtype=torch.bool)
+        starts[1:] = (blocks[1:] != blocks[:-1]) | (idx[1:] != idx[:-1] + 1)
+        run_start = torch.where(starts, i, torch.zeros_like(i)).cummax(0).values
+        new_piece = starts | ((i - run_start) % self.config.max_size == 0)
+        piece_of = torch.cumsum(new_piece.long(), 0) - 1
+        return idx, piece_of, int(piece_of[-1]) + 1
+
+    def text_mask(self) -> torch.Tensor:
+        """[G, capacity] True for the cluster slots that hold a text segment's piece."""
+        mask = torch.zeros(self.layout.groups, self.capacity, dtype=torch.bool, device=self.device)
+        if self.text_slot.shape[1]:
+            mask.scatter_(1, self.text_slot, True)
+        return mask
 
     def _tau_from(self, count, ksum, ksumsq) -> torch.Tensor:
         n = count.clamp(min=1)
@@ -324,7 +373,7 @@ class ClusterIndex:
         mu = self.centroid.view(-1, self.layout.head_dim)[flat_slots]
         var = (self.sumsq.view(-1)[flat_slots] / cnt.clamp(min=1).float() - (mu * mu).sum(-1)).clamp(min=0)
         bad = (cnt > self.config.split_size) | ((var > tau[g]) & (cnt > 1))
-        self.split_flag.view(-1)[flat_slots] = bad
+        self.split_flag.view(-1)[flat_slots] = bad & ~self.text_mask().view(-1)[flat_slots]  # text is never split
 
     def refresh_flags(self) -> None:
         """Re-check every cluster against the current thresholds (they drift as keys arrive)."""
@@ -365,4 +414,5 @@ class ClusterIndex:
         freed = self.pool.release_owner(self.owner)
         self.num_clusters.zero_()
         self._alloc(self.capacity)
+        self._no_text()
         return freed

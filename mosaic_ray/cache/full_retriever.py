@@ -34,7 +34,7 @@ class FullRetriever(Retriever):
         self.kv_pool.write(slots, batch.keys, batch.values)
         self.adopt(slots, batch.order, batch.time, batch.pos)
 
-    def take_evicted(self, kv_pool, slots, order, time, pos, block) -> None:
+    def take_evicted(self, kv_pool, slots, order, time, pos, block, text=None) -> None:
         """The tokens stay in their slots, which become this retriever's: nothing is copied."""
         self.adopt(slots, order, time, pos)
         return None

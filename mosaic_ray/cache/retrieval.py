@@ -151,10 +151,18 @@ class ClusterRetriever(Retriever):
         self.past_tokens += batch.size
 
     def _scores(self, layer: int, query) -> torch.Tensor:
-        """Scores of the layer's cluster slots [H, C] by their centroids (the index's own tensors:
-        no copy, no sync; empty slots weigh nothing in a QuerySet's partition)."""
+        """Scores of the layer's cluster slots [H, C]: a video cluster by its centroid, a text
+        segment's by its best token's exact key, in one partition (no host sync; empty slots weigh
+        nothing in a QuerySet's)."""
+        ix = self.index
         g = slice(layer * self.layout.num_kv_heads, (layer + 1) * self.layout.num_kv_heads)
-        return self._unit_scores(query, self.index.centroid[g], self.index.count[g])
+        if ix.text_slot.shape[1] == 0:
+            return self._unit_scores(query, ix.centroid[g], ix.count[g])
+        is_text, C = ix.text_mask()[g], ix.capacity
+        reps = torch.cat([ix.centroid[g], ix.text_keys[g].float()], 1)
+        sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), torch.ones_like(ix.text_slot[g])], 1)
+        s = self._unit_scores(query, reps, sizes)
+        return s[:, :C].masked_fill(is_text, NEG_INF).scatter_reduce(1, ix.text_slot[g], s[:, C:], "amax")
 
     def _ranked(self, layer: int, query, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's clusters best-first: (order, sizes in that order, running total), [H, C]

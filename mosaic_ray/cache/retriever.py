@@ -114,12 +114,12 @@ class Retriever(abc.ABC):
         """Take tokens that left the local window (all layers at once)."""
 
     def take_evicted(self, kv_pool: DeviceKVPool, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor,
-                     pos: torch.Tensor, block: torch.Tensor) -> torch.Tensor | None:
+                     pos: torch.Tensor, block: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor | None:
         """Take tokens leaving a stream's window whose K/V are in device-pool `slots`. Here: their
         K/V are read out and inserted, and the slots are returned for the caller to free (a
         retriever that keeps its past in the pool takes the slots over instead and returns None)."""
         k, v = kv_pool.read(slots)
-        self.insert(TokenBatch(k, v, order, time, pos, block))
+        self.insert(TokenBatch(k, v, order, time, pos, block, text))
         return slots
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:

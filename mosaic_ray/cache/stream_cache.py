@@ -57,9 +57,10 @@ class StreamCache:
         self.time = torch.empty(0, dtype=torch.float32, device=dev)
         self.pos = torch.empty(0, P, dtype=torch.int32, device=dev)
         self.block = torch.empty(0, dtype=torch.int64, device=dev)
+        self.text = torch.empty(0, dtype=torch.bool, device=dev)  # a text segment's token (TokenBatch.text)
         self.total_tokens = 0
         # Staged tokens (left the window, not yet offloaded), chunks in time order:
-        # (slots, order, time, pos, block) each.
+        # (slots, order, time, pos, block, text) each.
         self._staged: list[tuple[torch.Tensor, ...]] = []
         self.staged_tokens = 0
         # offloads so far and the tokens they moved (inline ones in `adopt` included)
@@ -97,7 +98,7 @@ class StreamCache:
         self.kv_pool.free(slots)
 
     def adopt(self, slots: torch.Tensor, order: torch.Tensor, time: torch.Tensor, pos: torch.Tensor,
-              block: torch.Tensor) -> int:
+              block: torch.Tensor, text: torch.Tensor | None = None) -> int:
         """Make tokens whose K/V are in `slots` resident; returns how many left the window.
 
         All-or-nothing: if the retriever refuses (host pool full), the stream is unchanged and the
@@ -112,6 +113,8 @@ class StreamCache:
             torch.cat([self.time, to_device(time, dev, torch.float32)]),
             torch.cat([self.pos, to_device(pos, dev, torch.int32)]),
             torch.cat([self.block, to_device(block, dev, torch.int64)]),
+            torch.cat([self.text, torch.zeros(n_new, dtype=torch.bool, device=dev) if text is None
+                       else to_device(text, dev, torch.bool)]),
         ]
         n = all_slots.numel()
         sink, window = self.config.sink_tokens, self.config.window_tokens
@@ -128,7 +131,7 @@ class StreamCache:
             all_slots = all_slots[keep]
             meta = [m[keep] for m in meta]
         self.slots = all_slots
-        self.order, self.time, self.pos, self.block = meta
+        self.order, self.time, self.pos, self.block, self.text = meta
         self.total_tokens += n_new
         return evict
 
@@ -169,7 +172,7 @@ class StreamCache:
         slots = self.reserve(batch.size)
         try:
             self.kv_pool.write(slots, batch.keys, batch.values)
-            return self.adopt(slots, batch.order, batch.time, batch.pos, batch.blocks())
+            return self.adopt(slots, batch.order, batch.time, batch.pos, batch.blocks(), batch.text)
         except BaseException:
             self.discard(slots)
             raise
@@ -215,7 +218,7 @@ class StreamCache:
     def _staged_slots(self, since: float | None, until: float | None) -> torch.Tensor | None:
         if not self.staged_tokens:
             return None
-        slots, _, time, _, _ = self._staged_parts()
+        slots, _, time, _, _, _ = self._staged_parts()
         if since is None and until is None:
             return slots
         return slots[time_overlap(time, time, since, until)]
@@ -265,14 +268,17 @@ class StreamCache:
     def host_bytes(self) -> int:
         return self.retriever.host_bytes()
 
-    def load_resident(self, k: torch.Tensor, v: torch.Tensor, order, time, pos, block) -> None:
-        """Install resident tokens (snapshot import): K/V [G, R, D] into fresh slots."""
+    def load_resident(self, k: torch.Tensor, v: torch.Tensor, order, time, pos, block, text=None) -> None:
+        """Install resident tokens (snapshot import): K/V [G, R, D] into fresh slots (text None:
+        a snapshot from before text segments were marked, all frames)."""
         self.kv_pool.free(self.slots)
         slots = self.kv_pool.allocate(order.numel())
         self.kv_pool.write(slots, k, v)
         dev = self.device
         self.slots, self.order, self.time = slots, order.to(dev, torch.int64, copy=True), time.to(dev, torch.float32, copy=True)
         self.pos, self.block = pos.to(dev, torch.int32, copy=True), block.to(dev, torch.int64, copy=True)
+        self.text = (torch.zeros(order.numel(), dtype=torch.bool, device=dev) if text is None
+                     else text.to(dev, torch.bool, copy=True))
 
     def release(self) -> int:
         freed = self.retriever.release()

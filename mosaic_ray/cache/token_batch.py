@@ -17,6 +17,9 @@ class TokenBatch:
     order: [n] int64 stream token index; time: [n] float32 seconds; pos: [n, P] int32
     block: [n] int64 frame (or text segment) the token came from, non-decreasing; None = one
         block per `order // 64` (only the frame baseline reads it)
+    text: [n] bool, True for a token of a text segment (a caption, a Q/A turn), False for a frame's
+        (its markers included); None = no text (cluster retrieval keeps text segments as units
+        of their own: `ClusterIndex`)
     """
 
     keys: torch.Tensor
@@ -25,6 +28,7 @@ class TokenBatch:
     time: torch.Tensor
     pos: torch.Tensor
     block: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -32,6 +36,9 @@ class TokenBatch:
 
     def blocks(self) -> torch.Tensor:
         return self.block if self.block is not None else self.order // 64
+
+    def texts(self) -> torch.Tensor:
+        return self.text if self.text is not None else torch.zeros(self.size, dtype=torch.bool, device=self.order.device)
 
     def check(self, layout: KVLayout) -> None:
         G, D, P = layout.groups, layout.head_dim, layout.pos_dims
@@ -44,6 +51,8 @@ class TokenBatch:
                 f"TokenBatch: time/pos expected {(n,)}/{(n, P)}, got "
                 f"{tuple(self.time.shape)}/{tuple(self.pos.shape)}"
             )
+        if self.text is not None and (tuple(self.text.shape) != (n,) or self.text.dtype != torch.bool):
+            raise ValueError(f"TokenBatch.text: expected bool {(n,)}, got {self.text.dtype} {tuple(self.text.shape)}")
         if self.keys.dtype != self.values.dtype or not self.keys.is_floating_point():
             raise ValueError(f"TokenBatch: keys/values must share a float dtype, got {self.keys.dtype}/{self.values.dtype}")
 

@@ -68,7 +68,8 @@ def ingest_chunks(engine, work) -> None:
     for row, ((state, chunks, ts), seg) in enumerate(zip(work, segs)):
         try:
             with record_function("ingest.commit"):
-                commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts))
+                commit(state, slots[row], seg.time, seg.block, seg.positions, seg.span, len(chunks), clock=max(ts),
+                       seg_text=seg.text)
         except Exception as exc:  # rows before this one are in: say so, or the caller retries them
             for (st, _, _), sl in zip(work[row:], slots[row:]):
                 st.cache.discard(sl)

@@ -19,7 +19,7 @@ import torch
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.engine.stream_state import StreamState
 
-_RESIDENT = ("k", "v", "order", "time", "pos", "block")
+_RESIDENT = ("k", "v", "order", "time", "pos", "block", "text")
 # Per retriever: (object path, tensor attributes, plain attributes, slab-table attribute or None)
 _RETRIEVER_FIELDS = {
     "full": [],  # its past is device-pool slots: exported as K/V by `FullRetriever.export_past`
@@ -29,8 +29,9 @@ _RETRIEVER_FIELDS = {
               ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
     "cluster": [("", (), ("past_tokens",), None),
                 ("index", ("num_clusters", "count", "centroid", "sumsq", "t_min", "t_max", "slabs", "split_flag",
-                           "key_count", "key_sum", "key_sumsq"), ("capacity",), "slabs")],
+                           "key_count", "key_sum", "key_sumsq", "text_keys", "text_slot"), ("capacity",), "slabs")],
 }
+_SINCE_TEXT_UNITS = ("text_keys", "text_slot")  # absent from older snapshots
 _COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
 
 
@@ -80,14 +81,16 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     remap[old] = new
     # copies, never views: the stream mutates its tensors in place, and a snapshot may be imported
     # more than once
-    cache.load_resident(*(tensors[f"resident.{n}"] for n in _RESIDENT))
+    cache.load_resident(*(tensors.get(f"resident.{n}") for n in _RESIDENT))  # no text: an older snapshot
     if retriever.method == "full":
         retriever.import_past({n: tensors[f"retriever.past.{n}"] for n in ("k", "v", "order", "time", "pos")})
     cache.total_tokens = meta["total_tokens"]
     for path, tnames, pnames, slab_attr in _RETRIEVER_FIELDS[retriever.method]:
         obj = _owner(retriever, path)
         for n in tnames:
-            t = tensors[f"retriever.{path}.{n}"]
+            t = tensors.get(f"retriever.{path}.{n}")
+            if t is None and n in _SINCE_TEXT_UNITS:  # a snapshot from before text units: none
+                continue
             if n == slab_attr:
                 t = t.cpu()
                 t = torch.where(t >= 0, remap[t.clamp(min=0)], -1)

@@ -254,7 +254,8 @@ class StreamEngine(Engine):
             if alone:  # give the unused reserved positions back: the stream stays contiguous
                 state.next_pos = run.pos_base
             commit(state, work.own[:n], torch.full((n,), run.clock), torch.full((n,), state.block, dtype=torch.long),
-                   pos, run.pos_cursor - run.pos_base if alone else 0, 1)
+                   pos, run.pos_cursor - run.pos_base if alone else 0, 1,
+                   seg_text=torch.ones(n, dtype=torch.bool))  # a Q/A turn is a text segment
         except BaseException:
             if alone:
                 state.next_pos = run.pos_base + run.pos_reserved

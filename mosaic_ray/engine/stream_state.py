@@ -73,13 +73,14 @@ class StreamState:
 @dataclass(slots=True)
 class Segment:
     """Chunks of one stream fed in one forward: embeds [n, h], absolute positions [P, n],
-    per-token time [n] and block [n], and the position span they use."""
+    per-token time [n], block [n] and text [n] (`Chunk.text`), and the position span they use."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
     time: torch.Tensor
     block: torch.Tensor
     span: int
+    text: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -88,25 +89,28 @@ class Segment:
 
 def assemble(state: StreamState, chunks: list[Chunk], times: list[float]) -> Segment:
     """Concatenate chunks at the stream's next positions, one block per chunk."""
-    embeds, positions, time, block = [], [], [], []
+    embeds, positions, time, block, text = [], [], [], [], []
     offset = state.next_pos
     for i, (chunk, ts) in enumerate(zip(chunks, times)):
         embeds.append(chunk.embeds)
         positions.append(chunk.positions + offset)
         time.append(torch.full((chunk.size,), float(ts)))
         block.append(torch.full((chunk.size,), state.block + i, dtype=torch.int64))
+        text.append(torch.full((chunk.size,), chunk.text))
         offset += chunk.span
-    return Segment(torch.cat(embeds), torch.cat(positions, 1), torch.cat(time), torch.cat(block), offset - state.next_pos)
+    return Segment(torch.cat(embeds), torch.cat(positions, 1), torch.cat(time), torch.cat(block), offset - state.next_pos,
+                   torch.cat(text))
 
 
 def commit(state: StreamState, slots: torch.Tensor, seg_time: torch.Tensor, seg_block: torch.Tensor,
-           seg_pos: torch.Tensor, span: int, blocks: int, clock: float | None = None) -> None:
+           seg_pos: torch.Tensor, span: int, blocks: int, clock: float | None = None,
+           seg_text: torch.Tensor | None = None) -> None:
     """Make a step's tokens (K/V already stored in `slots`) part of the stream, then advance the
     counters (all-or-nothing: if the cache refuses, nothing moved and the slots are the caller's).
     seg_pos [P, n] absolute positions; seg_time / seg_block [n]."""
     n = slots.numel()
     order = torch.arange(state.tokens, state.tokens + n)
-    state.cache.adopt(slots, order, seg_time.float(), seg_pos.T.contiguous().int(), seg_block)
+    state.cache.adopt(slots, order, seg_time.float(), seg_pos.T.contiguous().int(), seg_block, seg_text)
     state.tokens += n
     state.next_pos += span
     state.block += blocks

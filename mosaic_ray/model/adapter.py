@@ -24,12 +24,14 @@ from mosaic_ray.transfer import to_device
 @dataclass(slots=True)
 class Chunk:
     """embeds [n, hidden]; positions [P, n] relative to the chunk start; span: positions it uses;
-    token_ids [n] (-1 where the input is not a text token, e.g. vision features)."""
+    token_ids [n] (-1 where the input is not a text token, e.g. vision features); text: a text
+    segment (a caption, a prompt), not a frame (whose markers are text tokens too)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
     span: int
     token_ids: torch.Tensor
+    text: bool = False
 
     @property
     def size(self) -> int:
@@ -78,7 +80,7 @@ class ModelAdapter(abc.ABC):
     def ids_chunk(self, ids: list[int]) -> Chunk:
         n = len(ids)
         pos = torch.arange(n, device=self.device)[None].expand(self.layout.pos_dims, n)
-        return Chunk(self.embed_ids(ids), pos, n, torch.tensor(ids, dtype=torch.long))
+        return Chunk(self.embed_ids(ids), pos, n, torch.tensor(ids, dtype=torch.long), text=True)
 
     def caption_text(self, text: str, timestamp: float) -> str:
         """How a timestamped caption is written into the stream."""

@@ -3,6 +3,7 @@
 import asyncio
 
 import numpy as np
+import torch
 import pytest
 
 from engine_fixtures import frames, make_engine
@@ -156,3 +157,25 @@ def test_one_snapshot_imports_twice_independently(tiny_adapter):
     a.append_frames("s", frames(4, seed=9), [8.0, 9.0, 10.0, 11.0])  # mutates a's copy in place
     b.import_stream("s", snap)
     assert b.answer("s", Q).token_ids == first
+
+
+def test_a_snapshot_keeps_the_text_units_and_an_older_one_without_them_still_imports(tiny_adapter):
+    src = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    src.open_stream("s")
+    src.append_frames("s", frames(8, seed=4), [float(i) for i in range(8)])
+    src.append_text("s", "a red car passes the gate", 8.5)
+    src.append_frames("s", frames(6, seed=5), [9.0 + i for i in range(6)])
+    snap = src.export_stream("s")
+    ix = src.streams["s"].cache.retriever.index
+    assert ix.text_slot.shape[1] > 0  # the prompt's and the caption's tokens are text units
+    dst = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    dst.import_stream("s", snap)
+    got = dst.streams["s"].cache.retriever.index
+    assert torch.equal(got.text_slot, ix.text_slot) and torch.equal(got.text_keys, ix.text_keys)
+    assert dst.answer("s", Q).token_ids == src.answer("s", Q).token_ids
+    since_text = ("index.text_keys", "index.text_slot", "resident.text")
+    older = {"meta": snap["meta"], "tensors": {k: v for k, v in snap["tensors"].items() if not k.endswith(since_text)}}
+    legacy = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    legacy.import_stream("s", older)
+    assert legacy.streams["s"].cache.retriever.index.text_slot.shape[1] == 0
+    assert len(legacy.answer("s", Q).token_ids) > 0
