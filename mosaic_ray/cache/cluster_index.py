@@ -22,8 +22,8 @@ and no split touches, and the index keeps its tokens' exact keys on the device (
 units then compete for one budget (issue 19: a caption blurred into video clusters is lost).
 
 Invariants (tested): every inserted token is in exactly one cluster; centroid == mean of members;
-count <= max_size always; after `drain_splits()` runs dry every cluster has count <= split_size and
-variance <= tau. `insert` is all-or-nothing: when the pool cannot take the rows it raises
+count <= max_size always; after `drain_splits()` runs dry every video cluster has count <= split_size
+and variance <= tau (text units are never split). `insert` is all-or-nothing: when the pool cannot take the rows it raises
 PoolExhaustedError and the index is unchanged. Splits never run while a query holds the index
 (`querying` guard).
 
