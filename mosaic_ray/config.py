@@ -153,6 +153,10 @@ class ClusterConfig:
     # 80 %), at the price of attention-mass fidelity on video (past recall at 5 % 0.756 -> 0.656,
     # output error 0.123 -> 0.150, section 4.1): whole captions take budget the video had.
     text_units: bool = True
+    # What a video cluster is scored by: "centroid" (its mean key) or "bound" (Quest-style: the
+    # per-dimension min and max of its members' keys, kept on the device, so q . k of every member
+    # is at most q+ . max + q- . min; twice the centroid's device memory more).
+    representative: str = "centroid"
 
     def __post_init__(self) -> None:
         _check_range("ClusterConfig.variance_ratio", self.variance_ratio, 0.0, 100.0, low_open=True)
@@ -163,6 +167,8 @@ class ClusterConfig:
         _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
         _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
         _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
+        if self.representative not in ("centroid", "bound"):
+            raise ValueError(f"ClusterConfig.representative must be centroid|bound, got {self.representative!r}")
 
 
 @dataclass(slots=True)

@@ -86,13 +86,15 @@ class Variant:
     scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
     fill: str = _CACHE.fill
     text_units: bool = _CLUSTER.text_units
+    representative: str = _CLUSTER.representative
 
     def cache_config(self, sink: int, window: int, capacity_bytes: int) -> CacheConfig:
         return CacheConfig(
             retrieval=self.method, sink_tokens=sink, window_tokens=window, scoring=self.scoring, fill=self.fill,
             offload_batch=1,  # selection is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(self.max_size, self.split_size), text_units=self.text_units),
+                                  max_size=max(self.max_size, self.split_size), text_units=self.text_units,
+                                  representative=self.representative),
             pool=PoolConfig(capacity_bytes=capacity_bytes, slab_tokens=self.slab_tokens, pin_memory="no"),
         )
 
@@ -115,7 +117,9 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                       Variant(f"{m} mean skip", m, scoring="mean", fill="skip"),
                       Variant(f"{m} max skip", m, scoring="max", fill="skip")) if m != "token" or v.fill == "prefix"),
                   *(Variant(f"cluster {sc} {fl} no-text-units", "cluster", scoring=sc, fill=fl, text_units=False)
-                    for sc, fl in (("mean", "prefix"), ("max", "skip")))]
+                    for sc, fl in (("mean", "prefix"), ("max", "skip"))),
+                  Variant("cluster bound", "cluster", representative="bound"),
+                  Variant("cluster centroid", "cluster", representative="centroid")]
 
 
 @dataclass(slots=True)
@@ -251,7 +255,8 @@ def run_model(model: str, s: Settings, log=print) -> dict:
             "config": {"method": variant.method, "variance_ratio": variant.variance_ratio,
                        "slab_tokens": cache.retriever.pool.slab_tokens, "split_size": variant.split_size,
                        "drain_before_query": variant.drain_before_query, "scoring": variant.scoring,
-                       "fill": variant.fill, "text_units": variant.text_units},
+                       "fill": variant.fill, "text_units": variant.text_units,
+                       "representative": variant.representative},
             "device_bytes": last["device_bytes"], "index_bytes": last["index_bytes"],
             "host_bytes": last["host_bytes"], "replay_s": round(time.perf_counter() - tv, 2),
             "budgets": {},

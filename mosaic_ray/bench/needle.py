@@ -81,6 +81,7 @@ class Variant:
     scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
     fill: str = _CACHE.fill
     text_units: bool = _CLUSTER.text_units
+    representative: str = _CLUSTER.representative
 
     def cache_config(self, s: "Settings", budget: float) -> CacheConfig:
         return CacheConfig(
@@ -88,7 +89,8 @@ class Variant:
             scoring=self.scoring, fill=self.fill,
             offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size), text_units=self.text_units),
+                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size), text_units=self.text_units,
+                                  representative=self.representative),
             pool=PoolConfig(capacity_bytes=1 << 20, pin_memory="no"),  # streams live in the engine's pool
         )
 
@@ -116,8 +118,10 @@ def parse_variant(spec: str) -> Variant:
             setattr(v, key, value)
         elif key == "text" and method == "cluster" and value in ("on", "off"):
             v.text_units = value == "on"
+        elif key == "rep" and method == "cluster":  # centroid | bound, checked by ClusterConfig
+            v.representative = value
         else:
-            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, text=on|off, scoring, fill)")
+            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, text=on|off, rep, scoring, fill)")
     return v
 
 

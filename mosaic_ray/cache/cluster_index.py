@@ -84,18 +84,37 @@ class ClusterIndex:
         self.t_max = torch.full((G, capacity), -_INF, dtype=torch.float32, device=dev)
         self.slabs = torch.full((G, capacity, self.max_slabs), -1, dtype=torch.int64, device=dev)
         self.split_flag = torch.zeros(G, capacity, dtype=torch.bool, device=dev)
+        # per-dimension min / max of the members' keys (representative "bound"; 0 for empty slots)
+        bound_cap = capacity if self.config.representative == "bound" else 0
+        self.kmin = torch.zeros(G, bound_cap, D, dtype=torch.float32, device=dev)
+        self.kmax = torch.zeros(G, bound_cap, D, dtype=torch.float32, device=dev)
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         new_cap = max(needed, 2 * self.capacity)
-        old = (self.count, self.centroid, self.sumsq, self.t_min, self.t_max, self.slabs, self.split_flag)
-        old_cap = self.capacity
+        old = self._per_cluster()
         self._alloc(new_cap)
-        for dst, src in zip(
-            (self.count, self.centroid, self.sumsq, self.t_min, self.t_max, self.slabs, self.split_flag), old
-        ):
-            dst[:, :old_cap] = src
+        for dst, src in zip(self._per_cluster(), old):
+            dst[:, : src.shape[1]] = src
+
+    def _per_cluster(self) -> tuple[torch.Tensor, ...]:
+        return (self.count, self.centroid, self.sumsq, self.t_min, self.t_max, self.slabs, self.split_flag,
+                self.kmin, self.kmax)
+
+    @property
+    def bounded(self) -> bool:
+        """Per-cluster key bounds are kept (`ClusterConfig.representative == "bound"`)."""
+        return self.kmin.shape[1] == self.capacity and self.config.representative == "bound"
+
+    def restore_bounds(self) -> None:
+        """After importing a snapshot without key bounds: each cluster's bound is its centroid
+        (a point), until its next members or split widen it."""
+        if self.config.representative == "bound" and self.kmin.shape[1] != self.capacity:
+            self.kmin, self.kmax = self.centroid.clone(), self.centroid.clone()
+        elif self.config.representative != "bound" and self.kmin.shape[1]:  # bounds this engine does not use
+            G, D = self.layout.groups, self.layout.head_dim
+            self.kmin = self.kmax = torch.zeros(G, 0, D, dtype=torch.float32, device=self.device)
 
     @property
     def total_clusters(self) -> int:
@@ -107,6 +126,8 @@ class ClusterIndex:
             self.centroid.element_size() * self.layout.head_dim
             + 8 + 4 + 4 + 4 + 8 * self.max_slabs + 1
         )
+        if self.bounded:
+            per_cluster += 2 * self.kmin.element_size() * self.layout.head_dim
         text = self.text_keys.numel() * self.text_keys.element_size() + self.text_slot.numel() * 8
         return self.total_clusters * per_cluster + text
 
@@ -357,6 +378,13 @@ class ClusterIndex:
         sums = self.centroid.view(-1, D)[touched] * self.count.view(-1)[touched, None].float()
         sums.index_add_(0, inv, x.reshape(-1, D))
         self.sumsq.view(-1)[touched] = self.sumsq.view(-1)[touched].index_add(0, inv, x2.flatten())
+        if self.bounded:  # per-dimension min / max of the members, the batch's folded in
+            was_empty = (self.count.view(-1)[touched] == 0)[:, None]
+            idx = inv[:, None].expand(-1, D)
+            lo = torch.full((touched.numel(), D), _INF, device=self.device).scatter_reduce_(0, idx, x.reshape(-1, D), "amin")
+            hi = torch.full((touched.numel(), D), -_INF, device=self.device).scatter_reduce_(0, idx, x.reshape(-1, D), "amax")
+            self.kmin.view(-1, D)[touched] = torch.where(was_empty, lo, torch.minimum(self.kmin.view(-1, D)[touched], lo))
+            self.kmax.view(-1, D)[touched] = torch.where(was_empty, hi, torch.maximum(self.kmax.view(-1, D)[touched], hi))
         self.count.view(-1)[touched] = cnt
         self.centroid.view(-1, D)[touched] = sums / cnt[:, None].float()
         tdev = batch.time.to(self.device, torch.float32)[None, :].expand(G, n).flatten()

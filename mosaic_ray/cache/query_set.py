@@ -34,10 +34,13 @@ class QuerySet:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.q.shape)
 
-    def unit_scores(self, reps: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def unit_scores(self, reps: torch.Tensor, sizes: torch.Tensor | None = None,
+                    bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """[H, N]: max over the queries of log(estimated attention one member of unit n gets),
         reps [H, N, D] (a unit's key: the token's, or a mean key); sizes [H, N] members per unit
-        (None: one each). A unit of size 0 scores -inf. No host sync."""
+        (None: one each). With bounds (lo, hi) [H, N, D], per-dimension min / max of each unit's
+        keys, a unit's logit is the largest any member can have (`bound_logits`); the partition
+        still counts it by reps. A unit of size 0 scores -inf. No host sync."""
         H, N, _ = reps.shape
         Q = self.q.shape[1]
         if N == 0:
@@ -53,11 +56,23 @@ class QuerySet:
             past = torch.logaddexp(past, torch.logsumexp(lg, 1))
         log_z = torch.logaddexp(self.log_z, past)[:, None, :]  # [H, 1, Q]
         # pass 2: each unit's best normalised logit
-        out = torch.cat([(self._logits(reps[:, n0:n0 + step]) - log_z).amax(2) for n0 in range(0, N, step)], 1)
+        def best(n0):
+            if bounds is None:
+                return self._logits(reps[:, n0:n0 + step])
+            return bound_logits(self.q, bounds[0][:, n0:n0 + step], bounds[1][:, n0:n0 + step])
+
+        out = torch.cat([(best(n0) - log_z).amax(2) for n0 in range(0, N, step)], 1)
         return out if sizes is None else out.masked_fill(sizes <= 0, NEG_INF)
 
     def _logits(self, reps: torch.Tensor) -> torch.Tensor:
         return torch.bmm(reps.float(), self.q.transpose(1, 2))  # [H, n, Q]
+
+
+def bound_logits(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """[H, N, Q]: for queries q [H, Q, D] and per-dimension key bounds lo / hi [H, N, D], the
+    largest q . k over any k inside the bounds: q+ . hi + q- . lo (Quest's page bound)."""
+    pos, neg = q.clamp(min=0), q.clamp(max=0)
+    return torch.bmm(hi.float(), pos.transpose(1, 2)) + torch.bmm(lo.float(), neg.transpose(1, 2))
 
 
 def mean_query(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

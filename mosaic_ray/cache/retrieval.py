@@ -156,12 +156,16 @@ class ClusterRetriever(Retriever):
         nothing in a QuerySet's)."""
         ix = self.index
         g = slice(layer * self.layout.num_kv_heads, (layer + 1) * self.layout.num_kv_heads)
+        bounds = (ix.kmin[g], ix.kmax[g]) if ix.bounded else None  # ClusterConfig.representative
         if ix.text_slot.shape[1] == 0:
-            return self._unit_scores(query, ix.centroid[g], ix.count[g])
+            return self._unit_scores(query, ix.centroid[g], ix.count[g], bounds)
         is_text, C = ix.text_mask()[g], ix.capacity
-        reps = torch.cat([ix.centroid[g], ix.text_keys[g].float()], 1)
+        text_keys = ix.text_keys[g].float()
+        reps = torch.cat([ix.centroid[g], text_keys], 1)
         sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), torch.ones_like(ix.text_slot[g])], 1)
-        s = self._unit_scores(query, reps, sizes)
+        if bounds is not None:  # a text token's bound is the token
+            bounds = (torch.cat([bounds[0], text_keys], 1), torch.cat([bounds[1], text_keys], 1))
+        s = self._unit_scores(query, reps, sizes, bounds)
         return s[:, :C].masked_fill(is_text, NEG_INF).scatter_reduce(1, ix.text_slot[g], s[:, C:], "amax")
 
     def _ranked(self, layer: int, query, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched, gather, gather_into, gather_times, merge_prefetched
 from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.query_set import QuerySet
+from mosaic_ray.cache.query_set import QuerySet, bound_logits
 from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.cache.working_set import WorkingSet
@@ -102,11 +102,15 @@ class Retriever(abc.ABC):
             raise ValueError(f"query: expected shape {(H, D)} or a QuerySet of ({H}, Q, {D}), got {shape}")
 
     @staticmethod
-    def _unit_scores(query: torch.Tensor | QuerySet, reps: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def _unit_scores(query: torch.Tensor | QuerySet, reps: torch.Tensor, sizes: torch.Tensor | None = None,
+                     bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """[H, N] scores of units with keys reps [H, N, D]: query . rep for a mean query, else the
-        QuerySet's normalised best estimate (sizes [H, N]: members per unit, None: one each)."""
+        QuerySet's normalised best estimate (sizes [H, N]: members per unit, None: one each;
+        bounds (lo, hi): per-dimension key bounds, scored by the largest logit inside them)."""
         if isinstance(query, QuerySet):
-            return query.unit_scores(reps, sizes)
+            return query.unit_scores(reps, sizes, bounds)
+        if bounds is not None:
+            return bound_logits(query.float()[:, None, :], *bounds).squeeze(-1)
         return torch.bmm(reps.float(), query.float()[:, :, None]).squeeze(-1)
 
     @abc.abstractmethod

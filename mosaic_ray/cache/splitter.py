@@ -86,8 +86,15 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     t = flat(got["time"])
     tmin = torch.full((2 * m,), _INF, device=dev).scatter_reduce_(0, side, t, "amin")
     tmax = torch.full((2 * m,), -_INF, device=dev).scatter_reduce_(0, side, t, "amax")
+    if index.bounded:  # both children's key bounds, from their members
+        sd = side[:, None].expand(-1, kf.shape[1])
+        kmin = torch.full((2 * m, kf.shape[1]), _INF, device=dev).scatter_reduce_(0, sd, kf, "amin")
+        kmax = torch.full((2 * m, kf.shape[1]), -_INF, device=dev).scatter_reduce_(0, sd, kf, "amax")
     for half, slot, slabs in ((0, c, parent), (1, child, child_slabs)):
         ii = torch.arange(m, device=dev) * 2 + half
+        if index.bounded:
+            index.kmin[g, slot] = kmin[ii]
+            index.kmax[g, slot] = kmax[ii]
         index.slabs[g, slot] = slabs
         index.count[g, slot] = cnt[ii]
         index.centroid[g, slot] = ksum[ii] / cnt[ii].clamp(min=1)[:, None].float()

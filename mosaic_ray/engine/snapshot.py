@@ -29,9 +29,10 @@ _RETRIEVER_FIELDS = {
               ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
     "cluster": [("", (), ("past_tokens",), None),
                 ("index", ("num_clusters", "count", "centroid", "sumsq", "t_min", "t_max", "slabs", "split_flag",
-                           "key_count", "key_sum", "key_sumsq", "text_keys", "text_slot"), ("capacity",), "slabs")],
+                           "key_count", "key_sum", "key_sumsq", "text_keys", "text_slot", "kmin", "kmax"),
+                 ("capacity",), "slabs")],
 }
-_SINCE_TEXT_UNITS = ("text_keys", "text_slot")  # absent from older snapshots
+_OPTIONAL = ("text_keys", "text_slot", "kmin", "kmax")  # absent from older snapshots
 _COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
 
 
@@ -89,7 +90,7 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
         obj = _owner(retriever, path)
         for n in tnames:
             t = tensors.get(f"retriever.{path}.{n}")
-            if t is None and n in _SINCE_TEXT_UNITS:  # a snapshot from before text units: none
+            if t is None and n in _OPTIONAL:  # a snapshot from before text units / key bounds
                 continue
             if n == slab_attr:
                 t = t.cpu()
@@ -97,6 +98,8 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
             setattr(obj, n, t.to(dev, copy=True))
         for n in pnames:
             setattr(obj, n, meta["plain"][f"{path}.{n}"])
+    if retriever.method == "cluster":
+        retriever.index.restore_bounds()  # bounds the snapshot lacks, or this engine does not keep
     state = StreamState(stream_id, cache)
     for c, value in meta["counters"].items():
         setattr(state, c, value)

@@ -41,6 +41,8 @@ def _check_invariants(index, batches, drained):
             assert torch.equal(k, keys[g, order]) and torch.equal(v, values[g, order])
             # centroid is the mean of the members; time span covers them
             torch.testing.assert_close(index.centroid[g, c], k.float().mean(0), atol=1e-4, rtol=1e-4)
+            if index.bounded:  # key bounds are the members' per-dimension min and max, exactly
+                assert torch.equal(index.kmin[g, c], k.float().amin(0)) and torch.equal(index.kmax[g, c], k.float().amax(0))
             assert float(index.t_min[g, c]) == float(time.min()) and float(index.t_max[g, c]) == float(time.max())
             assert bool((order[1:] > order[:-1]).all()), "members are kept in time order"
             if drained and not bool(text[g, c]):  # a text segment's unit is never split
@@ -59,10 +61,11 @@ def _check_invariants(index, batches, drained):
     ratio=st.sampled_from([0.05, 0.15, 0.5]),
     seed_chunk=st.sampled_from([0, 3, 16]),
     text_every=st.sampled_from([0, 2, 3]),
+    representative=st.sampled_from(["centroid", "bound"]),
 )
 def test_invariants_after_any_inserts_and_splits(layout, pool, sizes, spread, drain_each, ratio, seed_chunk,
-                                                 text_every):
-    index = _index(layout, pool, variance_ratio=ratio, seed_chunk=seed_chunk)
+                                                 text_every, representative):
+    index = _index(layout, pool, variance_ratio=ratio, seed_chunk=seed_chunk, representative=representative)
     batches, start = [], 0
     for i, n in enumerate(sizes):
         batch = make_batch(layout, start, n, seed=i, spread=spread)

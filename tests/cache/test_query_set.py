@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mosaic_ray.cache import query_set as qs_mod
-from mosaic_ray.cache.query_set import QuerySet, mean_query, query_set
+from mosaic_ray.cache.query_set import QuerySet, bound_logits, mean_query, query_set
 
 
 def _reference(q, log_z_res, reps, sizes):
@@ -55,6 +55,17 @@ def test_a_unit_one_head_attends_outranks_what_the_mean_query_favours():
     qset = query_set(q.reshape(1, 4, D), torch.zeros(1, 0, D), 1.0, 1)
     assert qset.shape == (1, 4, D)
     assert int(torch.argmax(qset.unit_scores(reps)[0])) == 0
+
+
+def test_a_bound_is_at_least_every_members_logit_and_exact_for_a_point():
+    g = torch.Generator().manual_seed(3)
+    H, Q, D, M = 2, 5, 8, 9
+    q = torch.randn(H, Q, D, generator=g)
+    members = torch.randn(H, M, D, generator=g)
+    lo, hi = members.amin(1, keepdim=True), members.amax(1, keepdim=True)  # one unit of M members
+    bound = bound_logits(q, lo, hi)[:, 0]  # [H, Q]
+    assert bool((bound >= torch.einsum("hqd,hmd->hqm", q, members).amax(2) - 1e-5).all())
+    torch.testing.assert_close(bound_logits(q, members[:, :1], members[:, :1])[:, 0], torch.einsum("hqd,hd->hq", q, members[:, 0]))
 
 
 def test_query_set_scales_and_groups_the_heads():

@@ -11,9 +11,10 @@ METHODS = ["full", "frame", "token", "cluster"]
 SINK, WINDOW = 4, 24
 
 
-def _stream(layout, pool, method, budget, n_batches=8, n=29, scoring="mean", fill="prefix"):
+def _stream(layout, pool, method, budget, n_batches=8, n=29, scoring="mean", fill="prefix", representative="centroid"):
     cfg = CacheConfig(retrieval=method, offload_batch=1, budget_tokens=budget, sink_tokens=SINK, window_tokens=WINDOW,
-                      cluster=ClusterConfig(split_size=16, max_size=32), scoring=scoring, fill=fill)
+                      cluster=ClusterConfig(split_size=16, max_size=32, representative=representative),
+                      scoring=scoring, fill=fill)
     cache = StreamCache(layout, cfg, pool, "cpu")
     batches = [make_batch(layout, i * n, n, seed=i) for i in range(n_batches)]
     for b in batches:
@@ -33,10 +34,14 @@ def _query(cache, layout, layer, q):
     return cache.query_for(layer, q[None], layout.head_dim ** -0.5)
 
 
-@pytest.mark.parametrize("scoring,fill", [("mean", "prefix"), ("max", "prefix"), ("max", "skip")])
+@pytest.mark.parametrize("scoring,fill,rep", [("mean", "prefix", "centroid"), ("max", "prefix", "centroid"),
+                                              ("max", "skip", "centroid"), ("max", "skip", "bound"),
+                                              ("mean", "prefix", "bound")])
 @pytest.mark.parametrize("method", METHODS)
-def test_full_budget_gives_exact_attention(layout, pool, method, scoring, fill):
-    cache, batches = _stream(layout, pool, method, budget=10_000, scoring=scoring, fill=fill)
+def test_full_budget_gives_exact_attention(layout, pool, method, scoring, fill, rep):
+    if rep == "bound" and method != "cluster":
+        pytest.skip("a cluster representative")
+    cache, batches = _stream(layout, pool, method, budget=10_000, scoring=scoring, fill=fill, representative=rep)
     keys = torch.cat([b.keys for b in batches], 1)
     values = torch.cat([b.values for b in batches], 1)
     for layer in range(layout.num_layers):

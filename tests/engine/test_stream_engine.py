@@ -179,3 +179,22 @@ def test_a_snapshot_keeps_the_text_units_and_an_older_one_without_them_still_imp
     legacy.import_stream("s", older)
     assert legacy.streams["s"].cache.retriever.index.text_slot.shape[1] == 0
     assert len(legacy.answer("s", Q).token_ids) > 0
+
+
+def test_key_bounds_travel_in_snapshots_and_a_snapshot_without_them_imports(tiny_adapter):
+    bound = {"representative": "bound"}
+    src = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, cluster=bound)
+    plain = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
+    for e in (src, plain):
+        e.open_stream("s")
+        e.append_frames("s", frames(10, seed=6), [float(i) for i in range(10)])
+    dst = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, cluster=bound)
+    dst.import_stream("s", src.export_stream("s"))
+    a, b = src.streams["s"].cache.retriever.index, dst.streams["s"].cache.retriever.index
+    assert a.bounded and b.bounded and torch.equal(a.kmin, b.kmin) and torch.equal(a.kmax, b.kmax)
+    assert dst.answer("s", Q).token_ids == src.answer("s", Q).token_ids
+    # from an engine that keeps no bounds: each cluster's bound starts as its centroid
+    late = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, cluster=bound)
+    late.import_stream("s", plain.export_stream("s"))
+    ix = late.streams["s"].cache.retriever.index
+    assert ix.bounded and torch.equal(ix.kmin, ix.centroid) and len(late.answer("s", Q).token_ids) > 0
