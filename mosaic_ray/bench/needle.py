@@ -48,6 +48,7 @@ from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, ClusterConfig, E
 from mosaic_ray.bench.needle_report import goal, print_table, write
 from mosaic_ray.bench.needle_stream import NEEDLES, Recording, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
 from mosaic_ray.bench.report import bkey
+from mosaic_ray.bench.stats import wilson
 
 SCHEMA = "mosaic_ray.needle/1"
 MODELS = ("tiny", "dino-smollm2")
@@ -239,7 +240,8 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     mean = lambda k: sum(r[k] for r in rows) / max(1, n)  # noqa: E731
-    return {"accuracy": mean("correct"), "correct": sum(r["correct"] for r in rows), "questions": n,
+    correct = sum(r["correct"] for r in rows)
+    return {"accuracy": mean("correct"), "correct": correct, "questions": n, "accuracy_ci95": wilson(correct, n),
             "needle_recall_mean": mean("needle_recall"), "fill_mean": mean("fill"), "copies_per_query": mean("copies"),
             "ttft_s_mean": mean("ttft_s"), "per_question": rows}
 

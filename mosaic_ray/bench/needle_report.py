@@ -47,13 +47,14 @@ def table_markdown(results: dict) -> str:
         "resident), mean over layers, KV heads and questions; _fill_: retrieved tokens / budget; _copies_: "
         "contiguous host runs read per question (all layers). `oracle` = full retrieval restricted to the "
         "needle's time +-1 s (the question's since/until): what the model does when the needle comes back whole.\n",
-        "| method | budget | accuracy | needle tokens seen | budget fill | copies / question |",
+        "| method | budget | accuracy (95 % Wilson interval) | needle tokens seen | budget fill | copies / question |",
         "|---|---|---|---|---|---|",
     ]
     for name, b, a in _rows(results):
         budget = "all" if b == "all" else f"{float(b):.0%}"
         copies = "-" if name == "full" else f"{a['copies_per_query']:.0f}"
-        lines.append(f"| {name} | {budget} | {a['accuracy']:.0%} ({a['correct']}/{a['questions']}) "
+        lo, hi = a.get("accuracy_ci95", (0.0, 1.0))
+        lines.append(f"| {name} | {budget} | {a['accuracy']:.0%} ({a['correct']}/{a['questions']}; {lo:.0%}-{hi:.0%}) "
                      f"| {a['needle_recall_mean']:.2f} | {a['fill_mean']:.2f} | {copies} |")
     if results["goal"]:
         lines.append("\nGoal (issue 4): cluster within 1 point of full and not below token: " + "; ".join(

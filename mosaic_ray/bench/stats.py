@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % for z = 1.96): (low, high); (0, 1) for n = 0.
+    Right where a normal interval is not: at 0/10 it gives (0, 0.28), not (0, 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def pct(xs: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 1]); 0.0 for no samples."""
     if not xs:

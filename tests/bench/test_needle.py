@@ -30,7 +30,9 @@ def test_writes_json_png_and_table(quick_run):
     out, res = quick_run
     assert (out / "needle.png").stat().st_size > 1000
     table = (out / "needle.md").read_text()
-    assert "| method | budget | accuracy |" in table and "| cluster | 5% |" in table
+    assert "| method | budget | accuracy (95 % Wilson interval) |" in table and "| cluster | 5% |" in table
+    lo, hi = res["methods"]["cluster"]["budgets"]["0.05"]["accuracy_ci95"]
+    assert 0.0 <= lo <= res["methods"]["cluster"]["budgets"]["0.05"]["accuracy"] <= hi <= 1.0
     assert res["schema"] == needle.SCHEMA and res["settings"]["quick"] is True
     assert res["model"] == "tiny" and res["weights"] == "random-init"
 
