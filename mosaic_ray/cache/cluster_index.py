@@ -12,7 +12,8 @@ Members of a cluster are rows 0..count-1 of its slab list, in arrival (= time) o
 Assignment (`insert`) is batched over all groups and tokens: a token joins its nearest centroid if
 the cluster's variance after joining stays <= tau[g] (variance_ratio x the running key variance of
 the group) and the cluster has room (< max_size, counting tokens of the same batch); the rest are
-clustered among themselves by parallel leader clustering (seeds, and tokens within tau of a seed). Clusters that end up larger than
+clustered among themselves by parallel leader clustering (seeds, and tokens within tau of a seed:
+`cache/seeding.py`). Clusters that end up larger than
 split_size or above tau are flagged; `drain_splits` splits them by 2-means in bounded batches.
 
 Text segments (a caption, a Q/A turn: `TokenBatch.text`) are units of their own, not clustered by
@@ -36,6 +37,7 @@ import contextlib
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.seeding import seed_unassigned
 from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.token_batch import TokenBatch, ranks_within
 from mosaic_ray.config import ClusterConfig, KVLayout
@@ -192,7 +194,7 @@ class ClusterIndex:
             ok = torch.isfinite(d2) & (new_var <= tau[:, None]) & video[None, :]
             assign = self._admit(assign, ok, j, self.count.gather(1, j))
         # 2) seed new clusters from what is left; tokens within tau of a seed join it
-        new_per_group = pieces + self._seed(assign, x, x2, tau, base + pieces)
+        new_per_group = pieces + seed_unassigned(self.config, assign, x, x2, tau, base + pieces)
         # 3) reserve pool rows (all-or-nothing), then commit
         member_rank = self._member_ranks(assign)
         slab_of, new_slab_keys = self._slab_needs(assign, member_rank, base + new_per_group)
@@ -242,101 +244,6 @@ class ClusterIndex:
         rank = ranks_within(key.flatten()).view_as(key)
         room = ok & (cnt_before + rank < self.config.max_size)
         return torch.where(room, j, assign)
-
-    def _seed(self, assign, x, x2, tau, base) -> torch.Tensor:
-        """Seed new clusters from the tokens no cluster could take; returns new clusters per group.
-
-        Parallel leader clustering, a few rounds: an unassigned token with no earlier unassigned
-        token within `radius` becomes a seed; every other unassigned token joins its nearest seed
-        within `radius`, max_size per cluster (a seed with more joiners makes several clusters,
-        so a dense batch needs one round, not one per max_size tokens). A member within `radius`
-        of its seed keeps the cluster's variance <= radius (variance about the mean <= mean
-        squared distance to any point). Each round seeds at least the earliest unassigned token,
-        so it ends; after `seed_rounds` the radius widens so the work per batch stays bounded
-        (those clusters are flagged for a split if needed).
-
-        Cost is quadratic in the tokens seeded together, so only the unassigned tokens take part
-        (compacted, in arrival order: one host sync for their largest count), and they are seeded
-        in runs of `seed_chunk` consecutive tokens, each run on its own (a run is one row of the
-        seeding problem, like a group). Rows are seeded in blocks of `distance_block_elems`
-        distances, each block's distances computed once for all its rounds. Mutates `assign`.
-        """
-        G, n, D = x.shape
-        dev = self.device
-        new_per_group = torch.zeros(G, dtype=torch.int64, device=dev)
-        un = assign < 0
-        left = un.sum(1)
-        m = int(left.max())  # the one host sync of the compaction
-        if m == 0:
-            return new_per_group
-        c = min(m, self.config.seed_chunk or m)
-        k = -(-m // c)  # runs per group
-        # unassigned tokens first, in arrival order; columns past a group's count are padding
-        order = torch.argsort((~un).to(torch.uint8), dim=1, stable=True)[:, :m]
-        valid = torch.arange(m, device=dev)[None, :] < left[:, None]
-        # padded to whole runs (the padding points at token 0 and takes no part)
-        order_p = torch.cat([order, order.new_zeros(G, k * c - m)], 1)
-        valid_p = torch.cat([valid, valid.new_zeros(G, k * c - m)], 1)
-        xs = x.gather(1, order_p[..., None].expand(G, k * c, D)).view(G * k, c, D)
-        x2s = x2.gather(1, order_p).view(G * k, c)
-        local = torch.where(valid_p, -1, -2).view(G * k, c)  # -1: to seed, -2: padding (takes no part)
-        made = self._seed_rows(local, xs, x2s, tau.repeat_interleave(k)).view(G, k)
-        # local cluster ids -> slots: after the group's existing clusters and its earlier runs
-        first = (base[:, None] + torch.cumsum(made, 1) - made).view(G * k, 1)
-        slot = (local + first).view(G, k * c)[:, :m]
-        assign.scatter_(1, order, torch.where(valid, slot, assign.gather(1, order)))
-        return made.sum(1)
-
-    def _seed_rows(self, a, x, x2, radius) -> torch.Tensor:
-        """Leader clustering of each row of `a` [R, c] (-1 = to seed, -2 = padding) on its own:
-        writes row-local cluster ids (0, 1, ...) into `a`; returns clusters made per row."""
-        R, c = a.shape
-        dev = self.device
-        made = torch.zeros(R, dtype=torch.int64, device=dev)
-        earlier = torch.tril(torch.ones(c, c, dtype=torch.bool, device=dev), diagonal=-1)  # [i, j]: j < i
-        step = max(1, self.config.distance_block_elems // max(1, c * c))
-        for r0 in range(0, R, step):  # rows are independent: each block runs its own rounds
-            r1 = min(R, r0 + step)
-            ab, r = a[r0:r1], radius[r0:r1]  # a view: rounds write `a` in place
-            d2 = (x2[r0:r1, :, None] - 2 * torch.bmm(x[r0:r1], x[r0:r1].transpose(1, 2)) + x2[r0:r1, None, :]).clamp(min=0)
-            close = d2 <= r[:, None, None]  # distances once per block, not once per round
-            close_earlier = close & earlier[None]
-            rounds = 0
-            while True:
-                un = ab == -1
-                # a host sync per check: the first round goes without one (with no token left it
-                # changes nothing: no seed, no joiner)
-                if rounds and not bool(un.any()):
-                    break
-                covered = (close_earlier & un[:, None, :]).any(-1)
-                seed = un & ~covered
-                best, near = d2.masked_fill(~(seed[:, None, :] & close), float("inf")).min(-1)
-                near = torch.where(torch.isfinite(best), near, -1)
-                made[r0:r1] += self._take_seeds(ab, seed, un, near, made[r0:r1])
-                rounds += 1
-                if rounds >= self.config.seed_rounds:
-                    r = torch.where(r > 0, r * 4, torch.full_like(r, 1e-6))
-                    close = d2 <= r[:, None, None]
-                    close_earlier = close & earlier[None]
-        return made
-
-    def _take_seeds(self, a, seed, un, near, first_free) -> torch.Tensor:
-        """One seeding round of a block of rows: seeds become clusters and the tokens whose
-        nearest seed (within radius) they are join them, max_size members per cluster (the
-        joiners beyond the first max_size - 1 fill further clusters of that seed in arrival order:
-        each member is within radius of the seed point, so each cluster's variance stays <=
-        radius). Writes `a` (the block's assignment) in place; returns clusters made per row."""
-        Gb, n = a.shape
-        joins = un & ~seed & (near >= 0)
-        gi = torch.arange(Gb, device=a.device)[:, None]
-        rank = ranks_within(torch.where(joins, gi * (1 << 32) + near, -1).flatten()).view(Gb, n)
-        chunk = torch.where(joins, (rank + 1) // self.config.max_size, 0)
-        extra = torch.zeros(Gb, n, dtype=torch.int64, device=a.device).scatter_reduce_(1, near.clamp(min=0), chunk, "amax")
-        made = torch.where(seed, extra + 1, 0)  # clusters each seed makes
-        first = first_free[:, None] + torch.cumsum(made, 1) - made  # its first slot
-        a[:] = torch.where(seed, first, a)
-        a[:] = torch.where(joins, first.gather(1, near.clamp(min=0)) + chunk, a)
-        return made.sum(1)
 
     def _member_ranks(self, assign) -> torch.Tensor:
         """Index of each new token among its cluster's members (existing count + rank in batch)."""

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from cache_fixtures import make_batch
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
+from mosaic_ray.cache.seeding import seed_unassigned
 from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.config import ClusterConfig, KVLayout, PoolConfig
 
@@ -110,12 +111,12 @@ def test_seeding_ignores_the_tokens_the_join_took(layout, pool):
     taken = torch.rand(G, n, generator=torch.Generator().manual_seed(0)) < 0.5
     assign = torch.where(taken, 1000, -1)
     base = torch.full((G,), 7, dtype=torch.int64)
-    made = index._seed(assign, x, x2, tau, base)
+    made = seed_unassigned(index.config, assign, x, x2, tau, base)
     assert bool((assign[taken] == 1000).all()) and bool((assign[~taken] >= 7).all())
     for g in range(G):
         rest = (~taken[g]).nonzero().flatten()
         alone = torch.full((1, rest.numel()), -1, dtype=torch.int64)
-        made_alone = index._seed(alone, x[g:g + 1, rest], x2[g:g + 1, rest], tau[g:g + 1], torch.tensor([7]))
+        made_alone = seed_unassigned(index.config, alone, x[g:g + 1, rest], x2[g:g + 1, rest], tau[g:g + 1], torch.tensor([7]))
         assert torch.equal(assign[g, rest], alone[0]) and int(made[g]) == int(made_alone[0])
 
 
@@ -129,7 +130,7 @@ def test_seeding_runs_never_share_a_cluster(layout, pool, chunk):
     tau = torch.full((G,), 4.0)
     base = torch.arange(G, dtype=torch.int64)
     assign = torch.full((G, n), -1, dtype=torch.int64)
-    made = _index(layout, pool, seed_chunk=chunk)._seed(assign, x, x2, tau, base)
+    made = seed_unassigned(_index(layout, pool, seed_chunk=chunk).config, assign, x, x2, tau, base)
     run = torch.arange(n) // chunk
     for g in range(G):
         slots = assign[g]
@@ -137,9 +138,9 @@ def test_seeding_runs_never_share_a_cluster(layout, pool, chunk):
         for c in torch.unique(slots):
             assert torch.unique(run[slots == c]).numel() == 1
     whole = torch.full((G, n), -1, dtype=torch.int64)
-    _index(layout, pool, seed_chunk=n)._seed(whole, x, x2, tau, base)
+    seed_unassigned(_index(layout, pool, seed_chunk=n).config, whole, x, x2, tau, base)
     none = torch.full((G, n), -1, dtype=torch.int64)
-    _index(layout, pool, seed_chunk=0)._seed(none, x, x2, tau, base)
+    seed_unassigned(_index(layout, pool, seed_chunk=0).config, none, x, x2, tau, base)
     assert torch.equal(whole, none)
 
 
@@ -178,6 +179,7 @@ def test_a_dense_batch_seeds_in_one_round(monkeypatch):
     cluster they need (a seed's joiners beyond max_size fill further clusters), none over the cap,
     each within the cohesion bound."""
     from mosaic_ray.cache import cluster_index as ci
+    from mosaic_ray.cache import seeding
 
     layout = KVLayout(1, 2, 8)
     pool = HostPool(layout, PoolConfig(capacity_bytes=1 << 22, slab_tokens=4))
@@ -185,7 +187,8 @@ def test_a_dense_batch_seeds_in_one_round(monkeypatch):
     batch = make_batch(layout, 0, 200, seed=3, centers=2, spread=0.01)
     calls = []
     real = ci.ranks_within
-    monkeypatch.setattr(ci, "ranks_within", lambda k: calls.append(1) or real(k))
+    for module in (ci, seeding):  # the member ranks, and the seeding rounds
+        monkeypatch.setattr(module, "ranks_within", lambda k: calls.append(1) or real(k))
     index.insert(batch)
     assert len(calls) == 2  # one seeding round + the member ranks
     assert int(index.count.max()) <= index.config.max_size

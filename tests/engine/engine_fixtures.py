@@ -20,3 +20,15 @@ def make_engine(adapter, retrieval="full", window=4096, budget=None, sink=16, **
 def frames(n, seed=0, size=56):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def make_loop_engine(tiny_adapter, method="cluster", **scheduler):
+    """A small engine (window 24, sink 4, budget 30) whose step loop runs the given
+    SchedulerConfig fields."""
+    e = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    if scheduler:
+        from mosaic_ray.config import SchedulerConfig
+        from mosaic_ray.engine.scheduler import StepScheduler
+
+        e.loop.scheduler = StepScheduler(SchedulerConfig(**scheduler))
+    return e
