@@ -224,11 +224,12 @@ class ClusterIndex:
         piece_of = torch.cumsum(new_piece.long(), 0) - 1
         return idx, piece_of, int(piece_of[-1]) + 1
 
-    def text_mask(self) -> torch.Tensor:
-        """[G, capacity] True for the cluster slots that hold a text segment's piece."""
-        mask = torch.zeros(self.layout.groups, self.capacity, dtype=torch.bool, device=self.device)
-        if self.text_slot.shape[1]:
-            mask.scatter_(1, self.text_slot, True)
+    def text_mask(self, groups: slice = slice(None)) -> torch.Tensor:
+        """[g, capacity] True for the cluster slots of `groups` that hold a text segment's piece."""
+        slot = self.text_slot[groups]
+        mask = torch.zeros(slot.shape[0], self.capacity, dtype=torch.bool, device=self.device)
+        if slot.shape[1]:
+            mask.scatter_(1, slot, True)
         return mask
 
     def _tau_from(self, count, ksum, ksumsq) -> torch.Tensor:

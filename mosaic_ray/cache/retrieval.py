@@ -159,7 +159,7 @@ class ClusterRetriever(Retriever):
         bounds = (ix.kmin[g], ix.kmax[g]) if ix.bounded else None  # ClusterConfig.representative
         if ix.text_slot.shape[1] == 0:
             return self._unit_scores(query, ix.centroid[g], ix.count[g], bounds)
-        is_text, C = ix.text_mask()[g], ix.capacity
+        is_text, C = ix.text_mask(g), ix.capacity
         text_keys = ix.text_keys[g].float()
         reps = torch.cat([ix.centroid[g], text_keys], 1)
         sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), torch.ones_like(ix.text_slot[g])], 1)

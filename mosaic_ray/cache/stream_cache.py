@@ -203,8 +203,8 @@ class StreamCache:
         H = self.layout.num_kv_heads
         if self.config.scoring == "mean" or self.config.retrieval == "full":  # full ignores the query
             return mean_query(q, H)
-        staged = self._staged_slots(None, None)
-        slots = self.slots if staged is None else torch.cat([self.slots, staged])
+        past = self.past_slots()  # the staged tokens (a `full` past never gets here)
+        slots = self.slots if past is None else torch.cat([self.slots, past])
         return query_set(q, self.kv_pool.k[layer, slots].transpose(0, 1), scale, H)
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:

@@ -49,6 +49,15 @@ async def _deliver() -> None:
         await asyncio.sleep(0)
 
 
+def finish(part: Generator[None, None, bool]) -> bool:
+    """Run a step's part (`StepLoop._rest`) to its end without pausing; returns what it returns."""
+    while True:
+        try:
+            next(part)
+        except StopIteration as done:
+            return done.value
+
+
 class StepLoop:
     def __init__(self, engine) -> None:  # the StreamEngine it drives (which owns it: no import back up)
         self.engine = engine
@@ -119,12 +128,7 @@ class StepLoop:
         nothing (all its work failed or waits)."""
         plan, runs = self._plan()
         progressed = self._run_questions(runs)
-        rest = self._rest(plan)
-        while True:
-            try:
-                next(rest)
-            except StopIteration as done:
-                return done.value or progressed
+        return finish(self._rest(plan)) or progressed
 
     # ------------------------------------------------------------------ the parts of a step
     # plan, questions, then the rest (ingest, upkeep: `_rest`). `run` yields to the engine's event

@@ -6,6 +6,7 @@ import asyncio
 
 from engine_fixtures import frames, make_loop_engine as _engine
 from mosaic_ray.engine.interface import AskRequest
+from mosaic_ray.engine.step_loop import finish
 
 Q = AskRequest("Describe the scene.", max_tokens=8)
 
@@ -47,14 +48,6 @@ def test_a_first_token_reaches_its_asker_before_the_steps_ingest(tiny_adapter, m
     assert parts["n"] == 1 and parts["prefill"]["p99_ms"] > 0
 
 
-def _finish(rest) -> bool:
-    while True:
-        try:
-            next(rest)
-        except StopIteration as done:
-            return done.value
-
-
 def test_a_stream_closed_between_the_parts_of_a_step_is_skipped(tiny_adapter):
     e = _engine(tiny_adapter, ingest_wait_s=0.0)
     for sid in ("a", "b"):
@@ -67,7 +60,7 @@ def test_a_stream_closed_between_the_parts_of_a_step_is_skipped(tiny_adapter):
         assert set(plan.ingest) == {"a", "b"}
         e.loop._run_questions(runs)
         e.close_stream("a")  # what another call may do while the loop yields
-        _finish(e.loop._rest(plan))
+        finish(e.loop._rest(plan))
         assert "a" not in e.streams and e.stream_info("b")["frames"] == 2
 
     asyncio.run(go())
