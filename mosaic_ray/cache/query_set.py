@@ -1,5 +1,5 @@
 """What a question asks a retriever with, for one layer: per KV head either its mean query
-([H, D], `CacheConfig.scoring="mean"`) or a `QuerySet` (`"max"`): every query of the group's heads
+([H, D], `CacheConfig.scoring="mean"`) or a `QuerySet` (`"max"`, `"mass"`): every query of the group's heads
 and the question's tokens, scaled as attention scales them, with each query's log-partition over
 the stream's resident tokens.
 
@@ -29,6 +29,11 @@ class QuerySet:
 
     q: torch.Tensor
     log_z: torch.Tensor
+    # How a unit's per-query estimates combine (`CacheConfig.scoring`): "max", its best one; "mass",
+    # their mean, i.e. the attention one member gets averaged over the queries. For exact keys
+    # (the token method) "mass" ranks by the true attention mass of the question's prefill (up to
+    # causality inside the question): exact top-B by true attention, the needle harness's oracle.
+    reduce: str = "max"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,7 +66,12 @@ class QuerySet:
                 return self._logits(reps[:, n0:n0 + step])
             return bound_logits(self.q, bounds[0][:, n0:n0 + step], bounds[1][:, n0:n0 + step])
 
-        out = torch.cat([(best(n0) - log_z).amax(2) for n0 in range(0, N, step)], 1)
+        if self.reduce == "mass":
+            log_q = torch.log(torch.tensor(float(Q)))
+            combine = lambda lg: torch.logsumexp(lg, 2) - log_q  # noqa: E731
+        else:
+            combine = lambda lg: lg.amax(2)  # noqa: E731
+        out = torch.cat([combine(best(n0) - log_z) for n0 in range(0, N, step)], 1)
         return out if sizes is None else out.masked_fill(sizes <= 0, NEG_INF)
 
     def _logits(self, reps: torch.Tensor) -> torch.Tensor:
@@ -81,9 +91,11 @@ def mean_query(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.float().reshape(T, num_kv_heads, Hq // num_kv_heads, D).mean((0, 2))
 
 
-def query_set(q: torch.Tensor, k_resident: torch.Tensor, scale: float, num_kv_heads: int) -> QuerySet:
+def query_set(q: torch.Tensor, k_resident: torch.Tensor, scale: float, num_kv_heads: int,
+              reduce: str = "max") -> QuerySet:
     """One sequence's queries q [T, Hq, D] (after RoPE) as a QuerySet against its resident keys
-    k_resident [H, R, D] (sink + window, after RoPE): Q = T x (Hq / H) queries per KV head."""
+    k_resident [H, R, D] (sink + window, after RoPE): Q = T x (Hq / H) queries per KV head,
+    combined per unit by `reduce` ("max" | "mass")."""
     T, Hq, D = q.shape
     H = num_kv_heads
     qs = (q.float() * scale).reshape(T, H, Hq // H, D).permute(1, 0, 2, 3).reshape(H, -1, D)
@@ -91,4 +103,4 @@ def query_set(q: torch.Tensor, k_resident: torch.Tensor, scale: float, num_kv_he
         log_z = torch.full(qs.shape[:2], NEG_INF, dtype=torch.float32, device=qs.device)
     else:
         log_z = torch.logsumexp(torch.bmm(qs, k_resident.float().transpose(1, 2)), 2)
-    return QuerySet(qs, log_z)
+    return QuerySet(qs, log_z, reduce)

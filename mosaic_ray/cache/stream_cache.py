@@ -205,7 +205,7 @@ class StreamCache:
             return mean_query(q, H)
         past = self.past_slots()  # the staged tokens (a `full` past never gets here)
         slots = self.slots if past is None else torch.cat([self.slots, past])
-        return query_set(q, self.kv_pool.k[layer, slots].transpose(0, 1), scale, H)
+        return query_set(q, self.kv_pool.k[layer, slots].transpose(0, 1), scale, H, self.config.scoring)
 
     def past_slots(self, since: float | None = None, until: float | None = None) -> torch.Tensor | None:
         """Slots of the past a question attends in place (inside [since, until]): `full`'s whole

@@ -15,7 +15,7 @@ from mosaic_ray.engine.stream_engine import StreamEngine
 from mosaic_ray.model.registry import load_model
 
 BUDGETS = ("0.05", "0.1", "0.2")
-METHODS = ("full", "frame", "token", "cluster", "oracle")
+METHODS = ("full", "frame", "token", "cluster", "oracle", "near-needle")
 NEEDLES = 3  # --quick
 
 
@@ -55,19 +55,20 @@ def test_methods_budgets_and_metrics(quick_run):
     _, res = quick_run
     methods = res["methods"]
     assert list(methods) == list(METHODS)
-    assert list(methods["full"]["budgets"]) == list(methods["oracle"]["budgets"]) == ["all"]
-    for name in ("frame", "token", "cluster"):
+    assert list(methods["full"]["budgets"]) == list(methods["near-needle"]["budgets"]) == ["all"]
+    for name in ("frame", "token", "cluster", "oracle"):
         assert list(methods[name]["budgets"]) == list(BUDGETS)
     for name, m in methods.items():
         for b, a in m["budgets"].items():
             assert a["questions"] == NEEDLES and len(a["per_question"]) == NEEDLES
             assert a["correct"] == sum(q["correct"] for q in a["per_question"])
+            assert sum(k["questions"] for k in a["by_kind"].values()) == NEEDLES
             assert a["accuracy"] == pytest.approx(a["correct"] / NEEDLES)
             for q in a["per_question"]:
                 assert isinstance(q["answer"], str) and isinstance(q["correct"], bool)
                 assert 0.0 <= q["needle_recall"] <= 1.0 + 1e-6
                 assert 0.0 <= q["fill"] <= 1.0 + 1e-6, (name, b, q["fill"])  # never more than the budget
-                if name in ("full", "oracle"):  # the whole past (oracle: around the needle) is there
+                if name in ("full", "near-needle"):  # the whole past (near-needle: around the needle) is there
                     assert q["needle_recall"] == pytest.approx(1.0) and q["copies"] == 0
                 else:
                     assert q["copies"] > 0 and q["budget_tokens"] < q["past_tokens"]
@@ -89,7 +90,7 @@ def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
     frames, _ = needle.load_frames(s)
     events = needle.plan_stream(frames, s)
     rec = needle.record_stream(tiny_adapter, events, s, log=lambda *_: None)
-    request = AskRequest(needle.NEEDLES[0].question, max_tokens=4)
+    request = AskRequest(needle.NEEDLE_SETS[0][0].question, max_tokens=4)
     for method in ("cluster", "frame", "token"):
         config = needle.Variant(method, method).cache_config(s, 0.1)
         config.pool.capacity_bytes = 64 << 20
@@ -123,3 +124,27 @@ def test_independent_questions_start_from_the_ingested_stream(tmp_path, quick_ru
         assert len(set(past)) == 1, past  # every question sees the stream as ingested
         grown = [q["past_tokens"] for q in sequential["methods"][name]["budgets"][b]["per_question"]]
         assert grown[0] == past[0] and grown[-1] > grown[0]  # sequential: earlier Q/As joined the stream
+
+
+def test_answers_are_judged_by_whole_words_and_order_needles_by_their_decoy():
+    by_kind = {n.kind: n for n in needle.NEEDLE_SETS[0]}
+    count, order = by_kind["count"], by_kind["order"]
+    assert count.judge("Seven.") and count.judge("7 kites") and not count.judge("17")
+    assert order.judge("A fox.") and not order.judge("goat") and not order.judge("the fox and the goat")
+    assert needle.NEEDLE_SETS[0][0].judge("PEACH.") and not needle.NEEDLE_SETS[0][0].judge("peaches")
+
+
+def test_an_order_needle_has_its_decoy_before_its_cue_and_its_cue_right_before_it():
+    s = needle.parse_args(["--model", "tiny", "--needle-set", "1", "--frames", "60", "--out", "unused"])
+    frames = [(i * 0.5, None) for i in range(60)]
+    texts = [ev.text for ev in needle.plan_stream(frames, s) if ev.text is not None]
+    for nd in needle.NEEDLE_SETS[1]:
+        assert texts.count(nd.fact) == 1
+        if nd.kind == "order":
+            i = texts.index(nd.fact)
+            assert texts[i - 1] == nd.cue and texts.index(nd.decoy) < i - 1
+    answers = [nd.answer for nd in needle.NEEDLE_SETS[1]]
+    for nd in needle.NEEDLE_SETS[1]:  # an answer appears in its own fact only
+        others = [t for t in texts if t != nd.fact]
+        assert not any(nd.judge(t) for t in others), nd.answer
+    assert len(set(answers)) == len(answers)

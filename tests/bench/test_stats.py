@@ -2,7 +2,7 @@
 
 import pytest
 
-from mosaic_ray.bench.stats import wilson
+from mosaic_ray.bench.stats import mcnemar_exact, wilson
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [(9, 10, 0.5958, 0.9821), (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),
@@ -14,3 +14,10 @@ def test_wilson_interval(k, n, lo, hi):
 
 def test_wilson_interval_of_nothing_is_everything():
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("a,b,p", [(0, 0, 1.0), (5, 0, 0.0625), (0, 5, 0.0625), (6, 1, 0.125), (10, 2, 0.0386),
+                                   (3, 3, 1.0)])
+def test_exact_mcnemar_against_the_binomial(a, b, p):
+    # 5 vs 0: 2 / 2**5; 6 vs 1: 2 * 8 / 128; 10 vs 2: 2 * 79 / 4096
+    assert mcnemar_exact(a, b) == pytest.approx(p, abs=1e-4)

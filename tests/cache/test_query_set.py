@@ -77,3 +77,21 @@ def test_query_set_scales_and_groups_the_heads():
     # KV head 1 serves query heads 2 and 3; entry (t, j) of its set is token t's head 2 + j
     torch.testing.assert_close(s.q[1, 1], 0.5 * q[0, 3])
     torch.testing.assert_close(s.log_z[1, 1], torch.logsumexp(k_res[1] @ (0.5 * q[0, 3]), 0))
+
+
+def test_mass_is_each_units_attention_averaged_over_the_queries():
+    """reduce="mass" with exact keys: exp(score) is the true softmax mass of each past token under
+    every query (Z over resident + past), averaged over the queries: what an exact top-B by true
+    attention ranks by (the needle harness's oracle)."""
+    g = torch.Generator().manual_seed(3)
+    H, Q, N, R, D = 2, 5, 23, 7, 8
+    q = torch.randn(H, Q, D, generator=g)
+    k_res, past = torch.randn(H, R, D, generator=g), torch.randn(H, N, D, generator=g)
+    probs = torch.softmax(torch.einsum("hqd,hnd->hqn", q.double(), torch.cat([k_res, past], 1).double()), 2)
+    want = probs[:, :, R:].mean(1)  # [H, N]
+    log_z = torch.logsumexp(torch.einsum("hqd,hrd->hqr", q, k_res), 2)
+    got = QuerySet(q, log_z, "mass").unit_scores(past).double().exp()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the same queries through query_set (one token per query head, scale 1)
+    qs = query_set(q.permute(1, 0, 2), k_res, 1.0, H, "mass")
+    assert qs.reduce == "mass"
