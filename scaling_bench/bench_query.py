@@ -69,18 +69,20 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
 
 def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device) -> StreamEngine:
     """The engine of one row: `variant` is a method name with flags, e.g. "cluster:prefetch", or
-    "cluster:vr=0.15:slab=16" (the cluster knobs of an older default)."""
+    "cluster:vr=0.15:slab=16" (the cluster knobs of an older default), "token:scoring=mean" (how a
+    question scores the past, `CacheConfig.scoring`)."""
     method, *flags = variant.split(":")
     knobs = dict(f.split("=", 1) for f in flags if "=" in f)
-    unknown = set(knobs) - {"vr", "slab"} | {f for f in flags if "=" not in f} - {"prefetch"}
+    unknown = set(knobs) - {"vr", "slab", "scoring"} | {f for f in flags if "=" not in f} - {"prefetch"}
     if unknown:
-        raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=)")
+        raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=, scoring=)")
     # the pool is sized to the stream (slab tails waste a little), capped by --pool-gb; `full` keeps
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
     cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
+        scoring=knobs.get("scoring", CacheConfig().scoring),
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
         cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio))}))
     return StreamEngine(cfg, adapter=adapter)
