@@ -118,3 +118,31 @@ def test_skip_filling_takes_at_least_what_the_prefix_takes(layout, pool):
         q = torch.randn(layout.num_kv_heads, layout.head_dim)
         a, b = pre.retrieve(layer, q), skip.retrieve(layer, q)
         assert bool((b.valid.sum(1) >= a.valid.sum(1)).all()) and int(b.valid.sum(1).max()) <= 40
+
+
+def test_mass_scoring_is_exact_top_b_by_true_attention_and_reproduces_its_output(layout, pool):
+    """scoring="mass" with the token method selects, per KV head, the B past tokens the question's
+    queries (3 tokens here) give the most attention, softmax over resident + whole past; attending
+    resident + retrieved then equals attention restricted to those tokens, positions and all."""
+    B, T = 13, 3
+    cache, batches = _stream(layout, pool, "token", budget=B, scoring="mass")
+    keys = torch.cat([b.keys for b in batches], 1).float()
+    values = torch.cat([b.values for b in batches], 1).float()
+    scale = layout.head_dim ** -0.5
+    H, P = layout.num_kv_heads, cache.past_tokens
+    for layer in range(layout.num_layers):
+        q = torch.randn(T, H, layout.head_dim)  # one query head per KV head in this layout's test
+        got = cache.retrieve(layer, cache.query_for(layer, q, scale))
+        k_res, v_res, _ = cache.resident(layer)
+        g = slice(layer * H, (layer + 1) * H)
+        past_k, past_v = keys[g, SINK:SINK + P], values[g, SINK:SINK + P]
+        logits = torch.einsum("thd,hnd->htn", q, torch.cat([k_res.float(), past_k], 1)) * scale
+        mass = torch.softmax(logits, 2)[:, :, k_res.shape[1]:].mean(1)  # [H, P]
+        best = torch.sort(torch.topk(mass, B).indices, 1).values
+        assert torch.equal(best + SINK, got.order)
+        ref_k = torch.cat([k_res.float(), past_k.gather(1, best[..., None].expand(-1, -1, past_k.shape[2]))], 1)
+        ref_v = torch.cat([v_res.float(), past_v.gather(1, best[..., None].expand(-1, -1, past_v.shape[2]))], 1)
+        ours_k = torch.cat([k_res.float(), got.keys.float()], 1)
+        ours_v = torch.cat([v_res.float(), got.values.float()], 1)
+        qh = q.permute(1, 0, 2)  # [H, T, D]
+        torch.testing.assert_close(_attend(qh, ours_k, ours_v), _attend(qh, ref_k, ref_v))
