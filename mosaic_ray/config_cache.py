@@ -11,6 +11,7 @@ from mosaic_ray.config_checks import check_range as _check_range
 
 RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
 SCORINGS = ("mean", "max", "mass")  # CacheConfig.scoring
+REPRESENTATIVES = ("centroid", "bound", "spread")  # ClusterConfig.representative
 FILLS = ("prefix", "skip")  # CacheConfig.fill
 DENSE_SLAB_TOKENS = 16  # PoolConfig.slab_tokens when unset, for full / frame / token
 CLUSTER_SLAB_TOKENS = 4  # ... and for cluster retrieval
@@ -101,7 +102,9 @@ class ClusterConfig:
     text_units: bool = True
     # What a video cluster is scored by: "centroid" (its mean key) or "bound" (Quest-style: the
     # per-dimension min and max of its members' keys, kept on the device, so q . k of every member
-    # is at most q+ . max + q- . min; twice the centroid's device memory more).
+    # is at most q+ . max + q- . min; twice the centroid's device memory more), or "spread" (the
+    # centroid plus the cluster's key variance: a member's expected exp(q . k) for keys spread
+    # normally around the centroid, q . c + |q|^2 var / 2D; no memory more; with scoring "max"|"mass").
     representative: str = "centroid"
 
     def __post_init__(self) -> None:
@@ -113,8 +116,9 @@ class ClusterConfig:
         _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
         _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
         _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
-        if self.representative not in ("centroid", "bound"):
-            raise ValueError(f"ClusterConfig.representative must be centroid|bound, got {self.representative!r}")
+        if self.representative not in REPRESENTATIVES:
+            raise ValueError(f"ClusterConfig.representative must be one of {'|'.join(REPRESENTATIVES)}, "
+                             f"got {self.representative!r}")
 
 
 @dataclass(slots=True)

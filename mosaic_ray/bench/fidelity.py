@@ -119,7 +119,11 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                   *(Variant(f"cluster {sc} {fl} no-text-units", "cluster", scoring=sc, fill=fl, text_units=False)
                     for sc, fl in (("mean", "prefix"), ("max", "skip"))),
                   Variant("cluster bound", "cluster", representative="bound"),
-                  Variant("cluster centroid", "cluster", representative="centroid")]
+                  Variant("cluster centroid", "cluster", representative="centroid"),
+                  Variant("cluster spread", "cluster", representative="spread"),
+                  Variant("cluster spread no-text-units", "cluster", representative="spread", text_units=False),
+                  Variant("token mass", "token", scoring="mass"),
+                  Variant("cluster mass spread", "cluster", scoring="mass", representative="spread")]
 
 
 @dataclass(slots=True)

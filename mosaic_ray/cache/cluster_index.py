@@ -138,11 +138,12 @@ class ClusterIndex:
         """tau[g] = variance_ratio x running variance of the group's keys (mean |k - mean k|^2)."""
         return self._tau_from(self.key_count, self.key_sum, self.key_sumsq)
 
-    def variances(self) -> torch.Tensor:
-        """Per-cluster variance (mean squared distance of members to the centroid), 0 for empty slots."""
-        cnt = self.count.clamp(min=1).float()
-        var = self.sumsq / cnt - (self.centroid * self.centroid).sum(-1)
-        return torch.where(self.count > 0, var.clamp(min=0), torch.zeros_like(var))
+    def variances(self, groups: slice = slice(None)) -> torch.Tensor:
+        """Per-cluster variance (mean squared distance of members to the centroid) of `groups`, 0
+        for empty slots."""
+        count, mu = self.count[groups], self.centroid[groups]
+        var = self.sumsq[groups] / count.clamp(min=1).float() - (mu * mu).sum(-1)
+        return torch.where(count > 0, var.clamp(min=0), torch.zeros_like(var))
 
     # ------------------------------------------------------------------ assignment
     def _nearest(self, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

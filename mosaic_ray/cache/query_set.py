@@ -40,22 +40,32 @@ class QuerySet:
         return tuple(self.q.shape)
 
     def unit_scores(self, reps: torch.Tensor, sizes: torch.Tensor | None = None,
-                    bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    spread: torch.Tensor | None = None) -> torch.Tensor:
         """[H, N]: max over the queries of log(estimated attention one member of unit n gets),
         reps [H, N, D] (a unit's key: the token's, or a mean key); sizes [H, N] members per unit
         (None: one each). With bounds (lo, hi) [H, N, D], per-dimension min / max of each unit's
         keys, a unit's logit is the largest any member can have (`bound_logits`); the partition
-        still counts it by reps. A unit of size 0 scores -inf. No host sync."""
+        still counts it by reps. With spread [H, N], each unit's key variance per dimension, a
+        member's logit is estimated as q . rep + |q|^2 spread / 2: the mean of exp(q . k) over
+        members spread normally around rep (a centroid alone underestimates it, by Jensen), in the
+        partition and in the score. A unit of size 0 scores -inf. No host sync."""
         H, N, _ = reps.shape
         Q = self.q.shape[1]
         if N == 0:
             return torch.empty(H, 0, dtype=torch.float32, device=reps.device)
         step = max(1, SCORE_BLOCK_ELEMS // max(1, H * Q))
         log_size = None if sizes is None else sizes.float().log()  # log 0 = -inf: empty units weigh nothing
+        half_q2 = None if spread is None else 0.5 * (self.q * self.q).sum(-1)[:, None, :]  # [H, 1, Q]
+
+        def logits(n0):
+            lg = self._logits(reps[:, n0:n0 + step])
+            return lg if spread is None else lg + half_q2 * spread[:, n0:n0 + step, None].float()
+
         # pass 1: the past's part of each query's partition
         past = torch.full((H, Q), NEG_INF, dtype=torch.float32, device=reps.device)
         for n0 in range(0, N, step):
-            lg = self._logits(reps[:, n0:n0 + step])
+            lg = logits(n0)
             if log_size is not None:
                 lg = lg + log_size[:, n0:n0 + step, None]
             past = torch.logaddexp(past, torch.logsumexp(lg, 1))
@@ -63,7 +73,7 @@ class QuerySet:
         # pass 2: each unit's best normalised logit
         def best(n0):
             if bounds is None:
-                return self._logits(reps[:, n0:n0 + step])
+                return logits(n0)
             return bound_logits(self.q, bounds[0][:, n0:n0 + step], bounds[1][:, n0:n0 + step])
 
         if self.reduce == "mass":

@@ -157,15 +157,18 @@ class ClusterRetriever(Retriever):
         ix = self.index
         g = slice(layer * self.layout.num_kv_heads, (layer + 1) * self.layout.num_kv_heads)
         bounds = (ix.kmin[g], ix.kmax[g]) if ix.bounded else None  # ClusterConfig.representative
+        spread = ix.variances(g) / self.layout.head_dim if ix.config.representative == "spread" else None
         if ix.text_slot.shape[1] == 0:
-            return self._unit_scores(query, ix.centroid[g], ix.count[g], bounds)
+            return self._unit_scores(query, ix.centroid[g], ix.count[g], bounds, spread)
         is_text, C = ix.text_mask(g), ix.capacity
         text_keys = ix.text_keys[g].float()
         reps = torch.cat([ix.centroid[g], text_keys], 1)
         sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), torch.ones_like(ix.text_slot[g])], 1)
         if bounds is not None:  # a text token's bound is the token
             bounds = (torch.cat([bounds[0], text_keys], 1), torch.cat([bounds[1], text_keys], 1))
-        s = self._unit_scores(query, reps, sizes, bounds)
+        if spread is not None:  # a text token is exact
+            spread = torch.cat([spread, torch.zeros_like(ix.text_slot[g], dtype=spread.dtype)], 1)
+        s = self._unit_scores(query, reps, sizes, bounds, spread)
         return s[:, :C].masked_fill(is_text, NEG_INF).scatter_reduce(1, ix.text_slot[g], s[:, C:], "amax")
 
     def _ranked(self, layer: int, query, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

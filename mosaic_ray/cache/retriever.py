@@ -103,12 +103,14 @@ class Retriever(abc.ABC):
 
     @staticmethod
     def _unit_scores(query: torch.Tensor | QuerySet, reps: torch.Tensor, sizes: torch.Tensor | None = None,
-                     bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     spread: torch.Tensor | None = None) -> torch.Tensor:
         """[H, N] scores of units with keys reps [H, N, D]: query . rep for a mean query, else the
         QuerySet's normalised best estimate (sizes [H, N]: members per unit, None: one each;
-        bounds (lo, hi): per-dimension key bounds, scored by the largest logit inside them)."""
+        bounds (lo, hi): per-dimension key bounds, scored by the largest logit inside them;
+        spread [H, N]: per-dimension key variance, `QuerySet.unit_scores`; a mean query ignores it)."""
         if isinstance(query, QuerySet):
-            return query.unit_scores(reps, sizes, bounds)
+            return query.unit_scores(reps, sizes, bounds, spread)
         if bounds is not None:
             return bound_logits(query.float()[:, None, :], *bounds).squeeze(-1)
         return torch.bmm(reps.float(), query.float()[:, :, None]).squeeze(-1)

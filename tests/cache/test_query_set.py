@@ -95,3 +95,36 @@ def test_mass_is_each_units_attention_averaged_over_the_queries():
     # the same queries through query_set (one token per query head, scale 1)
     qs = query_set(q.permute(1, 0, 2), k_res, 1.0, H, "mass")
     assert qs.reduce == "mass"
+
+
+def test_spread_estimates_a_clusters_mean_attention_better_than_its_centroid():
+    """Members spread around a centroid: q . c underestimates log mean exp(q . k) (Jensen); adding
+    |q|^2 var / 2 per dimension (the normal's correction) lands near it."""
+    g = torch.Generator().manual_seed(5)
+    D, M, sigma = 16, 4000, 0.6
+    c = torch.randn(1, 1, D, generator=g)
+    members = c[0] + sigma * torch.randn(M, D, generator=g)
+    q = torch.randn(1, 1, D, generator=g)
+    truth = torch.logsumexp(members @ q[0, 0], 0) - torch.log(torch.tensor(float(M)))
+    far = torch.full((1, 1), -1e4)  # no resident tokens to speak of: the partition is the unit's own
+    plain = QuerySet(q, far).unit_scores(c, torch.ones(1, 1))
+    spread = QuerySet(q, far).unit_scores(c, torch.ones(1, 1), spread=torch.full((1, 1), sigma ** 2))
+    est_plain = float(c[0, 0] @ q[0, 0])
+    est_spread = est_plain + 0.5 * float((q * q).sum()) * sigma ** 2
+    assert abs(est_spread - float(truth)) < 0.2 * abs(est_plain - float(truth))
+    # a lone unit takes all of its own partition: both score log 1 = 0 whatever the estimate
+    assert float(plain) == pytest.approx(0.0, abs=1e-5) and float(spread) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_spread_enters_the_partition_and_the_score():
+    g = torch.Generator().manual_seed(6)
+    H, Q, N, D = 2, 3, 9, 8
+    q = torch.randn(H, Q, D, generator=g)
+    reps = torch.randn(H, N, D, generator=g)
+    log_z = torch.randn(H, Q, generator=g)
+    sizes = torch.randint(1, 5, (H, N), generator=g)
+    spread = torch.rand(H, N, generator=g)
+    got = QuerySet(q, log_z).unit_scores(reps, sizes, spread=spread).double()
+    logits = torch.einsum("hqd,hnd->hnq", q.double(), reps.double()) + 0.5 * (q.double() ** 2).sum(-1)[:, None, :] * spread.double()[..., None]
+    z = log_z.double().exp() + (sizes.double()[..., None] * logits.exp()).sum(1)
+    torch.testing.assert_close(got, (logits - z.log()[:, None, :]).amax(2), rtol=1e-5, atol=1e-5)

@@ -36,10 +36,11 @@ def _query(cache, layout, layer, q):
 
 @pytest.mark.parametrize("scoring,fill,rep", [("mean", "prefix", "centroid"), ("max", "prefix", "centroid"),
                                               ("max", "skip", "centroid"), ("max", "skip", "bound"),
-                                              ("mean", "prefix", "bound")])
+                                              ("mean", "prefix", "bound"), ("max", "skip", "spread"),
+                                              ("mass", "skip", "spread")])
 @pytest.mark.parametrize("method", METHODS)
 def test_full_budget_gives_exact_attention(layout, pool, method, scoring, fill, rep):
-    if rep == "bound" and method != "cluster":
+    if rep != "centroid" and method != "cluster":
         pytest.skip("a cluster representative")
     cache, batches = _stream(layout, pool, method, budget=10_000, scoring=scoring, fill=fill, representative=rep)
     keys = torch.cat([b.keys for b in batches], 1)
