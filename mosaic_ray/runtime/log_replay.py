@@ -3,11 +3,12 @@
 `replay` applies a log's records in order, with the rules ingest applied when they arrived, so
 the engine ends up holding what it held when the records were acknowledged:
 
-- a frame record whose seq is not above the last applied one is a duplicate: skipped (as ingest
-  acknowledged it without appending);
-- a record the engine refuses with an `EngineError` is skipped: ingest logs a batch before the
-  engine sees it, so a batch the engine refused is in the log too, and the engine refuses it again
-  (a refused call leaves the stream unchanged: the `Engine` invariant);
+- a frame record whose seq is not above the last one the engine took is a duplicate: skipped (as
+  ingest acknowledged it without appending);
+- a record the engine refuses with an `EngineError` is skipped. Ingest logs only what the engine
+  accepted (`log_order.py`), but logs written before that held refused batches too, and the
+  accepted batch after one reused its seq: judged against the last seq taken, not the refused
+  one's, it is applied (a refused call leaves the stream unchanged: the `Engine` invariant);
 - anything else the engine raises, or `EngineFailedError` (the shard's mark of a broken engine),
   ends the replay: the engine is broken, and the caller gives up on the stream.
 
@@ -134,15 +135,9 @@ async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: R
 
 
 async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendFrames, out: ReplayResult) -> None:
-    fresh, last = [], out.last_seq
-    for rec in group:
-        if rec.seq > last:
-            fresh.append(rec)
-            last = rec.seq
-        else:
-            out.skipped += 1
-    if not fresh:
-        return
+    """The group in one engine call when every record is fresh; otherwise record by record, each
+    judged against the seq the engine last took (not the seq of a record it may refuse)."""
+    fresh = _fresh(group, out.last_seq)
     if len(fresh) == len(group) and not isinstance(pixels, BaseException):
         try:
             out.engine_calls += 1
@@ -153,7 +148,10 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             raise
         except EngineError:
             pass  # one of them is refused: find it below
-    for rec in fresh:
+    for rec in group:
+        if rec.seq <= out.last_seq:  # a duplicate
+            out.skipped += 1
+            continue
         try:
             frames = await asyncio.to_thread(_decode_each, rec.frames)
             out.engine_calls += 1
@@ -163,6 +161,16 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             raise
         except EngineError:
             out.skipped += 1
+
+
+def _fresh(group: list[FrameRecord], last_seq: int) -> list[FrameRecord]:
+    """The records whose seqs rise above `last_seq` in order (the others would be duplicates)."""
+    fresh = []
+    for rec in group:
+        if rec.seq > last_seq:
+            fresh.append(rec)
+            last_seq = rec.seq
+    return fresh
 
 
 def _decode_each(frames) -> list[np.ndarray]:

@@ -16,8 +16,9 @@ Invariants:
   `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
   recovery takes over); a hung engine fails `check_health` by timeout.
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
-- With frame logs on (`DurabilitySpec`), a frame batch or text is acknowledged only after its
-  record is in the stream's log (`shard_log.py`); `recover_stream` rebuilds a stream another shard
+- With frame logs on (`DurabilitySpec`), a frame batch, text or option is acknowledged only after
+  its record is in the stream's log (`shard_log.py`), written once the engine took it, in the
+  engine's order (`log_order.py`): the log holds only what was accepted; `recover_stream` rebuilds a stream another shard
   held from that log, and a draining shard (`drain`, at shutdown) refuses new requests with 503
   (`shard_durability.py`).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +49,8 @@ from mosaic_ray.runtime.ingest import IngestQueue, completed
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
 from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_migration import ShardMigration
-from mosaic_ray.runtime.shard_log import ShardLog
+from mosaic_ray.runtime.frame_log import LogRecord
+from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
@@ -78,7 +81,7 @@ class ShardActor(ShardDurability, ShardMigration):
         self._capacity = CapacityGate(self._spec.max_utilization, self._spec.capacity_window_s)
         self._ingest = IngestQueue(
             self._engine_append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
-            self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
+            self._spec.decode_threads, log=self._log.write if self._log is not None else None,
             max_stream_pending_frames=self._spec.max_stream_pending_frames, queued=True,
         )
         self._slots: dict[str, StreamSlot] = {}
@@ -146,17 +149,38 @@ class ShardActor(ShardDurability, ShardMigration):
     async def configure_stream(self, stream_id: str, options: dict[str, Any]) -> dict[str, Any]:
         """Per-stream engine options (pruning, ...), in order with the stream's other requests."""
         slot = self._slot(stream_id)
-        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
-            if self._log is not None:
-                await self._log.options(stream_id, options)
-            return await self._call(self._engine.configure_stream, stream_id, options)
+        async with slot.admit(self._spec.hold_timeout_s):
+            return await self._logged(slot, options_record(options),
+                                      lambda: self._call(self._engine.configure_stream, stream_id, options))
 
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
         slot = self._slot(stream_id)
-        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+        async with slot.admit(self._spec.hold_timeout_s):
+            await self._logged(slot, text_record(text, timestamp),
+                               lambda: self._call(self._engine.append_text, stream_id, text, timestamp))
+
+    async def _logged(self, slot: StreamSlot, record: LogRecord, apply: Callable[[], Awaitable[Any]]) -> Any:
+        """`apply` under the stream's lock; `record` logged once the engine took it, in the engine's
+        order (`LogOrder`), and waited for off the lock (an entry ahead may need the lock)."""
+        entry = None
+        async with slot.lock:
             if self._log is not None:
-                await self._log.text(stream_id, text, timestamp)
-            await self._call(self._engine.append_text, stream_id, text, timestamp)
+                entry = slot.log_order.reserve()
+            try:
+                out = await apply()
+            except BaseException:
+                if entry is not None:
+                    slot.log_order.drop(entry)
+                raise
+            if entry is not None:
+                slot.log_order.fill(entry, [record])
+        if entry is not None:
+            await slot.log_order.durable(entry, self._log_writer(slot.stream_id))
+        return out
+
+    def _log_writer(self, stream_id: str):
+        log = self._log
+        return lambda records: log.write(stream_id, records)
 
     async def ask(self, stream_id: str, request: dict[str, Any]):
         """Stream the answer's text deltas (a Ray streaming generator: one object per delta)."""
