@@ -12,9 +12,11 @@ holds its requests and then redirects them (`StreamMovedError`) to its new shard
 
 Invariants:
 - Only `_call` and `_engine_append` touch the engine, and only from the runner thread.
-- An engine that raises anything but an `EngineError` is broken: the shard remembers it and
-  `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
-  recovery takes over); a hung engine fails `check_health` by timeout.
+- A request whose engine call raises anything but an `EngineError` fails alone (500
+  `request_failed`) when the engine then passes a probe on a known-good input (`Engine.probe`);
+  only when the probe fails too is the engine broken: the shard remembers it and `check_health`
+  raises from then on (so the router stops placing here and an operator or the recovery takes
+  over). A hung engine fails `check_health` by timeout.
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
 - With frame logs on (`DurabilitySpec`), a frame batch, text or option is acknowledged only after
   its record is in the stream's log (`shard_log.py`), written once the engine took it, in the
@@ -26,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -39,6 +42,7 @@ from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec,
 from mosaic_ray.runtime.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
+    RequestFailedError,
     ShardBusyError,
     ShuttingDownError,
     StreamMovedError,
@@ -53,6 +57,8 @@ from mosaic_ray.runtime.frame_log import LogRecord
 from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
+
+log = logging.getLogger("mosaic_ray.runtime.shard")
 
 # engine stats passed on to /metrics besides the step loop's `step_*` counters
 _ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream", "ttft_parts")
@@ -219,7 +225,7 @@ class ShardActor(ShardDurability, ShardMigration):
             except EngineError:
                 raise
             except Exception as exc:
-                raise self._broken(exc) from None
+                raise await self._engine_failure(exc) from None
             finally:
                 self._active_queries -= 1
                 if locked:
@@ -299,7 +305,7 @@ class ShardActor(ShardDurability, ShardMigration):
         except EngineError:
             raise
         except Exception as exc:
-            raise self._broken(exc) from None
+            raise await self._engine_failure(exc) from None
 
     async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
         """Frames into the engine; returns, once they are queued on the engine's thread (or, for
@@ -325,15 +331,29 @@ class ShardActor(ShardDurability, ShardMigration):
             except EngineError:
                 raise
             except Exception as exc:
-                raise self._broken(exc) from None
+                raise await self._engine_failure(exc) from None
 
         return ingested()
 
-    def _broken(self, exc: BaseException) -> EngineFailedError:
-        if self._fatal is None:
-            self._fatal = exc
+    async def _engine_failure(self, exc: BaseException) -> EngineError:
+        """The error for a request whose engine call raised `exc` (not an `EngineError`). One
+        request's failure is not evidence that the engine is broken: the engine is probed on a
+        known-good input (`Engine.probe`), and the shard is marked broken only if that fails too
+        (or does not answer within `health_timeout_s`). Otherwise the request fails alone."""
         self._meter.errors_total += 1
-        return EngineFailedError(f"engine failed: {type(exc).__name__}: {exc}")
+        log.warning("shard %s: a request failed in the engine: %s: %s", self.name, type(exc).__name__, exc)
+        if self._fatal is None:
+            try:
+                await asyncio.wait_for(self._runner.call(self._engine.probe), self._spec.health_timeout_s)
+            except EngineError:
+                pass  # an engine that refuses sanely is not broken
+            except BaseException as probe_exc:  # the timeout too: a hung engine is a broken one
+                log.error("shard %s: the engine failed its probe after that (%s): broken", self.name,
+                          type(probe_exc).__name__)
+                self._fatal = exc
+        if self._fatal is not None:
+            return EngineFailedError("engine failed; this shard is out of service")
+        return RequestFailedError("the engine could not process this request; the shard is healthy")
 
 
 def spawn_shard(config: RuntimeConfig, index: int):
