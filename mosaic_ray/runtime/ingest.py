@@ -29,6 +29,8 @@ Invariants:
   `max_stream_pending_frames` (plus the batches the engine is taking, at most
   `max_coalesce_frames`): beyond, `ShardBusyError` (503 + Retry-After), nothing queued. A batch
   larger than a bound is taken when its queue is empty, so no batch is refused forever.
+- Timestamps are checked first (`record_check.check_times`: finite, within the stream clock's
+  range): a batch outside fails alone (422), before anything is queued.
 - Frames arrive compressed (`frame_codec`) and are decoded on `decode_threads` threads while they
   wait; a batch whose image data is corrupt fails alone (400), before the engine sees it.
 """
@@ -46,6 +48,7 @@ from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
 from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
 from mosaic_ray.runtime.frame_log import LogRecord
 from mosaic_ray.runtime.log_order import LogEntry
+from mosaic_ray.runtime.record_check import check_times
 from mosaic_ray.runtime.shard_log import frame_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
@@ -76,6 +79,7 @@ class IngestQueue:
         self, slot: StreamSlot, seq: int | None, frames: list[EncodedFrame | np.ndarray], timestamps: list[float]
     ) -> dict:
         """Queue one batch; return its acknowledgement once the engine holds it."""
+        check_times(timestamps)  # before anything is queued: a time the engine cannot use is 422
         if self.pending_frames + len(frames) > self.max_pending_frames and self.pending_frames > 0:
             raise ShardBusyError("shard ingest queue is full", self.retry_after_s())
         queued = sum(b.count for b in slot.pending)

@@ -24,13 +24,20 @@ from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, TextRecord
 MAX_STREAM_TIME_S = 1e9
 
 
+def check_times(timestamps) -> None:
+    """Raise `InvalidInputError` unless every time is finite and within [0, MAX_STREAM_TIME_S]:
+    the shard checks live appends too, so no caller (HTTP, WebSocket, Ray) hands the engine a time
+    it cannot use (a frame at ts=1e300 left the real engine's stream clock unusable)."""
+    for ts in timestamps:
+        _check_time(ts)
+
+
 def check_record(record: LogRecord) -> None:
     """Raise `InvalidInputError` when `record` may not reach an engine."""
     if isinstance(record, FrameRecord):
         if len(record.frames) != len(record.timestamps):
             raise InvalidInputError(f"{len(record.frames)} frames but {len(record.timestamps)} timestamps")
-        for ts in record.timestamps:
-            _check_time(ts)
+        check_times(record.timestamps)
     elif isinstance(record, TextRecord):
         _check_time(record.timestamp)
         if not isinstance(record.text, str) or "\x00" in record.text:
@@ -38,5 +45,9 @@ def check_record(record: LogRecord) -> None:
 
 
 def _check_time(ts: float) -> None:
-    if not (math.isfinite(ts) and 0.0 <= ts <= MAX_STREAM_TIME_S):
+    try:
+        t = float(ts)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"timestamp {ts!r} is not a number") from None
+    if not (math.isfinite(t) and 0.0 <= t <= MAX_STREAM_TIME_S):
         raise InvalidInputError(f"timestamp {ts!r} outside [0, {MAX_STREAM_TIME_S:g}] s")

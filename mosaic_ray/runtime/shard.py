@@ -54,6 +54,7 @@ from mosaic_ray.runtime.load import LoadReport, StreamLoad
 from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_migration import ShardMigration
 from mosaic_ray.runtime.frame_log import LogRecord
+from mosaic_ray.runtime.record_check import check_times
 from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
@@ -160,6 +161,7 @@ class ShardActor(ShardDurability, ShardMigration):
                                       lambda: self._call(self._engine.configure_stream, stream_id, options))
 
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
+        check_times([timestamp])
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s):
             await self._logged(slot, text_record(text, timestamp),

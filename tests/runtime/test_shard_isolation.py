@@ -10,6 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
 from mosaic_ray.runtime.frame_log import FrameRecord, TextRecord
 from mosaic_ray.runtime.shard_log import frame_record
@@ -100,3 +101,39 @@ def test_a_poison_record_quarantines_its_stream_on_replay_and_not_the_shard(runt
     assert rebuilt["frames"] == 2 and rebuilt["last_seq"] == 0
     assert resident["frames_total"] == 2
     assert engine_streams == ["other", "resident"]  # nothing of the poisoned stream is left
+
+
+def test_requests_the_real_engine_fails_on_leave_its_shard_healthy(runtime):
+    """The requests of issue 20 item 2, on the tiny real engine: a temperature of 1e-39 and a seed
+    beyond 64 bits make it raise (500 `request_failed`, the shard healthy, the stream answering
+    after); a frame at ts=1e300 is refused before the engine sees it (422)."""
+    from mosaic_ray.runtime.shard import ShardActor
+
+    engine = {"factory": "mosaic_ray.engine.stream_engine:StreamEngine.from_spec",
+              "kwargs": {"model": "tiny", "device": "cpu", "kv_pool": {"capacity_tokens": 1 << 14},
+                         "cache": {"retrieval": "full", "pool": {"capacity_bytes": 16 << 20}}}}
+    frame = np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+
+    async def go():
+        shard = ShardActor.__ray_actor_class__(f"{runtime}:shard:0", engine, {"num_gpus": 0, "num_cpus": 0},
+                                               {}, {"enabled": False}, runtime)
+        try:
+            await shard.open_stream("a")
+            await shard.append_frames("a", None, [frame], [0.0])
+            failures = []
+            for bad in ({"temperature": 1e-39}, {"temperature": 1.0, "seed": 2**70}):
+                with pytest.raises(RequestFailedError) as failed:
+                    await shard.answer("a", {"question": "what?", "max_tokens": 2, **bad})
+                failures.append(failed.value)
+            with pytest.raises(InvalidInputError):
+                await shard.append_frames("a", None, [frame], [1e300])
+            await shard.check_health()
+            answer = await shard.answer("a", {"question": "what?", "max_tokens": 2})
+            ack = await shard.append_frames("a", None, [frame], [1.0])
+            return failures, answer, ack
+        finally:
+            stop_local(shard)
+
+    failures, answer, ack = asyncio.run(go())
+    assert all(f.status == 500 and f.code == "request_failed" for f in failures)
+    assert answer["deltas"] >= 1 and ack["frames_total"] == 2
