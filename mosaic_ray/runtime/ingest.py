@@ -74,6 +74,7 @@ class IngestQueue:
         self.max_stream_pending_frames = max_stream_pending_frames or max_pending_frames
         self.max_coalesce_frames = max_coalesce_frames
         self.pending_frames = 0
+        self._waiting: set[asyncio.Task] = set()  # duplicates waiting for their original's log write
 
     async def submit(
         self, slot: StreamSlot, seq: int | None, frames: list[EncodedFrame | np.ndarray], timestamps: list[float]
@@ -173,7 +174,9 @@ class IngestQueue:
             else:
                 self._resolve(batch, ack)
 
-        asyncio.get_running_loop().create_task(once_durable())
+        task = asyncio.get_running_loop().create_task(once_durable())
+        self._waiting.add(task)  # held: the loop keeps only weak references to tasks
+        task.add_done_callback(self._waiting.discard)
 
     def _follow(self, batch: FrameBatch, done: asyncio.Future, ack: dict) -> None:
         if done.cancelled() or done.exception() is not None:

@@ -68,18 +68,24 @@ async def replay(
     out = ReplayResult(last_seq=last_seq)
     groups = _groups(_checked(records, check), max_frames)
     pending = _next_decoded(groups, decode)
-    while True:
-        item = await pending
-        if item is None:
-            return out
-        pending = _next_decoded(groups, decode)  # decode ahead while the engine works
-        group, pixels = item
-        if isinstance(group, TextRecord):
-            await _apply_text(group, append_text, out)
-        elif isinstance(group, OptionsRecord):
-            await _apply_options(group, configure, out)
-        else:
-            await _apply_frames(group, pixels, append_frames, out)
+    try:
+        while True:
+            item = await pending
+            if item is None:
+                return out
+            pending = _next_decoded(groups, decode)  # decode ahead while the engine works
+            group, pixels = item
+            if isinstance(group, TextRecord):
+                await _apply_text(group, append_text, out)
+            elif isinstance(group, OptionsRecord):
+                await _apply_options(group, configure, out)
+            else:
+                await _apply_frames(group, pixels, append_frames, out)
+    finally:
+        if not pending.done():  # a replay that ended early: the decode ahead is not wanted
+            pending.cancel()
+        elif not pending.cancelled():
+            pending.exception()  # retrieved: a quarantine found ahead is not reported twice
 
 
 def _checked(records: Iterable[LogRecord], check: Check):
