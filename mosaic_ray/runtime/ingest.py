@@ -9,14 +9,14 @@ Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
   With an engine that queues frames (`queued=True`: `append` returns once the frames' hand-over
   is queued on the engine's thread, without waiting for the engine to take them, and hands back
-  what to await for them to be in), the lock covers the seq check, the log and the
+  what to await for them to be in), the lock covers the seq check, the log's place and the
   queueing only: a question of the stream does not wait for the step loop to ingest them (the
   engine ingests a stream's queued frames before its question, so the order is the same).
-- seq, decided once, under the lock: a batch whose seq equals the stream's `last_seq` is a
-  replay, answered `duplicate: true` without appending, but only once the original is durable: a
-  duplicate of a batch still on its way in waits for the original's outcome and answers with it
-  (its refusal too). One below `last_seq` is refused (`SeqConflictError`); a batch without seq
-  gets `last_seq + 1`. A refused batch consumes no seq: the next batch gets the same one.
+- seq, decided once, under the lock: a batch whose seq is the stream's `last_seq`, or that of a
+  batch still on its way in, is a replay, answered `duplicate: true` without appending, but only
+  once the original is durable: it waits for the original's outcome and answers with it (its
+  refusal too). Any other seq not above the last is refused (`SeqConflictError`); a batch
+  without seq gets the next one. A refused batch consumes no seq: the next batch gets the same.
 - A batch is acknowledged only after the engine holds its frames and, when the shard keeps frame
   logs, after its record is in the stream's log. The record is written once the engine took the
   frames (`LogOrder`: in the engine's order, only for what the engine accepted), so a refused
@@ -142,10 +142,11 @@ class IngestQueue:
         last = slot.last_seq
         for batch in group:
             seq = last + 1 if batch.requested is None else batch.requested
-            if seq == last:
-                self._duplicate(slot, batch, seq, accepted)
-            elif seq < last:
-                self._fail(batch, SeqConflictError(f"seq {seq} is below the last acknowledged seq {last}"))
+            if seq <= last:
+                if self._known(slot, seq, accepted):
+                    self._duplicate(slot, batch, seq, accepted)
+                else:
+                    self._fail(batch, SeqConflictError(f"seq {seq} is below the last acknowledged seq {last}"))
             else:
                 batch.seq, last = seq, seq
                 accepted.append(batch)
@@ -153,6 +154,12 @@ class IngestQueue:
             return [], None, None
         entry = slot.log_order.reserve() if self._log is not None else None
         return accepted, entry, await self._hand_over(slot, accepted)
+
+    def _known(self, slot: StreamSlot, seq: int, accepted: list[FrameBatch]) -> bool:
+        """`seq` is the stream's last, or a batch on its way in (this group, or held by the engine
+        while its log write is retried): a resend of it is a duplicate, not a conflict."""
+        return (seq == slot.last_seq or any(b.seq == seq for b in accepted)
+                or (self._log is not None and slot.log_order.unwritten(seq) is not None))
 
     def _duplicate(self, slot: StreamSlot, batch: FrameBatch, seq: int, accepted: list[FrameBatch]) -> None:
         """Answer a replayed seq with the original's outcome, once the original is durable."""
@@ -179,8 +186,12 @@ class IngestQueue:
         task.add_done_callback(self._waiting.discard)
 
     def _follow(self, batch: FrameBatch, done: asyncio.Future, ack: dict) -> None:
+        """The original's outcome is the duplicate's. An original without seq whose seq moved
+        (a batch before it in a retried group was refused) is not the batch the duplicate named."""
         if done.cancelled() or done.exception() is not None:
             self._fail(batch, done.exception() if not done.cancelled() else asyncio.CancelledError())
+        elif done.result()["seq"] != ack["seq"]:
+            self._fail(batch, SeqConflictError(f"seq {ack['seq']} was not taken; send it again"))
         else:
             self._resolve(batch, ack)
 

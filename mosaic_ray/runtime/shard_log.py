@@ -1,8 +1,9 @@
 """ShardLog: a shard's side of the frame logs (`frame_log.py`), as async calls.
 
 The store is synchronous (file writes, fsync); the shard's event loop must not wait on a disk, so
-every store call runs on a worker thread. The shard calls these under the stream's lock, which is
-what keeps one stream's records in order (the store itself orders nothing across threads).
+every store call runs on a worker thread. A stream's records are kept in order by its
+`LogOrder` (`log_order.py`: one writer at a time, in the engine's order); the store itself orders
+nothing across threads.
 
 What the shard logs, and when (each before the acknowledgement; `ingest.py`, `shard.py`):
 

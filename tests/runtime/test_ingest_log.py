@@ -11,6 +11,7 @@ import pytest
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.frame_codec import decode_all
+from mosaic_ray.runtime.errors import SeqConflictError
 from mosaic_ray.runtime.frame_log import FrameRecord, LogWriteError, MemoryFrameLog, OpenRecord
 from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.log_replay import replay
@@ -179,3 +180,44 @@ def test_replay_of_a_log_written_before_the_fix_keeps_the_accepted_batch_that_re
 
 async def _set(event: asyncio.Event) -> None:
     event.set()
+
+
+def test_a_resend_of_the_last_seq_behind_a_new_batch_is_a_duplicate_not_a_conflict():
+    """Seq 0 is stored; then, at once, a batch without seq (it takes 1) and a resend of 0 and of
+    1: both resends are duplicates, answered once their originals are durable."""
+    async def go():
+        hold = asyncio.Event()
+        hold.set()
+        h = LoggedIngest(hold)
+        await h.submit(0, 10, 1.0)
+        hold.clear()
+        new = asyncio.ensure_future(h.submit(None, 20, 2.0))
+        old = asyncio.ensure_future(h.submit(0, 10, 1.0))
+        again = asyncio.ensure_future(h.submit(1, 20, 2.0))
+        await asyncio.sleep(0.01)
+        hold.set()
+        return h, await new, await old, await again
+
+    h, new, old, again = asyncio.run(go())
+    assert new["seq"] == 1 and not new["duplicate"]
+    assert old["duplicate"] and again["duplicate"] and again["seq"] == 1
+    assert _frame_seqs(h.store) == [0, 1] and h.engine.stream_info(SID)["frames"] == 2
+
+
+def test_a_resend_naming_the_seq_a_batch_without_seq_lost_is_not_acknowledged():
+    """One coalesced group: a batch the engine refuses (a frame too small), one without seq
+    (tentatively seq 1, finally 0, once the first is refused), and one naming seq 1 while it was
+    on its way. Seq 1 was never taken: the third is not acknowledged as a duplicate."""
+    async def go():
+        hold = asyncio.Event()
+        h = LoggedIngest(hold)
+        tiny = h.queue.submit(h.slot, None, [np.zeros((2, 2, 3), np.uint8)], [0.0])
+        acks = [asyncio.ensure_future(c) for c in (tiny, h.submit(None, 20, 1.0), h.submit(1, 20, 1.0))]
+        await asyncio.sleep(0.01)
+        hold.set()
+        return h, await asyncio.gather(*acks, return_exceptions=True)
+
+    h, (refused, taken, named) = asyncio.run(go())
+    assert isinstance(refused, InvalidInputError) and taken["seq"] == 0
+    assert isinstance(named, SeqConflictError), named
+    assert _frame_seqs(h.store) == [0] and h.slot.last_seq == 0
