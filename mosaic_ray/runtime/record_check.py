@@ -14,6 +14,7 @@ the engine needs: finite times within `MAX_STREAM_TIME_S`, as many timestamps as
 from __future__ import annotations
 
 import math
+import numbers
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, TextRecord
@@ -45,9 +46,7 @@ def check_record(record: LogRecord) -> None:
 
 
 def _check_time(ts: float) -> None:
-    try:
-        t = float(ts)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"timestamp {ts!r} is not a number") from None
-    if not (math.isfinite(t) and 0.0 <= t <= MAX_STREAM_TIME_S):
+    if not isinstance(ts, numbers.Real) or isinstance(ts, bool):  # numpy floats are Real too
+        raise InvalidInputError(f"timestamp {ts!r} is not a number")
+    if not (math.isfinite(ts) and 0.0 <= ts <= MAX_STREAM_TIME_S):
         raise InvalidInputError(f"timestamp {ts!r} outside [0, {MAX_STREAM_TIME_S:g}] s")
