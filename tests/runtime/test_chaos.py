@@ -160,6 +160,34 @@ def test_killed_shard_loses_no_acknowledged_frame(runtime):
     assert recovery_s < RECOVERY_LIMIT_S
 
 
+def test_a_refused_batch_costs_no_acknowledged_frame_when_the_shard_is_killed(ray_cluster, tmp_path):
+    """Issue 20, item 1, as reported: JPEG frames without seq at ts 5, 1, 6 (200, 422, 200), then
+    the shard is killed: the rebuilt stream holds both acknowledged frames and last_seq 1."""
+    cfg = _config("chaosrefused", str(tmp_path / "log"), 2)
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
+        first = await d.call("cam", "append_frames", None, FRAMES[:1], [5.0])
+        with pytest.raises(EngineError) as refused:
+            await d.call("cam", "append_frames", None, FRAMES[1:2], [1.0])
+        third = await d.call("cam", "append_frames", None, FRAMES[2:3], [6.0])
+        before = await d.call("cam", "stream_info")
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        after = await _call(d, "cam", "stream_info", deadline=time.monotonic() + RECOVERY_LIMIT_S)
+        return first, refused.value, third, before, after
+
+    try:
+        first, refused, third, before, after = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert (first["seq"], refused.status, third["seq"]) == (0, 422, 1)
+    assert (before["frames"], before["last_seq"]) == (2, 1)
+    assert (after["frames"], after["last_seq"], after["duration_s"]) == (2, 1, 1.0)
+
+
 def test_a_migrated_stream_is_rebuilt_with_the_frames_of_both_shards(ray_cluster, tmp_path):
     """A stream's log follows it: frames taken before a move (on the source) and after it (on the
     target) are all replayed when the target dies."""
