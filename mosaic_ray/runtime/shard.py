@@ -20,9 +20,9 @@ Invariants:
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
 - With frame logs on (`DurabilitySpec`), a frame batch, text or option is acknowledged only after
   its record is in the stream's log (`shard_log.py`), written once the engine took it, in the
-  engine's order (`log_order.py`): the log holds only what was accepted; `recover_stream` rebuilds a stream another shard
-  held from that log, and a draining shard (`drain`, at shutdown) refuses new requests with 503
-  (`shard_durability.py`).
+  engine's order (`log_order.py`): the log holds only what was accepted. `recover_stream`
+  rebuilds a stream another shard held from that log, and a draining shard (`drain`, at
+  shutdown) refuses new requests with 503 (`shard_durability.py`).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ from mosaic_ray.runtime.errors import (
 )
 from mosaic_ray.runtime.capacity import CapacityGate
 from mosaic_ray.runtime.frame_codec import EncodedFrame
+from mosaic_ray.runtime.frame_log import LogRecord
 from mosaic_ray.runtime.ingest import IngestQueue, completed
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
+from mosaic_ray.runtime.record_check import check_times
 from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_migration import ShardMigration
-from mosaic_ray.runtime.frame_log import LogRecord
-from mosaic_ray.runtime.record_check import check_times
 from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
