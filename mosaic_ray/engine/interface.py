@@ -9,6 +9,7 @@ these verbs, so tests can inject a fake and a shard can host any engine that hon
     ask                       (async iterator of text deltas)
     stream_info / stats
     export_stream / import_stream   (whole-stream migration between shards)
+    probe                     (a known-good request: is the engine itself healthy?)
 
 Invariants every engine keeps:
 - A call that raises leaves the stream exactly as it was (no half-appended frames).
@@ -25,6 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+# The scratch stream of `Engine.probe`: stream ids of clients start with a letter or digit.
+PROBE_STREAM = "__probe__"
+PROBE_TEXT = "probe"
 
 
 class EngineError(Exception):
@@ -166,3 +172,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def import_stream(self, stream_id: str, state: dict[str, Any]) -> None:
         """Install a stream exported by `export_stream` (of an engine with the same model)."""
+
+    def probe(self) -> None:
+        """Run a known-good request; raise (anything but an `EngineError`) if the engine itself is
+        broken. The shard calls it after a request raised something unexpected, to tell a bad
+        request from a broken engine. This default opens a scratch stream (`PROBE_STREAM`: no
+        client id can take it), gives it one short text (a forward on the device), and closes it.
+        An `EngineError` here (the engine is full, say) is an engine answering sanely: healthy."""
+        if self.has_stream(PROBE_STREAM):
+            self.close_stream(PROBE_STREAM)
+        self.open_stream(PROBE_STREAM)
+        try:
+            self.append_text(PROBE_STREAM, PROBE_TEXT, 0.0)
+            self.stats()
+        finally:
+            self.close_stream(PROBE_STREAM)

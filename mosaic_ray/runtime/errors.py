@@ -96,9 +96,28 @@ class ShardUnavailableError(EngineError):
 
 
 class EngineFailedError(EngineError):
-    """The engine raised something other than an `EngineError`: the shard is considered broken."""
+    """The engine is broken: it raised something other than an `EngineError` and then failed its
+    probe on a known-good input too (`ShardActor._engine_failure`), or it hung. The shard fails its
+    health check from then on."""
 
     code = "engine_failure"
+    status = 500
+
+
+class RequestFailedError(EngineError):
+    """The engine raised something other than an `EngineError` on this request, and then passed
+    its probe on a known-good input: the request failed alone, the engine is healthy."""
+
+    code = "request_failed"
+    status = 500
+
+
+class StreamQuarantinedError(EngineError):
+    """A record of the stream's log cannot be replayed: it fails validation (`record_check.py`),
+    or the engine fails on it while it passes its probe. The stream is not served (never half
+    rebuilt) until deleted; the shard that tried, and every other stream, are unaffected."""
+
+    code = "stream_quarantined"
     status = 500
 
 

@@ -21,7 +21,8 @@ Invariants every store keeps:
 - `read` yields exactly the records `append` was given, in order, for every `append` that
   returned; a record is never half there (a torn tail, left by a crash mid-write, is dropped).
 - Records of one stream are appended by one writer at a time (the shard that owns the stream,
-  under its stream lock): stores need no cross-writer ordering.
+  through the stream's `LogOrder`, which also keeps compaction apart from appends): stores need
+  no cross-writer ordering.
 - Every log starts with an `OpenRecord`, so a stream with no frames yet is still found, until it
   is compacted: then it starts with the `MarkRecord` of the snapshot that holds everything before
   it (`snapshots.py`). So a log whose first record is an `OpenRecord` is whole: replaying it alone

@@ -9,20 +9,28 @@ Invariants:
 - A stream's batches reach the engine in arrival order, under the stream's lock (`StreamSlot`).
   With an engine that queues frames (`queued=True`: `append` returns once the frames' hand-over
   is queued on the engine's thread, without waiting for the engine to take them, and hands back
-  what to await for them to be in), the lock covers the seq check, the log and the
+  what to await for them to be in), the lock covers the seq check, the log's place and the
   queueing only: a question of the stream does not wait for the step loop to ingest them (the
   engine ingests a stream's queued frames before its question, so the order is the same).
-- seq: a batch whose seq equals the stream's `last_seq` is a replay: acknowledged, never appended;
-  one below it is refused (`SeqConflictError`); a batch without seq gets `last_seq + 1`.
+- seq, decided once, under the lock: a batch whose seq is the stream's `last_seq`, or that of a
+  batch still on its way in, is a replay, answered `duplicate: true` without appending, but only
+  once the original is durable: it waits for the original's outcome and answers with it (its
+  refusal too). Any other seq not above the last is refused (`SeqConflictError`); a batch
+  without seq gets the next one. A refused batch consumes no seq: the next batch gets the same.
 - A batch is acknowledged only after the engine holds its frames and, when the shard keeps frame
-  logs, after its record is in the stream's log (written before the engine call: a batch the
-  engine then refuses is refused again when the log is replayed). A failed append acknowledges
-  nothing and leaves `last_seq` where it was. One bad batch fails alone: when a coalesced call
-  fails, its batches are retried one by one.
+  logs, after its record is in the stream's log. The record is written once the engine took the
+  frames (`LogOrder`: in the engine's order, only for what the engine accepted), so a refused
+  batch is never in the log. A failed append acknowledges nothing and leaves `last_seq` where it
+  was. One bad batch fails alone: when a coalesced call fails, its batches are retried one by
+  one, each with its seq decided again. A log write that fails after the engine took the frames
+  answers the store's error (503); the record is kept and written first by the next write, and
+  a retry of that seq is acknowledged once it is written.
 - Frames queued on the shard never exceed `max_pending_frames`, nor one stream's queue
   `max_stream_pending_frames` (plus the batches the engine is taking, at most
   `max_coalesce_frames`): beyond, `ShardBusyError` (503 + Retry-After), nothing queued. A batch
   larger than a bound is taken when its queue is empty, so no batch is refused forever.
+- Timestamps are checked first (`record_check.check_times`: finite, within the stream clock's
+  range): a batch outside fails alone (422), before anything is queued.
 - Frames arrive compressed (`frame_codec`) and are decoded on `decode_threads` threads while they
   wait; a batch whose image data is corrupt fails alone (400), before the engine sees it.
 """
@@ -38,14 +46,18 @@ import numpy as np
 
 from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
 from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
+from mosaic_ray.runtime.frame_log import LogRecord
+from mosaic_ray.runtime.log_order import LogEntry
+from mosaic_ray.runtime.record_check import check_times
+from mosaic_ray.runtime.shard_log import frame_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
 
 # (stream_id, frames, timestamps) -> frames the stream holds, once they are in: `ShardActor._engine_append`;
 # with `queued=True`, -> an awaitable of that, once the frames are queued in the engine.
 AppendFn = Callable[[str, list[np.ndarray], list[float]], Awaitable[Any]]
-# (stream_id, batches with their seq set) -> their records are in the stream's log.
-LogFn = Callable[[str, list[FrameBatch]], Awaitable[None]]
+# (stream_id, records) -> the records are in the stream's log (`ShardLog.write`).
+LogFn = Callable[[str, list[LogRecord]], Awaitable[object]]
 
 
 class IngestQueue:
@@ -62,11 +74,13 @@ class IngestQueue:
         self.max_stream_pending_frames = max_stream_pending_frames or max_pending_frames
         self.max_coalesce_frames = max_coalesce_frames
         self.pending_frames = 0
+        self._waiting: set[asyncio.Task] = set()  # duplicates waiting for their original's log write
 
     async def submit(
         self, slot: StreamSlot, seq: int | None, frames: list[EncodedFrame | np.ndarray], timestamps: list[float]
     ) -> dict:
         """Queue one batch; return its acknowledgement once the engine holds it."""
+        check_times(timestamps)  # before anything is queued: a time the engine cannot use is 422
         if self.pending_frames + len(frames) > self.max_pending_frames and self.pending_frames > 0:
             raise ShardBusyError("shard ingest queue is full", self.retry_after_s())
         queued = sum(b.count for b in slot.pending)
@@ -79,7 +93,7 @@ class IngestQueue:
         else:  # already pixels: no thread hop
             decoded = loop.create_future()
             decoded.set_result(list(frames))
-        batch = FrameBatch(seq, len(frames), timestamps, decoded, encoded=list(frames))
+        batch = FrameBatch(seq, len(frames), timestamps, decoded, encoded=list(frames), requested=seq)
         slot.pending.append(batch)
         self.pending_frames += len(frames)
         if not slot.draining:
@@ -101,10 +115,10 @@ class IngestQueue:
                         group.append(batch)
                     except Exception as exc:
                         self._fail(batch, exc)
-                async with slot.lock:  # seq, log and the hand-over to the engine, in order
-                    accepted, pending = await self._apply(slot, group)
+                async with slot.lock:  # seq, the log's place and the hand-over to the engine, in order
+                    accepted, entry, pending = await self._apply(slot, group)
                 if accepted:  # the frames go in while the stream's other requests may run
-                    await self._settle(slot, accepted, pending)
+                    await self._settle(slot, accepted, entry, pending)
         finally:
             slot.draining = False
 
@@ -118,30 +132,68 @@ class IngestQueue:
         group, slot.pending = slot.pending[:n], slot.pending[n:]
         return group
 
-    async def _apply(self, slot: StreamSlot, group: list[FrameBatch]) -> tuple[list[FrameBatch], Any]:
-        """Under the stream's lock: seq check, log, hand the accepted batches to the engine.
-        Returns them and what to await for them to be in (or the exception the hand-over raised)."""
+    async def _apply(
+        self, slot: StreamSlot, group: list[FrameBatch]
+    ) -> tuple[list[FrameBatch], LogEntry | None, Any]:
+        """Under the stream's lock: seq check, the batches' place in the log, the hand-over to the
+        engine. Returns the accepted batches, their log entry and what to await for them to be in
+        (or the exception the hand-over raised)."""
         accepted: list[FrameBatch] = []
         last = slot.last_seq
         for batch in group:
-            seq = last + 1 if batch.seq is None else batch.seq
-            if seq == last:
-                self._resolve(batch, {"seq": seq, "frames_added": 0, "duplicate": True})
-            elif seq < last:
-                self._fail(batch, SeqConflictError(f"seq {seq} is below the last acknowledged seq {last}"))
+            seq = last + 1 if batch.requested is None else batch.requested
+            if seq <= last:
+                if self._known(slot, seq, accepted):
+                    self._duplicate(slot, batch, seq, accepted)
+                else:
+                    self._fail(batch, SeqConflictError(f"seq {seq} is below the last acknowledged seq {last}"))
             else:
                 batch.seq, last = seq, seq
                 accepted.append(batch)
         if not accepted:
-            return [], None
-        if self._log is not None:
+            return [], None, None
+        entry = slot.log_order.reserve() if self._log is not None else None
+        return accepted, entry, await self._hand_over(slot, accepted)
+
+    def _known(self, slot: StreamSlot, seq: int, accepted: list[FrameBatch]) -> bool:
+        """`seq` is the stream's last, or a batch on its way in (this group, or held by the engine
+        while its log write is retried): a resend of it is a duplicate, not a conflict."""
+        return (seq == slot.last_seq or any(b.seq == seq for b in accepted)
+                or (self._log is not None and slot.log_order.unwritten(seq) is not None))
+
+    def _duplicate(self, slot: StreamSlot, batch: FrameBatch, seq: int, accepted: list[FrameBatch]) -> None:
+        """Answer a replayed seq with the original's outcome, once the original is durable."""
+        ack = {"seq": seq, "frames_added": 0, "duplicate": True}
+        original = next((b for b in accepted if b.seq == seq), None)
+        if original is not None:  # on its way in with this group
+            original.done.add_done_callback(lambda done: self._follow(batch, done, ack))
+            return
+        entry = slot.log_order.unwritten(seq) if self._log is not None else None
+        if entry is None:
+            self._resolve(batch, ack)
+            return
+
+        async def once_durable() -> None:  # the engine holds it; its log write failed before
             try:
-                await self._log(slot.stream_id, accepted)
-            except Exception as exc:  # not logged: nothing acknowledged, nothing appended
-                for batch in accepted:
-                    self._fail(batch, exc)
-                return [], None
-        return accepted, await self._hand_over(slot, accepted)
+                await slot.log_order.durable(entry, self._writer(slot))
+            except Exception as exc:
+                self._fail(batch, exc)
+            else:
+                self._resolve(batch, ack)
+
+        task = asyncio.get_running_loop().create_task(once_durable())
+        self._waiting.add(task)  # held: the loop keeps only weak references to tasks
+        task.add_done_callback(self._waiting.discard)
+
+    def _follow(self, batch: FrameBatch, done: asyncio.Future, ack: dict) -> None:
+        """The original's outcome is the duplicate's. An original without seq whose seq moved
+        (a batch before it in a retried group was refused) is not the batch the duplicate named."""
+        if done.cancelled() or done.exception() is not None:
+            self._fail(batch, done.exception() if not done.cancelled() else asyncio.CancelledError())
+        elif done.result()["seq"] != ack["seq"]:
+            self._fail(batch, SeqConflictError(f"seq {ack['seq']} was not taken; send it again"))
+        else:
+            self._resolve(batch, ack)
 
     async def _hand_over(self, slot: StreamSlot, batches: list[FrameBatch]) -> Any:
         """Give the batches' frames to the engine: an awaitable of the frames the stream then
@@ -154,11 +206,12 @@ class IngestQueue:
             return exc
         return out if self._queued else completed(out)
 
-    async def _settle(self, slot: StreamSlot, accepted: list[FrameBatch], pending: Any) -> None:
+    async def _settle(self, slot: StreamSlot, accepted: list[FrameBatch], entry: LogEntry | None, pending: Any) -> None:
         """Wait for the handed-over frames; acknowledge them, or isolate the bad batch: when a
-        coalesced hand-over fails, its batches go in again one by one, in order."""
+        coalesced hand-over fails, its batches go in again one by one, in order, each with its
+        seq decided again (a batch without seq after a refused one takes the refused one's)."""
         try:
-            await self._finish(slot, accepted, pending)
+            await self._finish(slot, accepted, entry, pending)
             return
         except Exception as exc:
             if len(accepted) == 1:
@@ -166,22 +219,43 @@ class IngestQueue:
                 return
         for batch in accepted:
             async with slot.lock:
-                one = await self._hand_over(slot, [batch])
+                one, one_entry, one_pending = await self._apply(slot, [batch])
+            if not one:
+                continue
             try:
-                await self._finish(slot, [batch], one)
+                await self._finish(slot, one, one_entry, one_pending)
             except Exception as one_exc:
                 self._fail(batch, one_exc)
 
-    async def _finish(self, slot: StreamSlot, batches: list[FrameBatch], pending: Any) -> None:
-        if isinstance(pending, BaseException):
-            raise pending
-        held = await pending
+    async def _finish(self, slot: StreamSlot, batches: list[FrameBatch], entry: LogEntry | None, pending: Any) -> None:
+        """Raises when the engine did not take the frames (nothing of them stays: the entry is
+        dropped); a log write that fails after the engine took them fails the batches here."""
+        try:
+            if isinstance(pending, BaseException):
+                raise pending
+            held = await pending
+        except BaseException:
+            if entry is not None:
+                slot.log_order.drop(entry)
+            raise
         frames = sum(len(b.frames) for b in batches)
-        slot.last_seq = batches[-1].seq
+        slot.last_seq = batches[-1].seq  # the engine holds them, durable or not yet
         slot.ingest_rate.add(frames)
         self._meter.frames_added(frames)
+        if entry is not None:
+            slot.log_order.fill(entry, [frame_record(b.seq, b.encoded, b.timestamps) for b in batches])
+            try:
+                await slot.log_order.durable(entry, self._writer(slot))
+            except Exception as exc:
+                for b in batches:
+                    self._fail(b, exc)
+                return
         for b in batches:
             self._resolve(b, {"seq": b.seq, "frames_added": len(b.frames), "duplicate": False, "frames_total": held})
+
+    def _writer(self, slot: StreamSlot):
+        log, sid = self._log, slot.stream_id
+        return lambda records: log(sid, records)
 
     def _resolve(self, batch: FrameBatch, ack: dict) -> None:
         self.pending_frames -= batch.count

@@ -3,13 +3,18 @@
 `replay` applies a log's records in order, with the rules ingest applied when they arrived, so
 the engine ends up holding what it held when the records were acknowledged:
 
-- a frame record whose seq is not above the last applied one is a duplicate: skipped (as ingest
-  acknowledged it without appending);
-- a record the engine refuses with an `EngineError` is skipped: ingest logs a batch before the
-  engine sees it, so a batch the engine refused is in the log too, and the engine refuses it again
-  (a refused call leaves the stream unchanged: the `Engine` invariant);
-- anything else the engine raises, or `EngineFailedError` (the shard's mark of a broken engine),
-  ends the replay: the engine is broken, and the caller gives up on the stream.
+- a frame record whose seq is not above the last one the engine took is a duplicate: skipped (as
+  ingest acknowledged it without appending);
+- a record the engine refuses with an `EngineError` is skipped. Ingest logs only what the engine
+  accepted (`log_order.py`), but logs written before that held refused batches too, and the
+  accepted batch after one reused its seq: judged against the last seq taken, not the refused
+  one's, it is applied (a refused call leaves the stream unchanged: the `Engine` invariant);
+- a record that fails `check` (`record_check.py`: outside the service's bounds), or on which the
+  engine fails while staying healthy (`RequestFailedError`), ends the replay with
+  `StreamQuarantinedError`: the stream cannot be rebuilt as acknowledged, and handing the record
+  to another engine would fail there too; the caller quarantines the stream alone;
+- `EngineFailedError` (the shard's mark of a broken engine) ends the replay: the engine is broken,
+  and the caller gives up on the stream.
 
 Speed: consecutive frame records are applied in groups of up to `max_frames` frames (one engine
 call each; the engine's step loop ingests the groups of streams replayed at once in one
@@ -32,14 +37,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from mosaic_ray.engine.interface import EngineError
-from mosaic_ray.runtime.errors import EngineFailedError
+from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
+from mosaic_ray.runtime.record_check import check_record
 
 AppendFrames = Callable[[list[np.ndarray], list[float]], Awaitable[int]]
 AppendText = Callable[[str, float], Awaitable[None]]
 Configure = Callable[[dict], Awaitable[object]]
 Decode = Callable[[list[EncodedFrame]], Awaitable[list[np.ndarray]]]
+Check = Callable[[LogRecord], None]  # raises InvalidInputError for a record no engine may get
 
 
 @dataclass(slots=True)
@@ -55,24 +62,44 @@ class ReplayResult:
 
 async def replay(
     records: Iterable[LogRecord], append_frames: AppendFrames, append_text: AppendText, decode: Decode,
-    max_frames: int, configure: Configure | None = None, last_seq: int = -1,
+    max_frames: int, configure: Configure | None = None, last_seq: int = -1, check: Check = check_record,
 ) -> ReplayResult:
     """Apply `records` in order; `last_seq` is the stream's seq before them (a snapshot's)."""
     out = ReplayResult(last_seq=last_seq)
-    groups = _groups(records, max_frames)
+    groups = _groups(_checked(records, check), max_frames)
     pending = _next_decoded(groups, decode)
-    while True:
-        item = await pending
-        if item is None:
-            return out
-        pending = _next_decoded(groups, decode)  # decode ahead while the engine works
-        group, pixels = item
-        if isinstance(group, TextRecord):
-            await _apply_text(group, append_text, out)
-        elif isinstance(group, OptionsRecord):
-            await _apply_options(group, configure, out)
-        else:
-            await _apply_frames(group, pixels, append_frames, out)
+    try:
+        while True:
+            item = await pending
+            if item is None:
+                return out
+            pending = _next_decoded(groups, decode)  # decode ahead while the engine works
+            group, pixels = item
+            if isinstance(group, TextRecord):
+                await _apply_text(group, append_text, out)
+            elif isinstance(group, OptionsRecord):
+                await _apply_options(group, configure, out)
+            else:
+                await _apply_frames(group, pixels, append_frames, out)
+    finally:
+        if not pending.done():  # a replay that ended early: the decode ahead is not wanted
+            pending.cancel()
+        elif not pending.cancelled():
+            pending.exception()  # retrieved: a quarantine found ahead is not reported twice
+
+
+def _checked(records: Iterable[LogRecord], check: Check):
+    for i, rec in enumerate(records):
+        try:
+            check(rec)
+        except EngineError as exc:
+            raise StreamQuarantinedError(f"log record {i} fails validation: {exc}") from None
+        yield rec
+
+
+def _poison(rec: LogRecord) -> StreamQuarantinedError:
+    what = f"frame batch seq {rec.seq}" if isinstance(rec, FrameRecord) else type(rec).__name__
+    return StreamQuarantinedError(f"the engine fails on a log record ({what}) while it stays healthy")
 
 
 def _groups(records: Iterable[LogRecord], max_frames: int):
@@ -115,6 +142,8 @@ async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResul
         out.texts += 1
     except EngineFailedError:
         raise
+    except RequestFailedError:
+        raise _poison(rec) from None
     except EngineError:
         out.skipped += 1
 
@@ -129,20 +158,16 @@ async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: R
         out.options += 1
     except EngineFailedError:
         raise
+    except RequestFailedError:
+        raise _poison(rec) from None
     except EngineError:
         out.skipped += 1
 
 
 async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendFrames, out: ReplayResult) -> None:
-    fresh, last = [], out.last_seq
-    for rec in group:
-        if rec.seq > last:
-            fresh.append(rec)
-            last = rec.seq
-        else:
-            out.skipped += 1
-    if not fresh:
-        return
+    """The group in one engine call when every record is fresh; otherwise record by record, each
+    judged against the seq the engine last took (not the seq of a record it may refuse)."""
+    fresh = _fresh(group, out.last_seq)
     if len(fresh) == len(group) and not isinstance(pixels, BaseException):
         try:
             out.engine_calls += 1
@@ -152,8 +177,11 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
         except EngineFailedError:
             raise
         except EngineError:
-            pass  # one of them is refused: find it below
-    for rec in fresh:
+            pass  # one of them is refused or poison: find it below
+    for rec in group:
+        if rec.seq <= out.last_seq:  # a duplicate
+            out.skipped += 1
+            continue
         try:
             frames = await asyncio.to_thread(_decode_each, rec.frames)
             out.engine_calls += 1
@@ -161,8 +189,20 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             _took(out, [rec])
         except EngineFailedError:
             raise
+        except RequestFailedError:
+            raise _poison(rec) from None
         except EngineError:
             out.skipped += 1
+
+
+def _fresh(group: list[FrameRecord], last_seq: int) -> list[FrameRecord]:
+    """The records whose seqs rise above `last_seq` in order (the others would be duplicates)."""
+    fresh = []
+    for rec in group:
+        if rec.seq > last_seq:
+            fresh.append(rec)
+            last_seq = rec.seq
+    return fresh
 
 
 def _decode_each(frames) -> list[np.ndarray]:

@@ -19,10 +19,12 @@ shard whose health probe says its engine is broken or hung, which is then killed
 A stream whose rebuild failed (its target died too, its log is unreadable) stays recovering and
 is tried again after a backoff (RETRY_MIN_S doubling to RETRY_MAX_S), or sooner on a health round
 or report. A stream with no log (logs off) is gone: its map entry is dropped (404 from then on). A
-stream whose replay broke the target's engine (a record the engine crashes on: a poison record)
-is quarantined: never tried again (else it would break every shard in turn), answered 500
-`engine_failure` until deleted. So is a stream whose log was compacted and whose snapshot is
-unusable (`SnapshotLostError`, `snapshots.py`): its start is lost, and it is not served truncated.
+stream whose log holds a poison record (one that fails validation, or that the engine fails on
+while passing its probe: `StreamQuarantinedError` from the replay; the target stays healthy), or
+whose replay broke the target's engine, is quarantined: never tried again (else it could break
+every shard in turn), answered 500 `stream_quarantined` until deleted. So is a stream whose log
+was compacted and whose snapshot is unusable (`SnapshotLostError`, `snapshots.py`): its start is
+lost, and it is not served truncated.
 At start, after the reconcile, a stream that has a log but that no live shard holds (a restart of
 the whole runtime, or a shard that died while no router ran) is recovered the same way.
 
@@ -45,6 +47,7 @@ from mosaic_ray.runtime.errors import (
     ShardUnavailableError,
     SnapshotLostError,
     ShuttingDownError,
+    StreamQuarantinedError,
     StreamRecoveringError,
 )
 from mosaic_ray.runtime.frame_log import FrameLog, open_frame_log
@@ -84,8 +87,8 @@ class ShardRecovery:
 
     def _refuse_if_recovering(self, stream_id: str) -> None:
         if stream_id in self._quarantined:
-            raise EngineFailedError(f"stream {stream_id!r} could not be rebuilt from its log: "
-                                    f"{self._recovery_errors.get(stream_id, '')}; delete it")
+            raise StreamQuarantinedError(f"stream {stream_id!r} is quarantined: it could not be rebuilt from its "
+                                         f"log ({self._recovery_errors.get(stream_id, '')}); delete it")
         if stream_id in self._recovering:
             raise StreamRecoveringError(
                 f"stream {stream_id!r} is being rebuilt from its frame log (its shard died); retry",
@@ -210,6 +213,11 @@ class ShardRecovery:
                 log.error("rebuilding %s broke the engine of %s (%s): quarantined", sid, target, exc)
                 self._quarantined.add(sid)
                 self._recovery_errors[sid] = f"replay broke the engine of {target}: {exc}"
+                return
+            except StreamQuarantinedError as exc:  # a poison record; the target is fine
+                log.error("stream %s: its log cannot be replayed (%s): quarantined", sid, exc)
+                self._quarantined.add(sid)
+                self._recovery_errors[sid] = str(exc)
                 return
             except SnapshotLostError as exc:
                 log.error("stream %s lost its start (%s): quarantined", sid, exc)

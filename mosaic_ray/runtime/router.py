@@ -114,7 +114,8 @@ class Router(ShardRecovery):
         """Open a stream on `shard`, or on the least-loaded healthy shard; returns {"id", "shard"}.
 
         `quota` (prefix, n, retry_after_s): refuse (`QuotaExceededError`, 429) when n streams whose
-        ids start with prefix exist (a tenant's streams, `serve/auth.py`). Creations under one
+        ids start with prefix exist (a tenant's streams, `serve/auth.py`), those still being
+        rebuilt from their logs (after a restart) or quarantined included. Creations under one
         prefix are serialized, so concurrent ones never overshoot n.
         """
         sid = stream_id or new_stream_id()
@@ -129,7 +130,7 @@ class Router(ShardRecovery):
         async with self._lock(f"quota/{quota[0]}") if quota else nullcontext(), self._lock(sid):
             if sid in self._map or sid in self._recovering:  # a logged stream being rebuilt exists too
                 raise StreamExistsError(f"stream {sid!r} exists")
-            if quota is not None and self._map.count_prefixed(quota[0]) >= quota[1]:
+            if quota is not None and self._held_prefixed(quota[0]) >= quota[1]:
                 raise QuotaExceededError(f"at most {quota[1]} streams may be held at once", quota[2])
             # a shard at its measured capacity refuses (ShardBusyError): the next least loaded is tried
             candidates = [shard] if shard is not None else await self._by_load()
@@ -145,6 +146,12 @@ class Router(ShardRecovery):
                     self._reserved[target] -= 1
             self._map.set(sid, target)
         return {"id": sid, "shard": target}
+
+    def _held_prefixed(self, prefix: str) -> int:
+        """Streams under `prefix` that exist: mapped, or known from their logs only (being rebuilt
+        after a restart, or quarantined). `ready()` registers the latter before any create."""
+        unmapped = sum(1 for sid in self._recovering if sid.startswith(prefix) and sid not in self._map)
+        return self._map.count_prefixed(prefix) + unmapped
 
     async def delete_stream(self, stream_id: str) -> None:
         await self.ready()

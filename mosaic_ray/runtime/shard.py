@@ -12,21 +12,26 @@ holds its requests and then redirects them (`StreamMovedError`) to its new shard
 
 Invariants:
 - Only `_call` and `_engine_append` touch the engine, and only from the runner thread.
-- An engine that raises anything but an `EngineError` is broken: the shard remembers it and
-  `check_health` raises from then on (so the router stops placing here and an operator or issue 9's
-  recovery takes over); a hung engine fails `check_health` by timeout.
+- A request whose engine call raises anything but an `EngineError` fails alone (500
+  `request_failed`) when the engine then passes a probe on a known-good input (`Engine.probe`);
+  only when the probe fails too is the engine broken: the shard remembers it and `check_health`
+  raises from then on (so the router stops placing here and an operator or the recovery takes
+  over). A hung engine fails `check_health` by timeout.
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
-- With frame logs on (`DurabilitySpec`), a frame batch or text is acknowledged only after its
-  record is in the stream's log (`shard_log.py`); `recover_stream` rebuilds a stream another shard
-  held from that log, and a draining shard (`drain`, at shutdown) refuses new requests with 503
-  (`shard_durability.py`).
+- With frame logs on (`DurabilitySpec`), a frame batch, text or option is acknowledged only after
+  its record is in the stream's log (`shard_log.py`), written once the engine took it, in the
+  engine's order (`log_order.py`): the log holds only what was accepted. `recover_stream`
+  rebuilds a stream another shard held from that log, and a draining shard (`drain`, at
+  shutdown) refuses new requests with 503 (`shard_durability.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,19 +42,24 @@ from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec,
 from mosaic_ray.runtime.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
+    RequestFailedError,
     ShardBusyError,
     ShuttingDownError,
     StreamMovedError,
 )
 from mosaic_ray.runtime.capacity import CapacityGate
 from mosaic_ray.runtime.frame_codec import EncodedFrame
+from mosaic_ray.runtime.frame_log import LogRecord
 from mosaic_ray.runtime.ingest import IngestQueue, completed
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
+from mosaic_ray.runtime.record_check import check_times
 from mosaic_ray.runtime.shard_durability import ShardDurability
 from mosaic_ray.runtime.shard_migration import ShardMigration
-from mosaic_ray.runtime.shard_log import ShardLog
+from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
+
+log = logging.getLogger("mosaic_ray.runtime.shard")
 
 # engine stats passed on to /metrics besides the step loop's `step_*` counters
 _ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream", "ttft_parts")
@@ -78,7 +88,7 @@ class ShardActor(ShardDurability, ShardMigration):
         self._capacity = CapacityGate(self._spec.max_utilization, self._spec.capacity_window_s)
         self._ingest = IngestQueue(
             self._engine_append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
-            self._spec.decode_threads, log=self._log.frames if self._log is not None else None,
+            self._spec.decode_threads, log=self._log.write if self._log is not None else None,
             max_stream_pending_frames=self._spec.max_stream_pending_frames, queued=True,
         )
         self._slots: dict[str, StreamSlot] = {}
@@ -146,17 +156,39 @@ class ShardActor(ShardDurability, ShardMigration):
     async def configure_stream(self, stream_id: str, options: dict[str, Any]) -> dict[str, Any]:
         """Per-stream engine options (pruning, ...), in order with the stream's other requests."""
         slot = self._slot(stream_id)
-        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
-            if self._log is not None:
-                await self._log.options(stream_id, options)
-            return await self._call(self._engine.configure_stream, stream_id, options)
+        async with slot.admit(self._spec.hold_timeout_s):
+            return await self._logged(slot, options_record(options),
+                                      lambda: self._call(self._engine.configure_stream, stream_id, options))
 
     async def append_text(self, stream_id: str, text: str, timestamp: float) -> None:
+        check_times([timestamp])
         slot = self._slot(stream_id)
-        async with slot.admit(self._spec.hold_timeout_s), slot.lock:
+        async with slot.admit(self._spec.hold_timeout_s):
+            await self._logged(slot, text_record(text, timestamp),
+                               lambda: self._call(self._engine.append_text, stream_id, text, timestamp))
+
+    async def _logged(self, slot: StreamSlot, record: LogRecord, apply: Callable[[], Awaitable[Any]]) -> Any:
+        """`apply` under the stream's lock; `record` logged once the engine took it, in the engine's
+        order (`LogOrder`), and waited for off the lock (an entry ahead may need the lock)."""
+        entry = None
+        async with slot.lock:
             if self._log is not None:
-                await self._log.text(stream_id, text, timestamp)
-            await self._call(self._engine.append_text, stream_id, text, timestamp)
+                entry = slot.log_order.reserve()
+            try:
+                out = await apply()
+            except BaseException:
+                if entry is not None:
+                    slot.log_order.drop(entry)
+                raise
+            if entry is not None:
+                slot.log_order.fill(entry, [record])
+        if entry is not None:
+            await slot.log_order.durable(entry, self._log_writer(slot.stream_id))
+        return out
+
+    def _log_writer(self, stream_id: str):
+        log = self._log
+        return lambda records: log.write(stream_id, records)
 
     async def ask(self, stream_id: str, request: dict[str, Any]):
         """Stream the answer's text deltas (a Ray streaming generator: one object per delta)."""
@@ -195,7 +227,7 @@ class ShardActor(ShardDurability, ShardMigration):
             except EngineError:
                 raise
             except Exception as exc:
-                raise self._broken(exc) from None
+                raise await self._engine_failure(exc) from None
             finally:
                 self._active_queries -= 1
                 if locked:
@@ -275,7 +307,7 @@ class ShardActor(ShardDurability, ShardMigration):
         except EngineError:
             raise
         except Exception as exc:
-            raise self._broken(exc) from None
+            raise await self._engine_failure(exc) from None
 
     async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
         """Frames into the engine; returns, once they are queued on the engine's thread (or, for
@@ -301,15 +333,29 @@ class ShardActor(ShardDurability, ShardMigration):
             except EngineError:
                 raise
             except Exception as exc:
-                raise self._broken(exc) from None
+                raise await self._engine_failure(exc) from None
 
         return ingested()
 
-    def _broken(self, exc: BaseException) -> EngineFailedError:
-        if self._fatal is None:
-            self._fatal = exc
+    async def _engine_failure(self, exc: BaseException) -> EngineError:
+        """The error for a request whose engine call raised `exc` (not an `EngineError`). One
+        request's failure is not evidence that the engine is broken: the engine is probed on a
+        known-good input (`Engine.probe`), and the shard is marked broken only if that fails too
+        (or does not answer within `health_timeout_s`). Otherwise the request fails alone."""
         self._meter.errors_total += 1
-        return EngineFailedError(f"engine failed: {type(exc).__name__}: {exc}")
+        log.warning("shard %s: a request failed in the engine: %s: %s", self.name, type(exc).__name__, exc)
+        if self._fatal is None:
+            try:
+                await asyncio.wait_for(self._runner.call(self._engine.probe), self._spec.health_timeout_s)
+            except EngineError:
+                pass  # an engine that refuses sanely is not broken
+            except BaseException as probe_exc:  # the timeout too: a hung engine is a broken one
+                log.error("shard %s: the engine failed its probe after that (%s): broken", self.name,
+                          type(probe_exc).__name__)
+                self._fatal = exc
+        if self._fatal is not None:
+            return EngineFailedError("engine failed; this shard is out of service")
+        return RequestFailedError("the engine could not process this request; the shard is healthy")
 
 
 def spawn_shard(config: RuntimeConfig, index: int):

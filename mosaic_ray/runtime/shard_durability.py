@@ -7,7 +7,9 @@ actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`
 - `recover_stream`: rebuild a stream another shard held, from its snapshot (if any) and the
   frame log after it (`snapshots.py`, `log_replay.py`). The router holds the stream's requests
   off (503) until it returns, and maps the stream here only then: no request is answered from a
-  half-rebuilt stream.
+  half-rebuilt stream. A record that fails validation, or that the engine fails on while it
+  passes its probe, raises `StreamQuarantinedError`: the half-built stream is dropped from the
+  engine, the shard stays healthy, and the router quarantines that stream alone.
 - snapshots: every `DurabilitySpec.snapshot_every_frames` acknowledged frames of a stream
   (`StreamSnapshots`, made by `_make_snapshots`), then its log is compacted;
   `snapshot_stream` takes one now (tests, operators).
@@ -53,10 +55,13 @@ class ShardDurability:
                 plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
         if plan.state is None:
             await self._call(self._engine.open_stream, stream_id)
+        async def append(frames, stamps):  # queued, then waited for: a failure is its record's
+            return await (await self._engine_append(stream_id, frames, stamps))
+
         try:
             done = await replay(
                 plan.records,
-                lambda frames, stamps: self._engine_append(stream_id, frames, stamps),
+                append,
                 lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
                 self._log.decode,
                 self._log.spec.replay_batch_frames,

@@ -1,15 +1,17 @@
 """ShardLog: a shard's side of the frame logs (`frame_log.py`), as async calls.
 
 The store is synchronous (file writes, fsync); the shard's event loop must not wait on a disk, so
-every store call runs on a worker thread. The shard calls these under the stream's lock, which is
-what keeps one stream's records in order (the store itself orders nothing across threads).
+every store call runs on a worker thread. A stream's records are kept in order by its
+`LogOrder` (`log_order.py`: one writer at a time, in the engine's order); the store itself orders
+nothing across threads.
 
 What the shard logs, and when (each before the acknowledgement; `ingest.py`, `shard.py`):
 
     open_stream     an `OpenRecord` (a stale log of a former stream of that id is removed first)
-    append_frames   one `FrameRecord` per batch, seq set, frames still encoded; before the engine
-    append_text     a `TextRecord`, before the engine
-    configure       an `OptionsRecord` (per-stream engine options), before the engine
+    append_frames   one `FrameRecord` per batch, seq set, frames still encoded; once the engine
+                    took them (`LogOrder`: in the engine's order; a refused batch leaves nothing)
+    append_text     a `TextRecord`, once the engine took it (the same way)
+    configure       an `OptionsRecord` (per-stream engine options), once the engine took it
     close_stream    the log is deleted
     migration       the source releases its handle; the target appends to the same log
 """
@@ -33,7 +35,6 @@ from mosaic_ray.runtime.frame_log import (
     TextRecord,
     open_frame_log,
 )
-from mosaic_ray.runtime.stream_slot import FrameBatch
 
 
 class ShardLog:
@@ -50,15 +51,9 @@ class ShardLog:
 
         await asyncio.to_thread(write)
 
-    async def frames(self, stream_id: str, batches: list[FrameBatch]) -> None:
-        records = [FrameRecord(b.seq, tuple(_encoded(f) for f in b.encoded), tuple(b.timestamps)) for b in batches]
+    async def write(self, stream_id: str, records: list[LogRecord]) -> None:
+        """`records` appended to the stream's log, in order (a `LogOrder` decides what and when)."""
         await asyncio.to_thread(self.store.append, stream_id, records)
-
-    async def text(self, stream_id: str, text: str, timestamp: float) -> None:
-        await asyncio.to_thread(self.store.append, stream_id, [TextRecord(text, float(timestamp))])
-
-    async def options(self, stream_id: str, options: dict) -> None:
-        await asyncio.to_thread(self.store.append, stream_id, [OptionsRecord(dict(options))])
 
     async def read(self, stream_id: str) -> list[LogRecord]:
         return await asyncio.to_thread(lambda: list(self.store.read(stream_id)))
@@ -80,6 +75,19 @@ class ShardLog:
         if self._decoders is None:
             self._decoders = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="replay-decode")
         return await asyncio.get_running_loop().run_in_executor(None, decode_all, frames, self._decoders)
+
+
+def frame_record(seq: int, frames: list, timestamps: list[float]) -> FrameRecord:
+    """The record of an accepted batch: its frames as they arrived (pixels are logged raw)."""
+    return FrameRecord(seq, tuple(_encoded(f) for f in frames), tuple(float(t) for t in timestamps))
+
+
+def text_record(text: str, timestamp: float) -> TextRecord:
+    return TextRecord(text, float(timestamp))
+
+
+def options_record(options: dict) -> OptionsRecord:
+    return OptionsRecord(dict(options))
 
 
 def _encoded(frame: EncodedFrame | np.ndarray) -> EncodedFrame:

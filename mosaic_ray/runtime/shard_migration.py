@@ -2,7 +2,7 @@
 
 A mixin of `ShardActor` (shard.py), kept apart so each file holds one concept, like
 `ShardDurability`. It uses the actor's `_slots`, `_moved`, `_outgoing`, `_mig`, `_spec`, `_log`,
-`_meter`, `_engine`, `_call`, `_slot` and `name`.
+`_meter`, `_engine`, `_call`, `_slot`, `_log_writer` and `name`.
 
     migration_begin (freeze + export) -> migration_offer -> migration_send | the target's
     migration_receive -> migration_finish (drop this copy, redirect) or migration_abort (thaw)
@@ -40,6 +40,8 @@ class ShardMigration:
         await slot.freeze()
         t1 = time.perf_counter()
         try:
+            if self._log is not None:  # records the engine holds but a failed write left unlogged
+                await slot.log_order.flush(self._log_writer(stream_id))
             state = await self._call(self._engine.export_stream, stream_id)
             t2 = time.perf_counter()
             meta = {"engine": state["meta"], "last_seq": slot.last_seq, "rates": slot.rates()}

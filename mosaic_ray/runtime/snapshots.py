@@ -8,15 +8,19 @@ Why: replaying a whole log re-runs the vision encoder and prefill for every fram
 Taking one (`StreamSnapshots.take`), in this order:
 
 1. under the stream's lock (no append, text, option or question of the stream runs meanwhile):
-   `export_stream` on the engine thread (the path every engine call takes, FIFO), and a
-   `MarkRecord(mark, last_seq)` appended to the log. The engine then holds exactly the records
-   before the mark (refused records are no-ops), so "snapshot + records after the mark" is the
-   stream, whatever text and option records sit between frame records.
+   `export_stream` on the engine thread (the path every engine call takes, FIFO), and the place
+   of a `MarkRecord(mark, last_seq)` reserved in the stream's `LogOrder`, after every operation
+   handed to the engine before the export. The mark is written, off the lock, once those
+   before it are, with `last_seq` the seq of the last frame record written before it. The engine
+   then held exactly the records before the mark (refused operations are not in the log), so
+   "snapshot + records after the mark" is the stream, whatever text and option records sit
+   between frame records.
 2. off the lock: the export is serialized (`encode_snapshot`: torch.save of meta + tensors) and
    written to the store's snapshot slot (atomic: temp + fsync + rename), then read back and
    compared byte for byte.
 3. under the lock again, only if the stream is still served here: the log is compacted to the
-   records from the mark on (`FrameLog.truncate_before`).
+   records from the mark on (`FrameLog.truncate_before`), while no write of the stream's
+   `LogOrder` runs (`LogOrder.exclusive`: frame records are written off the lock).
 
 Invariants:
 - The log is compacted only after its snapshot is durable and read back whole. A crash between
@@ -190,15 +194,18 @@ class StreamSnapshots:
                             return None
                     state = await self._call(self._export, sid)
                     mark = self._last_mark = max(time.time_ns(), self._last_mark + 1)
-                    last_seq = slot.last_seq
-                    await asyncio.to_thread(self._store.append, sid, [MarkRecord(mark, last_seq)])
+                    entry = slot.log_order.reserve()  # the mark's place: after what the export holds
+                    slot.log_order.fill_mark(entry, lambda seq: MarkRecord(mark, seq))
                     self._due[sid] = 0
+                await slot.log_order.durable(entry, self._writer(sid))  # off the lock: see LogOrder
+                last_seq = entry.records[0].last_seq
                 blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq)
                 await asyncio.to_thread(self._write_verified, sid, mark, blob)
                 async with slot.lock:
                     if not self._owns(sid, slot):
                         return None
-                    dropped = await asyncio.to_thread(self._store.truncate_before, sid, mark)
+                    dropped = await slot.log_order.exclusive(
+                        lambda: asyncio.to_thread(self._store.truncate_before, sid, mark))
         except Exception as exc:  # EngineError (moved, busy, refused), OSError, serialization
             self.failed += 1
             log.warning("stream %s: snapshot not taken (%s: %s); its log stays whole", sid, type(exc).__name__, exc)
@@ -208,6 +215,10 @@ class StreamSnapshots:
                 "seconds": time.perf_counter() - start}
         self.last[sid] = info
         return info
+
+    def _writer(self, stream_id: str):
+        store = self._store
+        return lambda records: asyncio.to_thread(store.append, stream_id, records)
 
     def _write_verified(self, stream_id: str, mark: int, blob: bytes) -> None:
         self._store.put_snapshot(stream_id, mark, blob)

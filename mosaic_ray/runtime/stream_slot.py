@@ -13,6 +13,8 @@ runs under `lock`. Together they give the guarantees migration relies on:
   is answered from half-moved state.
 - `last_seq` is the highest frame-batch seq the engine holds; only ingest advances it, and only
   after the engine accepted the frames. It travels with the stream when it migrates.
+- `log_order` fixes the place of each of the stream's log records when its operation reaches the
+  engine (`log_order.py`); records are written in that order, only for accepted operations.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from mosaic_ray.engine.interface import UnknownStreamError
 from mosaic_ray.runtime.errors import ShardBusyError, StreamMovedError
+from mosaic_ray.runtime.log_order import LogOrder
 from mosaic_ray.runtime.shard_metrics import DecayingRate
 
 
@@ -33,7 +36,7 @@ class FrameBatch:
     """Frames of one HTTP request waiting for the engine. `decoded` resolves to their pixels
     (decoding runs while the batch waits its turn); `done` to the batch's acknowledgement."""
 
-    seq: int | None
+    seq: int | None  # the seq it holds once accepted
     count: int
     timestamps: list[float]
     decoded: asyncio.Future
@@ -41,6 +44,8 @@ class FrameBatch:
     # The frames as they arrived (still encoded): what the stream's frame log records.
     encoded: list[Any] = field(default_factory=list)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # The seq the client sent (None: the next one); a retried batch's seq is decided from it again.
+    requested: int | None = None
 
 
 class StreamSlot:
@@ -50,6 +55,7 @@ class StreamSlot:
         self.stream_id = stream_id
         self.last_seq = last_seq
         self.lock = asyncio.Lock()
+        self.log_order = LogOrder(last_seq)
         self.pending: list[FrameBatch] = []
         self.draining = False
         # Frames/s and questions/s of this stream; carried across a migration (`rates`), so a

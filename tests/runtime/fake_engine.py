@@ -10,8 +10,9 @@ factory path "tests.runtime.fake_engine:FakeEngine"). What makes it a useful sta
 - export/import carry real tensors of several dtypes (float32 features, float64 timestamps,
   bfloat16 "keys"), so migration moves and verifies real bytes;
 - optional delays stand for GPU work (`frame_delay_s` blocks the engine thread per frame,
-  `token_delay_s` awaits between deltas), and the text "__crash__" raises a RuntimeError, a broken
-  engine for health checks.
+  `token_delay_s` awaits between deltas); the text "__crash__" raises a RuntimeError (one request
+  the engine fails on, the engine itself fine: its probe passes), and the text "__break__" breaks
+  the engine for good (every later call raises RuntimeError, the probe too): a lost GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FEATURE_DIM = GRID * GRID * 3
 KEY_DIM = 16
 TOKENS_PER_FRAME = 16
 CRASH_TEXT = "__crash__"
+BREAK_TEXT = "__break__"
 
 
 def frame_feature(frame: np.ndarray) -> np.ndarray:
@@ -76,8 +78,10 @@ class FakeEngine(Engine):
         self.busy_share = busy_share
         self._born = time.monotonic()
         self._streams: dict[str, _Stream] = {}
+        self.broken = False
 
     def open_stream(self, stream_id: str) -> None:
+        self._check_alive()
         if stream_id in self._streams:
             raise StreamExistsError(f"stream {stream_id!r} exists")
         self._streams[stream_id] = _Stream()
@@ -130,6 +134,9 @@ class FakeEngine(Engine):
         s = self._get(stream_id)
         if text == CRASH_TEXT:
             raise RuntimeError("fake engine crashed (asked to)")
+        if text == BREAK_TEXT:
+            self.broken = True
+            raise RuntimeError("fake engine broke (asked to)")
         if not text:
             raise InvalidInputError("text must be non-empty")
         s.texts.append([float(timestamp), text])
@@ -192,7 +199,12 @@ class FakeEngine(Engine):
         self._streams[stream_id] = s
 
     # ------------------------------------------------------------------ internals
+    def _check_alive(self) -> None:
+        if self.broken:
+            raise RuntimeError("fake engine is broken")
+
     def _get(self, stream_id: str) -> _Stream:
+        self._check_alive()
         if stream_id not in self._streams:
             raise UnknownStreamError(f"stream {stream_id!r} not found")
         return self._streams[stream_id]

@@ -14,7 +14,7 @@ import ray
 from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.bootstrap import connect_runtime, drain_runtime, shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.errors import ShuttingDownError
+from mosaic_ray.runtime.errors import QuotaExceededError, ShuttingDownError
 from mosaic_ray.runtime.stream_map import open_store
 from mosaic_ray.serve.directory import StreamDirectory
 from tests.runtime.fake_engine import FACTORY
@@ -147,3 +147,56 @@ def test_drain_lets_an_admitted_answer_finish_and_refuses_new_work(ray_cluster, 
         shutdown_runtime(cfg, forget_streams=True)
     assert [v["unfinished"] for v in drained.values()] == [0]
     assert answer["text"].startswith("I saw 3 frames")
+
+
+QUOTA_PREFIX = "ten:"
+QUOTA = 3
+SLOW_FRAME_S = 0.1  # the fake engine's time per frame: the restarted runtime's replays take seconds
+
+
+def test_after_a_restart_the_quota_counts_the_streams_still_being_rebuilt(ray_cluster, tmp_path):
+    """Issue 20, item 8: a tenant at its quota before a restart is still at it while its streams
+    are rebuilt from their logs: a create is refused (429), none overshoots."""
+    cfg = RuntimeConfig(
+        name="restartquota", num_shards=1,
+        engine={"factory": FACTORY, "kwargs": {"frame_delay_s": SLOW_FRAME_S}},
+        shard={"num_gpus": 1, "num_cpus": 0},
+        router={"health_interval_s": 0, "load_cache_s": 0},
+        durability={"root": str(tmp_path / "log"), "fsync": "never"},
+    )
+    quota = (QUOTA_PREFIX, QUOTA, 1.0)
+    held = [f"{QUOTA_PREFIX}{i}" for i in range(QUOTA)]
+    shutdown_runtime(cfg, forget_streams=True)
+
+    async def before():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        for sid in held:
+            await d.ask_router("create_stream", sid, None, quota)
+            await d.call(sid, "append_frames", 0, _frames(0) * 3, [float(i) for i in range(3 * PER_BATCH)])
+        await drain_runtime(cfg, timeout_s=5)
+
+    asyncio.run(before())
+    shutdown_runtime(cfg)
+    store = open_store(cfg.router.state_store, cfg.name, cfg.namespace)
+    for sid in store.load():
+        store.delete(sid)
+    _wait_gone(cfg)
+
+    async def after():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        status = await d.ask_router("recovery_status")
+        with pytest.raises(QuotaExceededError):
+            await d.ask_router("create_stream", f"{QUOTA_PREFIX}new", None, quota)
+        back = [await _until_served(d, sid) for sid in held]
+        with pytest.raises(QuotaExceededError):
+            await d.ask_router("create_stream", f"{QUOTA_PREFIX}new", None, quota)
+        return status, back, sorted(await d.ask_router("list_streams"))
+
+    try:
+        status, back, listed = asyncio.run(after())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert status["recovering"], "the streams were rebuilt before the create: the test did not race"
+    assert listed == held and all(b["frames"] == 3 * PER_BATCH for b in back)

@@ -15,7 +15,7 @@ import ray
 from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.serve.directory import StreamDirectory
-from tests.runtime.fake_engine import CRASH_TEXT, FACTORY
+from tests.runtime.fake_engine import BREAK_TEXT, FACTORY
 
 pytestmark = pytest.mark.ray
 
@@ -211,7 +211,7 @@ def test_a_broken_engine_fails_its_health_check_and_gets_no_new_streams(runtime)
         d = await _dir(runtime)
         await d.ask_router("create_stream", "doomed", a)
         with pytest.raises(Exception) as crash:
-            await d.call("doomed", "append_text", CRASH_TEXT, 0.0)
+            await d.call("doomed", "append_text", BREAK_TEXT, 0.0)  # the engine breaks: its probe fails
         health = await d.ask_router("health")
         placed = [await d.ask_router("create_stream", f"after{i}") for i in range(2)]
         return crash.value, health, placed

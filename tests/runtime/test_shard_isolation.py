@@ -1,0 +1,139 @@
+"""Engine isolation on a shard (no Ray): a request the engine fails on fails alone and leaves
+the shard healthy; the shard is broken only when the engine then fails a known-good probe; a
+poison record in a log quarantines its stream on replay, never the shard replaying it (issue 20,
+items 2 and 3)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mosaic_ray.engine.interface import InvalidInputError
+from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
+from mosaic_ray.runtime.frame_log import FrameRecord, TextRecord
+from mosaic_ray.runtime.shard_log import frame_record
+from tests.runtime.fake_engine import BREAK_TEXT, CRASH_TEXT
+from tests.runtime.shard_fixtures import forget_store, local_shard, shared_store, stop_local
+
+FRAME = np.full((8, 8, 3), 100, np.uint8)
+
+
+@pytest.fixture
+def runtime(request):
+    name = f"iso-{request.node.name}"
+    forget_store(name)
+    yield name
+    forget_store(name)
+
+
+def test_a_request_the_engine_fails_on_fails_alone_and_the_shard_stays_healthy(runtime):
+    async def go():
+        shard = local_shard(runtime)
+        try:
+            await shard.open_stream("a")
+            await shard.open_stream("b")
+            await shard.append_frames("a", None, [FRAME], [0.0])
+            with pytest.raises(RequestFailedError) as failed:
+                await shard.append_text("a", CRASH_TEXT, 1.0)
+            await shard.check_health()  # not broken
+            await shard.open_stream("c")  # still takes new streams
+            ack = await shard.append_frames("b", None, [FRAME], [0.0])
+            info = await shard.stream_info("a")
+            return failed.value, ack, info, list(shared_store(None, runtime).read("a"))
+        finally:
+            stop_local(shard)
+
+    failed, ack, info, log = asyncio.run(go())
+    assert failed.status == 500 and failed.code == "request_failed"
+    assert ack["frames_added"] == 1 and info["frames"] == 1 and info["texts"] == 0
+    assert not any(isinstance(r, TextRecord) for r in log)  # the failed text is not in the log
+
+
+def test_the_shard_is_broken_only_when_the_engine_fails_its_probe_too(runtime):
+    async def go():
+        shard = local_shard(runtime)
+        try:
+            await shard.open_stream("a")
+            with pytest.raises(EngineFailedError):
+                await shard.append_text("a", BREAK_TEXT, 1.0)
+            with pytest.raises(EngineFailedError, match="engine broken"):
+                await shard.check_health()
+        finally:
+            stop_local(shard)
+
+    asyncio.run(go())
+
+
+def _poison_frames(seq: int) -> FrameRecord:
+    record = frame_record(seq, [FRAME], [0.0])
+    return FrameRecord(seq, record.frames, (1e300,))  # written before the bounds existed
+
+
+@pytest.mark.parametrize("poison", ["out_of_bounds_frame", "text_the_engine_fails_on"])
+def test_a_poison_record_quarantines_its_stream_on_replay_and_not_the_shard(runtime, poison):
+    async def go():
+        first = local_shard(runtime, 0)
+        await first.open_stream("poisoned")
+        await first.open_stream("other")
+        await first.append_frames("poisoned", None, [FRAME], [0.0])
+        await first.append_frames("other", None, [FRAME, FRAME], [0.0, 1.0])
+        record = _poison_frames(1) if poison == "out_of_bounds_frame" else TextRecord(CRASH_TEXT, 2.0)
+        shared_store(None, runtime).append("poisoned", [record])
+        stop_local(first)  # killed: both streams are rebuilt on the next shard
+        second = local_shard(runtime, 1)
+        try:
+            await second.open_stream("resident")  # a stream the rebuilding shard already held
+            await second.append_frames("resident", None, [FRAME], [0.0])
+            with pytest.raises(StreamQuarantinedError) as quarantined:
+                await second.recover_stream("poisoned")
+            await second.check_health()
+            rebuilt = await second.recover_stream("other")
+            resident = await second.append_frames("resident", None, [FRAME], [1.0])
+            engine_streams = await second._call(second._engine.list_streams)
+            return quarantined.value, rebuilt, resident, engine_streams
+        finally:
+            stop_local(second)
+
+    quarantined, rebuilt, resident, engine_streams = asyncio.run(go())
+    assert quarantined.status == 500 and quarantined.code == "stream_quarantined"
+    assert rebuilt["frames"] == 2 and rebuilt["last_seq"] == 0
+    assert resident["frames_total"] == 2
+    assert engine_streams == ["other", "resident"]  # nothing of the poisoned stream is left
+
+
+def test_requests_the_real_engine_fails_on_leave_its_shard_healthy(runtime):
+    """The requests of issue 20 item 2, on the tiny real engine: a temperature of 1e-39 and a seed
+    beyond 64 bits make it raise (500 `request_failed`, the shard healthy, the stream answering
+    after); a frame at ts=1e300 is refused before the engine sees it (422)."""
+    from mosaic_ray.runtime.shard import ShardActor
+
+    engine = {"factory": "mosaic_ray.engine.stream_engine:StreamEngine.from_spec",
+              "kwargs": {"model": "tiny", "device": "cpu", "kv_pool": {"capacity_tokens": 1 << 14},
+                         "cache": {"retrieval": "full", "pool": {"capacity_bytes": 16 << 20}}}}
+    frame = np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+
+    async def go():
+        shard = ShardActor.__ray_actor_class__(f"{runtime}:shard:0", engine, {"num_gpus": 0, "num_cpus": 0},
+                                               {}, {"enabled": False}, runtime)
+        try:
+            await shard.open_stream("a")
+            await shard.append_frames("a", None, [frame], [0.0])
+            failures = []
+            for bad in ({"temperature": 1e-39}, {"temperature": 1.0, "seed": 2**70}):
+                with pytest.raises(RequestFailedError) as failed:
+                    await shard.answer("a", {"question": "what?", "max_tokens": 2, **bad})
+                failures.append(failed.value)
+            with pytest.raises(InvalidInputError):
+                await shard.append_frames("a", None, [frame], [1e300])
+            await shard.check_health()
+            answer = await shard.answer("a", {"question": "what?", "max_tokens": 2})
+            ack = await shard.append_frames("a", None, [frame], [1.0])
+            return failures, answer, ack
+        finally:
+            stop_local(shard)
+
+    failures, answer, ack = asyncio.run(go())
+    assert all(f.status == 500 and f.code == "request_failed" for f in failures)
+    assert answer["deltas"] >= 1 and ack["frames_total"] == 2
