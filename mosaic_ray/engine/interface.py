@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_ray.bounds import MAX_SEQ
+
 
 class EngineError(Exception):
     """Base of the errors an engine raises on bad requests; `code` maps to an HTTP status."""
@@ -106,6 +108,8 @@ class AskRequest:
             raise InvalidInputError(f"temperature must be in [0, 10], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEQ:
+            raise InvalidInputError("seed must be in [0, 2**63-1]")  # torch's generators take no more
         if self.since is not None and self.until is not None and self.since > self.until:
             raise InvalidInputError(f"since ({self.since}) must be <= until ({self.until})")
 
