@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -242,14 +243,27 @@ def test_websocket_refuses_what_http_refuses_and_changes_nothing(serve_url, http
     if event["type"] == "input_video_frame.append":
         event = {**event, "image": jpeg_b64(3)}
     s.send(event_id="bad", **event)
-    err = s.error()
-    assert err["event_id"] == "bad" and err.get("status", 400) < 500, err
+    answer = _answer_to(s, "bad")
+    assert answer["type"] == "error", answer
+    err = answer["error"]
+    assert err.get("status", 400) < 500, err
     assert s.append(None, ts=2.0)["seq"] == 2  # seq-less appends still work, after the last acked seq
     s.close()
     after = http.get(f"/v1/streams/{sid}").json()
     assert (after["last_seq"], after["frames"]) == (2, before["frames"] + 1)
     assert http.get("/health").status_code == 200
     http.delete(f"/v1/streams/{sid}")
+
+
+def _answer_to(s: Session, event_id: str) -> dict:
+    """The first event answering `event_id` (an error, an ack, a response's end), within TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        ev = s.recv()
+        if ev.get("ack_for") == event_id or ev.get("error", {}).get("event_id") == event_id \
+                or ev["type"] == "response.done":
+            return ev
+    raise AssertionError(f"no answer to {event_id} within {TIMEOUT_S} s")
 
 
 def test_a_stream_id_with_a_newline_makes_no_stream(serve_url, http):
