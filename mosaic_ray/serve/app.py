@@ -84,7 +84,7 @@ api = FastAPI(title="mosaic_ray", description="Questions about live video stream
               redirect_slashes=False)
 install_error_handlers(api)
 
-StreamId = Path(pattern=STREAM_ID_PATTERN, max_length=128, description="stream id")
+StreamId = Path(pattern=STREAM_ID_PATTERN, description="stream id")
 
 
 def _replica() -> "MosaicIngress":

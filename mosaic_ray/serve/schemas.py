@@ -54,7 +54,7 @@ MaxTokens = Annotated[int, Field(ge=1, le=MAX_ANSWER_TOKENS)]
 # The static ceiling; `engine_ask` applies the configured (smaller) `ingress.max_question_chars`.
 Question = Annotated[SafeText, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 # The pattern is for OpenAPI; `check_stream_id` is the grammar (whole string, no trailing newline).
-StreamIdStr = Annotated[str, Field(pattern=STREAM_ID_PATTERN, max_length=128), AfterValidator(check_stream_id)]
+StreamIdStr = Annotated[str, Field(pattern=STREAM_ID_PATTERN), AfterValidator(check_stream_id)]
 
 
 class _In(BaseModel):
