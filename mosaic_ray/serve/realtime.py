@@ -37,7 +37,7 @@ from mosaic_ray.engine.interface import UnknownStreamError
 from mosaic_ray.bounds import STREAM_ID_PATTERN, is_stream_id
 from mosaic_ray.serve.config import AppConfig
 from mosaic_ray.serve.directory import StreamDirectory
-from mosaic_ray.serve.errors import QuestionTooLongError, response_for
+from mosaic_ray.serve.errors import response_for
 from mosaic_ray.serve.frames import FrameParser, ParsedBatch
 from mosaic_ray.serve.realtime_events import (
     EventError,
@@ -53,7 +53,7 @@ from mosaic_ray.serve.realtime_events import (
     parse_event,
     server_event,
 )
-from mosaic_ray.serve.schemas import engine_ask
+from mosaic_ray.serve.schemas import check_question_length, engine_ask
 
 # Question defaults a session keeps (session.update) and a response may override.
 ASK_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -245,9 +245,8 @@ class RealtimeSession:
         text = ev.item.text()
         if len(text) > self.max_text_chars:
             raise EventError("invalid_request", f"text is limited to {self.max_text_chars} characters", ev.event_id)
-        if ev.item.role == "user" and len(text) > self.cfg.ingress.max_question_chars:
-            raise QuestionTooLongError(f"a question is at most {self.cfg.ingress.max_question_chars} characters "
-                                       f"(ingress.max_question_chars), got {len(text)}")
+        if ev.item.role == "user":  # the next response's question: refused now rather than then
+            check_question_length(text, self.cfg.ingress.max_question_chars)
         if ev.item.role == "system":
             sid = self._need_stream(ev)
             async with self._charge(0, len(text.encode("utf-8", "surrogatepass"))):

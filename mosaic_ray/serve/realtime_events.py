@@ -3,7 +3,8 @@
 Client events are JSON text messages validated here (pydantic, extra fields refused); names follow
 the OpenAI realtime protocol where it fits. Every field a client sets has the type and bounds of
 its HTTP twin (`schemas.py`: `Seq`, `Seed`, `StreamTime`, `Temperature`, `TopP`, `SafeText`,
-`StreamIdStr`, ...), and a question reaches its shard through `schemas.engine_ask`, as over HTTP. A binary message is one frame batch in the msgpack
+`StreamIdStr`, ...), and a question reaches its shard through `schemas.engine_ask`, as over HTTP.
+A binary message is one frame batch in the msgpack
 format of `POST /v1/streams/{id}/frames`. Server events are plain dicts built by `server_event`.
 
     client                          server

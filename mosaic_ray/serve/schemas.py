@@ -173,14 +173,20 @@ class QueryIn(AskParams):
         return self.model_dump(exclude={"stream"})
 
 
+def check_question_length(question: str, max_question_chars: int) -> None:
+    """`QuestionTooLongError` (413) for a question over `ingress.max_question_chars`."""
+    if len(question) > max_question_chars:
+        raise QuestionTooLongError(f"a question is at most {max_question_chars} characters "
+                                   f"(ingress.max_question_chars), got {len(question)}")
+
+
 def engine_ask(params: dict[str, Any], max_question_chars: int) -> dict[str, Any]:
     """The engine's `AskRequest` keyword arguments for `params`, checked the one way every path
     checks a question: `QuestionTooLongError` (413) over `max_question_chars`, then `AskParams`'s
     bounds (`InvalidInputError`, 422). Long questions are refused before any tokenizer sees them."""
     question = params.get("question")
-    if isinstance(question, str) and len(question) > max_question_chars:
-        raise QuestionTooLongError(f"a question is at most {max_question_chars} characters "
-                                   f"(ingress.max_question_chars), got {len(question)}")
+    if isinstance(question, str):
+        check_question_length(question, max_question_chars)
     try:
         return AskParams.model_validate(params).model_dump()
     except ValidationError as exc:
