@@ -30,11 +30,18 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from mosaic_ray.bounds import check_stream_id
 from mosaic_ray.client.encoding import MSGPACK_TYPE, encode_batch
 from mosaic_ray.client.errors import MosaicAPIError
 from mosaic_ray.client.retry import RetryPolicy
 from mosaic_ray.client.sources import frames_from, is_live
 from mosaic_ray.client.sse import iter_events
+
+
+def _stream_path(stream_id: str, tail: str = "") -> str:
+    """`/v1/streams/<id><tail>`; an id outside the server's grammar (`mosaic_ray.bounds`: a newline, a
+    '/', a control character) is a `ValueError` here, before any request is made."""
+    return f"/v1/streams/{check_stream_id(stream_id)}{tail}"
 
 
 @dataclass(slots=True)
@@ -80,7 +87,7 @@ class AsyncMosaicClient:
     # ------------------------------------------------------------------ streams
     async def create_stream(self, stream_id: str | None = None) -> str:
         """Create a stream (id chosen here when not given, so a retried create stays one stream)."""
-        sid = stream_id or f"s-{uuid.uuid4().hex[:16]}"
+        sid = check_stream_id(stream_id) if stream_id else f"s-{uuid.uuid4().hex[:16]}"
         await self._request("POST", "/v1/streams", json={"id": sid}, idempotent=True, ok_after_retry={409})
         self._next_seq[sid] = 0
         return sid
@@ -89,10 +96,10 @@ class AsyncMosaicClient:
         return (await self._request("GET", "/v1/streams", idempotent=True)).json()["streams"]
 
     async def stream_info(self, stream_id: str) -> dict[str, Any]:
-        return (await self._request("GET", f"/v1/streams/{stream_id}", idempotent=True)).json()
+        return (await self._request("GET", _stream_path(stream_id), idempotent=True)).json()
 
     async def delete_stream(self, stream_id: str) -> None:
-        await self._request("DELETE", f"/v1/streams/{stream_id}", idempotent=True, ok_after_retry={404})
+        await self._request("DELETE", _stream_path(stream_id), idempotent=True, ok_after_retry={404})
         self._next_seq.pop(stream_id, None)
 
     async def health(self) -> dict[str, Any]:
@@ -107,7 +114,7 @@ class AsyncMosaicClient:
             seq = await self._seq_for(stream_id)
         body = await asyncio.to_thread(encode_batch, seq, frames, timestamps, self.jpeg_quality)
         resp = await self._request(
-            "POST", f"/v1/streams/{stream_id}/frames", content=body, headers={"content-type": MSGPACK_TYPE},
+            "POST", _stream_path(stream_id, "/frames"), content=body, headers={"content-type": MSGPACK_TYPE},
             idempotent=True,
         )
         ack = resp.json()
@@ -115,7 +122,7 @@ class AsyncMosaicClient:
         return ack
 
     async def push_text(self, stream_id: str, text: str, ts: float) -> None:
-        await self._request("POST", f"/v1/streams/{stream_id}/text", json={"text": text, "ts": ts}, idempotent=False)
+        await self._request("POST", _stream_path(stream_id, "/text"), json={"text": text, "ts": ts}, idempotent=False)
 
     async def push_video(
         self,
@@ -165,14 +172,14 @@ class AsyncMosaicClient:
     async def ask(self, stream_id: str, question: str, **params: Any) -> str:
         """The whole answer (params: max_tokens, since, until, temperature, top_p, stop, seed)."""
         body = {"question": question, "stream": False, **params}
-        resp = await self._request("POST", f"/v1/streams/{stream_id}/query", json=body, idempotent=False)
+        resp = await self._request("POST", _stream_path(stream_id, "/query"), json=body, idempotent=False)
         return resp.json()["answer"]
 
     async def ask_stream(self, stream_id: str, question: str, **params: Any) -> AsyncIterator[str]:
         """The answer's text deltas as the server streams them (server-sent events)."""
         body = {"question": question, "stream": True, **params}
         for attempt in range(self.retry.max_attempts):
-            async with self._http.stream("POST", f"/v1/streams/{stream_id}/query", json=body) as resp:
+            async with self._http.stream("POST", _stream_path(stream_id, "/query"), json=body) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     if attempt + 1 < self.retry.max_attempts and self.retry.retryable(resp, idempotent=False):

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from mosaic_ray.bounds import check_stream_id
 from mosaic_ray.client.encoding import encode_jpeg
 from mosaic_ray.client.errors import MosaicAPIError
 
@@ -34,10 +35,11 @@ KEEP = frozenset({"input_video_frame.appended"})
 
 
 def ws_url(base_url: str, stream_id: str | None = None) -> str:
-    """`http(s)://host:port[/prefix]` -> `ws(s)://host:port[/prefix]/v1/realtime[?stream_id=]`."""
+    """`http(s)://host:port[/prefix]` -> `ws(s)://host:port[/prefix]/v1/realtime[?stream_id=]`; an id
+    outside the server's grammar is a `ValueError` before any connection."""
     url = base_url.rstrip("/")
     url = "ws://" + url[7:] if url.startswith("http://") else "wss://" + url[8:] if url.startswith("https://") else url
-    return url + "/v1/realtime" + (f"?stream_id={quote(stream_id, safe='')}" if stream_id else "")
+    return url + "/v1/realtime" + (f"?stream_id={quote(check_stream_id(stream_id), safe='')}" if stream_id else "")
 
 
 class RealtimeSession:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_ray.bounds import MAX_SEQ
+
 
 # The scratch stream of `Engine.probe`: stream ids of clients start with a letter or digit.
 PROBE_STREAM = "__probe__"
@@ -112,6 +114,8 @@ class AskRequest:
             raise InvalidInputError(f"temperature must be in [0, 10], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEQ:
+            raise InvalidInputError("seed must be in [0, 2**63-1]")  # torch's generators take no more
         if self.since is not None and self.until is not None and self.since > self.until:
             raise InvalidInputError(f"since ({self.since}) must be <= until ({self.until})")
 

@@ -1,18 +1,27 @@
-"""Token choice for answers: greedy, or temperature + nucleus (top-p) sampling with a seed."""
+"""Token choice for answers: greedy, or temperature + nucleus (top-p) sampling with a seed.
+
+Whatever the caller passes, no logit becomes inf and no nucleus is empty: a temperature below
+`bounds.MIN_TEMPERATURE` is greedy, and the nucleus always holds the best token (a top_p that
+rounds to 0 in float32 would otherwise keep nothing, and multinomial would raise).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from mosaic_ray.bounds import MIN_TEMPERATURE
+
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """logits [vocab] -> token id. temperature 0 means greedy (argmax, ties to the lowest id)."""
-    if temperature <= 0.0:
+    """logits [vocab] -> token id. temperature 0 (or below MIN_TEMPERATURE) means greedy (argmax,
+    ties to the lowest id)."""
+    if temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the best token
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        keep[0] = True  # the best token, whatever top_p rounds to in float32
         probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
         probs /= probs.sum()
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -23,7 +32,7 @@ def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[
     """logits [S, vocab] -> one token per row: greedy rows with one argmax and one copy to the host
     for the whole batch, sampled rows one by one (`choose_token`)."""
     greedy = torch.argmax(logits, -1).tolist()
-    return [g if t <= 0.0 else choose_token(logits[i], t, p, gen)
+    return [g if t < MIN_TEMPERATURE else choose_token(logits[i], t, p, gen)
             for i, (g, t, p, gen) in enumerate(zip(greedy, temperatures, top_ps, generators))]
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +38,9 @@ from typing import Any
 
 import ray
 
+# Stream ids are safe in a URL path segment, a metric label, a KV key and a file name: one grammar
+# (`mosaic_ray.bounds`), matched as a whole string.
+from mosaic_ray.bounds import STREAM_ID_PATTERN, is_stream_id
 from mosaic_ray.engine.interface import EngineError, InvalidInputError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.errors import (
@@ -54,9 +56,6 @@ from mosaic_ray.runtime.shard import spawn_shard
 from mosaic_ray.runtime.stream_map import StreamMap, open_store
 
 log = logging.getLogger("mosaic_ray.runtime.router")
-
-# Safe in a URL path segment, a metric label, a KV key and a file name.
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 def new_stream_id() -> str:
@@ -119,8 +118,8 @@ class Router(ShardRecovery):
         prefix are serialized, so concurrent ones never overshoot n.
         """
         sid = stream_id or new_stream_id()
-        if not STREAM_ID_RE.match(sid):
-            raise InvalidInputError(f"stream id must match {STREAM_ID_RE.pattern}, got {sid!r}")
+        if not is_stream_id(sid):
+            raise InvalidInputError(f"stream id must match {STREAM_ID_PATTERN}, got {sid!r}")
         if shard is not None and shard not in self._shards:
             raise InvalidInputError(f"unknown shard {shard!r}")
         await self.ready()  # after a restart, no change before the map is reconciled

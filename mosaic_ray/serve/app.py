@@ -41,7 +41,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
-from mosaic_ray.runtime.router import STREAM_ID_RE, new_stream_id
+from mosaic_ray.bounds import is_stream_id
+from mosaic_ray.runtime.router import new_stream_id
 from mosaic_ray.serve import sse
 from mosaic_ray.serve.auth import Authenticator, Caller
 from mosaic_ray.serve.body_limit import BodyLimit
@@ -74,9 +75,13 @@ from mosaic_ray.serve.schemas import (
     StreamRef,
     TextAck,
     TextIn,
+    engine_ask,
 )
 
-api = FastAPI(title="mosaic_ray", description="Questions about live video streams, answered by a VLM.")
+# No trailing-slash redirects: Starlette builds their absolute URL from the Host header, so any
+# client could make the service redirect to a host of its choosing. `/v1/streams/` is a 404.
+api = FastAPI(title="mosaic_ray", description="Questions about live video streams, answered by a VLM.",
+              redirect_slashes=False)
 install_error_handlers(api)
 
 StreamId = Path(pattern=STREAM_ID_PATTERN, description="stream id")
@@ -94,12 +99,23 @@ def _body_limit() -> int:
         return IngressSpec().max_body_bytes
 
 
-api.add_middleware(BodyLimit, limit=_body_limit)
+def _body_timeouts() -> tuple[float, float]:
+    try:
+        ing = _replica()._cfg.ingress
+    except Exception:  # not a replica, or not constructed yet: the default limits
+        ing = IngressSpec()
+    return ing.body_idle_timeout_s, ing.body_timeout_s
+
+
+api.add_middleware(BodyLimit, limit=_body_limit, timeouts=_body_timeouts)
 
 
 async def _caller(request: Request) -> Caller:
-    """The authenticated caller (401 without a valid key, once keys are configured)."""
-    return _replica().auth.identify(request.headers)
+    """The authenticated caller (401 without a valid key, once keys are configured); kept on the
+    request so that error bodies can drop its tenant prefix (`errors.caller_prefix`)."""
+    who = _replica().auth.identify(request.headers)
+    request.state.caller = who
+    return who
 
 
 async def _json_caller(request: Request) -> Caller:
@@ -123,9 +139,9 @@ Who = Depends(_caller)
 WhoJson = Depends(_json_caller)
 
 
-def _error_json(exc: BaseException) -> dict[str, Any]:
+def _error_json(exc: BaseException, hide_prefix: str | None = None) -> dict[str, Any]:
     """The error body for a failure after a streamed answer has begun (the status is sent)."""
-    return json.loads(response_for(exc).body)
+    return json.loads(response_for(exc, hide_prefix).body)
 
 
 @serve.deployment(name="MosaicIngress")
@@ -218,28 +234,30 @@ class MosaicIngress:
     async def query(self, body: QueryIn, who: Caller = WhoJson, stream_id: str = StreamId) -> Any:
         start = time.perf_counter()
         sid = self._sid(who, stream_id)
+        params = self._ask(body.ask_params())
         if body.stream:
-            deltas, ttft = await self._start_answer(sid, body.ask_params())
-            return StreamingResponse(self._query_events(deltas, start, ttft), media_type=sse.MEDIA_TYPE,
+            deltas, ttft = await self._start_answer(sid, params)
+            return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)
-        out = await self._dir.call(sid, "answer", body.ask_params())
+        out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
         sid = self._sid(who, body.target)
+        params = self._ask(body.ask_params())
         if body.stream:
-            deltas, _ = await self._start_answer(sid, body.ask_params())
-            return StreamingResponse(chunk_events(body.model, deltas, _error_json), media_type=sse.MEDIA_TYPE,
-                                     headers=sse.HEADERS)
-        return completion(body.model, (await self._dir.call(sid, "answer", body.ask_params()))["text"])
+            deltas, _ = await self._start_answer(sid, params)
+            return StreamingResponse(chunk_events(body.model, deltas, lambda exc: _error_json(exc, who.prefix)),
+                                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return completion(body.model, (await self._dir.call(sid, "answer", params))["text"])
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")
     async def realtime(self, websocket: WebSocket, stream_id: str | None = None) -> None:
         """One realtime session per connection (`realtime.py`); keys, tenants and rates as for HTTP."""
-        session = RealtimeSession(websocket, self._dir, self._parser, self._cfg, self._charged)
+        session = RealtimeSession(websocket, self._dir, self._parser, self._cfg, self._charged, self._ask)
         await session.run(stream_id, lambda: self.auth.identify(websocket.headers, websocket.query_params))
 
     # ------------------------------------------------------------------ service
@@ -266,9 +284,13 @@ class MosaicIngress:
         """The runtime's id of the caller's stream; a name that cannot be one is a stream not found
         (the chat route's `model` is free text)."""
         sid = who.internal(stream_id)
-        if not STREAM_ID_RE.match(sid):
+        if not is_stream_id(sid):
             raise UnknownStreamError(f"stream {stream_id[:128]!r} not found")
         return sid
+
+    def _ask(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A question's engine parameters, checked as on every path (`schemas.engine_ask`)."""
+        return engine_ask(params, self._cfg.ingress.max_question_chars)
 
     @asynccontextmanager
     async def _charged(self, who: Caller, frames: int, nbytes: int) -> AsyncIterator[None]:
@@ -312,14 +334,15 @@ class MosaicIngress:
 
         return deltas(), ttft
 
-    async def _query_events(self, deltas: AsyncIterator[str], start: float, ttft: float) -> AsyncIterator[bytes]:
+    async def _query_events(self, deltas: AsyncIterator[str], start: float, ttft: float,
+                            hide_prefix: str | None) -> AsyncIterator[bytes]:
         n = 0
         try:
             async for d in deltas:
                 n += 1
                 yield sse.event({"delta": d})
         except Exception as exc:
-            yield sse.event(_error_json(exc), "error")
+            yield sse.event(_error_json(exc, hide_prefix), "error")
             return
         yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}, "done")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mosaic_ray.bounds import MAX_TEXT_CHARS
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.serve.realtime_config import RealtimeSpec
 
@@ -34,7 +35,20 @@ class IngressSpec(_Strict):
     max_frames_per_batch: int = Field(256, ge=1)
     # Checked from the image header before decoding (a decompression bomb is refused unread).
     max_frame_pixels: int = Field(4096 * 4096, ge=1)
-    max_text_chars: int = Field(16_384, ge=1)
+    max_text_chars: int = Field(16_384, ge=1, le=MAX_TEXT_CHARS)
+    # A question's length, checked before any tokenizer sees it (HTTP, chat and WebSocket alike):
+    # a character bound standing for the engine's token bound. 16 384 is 8 characters per token of
+    # the engine's default 2048-token question budget (`EngineConfig.max_question_tokens`), twice
+    # English's ~4, so a question the engine would take is not refused here; the engine refuses a
+    # question over its tokens (422) after tokenizing at most this much (~ms), where the 7M-character
+    # question of issue 20 held an engine for 10.8 s.
+    max_question_chars: int = Field(16_384, ge=1, le=MAX_TEXT_CHARS)
+    # A request body must send a chunk at least every `body_idle_timeout_s` and be complete within
+    # `body_timeout_s` of its headers, or it is refused with 408 (`body_limit.py`). 120 s moves the
+    # largest body (64 MiB) at ~0.5 MB/s, a slow uplink; 30 s without a byte is no stall of a live
+    # link (TCP retransmits within a few seconds) but a client that stopped sending.
+    body_idle_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
     # The WebSocket endpoint /v1/realtime: message size, queue, heartbeat, idle timeout.
     realtime: RealtimeSpec = Field(default_factory=RealtimeSpec)
 

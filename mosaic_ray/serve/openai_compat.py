@@ -6,7 +6,8 @@ Mapping (what a client of the `openai` package sees):
   it with `extra_body={"stream_id": ...}`). The response's `model` echoes the request's.
 - The question is the text of the last `user` message. Earlier turns are not replayed: the stream
   keeps its own Q/A history in its context. Image parts are refused (push frames instead).
-- `max_tokens` or `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed` pass through;
+- `max_tokens` or `max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed` pass through,
+  with the bounds of every path (`schemas.py`: a temperature below 1e-4 is greedy);
   `since` / `until` (extra fields) restrict the context by stream time. `n` must be 1.
 - `stream: true` answers with `chat.completion.chunk` events and `data: [DONE]`; an error after
   the first chunk is sent as `data: {"error": ...}`, which the `openai` client raises.
@@ -26,11 +27,14 @@ from mosaic_ray.serve import sse
 from mosaic_ray.serve.schemas import (
     MAX_STOP_CHARS,
     MAX_TEXT_CHARS,
-    STREAM_ID_PATTERN,
+    ChatTemperature,
+    MaxTokens,
     SafeText,
     Seed,
     StopList,
+    StreamIdStr,
     StreamTime,
+    TopP,
 )
 
 # An OpenAI conversation may be long, but only its last user message is read here.
@@ -64,11 +68,11 @@ class ChatCompletionRequest(BaseModel):
     model: SafeText = Field(min_length=1, max_length=256, description="the stream id (unless stream_id is given)")
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
-    stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    stream_id: StreamIdStr | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: ChatTemperature | None = None
+    top_p: TopP | None = None
     stop: Annotated[SafeText, Field(max_length=MAX_STOP_CHARS)] | StopList | None = None
     seed: Seed | None = None
     n: int | None = Field(None, ge=1, le=1)

@@ -34,7 +34,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from mosaic_ray.engine.interface import UnknownStreamError
-from mosaic_ray.runtime.router import STREAM_ID_RE
+from mosaic_ray.bounds import STREAM_ID_PATTERN, is_stream_id
 from mosaic_ray.serve.config import AppConfig
 from mosaic_ray.serve.directory import StreamDirectory
 from mosaic_ray.serve.errors import response_for
@@ -53,6 +53,7 @@ from mosaic_ray.serve.realtime_events import (
     parse_event,
     server_event,
 )
+from mosaic_ray.serve.schemas import check_question_length, engine_ask
 
 # Question defaults a session keeps (session.update) and a response may override.
 ASK_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -62,12 +63,15 @@ _STOP = object()  # queued by session.close: the worker drains what came before,
 
 class RealtimeSession:
     def __init__(self, ws: WebSocket, directory: StreamDirectory, parser: FrameParser, config: AppConfig,
-                 charged: Callable[..., Any] | None = None) -> None:
-        """`charged(caller, frames, nbytes)`: the ingress's tenant-rate context (HTTP's own)."""
+                 charged: Callable[..., Any] | None = None,
+                 ask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """`charged(caller, frames, nbytes)`: the ingress's tenant-rate context (HTTP's own);
+        `ask(params)`: its question check (default `schemas.engine_ask` with this config's bound)."""
         self.ws, self.dir, self.parser, self.cfg = ws, directory, parser, config
         self.spec = config.ingress.realtime
         self.max_text_chars = config.ingress.max_text_chars
         self._charged = charged
+        self._ask = ask or (lambda params: engine_ask(params, config.ingress.max_question_chars))
         self.id = f"sess_{uuid.uuid4().hex[:16]}"
         self.stream_id: str | None = None
         self.ask_defaults: dict[str, Any] = {}
@@ -79,6 +83,11 @@ class RealtimeSession:
         self._response: asyncio.Task | None = None
         self._closed = False
         self.caller: Any = None  # auth.Caller, when the ingress authenticates
+
+    @property
+    def _hide_prefix(self) -> str | None:
+        """The caller's tenant prefix, kept out of error messages (`errors.public_message`)."""
+        return getattr(self.caller, "prefix", None)
 
     def _internal(self, stream_id: str) -> str:
         return self.caller.internal(stream_id) if self.caller is not None else stream_id
@@ -101,8 +110,8 @@ class RealtimeSession:
                 return
         if stream_id is not None:
             try:
-                if not STREAM_ID_RE.match(stream_id):
-                    raise EventError("invalid_request", f"stream_id must match {STREAM_ID_RE.pattern}")
+                if not is_stream_id(stream_id):
+                    raise EventError("invalid_request", f"stream_id must match {STREAM_ID_PATTERN}")
                 await self._attach(stream_id)
             except Exception as exc:  # the session opens without a stream; the client may fix it
                 await self._send_error(exc, None)
@@ -157,7 +166,7 @@ class RealtimeSession:
             try:
                 return self.parser.parse_msgpack(data)
             except Exception as exc:
-                body = json.loads(response_for(exc).body)["error"]
+                body = json.loads(response_for(exc, self._hide_prefix).body)["error"]
                 raise EventError(body["code"], body["message"]) from None
         return parse_event(text or "")
 
@@ -236,6 +245,8 @@ class RealtimeSession:
         text = ev.item.text()
         if len(text) > self.max_text_chars:
             raise EventError("invalid_request", f"text is limited to {self.max_text_chars} characters", ev.event_id)
+        if ev.item.role == "user":  # the next response's question: refused now rather than then
+            check_question_length(text, self.cfg.ingress.max_question_chars)
         if ev.item.role == "system":
             sid = self._need_stream(ev)
             async with self._charge(0, len(text.encode("utf-8", "surrogatepass"))):
@@ -253,8 +264,9 @@ class RealtimeSession:
         if question is None:
             raise EventError("no_question", "response.create needs a question: send a user "
                              "conversation.item.create first, or response.question", ev.event_id)
-        params = {"question": question, **self.ask_defaults,
-                  **{k: v for k, v in r.model_dump(include={*ASK_FIELDS, "since", "until"}).items() if v is not None}}
+        params = self._ask({"question": question, **self.ask_defaults,
+                            **{k: v for k, v in r.model_dump(include={*ASK_FIELDS, "since", "until"}).items()
+                               if v is not None}})
         rid = f"resp_{uuid.uuid4().hex[:12]}"
         self._response = asyncio.create_task(self._answer(rid, params, ev.event_id))
         await asyncio.wait({self._response})  # unlike awaiting it, a cancelled answer is no error here
@@ -351,7 +363,7 @@ class RealtimeSession:
         if isinstance(exc, EventError):
             await self._send(error_event(exc.code, exc.message, exc.event_id or event_id))
             return
-        response = response_for(exc)
+        response = response_for(exc, self._hide_prefix)
         body = json.loads(response.body)["error"]
         await self._send(error_event(body["code"], body["message"], event_id, response.status_code))
 

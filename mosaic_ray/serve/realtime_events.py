@@ -1,7 +1,10 @@
 """Events of the realtime WebSocket protocol (`/v1/realtime`, docs/realtime.md).
 
 Client events are JSON text messages validated here (pydantic, extra fields refused); names follow
-the OpenAI realtime protocol where it fits. A binary message is one frame batch in the msgpack
+the OpenAI realtime protocol where it fits. Every field a client sets has the type and bounds of
+its HTTP twin (`schemas.py`: `Seq`, `Seed`, `StreamTime`, `Temperature`, `TopP`, `SafeText`,
+`StreamIdStr`, ...), and a question reaches its shard through `schemas.engine_ask`, as over HTTP.
+A binary message is one frame batch in the msgpack
 format of `POST /v1/streams/{id}/frames`. Server events are plain dicts built by `server_event`.
 
     client                          server
@@ -28,7 +31,19 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from mosaic_ray.serve.schemas import STREAM_ID_PATTERN
+from mosaic_ray.serve.schemas import (
+    MAX_TEXT_CHARS,
+    MaxTokens,
+    Question,
+    SafeText,
+    Seed,
+    Seq,
+    StopList,
+    StreamIdStr,
+    StreamTime,
+    Temperature,
+    TopP,
+)
 
 
 class EventError(Exception):
@@ -49,17 +64,16 @@ class SessionOptions(BaseModel):
     """What `session.update` may set. Absent fields keep their value."""
 
     model_config = ConfigDict(extra="forbid")
-    stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN,
-                                  description="attach to this stream, created when it does not exist")
+    stream_id: StreamIdStr | None = Field(None, description="attach to this stream, created when it does not exist")
     new_stream: bool = Field(False, description="create a new stream with a generated id")
     pruning: bool | None = Field(None, description="the stream's redundant-frame pruning switch")
     prune_threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     # Defaults of this session's questions (response.create may override each).
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    stop: list[str] | None = Field(None, max_length=8)
-    seed: int | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: StopList | None = None
+    seed: Seed | None = None
 
 
 class SessionUpdate(_Event):
@@ -80,8 +94,8 @@ class FrameAppend(_Event):
     """One JPEG or PNG frame, base64 in `image` (a `data:image/...;base64,` prefix is accepted)."""
 
     type: Literal["input_video_frame.append", "input_image_buffer.append"]
-    ts: float = Field(ge=0, allow_inf_nan=False, description="stream-clock seconds")
-    seq: int | None = Field(None, ge=0, description="retry-safe ingest: as the HTTP batches' seq")
+    ts: StreamTime = Field(description="stream-clock seconds")
+    seq: Seq | None = Field(None, description="retry-safe ingest: as the HTTP batches' seq")
     image: str = Field(min_length=4)
 
     @field_validator("image")
@@ -109,7 +123,7 @@ class VideoCommit(_Event):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["input_text", "text"] = "input_text"
-    text: str = Field(min_length=1)
+    text: Annotated[SafeText, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
 class Item(BaseModel):
@@ -128,22 +142,21 @@ class Item(BaseModel):
 class ItemCreate(_Event):
     type: Literal["conversation.item.create"]
     item: Item
-    ts: float | None = Field(None, ge=0, allow_inf_nan=False,
-                             description="stream-clock time of system text (default: the session's last frame)")
+    ts: StreamTime | None = Field(None, description="stream-clock time of system text (default: the session's last frame)")
 
 
 # ---------------------------------------------------------------------- responses
 class ResponseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    question: str | None = Field(None, min_length=1, description="default: the last user item's text")
-    instructions: str | None = Field(None, min_length=1, description="an alias of question (OpenAI's name)")
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    stop: list[str] | None = Field(None, max_length=8)
-    seed: int | None = None
-    since: float | None = Field(None, ge=0, allow_inf_nan=False)
-    until: float | None = Field(None, ge=0, allow_inf_nan=False)
+    question: Question | None = Field(None, description="default: the last user item's text")
+    instructions: Question | None = Field(None, description="an alias of question (OpenAI's name)")
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: StopList | None = None
+    seed: Seed | None = None
+    since: StreamTime | None = None
+    until: StreamTime | None = None
 
 
 class ResponseCreate(_Event):

@@ -27,7 +27,13 @@ def frames(n: int, start: int = 0) -> list[tuple[float, np.ndarray]]:
 
 def test_ws_url():
     assert ws_url("http://h:8000/") == "ws://h:8000/v1/realtime"
-    assert ws_url("https://h/app", "cam 1") == "wss://h/app/v1/realtime?stream_id=cam%201"
+    assert ws_url("https://h/app", "cam:1") == "wss://h/app/v1/realtime?stream_id=cam%3A1"
+
+
+@pytest.mark.parametrize("bad", ["cam 1", "cam-1\n", "cam/../x", "\x00"])
+def test_ws_url_refuses_an_id_outside_the_grammar(bad):
+    with pytest.raises(ValueError, match="stream id"):
+        ws_url("http://h:8000", bad)
 
 
 def test_push_ask_reconnect_resume(serve_url):

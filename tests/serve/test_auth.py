@@ -124,6 +124,18 @@ def test_a_tenant_sees_only_its_own_streams(base):
 
 
 @pytest.mark.ray
+def test_error_bodies_show_a_tenant_its_own_ids_only(base):
+    """The runtime names streams `tenant:id`; a tenant's error bodies must not (issue 20, item 11)."""
+    with _client(base, KEY_B) as b:
+        answers = [b.get("/v1/streams/never-made"),  # the router's 404
+                   b.post("/v1/streams", json={"id": "x" * 128}),  # `beta:` + 128 is over the grammar
+                   b.post("/v1/streams/never-made/query", json={"question": "q"})]
+        assert [r.status_code for r in answers] == [404, 422, 404]
+        for r in answers:
+            assert "beta:" not in r.json()["error"]["message"] and "shard:" not in r.text, r.text
+
+
+@pytest.mark.ray
 def test_openai_client_sends_its_key_and_sees_only_its_streams(base):
     with _client(base, KEY_A) as a:
         a.post("/v1/streams", json={"id": "chat-cam"})

@@ -5,12 +5,15 @@ ordinary bad requests; this file the adversarial ones)."""
 from __future__ import annotations
 
 import io
+import socket
+import time
 
 import msgpack
 import pytest
 from PIL import Image
 
-from tests.serve.serve_apps import MSGPACK, frames_body, png
+from tests.runtime.fake_engine import fake_app_config
+from tests.serve.serve_apps import MSGPACK, extra_app, frames_body, png
 
 pytestmark = pytest.mark.ray
 
@@ -147,17 +150,84 @@ HOSTILE = [
     ("overlong stream id", "DELETE", "/v1/streams/" + "a" * 200, {}, 422, "invalid_request"),
     ("create a traversal id", "POST", "/v1/streams", {"json": {"id": "../x"}}, 422, "invalid_request"),
     ("create with a nul id", "POST", "/v1/streams", {"json": {"id": "a\x00"}}, 422, "invalid_request"),
+    # --- one id grammar everywhere: a trailing newline is no id (issue 20, item 6)
+    ("newline in a path id", "GET", "/v1/streams/{sid}%0A", {}, 422, "invalid_request"),
+    ("create with a newline id", "POST", "/v1/streams", {"json": {"id": "cam-1\n"}}, 422, "invalid_request"),
+    ("newline in a chat stream_id", "POST", "/v1/chat/completions",
+     {"json": {"model": "x", "stream_id": "{sid}\n", "messages": [{"role": "user", "content": "q"}]}}, 422,
+     "invalid_request"),
+    ("newline in a chat model", "POST", "/v1/chat/completions",
+     {"json": {"model": "{sid}\n", "messages": [{"role": "user", "content": "q"}]}}, 404, "stream_not_found"),
+    # --- a question's length, before any tokenizer (issue 20, item 7; ingress.max_question_chars)
+    ("question over max_question_chars", "POST", S + "/query", {"json": {"question": "a" * 20_000}}, 413,
+     "question_too_long"),
+    ("chat question over max_question_chars", "POST", "/v1/chat/completions",
+     {"json": {"model": "{sid}", "messages": [{"role": "user", "content": "a" * 20_000}]}}, 413, "question_too_long"),
 ]
 
 
 @pytest.mark.parametrize("name,method,path,kwargs,status,code", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_input_is_a_json_4xx_and_changes_nothing(http, stream, name, method, path, kwargs, status, code):
     before = _state(http, stream)
-    if "json" in kwargs and isinstance(kwargs["json"], dict) and kwargs["json"].get("model") == "{sid}":
-        kwargs = {**kwargs, "json": {**kwargs["json"], "model": stream}}
+    if "json" in kwargs and isinstance(kwargs["json"], dict):
+        kwargs = {**kwargs, "json": {k: v.replace("{sid}", stream) if k in ("model", "stream_id") else v
+                                     for k, v in kwargs["json"].items()}}
     r = http.request(method, path.format(sid=stream), **kwargs)
     assert r.status_code == status, r.text[:500]
     error = r.json()["error"]
     assert error["code"] == code and error["message"] and len(error["message"]) < 2000
     assert _state(http, stream) == before
     assert http.get("/health").status_code == 200  # nothing broke a shard
+
+
+def test_a_trailing_slash_is_no_redirect_to_the_callers_host(http):
+    """Starlette's slash redirect built its Location from the Host header (issue 20, item 11)."""
+    r = http.get("/v1/streams/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers and "evil" not in r.text
+    assert r.json()["error"]["code"] == "not_found"
+
+
+DRIP_IDLE_S, DRIP_TOTAL_S = 1.0, 3.0
+
+
+def test_a_slow_drip_body_is_408_in_bounded_time(serve_url):
+    """A body that stops arriving, or trickles, is cut with 408 (issue 20, item 9)."""
+    config = fake_app_config("driptest", num_shards=1)
+    config["ingress"].update(body_idle_timeout_s=DRIP_IDLE_S, body_timeout_s=DRIP_TOTAL_S)
+    with extra_app(serve_url, "driptest", config) as url:
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        for chunks in ([b"{"], [b" "] * 40):  # stops after one byte; one byte every 0.5 s
+            start = time.monotonic()
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(b"POST /driptest/v1/streams HTTP/1.1\r\nHost: h\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+                answer = _drip(sock, chunks, 0.5)
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
+            assert time.monotonic() - start < DRIP_TOTAL_S + 10
+
+
+def _drip(sock: socket.socket, chunks: list[bytes], gap_s: float) -> bytes:
+    """Send `chunks` `gap_s` apart until the server answers; what it answered."""
+    sock.settimeout(gap_s)
+    got = b""
+    for chunk in chunks + [b""] * 60:
+        if chunk:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        got += data
+        if b"\r\n\r\n" in got:
+            break
+    sock.settimeout(5)
+    try:
+        got += sock.recv(65536)
+    except (TimeoutError, OSError):
+        pass
+    return got

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -218,3 +219,57 @@ def test_the_example_client_runs_and_resumes(serve_url, http, capsys):
     assert "frame seq 5 " in out and out.count("completed, first delta") == 2, out
     assert http.get("/v1/streams/rt-example").json()["frames"] == 6
     http.delete("/v1/streams/rt-example")
+
+
+# Each would have been a 500, a poisoned stream or an engine held for seconds (issue 20, item 5).
+WS_HOSTILE = [
+    ("seq beyond 64 bits", {"type": "input_video_frame.append", "seq": 2**64, "ts": 5.0}),
+    ("seq beyond 63 bits", {"type": "input_video_frame.append", "seq": 2**63, "ts": 5.0}),
+    ("ts of 1e300", {"type": "input_video_frame.append", "ts": 1e300}),
+    ("seed beyond 64 bits", {"type": "response.create", "response": {"question": QUESTION, "seed": 2**64}}),
+    ("nul in a question", {"type": "response.create", "response": {"question": "what\x00?"}}),
+    ("nul in system text", {"type": "conversation.item.create",
+                            "item": {"role": "system", "content": [{"text": "a\x00b"}]}}),
+    ("question over max_question_chars", {"type": "response.create", "response": {"question": "a" * 20_000}}),
+]
+
+
+@pytest.mark.parametrize("name,event", WS_HOSTILE, ids=[w[0] for w in WS_HOSTILE])
+def test_websocket_refuses_what_http_refuses_and_changes_nothing(serve_url, http, name, event):
+    sid = f"ws-hostile-{WS_HOSTILE.index((name, event))}"
+    s = Session(serve_url, sid)
+    s.append(1, ts=1.0)
+    before = http.get(f"/v1/streams/{sid}").json()
+    if event["type"] == "input_video_frame.append":
+        event = {**event, "image": jpeg_b64(3)}
+    s.send(event_id="bad", **event)
+    answer = _answer_to(s, "bad")
+    assert answer["type"] == "error", answer
+    err = answer["error"]
+    assert err.get("status", 400) < 500, err
+    assert s.append(None, ts=2.0)["seq"] == 2  # seq-less appends still work, after the last acked seq
+    s.close()
+    after = http.get(f"/v1/streams/{sid}").json()
+    assert (after["last_seq"], after["frames"]) == (2, before["frames"] + 1)
+    assert http.get("/health").status_code == 200
+    http.delete(f"/v1/streams/{sid}")
+
+
+def _answer_to(s: Session, event_id: str) -> dict:
+    """The first event answering `event_id` (an error, an ack, a response's end), within TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        ev = s.recv()
+        if ev.get("ack_for") == event_id or ev.get("error", {}).get("event_id") == event_id \
+                or ev["type"] == "response.done":
+            return ev
+    raise AssertionError(f"no answer to {event_id} within {TIMEOUT_S} s")
+
+
+def test_a_stream_id_with_a_newline_makes_no_stream(serve_url, http):
+    with websockets.connect(serve_url.replace("http://", "ws://") + "/v1/realtime?stream_id=cam-nl%0A",
+                            open_timeout=TIMEOUT_S) as ws:
+        first, created = (json.loads(ws.recv(timeout=TIMEOUT_S)) for _ in range(2))
+    assert first["type"] == "error" and first["error"]["code"] == "invalid_request"
+    assert created["type"] == "session.created" and created["session"]["stream_id"] is None
+    assert not any(ref["id"].startswith("cam-nl") for ref in http.get("/v1/streams").json()["streams"])

@@ -159,3 +159,53 @@ def test_disconnect_ends_the_session():
 def test_spec_is_checked(bad):
     with pytest.raises(ValueError):
         AppConfig(ingress={"realtime": bad})
+
+
+class RecordingDirectory(FakeDirectory):
+    """FakeDirectory that records what reached it: creates and questions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[str] = []
+        self.asked: list[dict] = []
+
+    async def ask_router(self, method: str, *args):
+        self.created.append(args[0])
+        return await super().ask_router(method, *args)
+
+    async def stream(self, sid: str, method: str, params: dict):
+        self.asked.append(params)
+        yield "ok"
+
+
+def test_a_stream_id_with_a_newline_opens_nothing():
+    async def go():
+        ws, d = FakeSocket(), RecordingDirectory()
+        task = asyncio.get_running_loop().create_task(
+            RealtimeSession(ws, d, FrameParser(8, 1 << 20), AppConfig()).run("cam-1\n"))
+        (err,) = await until(ws, "error")
+        assert err["error"]["code"] == "invalid_request"
+        ws.push(type="session.close")
+        await asyncio.wait_for(task, 5)
+        assert d.created == [] and ws.sent[1]["session"]["stream_id"] is None
+
+    asyncio.run(go())
+
+
+def test_a_long_question_never_reaches_the_engine_and_bounds_hold():
+    async def go():
+        ws, d = FakeSocket(), RecordingDirectory()
+        cfg = AppConfig(ingress={"max_question_chars": 50})
+        task = asyncio.get_running_loop().create_task(RealtimeSession(ws, d, FrameParser(8, 1 << 20), cfg).run("s"))
+        ws.push(type="conversation.item.create", event_id="i1", item={"content": [{"text": "a" * 51}]})
+        ws.push(type="response.create", event_id="r1", response={"question": "a" * 51})
+        ws.push(type="response.create", event_id="r2", response={"question": "q", "temperature": 1e-39, "top_p": 1e-46})
+        await until(ws, "response.done")
+        errors = [e["error"] for e in ws.sent if e["type"] == "error"]
+        assert [(e["event_id"], e["code"], e.get("status")) for e in errors] == [
+            ("i1", "question_too_long", 413), ("r1", "question_too_long", 413)]
+        assert [(p["question"], p["temperature"], p["top_p"]) for p in d.asked] == [("q", 0.0, 1e-6)]
+        ws.push(type="session.close")
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(go())
