@@ -56,7 +56,7 @@ from mosaic_ray.serve.errors import (
 )
 from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
 from mosaic_ray.serve.frames import OPENAPI_BODY as FRAMES_OPENAPI_BODY
-from mosaic_ray.serve.limits import TenantLimiter
+from mosaic_ray.serve.limits import TenantLimiter, question_cost
 from mosaic_ray.serve.metrics import render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
 from mosaic_ray.serve.realtime import RealtimeSession
@@ -235,11 +235,12 @@ class MosaicIngress:
         start = time.perf_counter()
         sid = self._sid(who, stream_id)
         params = self._ask(body.ask_params())
-        if body.stream:
-            deltas, ttft = await self._start_answer(sid, params)
-            return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
-                                     headers=sse.HEADERS)
-        out = await self._dir.call(sid, "answer", params)
+        async with self._charged(who, 0, 0, question_cost(params)):
+            if body.stream:
+                deltas, ttft = await self._start_answer(sid, params)
+                return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
+                                         headers=sse.HEADERS)
+            out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
 
@@ -247,11 +248,12 @@ class MosaicIngress:
     async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
         sid = self._sid(who, body.target)
         params = self._ask(body.ask_params())
-        if body.stream:
-            deltas, _ = await self._start_answer(sid, params)
-            return StreamingResponse(chunk_events(body.model, deltas, lambda exc: _error_json(exc, who.prefix)),
-                                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return completion(body.model, (await self._dir.call(sid, "answer", params))["text"])
+        async with self._charged(who, 0, 0, question_cost(params)):
+            if body.stream:
+                deltas, _ = await self._start_answer(sid, params)
+                return StreamingResponse(chunk_events(body.model, deltas, lambda exc: _error_json(exc, who.prefix)),
+                                         media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+            return completion(body.model, (await self._dir.call(sid, "answer", params))["text"])
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")
@@ -293,13 +295,13 @@ class MosaicIngress:
         return engine_ask(params, self._cfg.ingress.max_question_chars)
 
     @asynccontextmanager
-    async def _charged(self, who: Caller, frames: int, nbytes: int) -> AsyncIterator[None]:
+    async def _charged(self, who: Caller, frames: int, nbytes: int, question_tokens: int = 0) -> AsyncIterator[None]:
         """Charge the tenant's rates for the block; refunded when the block fails (429 first)."""
-        self._limiter.charge(who.tenant, frames, nbytes)
+        self._limiter.charge(who.tenant, frames, nbytes, question_tokens)
         try:
             yield
         except BaseException:
-            self._limiter.refund(who.tenant, frames, nbytes)
+            self._limiter.refund(who.tenant, frames, nbytes, question_tokens)
             raise
 
     async def _read_body(self, request: Request) -> bytes:

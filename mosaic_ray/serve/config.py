@@ -66,6 +66,10 @@ class TenantLimits(_Strict):
     max_streams: int | None = Field(None, ge=0, description="streams the tenant may hold at once")
     frames_per_s: float | None = Field(None, gt=0, description="frames pushed per second")
     bytes_per_s: float | None = Field(None, gt=0, description="request body bytes (frames, text) per second")
+    question_tokens_per_s: float | None = Field(
+        None, gt=0, description="question tokens per second, on every path (query, chat, WebSocket): a question "
+        "costs its estimated prompt tokens (characters / 4) plus its max_tokens, so one tenant cannot hold a "
+        "shard's engine with questions")
     # 2 s: a client sending one batch per second may miss a beat without being refused.
     burst_s: float = Field(2.0, gt=0)
     # Retry-After of a 429 for too many streams: nothing frees one but a delete, so a long pause.

@@ -1,4 +1,5 @@
-"""Per-tenant rate limits: token buckets for frames/s and bytes/s, refused with 429 + Retry-After.
+"""Per-tenant rate limits: token buckets for frames/s, bytes/s and question tokens/s, refused with
+429 + Retry-After.
 
 Each ingress replica keeps its own buckets and grants `1 / num_replicas` of every configured rate
 (Serve spreads requests evenly over replicas), so a tenant's rate over the whole app stays within
@@ -16,11 +17,25 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mosaic_ray.serve.config import AuthSpec
 from mosaic_ray.serve.errors import RateLimitedError
+
+
+# Characters per prompt token for a question's cost, before any tokenizer runs: ~4 for English
+# with BPE tokenizers (SmolLM2, Qwen2); an estimate, so the budget is a rate, not an exact count.
+CHARS_PER_TOKEN = 4
+KINDS = ("frames", "bytes", "question_tokens")  # TenantLimits.<kind>_per_s
+
+
+def question_cost(params: dict[str, Any]) -> int:
+    """What a question (`schemas.engine_ask`'s parameters) costs a tenant's question budget: its
+    estimated prompt tokens plus the tokens it may generate."""
+    return math.ceil(len(params.get("question", "")) / CHARS_PER_TOKEN) + int(params.get("max_tokens") or 0)
 
 
 class TokenBucket:
@@ -55,7 +70,7 @@ class TokenBucket:
 
 
 class TenantLimiter:
-    """Frames/s and bytes/s of each tenant, by `AuthSpec` (its `limits`, or the tenant's override)."""
+    """Frames/s, bytes/s and question tokens/s of each tenant, by `AuthSpec` (its `limits`, or the tenant's override)."""
 
     def __init__(self, spec: AuthSpec, share: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 < share <= 1:
@@ -63,23 +78,24 @@ class TenantLimiter:
         self._spec, self._share, self._clock = spec, share, clock
         self._buckets: dict[tuple[str, str], TokenBucket | None] = {}
 
-    def charge(self, tenant: str | None, frames: int = 0, nbytes: int = 0) -> None:
-        """Take `frames` and `nbytes` from the tenant's buckets, or raise `RateLimitedError`."""
+    def charge(self, tenant: str | None, frames: int = 0, nbytes: int = 0, question_tokens: int = 0) -> None:
+        """Take `frames`, `nbytes` and `question_tokens` from the tenant's buckets, or raise
+        `RateLimitedError` (taking nothing)."""
         if tenant is None:
             return
-        wanted = [(b, n, what) for what, n in (("frames", frames), ("bytes", nbytes))
+        wanted = [(b, n, what) for what, n in zip(KINDS, (frames, nbytes, question_tokens))
                   if n > 0 and (b := self._bucket(tenant, what)) is not None]
         waits = [(b.wait_s(n), what) for b, n, what in wanted]
         worst = max(waits, default=(0.0, ""))
         if worst[0] > 0:
-            raise RateLimitedError(f"tenant {tenant!r} is over its {worst[1]}/s limit", worst[0])
+            raise RateLimitedError(f"over the {worst[1].replace('_', ' ')}/s limit", worst[0])
         for b, n, _ in wanted:
             b.take(n)
 
-    def refund(self, tenant: str | None, frames: int = 0, nbytes: int = 0) -> None:
+    def refund(self, tenant: str | None, frames: int = 0, nbytes: int = 0, question_tokens: int = 0) -> None:
         if tenant is None:
             return
-        for what, n in (("frames", frames), ("bytes", nbytes)):
+        for what, n in zip(KINDS, (frames, nbytes, question_tokens)):
             bucket = self._bucket(tenant, what)
             if bucket is not None and n > 0:
                 bucket.give(n)
@@ -88,7 +104,7 @@ class TenantLimiter:
         key = (tenant, what)
         if key not in self._buckets:
             limits = self._spec.limits_of(tenant)
-            rate = limits.frames_per_s if what == "frames" else limits.bytes_per_s
+            rate = getattr(limits, f"{what}_per_s")
             self._buckets[key] = None if rate is None else TokenBucket(
                 rate * self._share, rate * self._share * limits.burst_s, self._clock)
         return self._buckets[key]

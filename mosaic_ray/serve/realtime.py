@@ -53,6 +53,7 @@ from mosaic_ray.serve.realtime_events import (
     parse_event,
     server_event,
 )
+from mosaic_ray.serve.limits import question_cost
 from mosaic_ray.serve.schemas import check_question_length, engine_ask
 
 # Question defaults a session keeps (session.update) and a response may override.
@@ -267,6 +268,8 @@ class RealtimeSession:
         params = self._ask({"question": question, **self.ask_defaults,
                             **{k: v for k, v in r.model_dump(include={*ASK_FIELDS, "since", "until"}).items()
                                if v is not None}})
+        async with self._charge(0, 0, question_cost(params)):  # the tenant's question tokens/s (429 when over)
+            pass
         rid = f"resp_{uuid.uuid4().hex[:12]}"
         self._response = asyncio.create_task(self._answer(rid, params, ev.event_id))
         await asyncio.wait({self._response})  # unlike awaiting it, a cancelled answer is no error here
@@ -321,11 +324,11 @@ class RealtimeSession:
                 quota = (self.caller.prefix, limits.max_streams, limits.streams_retry_after_s)
         return (await self.dir.ask_router("create_stream", internal_id, None, quota))["id"]
 
-    def _charge(self, frames: int, nbytes: int) -> Any:
-        """The tenant's frame and byte rates, charged as HTTP charges them (429 when over)."""
+    def _charge(self, frames: int, nbytes: int, question_tokens: int = 0) -> Any:
+        """The tenant's frame, byte and question-token rates, charged as HTTP charges them (429 when over)."""
         if self._charged is None or self.caller is None:
             return contextlib.nullcontext()
-        return self._charged(self.caller, frames, nbytes)
+        return self._charged(self.caller, frames, nbytes, question_tokens)
 
     def _set_stream(self, stream_id: str, info: dict | None = None) -> None:
         info = info or {}

@@ -20,6 +20,8 @@ from tests.serve.serve_apps import MSGPACK, extra_app, frames_body
 KEY_A = "key-alpha-0123456789abcdef"
 KEY_B = "key-beta-0123456789abcdef"
 KEY_C = "key-gamma-0123456789abcdef"  # the limited tenant
+KEY_D = "key-delta-0123456789abcdef"  # the tenant with a question budget
+QTPS, QBURST_S = 2.0, 10.0  # delta's question tokens/s: a bucket of 20, one 16-token question, not two
 ADMIN = "admin-0123456789abcdefghij"
 QUOTA = 2  # streams gamma may hold
 FPS, BURST_S = 4.0, 1.0  # gamma's frames/s: a bucket of 4 frames
@@ -27,10 +29,11 @@ FPS, BURST_S = 4.0, 1.0  # gamma's frames/s: a bucket of 4 frames
 CONFIG = {
     **fake_app_config("authtest", num_shards=1),
     "auth": {
-        "keys": {KEY_A: "alpha", KEY_B: "beta", KEY_C: "gamma"},
+        "keys": {KEY_A: "alpha", KEY_B: "beta", KEY_C: "gamma", KEY_D: "delta"},
         "admin_key": ADMIN,
         "tenants": {"gamma": {"max_streams": QUOTA, "frames_per_s": FPS, "burst_s": BURST_S,
-                              "streams_retry_after_s": 30}},
+                              "streams_retry_after_s": 30},
+                    "delta": {"question_tokens_per_s": QTPS, "burst_s": QBURST_S}},
     },
 }
 
@@ -208,6 +211,43 @@ def test_frames_over_the_tenant_rate_are_429_and_change_nothing(base):
             assert again.status_code == 200 and c.get("/v1/streams/fast").json()["frames"] == 2 * burst
         finally:
             c.delete("/v1/streams/fast")
+
+
+@pytest.mark.ray
+def test_questions_over_the_tenant_budget_are_429_on_query_chat_and_websocket(base):
+    """A question costs ceil(chars / 4) + max_tokens of the tenant's question tokens/s: delta's
+    bucket holds 20 and refills at 2/s, so one question of 16 tokens passes and the next, on any
+    path, is 429 with Retry-After (~8 s); another tenant is not held back. (The refill itself:
+    tests/serve/test_limits.py.)"""
+    import json
+
+    from websockets.sync.client import connect
+
+    ask = {"question": "what?", "max_tokens": 16}  # 2 + 16 = 18 tokens
+    with _client(base, KEY_D) as d, _client(base, KEY_A) as a:
+        for c in (d, a):
+            c.post("/v1/streams", json={"id": "qbudget"})
+        try:
+            assert d.post("/v1/streams/qbudget/query", json=ask).status_code == 200
+            over = d.post("/v1/streams/qbudget/query", json=ask)
+            assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limited"
+            assert 1 <= int(over.headers["retry-after"]) <= 10 and "question tokens" in over.json()["error"]["message"]
+            chat = d.post("/v1/chat/completions", json={"model": "qbudget", "max_tokens": 16,
+                                                        "messages": [{"role": "user", "content": "what?"}]})
+            assert chat.status_code == 429
+            ws_url = base.replace("http", "ws", 1) + "/v1/realtime?stream_id=qbudget"
+            with connect(ws_url, additional_headers={"Authorization": f"Bearer {KEY_D}"}) as ws:
+                json.loads(ws.recv())  # session.created
+                ws.send(json.dumps({"type": "response.create", "response": {"question": "what?", "max_tokens": 16}}))
+                event = json.loads(ws.recv())
+                while event["type"] not in ("error", "response.created"):
+                    event = json.loads(ws.recv())
+                assert event["type"] == "error" and event["error"]["code"] == "rate_limited", event
+            for _ in range(3):  # alpha has no question budget
+                assert a.post("/v1/streams/qbudget/query", json=ask).status_code == 200
+        finally:
+            for c in (d, a):
+                c.delete("/v1/streams/qbudget")
 
 
 @pytest.mark.ray

@@ -7,7 +7,7 @@ import pytest
 
 from mosaic_ray.serve.config import AuthSpec
 from mosaic_ray.serve.errors import RateLimitedError
-from mosaic_ray.serve.limits import TenantLimiter, TokenBucket
+from mosaic_ray.serve.limits import TenantLimiter, TokenBucket, question_cost
 
 
 class Clock:
@@ -70,3 +70,18 @@ def test_a_replica_grants_its_share_of_the_rate():
     with pytest.raises(RateLimitedError) as over:
         lim.charge("a", frames=5)
     assert over.value.retry_after_s == pytest.approx(1.0)  # 5 frames at 10 x 0.5 per second
+
+
+def test_questions_draw_on_their_own_budget():
+    spec = AuthSpec(limits={"question_tokens_per_s": 100, "burst_s": 1})
+    clock = Clock()
+    lim = TenantLimiter(spec, clock=clock)
+    cost = question_cost({"question": "x" * 41, "max_tokens": 50})
+    assert cost == 11 + 50
+    lim.charge("t", question_tokens=cost)
+    with pytest.raises(RateLimitedError) as over:
+        lim.charge("t", question_tokens=cost)
+    assert "question tokens" in str(over.value) and over.value.retry_after_s == pytest.approx(0.22)
+    lim.charge("t", frames=1000, nbytes=10**9)  # no frame or byte limit configured
+    lim.refund("t", question_tokens=cost)
+    lim.charge("t", question_tokens=cost)
