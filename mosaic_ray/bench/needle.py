@@ -98,11 +98,9 @@ class Variant:
 
 BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("token", "token"),
                  Variant("cluster", "cluster")]
-# The oracles. `oracle`: exact top-B by true attention, per (layer, KV head), within the same
-# budget: token retrieval scoring each past token by the attention mass the question's prefill
-# gives it (`CacheConfig.scoring="mass"`; the selection is made at the prefill and kept while the
-# answer decodes, as every method's is). `near-needle`: full retrieval restricted to the needle's
-# time +-1 s (the question's since/until): the model's accuracy when the needle comes back whole.
+# `oracle`: exact top-B by true attention per (layer, KV head), same budget (token retrieval by the
+# prefill's attention mass, `CacheConfig.scoring="mass"`; kept while the answer decodes, as every
+# method's selection is). `near-needle`: full within the needle's time +-1 s: the needle whole.
 ORACLES = [Variant("oracle", "token", scoring="mass"), Variant("near-needle", "full", oracle_s=1.0)]
 
 
@@ -250,9 +248,8 @@ def summarize(rows: list[dict]) -> dict:
     correct = sum(r["correct"] for r in rows)
     kinds: dict[str, list[int]] = {}
     for r in rows:
-        kinds.setdefault(r["kind"], [0, 0])
-        kinds[r["kind"]][0] += r["correct"]
-        kinds[r["kind"]][1] += 1
+        tally = kinds.setdefault(r["kind"], [0, 0])
+        tally[0], tally[1] = tally[0] + r["correct"], tally[1] + 1
     return {"accuracy": mean("correct"), "correct": correct, "questions": n, "accuracy_ci95": wilson(correct, n),
             "by_kind": {k: {"correct": c, "questions": m} for k, (c, m) in sorted(kinds.items())},
             "needle_recall_mean": mean("needle_recall"), "fill_mean": mean("fill"), "copies_per_query": mean("copies"),
