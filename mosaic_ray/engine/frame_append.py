@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mosaic_ray.bounds import MAX_TIME_S  # past it a time breaks the stream clock's arithmetic
 from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
 from mosaic_ray.engine.stream_state import WaitingFrames
 
@@ -55,8 +56,8 @@ def check_frames(max_frames: int, state: StreamState, frames, timestamps, after:
             raise InvalidInputError(f"frame {i}: expected an RGB uint8 array [H, W, 3], got {got}")
         if min(f.shape[:2]) < 14 or max(f.shape[:2]) > 8192:
             raise InvalidInputError(f"frame {i}: size {f.shape[:2]} outside [14, 8192] pixels")
-        if not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
-            raise InvalidInputError(f"frame {i}: timestamp must be a finite number >= 0, got {ts!r}")
+        if not isinstance(ts, (int, float)) or not math.isfinite(ts) or not 0 <= ts <= MAX_TIME_S:
+            raise InvalidInputError(f"frame {i}: timestamp must be a number in [0, {MAX_TIME_S:g}] s, got {ts!r}")
         if ts < last:
             raise InvalidInputError(f"frame {i}: timestamp {ts} goes back before the stream clock {last}")
         last = ts

@@ -101,3 +101,21 @@ def test_a_full_pool_during_splits_keeps_the_frames(tiny_adapter, monkeypatch):
     monkeypatch.setattr(engine.streams["a"].cache, "maintain", full)
     assert engine.append_frames("a", frames(3), [0.0, 1.0, 2.0]) == 3
 
+
+
+@pytest.mark.parametrize("ts", [1e300, 2e9])
+def test_a_time_past_the_bound_is_refused_and_changes_nothing(tiny_adapter, ts):
+    """Issue 20: a frame or text at ts=1e300 once passed the engine's check (finite) and left the
+    stream unable to answer; past `bounds.MAX_TIME_S` it is refused before anything changes."""
+    engine = make_engine(tiny_adapter, "cluster")
+    engine.open_stream("s")
+    engine.append_frames("s", frames(1), [0.0])
+    state = lambda: {k: engine.stream_info("s")[k] for k in ("tokens", "frames", "texts", "duration_s")}  # noqa: E731
+    before = state()
+    with pytest.raises(InvalidInputError):
+        engine.append_frames("s", frames(1), [ts])
+    with pytest.raises(InvalidInputError):
+        engine.append_text("s", "late", ts)
+    assert state() == before
+    engine.append_frames("s", frames(1), [1.0])
+    assert engine.answer("s", AskRequest("what?", max_tokens=2)).token_ids
