@@ -172,8 +172,19 @@ class DurabilitySpec(_Strict):
     # the stream's KV for a moment) and rewritten whole each time; a stream whose KV (host + device)
     # is larger is not snapshotted (its log stays whole and a rebuild replays it all). 4 GiB is
     # about 8 minutes of a 7B-shaped stream (~28 GiB of KV per hour, on the GPU under `full`, in
-    # the host pool under `cluster`). 0: no limit. Incremental snapshots would lift this (not built).
+    # the host pool under `cluster`). 0: no limit. It bounds bases: a delta carries what changed.
     snapshot_max_bytes: int = Field(4 << 30, ge=0)
+    # Incremental snapshots (`runtime/snapshots.py`): after a base (the whole stream), up to this
+    # many deltas (only the host-pool slabs changed since the snapshot before) before the next
+    # base. 0: every snapshot whole. The log keeps every record since the base, so a damaged delta
+    # costs a longer replay, not data: 8 bounds that log at 9 cadences (5400 frames, ~68 MB of
+    # 12.5 KB JPEGs), the delta files at 8 and a rebuild's reads at base + 8 parts. A stream over
+    # `snapshot_max_bytes` gets no new base: its chain goes on past this bound.
+    snapshot_max_deltas: int = Field(8, ge=0)
+    # ...and a base is written again once the deltas since it add up to more than this share of its
+    # bytes: past that, a rebuild reads more than a fresh base would hold (1.0: twice). On the tiny
+    # model a delta after 2 of 26 frames was 13% of the base (tests/engine/test_snapshot_delta.py).
+    snapshot_rebase_ratio: float = Field(1.0, gt=0)
 
     @field_validator("store")
     @classmethod
