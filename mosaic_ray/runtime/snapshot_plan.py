@@ -113,6 +113,14 @@ def _read_part(got: tuple[int, bytes], records, start: int, base: int | None, in
     return (part, at), ""
 
 
+def _slot_after_gap(store: FrameLog, stream_id: str, index: int) -> bool:
+    """Whether delta slot index + 1 holds something (usually empty: the chain just ends there)."""
+    try:
+        return store.get_delta(stream_id, index + 1) is not None
+    except SnapshotCorruptError:
+        return True
+
+
 def plan_rebuild(store: FrameLog, stream_id: str) -> RebuildPlan:
     """Read the stream's snapshot parts and log (blocking: run it on a thread)."""
     records = list(store.read(stream_id))
@@ -136,6 +144,8 @@ def plan_rebuild(store: FrameLog, stream_id: str) -> RebuildPlan:
                     problem = f"delta {index}: {exc}"
                     break
                 if got is None:
+                    if _slot_after_gap(store, stream_id, index):
+                        problem = f"delta {index}: missing, and a later delta slot is not"
                     break
                 found, why = _read_part(got, records, last_at + 1, base.mark, index)
                 if found is None:
