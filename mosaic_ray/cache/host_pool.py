@@ -159,12 +159,19 @@ class HostPool:
         ids = self._free[top - n : top].flip(0).clone()
         self._free_top = top - n
         self.owner[ids] = owner
-        self.gen[ids] = self._stamp()  # a slab handed out holds whatever it held: new to its owner
+        self._stamp(ids)  # a slab handed out holds whatever it held: new to its owner
         return ids
 
-    def _stamp(self) -> int:
+    def _stamp(self, slab_ids: torch.Tensor) -> None:
+        """A new epoch on `slab_ids`. With GPU writes in flight the stamp is written in their
+        stream's order (as `free` writes `order`): a late GPU write's older stamp must not land
+        after this one and hide the change from the next delta."""
         self.epoch += 1
-        return self.epoch
+        if self._written_from is not None:
+            dev = self._written_from
+            self.device_views(dev)["gen"][slab_ids.to(dev)] = self.epoch
+        else:
+            self.gen[slab_ids] = self.epoch
 
     def changed_since(self, slab_ids: torch.Tensor, epoch: int) -> torch.Tensor:
         """The slabs among `slab_ids` changed after the pool's epoch was `epoch` (call `sync` first
@@ -231,7 +238,7 @@ class HostPool:
         self.order[slab, off] = order.to(device="cpu", dtype=torch.int64)
         self.time[slab, off] = time.to(device="cpu", dtype=torch.float32)
         self.pos[slab, off] = pos.to(device="cpu", dtype=torch.int32)
-        self.gen[slab] = self._stamp()
+        self._stamp(slab)
 
     def _write_from_device(self, rows, k, v, order, time, pos) -> None:
         dev = rows.device
@@ -244,8 +251,8 @@ class HostPool:
         views["order"][slab, off] = order.to(dev, torch.int64)
         views["time"][slab, off] = time.to(dev, torch.float32)
         views["pos"][slab, off] = pos.to(dev, torch.int32)
-        views["gen"][slab] = self._stamp()
         self._written_from = dev
+        self._stamp(slab)
 
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k [n, D], v [n, D], order [n], time [n], pos [n, P]) of the given rows, on the host."""

@@ -161,9 +161,9 @@ class DurabilitySpec(_Strict):
     replace_broken_shards: bool = False
     # Retry-After of the 503 answered for a stream while it is rebuilt.
     recovering_retry_after_s: float = Field(2.0, gt=0)
-    # A stream's engine state is snapshotted every this many acknowledged frames, and its log
-    # compacted to the records after the snapshot (`runtime/snapshots.py`); a rebuild imports the
-    # snapshot and replays only the tail. 0: never (rebuilds replay whole logs, which grow forever).
+    # A stream's engine state is snapshotted every this many acknowledged frames (a base, after
+    # which its log is compacted to the records after it, or a delta: `snapshot_max_deltas`;
+    # `runtime/snapshots.py`); a rebuild imports the snapshot and replays only the tail. 0: never (rebuilds replay whole logs, which grow forever).
     # 600 = 10 min of 1-fps video: a tail of at most 600 frames replays in ~22 s alone on an H100
     # (27 frames/s prefill, FACTS.md), inside the 30 s recovery goal; more often costs a snapshot
     # write (the stream's KV bytes) each time.

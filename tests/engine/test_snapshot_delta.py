@@ -88,3 +88,16 @@ def test_a_chain_with_a_part_missing_is_refused_and_changes_nothing(tiny_adapter
         assert not dst.has_stream("s") and dst.pool.free_slabs == dst.pool.num_slabs
     dst.import_deltas("s", parts[:2])  # a prefix is the stream at its last part
     assert dst.has_stream("s")
+
+
+def test_deltas_see_the_pools_writes_on_every_device(tiny_adapter_on):
+    """On CUDA the pool's rows and generation stamps are written by the GPU through UVA views
+    (`HostPool._write_from_device`, `_stamp`): base + deltas must still be the whole export."""
+    src = make_engine(tiny_adapter_on, "cluster", **KW)
+    parts = _chain(src)
+    merged, whole = merge_parts(parts), src.export_stream("s")
+    for name, t in whole["tensors"].items():
+        assert torch.equal(_bits(merged["tensors"][name].cpu()), _bits(t.cpu())), name
+    dst = make_engine(tiny_adapter_on, "cluster", **KW)
+    dst.import_deltas("s", parts)
+    assert dst.answer("s", Q).token_ids == src.answer("s", Q).token_ids
