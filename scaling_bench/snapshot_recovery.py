@@ -8,11 +8,17 @@ compaction does to the log's size (docs/reliability.md, "Snapshots and compactio
 3. the log is compacted to the mark (sizes before/after), then the stream is rebuilt as
    `recover_stream` does now: `plan_rebuild` (read log + snapshot, decode), `import_stream`,
    replay of the tail only.
+With --incremental D: the snapshot at --snapshot-at is a base (`export_delta(stream, 0)`), and a
+delta follows every D frames until the end (as `StreamSnapshots` writes them; the log is
+compacted to the base only); each delta's bytes are reported beside a whole snapshot taken at
+the same point, and step 3 imports base + deltas (`import_deltas`) and replays the tail after the
+last delta.
 Checks that both rebuilt streams hold what the live one held (frames, tokens); reports whether a
 greedy answer to one question is the same (replay regroups frames into --replay-batch calls, which
 can change clustering on long streams, snapshot or not).
 
     python scaling_bench/snapshot_recovery.py --quick                 # CPU, tiny model
+    python scaling_bench/snapshot_recovery.py --quick --incremental 32   # base + deltas every 32 frames
     python scaling_bench/snapshot_recovery.py --model 7b-shape --device cuda --frames 3600 --snapshot-at 3000
 """
 
@@ -58,6 +64,25 @@ def info(eng, sid: str) -> dict:
     return {"frames": i["frames"], "tokens": i["tokens"]}
 
 
+def take_delta(eng, log, a, seq: int, since: int, index: int, at_frame: int) -> dict:
+    """A delta as `StreamSnapshots` writes one (export, mark, encode, write, read back), and the
+    bytes a whole snapshot would have written at the same point."""
+    synced(eng, a.device)
+    t0 = time.perf_counter()
+    state = eng.export_delta(SID, since)
+    t1 = time.perf_counter()
+    mark = 1 + index
+    blob = encode_snapshot(state, mark, seq, base=1, index=index)
+    log.append(SID, [MarkRecord(mark, seq)])
+    log.put_delta(SID, index, mark, blob)
+    assert log.get_delta(SID, index) == (mark, blob)
+    t2 = time.perf_counter()
+    whole = len(encode_snapshot(eng.export_stream(SID), mark, seq))
+    return {"at_frame": at_frame, "bytes": len(blob), "whole_bytes": whole, "ratio": round(len(blob) / whole, 4),
+            "export_s": round(t1 - t0, 3), "encode_write_verify_s": round(t2 - t1, 3),
+            "generation": state["meta"]["generation"]}
+
+
 async def rebuild(eng, records, sid: str, replay_batch: int, last_seq: int = -1):
     async def call_text(text, ts):
         eng.append_text(sid, text, ts)
@@ -84,6 +109,8 @@ def main() -> int:
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--pool-mb", type=int, default=16384)
     p.add_argument("--quick", action="store_true", help="tiny model, 600 frames, snapshot at 480")
+    p.add_argument("--incremental", type=int, default=0, metavar="D",
+                   help="a base at --snapshot-at, then a delta every D frames (0: one whole snapshot)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.quick:
@@ -99,6 +126,8 @@ def main() -> int:
     log.append(SID, [OpenRecord(0.0)])
     decoded = decode_all(frames)
     snap: dict = {}
+    deltas: list[dict] = []
+    generation = None
     start = time.perf_counter()
     for seq, i in enumerate(range(0, a.frames, a.batch)):
         chunk = slice(i, min(i + a.batch, a.frames))
@@ -108,7 +137,8 @@ def main() -> int:
         if chunk.stop == a.snapshot_at:
             synced(eng, a.device)
             t0 = time.perf_counter()
-            state = eng.export_stream(SID)
+            state = eng.export_delta(SID, 0) if a.incremental else eng.export_stream(SID)
+            generation = state["meta"].get("generation")
             t1 = time.perf_counter()
             blob = encode_snapshot(state, 1, seq)
             t2 = time.perf_counter()
@@ -117,6 +147,10 @@ def main() -> int:
             assert log.get_snapshot(SID) == (1, blob)
             snap = {"export_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3),
                     "write_verify_s": round(time.perf_counter() - t2, 3), "bytes": len(blob)}
+        elif a.incremental and generation is not None and chunk.stop > a.snapshot_at \
+                and (chunk.stop - a.snapshot_at) % a.incremental == 0 and chunk.stop < a.frames:
+            deltas.append(take_delta(eng, log, a, seq, generation, len(deltas) + 1, chunk.stop))
+            generation = deltas[-1].pop("generation")
     synced(eng, a.device)
     live_s = time.perf_counter() - start
     want = info(eng, SID)
@@ -143,7 +177,7 @@ def main() -> int:
     start = time.perf_counter()
     plan = plan_rebuild(log, SID)
     t1 = time.perf_counter()
-    eng.import_stream(SID, plan.state)
+    eng.import_deltas(SID, plan.parts)
     synced(eng, a.device)
     t2 = time.perf_counter()
     done = asyncio.run(rebuild(eng, plan.records, SID, a.replay_batch, plan.last_seq))
@@ -155,7 +189,8 @@ def main() -> int:
     same = want == full == got
     out = {"model": a.model, "device": a.device, "frames": a.frames, "snapshot_at": a.snapshot_at,
            "tail_frames": done.frames, "jpeg_px": a.size, "live_ingest_s": round(live_s, 2),
-           "snapshot": snap, "log_bytes_whole": log_bytes, "log_bytes_compacted": compact_bytes,
+           "snapshot": snap, "incremental_every": a.incremental, "deltas": deltas,
+           "deltas_used": plan.deltas, "log_bytes_whole": log_bytes, "log_bytes_compacted": compact_bytes,
            "records_dropped": dropped, "compact_s": round(compact_s, 3),
            "rebuild_full_s": round(full_s, 2), "rebuild_snapshot_s": round(snap_s, 2),
            "rebuild_snapshot_parts_s": {"read_plan": round(t1 - start, 3), "import": round(t2 - t1, 3),

@@ -21,7 +21,14 @@ no staging copy on the ingest path. Readers on the GPU (the gather kernels, on t
 that waits on it) see them in order; host-side readers (`read`, snapshots) call `sync` first, which
 waits only when device writes are outstanding.
 
-Verbs: allocate / free / release_owner / write / read / sync.
+Generations (incremental snapshots, `engine/snapshot_delta.py`): `gen[slab]` is the pool's
+`epoch` at the slab's last change. A slab's bytes change only through `allocate` and `write`
+(and `free`, after which no stream owns it), and each of them stamps a new epoch on the slabs it
+touches; so "the slabs of a stream with gen > e" are exactly those that may differ from what they
+held when the pool's epoch was e. A split rewrites a cluster's members in place (`splitter.py`):
+those are `write`s, stamped like any other.
+
+Verbs: allocate / free / release_owner / write / read / sync (+ changed_since).
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class HostPool:
         self.pos = torch.zeros((self.num_slabs, S, P), dtype=torch.int32, pin_memory=self.pinned)
         self._device_views: dict[str, dict[str, torch.Tensor]] = {}
         self.owner = torch.full((self.num_slabs,), -1, dtype=torch.int32)
+        # pinned as the rows are: a GPU write stamps its slabs through a UVA view, with no host sync
+        self.gen = torch.zeros((self.num_slabs,), dtype=torch.int64, pin_memory=self.pinned)
+        self.epoch = 0
         # Stack of free slab ids; the top is at `_free_top - 1`. Slabs are handed out from the
         # top, so a batch of new slabs is usually a run of consecutive ids.
         self._free = torch.arange(self.num_slabs - 1, -1, -1, dtype=torch.int64)
@@ -101,7 +111,8 @@ class HostPool:
         if key not in self._device_views:
             from mosaic_ray.kernels.uva import device_view
 
-            self._device_views[key] = {n: device_view(getattr(self, n), device) for n in ("kv", "order", "time", "pos")}
+            self._device_views[key] = {n: device_view(getattr(self, n), device)
+                                       for n in ("kv", "order", "time", "pos", "gen")}
         return self._device_views[key]
 
     def sync(self) -> None:
@@ -148,7 +159,25 @@ class HostPool:
         ids = self._free[top - n : top].flip(0).clone()
         self._free_top = top - n
         self.owner[ids] = owner
+        self._stamp(ids)  # a slab handed out holds whatever it held: new to its owner
         return ids
+
+    def _stamp(self, slab_ids: torch.Tensor) -> None:
+        """A new epoch on `slab_ids`. With GPU writes in flight the stamp is written in their
+        stream's order (as `free` writes `order`): a late GPU write's older stamp must not land
+        after this one and hide the change from the next delta."""
+        self.epoch += 1
+        if self._written_from is not None:
+            dev = self._written_from
+            self.device_views(dev)["gen"][slab_ids.to(dev)] = self.epoch
+        else:
+            self.gen[slab_ids] = self.epoch
+
+    def changed_since(self, slab_ids: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The slabs among `slab_ids` changed after the pool's epoch was `epoch` (call `sync` first
+        when GPU writes may be in flight: their stamps land with them)."""
+        slab_ids = slab_ids.to(torch.int64).cpu()
+        return slab_ids[self.gen[slab_ids] > epoch]
 
     def free(self, slab_ids: torch.Tensor) -> None:
         """Return slabs to the free stack. Freeing a slab that is already free is a bug: raise."""
@@ -209,6 +238,7 @@ class HostPool:
         self.order[slab, off] = order.to(device="cpu", dtype=torch.int64)
         self.time[slab, off] = time.to(device="cpu", dtype=torch.float32)
         self.pos[slab, off] = pos.to(device="cpu", dtype=torch.int32)
+        self._stamp(slab)
 
     def _write_from_device(self, rows, k, v, order, time, pos) -> None:
         dev = rows.device
@@ -222,6 +252,7 @@ class HostPool:
         views["time"][slab, off] = time.to(dev, torch.float32)
         views["pos"][slab, off] = pos.to(dev, torch.int32)
         self._written_from = dev
+        self._stamp(slab)
 
     def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k [n, D], v [n, D], order [n], time [n], pos [n, P]) of the given rows, on the host."""

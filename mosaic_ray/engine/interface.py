@@ -9,6 +9,8 @@ these verbs, so tests can inject a fake and a shard can host any engine that hon
     ask                       (async iterator of text deltas)
     stream_info / stats
     export_stream / import_stream   (whole-stream migration between shards)
+    export_delta / import_deltas    (incremental snapshots: a base, then what changed since;
+                                     optional: the defaults export whole and import one part)
     probe                     (a known-good request: is the engine itself healthy?)
 
 Invariants every engine keeps:
@@ -16,6 +18,9 @@ Invariants every engine keeps:
 - `append_frames` returns only after the frames are part of the stream's context.
 - Streams are isolated: nothing done to one stream changes another's answers.
 - `export_stream` followed by `import_stream` on another engine gives identical greedy answers.
+- `import_deltas([export_delta(s, 0), export_delta(s, g1), ..., export_delta(s, gk)])`, each
+  `g` the previous part's meta["generation"], gives the stream `import_stream(export_stream(s))`
+  would at the last part.
 """
 
 from __future__ import annotations
@@ -176,6 +181,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def import_stream(self, stream_id: str, state: dict[str, Any]) -> None:
         """Install a stream exported by `export_stream` (of an engine with the same model)."""
+
+    def export_delta(self, stream_id: str, since: int) -> dict[str, Any]:
+        """A snapshot part: the stream's state with only what changed after the part whose
+        meta["generation"] was `since` (0: everything, a base). meta["generation"] names this
+        part for the next one; a part without it is whole (this default: no increments, so the
+        caller writes every snapshot whole)."""
+        return self.export_stream(stream_id)
+
+    def import_deltas(self, stream_id: str, parts: list[dict[str, Any]]) -> None:
+        """Install a stream from a base and the deltas after it, in order (`export_delta`). This
+        default takes one whole part."""
+        if len(parts) != 1:
+            raise InvalidInputError(f"this engine imports one whole snapshot, got {len(parts)} parts")
+        self.import_stream(stream_id, parts[0])
 
     def probe(self) -> None:
         """Run a known-good request; raise (anything but an `EngineError`) if the engine itself is

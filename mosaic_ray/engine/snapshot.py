@@ -40,7 +40,10 @@ def _owner(obj, path):
     return getattr(obj, path) if path else obj
 
 
-def export_stream(state: StreamState) -> dict[str, Any]:
+def export_stream(state: StreamState, since: int | None = None) -> dict[str, Any]:
+    """The stream's whole state; with `since` (a pool epoch, `HostPool.changed_since`) the pool
+    part holds only the slabs changed after it, and "pool.changed" names them ("pool.slab_ids"
+    still lists every slab the stream owns): an increment (`snapshot_delta.py`)."""
     cache = state.cache
     cache.offload()  # staged tokens are offloaded first: a snapshot holds a sink, a window and a past
     retriever = cache.retriever
@@ -61,6 +64,9 @@ def export_stream(state: StreamState) -> dict[str, Any]:
     pool.sync()  # the GPU's writes into the pool have landed before the host copies the slabs
     slabs = (pool.owner == retriever.owner).nonzero().flatten()
     tensors["pool.slab_ids"] = slabs
+    if since is not None:
+        meta["generation"], meta["since"] = pool.epoch, since
+        slabs = tensors["pool.changed"] = pool.changed_since(slabs, since)
     for n in ("kv", "order", "time", "pos"):  # indexing by a tensor copies: one pass over the bytes
         tensors[f"pool.{n}"] = getattr(pool, n)[slabs]
     return {"meta": meta, "tensors": tensors}

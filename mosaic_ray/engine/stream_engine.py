@@ -339,7 +339,7 @@ class StreamEngine(Engine):
     def stats(self) -> dict[str, Any]:
         return engine_report.engine_stats(self)
 
-    def export_stream(self, stream_id: str) -> dict[str, Any]:
+    def export_stream(self, stream_id: str, since: int | None = None) -> dict[str, Any]:
         from mosaic_ray.engine.snapshot import export_stream
 
         state = self._get(stream_id)
@@ -347,7 +347,7 @@ class StreamEngine(Engine):
             raise StreamBusyError(f"stream {stream_id!r} is answering a question")
         if not self.loop.ingest_before(state):  # a snapshot holds every frame it was given
             raise OverloadedError(f"stream {stream_id!r}: frames waiting for ingest could not be ingested; retry")
-        snapshot = export_stream(state)
+        snapshot = export_stream(state, since)
         meta, tensors = self.pruner.export(state.pruning)
         snapshot["meta"]["pruning"] = meta
         snapshot["tensors"].update(tensors)
@@ -362,3 +362,18 @@ class StreamEngine(Engine):
         state = import_stream(stream_id, snapshot, cache)
         state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
         self.streams[stream_id] = state
+
+    def export_delta(self, stream_id: str, since: int) -> dict[str, Any]:
+        """Only the host-pool slabs changed after pool epoch `since` (`engine/snapshot_delta.py`)."""
+        return self.export_stream(stream_id, since)
+
+    def import_deltas(self, stream_id: str, parts: list[dict[str, Any]]) -> None:
+        from mosaic_ray.engine.snapshot_delta import merge_parts
+
+        if stream_id in self.streams:
+            raise StreamExistsError(f"stream {stream_id!r} already exists")
+        try:
+            whole = merge_parts(parts)
+        except ValueError as exc:
+            raise InvalidInputError(f"snapshot parts do not merge: {exc}") from None
+        self.import_stream(stream_id, whole)

@@ -161,9 +161,9 @@ class DurabilitySpec(_Strict):
     replace_broken_shards: bool = False
     # Retry-After of the 503 answered for a stream while it is rebuilt.
     recovering_retry_after_s: float = Field(2.0, gt=0)
-    # A stream's engine state is snapshotted every this many acknowledged frames, and its log
-    # compacted to the records after the snapshot (`runtime/snapshots.py`); a rebuild imports the
-    # snapshot and replays only the tail. 0: never (rebuilds replay whole logs, which grow forever).
+    # A stream's engine state is snapshotted every this many acknowledged frames (a base, after
+    # which its log is compacted to the records after it, or a delta: `snapshot_max_deltas`;
+    # `runtime/snapshots.py`); a rebuild imports the snapshot and replays only the tail. 0: never (rebuilds replay whole logs, which grow forever).
     # 600 = 10 min of 1-fps video: a tail of at most 600 frames replays in ~22 s alone on an H100
     # (27 frames/s prefill, FACTS.md), inside the 30 s recovery goal; more often costs a snapshot
     # write (the stream's KV bytes) each time.
@@ -172,8 +172,19 @@ class DurabilitySpec(_Strict):
     # the stream's KV for a moment) and rewritten whole each time; a stream whose KV (host + device)
     # is larger is not snapshotted (its log stays whole and a rebuild replays it all). 4 GiB is
     # about 8 minutes of a 7B-shaped stream (~28 GiB of KV per hour, on the GPU under `full`, in
-    # the host pool under `cluster`). 0: no limit. Incremental snapshots would lift this (not built).
+    # the host pool under `cluster`). 0: no limit. It bounds bases: a delta carries what changed.
     snapshot_max_bytes: int = Field(4 << 30, ge=0)
+    # Incremental snapshots (`runtime/snapshots.py`): after a base (the whole stream), up to this
+    # many deltas (only the host-pool slabs changed since the snapshot before) before the next
+    # base. 0: every snapshot whole. The log keeps every record since the base, so a damaged delta
+    # costs a longer replay, not data: 8 bounds that log at 9 cadences (5400 frames, ~68 MB of
+    # 12.5 KB JPEGs), the delta files at 8 and a rebuild's reads at base + 8 parts. A stream over
+    # `snapshot_max_bytes` gets no new base: its chain goes on past this bound.
+    snapshot_max_deltas: int = Field(8, ge=0)
+    # ...and a base is written again once the deltas since it add up to more than this share of its
+    # bytes: past that, a rebuild reads more than a fresh base would hold (1.0: twice). On the tiny
+    # model a delta after 2 of 26 frames was 13% of the base (tests/engine/test_snapshot_delta.py).
+    snapshot_rebase_ratio: float = Field(1.0, gt=0)
 
     @field_validator("store")
     @classmethod

@@ -16,6 +16,8 @@ The store is pluggable; its primitives:
     put_snapshot(stream_id, mark, blob)     the stream's one snapshot slot, replaced atomically
     get_snapshot(stream_id)                 -> (mark, blob) | None
     truncate_before(stream_id, mark)        compaction: drop the records before `MarkRecord(mark)`
+    put_delta / get_delta(stream_id, k)     incremental snapshots: delta slot k = 1, 2, ... after
+    drop_deltas(stream_id)                  the base slot (`put_snapshot`); dropping removes all
 
 Invariants every store keeps:
 - `read` yields exactly the records `append` was given, in order, for every `append` that
@@ -27,7 +29,8 @@ Invariants every store keeps:
   is compacted: then it starts with the `MarkRecord` of the snapshot that holds everything before
   it (`snapshots.py`). So a log whose first record is an `OpenRecord` is whole: replaying it alone
   rebuilds the stream; any other log needs its snapshot.
-- A snapshot replaces the previous one whole or not at all (a torn write leaves the old one).
+- A snapshot (base or delta slot) replaces the previous one whole or not at all (a torn write
+  leaves the old one).
 
 Stores: `DiskFrameLog` (`frame_log_disk.py`, the default; a root directory that may be shared
 storage) and `MemoryFrameLog` (tests; one process). A deployment names its own with
@@ -216,6 +219,22 @@ class FrameLog(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not compact")
 
 
+    # Incremental snapshots (`snapshots.py`): slots 1, 2, ... of deltas after the base. A store
+    # without them gets whole snapshots only.
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
+        """Replace delta slot `index` (>= 1) with `blob`, taken at `MarkRecord(mark)`; durable when
+        it returns. A write cut short leaves the slot as it was."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no snapshot deltas")
+
+    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
+        """(mark, blob) of delta slot `index`, None if empty; `SnapshotCorruptError` if damaged."""
+        return None
+
+    def drop_deltas(self, stream_id: str) -> int:
+        """Empty every delta slot of the stream (the last first); returns how many were removed."""
+        return 0
+
+
 def find_mark(payloads: Sequence[bytes], mark: int) -> int | None:
     """The index of `MarkRecord(mark)` among encoded records, None if absent. Searched from the
     end (a mark is recent); only records starting like the mark's encoding are decoded."""
@@ -233,6 +252,7 @@ class MemoryFrameLog(FrameLog):
     def __init__(self) -> None:
         self._logs: dict[str, list[bytes]] = {}
         self._snapshots: dict[str, tuple[int, bytes]] = {}
+        self._deltas: dict[str, dict[int, tuple[int, bytes]]] = {}
         self._lock = threading.Lock()
 
     def append(self, stream_id: str, records: Sequence[LogRecord]) -> bool:
@@ -260,6 +280,7 @@ class MemoryFrameLog(FrameLog):
         with self._lock:
             self._logs.pop(stream_id, None)
             self._snapshots.pop(stream_id, None)
+            self._deltas.pop(stream_id, None)
 
     def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
         with self._lock:
@@ -268,6 +289,20 @@ class MemoryFrameLog(FrameLog):
     def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
         with self._lock:
             return self._snapshots.get(stream_id)
+
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
+        if index < 1:
+            raise ValueError(f"delta index must be >= 1, got {index}")
+        with self._lock:
+            self._deltas.setdefault(stream_id, {})[index] = (int(mark), bytes(blob))
+
+    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
+        with self._lock:
+            return self._deltas.get(stream_id, {}).get(index)
+
+    def drop_deltas(self, stream_id: str) -> int:
+        with self._lock:
+            return len(self._deltas.pop(stream_id, {}))
 
     def truncate_before(self, stream_id: str, mark: int) -> int:
         with self._lock:

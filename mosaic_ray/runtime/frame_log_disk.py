@@ -27,12 +27,8 @@ A killed shard actor is a process crash: every policy keeps its acknowledged fra
 storage (NFS) written pages reach the server only when flushed: use "always" there, or another
 node may not see the last records of a process that died with its node.
 
-Snapshots (`<root>/<stream_id>.snap`, one per stream):
-
-    magic b"MRS1" | mark i64 | blob length u64 | crc32(blob) u32 | crc32(the 24 bytes before) u32 | blob
-
-written to `<stream_id>.snap.tmp`, fsynced, renamed over the old one, directory fsynced: a crash
-at any point leaves the old snapshot or the new one, whole. Compaction (`truncate_before`) writes
+Snapshots: a base `<root>/<stream_id>.snap` and its deltas `<stream_id>.snap.<k>`, each one
+slot replaced atomically (`snapshot_file.py`). Compaction (`truncate_before`) writes
 the records from the mark on to `<stream_id>.log.tmp` the same way, under the file's lock and
 the store's (no append can slip into the old file), and renames it over the log; records
 appended after the mark are copied, a torn tail is not.
@@ -42,10 +38,10 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections import OrderedDict
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,19 +50,16 @@ from mosaic_ray.runtime.frame_log import (
     LogCorruptError,
     LogRecord,
     LogWriteError,
-    SnapshotCorruptError,
     after_seq,
     decode_record,
     encode_record,
     find_mark,
 )
+from mosaic_ray.runtime.snapshot_file import SNAP_SUFFIX, delta_paths, encode_slot, read_slot
 
 MAGIC = b"MRL1"
 _HEAD = struct.Struct("<4sIII")  # magic, length, payload crc, header crc
 SUFFIX = ".log"
-SNAP_MAGIC = b"MRS1"
-_SNAP_HEAD = struct.Struct("<4sqQII")  # magic, mark, length, blob crc, header crc
-SNAP_SUFFIX = ".snap"
 TMP_SUFFIX = ".tmp"
 
 
@@ -242,7 +235,8 @@ class DiskFrameLog(FrameLog):
                 if f.fd >= 0:
                     os.close(f.fd)
                     f.fd = -1
-        for path in (self.path(stream_id), self.snapshot_path(stream_id)):
+        deltas = [p for _, p in delta_paths(self.root, stream_id)]
+        for path in (self.path(stream_id), self.snapshot_path(stream_id), *deltas):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -314,24 +308,36 @@ class DiskFrameLog(FrameLog):
         return self.root / f"{stream_id}{SNAP_SUFFIX}"
 
     def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
-        first = struct.pack("<4sqQI", SNAP_MAGIC, mark, len(blob), zlib.crc32(blob))
         try:
-            self._replace(self.snapshot_path(stream_id), [first, struct.pack("<I", zlib.crc32(first)), blob])
+            self._replace(self.snapshot_path(stream_id), encode_slot(mark, blob))
         except OSError as exc:
             raise LogWriteError(f"snapshot write failed: {exc}") from None
 
     def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+        return read_slot(self.snapshot_path(stream_id), f"snapshot of {stream_id!r}")
+
+    def delta_path(self, stream_id: str, index: int) -> Path:
+        return self.root / f"{stream_id}{SNAP_SUFFIX}.{index}"
+
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
+        if index < 1:
+            raise ValueError(f"delta index must be >= 1, got {index}")
         try:
-            data = self.snapshot_path(stream_id).read_bytes()
-        except FileNotFoundError:
-            return None
-        if len(data) < _SNAP_HEAD.size:
-            raise SnapshotCorruptError(f"snapshot of {stream_id!r} is cut short ({len(data)} bytes)")
-        magic, mark, length, crc, head_crc = _SNAP_HEAD.unpack_from(data)
-        blob = data[_SNAP_HEAD.size :]
-        if magic != SNAP_MAGIC or zlib.crc32(data[:24]) != head_crc or length != len(blob) or zlib.crc32(blob) != crc:
-            raise SnapshotCorruptError(f"snapshot of {stream_id!r} fails its checksum")
-        return mark, blob
+            self._replace(self.delta_path(stream_id, index), encode_slot(mark, blob))
+        except OSError as exc:
+            raise LogWriteError(f"snapshot delta write failed: {exc}") from None
+
+    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
+        return read_slot(self.delta_path(stream_id, index), f"snapshot delta {index} of {stream_id!r}")
+
+    def drop_deltas(self, stream_id: str) -> int:
+        paths = delta_paths(self.root, stream_id)
+        for _, path in reversed(paths):  # the last first: a crash midway leaves a chain's prefix
+            path.unlink(missing_ok=True)
+        if paths:
+            self._dir_dirty = True
+            self._sync_dir_if_dirty()
+        return len(paths)
 
     def truncate_before(self, stream_id: str, mark: int) -> int:
         while True:

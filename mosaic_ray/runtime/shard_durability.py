@@ -11,7 +11,9 @@ actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`
   passes its probe, raises `StreamQuarantinedError`: the half-built stream is dropped from the
   engine, the shard stays healthy, and the router quarantines that stream alone.
 - snapshots: every `DurabilitySpec.snapshot_every_frames` acknowledged frames of a stream
-  (`StreamSnapshots`, made by `_make_snapshots`), then its log is compacted;
+  (`StreamSnapshots`, made by `_make_snapshots`): a base, after which its log is compacted, or a
+  delta after the last part (`snapshot_max_deltas`); a rebuild imports base + deltas
+  (`Engine.import_deltas`), and if the engine refuses the deltas, the base and the log after it;
   `snapshot_stream` takes one now (tests, operators).
 - `drain`: stop taking requests (503 `ShuttingDownError`, raised by the actor's `_slot`), let the
   admitted ones finish, fsync the logs.
@@ -28,6 +30,7 @@ from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.errors import EngineFailedError
 from mosaic_ray.runtime.frame_log import FrameLog
 from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.snapshot_plan import base_only
 from mosaic_ray.runtime.snapshots import StreamSnapshots, plan_rebuild, without_snapshot
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
@@ -46,14 +49,18 @@ class ShardDurability:
         plan = await asyncio.to_thread(plan_rebuild, self._log.store, stream_id)
         if await self._call(self._engine.has_stream, stream_id):  # a replay cut short before
             await self._call(self._engine.close_stream, stream_id)
-        if plan.state is not None:
+        while plan.parts is not None:
             try:
-                await self._call(self._engine.import_stream, stream_id, plan.state)
+                await self._call(self._engine.import_deltas, stream_id, plan.parts)
+                break
             except EngineFailedError:  # it broke the engine: a poison snapshot, quarantined as a poison record
                 raise
             except EngineError as exc:  # refused (another model, inconsistent): as if unreadable
-                plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
-        if plan.state is None:
+                if plan.deltas:  # the base alone, and the log after it
+                    plan = base_only(stream_id, plan, f"the engine refused base + {plan.deltas} deltas: {exc}")
+                else:
+                    plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
+        if plan.parts is None:
             await self._call(self._engine.open_stream, stream_id)
         async def append(frames, stamps):  # queued, then waited for: a failure is its record's
             return await (await self._engine_append(stream_id, frames, stamps))
@@ -81,6 +88,7 @@ class ShardDurability:
                 "batches": done.batches, "texts": done.texts, "options": done.options, "skipped": done.skipped,
                 "engine_calls": done.engine_calls, "records_replayed": len(plan.records),
                 "snapshot_mark": plan.mark, "snapshot_last_seq": plan.last_seq if plan.mark is not None else None,
+                "snapshot_deltas": plan.deltas,
                 "snapshot_problem": plan.problem, "seconds": time.perf_counter() - start}
 
     async def snapshot_stream(self, stream_id: str) -> dict[str, Any] | None:
@@ -94,6 +102,8 @@ class ShardDurability:
         if snaps is None:
             return {"enabled": False}
         return {"enabled": True, "every_frames": snaps.every_frames, "taken": snaps.taken, "failed": snaps.failed,
+                "deltas_taken": snaps.deltas_taken, "bytes_written": snaps.bytes_written,
+                "max_deltas": snaps.max_deltas,
                 "skipped": snaps.skipped, "max_bytes": snaps.max_bytes, "in_flight": snaps.in_flight,
                 "streams": dict(snaps.last)}
 
@@ -104,9 +114,11 @@ class ShardDurability:
         store = self._log.store
         if type(store).put_snapshot is FrameLog.put_snapshot or type(store).truncate_before is FrameLog.truncate_before:
             return None
-        return StreamSnapshots(store, dur.snapshot_every_frames, self._call, self._engine.export_stream,
+        deltas = dur.snapshot_max_deltas if type(store).put_delta is not FrameLog.put_delta else 0
+        return StreamSnapshots(store, dur.snapshot_every_frames, self._call, self._engine.export_delta,
                                lambda sid, slot: self._slots.get(sid) is slot, self._spec.hold_timeout_s,
-                               size=self._stream_kv_bytes, max_bytes=dur.snapshot_max_bytes)
+                               size=self._stream_kv_bytes, max_bytes=dur.snapshot_max_bytes,
+                               max_deltas=deltas, rebase_ratio=dur.snapshot_rebase_ratio)
 
     def _stream_kv_bytes(self, stream_id: str) -> int:
         """The stream's KV bytes (host pool + device), on the engine thread (via `_call`)."""

@@ -1,5 +1,6 @@
 """Stream snapshots: a shard's periodic copy of a stream's engine state, and the log compaction
-it allows; on the recovery side, the plan that imports a snapshot and replays only the log after it.
+it allows (the rebuild side, which imports the parts and replays only the log after them, is
+`snapshot_plan.py`).
 
 Why: replaying a whole log re-runs the vision encoder and prefill for every frame (an hour of
 1-fps video: ~40 s+ on a GPU), and logs grow forever. With a snapshot every
@@ -22,6 +23,19 @@ Taking one (`StreamSnapshots.take`), in this order:
    records from the mark on (`FrameLog.truncate_before`), while no write of the stream's
    `LogOrder` runs (`LogOrder.exclusive`: frame records are written off the lock).
 
+Incremental (`DurabilitySpec.snapshot_max_deltas` > 0, an engine whose `export_delta` parts
+carry a generation, a store with delta slots): the export of step 1 is `export_delta(stream,
+since)`, since = the generation of the last part written here. A *base* (since 0: everything) is
+written as above, then every delta slot is emptied (the old chain), then the log is compacted.
+A *delta* (only the pool slabs changed since the part before, `engine/snapshot_delta.py`) goes
+to delta slot k (k-th since the base), read back, and the log is *not* compacted: it keeps every
+record since the base, so a delta that is lost or damaged costs a longer replay, never data. A
+base is written again once `snapshot_max_deltas` deltas follow the base, or once the deltas add
+up to more than `snapshot_rebase_ratio` x the base's bytes: at most that many delta slots exist,
+and a rebuild reads at most base + that many deltas and replays at most one cadence. The chain
+is this shard's: a stream rebuilt or moved here starts with a base (slab ids and generations are
+an engine's own).
+
 Invariants:
 - The log is compacted only after its snapshot is durable and read back whole. A crash between
   any two steps leaves either a whole log (snapshot ignored or unused) or snapshot + tail.
@@ -29,99 +43,40 @@ Invariants:
   waits for it to finish, so a shard never compacts a log another shard writes. Deleting the
   stream waits for it too (`settle`).
 - A log whose first record is an `OpenRecord` is whole. A compacted log starts with the mark of a
-  snapshot that was durable when it was compacted.
-
-Rebuilding (`plan_rebuild`): the snapshot is used when it reads back, decodes and its mark is in
-the log; then only the records after the mark are replayed. Otherwise a whole log is replayed
-whole (logged), and a compacted log raises `SnapshotLostError`: the stream's start is gone, and
-serving what is left would answer from a truncated stream, so the router quarantines it.
+  *base* that was durable when it was compacted; deltas never compact it, so the records after
+  the base, and after every delta, are in the log.
+- A new base replaces the old one atomically before the old deltas are dropped: until they are,
+  they name a base that is gone, and `plan_rebuild` takes none of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from mosaic_ray.runtime.errors import SnapshotLostError
-from mosaic_ray.runtime.frame_log import FrameLog, LogRecord, MarkRecord, OpenRecord, SnapshotCorruptError
+from mosaic_ray.runtime.frame_log import FrameLog, MarkRecord, SnapshotCorruptError
+from mosaic_ray.runtime.snapshot_plan import decode_snapshot, encode_snapshot, plan_rebuild, without_snapshot
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 log = logging.getLogger("mosaic_ray.runtime.snapshots")
 
-SNAPSHOT_FORMAT = 1
-
-
-def encode_snapshot(state: dict[str, Any], mark: int, last_seq: int) -> bytes:
-    """An engine export ({"meta", "tensors"}) as bytes: torch.save keeps every dtype bit-exact."""
-    out = io.BytesIO()
-    torch.save({"format": SNAPSHOT_FORMAT, "mark": mark, "last_seq": last_seq,
-                "meta": state["meta"], "tensors": state["tensors"]}, out)
-    return out.getvalue()
-
-
-def decode_snapshot(blob: bytes) -> tuple[int, int, dict[str, Any]]:
-    """(mark, last_seq, engine state) of `encode_snapshot`'s bytes; plain data and tensors only."""
-    body = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    if body.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotCorruptError(f"snapshot format {body.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-    return int(body["mark"]), int(body["last_seq"]), {"meta": body["meta"], "tensors": body["tensors"]}
+__all__ = ["StreamSnapshots", "decode_snapshot", "encode_snapshot", "plan_rebuild", "without_snapshot"]
 
 
 @dataclass(slots=True)
-class RebuildPlan:
-    """What a rebuild does: import `state` (None: open an empty stream), then replay `records`."""
+class _Chain:
+    """This shard's snapshot chain of one stream: its base and the deltas written after it."""
 
-    state: dict[str, Any] | None
-    last_seq: int  # the stream's seq once `state` is imported (-1 without one)
-    records: list[LogRecord]
-    mark: int | None  # the snapshot used
-    whole: list[LogRecord] | None  # the whole log, when it is whole: the fallback if import fails
-    problem: str = ""  # why a snapshot present was not used
-
-
-def plan_rebuild(store: FrameLog, stream_id: str) -> RebuildPlan:
-    """Read the stream's snapshot and log (blocking: run it on a thread)."""
-    records = list(store.read(stream_id))
-    whole = records if not records or isinstance(records[0], OpenRecord) else None
-    problem = ""
-    try:
-        got = store.get_snapshot(stream_id)
-    except SnapshotCorruptError as exc:
-        got, problem = None, str(exc)
-    if got is not None:
-        mark, blob = got
-        at = next((i for i in range(len(records) - 1, -1, -1)
-                   if isinstance(records[i], MarkRecord) and records[i].mark == mark), None)
-        if at is None:
-            problem = f"its mark {mark} is not in the log (a stale snapshot)"
-        else:
-            try:
-                got_mark, last_seq, state = decode_snapshot(blob)
-                if got_mark != mark:
-                    raise SnapshotCorruptError(f"snapshot holds mark {got_mark}, stored as {mark}")
-                return RebuildPlan(state, last_seq, records[at + 1 :], mark, whole)
-            except Exception as exc:  # unpickling errors have no common type
-                problem = f"cannot decode it: {type(exc).__name__}: {exc}"
-    return without_snapshot(stream_id, whole, problem)
-
-
-def without_snapshot(stream_id: str, whole: list[LogRecord] | None, problem: str) -> RebuildPlan:
-    """Full replay of a whole log; a compacted log without a usable snapshot is data loss."""
-    if whole is None:
-        log.error("stream %s: its log was compacted and its snapshot is unusable (%s): the records "
-                  "before the snapshot are LOST; quarantining it", stream_id, problem or "no snapshot")
-        raise SnapshotLostError(f"stream {stream_id!r}: log compacted and snapshot unusable "
-                                f"({problem or 'no snapshot'}); its start is lost")
-    if problem:
-        log.error("stream %s: snapshot unusable (%s); replaying its whole log", stream_id, problem)
-    return RebuildPlan(None, -1, whole, None, whole, problem)
+    slot: StreamSlot  # the stream as served here: a new slot (moved back, rebuilt) starts a new chain
+    base_mark: int
+    base_bytes: int
+    generation: int  # the engine's generation of the last part written: the next delta's `since`
+    deltas: int = 0
+    delta_bytes: int = 0
 
 
 class StreamSnapshots:
@@ -135,20 +90,27 @@ class StreamSnapshots:
 
     def __init__(
         self, store: FrameLog, every_frames: int, call: Callable[..., Awaitable[Any]],
-        export: Callable[[str], dict[str, Any]], owns: Callable[[str, StreamSlot], bool], hold_timeout_s: float,
-        size: Callable[[str], int] | None = None, max_bytes: int = 0,
+        export: Callable[..., dict[str, Any]], owns: Callable[[str, StreamSlot], bool], hold_timeout_s: float,
+        size: Callable[[str], int] | None = None, max_bytes: int = 0, max_deltas: int = 0,
+        rebase_ratio: float = 1.0,
     ) -> None:
+        """`export(stream_id, since)`: the engine's `export_delta` (with max_deltas 0 it is called
+        with since 0 only, and a part without a generation is always written whole)."""
         if every_frames < 1:
             raise ValueError(f"every_frames must be >= 1, got {every_frames}")
         self._store, self.every_frames, self._call, self._export = store, every_frames, call, export
         self._owns, self._hold_timeout_s = owns, hold_timeout_s
-        self._size, self.max_bytes = size, max_bytes  # streams over max_bytes are not snapshotted
+        self._size, self.max_bytes = size, max_bytes  # streams over max_bytes get no base
+        self.max_deltas, self.rebase_ratio = max_deltas, rebase_ratio
         self.skipped = 0
         self._due: dict[str, int] = {}  # frames acknowledged since the stream's last mark
         self._tasks: dict[str, asyncio.Task] = {}
+        self._chains: dict[str, _Chain] = {}
         self._last_mark = 0
         self.taken = 0
+        self.deltas_taken = 0
         self.failed = 0
+        self.bytes_written = 0
         self.last: dict[str, dict[str, Any]] = {}  # per stream: the last snapshot's figures
 
     def note(self, slot: StreamSlot, frames: int) -> None:
@@ -164,8 +126,10 @@ class StreamSnapshots:
         return len(self._tasks)
 
     def restored(self, stream_id: str, frames_replayed: int) -> None:
-        """A rebuilt stream: the frames replayed after its snapshot count toward the next."""
+        """A rebuilt stream: the frames replayed after its snapshot count toward the next (a base:
+        its chain was another engine's)."""
         self._due[stream_id] = frames_replayed
+        self._chains.pop(stream_id, None)
 
     async def settle(self, stream_id: str) -> None:
         task = self._tasks.get(stream_id)
@@ -173,10 +137,21 @@ class StreamSnapshots:
             await asyncio.wait([task])
         self._due.pop(stream_id, None)
         self.last.pop(stream_id, None)
+        self._chains.pop(stream_id, None)
+
+    def _delta_of(self, sid: str, slot: StreamSlot) -> _Chain | None:
+        """The chain the next snapshot extends with a delta; None when it must be a base."""
+        chain = self._chains.get(sid)
+        if chain is None or chain.slot is not slot or not self.max_deltas:
+            return None
+        if chain.deltas >= self.max_deltas or chain.delta_bytes > self.rebase_ratio * chain.base_bytes:
+            return None
+        return chain
 
     async def take(self, slot: StreamSlot) -> dict[str, Any] | None:
-        """Snapshot the stream and compact its log; None when it was not (moved, deleted, failed:
-        the log stays whole up to the next try)."""
+        """Snapshot the stream (a base, or a delta after this shard's last part of it) and, for a
+        base, compact its log; None when it was not (moved, deleted, failed: the log and the
+        parts already written stay as they were, up to the next try)."""
         sid = slot.stream_id
         try:
             async with slot.admit(self._hold_timeout_s):
@@ -184,34 +159,56 @@ class StreamSnapshots:
                 async with slot.lock:
                     if not self._owns(sid, slot):
                         return None
-                    if self.max_bytes and self._size is not None:
+                    chain = self._delta_of(sid, slot)
+                    if chain is None and self.max_bytes and self._size is not None:
                         nbytes = await self._call(self._size, sid)
                         if nbytes > self.max_bytes:
-                            self.skipped += 1
-                            self._due[sid] = 0
-                            log.warning("stream %s: %d KV bytes > snapshot_max_bytes %d: no snapshot, its log "
-                                        "stays whole", sid, nbytes, self.max_bytes)
-                            return None
-                    state = await self._call(self._export, sid)
+                            chain = self._chains.get(sid) if self.max_deltas else None
+                            if chain is None or chain.slot is not slot:
+                                self.skipped += 1
+                                self._due[sid] = 0
+                                log.warning("stream %s: %d KV bytes > snapshot_max_bytes %d: no snapshot, its "
+                                            "log stays whole", sid, nbytes, self.max_bytes)
+                                return None
+                            # too large for a base: its chain goes on (one more delta slot)
+                    state = await self._call(self._export, sid, chain.generation if chain is not None else 0)
+                    generation = state["meta"].get("generation") if self.max_deltas else None
+                    if generation is None:
+                        chain = None  # a whole part: written as a base
                     mark = self._last_mark = max(time.time_ns(), self._last_mark + 1)
                     entry = slot.log_order.reserve()  # the mark's place: after what the export holds
                     slot.log_order.fill_mark(entry, lambda seq: MarkRecord(mark, seq))
                     self._due[sid] = 0
                 await slot.log_order.durable(entry, self._writer(sid))  # off the lock: see LogOrder
                 last_seq = entry.records[0].last_seq
-                blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq)
-                await asyncio.to_thread(self._write_verified, sid, mark, blob)
-                async with slot.lock:
-                    if not self._owns(sid, slot):
-                        return None
-                    dropped = await slot.log_order.exclusive(
-                        lambda: asyncio.to_thread(self._store.truncate_before, sid, mark))
+                if chain is not None:
+                    index = chain.deltas + 1
+                    blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq, chain.base_mark, index)
+                    await asyncio.to_thread(self._write_verified, sid, mark, blob, index)
+                    chain.deltas, chain.generation, chain.delta_bytes = index, generation, chain.delta_bytes + len(blob)
+                    dropped = 0
+                else:
+                    blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq)
+                    await asyncio.to_thread(self._write_verified, sid, mark, blob)
+                    self._chains.pop(sid, None)
+                    if type(self._store).drop_deltas is not FrameLog.drop_deltas:
+                        await asyncio.to_thread(self._store.drop_deltas, sid)  # the old chain's
+                    async with slot.lock:
+                        if not self._owns(sid, slot):
+                            return None
+                        dropped = await slot.log_order.exclusive(
+                            lambda: asyncio.to_thread(self._store.truncate_before, sid, mark))
+                    if generation is not None:
+                        self._chains[sid] = _Chain(slot, mark, len(blob), generation)
         except Exception as exc:  # EngineError (moved, busy, refused), OSError, serialization
             self.failed += 1
             log.warning("stream %s: snapshot not taken (%s: %s); its log stays whole", sid, type(exc).__name__, exc)
             return None
         self.taken += 1
+        self.deltas_taken += chain is not None
+        self.bytes_written += len(blob)
         info = {"mark": mark, "last_seq": last_seq, "bytes": len(blob), "records_dropped": dropped,
+                "kind": "delta" if chain is not None else "base", "index": chain.deltas if chain is not None else 0,
                 "seconds": time.perf_counter() - start}
         self.last[sid] = info
         return info
@@ -220,8 +217,12 @@ class StreamSnapshots:
         store = self._store
         return lambda records: asyncio.to_thread(store.append, stream_id, records)
 
-    def _write_verified(self, stream_id: str, mark: int, blob: bytes) -> None:
-        self._store.put_snapshot(stream_id, mark, blob)
-        back = self._store.get_snapshot(stream_id)
+    def _write_verified(self, stream_id: str, mark: int, blob: bytes, index: int = 0) -> None:
+        if index:
+            self._store.put_delta(stream_id, index, mark, blob)
+            back = self._store.get_delta(stream_id, index)
+        else:
+            self._store.put_snapshot(stream_id, mark, blob)
+            back = self._store.get_snapshot(stream_id)
         if back is None or back[0] != mark or back[1] != blob:
             raise SnapshotCorruptError(f"snapshot of {stream_id!r} did not read back as written")

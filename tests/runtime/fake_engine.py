@@ -9,6 +9,8 @@ factory path "tests.runtime.fake_engine:FakeEngine"). What makes it a useful sta
   the history would change the next answer;
 - export/import carry real tensors of several dtypes (float32 features, float64 timestamps,
   bfloat16 "keys"), so migration moves and verifies real bytes;
+- incremental snapshots (`export_delta` / `import_deltas`): frames only grow, so a delta carries
+  the frames after the part before (its generation is the frame count) and the notes whole;
 - optional delays stand for GPU work (`frame_delay_s` blocks the engine thread per frame,
   `token_delay_s` awaits between deltas); the text "__crash__" raises a RuntimeError (one request
   the engine fails on, the engine itself fine: its probe passes), and the text "__break__" breaks
@@ -197,6 +199,25 @@ class FakeEngine(Engine):
         if not torch.equal(s.keys().view(torch.int16), t["keys"].view(torch.int16)):
             raise InvalidInputError("keys do not match features")
         self._streams[stream_id] = s
+
+    def export_delta(self, stream_id: str, since: int) -> dict[str, Any]:
+        part = self.export_stream(stream_id)
+        n = part["meta"]["frames"]
+        if not 0 <= since <= n:
+            raise InvalidInputError(f"since {since} is not a part of this stream (it holds {n} frames)")
+        part["tensors"] = {k: t[since:].clone() for k, t in part["tensors"].items()}
+        part["meta"].update(since=since, generation=n)
+        return part
+
+    def import_deltas(self, stream_id: str, parts: list[dict[str, Any]]) -> None:
+        held = 0
+        for part in parts:
+            if part["meta"].get("since", 0) != held:
+                raise InvalidInputError(f"a snapshot part since frame {part['meta'].get('since')} after {held} frames")
+            held = part["meta"]["frames"]
+        tensors = {k: torch.cat([p["tensors"][k] for p in parts]) for k in parts[-1]["tensors"]}
+        meta = {k: v for k, v in parts[-1]["meta"].items() if k not in ("since", "generation")}
+        self.import_stream(stream_id, {"meta": meta, "tensors": tensors})
 
     # ------------------------------------------------------------------ internals
     def _check_alive(self) -> None:

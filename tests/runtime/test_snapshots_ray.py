@@ -1,7 +1,8 @@
 """Snapshots on live shards (fake engine): a stream is snapshotted every `snapshot_every_frames`
 acknowledged frames and its log shrinks; a shard killed after a snapshot and some more frames
-comes back with every acknowledged frame, having replayed only the log's tail; a compacted log
-whose snapshot is corrupt is quarantined, never served truncated."""
+comes back with every acknowledged frame, having replayed only the log's tail (also after a base
+and deltas: incremental snapshots); a compacted log whose snapshot is corrupt is quarantined,
+never served truncated."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ BATCHES_AFTER_SNAPSHOT = 7
 WAIT_S = 20.0
 
 
-def _snap_config(name: str, root: str, num_shards: int, every: int, max_bytes: int = 0):
+def _snap_config(name: str, root: str, num_shards: int, every: int, max_bytes: int = 0, max_deltas: int = 8):
     cfg = _config(name, root, num_shards)
-    durability = cfg.durability.model_copy(update={"snapshot_every_frames": every, "snapshot_max_bytes": max_bytes})
+    durability = cfg.durability.model_copy(update={"snapshot_every_frames": every, "snapshot_max_bytes": max_bytes,
+                                                   "snapshot_max_deltas": max_deltas})
     return cfg.model_copy(update={"durability": durability})
 
 
@@ -66,7 +68,7 @@ def _ingest_and_settle(cfg, root, batches: int):
 
 
 def test_a_stream_is_snapshotted_every_n_frames_and_its_log_shrinks(ray_cluster, tmp_path):
-    cfg = _snap_config("snapcadence", str(tmp_path / "log"), 1, EVERY)
+    cfg = _snap_config("snapcadence", str(tmp_path / "log"), 1, EVERY, max_deltas=0)  # whole snapshots
     stats, info, records, snapshot = _ingest_and_settle(cfg, tmp_path / "log", BATCHES)
     assert stats["enabled"] and stats["every_frames"] == EVERY and stats["failed"] == 0
     assert stats["taken"] >= 2  # 120 frames: at 40, 80 and 120 (one at a time per stream)
@@ -129,6 +131,45 @@ def test_killed_after_a_snapshot_every_frame_is_back_and_only_the_tail_replayed(
     assert after["duration_s"] == before["duration_s"] and after["shard"] in cfg.shard_names
     assert answer_after["text"] == answer_before["text"] and back_s < RECOVERY_LIMIT_S
     assert status["episodes"][0]["frames"] == 4 * BATCHES_AFTER_SNAPSHOT  # only the tail was replayed
+
+
+def test_killed_after_a_base_and_deltas_every_frame_is_back_and_only_the_tail_replayed(ray_cluster, tmp_path):
+    cfg = _snap_config("snapdelta", str(tmp_path / "log"), 2, 100_000)  # snapshots only when asked
+    logs = DiskFrameLog(tmp_path / "log" / cfg.name)
+
+    async def go():
+        await connect_runtime(cfg)
+        d = await StreamDirectory.connect(cfg)
+        await d.ask_router("create_stream", "cam", cfg.shard_name(0))
+        deadline = time.monotonic() + 60
+        await _frames(d, "cam", range(BATCHES), deadline)
+        snaps = [await d.call("cam", "snapshot_stream")]
+        for first in (BATCHES, BATCHES + 2):  # two deltas of 2 batches each
+            await _frames(d, "cam", range(first, first + 2), deadline)
+            snaps.append(await d.call("cam", "snapshot_stream"))
+        await _frames(d, "cam", range(BATCHES + 4, BATCHES + 5), deadline)  # the tail
+        before = await d.call("cam", "stream_info")
+        question = {"question": "what happened?"}
+        answer_before = await d.call("cam", "answer", question)
+        on_disk = [logs.get_delta("cam", i) is not None for i in (1, 2, 3)]
+        ray.kill(ray.get_actor(cfg.shard_name(0), namespace=cfg.namespace), no_restart=True)
+        killed_at = time.monotonic()
+        answer_after = await _call(d, "cam", "answer", question, deadline=killed_at + RECOVERY_LIMIT_S)
+        back_s = time.monotonic() - killed_at
+        after = await _call(d, "cam", "stream_info", deadline=time.monotonic() + RECOVERY_LIMIT_S)
+        return snaps, on_disk, before, after, await d.ask_router("recovery_status"), answer_before, answer_after, back_s
+
+    shutdown_runtime(cfg, forget_streams=True)
+    try:
+        snaps, on_disk, before, after, status, answer_before, answer_after, back_s = asyncio.run(go())
+    finally:
+        shutdown_runtime(cfg, forget_streams=True)
+    assert [s["kind"] for s in snaps] == ["base", "delta", "delta"] and on_disk == [True, True, False]
+    assert max(s["bytes"] for s in snaps[1:]) < snaps[0]["bytes"] / 2
+    last = BATCHES + 4
+    assert (after["frames"], after["last_seq"]) == (4 * (last + 1), last) == (before["frames"], before["last_seq"])
+    assert answer_after["text"] == answer_before["text"] and back_s < RECOVERY_LIMIT_S
+    assert status["episodes"][0]["frames"] == 4  # only the tail after the second delta was replayed
 
 
 def test_killed_under_load_with_snapshots_loses_no_acknowledged_frame(ray_cluster, tmp_path):

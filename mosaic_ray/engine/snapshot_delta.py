@@ -1,0 +1,79 @@
+"""Incremental snapshots of one stream: a base, then deltas that carry only the pool slabs changed
+since the part before, merged back into one whole-stream snapshot (`snapshot.py`) to import.
+
+A part is `export_stream(state, since)`: the stream's small state whole (counters, resident sink
++ window, retriever tables, text units, the `full` method's device past), and of the host pool
+only the slabs changed after pool epoch `since` ("pool.changed"), with "pool.slab_ids" listing
+every slab the stream owns then and meta["generation"] the pool's epoch, the `since` of the next
+part. A base is the part with since = 0 (every slab).
+
+What can change in a slab after a part held it (so what a delta must carry again), from
+`HostPool`'s generations: rows appended to a cluster's (or a time log's) last, partly filled
+slab; a split, which rewrites the parent's members into its first slabs and frees the rest; and
+a slab freed and handed out again. Each is an `allocate` or a `write`, which stamps the slab, so a
+slab whose stamp is not after `since` holds the bytes the previous part holds for it.
+
+Invariant: `merge_parts([base, d1, ..., dk])` equals `export_stream(state)` taken at dk, tensor
+for tensor (each owned slab's bytes come from the latest part that carried it), so importing it
+gives the same stream as importing a whole export: the same answers, token for token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_POOL = ("kv", "order", "time", "pos")
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One whole-stream snapshot from a base and its deltas, in order. Raises ValueError when the
+    chain does not hold every slab the last part owns (a part missing, or out of order)."""
+    if not parts:
+        raise ValueError("no snapshot parts to merge")
+    last = parts[-1]
+    if parts[0]["meta"].get("since", 0) != 0:
+        raise ValueError(f"the first snapshot part is a delta (since epoch {parts[0]['meta']['since']}), not a base")
+    for prev, part in zip(parts, parts[1:]):
+        since, generation = part["meta"].get("since"), prev["meta"].get("generation")
+        if since is None or since != generation:
+            raise ValueError(f"snapshot part since epoch {since} does not follow the part before (epoch {generation})")
+    owned = last["tensors"]["pool.slab_ids"].to(torch.int64)
+    size = int(max(int(p["tensors"]["pool.slab_ids"].max()) if p["tensors"]["pool.slab_ids"].numel() else 0
+                   for p in parts)) + 1
+    # where each owned slab's bytes are: (part, row in that part's pool tensors), the latest wins
+    src_part = torch.full((size,), -1, dtype=torch.int64)
+    src_row = torch.full((size,), -1, dtype=torch.int64)
+    for i, part in enumerate(parts):
+        t = part["tensors"]
+        carried = t.get("pool.changed", t["pool.slab_ids"]).to(torch.int64)
+        src_part[carried] = i
+        src_row[carried] = torch.arange(carried.numel())
+    if owned.numel() and bool((src_part[owned] < 0).any()):
+        raise ValueError(f"{int((src_part[owned] < 0).sum())} slab(s) of the stream are in no snapshot part")
+    tensors = {n: t for n, t in last["tensors"].items() if not n.startswith("pool.")}
+    tensors["pool.slab_ids"] = owned
+    which, rows = src_part[owned], src_row[owned]
+    for n in _POOL:
+        like = last["tensors"][f"pool.{n}"]
+        out = torch.empty((owned.numel(), *like.shape[1:]), dtype=like.dtype)
+        for i, part in enumerate(parts):
+            here = (which == i).nonzero().flatten()
+            if here.numel():
+                out[here] = part["tensors"][f"pool.{n}"][rows[here]].to(like.dtype)
+        tensors[f"pool.{n}"] = out
+    meta = {k: v for k, v in last["meta"].items() if k not in ("generation", "since")}
+    return {"meta": meta, "tensors": tensors}
+
+
+def part_bytes(part: dict[str, Any]) -> tuple[int, int]:
+    """(pool bytes, other bytes) of a part's tensors: what a delta saves is the first."""
+    pool = other = 0
+    for n, t in part["tensors"].items():
+        nbytes = t.numel() * t.element_size()
+        if n.startswith("pool."):
+            pool += nbytes
+        else:
+            other += nbytes
+    return pool, other
