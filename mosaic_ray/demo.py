@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     video = args.video or str(default_video())
     model = args.model or default_model()
     info = video_info(video)
+    _say_weights(model)
     print(f"mosaic-ray demo: {video} ({info['duration_s']:.1f} s, {info['width']}x{info['height']}), "
           f"model {model}, retrieval {args.retrieval}"
           + (" (through the realtime WebSocket)" if args.realtime else " (through HTTP)" if args.serve else ""))
@@ -113,6 +114,17 @@ def run(args: argparse.Namespace) -> int:
 
         return demo_serve.run(args, video, info, engine_kwargs(args, model))
     return run_local(args, video, info, engine_kwargs(args, model))
+
+
+def _say_weights(model: str) -> None:
+    """Where the model's weights come from and what loading it writes, before it loads (a first
+    dino-smollm2 load converts ~600 MB into the cache: said, not done silently)."""
+    from mosaic_ray.model.provenance import describe_weights
+
+    try:
+        print(f"mosaic-ray demo: {describe_weights(model)}", flush=True)
+    except ValueError as err:
+        raise SystemExit(f"mosaic-ray demo: {err}") from None
 
 
 def run_local(args: argparse.Namespace, video: str, info: dict, engine_spec: dict) -> int:

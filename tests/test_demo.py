@@ -46,6 +46,7 @@ def test_the_demo_asks_the_users_questions_of_another_video(bikes, capsys):
                "--question", "How many bikes?", "--question", "What color is the sky?"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "mosaic-ray demo: model tiny: random-init weights" in out  # said before it loads
     assert f"ingested {FRAMES} frames" in out
     assert "Q: How many bikes?" in out and "Q: What color is the sky?" in out
     assert not [q for q in QUESTIONS if q in out]  # no rabbit questions of a video without a rabbit
