@@ -1,6 +1,6 @@
 """`mosaic-ray`: one entry point, one function per subcommand (add a row to SUBCOMMANDS).
 
-Every parser uses `HELP_FORMAT`, so each option's help ends with its default."""
+Every parser uses `DefaultsHelpFormatter`, so each option's help ends with its default."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ running the real small model (dino-smollm2), http://127.0.0.1:8000 (docs/api.md)
 EPILOG = "Docs: README.md, docs/api.md, docs/configuration.md. `mosaic-ray COMMAND --help` for each command."
 
 
-class HELP_FORMAT(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Each option's default after its help, descriptions printed as written. No "(default: None)"
     or "(default: False)": a None default is described in the help's own words (the config's),
     and a flag's default is that it is off."""
@@ -46,13 +46,13 @@ def _demo(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="play a real video into a local stream and ask questions",
                        description="\n\n".join(demo.__doc__.split("\n\n")[:2]),
-                       formatter_class=HELP_FORMAT)
+                       formatter_class=DefaultsHelpFormatter)
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: fidelity | needle", formatter_class=HELP_FORMAT)
+    p = sub.add_parser("bench", help="run a benchmark: fidelity | needle", formatter_class=DefaultsHelpFormatter)
     p.add_argument("name", choices=["fidelity", "needle"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
@@ -68,7 +68,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     from mosaic_ray.serve import command
 
     p = sub.add_parser("serve", help="run the HTTP API on Ray Serve (default: the real small model on the CPU)",
-                       description=SERVE_DESCRIPTION, formatter_class=HELP_FORMAT)
+                       description=SERVE_DESCRIPTION, formatter_class=DefaultsHelpFormatter)
     command.add_arguments(p)
     p.set_defaults(func=command.run)
 
@@ -78,7 +78,7 @@ SUBCOMMANDS = [_demo, _bench, _serve]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaic-ray", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=HELP_FORMAT)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mosaic-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:

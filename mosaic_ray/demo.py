@@ -30,6 +30,9 @@ CAPTIONS = [
 QUESTIONS = ["What is the rabbit's name?", "What did the rodents throw?", "What landed on the flower?"]
 # Asked of any other video when the user gives no --question.
 GENERIC_QUESTIONS = ["What happens in the video?"]
+# 24 tokens: a one-line answer ("The rabbit's name is Bob." is 7 SmolLM2 tokens), short enough
+# that the tiny random model's noise stays one line too.
+ANSWER_TOKENS = 24
 
 
 def default_model() -> str:
@@ -55,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a question reaches the offloaded past")
     p.add_argument("--fps", type=float, default=4.0, help="frames per second sampled from the video")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (default: the whole video)")
-    p.add_argument("--max-tokens", type=int, default=24, help="answer length cap, in tokens")
+    p.add_argument("--max-tokens", type=int, default=ANSWER_TOKENS, help="answer length cap, in tokens")
     p.add_argument("--budget", type=float, default=0.2, help="retrieval budget as a share of the offloaded past")
     p.add_argument("--window", type=int, default=256, help="local window in tokens (small, so retrieval is exercised)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
