@@ -1,6 +1,6 @@
 """Push a video into several live streams of a running mosaic_ray server, then ask questions.
 
-    mosaic-ray serve --config cluster_configs/local.yaml          # in one terminal
+    mosaic-ray serve                                               # in one terminal
     python examples/push_and_ask.py --streams 3 --fps 2 --realtime # in another
 
 Each stream gets the video decoded by PyAV at --fps, JPEG-encoded and sent in batches, with one

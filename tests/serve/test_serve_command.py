@@ -1,9 +1,17 @@
-"""`mosaic-ray serve` stopped with SIGTERM: it drains, exits 0, and a second `mosaic-ray serve`
-with the same config (a fresh private Ray cluster, so no stream map) finds the stream in its frame
-log with every acknowledged frame. Two cluster starts: about 40 s on 2 cores."""
+"""`mosaic-ray serve`.
+
+Before Ray starts (fast, no cluster): the packaged configs are found from any directory, a missing
+config or an unknown model is one line on stderr and exit status 2, the start line names the
+model's weights, a private cluster's frame logs go to a directory of their own per HTTP port, and
+a second server on a locked frame-log directory refuses to start.
+
+Stopped with SIGTERM (slow): it drains, exits 0, and a second `mosaic-ray serve` with the same
+config (a fresh private Ray cluster, so no stream map) finds the stream in its frame log with
+every acknowledged frame. Two cluster starts: about 40 s on 2 cores."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import shutil
@@ -21,10 +29,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from mosaic_ray.cli import main
+
+from mosaic_ray.runtime.log_dir_lock import LogDirLock
+from mosaic_ray.serve.command import LaunchError, load_config, packaged_configs
 from tests.conftest import ROOT, free_port
 from tests.runtime.fake_engine import FACTORY
-
-pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 60
@@ -102,6 +112,64 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _flags(**kw) -> argparse.Namespace:
+    base = {"address": None, "host": None, "port": None, "num_shards": None, "engine": None, "model": None,
+            "log_dir": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_packaged_configs_load_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"local", "local_tiny", "local_auth", "single_node_multi_gpu"} <= set(packaged_configs())
+    assert load_config("local").app.runtime.engine.kwargs["model"] == "dino-smollm2"  # the default: real weights
+    assert load_config("local_tiny.yaml").app.runtime.engine.kwargs["model"] == "tiny"
+    assert load_config("local", _flags(model="tiny")).app.runtime.engine.kwargs["model"] == "tiny"
+    with pytest.raises(LaunchError, match=r"no config file 'cluster_configs/local.yaml' .*local, .*local_tiny"):
+        load_config("cluster_configs/local.yaml")  # a relative path that is not here
+
+
+def test_refusals_before_ray_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--config", "missing.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mosaic-ray serve: no config file 'missing.yaml'") and "Traceback" not in err
+    assert main(["serve", "--model", str(tmp_path / "no-model")]) == 2
+    assert "neither a model name" in capsys.readouterr().err
+
+
+def test_private_clusters_get_a_log_directory_per_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSAIC_RAY_LOG_DIR", str(tmp_path))
+    durability = load_config("local_tiny", _flags(port=9123)).app.runtime.durability
+    assert durability.root == str(tmp_path / "port-9123")
+    assert load_config("local_tiny", _flags(log_dir="/srv/logs")).app.runtime.durability.root == "/srv/logs"
+    assert load_config("local_tiny", _flags(address="auto")).app.runtime.durability.root is None  # its nodes decide
+
+
+def test_a_second_server_on_a_locked_log_directory_refuses_to_start(tmp_path, capsys):
+    config = _write_config(tmp_path, free_port())
+    held = LogDirLock.acquire(tmp_path / "log" / "sigterm", owner="http://127.0.0.1:8000")
+    try:
+        assert main(["serve", "--config", config]) == 2
+    finally:
+        held.release()
+    out = capsys.readouterr()
+    assert out.out.startswith(f"mosaic-ray: engine {FACTORY}")  # the start line came first
+    assert f"frame-log directory {tmp_path / 'log' / 'sigterm'} is in use by another mosaic-ray server " \
+           f"(pid {os.getpid()}, http://127.0.0.1:8000" in out.err
+    assert "Traceback" not in out.err
+
+
+def test_the_start_line_names_the_model_and_its_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOSAIC_RAY_CACHE", str(tmp_path))
+    held = LogDirLock.acquire(tmp_path / "log" / "mosaic", owner="the test")  # stop right after the line
+    try:
+        assert main(["serve", "--config", "local_tiny", "--log-dir", str(tmp_path / "log")]) == 2
+    finally:
+        held.release()
+    assert capsys.readouterr().out.startswith("mosaic-ray: model tiny: random-init weights (answers are noise")
+
+
+@pytest.mark.slow
 def test_sigterm_drains_and_a_restart_finds_the_stream(tmp_path, ray_tmp):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
