@@ -260,9 +260,9 @@ class MosaicIngress:
     async def models(self, who: Caller = Who) -> dict:
         return await self._openai.models(who)
 
-    @api.get("/v1/models/{model_id}")
-    async def model(self, who: Caller = Who, model_id: str = StreamId) -> dict:
-        return await self._openai.model(who, model_id)
+    @api.get("/v1/models/{stream_id}")
+    async def model(self, who: Caller = Who, stream_id: str = StreamId) -> dict:
+        return await self._openai.model(who, stream_id)
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")

@@ -165,7 +165,7 @@ class _OpenAIRequest(BaseModel):
                 f"unsupported field(s): {', '.join(bad)} (this server answers in text, one choice, "
                 "without log-probabilities, penalties or tools; see docs/api.md)")
 
-    def ask_params(self, question: str, default_max_tokens: int) -> dict[str, Any]:
+    def _params(self, question: str, default_max_tokens: int) -> dict[str, Any]:
         """Keyword arguments of the engine's `AskRequest` (checked by `schemas.engine_ask`)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params: dict[str, Any] = {
@@ -218,8 +218,8 @@ class ChatCompletionRequest(_OpenAIRequest):
         question = self.last_user.text()
         return f"{system}\n\n{question}" if system else question
 
-    def chat_params(self) -> dict[str, Any]:
-        params = self.ask_params(self.question(), CHAT_DEFAULT_MAX_TOKENS)
+    def ask_params(self) -> dict[str, Any]:
+        params = self._params(self.question(), CHAT_DEFAULT_MAX_TOKENS)
         if self.max_completion_tokens:
             params["max_tokens"] = self.max_completion_tokens
         return params
@@ -236,6 +236,6 @@ class CompletionRequest(_OpenAIRequest):
             bad.append("prompt (a batch of prompts: send one string)")
         return bad
 
-    def completion_params(self) -> dict[str, Any]:
+    def ask_params(self) -> dict[str, Any]:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return self.ask_params(prompt, COMPLETION_DEFAULT_MAX_TOKENS)
+        return self._params(prompt, COMPLETION_DEFAULT_MAX_TOKENS)

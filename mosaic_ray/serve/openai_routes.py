@@ -41,14 +41,14 @@ class OpenAIRoutes:
     async def chat(self, body: ChatCompletionRequest, who: Caller) -> Any:
         body.refuse_unsupported()
         sid = self.ing._sid(who, body.target)
-        params = self.ing._ask(body.chat_params())
+        params = self.ing._ask(body.ask_params())
         await self._append_images(who, sid, body)
         return await self._answer(body, who, sid, params, Chat(body.model))
 
     async def complete(self, body: CompletionRequest, who: Caller) -> Any:
         body.refuse_unsupported()
         sid = self.ing._sid(who, body.target)
-        params = self.ing._ask(body.completion_params())
+        params = self.ing._ask(body.ask_params())
         return await self._answer(body, who, sid, params, Text(body.model))
 
     async def models(self, who: Caller) -> dict[str, Any]:
