@@ -241,12 +241,13 @@ class MosaicIngress:
         params = self._ask(body.ask_params())
         async with self._charged(who, 0, 0, question_cost(params)):
             if body.stream:
-                deltas, ttft = await self._start_answer(sid, params)
+                deltas, ttft = await self._start_answer(sid, params, with_end=True)
                 return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
                                          headers=sse.HEADERS)
             out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
-                "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
+                "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3,
+                "finish_reason": out.get("finish_reason", "stop"), "usage": out.get("usage")}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
@@ -351,17 +352,21 @@ class MosaicIngress:
         """The error body maker of a streamed answer for this caller (its tenant prefix hidden)."""
         return lambda exc: _error_json(exc, who.prefix)
 
-    async def _query_events(self, deltas: AsyncIterator[str], start: float, ttft: float,
+    async def _query_events(self, items: AsyncIterator[Any], start: float, ttft: float,
                             hide_prefix: str | None) -> AsyncIterator[bytes]:
-        n = 0
+        n, end = 0, {"finish_reason": "stop", "usage": None}
         try:
-            async for d in deltas:
+            async for d in items:
+                if not isinstance(d, str):  # the shard's end: finish_reason and usage
+                    end = d
+                    continue
                 n += 1
                 yield sse.event({"delta": d})
         except Exception as exc:
             yield sse.event(_error_json(exc, hide_prefix), "error")
             return
-        yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}, "done")
+        yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3, **end},
+                        "done")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
