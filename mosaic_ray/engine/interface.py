@@ -7,6 +7,7 @@ these verbs, so tests can inject a fake and a shard can host any engine that hon
     configure_stream          (per-stream options; optional: the default takes none)
     append_frames / append_text
     ask                       (async iterator of text deltas)
+    ask_until_end             (the same deltas, then one `AnswerEnd`: why it ended, tokens used)
     stream_info / stats
     export_stream / import_stream   (whole-stream migration between shards)
     export_delta / import_deltas    (incremental snapshots: a base, then what changed since;
@@ -125,6 +126,36 @@ class AskRequest:
             raise InvalidInputError(f"since ({self.since}) must be <= until ({self.until})")
 
 
+# Why an answer ended, as OpenAI's `finish_reason` says it: an end-of-text token or a stop string
+# ("stop"), max_tokens reached ("length"), the asker stopped reading ("cancelled": nobody is left
+# to tell, so HTTP never sends it; it shows in `Answer.finish_reason`).
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass(slots=True, frozen=True)
+class AnswerEnd:
+    """The last item of `Engine.ask_until_end`. Token counts are None when the engine does not count
+    tokens; `completion_tokens` counts every sampled token, an end-of-text token too (as vLLM does:
+    it is what max_tokens bounds), `prompt_tokens` the question's prompt fed for this answer (the
+    stream's context is not counted: it is the stream's, already in its cache)."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """What the shard sends: {"finish_reason", "usage": {prompt, completion, total tokens} or None}."""
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return {"finish_reason": self.finish_reason, "usage": None}
+        return {"finish_reason": self.finish_reason, "usage": {
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens}}
+
+
 class Engine(abc.ABC):
     """A single-device engine holding many streams."""
 
@@ -165,6 +196,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def ask(self, stream_id: str, request: AskRequest) -> AsyncIterator[str]:
         """Answer a question about the stream; yields text deltas. The Q/A joins the context."""
+
+    async def ask_until_end(self, stream_id: str, request: AskRequest) -> AsyncIterator[str | AnswerEnd]:
+        """`ask`'s deltas, then one `AnswerEnd` once the answer is complete. This default knows no
+        more than the deltas: "stop", no token counts; engines that know why they stopped override it."""
+        async for delta in self.ask(stream_id, request):
+            yield delta
+        yield AnswerEnd()
 
     @abc.abstractmethod
     def stream_info(self, stream_id: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mosaic_ray.engine.interface import AskRequest
+from mosaic_ray.engine.interface import AnswerEnd, AskRequest
 from mosaic_ray.engine.detokenizer import IncrementalDetokenizer
 from mosaic_ray.engine.sampling import cut_at_stop
 from mosaic_ray.engine.stream_state import StreamState
@@ -134,6 +134,11 @@ class QuestionRun:
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.phase = "closing"
+
+    def end(self) -> AnswerEnd:
+        """Why the answer ended and what it cost: every sampled token (an end token too) is a
+        completion token; the prompt is the question's own (`AnswerEnd` says why not the stream's)."""
+        return AnswerEnd(self.finish_reason or "stop", len(self.prompt_ids), len(self.generated))
 
     def answer(self) -> Answer:
         end = self.t_done or time.perf_counter()

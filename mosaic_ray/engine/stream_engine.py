@@ -23,6 +23,7 @@ one the stream gave at the question's start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
@@ -40,6 +41,7 @@ from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine import engine_report, frame_append, ingest_step
 from mosaic_ray.engine.interface import (
+    AnswerEnd,
     AskRequest,
     Engine,
     InvalidInputError,
@@ -309,6 +311,12 @@ class StreamEngine(Engine):
         return self.answer_batch([(stream_id, request)])[0]
 
     async def ask(self, stream_id: str, request: AskRequest) -> AsyncIterator[str]:
+        async with contextlib.aclosing(self.ask_until_end(stream_id, request)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    yield item
+
+    async def ask_until_end(self, stream_id: str, request: AskRequest) -> AsyncIterator[str | AnswerEnd]:
         run = self._start(stream_id, request)
         run.queue = asyncio.Queue()
         self._runs.append(run)
@@ -325,7 +333,8 @@ class StreamEngine(Engine):
                     item = run.queue.get_nowait()
                 if text:
                     yield "".join(text)
-                if item is None:
+                if item is None:  # the run is done: its finish reason and token counts are final
+                    yield run.end()
                     return
                 if isinstance(item, BaseException):
                     raise item

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
-from mosaic_ray.engine.interface import AskRequest, EngineError, StreamExistsError, UnknownStreamError
+from mosaic_ray.engine.interface import AnswerEnd, AskRequest, EngineError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
 from mosaic_ray.runtime.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import (
@@ -190,16 +190,24 @@ class ShardActor(ShardDurability, ShardMigration):
         log = self._log
         return lambda records: log.write(stream_id, records)
 
-    async def ask(self, stream_id: str, request: dict[str, Any]):
-        """Stream the answer's text deltas (a Ray streaming generator: one object per delta)."""
-        async for delta in self._deltas(stream_id, request, {}):
-            yield delta
+    async def ask(self, stream_id: str, request: dict[str, Any], with_end: bool = False):
+        """Stream the answer's text deltas (a Ray streaming generator: one object per delta); with
+        `with_end`, then one dict {"finish_reason", "usage"} (`end_dict`) once the answer is complete."""
+        async for item in self._deltas(stream_id, request, {}):
+            if isinstance(item, str):
+                yield item
+            elif with_end:
+                yield item.as_dict()
 
     async def answer(self, stream_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer in one reply: {"text", "deltas", "ttft_s"} (one RPC, not one per delta)."""
+        """The whole answer in one reply: {"text", "deltas", "ttft_s", "finish_reason", "usage"}
+        (one RPC, not one per delta)."""
         timing: dict[str, float] = {}
-        parts = [d async for d in self._deltas(stream_id, request, timing)]
-        return {"text": "".join(parts), "deltas": len(parts), "ttft_s": timing.get("ttft_s", 0.0)}
+        items = [d async for d in self._deltas(stream_id, request, timing)]
+        parts = [d for d in items if isinstance(d, str)]
+        ends = [d.as_dict() for d in items if isinstance(d, AnswerEnd)]
+        return {"text": "".join(parts), "deltas": len(parts), "ttft_s": timing.get("ttft_s", 0.0),
+                **(ends[-1] if ends else AnswerEnd().as_dict())}
 
     async def _deltas(self, stream_id: str, request: dict[str, Any], timing: dict[str, float]):
         """The stream's lock is held until the answer's first delta: its start and prefill are in
@@ -216,8 +224,8 @@ class ShardActor(ShardDurability, ShardMigration):
             self._active_queries += 1
             start = time.perf_counter()
             try:
-                async for delta in self._runner.iterate(lambda: self._engine.ask(stream_id, req)):
-                    if "ttft_s" not in timing:
+                async for delta in self._runner.iterate(lambda: self._engine.ask_until_end(stream_id, req)):
+                    if "ttft_s" not in timing and isinstance(delta, str):
                         timing["ttft_s"] = time.perf_counter() - start
                         self._meter.ttft.observe(timing["ttft_s"])
                     if locked and early:

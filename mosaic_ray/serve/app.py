@@ -11,7 +11,9 @@ Routes (all JSON unless said; errors are `{"error": {"code", "message"}}`, see `
     POST   /v1/streams/{id}/text         {"text", "ts"}
     POST   /v1/streams/{id}/query        {"question", "max_tokens", "stream", "since", "until", ...}
                                          -> {"answer", ...} or server-sent events when stream=true
-    POST   /v1/chat/completions          OpenAI-compatible (`openai_compat.py`)
+    POST   /v1/chat/completions          OpenAI-compatible (`openai_compat.py`, `openai_routes.py`)
+    POST   /v1/completions               OpenAI's legacy completions: `prompt` is the question
+    GET    /v1/models[/{id}]             the caller's streams as OpenAI models
     GET    /health                       200 when every shard is healthy, else 503
     GET    /metrics                      Prometheus text, every shard
     WS     /v1/realtime[?stream_id=]     one realtime session per connection (`realtime.py`, docs/realtime.md)
@@ -58,7 +60,8 @@ from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
 from mosaic_ray.serve.frames import OPENAPI_BODY as FRAMES_OPENAPI_BODY
 from mosaic_ray.serve.limits import TenantLimiter, question_cost
 from mosaic_ray.serve.metrics import render
-from mosaic_ray.serve.openai_compat import ChatCompletionRequest, chunk_events, completion
+from mosaic_ray.serve.openai_compat import ChatCompletionRequest, CompletionRequest
+from mosaic_ray.serve.openai_routes import OpenAIRoutes
 from mosaic_ray.serve.realtime import RealtimeSession
 from mosaic_ray.serve.schemas import (
     MAX_SEQ,
@@ -154,6 +157,7 @@ class MosaicIngress:
         self._parser = FrameParser(limits.max_frames_per_batch, limits.max_frame_pixels, limits.max_body_bytes)
         self.auth = Authenticator(self._cfg.auth)
         self._limiter = TenantLimiter(self._cfg.auth, share=1.0 / limits.num_replicas)
+        self._openai = OpenAIRoutes(self)
 
     async def check_health(self) -> None:
         """Serve's replica probe: the router must answer (shard health is /health's business)."""
@@ -237,23 +241,29 @@ class MosaicIngress:
         params = self._ask(body.ask_params())
         async with self._charged(who, 0, 0, question_cost(params)):
             if body.stream:
-                deltas, ttft = await self._start_answer(sid, params)
+                deltas, ttft = await self._start_answer(sid, params, with_end=True)
                 return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
                                          headers=sse.HEADERS)
             out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
-                "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}
+                "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3,
+                "finish_reason": out.get("finish_reason", "stop"), "usage": out.get("usage")}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
-        sid = self._sid(who, body.target)
-        params = self._ask(body.ask_params())
-        async with self._charged(who, 0, 0, question_cost(params)):
-            if body.stream:
-                deltas, _ = await self._start_answer(sid, params)
-                return StreamingResponse(chunk_events(body.model, deltas, lambda exc: _error_json(exc, who.prefix)),
-                                         media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-            return completion(body.model, (await self._dir.call(sid, "answer", params))["text"])
+        return await self._openai.chat(body, who)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, who: Caller = WhoJson) -> Any:
+        return await self._openai.complete(body, who)
+
+    @api.get("/v1/models")
+    async def models(self, who: Caller = Who) -> dict:
+        return await self._openai.models(who)
+
+    @api.get("/v1/models/{stream_id}")
+    async def model(self, who: Caller = Who, stream_id: str = StreamId) -> dict:
+        return await self._openai.model(who, stream_id)
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")
@@ -317,17 +327,19 @@ class MosaicIngress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _start_answer(self, stream_id: str, params: dict[str, Any]) -> tuple[AsyncIterator[str], float]:
-        """Start a question and wait for its first delta (so errors become HTTP statuses)."""
+    async def _start_answer(self, stream_id: str, params: dict[str, Any],
+                            with_end: bool = False) -> tuple[AsyncIterator[Any], float]:
+        """Start a question and wait for its first item (so errors become HTTP statuses). Items are
+        text deltas, then with `with_end` the shard's {"finish_reason", "usage"}."""
         start = time.perf_counter()
-        it = self._dir.stream(stream_id, "ask", params)
+        it = self._dir.stream(stream_id, "ask", params, *([True] if with_end else []))
         try:
-            first: str | None = await it.__anext__()
+            first: Any = await it.__anext__()
         except StopAsyncIteration:
             first = None
         ttft = time.perf_counter() - start
 
-        async def deltas() -> AsyncIterator[str]:
+        async def deltas() -> AsyncIterator[Any]:
             if first is None:
                 return
             yield first
@@ -336,17 +348,25 @@ class MosaicIngress:
 
         return deltas(), ttft
 
-    async def _query_events(self, deltas: AsyncIterator[str], start: float, ttft: float,
+    def _error_json_for(self, who: Caller):
+        """The error body maker of a streamed answer for this caller (its tenant prefix hidden)."""
+        return lambda exc: _error_json(exc, who.prefix)
+
+    async def _query_events(self, items: AsyncIterator[Any], start: float, ttft: float,
                             hide_prefix: str | None) -> AsyncIterator[bytes]:
-        n = 0
+        n, end = 0, {"finish_reason": "stop", "usage": None}
         try:
-            async for d in deltas:
+            async for d in items:
+                if not isinstance(d, str):  # the shard's end: finish_reason and usage
+                    end = d
+                    continue
                 n += 1
                 yield sse.event({"delta": d})
         except Exception as exc:
             yield sse.event(_error_json(exc, hide_prefix), "error")
             return
-        yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}, "done")
+        yield sse.event({"deltas": n, "ttft_ms": ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3, **end},
+                        "done")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

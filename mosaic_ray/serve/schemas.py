@@ -201,6 +201,8 @@ class QueryAnswer(BaseModel):
     deltas: int = Field(description="text deltas the engine produced (about one per token)")
     ttft_ms: float = Field(description="question reaching its shard -> first delta")
     latency_ms: float = Field(description="request in the ingress -> answer complete")
+    finish_reason: str = Field("stop", description='"stop" (end of text or a stop string) or "length" (max_tokens)')
+    usage: dict[str, int] | None = Field(None, description="prompt_tokens, completion_tokens, total_tokens (the engine's)")
 
 
 # ---------------------------------------------------------------------- service

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mosaic_ray.engine.interface import (
+    AnswerEnd,
     AskRequest,
     Engine,
     InvalidInputError,
@@ -144,8 +145,16 @@ class FakeEngine(Engine):
         s.texts.append([float(timestamp), text])
 
     async def ask(self, stream_id: str, request: AskRequest) -> AsyncIterator[str]:
+        async for item in self.ask_until_end(stream_id, request):
+            if isinstance(item, str):
+                yield item
+
+    async def ask_until_end(self, stream_id: str, request: AskRequest) -> AsyncIterator[str | AnswerEnd]:
+        """A word is a token: the answer's first max_tokens words ("length" when that cut it), the
+        question's words are the prompt tokens."""
         s = self._get(stream_id)
-        words = self._answer(s, request).split(" ")[: request.max_tokens]
+        full = self._answer(s, request).split(" ")
+        words = full[: request.max_tokens]
         for i, word in enumerate(words):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
@@ -153,6 +162,7 @@ class FakeEngine(Engine):
         now = s.timestamps[-1] if s.timestamps else 0.0
         s.texts.append([now, f"Q: {request.question}"])
         s.texts.append([now, "A: " + " ".join(words)])
+        yield AnswerEnd("length" if len(words) < len(full) else "stop", len(request.question.split()), len(words))
 
     def stream_info(self, stream_id: str) -> dict[str, Any]:
         s = self._get(stream_id)

@@ -88,3 +88,29 @@ def test_frame_acks_report_pruned_frames(runtime):
     first, second, info = asyncio.run(go())
     assert first["frames_pruned"] == 3 and second["frames_pruned"] == 7  # the first frame is kept
     assert info["frames"] == 1 and info["frames_seen"] == 8 and info["duration_s"] == 7.0
+
+
+def test_the_shard_carries_the_engines_finish_reason_and_usage(runtime):
+    """`answer` and `ask(with_end=True)` end with the StreamEngine's own finish reason and token
+    counts (a 2-token cap on the tiny model: "length", unless an end token came first)."""
+    a, _ = runtime.shard_names
+    frames = [np.random.default_rng(2).integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(2)]
+
+    async def go():
+        d = await StreamDirectory.connect(runtime)
+        for sid in ("end-a", "end-b"):
+            await d.ask_router("create_stream", sid, a)
+            await d.call(sid, "append_frames", 0, frames, [0.0, 1.0])
+        request = {"question": "what?", "max_tokens": 2}
+        whole = await d.call("end-a", "answer", request)
+        items = [x async for x in d.stream("end-b", "ask", request, True)]
+        return whole, items
+
+    whole, items = asyncio.run(go())
+    *deltas, end = items
+    assert "".join(deltas) == whole["text"] and end == {"finish_reason": whole["finish_reason"], "usage": whole["usage"]}
+    usage = whole["usage"]
+    assert usage["completion_tokens"] <= 2 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # fewer than 2 tokens: an end token came first; 2: the cap, or an end token as the second
+    assert whole["finish_reason"] in (("length", "stop") if usage["completion_tokens"] == 2 else ("stop",))

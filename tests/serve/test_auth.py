@@ -64,6 +64,8 @@ def _routes(sid: str) -> list[tuple[str, str, dict]]:
         ("POST", f"{s}/text", {"json": {"text": "hello", "ts": 60.0}}),
         ("POST", f"{s}/query", {"json": {"question": "what?"}}),
         ("POST", "/v1/chat/completions", {"json": {"model": sid, "messages": [{"role": "user", "content": "q"}]}}),
+        ("POST", "/v1/completions", {"json": {"model": sid, "prompt": "q"}}),
+        ("GET", f"/v1/models/{sid}", {}),
         ("DELETE", s, {}),
     ]
 
@@ -71,7 +73,7 @@ def _routes(sid: str) -> list[tuple[str, str, dict]]:
 @pytest.mark.ray
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef"], ids=["no key", "wrong key"])
 def test_every_route_but_health_needs_a_valid_key(base, key):
-    routes = [("GET", "/v1/streams", {}), ("POST", "/v1/streams", {"json": {"id": "x"}}),
+    routes = [("GET", "/v1/streams", {}), ("POST", "/v1/streams", {"json": {"id": "x"}}), ("GET", "/v1/models", {}),
               ("GET", "/metrics", {}), *_routes("x"),
               # 401 comes before validation: an invalid body is not even looked at
               ("POST", "/v1/streams/x/query", {"json": {"nope": 1}})]
@@ -114,6 +116,11 @@ def test_a_tenant_sees_only_its_own_streams(base):
 
         assert {s["id"] for s in a.get("/v1/streams").json()["streams"]} == {"cam"}
         assert {s["id"] for s in b.get("/v1/streams").json()["streams"]} == {"cam", generated}
+        # /v1/models: the same streams, as OpenAI models owned by the tenant
+        models = b.get("/v1/models").json()
+        assert models["object"] == "list" and {m["id"] for m in models["data"]} == {"cam", generated}
+        assert {(m["object"], m["owned_by"]) for m in models["data"]} == {("model", "beta")}
+        assert [m["id"] for m in a.get("/v1/models").json()["data"]] == ["cam"]
         everything = {s["id"] for s in admin.get("/v1/streams").json()["streams"]}
         assert {"alpha:cam", "beta:cam", f"beta:{generated}"} <= everything
         assert admin.get("/v1/streams/alpha:cam").json()["frames"] == 2

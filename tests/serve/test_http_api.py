@@ -101,6 +101,12 @@ def test_query_json_and_sse_agree(http, stream):
     deltas = [d["delta"] for name, d in events if name == "message"]
     assert events[-1][0] == "done" and events[-1][1]["deltas"] == len(deltas)
     assert "".join(deltas) == answer["answer"]
+    # the engine's end (the fake engine counts words as tokens): on both, and "length" when cut
+    assert answer["finish_reason"] == events[-1][1]["finish_reason"] == "stop"
+    assert answer["usage"] == events[-1][1]["usage"] == {"prompt_tokens": 2, "completion_tokens": len(deltas),
+                                                         "total_tokens": 2 + len(deltas)}
+    cut = http.post(f"/v1/streams/{stream}/query", json={"question": "what enters?", "max_tokens": 2}).json()
+    assert cut["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
     windowed = http.post(f"/v1/streams/{stream}/query", json={"question": "q", "since": 5, "until": 9}).json()
     assert windowed["answer"].startswith("I saw 0 frames")
     http.delete(f"/v1/streams/{twin}")
