@@ -16,13 +16,12 @@ decoder forward for every stream that is ready). Its contract:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mosaic_ray.bounds import MAX_TIME_S  # past it a time breaks the stream clock's arithmetic
+from mosaic_ray import bounds
 from mosaic_ray.engine.interface import BatchPartlyAppliedError, InvalidInputError, OverloadedError
 from mosaic_ray.engine.stream_state import WaitingFrames
 
@@ -38,6 +37,16 @@ class PartialCommitError(Exception):
     def __init__(self, committed: int, cause: BaseException) -> None:
         super().__init__(committed, cause)
         self.committed, self.cause = committed, cause
+
+
+def check_time(ts: float, what: str) -> None:
+    """Raise InvalidInputError unless `ts` is a stream time the engine can use: the service's own
+    bound (`bounds.check_time`: finite, in [0, MAX_TIME_S]; past it a time breaks the stream
+    clock's arithmetic, a ts=1e300 frame once left its stream unable to answer)."""
+    try:
+        bounds.check_time(ts)
+    except ValueError as err:
+        raise InvalidInputError(f"{what}: {err}, got {ts!r}") from None
 
 
 def check_frames(max_frames: int, state: StreamState, frames, timestamps, after: float | None = None) -> None:
@@ -56,8 +65,7 @@ def check_frames(max_frames: int, state: StreamState, frames, timestamps, after:
             raise InvalidInputError(f"frame {i}: expected an RGB uint8 array [H, W, 3], got {got}")
         if min(f.shape[:2]) < 14 or max(f.shape[:2]) > 8192:
             raise InvalidInputError(f"frame {i}: size {f.shape[:2]} outside [14, 8192] pixels")
-        if not isinstance(ts, (int, float)) or not math.isfinite(ts) or not 0 <= ts <= MAX_TIME_S:
-            raise InvalidInputError(f"frame {i}: timestamp must be a number in [0, {MAX_TIME_S:g}] s, got {ts!r}")
+        check_time(ts, f"frame {i}")
         if ts < last:
             raise InvalidInputError(f"frame {i}: timestamp {ts} goes back before the stream clock {last}")
         last = ts

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from mosaic_ray.bounds import MAX_TIME_S
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.stream_cache import StreamCache
@@ -197,8 +195,7 @@ class StreamEngine(Engine):
         state = self._get(stream_id)
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError("text must be a non-empty string")
-        if not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp) or not 0 <= timestamp <= MAX_TIME_S:
-            raise InvalidInputError(f"timestamp must be a number in [0, {MAX_TIME_S:g}] s, got {timestamp!r}")
+        frame_append.check_time(timestamp, "text")
         if state.awaiting_prefill:
             raise StreamBusyError(f"stream {stream_id!r} is starting to answer a question; retry shortly")
         if not self.loop.ingest_before(state):  # the text comes after the frames it follows
