@@ -48,7 +48,7 @@ from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, ClusterConfig, E
 from mosaic_ray.bench.needle_report import goal, print_table, write
 from mosaic_ray.bench.needle_stream import CLIPS, NEEDLE_SETS, Recording, needles_for, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
 from mosaic_ray.bench.report import bkey
-from mosaic_ray.bench.stats import wilson
+from mosaic_ray.bench.stats import tally
 
 SCHEMA = "mosaic_ray.needle/1"
 MODELS = ("tiny", "dino-smollm2")
@@ -243,15 +243,12 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
 
 
 def summarize(rows: list[dict]) -> dict:
-    n = len(rows)
-    mean = lambda k: sum(r[k] for r in rows) / max(1, n)  # noqa: E731
-    correct = sum(r["correct"] for r in rows)
-    kinds: dict[str, list[int]] = {}
-    for r in rows:
-        tally = kinds.setdefault(r["kind"], [0, 0])
-        tally[0], tally[1] = tally[0] + r["correct"], tally[1] + 1
-    return {"accuracy": mean("correct"), "correct": correct, "questions": n, "accuracy_ci95": wilson(correct, n),
-            "by_kind": {k: {"correct": c, "questions": m} for k, (c, m) in sorted(kinds.items())},
+    mean = lambda k: sum(r[k] for r in rows) / max(1, len(rows))  # noqa: E731
+    by_kind = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        t = tally([r for r in rows if r["kind"] == kind])
+        by_kind[kind] = {"correct": t["correct"], "questions": t["questions"]}
+    return {**tally(rows), "by_kind": by_kind,
             "needle_recall_mean": mean("needle_recall"), "fill_mean": mean("fill"), "copies_per_query": mean("copies"),
             "ttft_s_mean": mean("ttft_s"), "per_question": rows}
 

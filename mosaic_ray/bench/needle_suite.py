@@ -27,7 +27,7 @@ from mosaic_ray.bench import needle
 from mosaic_ray.bench.needle_report import write as write_stream
 from mosaic_ray.bench.needle_suite_report import table_markdown, plot
 from mosaic_ray.bench.report import bkey, json_default
-from mosaic_ray.bench.stats import mcnemar_exact, wilson
+from mosaic_ray.bench.stats import mcnemar_exact, tally
 
 SCHEMA = "mosaic_ray.needle_suite/1"
 GOAL_BUDGET = "0.1"  # cluster within GOAL_POINTS of full here (issue 19's target)
@@ -58,11 +58,6 @@ def _rows(run: dict, method: str, budget: str) -> list[dict]:
     return budgets.get(budget, budgets.get("all", {"per_question": []}))["per_question"]
 
 
-def _tally(rows: list[dict]) -> dict:
-    right, n = sum(r["correct"] for r in rows), len(rows)
-    return {"correct": right, "questions": n, "accuracy": right / max(1, n), "accuracy_ci95": wilson(right, n)}
-
-
 def pool(runs: dict[str, dict], specs: list[StreamSpec]) -> dict:
     """{method: {budget: tally + by_kind + by_stream + hidden}} over every stream's questions."""
     first = next(iter(runs.values()))
@@ -74,10 +69,10 @@ def pool(runs: dict[str, dict], specs: list[StreamSpec]) -> dict:
             every = [r for rs in rows.values() for r in rs]
             kinds = sorted({r["kind"] for r in every})
             out[method][budget] = {
-                **_tally(every),
-                "by_kind": {k: _tally([r for r in every if r["kind"] == k]) for k in kinds},
-                "by_stream": {name: _tally(rs) for name, rs in rows.items()},
-                "hidden": _tally([r for sp in specs if sp.hidden for r in rows[sp.name]]),
+                **tally(every),
+                "by_kind": {k: tally([r for r in every if r["kind"] == k]) for k in kinds},
+                "by_stream": {name: tally(rs) for name, rs in rows.items()},
+                "hidden": tally([r for sp in specs if sp.hidden for r in rows[sp.name]]),
             }
     return out
 

@@ -14,6 +14,13 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def tally(rows: list[dict]) -> dict:
+    """Right / asked of question rows (each with a bool "correct"), the accuracy and its 95 %
+    Wilson interval."""
+    right, n = sum(r["correct"] for r in rows), len(rows)
+    return {"correct": right, "questions": n, "accuracy": right / max(1, n), "accuracy_ci95": wilson(right, n)}
+
+
 def pct(xs: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 1]); 0.0 for no samples."""
     if not xs:

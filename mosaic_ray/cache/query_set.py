@@ -13,6 +13,7 @@ puts 0.57-0.74 of its attention on a needle caption that the mean query gives 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,7 @@ class QuerySet:
             return bound_logits(self.q, bounds[0][:, n0:n0 + step], bounds[1][:, n0:n0 + step])
 
         if self.reduce == "mass":
-            log_q = torch.log(torch.tensor(float(Q)))
-            combine = lambda lg: torch.logsumexp(lg, 2) - log_q  # noqa: E731
+            combine = lambda lg: torch.logsumexp(lg, 2) - math.log(Q)  # noqa: E731
         else:
             combine = lambda lg: lg.amax(2)  # noqa: E731
         out = torch.cat([combine(best(n0) - log_z) for n0 in range(0, N, step)], 1)
