@@ -206,7 +206,9 @@ def test_killed_under_load_with_snapshots_loses_no_acknowledged_frame(ray_cluste
     acked_on_killed = sum(acked[s][1] for s in ("load-0", "load-2"))
     print(f"\nSNAPSHOT CHAOS: {stats['taken']} snapshots on the killed shard; replayed "
           f"{status['episodes'][0]['frames']} of the {acked_on_killed}+ frames its streams hold")
-    assert 0 < status["episodes"][0]["frames"] < acked_on_killed
+    # only the tail after the last snapshot is replayed; it may be empty when a (cheap, delta)
+    # snapshot landed after the last acknowledged frame: that is a race, not a promise
+    assert 0 <= status["episodes"][0]["frames"] < acked_on_killed
 
 
 def test_a_compacted_log_whose_snapshot_is_corrupt_is_quarantined(ray_cluster, tmp_path):
