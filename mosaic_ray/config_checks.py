@@ -4,8 +4,19 @@ field, its allowed range and the value it got."""
 from __future__ import annotations
 
 
+class RangeError(ValueError):
+    """A value outside its field's range. `str()` is the whole sentence ("Cls.field must be in
+    [lo, hi], got v"); `name`, `value` and `bounds` ("[lo, hi]") let a config loader say it again
+    under the field's place in a file (`mosaic_ray/config_load.py`) without a second copy of the
+    bounds."""
+
+    def __init__(self, name: str, value, bounds: str) -> None:
+        super().__init__(f"{name} must be in {bounds}, got {value!r}")
+        self.name, self.value, self.bounds = name, value, bounds
+
+
 def check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
-    """Raise ValueError naming the field and its range when `value` falls outside [low, high]."""
+    """Raise RangeError naming the field and its range when `value` falls outside [low, high]."""
     bad = (low is not None and (value <= low if low_open else value < low)) or (
         high is not None and value > high
     )
@@ -13,4 +24,4 @@ def check_range(name: str, value, low=None, high=None, *, low_open: bool = False
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+        raise RangeError(name, value, f"{bracket}{lo}, {hi}]")

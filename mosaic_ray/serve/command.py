@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from mosaic_ray.serve.config import LaunchConfig
+from mosaic_ray.serve.config_errors import engine_kwargs_lines, validation_lines
 
 # The packaged config a bare `mosaic-ray serve` runs: the real small stack on the CPU (issue 18:
 # a newcomer's first server answers with real weights, not the tiny random model).
@@ -46,7 +48,8 @@ PACKAGED = "mosaic_ray.cluster_configs"
 
 
 class LaunchError(Exception):
-    """Refused before anything started: the message is for the user, one line, no traceback."""
+    """Refused before anything started: the message is for the user, one line per problem, no
+    traceback."""
 
 
 # Packaged files that are not LaunchConfigs (a Serve config file, a cluster launcher file).
@@ -95,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_config(path: str | Path, args: argparse.Namespace | None = None) -> LaunchConfig:
     """The LaunchConfig of `path` (a file or a packaged name) with the flags of `args` applied and,
-    for a private cluster without `durability.root`, the per-server log root filled in."""
+    for a private cluster without `durability.root`, the per-server log root filled in. Nothing
+    of Ray is imported: a config that cannot work is a LaunchError here (`_validated`)."""
     try:
         with open(resolve_config(str(path))) as f:
             raw: dict[str, Any] = yaml.safe_load(f) or {}
@@ -109,8 +113,24 @@ def load_config(path: str | Path, args: argparse.Namespace | None = None) -> Lau
         _override(raw, ("app", "runtime", "engine", "factory"), args.engine)
         _override(raw, ("app", "runtime", "engine", "kwargs", "model"), getattr(args, "model", None))
         _override(raw, ("app", "runtime", "durability", "root"), getattr(args, "log_dir", None))
-    cfg = LaunchConfig(**raw)
+    cfg = _validated(raw, path)
     return cfg if cfg.ray.address is not None else _per_server_log_root(cfg)
+
+
+def _validated(raw: dict[str, Any], path: str | Path) -> LaunchConfig:
+    """`LaunchConfig(**raw)`, the real engine's kwargs built too (as a shard would build them,
+    weights not loaded). LaunchError with every problem found, one line each, 'config PATH:
+    dotted.path.in.the.yaml: what is wrong' (`config_errors.py`)."""
+    if not isinstance(raw, dict):
+        raise LaunchError(f"config {path}: expected a mapping of LaunchConfig fields, got {type(raw).__name__}")
+    try:
+        cfg, errors = LaunchConfig(**raw), []
+    except ValidationError as err:
+        cfg, errors = None, validation_lines(err, LaunchConfig)
+    errors += engine_kwargs_lines(raw)
+    if errors:
+        raise LaunchError("\n".join(f"config {path}: {line}" for line in errors))
+    return cfg
 
 
 def _per_server_log_root(cfg: LaunchConfig) -> LaunchConfig:
@@ -180,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosaic-ray: {_model_line(cfg)}", flush=True)
         lock = _lock_log_dir(cfg, url)
     except LaunchError as err:
-        print(f"mosaic-ray serve: {err}", file=sys.stderr, flush=True)
+        for line in str(err).splitlines():
+            print(f"mosaic-ray serve: {line}", file=sys.stderr, flush=True)
         return 2
     try:
         return _serve(cfg, url, lock)
