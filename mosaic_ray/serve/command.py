@@ -105,6 +105,8 @@ def load_config(path: str | Path, args: argparse.Namespace | None = None) -> Lau
             raw: dict[str, Any] = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         raise LaunchError(f"config {path}: not YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise LaunchError(f"config {path}: expected a mapping of LaunchConfig fields, got {type(raw).__name__}")
     if args is not None:
         _override(raw, ("ray", "address"), args.address)
         _override(raw, ("http", "host"), args.host)
@@ -121,8 +123,6 @@ def _validated(raw: dict[str, Any], path: str | Path) -> LaunchConfig:
     """`LaunchConfig(**raw)`, the real engine's kwargs built too (as a shard would build them,
     weights not loaded). LaunchError with every problem found, one line each, 'config PATH:
     dotted.path.in.the.yaml: what is wrong' (`config_errors.py`)."""
-    if not isinstance(raw, dict):
-        raise LaunchError(f"config {path}: expected a mapping of LaunchConfig fields, got {type(raw).__name__}")
     try:
         cfg, errors = LaunchConfig(**raw), []
     except ValidationError as err:

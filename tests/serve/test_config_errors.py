@@ -156,3 +156,11 @@ def test_the_cli_process_exits_2_within_seconds_without_importing_ray(tmp_path):
     assert done.stderr == (f"mosaic-ray serve: config {path}: {KWARGS}.cache.cluster.variance_ratio: 700.0 "
                            "out of range (0.0, 100.0]\n")
     assert elapsed < 20, elapsed  # torch's import is most of it; the old failure came after 23 s
+
+
+def test_a_file_that_is_no_mapping_is_one_line(tmp_path, capsys):
+    path = tmp_path / "list.yaml"
+    path.write_text("- ray\n- http\n")
+    assert main(["serve", "--config", str(path), "--port", "9000"]) == 2  # a flag applied to no mapping
+    assert capsys.readouterr().err == (f"mosaic-ray serve: config {path}: expected a mapping of LaunchConfig "
+                                       "fields, got list\n")
