@@ -37,6 +37,7 @@ from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
+from mosaic_ray.config_load import build_config
 from mosaic_ray.engine import engine_report, frame_append, ingest_step
 from mosaic_ray.engine.interface import (
     AnswerEnd,
@@ -103,8 +104,9 @@ class StreamEngine(Engine):
 
     @classmethod
     def from_spec(cls, **spec) -> "StreamEngine":
-        """Build from plain data (what a Ray actor receives): EngineConfig fields."""
-        return cls(EngineConfig(**spec))
+        """Build from plain data (what a Ray actor receives): EngineConfig fields, every problem
+        named by its path (`config_load.build_config`: 'engine.cache.retreival: unknown field ...')."""
+        return cls(build_config(EngineConfig, spec, "engine"))
 
     # ------------------------------------------------------------------ streams
     def _get(self, stream_id: str) -> StreamState:
