@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from mosaic_ray.engine.frame_pruner import options_of
 from mosaic_ray.engine.stream_state import StreamState
 
@@ -43,4 +45,14 @@ def engine_stats(engine) -> dict[str, Any]:
         **{f"{k}_total": v for k, v in engine.counters.items()},
         **{f"step_{k}_total": v for k, v in engine.loop.counters.items()},
         "ttft_parts": engine.loop.ttft_parts(),
+        **dict(zip(("retrieval_tokens_total", "retrieval_copies_total", "retrieval_bytes_total"),
+                   engine.retrieval.tolist())),
+        **({"clusters": cluster_count(streams)} if engine.config.cache.retrieval == "cluster" else {}),
     }
+
+
+def cluster_count(streams) -> int:
+    """Clusters in use over the streams' cluster indexes, every (layer, KV head) group's counted
+    (one host sync for all of them)."""
+    counts = [ix.num_clusters.sum() for s in streams if (ix := getattr(s.cache.retriever, "index", None)) is not None]
+    return int(torch.stack(counts).sum()) if counts else 0

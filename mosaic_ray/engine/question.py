@@ -140,10 +140,15 @@ class QuestionRun:
         completion token; the prompt is the question's own (`AnswerEnd` says why not the stream's)."""
         return AnswerEnd(self.finish_reason or "stop", len(self.prompt_ids), len(self.generated))
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row its retrieval reads from the host pool (what `fetch_stats` counts)."""
+        retriever = self.step.cache.retriever
+        return retriever._row_bytes * len(retriever.host_parts)
+
     def answer(self) -> Answer:
         end = self.t_done or time.perf_counter()
-        retriever = self.step.cache.retriever
-        f = self.step.fetch_stats(retriever._row_bytes * len(retriever.host_parts))
+        f = self.step.fetch_stats(self.row_bytes)
         return Answer(
             text=self.emitted, token_ids=self.generated_text_ids(), ttft_s=(self.t_first or end) - self.t_start,
             total_s=end - self.t_start, finish_reason=self.finish_reason,

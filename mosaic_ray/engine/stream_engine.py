@@ -101,6 +101,8 @@ class StreamEngine(Engine):
         self.busy_s = 0.0  # seconds spent working (vision, forwards, sampling, commits): capacity
         self._busy_depth = 0
         self.counters = {"frames": 0, "texts": 0, "questions": 0, "tokens": 0}
+        # [tokens, copies, bytes] the questions' retrievals moved from the host pool (`engine_report`)
+        self.retrieval = torch.zeros(3, dtype=torch.int64, device=self.device)
 
     @classmethod
     def from_spec(cls, **spec) -> "StreamEngine":
@@ -277,6 +279,9 @@ class StreamEngine(Engine):
             return
         run.released = True
         state = run.state
+        moved = run.step.fetch_moved(run.row_bytes)
+        if moved is not None:
+            self.retrieval += moved
         state.busy = state.awaiting_prefill = False
         if run.phase != "done" and state.next_pos == run.pos_base + run.pos_reserved:
             state.next_pos = run.pos_base  # not committed and nothing came after: no gap

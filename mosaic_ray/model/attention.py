@@ -60,6 +60,12 @@ class StreamStep:
     # device counters of the retrieval (`retriever._device_counts`), summed over layers
     counts: torch.Tensor | None = None
 
+    def fetch_moved(self, row_bytes: int) -> torch.Tensor | None:
+        """[tokens, copies, bytes] the retrieval moved, summed over layers, as a device tensor (no
+        host sync: an engine adds it up and reads it when asked); None when it retrieved nothing."""
+        c = self.counts
+        return None if c is None else torch.stack([c[0], c[1], c[2] * row_bytes])
+
     def fetch_stats(self, row_bytes: int) -> dict[str, float]:
         """What the retrieval moved, summed over layers: {"tokens", "copies", "bytes", "rows",
         "prefetch_hits", "seconds"} (one host sync, when the answer is read)."""

@@ -61,8 +61,12 @@ from mosaic_ray.runtime.stream_slot import StreamSlot
 
 log = logging.getLogger("mosaic_ray.runtime.shard")
 
-# engine stats passed on to /metrics besides the step loop's `step_*` counters
-_ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream", "ttft_parts")
+# engine stats passed on to /metrics besides the step loop's `step_*` counters, each only when the
+# engine reports it (StreamEngine does); the engine's `frames_total` (frames through its model)
+# comes as `frames_ingested_total` beside the shard's own `frames_total` (frames it accepted)
+_ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream", "ttft_parts",
+                   "pool_used_bytes", "pool_capacity_bytes", "kv_pool_used_bytes", "kv_pool_capacity_bytes",
+                   "retrieval_tokens_total", "retrieval_copies_total", "retrieval_bytes_total", "clusters")
 
 if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
     from mosaic_ray.runtime.migration import MigrationSource
@@ -94,7 +98,6 @@ class ShardActor(ShardDurability, ShardMigration):
         self._slots: dict[str, StreamSlot] = {}
         self._moved: OrderedDict[str, str] = OrderedDict()
         self._outgoing: dict[str, MigrationSource] = {}
-        self._active_queries = 0
         # Streams the engine already holds (an engine that restores state at start) are served.
         for sid in self._runner.call_blocking(self._engine.list_streams):
             self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s)
@@ -217,29 +220,27 @@ class ShardActor(ShardDurability, ShardMigration):
         req = AskRequest(**request)
         early = getattr(self._engine, "appends_during_answers", False)
         async with slot.admit(self._spec.hold_timeout_s):
-            await slot.lock.acquire()
-            locked = True
-            self._meter.query_started()
-            slot.query_rate.add()
-            self._active_queries += 1
-            start = time.perf_counter()
-            try:
-                async for delta in self._runner.iterate(lambda: self._engine.ask_until_end(stream_id, req)):
-                    if "ttft_s" not in timing and isinstance(delta, str):
-                        timing["ttft_s"] = time.perf_counter() - start
-                        self._meter.ttft.observe(timing["ttft_s"])
-                    if locked and early:
+            with self._meter.question() as meter:  # waiting, then running: its end is counted
+                await slot.lock.acquire()
+                locked = True
+                meter.running()
+                slot.query_rate.add()
+                try:
+                    async for delta in self._runner.iterate(lambda: self._engine.ask_until_end(stream_id, req)):
+                        ttft = meter.saw(delta)
+                        if ttft is not None:
+                            timing["ttft_s"] = ttft
+                        if locked and early:
+                            slot.lock.release()
+                            locked = False
+                        yield delta
+                except EngineError:
+                    raise
+                except Exception as exc:
+                    raise await self._engine_failure(exc) from None
+                finally:
+                    if locked:
                         slot.lock.release()
-                        locked = False
-                    yield delta
-            except EngineError:
-                raise
-            except Exception as exc:
-                raise await self._engine_failure(exc) from None
-            finally:
-                self._active_queries -= 1
-                if locked:
-                    slot.lock.release()
 
     # ------------------------------------------------------------------ load, health
     def _observe_capacity(self, stats: dict[str, Any]) -> None:
@@ -261,7 +262,7 @@ class ShardActor(ShardDurability, ShardMigration):
             ingest_fps=sum(r[0] for r in rates),
             queries_per_s=sum(r[1] for r in rates),
             pending_frames=self._ingest.pending_frames,
-            active_queries=self._active_queries,
+            active_queries=self._meter.running,
             healthy=self._fatal is None,
         )
 
@@ -280,6 +281,8 @@ class ShardActor(ShardDurability, ShardMigration):
         stats = await self._call(self._engine.stats)
         report = self._report(stats)
         engine = {k: v for k, v in stats.items() if k.startswith("step_") or k in _ENGINE_FIGURES}
+        if "frames_total" in stats:
+            engine["frames_ingested_total"] = stats["frames_total"]
         util = self._capacity.utilization()
         return {**self._meter.snapshot(), **engine, **({"engine_utilization": util} if util is not None else {}),
                 "shard": self.name, "streams": report.streams,

@@ -39,7 +39,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
@@ -59,7 +59,7 @@ from mosaic_ray.serve.errors import (
 from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
 from mosaic_ray.serve.frames import OPENAPI_BODY as FRAMES_OPENAPI_BODY
 from mosaic_ray.serve.limits import TenantLimiter, question_cost
-from mosaic_ray.serve.metrics import render
+from mosaic_ray.serve.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE, render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, CompletionRequest
 from mosaic_ray.serve.openai_routes import OpenAIRoutes
 from mosaic_ray.serve.realtime import RealtimeSession
@@ -283,12 +283,12 @@ class MosaicIngress:
         return JSONResponse({"status": "ok" if ok else "degraded", "shards": shown}, status_code=200 if ok else 503)
 
     @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self, who: Caller = Depends(_admin)) -> PlainTextResponse:
+    async def metrics(self, who: Caller = Depends(_admin)) -> Response:
         names = await self._dir.ask_router("shards")
         calls = (self._dir.shard_handle(n).metrics.remote() for n in names)
         snaps = await asyncio.gather(*calls, return_exceptions=True)
         ok = [s for s in snaps if isinstance(s, dict)]
-        return PlainTextResponse(render(ok), media_type="text/plain; version=0.0.4")
+        return Response(render(ok), media_type=METRICS_CONTENT_TYPE)
 
     # ------------------------------------------------------------------ internals
     @staticmethod

@@ -119,7 +119,8 @@ def test_health_and_metrics(http, stream):
     assert health.status_code == 200 and health.json()["status"] == "ok" and len(health.json()["shards"]) == 2
     text = http.get("/metrics").text
     for name in ("mosaic_frames_total", "mosaic_ingest_frames_per_second", "mosaic_queries_total",
-                 "mosaic_ttft_seconds_bucket", "mosaic_kv_bytes", "mosaic_streams"):
+                 "mosaic_time_to_first_token_seconds_bucket", "mosaic_e2e_request_latency_seconds_bucket",
+                 "mosaic_prompt_tokens_total", "mosaic_kv_bytes", "mosaic_streams"):
         assert f"# TYPE {name.removesuffix('_bucket')}" in text or name in text
     frames = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mosaic_frames_total{"))
     assert frames >= 1
