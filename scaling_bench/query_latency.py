@@ -8,7 +8,7 @@ runtime, on fresh streams.
 
     python scaling_bench/query_latency.py --streams 32 --seconds 120                         # GPU
     python scaling_bench/query_latency.py --quick --out /tmp/r                              # CPU, < 2 min
-    ray job submit --working-dir . -- python scaling_bench/query_latency.py --quick
+    ray job submit --working-dir . -- python scaling_bench/query_latency.py --quick --out /tmp/r  # --out absolute
 """
 
 from __future__ import annotations

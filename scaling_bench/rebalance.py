@@ -10,7 +10,7 @@ shards are logical GPUs sharing the cores (`mosaic_ray/bench/rebalance.py` has t
 
     python scaling_bench/rebalance.py --shards 2 --frames-file scratch/frames_336.npz     # 2-GPU host
     python scaling_bench/rebalance.py --quick --out /tmp/r                                # CPU, < 1 min
-    ray job submit --working-dir . -- python scaling_bench/rebalance.py --quick
+    ray job submit --working-dir . -- python scaling_bench/rebalance.py --quick --out /tmp/r  # --out absolute
 """
 
 from __future__ import annotations

@@ -33,8 +33,12 @@ def main() -> int:
     p.add_argument("--no-kill", action="store_true")
     p.add_argument("--engine", default=FAKE, help="engine factory (default: the tests' fake engine)")
     p.add_argument("--fsync", default="interval", choices=["always", "interval", "never"])
-    p.add_argument("--out", default=None, help="directory for reliability_load.json")
+    p.add_argument("--out", default=None, help="directory for reliability_load.json (default: none, printed only; "
+                                                "absolute under `ray job submit`)")
     a = p.parse_args()
+    from mosaic_ray.bench.cli import out_dir
+
+    a.out = a.out and out_dir(a.out)
     if a.quick:
         a.streams, a.seconds, a.kill_after, a.question_every = 4, 8.0, 3.0, 1.0
 

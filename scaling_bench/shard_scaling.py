@@ -9,7 +9,7 @@ the shards are logical GPUs sharing the cores, and the load generator shares the
 
     python scaling_bench/shard_scaling.py --max-shards 8                                   # 8-GPU host
     python scaling_bench/shard_scaling.py --quick --out /tmp/r                             # CPU, < 2 min
-    ray job submit --working-dir . -- python scaling_bench/shard_scaling.py --quick
+    ray job submit --working-dir . -- python scaling_bench/shard_scaling.py --quick --out /tmp/r  # --out absolute
 """
 
 from __future__ import annotations

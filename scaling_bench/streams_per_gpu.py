@@ -8,7 +8,7 @@ streams sustained, per method, with the lag and TTFT of every step.
     python scaling_bench/streams_per_gpu.py --methods cluster,token --ramp 16,32,48,64,96,128   # GPU
     python scaling_bench/streams_per_gpu.py --quick --out /tmp/r                            # CPU, < 2 min
     python scaling_bench/streams_per_gpu.py --methods cluster --video vtest --pruning both  # pruning off vs on
-    ray job submit --working-dir . -- python scaling_bench/streams_per_gpu.py --quick
+    ray job submit --working-dir . -- python scaling_bench/streams_per_gpu.py --quick --out /tmp/r  # --out absolute
 """
 
 from __future__ import annotations

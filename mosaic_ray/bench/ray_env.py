@@ -1,5 +1,10 @@
 """Ray for a benchmark script: join the cluster a `ray job submit` (or RAY_ADDRESS) points at, else
-start a quiet private one in this process (FACTS.md "Ray in tests")."""
+start a quiet private one in this process (FACTS.md "Ray in tests").
+
+A joined cluster is checked first (`require_resources`): a run it cannot place exits at once with
+one line naming what is missing, instead of waiting forever on actors Ray cannot schedule. A
+private cluster is given exactly what the run needs (logical GPUs on a CPU machine).
+"""
 
 from __future__ import annotations
 
@@ -35,12 +40,49 @@ def under_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
 
 
+def missing_resources(need: dict[str, float], total: dict[str, float],
+                      free: dict[str, float] | None = None) -> str | None:
+    """None when the cluster has every resource of `need` (in `total`, and free in `free` when
+    given); else one line naming what is missing and what to do about it."""
+    short = {k: v for k, v in need.items() if total.get(k, 0) < v}
+    if short:
+        has = ", ".join(f"{k} {total.get(k, 0):g} of the {v:g} needed" for k, v in short.items())
+        if "GPU" in short:  # the shards: one GPU each
+            fix = (f"one per shard: start Ray with them (on a CPU machine, logical ones: `ray start --head "
+                   f"--num-gpus={short['GPU']:g}`), or run the script without `ray job submit`/RAY_ADDRESS "
+                   "(a private cluster with logical GPUs)")
+        else:
+            fix = "start Ray with more (`ray start --head --num-cpus=N`)"
+        return f"the Ray cluster has {has}; {fix}; or ask for fewer shards"
+    busy = {k: v for k, v in need.items() if free is not None and free.get(k, 0) < v}
+    if busy:
+        has = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}, {v:g} needed" for k, v in busy.items())
+        return (f"the Ray cluster has {has}: other actors hold the rest (`ray list actors --filter state=ALIVE`); "
+                "stop them (e.g. `serve shutdown`) or ask for fewer shards")
+    return None
+
+
+def require_resources(need: dict[str, float]) -> None:
+    """Exit (status 1, one line on stderr) when the joined cluster cannot place `need`."""
+    import ray
+
+    problem = missing_resources(need, ray.cluster_resources(), ray.available_resources())
+    if problem:
+        raise SystemExit(f"error: {problem}")
+
+
 def start_ray(num_gpus: int, num_cpus: int = 8) -> RaySession:
-    """`num_gpus` logical GPUs for a private cluster (one per shard: shards fit on a CPU machine)."""
+    """`num_gpus` logical GPUs for a private cluster (one per shard: shards fit on a CPU machine);
+    a joined cluster must have `num_gpus` GPUs free (`require_resources`), or the script exits."""
     import ray
 
     if under_cluster():
         ray.init(address="auto", log_to_driver=False)
+        try:
+            require_resources({"GPU": num_gpus})
+        except SystemExit:
+            ray.shutdown()
+            raise
         return RaySession(private=False)
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)

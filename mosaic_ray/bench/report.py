@@ -38,9 +38,9 @@ def gpu_count() -> int:
 
 
 def done(out: str | Path, name: str, table: list[str], wall_s: float) -> None:
-    """A scaling script's last words: its table and where the files went."""
+    """A scaling script's last words: its table and where the files went (an absolute path)."""
     print("\n".join(table))
-    print(f"wrote {out}/{name}.{{json,md,png}} in {wall_s:.0f} s")
+    print(f"wrote {Path(out).resolve()}/{name}.{{json,md,png}} in {wall_s:.0f} s")
 
 
 def write_json(out: str | Path, name: str, result: dict[str, Any]) -> Path:
@@ -52,10 +52,11 @@ def write_json(out: str | Path, name: str, result: dict[str, Any]) -> Path:
 
 
 def show_json(out: str | Path | None, name: str, result: dict[str, Any]) -> None:
-    """Print `result` as JSON, and write it to `out/name.json` when `out` is given."""
+    """Print `result` as JSON, and write it to `out/name.json` when `out` is given (its absolute
+    path printed last)."""
     print(json.dumps(result, indent=1))
     if out:
-        write_json(out, name, result)
+        print(f"wrote {write_json(out, name, result).resolve() / f'{name}.json'}")
 
 
 def write(out: str | Path, name: str, result: dict[str, Any], table: list[str]) -> Path:

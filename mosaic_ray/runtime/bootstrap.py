@@ -2,7 +2,9 @@
 
 Any number of callers (Serve ingress replicas, the CLI, tests) may call `connect_runtime` with the
 same config: the first starts the router (which starts the shards), the others get the same
-actors. The router is detached and restarted by Ray when it dies (`max_restarts=-1`).
+actors. The router is detached and restarted by Ray when it dies (`max_restarts=-1`); nothing
+stops it but `shutdown_runtime`, which a Serve app's replicas call when the app is deleted
+(`serve/lifetime.py`).
 """
 
 from __future__ import annotations

@@ -373,7 +373,8 @@ def spawn_shard(config: RuntimeConfig, index: int):
     """The handle of shard `index` of `config`, started if it is not running.
 
     Shards are detached named actors: they outlive the router that started them (a router restart
-    must find them, streams and all) and are found by name from any ingress replica.
+    must find them, streams and all) and are found by name from any ingress replica. Stopped by
+    `bootstrap.shutdown_runtime`, also when their Serve app is deleted (`serve/lifetime.py`).
     """
     name = config.shard_name(index)
     return ShardActor.options(

@@ -58,6 +58,7 @@ from mosaic_ray.serve.errors import (
 )
 from mosaic_ray.serve.frames import IMAGE_TYPES, MSGPACK_TYPES, FrameParser
 from mosaic_ray.serve.frames import OPENAPI_BODY as FRAMES_OPENAPI_BODY
+from mosaic_ray.serve.lifetime import release_with_app
 from mosaic_ray.serve.limits import TenantLimiter, question_cost
 from mosaic_ray.serve.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE, render
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, CompletionRequest
@@ -158,6 +159,11 @@ class MosaicIngress:
         self.auth = Authenticator(self._cfg.auth)
         self._limiter = TenantLimiter(self._cfg.auth, share=1.0 / limits.num_replicas)
         self._openai = OpenAIRoutes(self)
+
+    async def __del__(self) -> None:
+        """Serve's replica teardown: the runtime goes with the application (`lifetime.py`)."""
+        if hasattr(self, "_cfg"):
+            await release_with_app(self._cfg.runtime, serve.get_replica_context().app_name)
 
     async def check_health(self) -> None:
         """Serve's replica probe: the router must answer (shard health is /health's business)."""
