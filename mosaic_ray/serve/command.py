@@ -12,6 +12,9 @@ Before Ray starts, it says which model runs, where its weights come from and wha
 and locks the frame-log directory (`runtime/log_dir_lock.py`): a second server on the same
 directory refuses to start. With a private cluster and no `durability.root`, the directory is
 per server: `$MOSAIC_RAY_LOG_DIR` (else `~/.mosaic_ray/log`) `/port-<http.port>/<runtime name>`.
+A private cluster runs with Ray's token authentication, named explicitly (RAY_AUTH_MODE=token
+unless the user set RAY_AUTH_MODE), so Ray starts it without its auth warning
+(`private_cluster_env`).
 
 Stopping (SIGTERM or Ctrl-C), in this order:
 1. drain: the router refuses new streams and every shard refuses new requests (503 +
@@ -33,7 +36,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, MutableMapping
 
 import yaml
 from pydantic import ValidationError
@@ -193,6 +196,44 @@ def _lock_log_dir(cfg: LaunchConfig, url: str):
         raise LaunchError(str(err)) from None
 
 
+# Ray's token authentication (Ray >= 2.60). A private cluster is not a loopback-only one: its GCS,
+# raylets and workers listen on the node's address (e.g. 192.0.2.2; `http.host: 127.0.0.1` binds
+# Serve's HTTP proxy only), so anyone who reaches this machine could run code in it without a
+# token. Ray already starts a new local cluster with token auth when RAY_AUTH_MODE is unset, and
+# says so on every start ("Token authentication is enabled for this Ray cluster. Set
+# RAY_AUTH_MODE=disabled to opt out...", `ray/_private/authentication/authentication_token_setup.py`).
+# Naming the same mode explicitly is Ray's supported way to choose it: same security, no warning.
+# Disabling it instead would silence the warning by opening the cluster, so we never do: only the
+# user may (RAY_AUTH_MODE=disabled, as the tests' command does), and that choice is kept. A
+# cluster we join is left alone: Ray does not warn there, and its mode is the cluster's to say.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+PRIVATE_CLUSTER_ENV = {
+    AUTH_MODE_ENV: "token",
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting (FACTS.md "Ray in tests")
+}
+
+
+def private_cluster_env(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Give `environ` the settings of a private cluster (`PRIVATE_CLUSTER_ENV`) where it has none;
+    return those it added. Invariants: a variable already set (to anything, even empty) is never
+    changed, so a user's RAY_AUTH_MODE wins; the auth mode added is always `token`, never
+    `disabled`. Only for a cluster mosaic-ray starts itself: one it joins (`ray.address`) has its
+    own mode, which the joining process must match, so nothing is set for it."""
+    added = {key: value for key, value in PRIVATE_CLUSTER_ENV.items() if key not in environ}
+    environ.update(added)
+    return added
+
+
+def _reload_ray_config() -> None:
+    """Ray caches RAY_AUTH_MODE in its RayConfig when `ray` is first imported (the config checks
+    above already imported it): read the environment again, as Ray's own `_enable_token_auth`
+    does, so this driver and the cluster processes it starts (they inherit the environment) agree
+    on the mode, and ray.init creates the token (~/.ray/auth_token) where none exists yet."""
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args)
@@ -217,9 +258,8 @@ def _serve(cfg: LaunchConfig, url: str, lock) -> int:
     from mosaic_ray.runtime.bootstrap import drain_runtime, shutdown_runtime
     from mosaic_ray.serve.app import build_app
 
-    if cfg.ray.address is None:
-        # A private single-machine cluster: no usage reporting (FACTS.md "Ray in tests").
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray.address is None and AUTH_MODE_ENV in private_cluster_env(os.environ):
+        _reload_ray_config()
     ray.init(
         address=cfg.ray.address or "local",
         num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,

@@ -5,6 +5,10 @@ config or an unknown model is one line on stderr and exit status 2, the start li
 model's weights, a private cluster's frame logs go to a directory of their own per HTTP port, and
 a second server on a locked frame-log directory refuses to start.
 
+A private cluster gets Ray's token auth by name (RAY_AUTH_MODE=token, so Ray prints no auth
+warning), a user's own RAY_AUTH_MODE is kept, and a joined cluster gets nothing set: checked at
+the ray.init call with Ray faked, no cluster started.
+
 Stopped with SIGTERM (slow): it drains, exits 0, and a second `mosaic-ray serve` with the same
 config (a fresh private Ray cluster, so no stream map) finds the stream in its frame log with
 every acknowledged frame. Two cluster starts: about 40 s on 2 cores."""
@@ -32,7 +36,8 @@ from PIL import Image
 from mosaic_ray.cli import main
 
 from mosaic_ray.runtime.log_dir_lock import LogDirLock
-from mosaic_ray.serve.command import LaunchError, load_config, packaged_configs
+from mosaic_ray.serve import command
+from mosaic_ray.serve.command import LaunchError, load_config, packaged_configs, private_cluster_env
 from tests.conftest import ROOT, free_port
 from tests.runtime.fake_engine import FACTORY
 
@@ -167,6 +172,75 @@ def test_the_start_line_names_the_model_and_its_weights(tmp_path, capsys, monkey
     finally:
         held.release()
     assert capsys.readouterr().out.startswith("mosaic-ray: model tiny: random-init weights (answers are noise")
+
+
+def test_private_cluster_env_names_token_auth_and_keeps_the_users_choice():
+    env: dict[str, str] = {}
+    assert private_cluster_env(env) == {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    assert private_cluster_env(env) == {}  # idempotent
+    for users in ("disabled", "token", ""):
+        env = {"RAY_AUTH_MODE": users, "RAY_USAGE_STATS_ENABLED": "1"}
+        assert private_cluster_env(env) == {} and env == {"RAY_AUTH_MODE": users, "RAY_USAGE_STATS_ENABLED": "1"}
+    assert "disabled" not in command.PRIVATE_CLUSTER_ENV.values()  # never opens a cluster on its own
+
+
+class _AtRayInit(Exception):
+    """Raised by the fake ray.init: `_serve` stops there, nothing of Ray started."""
+
+
+def _at_ray_init(monkeypatch, config: str, **flags) -> tuple[dict, str | None, int]:
+    """Run `_serve` up to ray.init: its kwargs, RAY_AUTH_MODE then, and how often Ray's cached
+    config was reloaded (faked too: this test process keeps its own Ray config)."""
+    import ray
+
+    seen: dict = {}
+    reloads: list[int] = []
+
+    def fake_init(**kwargs):
+        seen.update(kwargs, auth_mode=os.environ.get("RAY_AUTH_MODE"))
+        raise _AtRayInit
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(command, "_reload_ray_config", lambda: reloads.append(1))
+    cfg = load_config(config, _flags(**flags))
+    with pytest.raises(_AtRayInit):
+        command._serve(cfg, "http://127.0.0.1:8000", None)
+    return seen, seen.pop("auth_mode"), len(reloads)
+
+
+def test_a_private_cluster_starts_with_token_auth_named(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # the README's `mosaic-ray serve`
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    kwargs, mode, reloads = _at_ray_init(monkeypatch, "local")
+    assert kwargs["address"] == "local" and mode == "token" and reloads == 1
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_users_auth_mode_is_kept_and_a_joined_cluster_gets_none(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the tests' command
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    assert _at_ray_init(monkeypatch, "local")[1:] == ("disabled", 0)
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    kwargs, mode, reloads = _at_ray_init(monkeypatch, "local", address="auto")
+    assert kwargs["address"] == "auto" and mode is None and reloads == 0  # the cluster's own mode
+
+
+def test_the_reload_makes_ray_see_the_mode_set_after_import():
+    """In a fresh interpreter (Ray's config is per process): `ray` imported first, as the config
+    checks do, then the private cluster's env; without the reload Ray would still read 'disabled'."""
+    code = ("import os, ray\n"
+            "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+            "from mosaic_ray.serve import command\n"
+            "assert get_authentication_mode() == AuthenticationMode.DISABLED\n"
+            "command.private_cluster_env(os.environ)\n"
+            "assert get_authentication_mode() == AuthenticationMode.DISABLED\n"
+            "command._reload_ray_config()\n"
+            "assert get_authentication_mode() == AuthenticationMode.TOKEN, get_authentication_mode()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.slow
