@@ -106,6 +106,21 @@ class ClusterConfig:
     # centroid plus the cluster's key variance: a member's expected exp(q . k) for keys spread
     # normally around the centroid, q . c + |q|^2 var / 2D; no memory more; with scoring "max"|"mass").
     representative: str = "centroid"
+    # Co-activation (issue 19 item 4): clusters reshaped by what questions attend. After a
+    # question's retrieval, per (layer, KV head), the retrieved members that got the most of its
+    # attention (this share of the budget) are regrouped, at the next maintenance, into exact
+    # units: split out of their clusters, co-attended members of several clusters merged, in
+    # units of `coactivation_unit` tokens scored by their best token's exact key, as text units are.
+    # The cold rest stays in its clusters, whose centroids no longer average the hot members away.
+    # 0 = off. The tokens it makes exact stay under `coactivation_max_share` of a (layer, head)'s
+    # tokens (text units, exact anyway, not counted; cache/coactivation.py).
+    coactivation: float = 0.0
+    coactivation_unit: int = 8
+    coactivation_max_share: float = 0.1
+    # What a question would have attended is found at the next maintenance, not on its path: its
+    # best clusters, this many times its budget of them, scored member by member with exact keys
+    # read from the pool (so members it did not retrieve are found too).
+    coactivation_probe: float = 8.0
 
     def __post_init__(self) -> None:
         _check_range("ClusterConfig.variance_ratio", self.variance_ratio, 0.0, 100.0, low_open=True)
@@ -116,6 +131,10 @@ class ClusterConfig:
         _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
         _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
         _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
+        _check_range("ClusterConfig.coactivation", self.coactivation, 0.0, 64.0)
+        _check_range("ClusterConfig.coactivation_unit", self.coactivation_unit, 1, self.max_size)
+        _check_range("ClusterConfig.coactivation_max_share", self.coactivation_max_share, 0.0, 1.0)
+        _check_range("ClusterConfig.coactivation_probe", self.coactivation_probe, 1.0, 64.0)
         if self.representative not in REPRESENTATIVES:
             raise ValueError(f"ClusterConfig.representative must be one of {'|'.join(REPRESENTATIVES)}, "
                              f"got {self.representative!r}")
@@ -189,6 +208,9 @@ class CacheConfig:
             self.cluster = ClusterConfig(**self.cluster)
         if isinstance(self.pool, dict):
             self.pool = PoolConfig(**self.pool)
+        if self.cluster.coactivation > 0 and self.scoring == "mean":
+            raise ValueError("ClusterConfig.coactivation needs every query of a question (CacheConfig.scoring "
+                             "'max' or 'mass'); with 'mean' the attention a member got is not known")
         if self.pool.slab_tokens is None:
             self.pool = dataclasses.replace(self.pool, slab_tokens=CLUSTER_SLAB_TOKENS if self.retrieval == "cluster"
                                             else DENSE_SLAB_TOKENS)

@@ -70,12 +70,13 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
 def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device) -> StreamEngine:
     """The engine of one row: `variant` is a method name with flags, e.g. "cluster:prefetch", or
     "cluster:vr=0.15:slab=16" (the cluster knobs of an older default), "token:scoring=mean" (how a
-    question scores the past, `CacheConfig.scoring`)."""
+    question scores the past, `CacheConfig.scoring`), "cluster:coact=0.5:probe=4" (`ClusterConfig.coactivation`,
+    `coactivation_probe`)."""
     method, *flags = variant.split(":")
     knobs = dict(f.split("=", 1) for f in flags if "=" in f)
-    unknown = set(knobs) - {"vr", "slab", "scoring"} | {f for f in flags if "=" not in f} - {"prefetch"}
+    unknown = set(knobs) - {"vr", "slab", "scoring", "coact", "probe"} | {f for f in flags if "=" not in f} - {"prefetch"}
     if unknown:
-        raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=, scoring=)")
+        raise ValueError(f"variant {variant!r}: unknown flags {sorted(unknown)} (prefetch, vr=, slab=, scoring=, coact=, probe=)")
     # the pool is sized to the stream (slab tails waste a little), capped by --pool-gb; `full` keeps
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
@@ -84,7 +85,9 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
         scoring=knobs.get("scoring", CacheConfig().scoring),
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
-        cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio))}))
+        cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio)),
+                 "coactivation": float(knobs.get("coact", 0.0)),
+                 "coactivation_probe": float(knobs.get("probe", ClusterConfig().coactivation_probe))}))
     return StreamEngine(cfg, adapter=adapter)
 
 
@@ -103,7 +106,15 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
         fill(engine, "s", frames, tokens, centers_for(engine.layout, device))
         sync(device)
         row["fill_s"] = time.perf_counter() - t0
-        answers = [engine.answer("s", AskRequest(QUESTIONS[i % len(QUESTIONS)], max_tokens=16)) for i in range(questions + 1)][1:]
+        answers, upkeep = [], []
+        for i in range(questions + 1):  # each question, then the upkeep it leaves (co-activation's probe and regroup)
+            answers.append(engine.answer("s", AskRequest(QUESTIONS[i % len(QUESTIONS)], max_tokens=16)))
+            sync(device)
+            t0 = time.perf_counter()
+            engine.streams["s"].cache.maintain(None, offload=False)
+            sync(device)
+            upkeep.append(time.perf_counter() - t0)
+        answers, upkeep = answers[1:], sorted(upkeep[1:])
         ttft = sorted(a.ttft_s for a in answers)
         info = engine.stream_info("s")
         decode = [(len(a.token_ids) - 1) / max(1e-9, a.total_s - a.ttft_s) for a in answers if len(a.token_ids) > 1]
@@ -113,6 +124,7 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
             past_tokens=info["past_tokens"], ttft_ms_p50=ttft[len(ttft) // 2] * 1e3,
             ttft_ms_p99=ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3,
             decode_tok_s=sum(decode) / max(1, len(decode)), fetch_ms=fetch_s * 1e3,
+            upkeep_ms_p50=upkeep[len(upkeep) // 2] * 1e3,
             bytes_per_question=moved, copies_per_question=sum(a.copies for a in answers) / len(answers),
             achieved_gbps=moved / fetch_s / 1e9 if fetch_s and moved else 0.0,
             device_bytes=info["kv_bytes_device"], host_bytes=info["kv_bytes_host"],
@@ -235,16 +247,16 @@ def main(argv=None) -> int:
               "window_tokens": a.window, "rows": rows}
     (out / "bench_query.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "bench_query.png")
-    head = ("| minutes | method | TTFT p50 ms | TTFT p99 ms | decode tok/s | fetch ms (host-side unless --time-fetch) | GB/s (share of 53.5) "
-            "| copies | prefetch hit rate | device MiB | per stream-hour GiB | host pool MiB |")
+    head = ("| minutes | method | TTFT p50 ms | TTFT p99 ms | decode tok/s | fetch ms (host-side unless --time-fetch) | upkeep ms after a question "
+            "| GB/s (share of 53.5) | copies | prefetch hit rate | device MiB | per stream-hour GiB | host pool MiB |")
     lines = [f"Card: {card}; model {a.model}; {tokens} tokens/frame at {a.fps} fps; budget {a.budget:.0%}", "", head,
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['minutes']} | {r['method']} | {r['error']} |")
             continue
         lines.append(f"| {r['minutes']} | {r['method']} | {r['ttft_ms_p50']:.1f} | {r['ttft_ms_p99']:.1f} | "
-                     f"{r['decode_tok_s']:.1f} | {r['fetch_ms']:.1f} | {r['achieved_gbps']:.1f} ({r['achieved_share_of_peak']:.2f}) | "
+                     f"{r['decode_tok_s']:.1f} | {r['fetch_ms']:.1f} | {r.get('upkeep_ms_p50', 0):.1f} | {r['achieved_gbps']:.1f} ({r['achieved_share_of_peak']:.2f}) | "
                      f"{r['copies_per_question']:.0f} | {r['prefetch_hit_rate']:.2f} | {r['device_bytes'] / 2**20:.0f} | {r['device_bytes_per_stream_hour'] / 2**30:.2f} | "
                      f"{r.get('host_bytes', 0) / 2**20:.0f} |")
     (out / "bench_query.md").write_text("\n".join(lines) + "\n")

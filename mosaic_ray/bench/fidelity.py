@@ -87,6 +87,12 @@ class Variant:
     fill: str = _CACHE.fill
     text_units: bool = _CLUSTER.text_units
     representative: str = _CLUSTER.representative
+    # ClusterConfig.coactivation: after each question the replay observes its attention at the
+    # first budget (an engine retrieves at one budget) and the next maintenance regroups it
+    coactivation: float = _CLUSTER.coactivation
+    coactivation_unit: int = _CLUSTER.coactivation_unit
+    coactivation_probe: float = _CLUSTER.coactivation_probe
+    coactivation_max_share: float = _CLUSTER.coactivation_max_share
 
     def cache_config(self, sink: int, window: int, capacity_bytes: int) -> CacheConfig:
         return CacheConfig(
@@ -94,7 +100,9 @@ class Variant:
             offload_batch=1,  # selection is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
                                   max_size=max(self.max_size, self.split_size), text_units=self.text_units,
-                                  representative=self.representative),
+                                  representative=self.representative, coactivation=self.coactivation,
+                                  coactivation_unit=self.coactivation_unit, coactivation_probe=self.coactivation_probe,
+                                  coactivation_max_share=self.coactivation_max_share),
             pool=PoolConfig(capacity_bytes=capacity_bytes, slab_tokens=self.slab_tokens, pin_memory="no"),
         )
 
@@ -123,7 +131,13 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                   Variant("cluster spread", "cluster", representative="spread"),
                   Variant("cluster spread no-text-units", "cluster", representative="spread", text_units=False),
                   Variant("token mass", "token", scoring="mass"),
-                  Variant("cluster mass spread", "cluster", scoring="mass", representative="spread")]
+                  Variant("cluster mass spread", "cluster", scoring="mass", representative="spread"),
+                  *(Variant(f"cluster coact={c:g}", "cluster", coactivation=c) for c in (0.1, 0.25, 0.5, 1.0, 2.0)),
+                  *(Variant(f"cluster coact={c:g} unit={u}", "cluster", coactivation=c, coactivation_unit=u)
+                    for c in (0.5, 1.0) for u in (1, 8)),
+                  *(Variant(f"cluster coact={c:g} probe={p:g}", "cluster", coactivation=c, coactivation_probe=p)
+                    for c in (0.5, 1.0) for p in (2.0, 8.0)),
+                  Variant("cluster coact=1 share=0.2", "cluster", coactivation=1.0, coactivation_max_share=0.2)]
 
 
 @dataclass(slots=True)
@@ -237,6 +251,10 @@ def run_model(model: str, s: Settings, log=print) -> dict:
                     if variant.method == "full":
                         top = torch.topk(ref.p_past, min(B, N), dim=1).values.sum(1)
                         conc[b].append(float((top / ref.p_past.sum(1).clamp(min=1e-30)).mean()))
+            if variant.coactivation > 0:  # what the question attended, at the engine's one budget
+                for layer in range(L):
+                    query = cache.query_for(layer, cap.q[layer].transpose(0, 1), cap.scale[layer])
+                    cache.retriever.observe(layer, query, budgets_of[qi][s.budgets[0]])
             for b in s.budgets:
                 rows[b].append(per_b[b])
             ex = {"past_tokens": N, "device_bytes": cache.device_bytes(), "index_bytes": cache.retriever.device_bytes(),
@@ -260,7 +278,9 @@ def run_model(model: str, s: Settings, log=print) -> dict:
                        "slab_tokens": cache.retriever.pool.slab_tokens, "split_size": variant.split_size,
                        "drain_before_query": variant.drain_before_query, "scoring": variant.scoring,
                        "fill": variant.fill, "text_units": variant.text_units,
-                       "representative": variant.representative},
+                       "representative": variant.representative, "coactivation": variant.coactivation,
+                       "coactivation_unit": variant.coactivation_unit, "coactivation_probe": variant.coactivation_probe,
+                       "coactivation_max_share": variant.coactivation_max_share},
             "device_bytes": last["device_bytes"], "index_bytes": last["index_bytes"],
             "host_bytes": last["host_bytes"], "replay_s": round(time.perf_counter() - tv, 2),
             "budgets": {},

@@ -77,6 +77,7 @@ def _aggregate(rows: list[list[dict]], num_layers: int) -> dict:
         out[f"{key}_worst_layer"] = pl[w]
         out[f"{key}_worst_layer_index"] = w
         out[f"{key}_per_layer"] = pl
+    out["past_recall_per_question"] = [sum(r["past_recall"] for r in q) / num_layers for q in rows]
     out["copies_per_query"] = sum(sum(r["copies"] for r in q) for q in rows) / len(rows)
     out["copies_per_layer"] = out["copies_per_query"] / num_layers
     out["bytes_per_query"] = sum(sum(r["bytes"] for r in q) for q in rows) / len(rows)

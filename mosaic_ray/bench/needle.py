@@ -83,6 +83,7 @@ class Variant:
     fill: str = _CACHE.fill
     text_units: bool = _CLUSTER.text_units
     representative: str = _CLUSTER.representative
+    coactivation: float = _CLUSTER.coactivation
 
     def cache_config(self, s: "Settings", budget: float) -> CacheConfig:
         return CacheConfig(
@@ -91,7 +92,7 @@ class Variant:
             offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
             cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
                                   max_size=max(_CLUSTER.max_size, 2 * self.split_size), text_units=self.text_units,
-                                  representative=self.representative),
+                                  representative=self.representative, coactivation=self.coactivation),
             pool=PoolConfig(capacity_bytes=1 << 20, pin_memory="no"),  # streams live in the engine's pool
         )
 
@@ -105,8 +106,8 @@ ORACLES = [Variant("oracle", "token", scoring="mass"), Variant("near-needle", "f
 
 
 def parse_variant(spec: str) -> Variant:
-    """'cluster:vr=0.05,split=32' -> a variant named 'cluster vr=0.05 split=32'. Knobs: vr, split and
-    text=on|off (cluster: ClusterConfig), scoring=mean|max and fill=prefix|skip (frame, token,
+    """'cluster:vr=0.05,split=32' -> a variant named 'cluster vr=0.05 split=32'. Knobs: vr, split,
+    text=on|off, rep and coact (cluster: ClusterConfig), scoring=mean|max and fill=prefix|skip (frame, token,
     cluster: CacheConfig)."""
     method, _, knobs = spec.partition(":")
     if method not in ("frame", "token", "cluster") or not knobs:
@@ -124,8 +125,10 @@ def parse_variant(spec: str) -> Variant:
             v.text_units = value == "on"
         elif key == "rep" and method == "cluster":  # centroid | bound, checked by ClusterConfig
             v.representative = value
+        elif key == "coact" and method == "cluster":  # ClusterConfig.coactivation
+            v.coactivation = float(value)
         else:
-            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, text=on|off, rep, scoring, fill)")
+            raise ValueError(f"unknown knob {key!r} for {method} in {spec!r} (known: vr, split, text=on|off, rep, coact, scoring, fill)")
     return v
 
 

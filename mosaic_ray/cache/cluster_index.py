@@ -70,10 +70,15 @@ class ClusterIndex:
         self.querying = 0
 
     def _no_text(self) -> None:
-        # Text segments' tokens: exact keys [G, t, D] and the cluster slot of each [G, t]
+        # Exact units' tokens (text segments, co-activation units): exact keys [G, t, D] and the
+        # cluster slot of each [G, t]; -1 pads a group with fewer of them (its key row is 0)
         G, D = self.layout.groups, self.layout.head_dim
         self.text_keys = torch.empty(G, 0, D, dtype=self.layout.dtype, device=self.device)
         self.text_slot = torch.empty(G, 0, dtype=torch.int64, device=self.device)
+        # what questions attended, waiting for `regroup` (cache/coactivation.py): (g, c, member, weight)
+        self.attended: list[tuple[torch.Tensor, ...]] = []
+        # tokens per group that co-activation made exact (bounded by `coactivation_max_share`)
+        self.coactivated = torch.zeros(G, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, capacity: int) -> None:
@@ -156,7 +161,8 @@ class ClusterIndex:
         step = max(1, self.config.distance_block_elems // max(1, n * C))
         used = torch.arange(C, device=self.device)[None, :] < self.num_clusters[:, None]
         used &= self.count[:, :C] < self.config.max_size  # a full cluster takes no member: the nearest with room
-        used &= ~self.text_mask()[:, :C]  # nor does a text segment's
+        used &= ~self.text_mask()[:, :C]  # nor does an exact unit's
+        used &= self.count[:, :C] > 0  # a slot regrouping emptied is no cluster
         for g0 in range(0, G, step):
             g1 = min(G, g0 + step)
             mu = self.centroid[g0:g1, :C]
@@ -201,8 +207,7 @@ class ClusterIndex:
         slab_of, new_slab_keys = self._slab_needs(assign, member_rank, base + new_per_group)
         new_slabs = self.pool.allocate(int(new_slab_keys.numel()), self.owner)
         if pieces:  # their exact keys, on the device: a text unit scores by its best token
-            self.text_keys = torch.cat([self.text_keys, batch.keys[:, text_idx].to(self.device, self.layout.dtype)], 1)
-            self.text_slot = torch.cat([self.text_slot, assign[:, text_idx]], 1)  # before `_flag`: never split
+            self.add_exact(batch.keys[:, text_idx], assign[:, text_idx])  # before `_flag`: never split
         self._commit(batch, x, x2, assign, member_rank, slab_of, new_slab_keys, new_slabs, new_per_group, key_stats, tau)
         return assign
 
@@ -226,12 +231,18 @@ class ClusterIndex:
         return idx, piece_of, int(piece_of[-1]) + 1
 
     def text_mask(self, groups: slice = slice(None)) -> torch.Tensor:
-        """[g, capacity] True for the cluster slots of `groups` that hold a text segment's piece."""
+        """[g, capacity] True for the cluster slots of `groups` that hold an exact unit (a text
+        segment's piece, or a co-activation unit)."""
         slot = self.text_slot[groups]
-        mask = torch.zeros(slot.shape[0], self.capacity, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(slot.shape[0], self.capacity + 1, dtype=torch.bool, device=self.device)
         if slot.shape[1]:
-            mask.scatter_(1, slot, True)
-        return mask
+            mask.scatter_(1, slot.masked_fill(slot < 0, self.capacity), True)
+        return mask[:, : self.capacity].contiguous()
+
+    def add_exact(self, keys: torch.Tensor, slot: torch.Tensor) -> None:
+        """Append exact units' tokens: keys [G, t, D], their cluster slots [G, t] (-1: padding)."""
+        self.text_keys = torch.cat([self.text_keys, keys.to(self.device, self.layout.dtype)], 1)
+        self.text_slot = torch.cat([self.text_slot, slot.to(self.device)], 1)
 
     def _tau_from(self, count, ksum, ksumsq) -> torch.Tensor:
         n = count.clamp(min=1)

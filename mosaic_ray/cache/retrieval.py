@@ -16,12 +16,17 @@ is exact); what comes back is bit-exact with what was inserted.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mosaic_ray.cache.cluster_index import ClusterIndex
+from mosaic_ray.cache.coactivation import attended_members, log_attended, regroup
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.full_retriever import FullRetriever
+from mosaic_ray.cache.gather import gather
 from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.query_set import QuerySet
 from mosaic_ray.cache.retriever import Retriever, _time_mask
 from mosaic_ray.cache.selection import NEG_INF, greedy_fill, pack_in_order, prefix_positions, select_units, time_overlap
 from mosaic_ray.cache.time_log import TimeLog, _grow
@@ -145,6 +150,8 @@ class ClusterRetriever(Retriever):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.index = ClusterIndex(self.layout, self.config.cluster, self.pool, self.owner, self.device)
+        # layer -> (QuerySet, budget) of the newest question not yet probed there, oldest layer first
+        self._asked: dict[int, tuple] = {}
 
     def insert(self, batch: TokenBatch) -> None:
         self.index.insert(batch)
@@ -161,15 +168,16 @@ class ClusterRetriever(Retriever):
         if ix.text_slot.shape[1] == 0:
             return self._unit_scores(query, ix.centroid[g], ix.count[g], bounds, spread)
         is_text, C = ix.text_mask(g), ix.capacity
-        text_keys = ix.text_keys[g].float()
+        text_keys, slot = ix.text_keys[g].float(), ix.text_slot[g]
         reps = torch.cat([ix.centroid[g], text_keys], 1)
-        sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), torch.ones_like(ix.text_slot[g])], 1)
+        sizes = torch.cat([ix.count[g].masked_fill(is_text, 0), (slot >= 0).long()], 1)  # padding weighs nothing
         if bounds is not None:  # a text token's bound is the token
             bounds = (torch.cat([bounds[0], text_keys], 1), torch.cat([bounds[1], text_keys], 1))
         if spread is not None:  # a text token is exact
             spread = torch.cat([spread, torch.zeros_like(ix.text_slot[g], dtype=spread.dtype)], 1)
         s = self._unit_scores(query, reps, sizes, bounds, spread)
-        return s[:, :C].masked_fill(is_text, NEG_INF).scatter_reduce(1, ix.text_slot[g], s[:, C:], "amax")
+        exact = s[:, C:].masked_fill(slot < 0, NEG_INF)
+        return s[:, :C].masked_fill(is_text, NEG_INF).scatter_reduce(1, slot.clamp(min=0), exact, "amax")
 
     def _ranked(self, layer: int, query, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's clusters best-first: (order, sizes in that order, running total), [H, C]
@@ -181,6 +189,47 @@ class ClusterRetriever(Retriever):
         if self.config.fill == "skip":
             sizes = greedy_fill(sizes, budget)
         return order, sizes, torch.cumsum(sizes, 1)
+
+    # ------------------------------------------------------------------ co-activation
+    @property
+    def observes(self) -> bool:
+        """Questions' attention reshapes the clusters (`ClusterConfig.coactivation` > 0)."""
+        return self.index.config.coactivation > 0
+
+    def observe(self, layer: int, query, budget: int) -> None:
+        """Remember that a question asked layer `layer` with `query` at `budget` (`retrieve_into`
+        does it on the question path; replays that retrieve at several budgets call it for one).
+        Nothing is computed now: the next `maintain` does it (`_probe_asked`). A layer keeps only
+        its newest question (what the next question attends is most like the last one's: module
+        doc of cache/coactivation.py), so the backlog is at most one entry per layer."""
+        if self.observes and isinstance(query, QuerySet):
+            self._asked.pop(layer, None)
+            self._asked[layer] = (query, budget)
+
+    def _probe_asked(self, max_work: int | None) -> int:
+        """For the questions remembered, layer by layer in the order asked: the layer's best
+        clusters, `coactivation_probe` x its budget of them, scored member by member with their
+        exact keys (read from the pool, off the question's path), and the members that would get
+        most of its attention logged for `regroup`. A layer costs ceil(members read / max_size)
+        units of upkeep (a split reads at most max_size members: one unit); at least one layer
+        is probed per call, then layers while `max_work` lasts; the rest wait for the next call.
+        Returns the units spent."""
+        cfg, H = self.index.config, self.layout.num_kv_heads
+        done = 0
+        while self._asked and (max_work is None or done < max_work or done == 0):
+            layer = next(iter(self._asked))
+            query, budget = self._asked.pop(layer)
+            width = min(self.past_tokens, math.ceil(budget * cfg.coactivation_probe))
+            if width <= 0:
+                continue
+            g = slice(layer * H, (layer + 1) * H)
+            ranked = self._ranked(layer, query, width)
+            rows, _ = cluster_positions(*ranked, self.index.slabs[g], width, width, self.index.S)
+            keys = gather(self.pool, rows, self.device, "k")["k"]
+            share = cfg.coactivation * min(budget, self.past_tokens) / width
+            log_attended(self.index, layer, *attended_members(query, keys, rows >= 0, *ranked, share))
+            done += -(-width * H // cfg.max_size)
+        return done
 
     def select(self, layer, query, budget, since=None, until=None) -> Selection:
         self._check_query(layer, query)
@@ -205,16 +254,21 @@ class ClusterRetriever(Retriever):
         moved into the question's slots by one `gather_clusters` launch (the rows of `select`, in
         the same layout; nothing listed on the host, no sync)."""
         if since is not None or until is not None or prefetched is not None:
-            return super().retrieve_into(layer, query, budget, work, counts, since, until, prefetched)
+            sel = super().retrieve_into(layer, query, budget, work, counts, since, until, prefetched)
+            if since is None and until is None:
+                self.observe(layer, query, budget)
+            return sel
         self._check_query(layer, query)
         ix, H, kv = self.index, self.layout.num_kv_heads, work.pool
         budget = min(budget, self.past_tokens)
         with ix.query_guard():
             order, sizes, csum = self._ranked(layer, query, budget)
             gpu = kv.k.is_cuda and self.pool.pinned
+            slots = work.retrieved[:budget]
             gather_clusters(self.pool.kv, order, sizes, csum, ix.slabs[layer * H : (layer + 1) * H], budget,
-                            work.retrieved[:budget], kv.k[layer], kv.v[layer], kv.valid[layer], counts,
+                            slots, kv.k[layer], kv.v[layer], kv.valid[layer], counts,
                             backend="auto" if gpu else "torch")
+        self.observe(layer, query, budget)
         return None
 
     def fetch(self, sel, since=None, until=None, prefetched=None) -> Retrieved:
@@ -235,13 +289,26 @@ class ClusterRetriever(Retriever):
         return (cnt.float() * frac).ceil().long().clamp(min=1).minimum(cnt)
 
     def maintain(self, max_work: int | None = None) -> int:
-        return self.index.drain_splits(max_work)
+        """Upkeep, up to `max_work` units: probe what the questions asked since the last call
+        attended (co-activation, `_probe_asked`), regroup what that found (before anything else
+        moves the members it names), then drain deferred splits with what is left. Returns the
+        units done."""
+        done = 0
+        if self._asked:
+            with self.index.query_guard():
+                done += self._probe_asked(max_work)
+        if self.index.attended:
+            done += -(-regroup(self.index) // self.index.config.max_size)
+        if max_work is not None and done >= max_work:
+            return done
+        return done + self.index.drain_splits(None if max_work is None else max_work - done)
 
     def device_bytes(self) -> int:
         return self.index.metadata_bytes()
 
     def release(self) -> int:
         self.past_tokens = 0
+        self._asked.clear()
         return self.index.release()
 
 

@@ -29,10 +29,11 @@ _RETRIEVER_FIELDS = {
               ("log", ("slabs", "order", "time", "pos", "block"), ("size",), "slabs")],
     "cluster": [("", (), ("past_tokens",), None),
                 ("index", ("num_clusters", "count", "centroid", "sumsq", "t_min", "t_max", "slabs", "split_flag",
-                           "key_count", "key_sum", "key_sumsq", "text_keys", "text_slot", "kmin", "kmax"),
+                           "key_count", "key_sum", "key_sumsq", "text_keys", "text_slot", "kmin", "kmax",
+                           "coactivated"),
                  ("capacity",), "slabs")],
 }
-_OPTIONAL = ("text_keys", "text_slot", "kmin", "kmax")  # absent from older snapshots
+_OPTIONAL = ("text_keys", "text_slot", "kmin", "kmax", "coactivated")  # absent from older snapshots
 _COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
 
 

@@ -1,0 +1,105 @@
+"""Does what one question attends stay hot for the next? (issue 19 item 4, the premise of
+`ClusterConfig.coactivation`.)
+
+On the fidelity harness's real stream (`bench/fidelity_record.py`: real video + captions into
+DINOv2-small -> SmolLM2-135M, five questions, one mid-stream and four at the end), the exact
+attention of every question over the past is taken from the `full` replay (per layer and KV head,
+averaged over the question's queries). For each question j > 0 and budget b: the mass j puts on
+the union of the earlier questions' exact top-b tokens (its "hot set"), as a share of the mass of
+j's own exact top-b, the best b tokens of that hot set by j's attention (what exact units of the
+hot set could give at most), and the hot set's size in budgets. Means over layers and heads.
+
+    python scaling_bench/attention_persistence.py --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mosaic_ray.bench import fidelity as F
+from mosaic_ray.bench.fidelity_metrics import attend
+from mosaic_ray.bench.fidelity_record import record_stream
+
+
+def past_attention(rec, s) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(question, layer) -> (attention on each past token [Hkv, N], their stream order [N])."""
+    L, Hkv = rec.layout.num_layers, rec.layout.num_kv_heads
+    out = {}
+
+    def on_question(qi, cache):
+        cap = rec.questions[qi]
+        for layer in range(L):
+            k_res, v_res, _ = cache.resident(layer)
+            r = cache.retrieve(layer, cache.query_for(layer, cap.q[layer].transpose(0, 1), cap.scale[layer]))
+            R, N = k_res.shape[1], cache.past_tokens
+            ones = torch.ones(Hkv, R, dtype=torch.bool)
+            _, p = attend(cap.q[layer], torch.cat([k_res, r.keys], 1), torch.cat([v_res, r.values], 1),
+                          torch.cat([ones, r.valid], 1), cap.k_new[layer], cap.v_new[layer], cap.scale[layer])
+            out[(qi, layer)] = (p[:, R:R + N].clone(), r.order[0, :N].clone())
+
+    F._replay(rec, F.Variant("full", "full"), s, on_question, out.clear)
+    return out
+
+
+def persistence(P, questions: int, layers: int, budget: float) -> list[dict]:
+    rows = []
+    for j in range(1, questions):
+        covered, best, size = [], [], []
+        for layer in range(layers):
+            pj, oj = P[(j, layer)]
+            N = pj.shape[1]
+            B = max(1, round(budget * N))
+            own = torch.topk(pj, B, 1).values.sum(1)
+            hot = torch.zeros_like(pj, dtype=torch.bool)
+            for i in range(j):
+                pi, oi = P[(i, layer)]
+                top = torch.topk(pi, max(1, round(budget * pi.shape[1])), 1).indices
+                hot.scatter_(1, torch.searchsorted(oj, oi[top]), True)
+            covered.append(float(((pj * hot).sum(1) / own).mean()))
+            best.append(float((torch.topk(pj.masked_fill(~hot, 0), B, 1).values.sum(1) / own).mean()))
+            size.append(float(hot.sum(1).float().mean() / B))
+        rows.append({"question": j, "past_tokens": int(P[(j, 0)][0].shape[1]),
+                     "hot_set_mass": sum(covered) / layers, "best_b_of_hot_set": sum(best) / layers,
+                     "hot_set_budgets": sum(size) / layers})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", default="0.05,0.1")
+    p.add_argument("--out", default="docs/results")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    s = F.parse_args(["--model", "dino-smollm2", "--out", a.out])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        rec = record_stream("dino-smollm2", s)
+        P = past_attention(rec, s)
+    L, nq = rec.layout.num_layers, len(rec.questions)
+    result = {"schema": "mosaic_ray.attention_persistence/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "method_doc": __doc__, "questions": [{"text": c.text, "past_tokens": c.past_tokens} for c in rec.questions],
+              "budgets": {b: persistence(P, nq, L, float(b)) for b in a.budgets.split(",")},
+              "elapsed_s": round(time.perf_counter() - t0, 1)}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_persistence.json").write_text(json.dumps(result, indent=1))
+    lines = ["| budget | question | past tokens | mass on earlier hot set / own top-b | best b of hot set | hot set size (budgets) |",
+             "|---|---|---|---|---|---|"]
+    for b, rows in result["budgets"].items():
+        lines += [f"| {float(b):.0%} | {r['question']} | {r['past_tokens']} | {r['hot_set_mass']:.3f} | "
+                  f"{r['best_b_of_hot_set']:.3f} | {r['hot_set_budgets']:.2f} |" for r in rows]
+    table = "\n".join(lines)
+    (out / "attention_persistence.md").write_text("# Attention persistence (generated by "
+                                                  "`scaling_bench/attention_persistence.py`)\n\n" + table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
