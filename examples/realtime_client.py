@@ -68,7 +68,9 @@ def main(a: argparse.Namespace) -> None:
             if ev["type"] == "response.output_text.delta":
                 print(ev["delta"], end="", flush=True)
             elif ev["type"] == "response.done":
-                print(f"\n   {ev['response']['status']}, first delta {ev['response']['ttft_ms'] or 0:.0f} ms")
+                r = ev["response"]  # finish_reason: stop | length | cancelled | error; usage: tokens or None
+                print(f"\n   {r['status']}, first delta {r['ttft_ms'] or 0:.0f} ms, finish_reason {r['finish_reason']}, "
+                      f"usage {r['usage']}")
                 break
         ws.send(json.dumps({"type": "session.close"}))
         until(ws, "session.closed")

@@ -61,6 +61,10 @@ class RealtimeSession:
             self.update(new_stream=stream_id is None, **options)
         self.next_seq = int(self.session.get("last_seq", -1)) + 1
         self.acks: list[dict] = []
+        # The `response` of the last `response.done` (docs/realtime.md, How an answer ends): status,
+        # output_text, deltas, finish_reason ("stop" | "length" | "cancelled" | "error") and usage
+        # ({prompt_tokens, completion_tokens, total_tokens} as the engine counts them, or None).
+        self.last_response: dict | None = None
 
     @property
     def stream_id(self) -> str:
@@ -121,11 +125,13 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ questions
     def ask_stream(self, question: str, **options: Any) -> Iterator[str]:
-        """The answer's text deltas as they arrive (max_tokens, temperature, since, until, ...)."""
+        """The answer's text deltas as they arrive (max_tokens, temperature, since, until, ...); once
+        they end, `last_response` says why (`finish_reason`) and what it used (`usage`)."""
         self._send({"type": "response.create", "response": {"question": question, **options}})
         while True:
             ev = self._until("response.output_text.delta", "response.done")
             if ev["type"] == "response.done":
+                self.last_response = ev["response"]
                 if ev["response"]["status"] != "completed":
                     raise MosaicAPIError(0, ev["response"]["status"], "the response did not complete")
                 return

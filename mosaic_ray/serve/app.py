@@ -46,6 +46,7 @@ from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
 from mosaic_ray.bounds import is_stream_id
 from mosaic_ray.runtime.router import new_stream_id
 from mosaic_ray.serve import sse
+from mosaic_ray.serve.answer_end import end_of, is_end
 from mosaic_ray.serve.auth import Authenticator, Caller
 from mosaic_ray.serve.body_limit import BodyLimit
 from mosaic_ray.serve.config import AppConfig, IngressSpec
@@ -253,7 +254,7 @@ class MosaicIngress:
             out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3,
-                "finish_reason": out.get("finish_reason", "stop"), "usage": out.get("usage")}
+                **end_of(out)}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, who: Caller = WhoJson) -> Any:
@@ -360,11 +361,11 @@ class MosaicIngress:
 
     async def _query_events(self, items: AsyncIterator[Any], start: float, ttft: float,
                             hide_prefix: str | None) -> AsyncIterator[bytes]:
-        n, end = 0, {"finish_reason": "stop", "usage": None}
+        n, end = 0, end_of(None)
         try:
             async for d in items:
-                if not isinstance(d, str):  # the shard's end: finish_reason and usage
-                    end = d
+                if is_end(d):  # the shard's end: finish_reason and usage
+                    end = end_of(d)
                     continue
                 n += 1
                 yield sse.event({"delta": d})

@@ -6,7 +6,8 @@ Invariants:
   `schemas.engine_ask`), after `refuse_unsupported` (400 naming each field) and before any frame
   of the request is appended: a refused request changes no stream.
 - `finish_reason` and `usage` are the engine's (`AnswerEnd`, carried by the shard's `answer` and by
-  `ask` with `with_end`); an engine that counts no tokens gives `usage: null`.
+  `ask` with `with_end`), read by `answer_end.end_of` as on every path; an engine that counts no
+  tokens gives `usage: null`.
 - A streamed answer's status is decided by its first delta (`MosaicIngress._start_answer`); with
   `stream_options.include_usage` every chunk carries `usage: null` and one last chunk with no
   choices carries the usage, before `data: [DONE]`, as OpenAI sends it.
@@ -24,6 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.serve import sse
+from mosaic_ray.serve.answer_end import end_of, is_end
 from mosaic_ray.serve.auth import Caller
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, CompletionRequest, _OpenAIRequest, decode_image
 from mosaic_ray.serve.limits import question_cost
@@ -93,7 +95,8 @@ class OpenAIRoutes:
                 return StreamingResponse(shape.events(items, body.include_usage, on_error),
                                          media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
             out = await self.ing._dir.call(sid, "answer", params)
-        return shape.whole(out["text"], out.get("finish_reason", "stop"), out.get("usage"))
+        end = end_of(out)
+        return shape.whole(out["text"], end["finish_reason"], end["usage"])
 
 
 class _Shape:
@@ -116,21 +119,21 @@ class _Shape:
         def chunk(part: dict[str, Any], finish: str | None = None) -> bytes:
             return sse.event(self._body(self.object_chunk, [{"index": 0, **part, "finish_reason": finish}], **extra))
 
-        end: dict[str, Any] = {}
+        end = end_of(None)
         if self.first() is not None:
             yield chunk(self.first())
         try:
             async for item in items:
-                if isinstance(item, str):
-                    yield chunk(self.delta(item))
+                if is_end(item):
+                    end = end_of(item)
                 else:
-                    end = item
+                    yield chunk(self.delta(item))
         except Exception as exc:
             yield sse.event(on_error(exc))
             return
-        yield chunk(self.delta(None), end.get("finish_reason", "stop"))
+        yield chunk(self.delta(None), end["finish_reason"])
         if include_usage:
-            yield sse.event(self._body(self.object_chunk, [], usage=end.get("usage")))
+            yield sse.event(self._body(self.object_chunk, [], usage=end["usage"]))
         yield sse.event("[DONE]")
 
     def full(self, text: str) -> dict[str, Any]: ...

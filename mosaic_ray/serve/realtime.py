@@ -18,6 +18,8 @@ Invariants:
 - Every refused client event gets exactly one `error` event naming its `event_id`; nothing a
   client sends closes the session except `session.close`, a disconnect or `idle_timeout_s`.
 - At most one response runs at a time; `response.cancel` stops it (`response.done`, cancelled).
+- Every `response.create` that starts an answer ends with one `response.done` carrying `status`,
+  `finish_reason` and `usage` (`answer_end.py`: the same source and meaning as HTTP's).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from mosaic_ray.engine.interface import UnknownStreamError
 from mosaic_ray.bounds import STREAM_ID_PATTERN, is_stream_id
+from mosaic_ray.serve.answer_end import cut_short, end_of, is_end
 from mosaic_ray.serve.config import AppConfig
 from mosaic_ray.serve.directory import StreamDirectory
 from mosaic_ray.serve.errors import response_for
@@ -258,7 +261,7 @@ class RealtimeSession:
                                       item={"id": f"item_{uuid.uuid4().hex[:12]}", **ev.item.model_dump()}))
 
     async def _respond(self, ev: ResponseCreate) -> None:
-        """Answer in a task of its own (so `response.cancel` can stop it); the worker waits for it."""
+        """Answer the question (`_answer`); the worker waits for it."""
         self._need_stream(ev)
         r = ev.response
         question = r.question or r.instructions or self.question
@@ -270,34 +273,43 @@ class RealtimeSession:
                                if v is not None}})
         async with self._charge(0, 0, question_cost(params)):  # the tenant's question tokens/s (429 when over)
             pass
-        rid = f"resp_{uuid.uuid4().hex[:12]}"
-        self._response = asyncio.create_task(self._answer(rid, params, ev.event_id))
-        await asyncio.wait({self._response})  # unlike awaiting it, a cancelled answer is no error here
-        self._response = None
+        await self._answer(f"resp_{uuid.uuid4().hex[:12]}", params, ev.event_id)
         self.question = None if r.question is None and r.instructions is None else self.question
 
     async def _answer(self, rid: str, params: dict, event_id: str | None) -> None:
+        """The deltas come from a task of their own (`response.cancel` cancels it); `response.done`
+        then says how the answer ended: `finish_reason` and `usage` are the engine's end item
+        (`answer_end.end_of`, as HTTP's), or `cut_short` ("cancelled", "error") when none came."""
         start = time.perf_counter()
         await self._send(server_event("response.created", ack_for=event_id, response={"id": rid, "status": "in_progress"}))
-        parts: list[str] = []
-        ttft = None
-        status = "completed"
-        try:
-            async for delta in self.dir.stream(self._need_stream(None), "ask", params):
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                parts.append(delta)
-                await self._send(server_event("response.output_text.delta", response_id=rid, delta=delta))
-        except asyncio.CancelledError:
-            status = "cancelled"
-        except Exception as exc:
-            status = "failed"
+        got: dict[str, Any] = {"parts": [], "ttft": None, "end": None}
+        self._response = asyncio.create_task(self._deltas(rid, params, start, got))
+        await asyncio.wait({self._response})  # unlike awaiting it, a cancelled answer is no error here
+        task, self._response = self._response, None
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            status, end = "failed", cut_short("error")
             await self._send_error(exc, event_id)
-        text = "".join(parts)
+        elif got["end"] is None and task.cancelled():
+            status, end = "cancelled", cut_short("cancelled")
+        else:  # a cancel that came after the engine's end changes nothing: the answer is whole
+            status, end = "completed", end_of(got["end"])
+        text, ttft = "".join(got["parts"]), got["ttft"]
         if status == "completed":
             await self._send(server_event("response.output_text.done", response_id=rid, text=text))
         await self._send(server_event("response.done", response={
-            "id": rid, "status": status, "output_text": text, "deltas": len(parts),
+            "id": rid, "status": status, "output_text": text, "deltas": len(got["parts"]), **end,
             "ttft_ms": None if ttft is None else ttft * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3}))
+
+    async def _deltas(self, rid: str, params: dict, start: float, got: dict[str, Any]) -> None:
+        """Send each text delta as it comes; keep them, the first one's time and the shard's end item in `got`."""
+        async for item in self.dir.stream(self._need_stream(None), "ask", params, True):  # with_end
+            if is_end(item):
+                got["end"] = item
+                continue
+            got["ttft"] = got["ttft"] if got["ttft"] is not None else time.perf_counter() - start
+            got["parts"].append(item)
+            await self._send(server_event("response.output_text.delta", response_id=rid, delta=item))
 
     async def _cancel(self, ev: ResponseCancel) -> None:
         if self._response is None or self._response.done():

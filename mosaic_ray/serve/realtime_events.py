@@ -19,6 +19,9 @@ format of `POST /v1/streams/{id}/frames`. Server events are plain dicts built by
     ping                            pong; heartbeat (every heartbeat_s)
     session.close                   session.closed, then close code 1000
                                     error (code, message, event_id: the session stays usable)
+
+`response.done` ends every answer once, with `response` = `RESPONSE_DONE_FIELDS` (below): how it
+ended and what it used, with the meaning of the HTTP and OpenAI paths (`answer_end.py`).
 """
 
 from __future__ import annotations
@@ -201,6 +204,23 @@ def parse_event(text: str) -> Any:
 
 # ---------------------------------------------------------------------- server events
 _ids = itertools.count(1)
+
+# The `response` object of `response.done`, field by field (docs/realtime.md has the same table).
+RESPONSE_DONE_FIELDS: dict[str, str] = {
+    "id": "the response's id (`resp_...`), as in response.created and every delta's response_id",
+    "status": '"completed" (the engine ended it: finish_reason stop or length), "cancelled" '
+              '(response.cancel before the engine\'s end) or "failed" (an `error` event came before)',
+    "output_text": "the text of every delta sent, joined",
+    "deltas": "how many response.output_text.delta events were sent",
+    "finish_reason": '"stop" (an end-of-text token or a stop string), "length" (max_tokens reached), '
+                     '"cancelled" (status cancelled) or "error" (status failed)',
+    "usage": "{prompt_tokens: the question's prompt tokens fed for this answer (not the stream's context), "
+             "completion_tokens: every sampled token, an end-of-text token too, total_tokens: their sum}, "
+             "the engine's count as in the OpenAI path; null when the engine counts no tokens or the "
+             "answer was cancelled or failed (its count never came)",
+    "ttft_ms": "response.create taken up -> first delta (null without one)",
+    "latency_ms": "response.create taken up -> response.done",
+}
 
 
 def server_event(type_: str, **fields: Any) -> dict[str, Any]:

@@ -55,6 +55,22 @@ def test_push_ask_reconnect_resume(serve_url):
     httpx.delete(f"{serve_url}/v1/streams/{sid}")
 
 
+def test_last_response_says_why_the_answer_ended_and_what_it_used(serve_url):
+    with RealtimeSession(serve_url) as rt:
+        assert rt.last_response is None
+        rt.push(frames(1))
+        deltas = list(rt.ask_stream("What is there?", max_tokens=2))  # cut by max_tokens
+        r = rt.last_response
+        assert (r["status"], r["finish_reason"], len(deltas)) == ("completed", "length", 2)
+        assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        text = rt.ask("What is there now?", max_tokens=64)  # ends on its own (a word a token)
+        r = rt.last_response
+        assert (r["finish_reason"], r["output_text"], r["usage"]["completion_tokens"]) == ("stop", text,
+                                                                                          len(text.split(" ")))
+        sid = rt.stream_id
+    httpx.delete(f"{serve_url}/v1/streams/{sid}")
+
+
 def test_demo_realtime(ray_cluster, capsys):
     rc = main(["demo", "--realtime", "--prune", "--model", "tiny", "--max-frames", str(FRAMES), "--port", "0"])
     out = capsys.readouterr().out

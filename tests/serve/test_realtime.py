@@ -1,6 +1,7 @@
 """The realtime WebSocket endpoint on a running Serve app (fake engine, 2 shards): a session end
 to end, close and resume of the same stream, every kind of refused event answered by an `error`
-with the session still usable, and HTTP + WebSocket on one stream at once."""
+with the session still usable, HTTP + WebSocket on one stream at once, and how `response.done`
+reports an answer's end (finish_reason and usage: stop, length, cancelled by the client)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import msgpack
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.runtime.fake_engine import fake_app_config
+from tests.serve.serve_apps import extra_app
 
 pytestmark = pytest.mark.ray
 websockets = pytest.importorskip("websockets.sync.client")
@@ -217,6 +221,7 @@ def test_the_example_client_runs_and_resumes(serve_url, http, capsys):
     example.main(args)  # a second run resumes the stream after its last acknowledged seq
     out = capsys.readouterr().out
     assert "frame seq 5 " in out and out.count("completed, first delta") == 2, out
+    assert out.count("finish_reason stop, usage {'prompt_tokens'") == 2, out  # max_tokens 24 > the fake's 11 words
     assert http.get("/v1/streams/rt-example").json()["frames"] == 6
     http.delete("/v1/streams/rt-example")
 
@@ -273,3 +278,56 @@ def test_a_stream_id_with_a_newline_makes_no_stream(serve_url, http):
     assert first["type"] == "error" and first["error"]["code"] == "invalid_request"
     assert created["type"] == "session.created" and created["session"]["stream_id"] is None
     assert not any(ref["id"].startswith("cam-nl") for ref in http.get("/v1/streams").json()["streams"])
+
+
+# ---------------------------------------------------------------------- how an answer ends
+FAKE_ANSWER_WORDS = 11  # "I saw N frames and M notes; brightness B; digest D." (a word a token)
+TOKEN_DELAY_S = 0.25  # the slow app's engine time per token: room to cancel mid-answer
+
+
+def _deltas_of(seen: list[dict]) -> list[str]:
+    return [e["delta"] for e in seen if e["type"] == "response.output_text.delta"]
+
+
+def test_done_reports_stop_and_length_with_the_engines_usage(serve_url, http):
+    s = Session(serve_url, "rt-finish")
+    s.append(0, ts=0.0)
+    _, seen = s.ask(max_tokens=64)  # the answer ends before max_tokens
+    deltas, done = _deltas_of(seen), seen[-1]["response"]
+    assert (done["finish_reason"], len(deltas), done["deltas"]) == ("stop", FAKE_ANSWER_WORDS, FAKE_ANSWER_WORDS)
+    assert done["usage"] == {"prompt_tokens": len(QUESTION.split()), "completion_tokens": len(deltas),
+                             "total_tokens": len(QUESTION.split()) + len(deltas)}
+    text, seen = s.ask("Which frames?", max_tokens=2)  # cut by max_tokens
+    deltas, done = _deltas_of(seen), seen[-1]["response"]
+    assert (done["finish_reason"], len(deltas), len(text.split())) == ("length", 2, 2)
+    assert done["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    # the same fields, counted the same way, as the HTTP query of the same stream
+    q = http.post("/v1/streams/rt-finish/query", json={"question": QUESTION, "max_tokens": 3}).json()
+    assert (q["finish_reason"], q["usage"]["prompt_tokens"], q["usage"]["completion_tokens"]) == (
+        "length", len(QUESTION.split()), 3)
+    s.close()
+    http.delete("/v1/streams/rt-finish")
+
+
+@pytest.fixture(scope="module")
+def slow_url(serve_url):
+    with extra_app(serve_url, "rtslow", fake_app_config("rtslow", num_shards=1, token_delay_s=TOKEN_DELAY_S)) as url:
+        yield url
+
+
+def test_done_reports_a_cancel_mid_answer_then_the_session_answers_again(slow_url):
+    s = Session(slow_url, "rt-cancel")
+    s.append(0, ts=0.0)
+    s.send(type="response.create", response={"question": QUESTION, "max_tokens": 64})
+    seen: list[dict] = []
+    s.until("response.output_text.delta", seen)
+    s.until("response.output_text.delta", seen)
+    s.send(type="response.cancel")
+    done = s.until("response.done", seen)["response"]
+    deltas = _deltas_of(seen)
+    assert (done["status"], done["finish_reason"], done["usage"]) == ("cancelled", "cancelled", None)
+    assert 2 <= done["deltas"] == len(deltas) < FAKE_ANSWER_WORDS and done["output_text"] == "".join(deltas)
+    assert "response.output_text.done" not in [e["type"] for e in seen]
+    _, seen = s.ask(max_tokens=3)  # the stream and the session go on
+    assert (seen[-1]["response"]["finish_reason"], seen[-1]["response"]["usage"]["completion_tokens"]) == ("length", 3)
+    s.close()

@@ -1,5 +1,6 @@
 """RealtimeSession alone (no Ray, no HTTP): a fake socket and a fake directory. Timers (heartbeat,
-idle timeout), response.cancel, the order of acks, a refused key, and the pruned count of acks."""
+idle timeout), response.cancel, the order of acks, a refused key, the pruned count of acks, and how
+`response.done` reports an answer's end (finish_reason, usage: stop, length, cancelled, error)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 from starlette.websockets import WebSocketState
 
-from mosaic_ray.engine.interface import UnknownStreamError
+from mosaic_ray.engine.interface import AnswerEnd, UnknownStreamError
 from mosaic_ray.serve.config import AppConfig
 from mosaic_ray.serve.errors import UnauthorizedError
 from mosaic_ray.serve.frames import FrameParser
@@ -56,8 +57,13 @@ class FakeSocket:
         return [e["type"] for e in self.sent]
 
 
+ANSWER_WORDS = 20
+
+
 class FakeDirectory:
-    """One stream `s`; every other frame is pruned; answers are 20 slow deltas."""
+    """One stream `s`; every other frame is pruned; answers are ANSWER_WORDS slow one-word deltas
+    (a word a token, as the fake engine's), cut at max_tokens, then with `with_end` the shard's
+    end item as `AnswerEnd.as_dict` makes it."""
 
     def __init__(self) -> None:
         self.last_seq, self.frames, self.pruned = -1, 0, 0
@@ -80,10 +86,13 @@ class FakeDirectory:
     async def ask_router(self, method: str, *args):
         return {"id": args[0] or "s", "shard": "x"}
 
-    async def stream(self, sid: str, method: str, params: dict):
-        for i in range(20):
+    async def stream(self, sid: str, method: str, params: dict, with_end: bool = False):
+        n = min(ANSWER_WORDS, params["max_tokens"])
+        for i in range(n):
             await asyncio.sleep(0.02)
             yield f"d{i} "
+        if with_end:
+            yield AnswerEnd("length" if n < ANSWER_WORDS else "stop", len(params["question"].split()), n).as_dict()
 
 
 def session(identify=None, **realtime) -> tuple[FakeSocket, asyncio.Task]:
@@ -124,7 +133,8 @@ def test_acks_in_order_with_pruned_counts_then_cancel_and_close():
         await until(ws, "response.output_text.delta", 2)
         ws.push(type="response.cancel")
         (done,) = await until(ws, "response.done")
-        assert done["response"]["status"] == "cancelled" and 2 <= done["response"]["deltas"] < 20
+        assert done["response"]["status"] == "cancelled" and 2 <= done["response"]["deltas"] < ANSWER_WORDS
+        assert (done["response"]["finish_reason"], done["response"]["usage"]) == ("cancelled", None)
         ws.push(type="session.close")
         await asyncio.wait_for(task, 5)
         assert ws.kinds()[-1] == "session.closed" and ws.closed == (1000, "")
@@ -173,7 +183,7 @@ class RecordingDirectory(FakeDirectory):
         self.created.append(args[0])
         return await super().ask_router(method, *args)
 
-    async def stream(self, sid: str, method: str, params: dict):
+    async def stream(self, sid: str, method: str, params: dict, with_end: bool = False):
         self.asked.append(params)
         yield "ok"
 
@@ -209,3 +219,94 @@ def test_a_long_question_never_reaches_the_engine_and_bounds_hold():
         await asyncio.wait_for(task, 5)
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------------- how an answer ends
+class EndingDirectory(FakeDirectory):
+    """FakeDirectory whose answers may fail midway (`fail_after` deltas) or stay open after the
+    end item (`linger_s`: the shard's generator not yet closed when a cancel comes)."""
+
+    def __init__(self, fail_after: int | None = None, linger_s: float = 0.0) -> None:
+        super().__init__()
+        self.fail_after, self.linger_s = fail_after, linger_s
+
+    async def stream(self, sid: str, method: str, params: dict, with_end: bool = False):
+        assert with_end, "the session must ask for the shard's end item"
+        n = 0
+        async for item in super().stream(sid, method, params, with_end):
+            if self.fail_after is not None and n == self.fail_after:
+                raise RuntimeError("the shard lost the answer")
+            n += isinstance(item, str)
+            yield item
+        await asyncio.sleep(self.linger_s)
+
+
+async def answer(ws: FakeSocket, n: int = 1, cancel_after: int | None = None, **response) -> tuple[list[str], dict]:
+    """Ask (the n-th answer of the session); cancel after `cancel_after` deltas; (deltas, response.done's response)."""
+    ws.push(type="response.create", response={"question": "what is in it?", **response})
+    if cancel_after is not None:
+        await until(ws, "response.output_text.delta", cancel_after)
+        ws.push(type="response.cancel")
+    done = (await until(ws, "response.done", n))[-1]["response"]
+    deltas = [e["delta"] for e in ws.sent if e["type"] == "response.output_text.delta" and e["response_id"] == done["id"]]
+    return deltas, done
+
+
+def run_with(directory: FakeDirectory, go) -> None:
+    async def main():
+        ws = FakeSocket()
+        task = asyncio.get_running_loop().create_task(
+            RealtimeSession(ws, directory, FrameParser(8, 1 << 20), AppConfig()).run("s"))
+        await go(ws)
+        ws.push(type="session.close")
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+
+
+def test_done_reports_stop_and_length_with_the_engines_usage():
+    async def go(ws):
+        deltas, done = await answer(ws, max_tokens=64)  # the answer ends before max_tokens
+        assert (done["status"], done["finish_reason"], len(deltas), done["deltas"]) == ("completed", "stop", 20, 20)
+        assert done["usage"] == {"prompt_tokens": 4, "completion_tokens": 20, "total_tokens": 24}
+        deltas, done = await answer(ws, 2, max_tokens=2)
+        assert (done["status"], done["finish_reason"], len(deltas)) == ("completed", "length", 2)
+        assert done["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+        assert done["output_text"] == "".join(deltas)
+        assert ws.kinds().count("response.output_text.done") == 2
+
+    run_with(FakeDirectory(), go)
+
+
+def test_done_reports_cancelled_then_the_session_answers_again():
+    async def go(ws):
+        deltas, done = await answer(ws, cancel_after=3, max_tokens=64)
+        assert (done["status"], done["finish_reason"], done["usage"]) == ("cancelled", "cancelled", None)
+        assert 3 <= done["deltas"] == len(deltas) < ANSWER_WORDS and done["output_text"] == "".join(deltas)
+        _, done = await answer(ws, 2, max_tokens=5)
+        assert (done["finish_reason"], done["usage"]["completion_tokens"]) == ("length", 5)
+
+    run_with(FakeDirectory(), go)
+
+
+def test_done_reports_error_after_the_error_event():
+    async def go(ws):
+        deltas, done = await answer(ws, max_tokens=64)
+        assert (done["status"], done["finish_reason"], done["usage"], len(deltas)) == ("failed", "error", None, 3)
+        kinds = ws.kinds()
+        assert kinds.index("error") < kinds.index("response.done") and "response.output_text.done" not in kinds
+
+    run_with(EndingDirectory(fail_after=3), go)
+
+
+def test_a_cancel_after_the_engines_end_keeps_the_answer_whole():
+    async def go(ws):
+        ws.push(type="response.create", response={"question": "what?", "max_tokens": 2})
+        await until(ws, "response.output_text.delta", 2)
+        await asyncio.sleep(0.2)  # the end item is in; the shard's generator is still open
+        ws.push(type="response.cancel")
+        (done,) = await until(ws, "response.done")
+        r = done["response"]
+        assert (r["status"], r["finish_reason"], r["usage"]["completion_tokens"]) == ("completed", "length", 2)
+
+    run_with(EndingDirectory(linger_s=1.0), go)
