@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from httpx_sse import aconnect_sse
 from tqdm.auto import tqdm
 
 from mosaic_ray.bounds import check_stream_id
@@ -35,7 +36,6 @@ from mosaic_ray.client.encoding import MSGPACK_TYPE, encode_batch
 from mosaic_ray.client.errors import MosaicAPIError
 from mosaic_ray.client.retry import RetryPolicy
 from mosaic_ray.client.sources import frames_from, is_live
-from mosaic_ray.client.sse import iter_events
 
 
 def _stream_path(stream_id: str, tail: str = "") -> str:
@@ -176,10 +176,12 @@ class AsyncMosaicClient:
         return resp.json()["answer"]
 
     async def ask_stream(self, stream_id: str, question: str, **params: Any) -> AsyncIterator[str]:
-        """The answer's text deltas as the server streams them (server-sent events)."""
+        """The answer's text deltas as the server streams them (server-sent events, read by httpx-sse's
+        `aconnect_sse`: it sends `Accept: text/event-stream` and parses the events)."""
         body = {"question": question, "stream": True, **params}
         for attempt in range(self.retry.max_attempts):
-            async with self._http.stream("POST", _stream_path(stream_id, "/query"), json=body) as resp:
+            async with aconnect_sse(self._http, "POST", _stream_path(stream_id, "/query"), json=body) as source:
+                resp = source.response
                 if resp.status_code >= 400:
                     await resp.aread()
                     if attempt + 1 < self.retry.max_attempts and self.retry.retryable(resp, idempotent=False):
@@ -187,13 +189,13 @@ class AsyncMosaicClient:
                         await asyncio.sleep(self.retry.delay(attempt, resp.headers.get("retry-after")))
                         continue
                     raise _api_error(resp)
-                async for event, data in iter_events(resp.aiter_lines()):
-                    if event == "error":
-                        err = data.get("error", {})
+                async for event in source.aiter_sse():
+                    if event.event == "error":
+                        err = event.json().get("error", {})
                         raise MosaicAPIError(500, err.get("code", "error"), err.get("message", ""))
-                    if event == "done":
+                    if event.event == "done":
                         return
-                    yield data["delta"]
+                    yield event.json()["delta"]
                 return
 
     # ------------------------------------------------------------------ internals

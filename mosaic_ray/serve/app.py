@@ -39,7 +39,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
@@ -248,8 +248,7 @@ class MosaicIngress:
         async with self._charged(who, 0, 0, question_cost(params)):
             if body.stream:
                 deltas, ttft = await self._start_answer(sid, params, with_end=True)
-                return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
-                                         headers=sse.HEADERS)
+                return sse.response(self._query_events(deltas, start, ttft, who.prefix))
             out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3,
@@ -359,7 +358,7 @@ class MosaicIngress:
         return lambda exc: _error_json(exc, who.prefix)
 
     async def _query_events(self, items: AsyncIterator[Any], start: float, ttft: float,
-                            hide_prefix: str | None) -> AsyncIterator[bytes]:
+                            hide_prefix: str | None) -> AsyncIterator[sse.ServerSentEvent]:
         n, end = 0, {"finish_reason": "stop", "usage": None}
         try:
             async for d in items:
