@@ -46,7 +46,7 @@ from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
 from mosaic_ray.bounds import is_stream_id
 from mosaic_ray.runtime.router import new_stream_id
 from mosaic_ray.serve import sse
-from mosaic_ray.serve.auth import Authenticator, Caller
+from mosaic_ray.serve.auth import Authenticator, Caller, presented_key, presented_ws_key
 from mosaic_ray.serve.body_limit import BodyLimit
 from mosaic_ray.serve.config import AppConfig, IngressSpec
 from mosaic_ray.serve.directory import StreamDirectory
@@ -114,17 +114,17 @@ def _body_timeouts() -> tuple[float, float]:
 api.add_middleware(BodyLimit, limit=_body_limit, timeouts=_body_timeouts)
 
 
-async def _caller(request: Request) -> Caller:
+async def _caller(request: Request, key: str | None = Depends(presented_key)) -> Caller:
     """The authenticated caller (401 without a valid key, once keys are configured); kept on the
     request so that error bodies can drop its tenant prefix (`errors.caller_prefix`)."""
-    who = _replica().auth.identify(request.headers)
+    who = _replica().auth.identify(key)
     request.state.caller = who
     return who
 
 
-async def _json_caller(request: Request) -> Caller:
+async def _json_caller(request: Request, key: str | None = Depends(presented_key)) -> Caller:
     """`_caller`, then a JSON body's content type (415 otherwise): a refused key comes first."""
-    who = await _caller(request)
+    who = await _caller(request, key)
     ctype = request.headers.get("content-type")
     if ctype is not None:
         media = ctype.split(";")[0].strip().lower()
@@ -133,8 +133,8 @@ async def _json_caller(request: Request) -> Caller:
     return who
 
 
-async def _admin(request: Request) -> Caller:
-    who = await _caller(request)
+async def _admin(request: Request, key: str | None = Depends(presented_key)) -> Caller:
+    who = await _caller(request, key)
     who.require_admin()
     return who
 
@@ -272,16 +272,17 @@ class MosaicIngress:
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")
-    async def realtime(self, websocket: WebSocket, stream_id: str | None = None) -> None:
+    async def realtime(self, websocket: WebSocket, stream_id: str | None = None,
+                       key: str | None = Depends(presented_ws_key)) -> None:
         """One realtime session per connection (`realtime.py`); keys, tenants and rates as for HTTP."""
         session = RealtimeSession(websocket, self._dir, self._parser, self._cfg, self._charged, self._ask)
-        await session.run(stream_id, lambda: self.auth.identify(websocket.headers, websocket.query_params))
+        await session.run(stream_id, lambda: self.auth.identify(key))
 
     # ------------------------------------------------------------------ service
-    @api.get("/health", response_model=Health)
-    async def health(self, request: Request) -> Any:
+    @api.get("/health", response_model=Health, openapi_extra={"security": [{}]})  # `{}`: a key is optional
+    async def health(self, key: str | None = Depends(presented_key)) -> Any:
         """Open to probes without a key; the per-shard reasons only to the admin (or with auth off)."""
-        who = self.auth.identify_optional(request.headers)
+        who = self.auth.identify_optional(key)
         shards = await self._dir.ask_router("health")
         ok = all(v == "ok" for v in shards.values())
         shown = shards if who is not None and who.admin else {}
