@@ -11,7 +11,8 @@ Guarantees:
 - Frames are never duplicated: every batch carries a seq (continuing from the stream's
   `last_seq` on the server), and a retried batch reuses its seq, which the server acknowledges
   without appending again.
-- Backpressure is honoured: 503/429 are retried after the server's Retry-After (`retry.py`).
+- Backpressure is honoured: 503/429 are retried after the server's Retry-After (`retry.py`, run
+  by tenacity).
 - A question is never sent twice once it may have reached the server.
 """
 
@@ -22,12 +23,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+from httpx_sse import EventSource, aconnect_sse
+from tenacity import RetryCallState
 from tqdm.auto import tqdm
 
 from mosaic_ray.bounds import check_stream_id
@@ -35,7 +39,6 @@ from mosaic_ray.client.encoding import MSGPACK_TYPE, encode_batch
 from mosaic_ray.client.errors import MosaicAPIError
 from mosaic_ray.client.retry import RetryPolicy
 from mosaic_ray.client.sources import frames_from, is_live
-from mosaic_ray.client.sse import iter_events
 
 
 def _stream_path(stream_id: str, tail: str = "") -> str:
@@ -176,25 +179,29 @@ class AsyncMosaicClient:
         return resp.json()["answer"]
 
     async def ask_stream(self, stream_id: str, question: str, **params: Any) -> AsyncIterator[str]:
-        """The answer's text deltas as the server streams them (server-sent events)."""
+        """The answer's text deltas as the server streams them (server-sent events, read by httpx-sse's
+        `aconnect_sse`: it sends `Accept: text/event-stream` and parses the events). Opening the
+        stream is retried as `ask` is; once events flow, nothing is."""
         body = {"question": question, "stream": True, **params}
-        for attempt in range(self.retry.max_attempts):
-            async with self._http.stream("POST", _stream_path(stream_id, "/query"), json=body) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    if attempt + 1 < self.retry.max_attempts and self.retry.retryable(resp, idempotent=False):
-                        self.retries += 1
-                        await asyncio.sleep(self.retry.delay(attempt, resp.headers.get("retry-after")))
-                        continue
-                    raise _api_error(resp)
-                async for event, data in iter_events(resp.aiter_lines()):
-                    if event == "error":
-                        err = data.get("error", {})
-                        raise MosaicAPIError(500, err.get("code", "error"), err.get("message", ""))
-                    if event == "done":
-                        return
-                    yield data["delta"]
-                return
+        async with AsyncExitStack() as opened:
+            async def open_events() -> httpx.Response:
+                await opened.aclose()  # the refused attempt before this one
+                sse = await opened.enter_async_context(
+                    aconnect_sse(self._http, "POST", _stream_path(stream_id, "/query"), json=body))
+                if sse.response.status_code >= 400:
+                    await sse.response.aread()
+                return sse.response
+
+            resp = await self.retry.retrying(False, self._count_retry)(open_events)
+            if resp.status_code >= 400:
+                raise _api_error(resp)
+            async for event in EventSource(resp).aiter_sse():
+                if event.event == "error":
+                    err = event.json().get("error", {})
+                    raise MosaicAPIError(500, err.get("code", "error"), err.get("message", ""))
+                if event.event == "done":
+                    return
+                yield event.json()["delta"]
 
     # ------------------------------------------------------------------ internals
     async def _seq_for(self, stream_id: str) -> int:
@@ -206,24 +213,23 @@ class AsyncMosaicClient:
         self, method: str, path: str, *, idempotent: bool, ok_after_retry: frozenset[int] | set[int] = frozenset(),
         **kwargs: Any,
     ) -> httpx.Response:
-        for attempt in range(self.retry.max_attempts):
-            outcome: httpx.Response | Exception
-            try:
-                outcome = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                outcome = exc
-            else:
-                if outcome.status_code < 400 or (attempt > 0 and outcome.status_code in ok_after_retry):
-                    return outcome
-            last = attempt + 1 == self.retry.max_attempts
-            if last or not self.retry.retryable(outcome, idempotent):
-                if isinstance(outcome, Exception):
-                    raise outcome
-                raise _api_error(outcome)
-            self.retries += 1
-            retry_after = outcome.headers.get("retry-after") if isinstance(outcome, httpx.Response) else None
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
-        raise AssertionError("unreachable")
+        """One request, tried again as `retry.py` says; an error status after the last try is a
+        `MosaicAPIError`, except one of `ok_after_retry` once the request was retried (a create
+        whose first try landed: 409; a delete: 404)."""
+        tries = 0
+
+        async def send() -> httpx.Response:
+            nonlocal tries
+            tries += 1
+            return await self._http.request(method, path, **kwargs)
+
+        resp = await self.retry.retrying(idempotent, self._count_retry)(send)
+        if resp.status_code < 400 or (tries > 1 and resp.status_code in ok_after_retry):
+            return resp
+        raise _api_error(resp)
+
+    def _count_retry(self, _state: RetryCallState) -> None:
+        self.retries += 1
 
 
 def _api_error(resp: httpx.Response) -> MosaicAPIError:

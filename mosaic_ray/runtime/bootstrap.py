@@ -10,11 +10,11 @@ stops it but `shutdown_runtime`, which a Serve app's replicas call when the app 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.frame_log import log_root, open_frame_log
@@ -38,17 +38,14 @@ def router_handle(config: RuntimeConfig) -> Any:
 
 async def connect_runtime(config: RuntimeConfig, timeout_s: float = 120.0) -> Any:
     """The runtime's router handle, once the router and every shard answer. A router that Ray is
-    restarting answers `ActorUnavailableError` meanwhile: waited for, up to `timeout_s`."""
+    restarting answers `ActorUnavailableError` meanwhile: asked again every 0.2 s (tenacity), up
+    to `timeout_s`, then that error is raised."""
     router = router_handle(config)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
+    async for attempt in AsyncRetrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.2), reraise=True,
+                                       retry=retry_if_exception_type(ActorUnavailableError)):
+        with attempt:
             await router.ready.remote()
-            return router
-        except ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    return router
 
 
 def shutdown_runtime(config: RuntimeConfig, forget_streams: bool = False) -> None:

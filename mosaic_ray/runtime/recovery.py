@@ -40,6 +40,7 @@ import time
 from typing import Any
 
 import ray
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.errors import (
@@ -151,14 +152,17 @@ class ShardRecovery:
         except Exception:
             pass
         index = self._cfg.shard_names.index(name)
-        while True:
-            try:
-                handle = spawn_shard(self._cfg, index)
-                await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.start_timeout_s)
-                break
-            except Exception as exc:  # the dead actor's name not yet released, or no resources
-                log.warning("replacement for %s not ready (%s); trying again", name, type(exc).__name__)
-                await asyncio.sleep(REPLACE_RETRY_S)
+
+        async def start() -> Any:
+            handle = spawn_shard(self._cfg, index)
+            await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.start_timeout_s)
+            return handle
+
+        def retrying(state: RetryCallState) -> None:  # the dead actor's name not yet released, or no resources
+            log.warning("replacement for %s not ready (%s); trying again", name, type(state.outcome.exception()).__name__)
+
+        # tenacity: every REPLACE_RETRY_S, until it starts (on any Exception)
+        handle = await AsyncRetrying(wait=wait_fixed(REPLACE_RETRY_S), before_sleep=retrying)(start)
         self._shards[name] = handle
         self._dead.discard(name)
         self._unhealthy.pop(name, None)
@@ -238,16 +242,14 @@ class ShardRecovery:
                 self._episodes[-1]["frames"] += int(info.get("frames", 0))
 
     async def _recovery_target(self) -> str:
-        """The least-loaded live shard; waits for a replacement while none lives."""
-        deadline = time.monotonic() + self._cfg.shard.start_timeout_s
-        while True:
-            try:
-                return await self._least_loaded()
-            except ShardUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                self._reports_at = 0.0
-                await asyncio.sleep(0.2)
+        """The least-loaded live shard; waits for a replacement while none lives (tenacity: asked
+        again every 0.2 s on fresh load reports, up to the shard start timeout, then raises)."""
+        def refresh(_state: RetryCallState) -> None:
+            self._reports_at = 0.0
+
+        return await AsyncRetrying(stop=stop_after_delay(self._cfg.shard.start_timeout_s), wait=wait_fixed(0.2),
+                                   retry=retry_if_exception_type(ShardUnavailableError), before_sleep=refresh,
+                                   reraise=True)(self._least_loaded)
 
     async def _recover_orphans(self, held: set[str]) -> None:
         """At start: streams with a log that no live shard holds are rebuilt."""

@@ -39,7 +39,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
@@ -47,7 +47,7 @@ from mosaic_ray.bounds import is_stream_id
 from mosaic_ray.runtime.router import new_stream_id
 from mosaic_ray.serve import sse
 from mosaic_ray.serve.answer_end import end_of, is_end
-from mosaic_ray.serve.auth import Authenticator, Caller
+from mosaic_ray.serve.auth import Authenticator, Caller, presented_key, presented_ws_key
 from mosaic_ray.serve.body_limit import BodyLimit
 from mosaic_ray.serve.config import AppConfig, IngressSpec
 from mosaic_ray.serve.directory import StreamDirectory
@@ -115,17 +115,17 @@ def _body_timeouts() -> tuple[float, float]:
 api.add_middleware(BodyLimit, limit=_body_limit, timeouts=_body_timeouts)
 
 
-async def _caller(request: Request) -> Caller:
+async def _caller(request: Request, key: str | None = Depends(presented_key)) -> Caller:
     """The authenticated caller (401 without a valid key, once keys are configured); kept on the
     request so that error bodies can drop its tenant prefix (`errors.caller_prefix`)."""
-    who = _replica().auth.identify(request.headers)
+    who = _replica().auth.identify(key)
     request.state.caller = who
     return who
 
 
-async def _json_caller(request: Request) -> Caller:
+async def _json_caller(request: Request, key: str | None = Depends(presented_key)) -> Caller:
     """`_caller`, then a JSON body's content type (415 otherwise): a refused key comes first."""
-    who = await _caller(request)
+    who = await _caller(request, key)
     ctype = request.headers.get("content-type")
     if ctype is not None:
         media = ctype.split(";")[0].strip().lower()
@@ -134,8 +134,8 @@ async def _json_caller(request: Request) -> Caller:
     return who
 
 
-async def _admin(request: Request) -> Caller:
-    who = await _caller(request)
+async def _admin(request: Request, key: str | None = Depends(presented_key)) -> Caller:
+    who = await _caller(request, key)
     who.require_admin()
     return who
 
@@ -249,8 +249,7 @@ class MosaicIngress:
         async with self._charged(who, 0, 0, question_cost(params)):
             if body.stream:
                 deltas, ttft = await self._start_answer(sid, params, with_end=True)
-                return StreamingResponse(self._query_events(deltas, start, ttft, who.prefix), media_type=sse.MEDIA_TYPE,
-                                         headers=sse.HEADERS)
+                return sse.response(self._query_events(deltas, start, ttft, who.prefix))
             out = await self._dir.call(sid, "answer", params)
         return {"stream_id": stream_id, "answer": out["text"], "deltas": out["deltas"],
                 "ttft_ms": out["ttft_s"] * 1e3, "latency_ms": (time.perf_counter() - start) * 1e3,
@@ -274,16 +273,17 @@ class MosaicIngress:
 
     # ------------------------------------------------------------------ realtime
     @api.websocket("/v1/realtime")
-    async def realtime(self, websocket: WebSocket, stream_id: str | None = None) -> None:
+    async def realtime(self, websocket: WebSocket, stream_id: str | None = None,
+                       key: str | None = Depends(presented_ws_key)) -> None:
         """One realtime session per connection (`realtime.py`); keys, tenants and rates as for HTTP."""
         session = RealtimeSession(websocket, self._dir, self._parser, self._cfg, self._charged, self._ask)
-        await session.run(stream_id, lambda: self.auth.identify(websocket.headers, websocket.query_params))
+        await session.run(stream_id, lambda: self.auth.identify(key))
 
     # ------------------------------------------------------------------ service
-    @api.get("/health", response_model=Health)
-    async def health(self, request: Request) -> Any:
+    @api.get("/health", response_model=Health, openapi_extra={"security": [{}]})  # `{}`: a key is optional
+    async def health(self, key: str | None = Depends(presented_key)) -> Any:
         """Open to probes without a key; the per-shard reasons only to the admin (or with auth off)."""
-        who = self.auth.identify_optional(request.headers)
+        who = self.auth.identify_optional(key)
         shards = await self._dir.ask_router("health")
         ok = all(v == "ok" for v in shards.values())
         shown = shards if who is not None and who.admin else {}
@@ -360,7 +360,7 @@ class MosaicIngress:
         return lambda exc: _error_json(exc, who.prefix)
 
     async def _query_events(self, items: AsyncIterator[Any], start: float, ttft: float,
-                            hide_prefix: str | None) -> AsyncIterator[bytes]:
+                            hide_prefix: str | None) -> AsyncIterator[sse.ServerSentEvent]:
         n, end = 0, end_of(None)
         try:
             async for d in items:

@@ -2,6 +2,9 @@
 
 A request names its key as `Authorization: Bearer <key>` (what OpenAI clients send) or
 `X-API-Key: <key>`; a WebSocket may also give `?api_key=<key>` (browsers cannot set its headers).
+FastAPI's security classes read them (`HTTPBearer`, `APIKeyHeader`, `APIKeyQuery`, all with
+`auto_error=False`: a missing key is ours to refuse, with our 401 body), and list both schemes in
+the OpenAPI schema of every route that depends on `presented_key`.
 Keys come from `AuthSpec` (`config.py`) and from the environment (`MOSAIC_API_KEYS="k1:tenantA,
 k2:tenantB"`, `MOSAIC_ADMIN_KEY`), read when the ingress replica starts.
 
@@ -24,6 +27,9 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from fastapi import Security
+from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
 from mosaic_ray.serve.config import AuthSpec, check_key, check_tenant
 from mosaic_ray.serve.errors import ForbiddenError, UnauthorizedError
@@ -60,6 +66,32 @@ class Caller:
 
 
 OPEN = Caller(tenant=None, admin=True)
+
+BEARER = HTTPBearer(auto_error=False, description="An API key as `Authorization: Bearer <key>`")
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key")
+API_KEY_QUERY = APIKeyQuery(name="api_key", auto_error=False)  # WebSockets only
+
+
+def _key(bearer: HTTPAuthorizationCredentials | None, *others: str | None) -> str | None:
+    """The bearer token, else the first other key given; blank counts as none."""
+    for key in (bearer.credentials if bearer is not None else None, *others):
+        if key and key.strip():
+            return key.strip()
+    return None
+
+
+async def presented_key(bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
+                        header: str | None = Security(API_KEY_HEADER)) -> str | None:
+    """The key an HTTP request presents (a FastAPI dependency); None without one. An
+    `Authorization` of another scheme than Bearer is no key (`X-API-Key` is then read)."""
+    return _key(bearer, header)
+
+
+async def presented_ws_key(bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
+                           header: str | None = Security(API_KEY_HEADER),
+                           query: str | None = Security(API_KEY_QUERY)) -> str | None:
+    """`presented_key` of a WebSocket, which may also give `?api_key=`."""
+    return _key(bearer, header, query)
 
 
 def parse_env_keys(value: str) -> dict[str, str]:
@@ -99,12 +131,10 @@ class Authenticator:
     def tenants(self) -> set[str]:
         return set(self._tenants.values())
 
-    def identify(self, headers: Mapping[str, str], query: Mapping[str, str] | None = None) -> Caller:
-        """The caller a request's credentials name; `UnauthorizedError` when missing or unknown.
-        `query` is consulted (for `api_key`) only when given: WebSockets, never plain HTTP."""
+    def identify(self, key: str | None) -> Caller:
+        """The caller `key` (from `presented_key`) names; `UnauthorizedError` when missing or unknown."""
         if not self.enabled:
             return OPEN
-        key = self.key_of(headers, query)
         if key is None:
             raise UnauthorizedError("an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key'")
         digest = _digest(key)
@@ -115,18 +145,8 @@ class Authenticator:
             raise UnauthorizedError("the API key is not valid")
         return Caller(tenant=tenant, admin=False)
 
-    def identify_optional(self, headers: Mapping[str, str]) -> Caller | None:
+    def identify_optional(self, key: str | None) -> Caller | None:
         """None for a request without credentials; otherwise as `identify` (a wrong key is 401)."""
-        if self.enabled and self.key_of(headers, None) is None:
+        if self.enabled and key is None:
             return None
-        return self.identify(headers)
-
-    @staticmethod
-    def key_of(headers: Mapping[str, str], query: Mapping[str, str] | None) -> str | None:
-        auth = headers.get("authorization")
-        if auth:
-            scheme, _, token = auth.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-        key = headers.get("x-api-key") or (query.get("api_key") if query is not None else None)
-        return key.strip() or None if key else None
+        return self.identify(key)

@@ -17,11 +17,11 @@ delta twice. Ray's wrappers are removed: callers see the `EngineError` the shard
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, stop_after_attempt, wait_fixed
 
 from mosaic_ray.engine.interface import UnknownStreamError
 from mosaic_ray.runtime.bootstrap import connect_runtime
@@ -50,17 +50,22 @@ class StreamDirectory:
         return cls(config, await connect_runtime(config))
 
     async def ask_router(self, method: str, *args: Any) -> Any:
-        """Call the router. While Ray restarts it, reads are retried for a moment; changes are
-        refused (503), since Ray cannot tell whether the lost call ran."""
-        for attempt in range(ROUTER_READ_RETRIES + 1):
-            try:
-                return await getattr(self.router, method).remote(*args)
-            except ray.exceptions.ActorUnavailableError:
-                if method not in ROUTER_READS or attempt == ROUTER_READ_RETRIES:
-                    raise ShardUnavailableError("the router is restarting; retry") from None
-                await asyncio.sleep(ROUTER_RETRY_S)
-            except Exception as exc:
-                raise self._translate(exc, "router") from None
+        """Call the router. While Ray restarts it, reads are retried for a moment (tenacity: every
+        ROUTER_RETRY_S, ROUTER_READ_RETRIES times); changes are refused (503) at once, since Ray
+        cannot tell whether the lost call ran."""
+        async def once() -> Any:
+            return await getattr(self.router, method).remote(*args)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(ROUTER_READ_RETRIES + 1), wait=wait_fixed(ROUTER_RETRY_S), reraise=True,
+            retry=retry_if_exception_type(ray.exceptions.ActorUnavailableError) if method in ROUTER_READS
+            else retry_never)
+        try:
+            return await retrying(once)
+        except ray.exceptions.ActorUnavailableError:
+            raise ShardUnavailableError("the router is restarting; retry") from None
+        except Exception as exc:
+            raise self._translate(exc, "router") from None
 
     async def call(self, stream_id: str, method: str, *args: Any) -> Any:
         """`shard.method(stream_id, *args)` on the stream's shard, following moves."""

@@ -13,6 +13,13 @@ Invariants:
   so no batch size is refused forever and the long-run rate never exceeds the configured one.
 - `refund` gives back exactly what `charge` took (a request the runtime then refused, 503 or 4xx,
   costs the tenant nothing).
+
+Why not the `limits` library (5.8: fixed, moving and sliding-window counters over `MemoryStorage`):
+it has no token bucket, so budget comes back only when a whole window's hits expire, not
+continuously at the rate; its limits are whole counts per whole seconds (a replica's half of 5
+frames/s, 2.5, silently becomes 2), and it refuses a hit larger than the limit forever instead of
+letting it through into debt. It can neither give a refused request's tokens back nor run on
+our clock (tests drive a fake one; it reads `time.time()`), so these ~40 lines stay ours.
 """
 
 from __future__ import annotations

@@ -21,8 +21,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import StreamingResponse
-
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.serve import sse
 from mosaic_ray.serve.answer_end import end_of, is_end
@@ -92,8 +90,7 @@ class OpenAIRoutes:
             if body.stream:
                 items, _ = await self.ing._start_answer(sid, params, with_end=True)
                 on_error = self.ing._error_json_for(who)
-                return StreamingResponse(shape.events(items, body.include_usage, on_error),
-                                         media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+                return sse.response(shape.events(items, body.include_usage, on_error))
             out = await self.ing._dir.call(sid, "answer", params)
         end = end_of(out)
         return shape.whole(out["text"], end["finish_reason"], end["usage"])
@@ -113,10 +110,10 @@ class _Shape:
     def whole(self, text: str, finish: str, usage: dict[str, int] | None) -> dict[str, Any]:
         return self._body(self.object_whole, [{"index": 0, **self.full(text), "finish_reason": finish}], usage=usage)
 
-    async def events(self, items: AsyncIterator[Any], include_usage: bool, on_error) -> AsyncIterator[bytes]:
+    async def events(self, items: AsyncIterator[Any], include_usage: bool, on_error) -> AsyncIterator[sse.ServerSentEvent]:
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(part: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(part: dict[str, Any], finish: str | None = None) -> sse.ServerSentEvent:
             return sse.event(self._body(self.object_chunk, [{"index": 0, **part, "finish_reason": finish}], **extra))
 
         end = end_of(None)

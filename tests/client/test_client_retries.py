@@ -10,6 +10,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from tenacity import RetryCallState
 
 from mosaic_ray.client import AsyncMosaicClient, MosaicAPIError, MosaicClient, RetryPolicy
 
@@ -123,3 +124,43 @@ def test_the_blocking_client_wraps_the_async_one():
         sid = c.create_stream()
         assert c.push_frames(sid, FRAMES, [0.0, 1.0])["seq"] == 0
     assert server.frames == {sid: 2}
+
+
+def test_a_streamed_question_is_retried_only_while_refused():
+    """503 before the stream opens is retried (the question never ran); the events then flow once."""
+    calls = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("accept"))
+        if len(calls) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"code": "busy", "message": "b"}})
+        body = 'data: {"delta":"A red"}\n\ndata: {"delta":" car"}\n\nevent: done\ndata: {"deltas":2}\n\n'
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)
+
+    async def go():
+        async with AsyncMosaicClient("http://test", retry=FAST, transport=httpx.MockTransport(server)) as c:
+            return [d async for d in c.ask_stream("s", "what?")], c.retries
+
+    deltas, retries = asyncio.run(go())
+    assert deltas == ["A red", " car"] and retries == 1 and calls == ["text/event-stream"] * 2
+
+
+def test_the_wait_is_the_servers_retry_after_capped_else_exponential_backoff():
+    policy = RetryPolicy(backoff_s=0.5, max_backoff_s=3.0, max_retry_after_s=10.0)
+    wait = policy.retrying(idempotent=True).wait
+
+    def after(attempt: int, outcome) -> float:
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        if isinstance(outcome, Exception):
+            state.set_exception((type(outcome), outcome, None))
+        else:
+            state.set_result(outcome)
+        return wait(state)
+
+    assert after(1, httpx.Response(503, headers={"Retry-After": "2"})) == 2.0
+    assert after(1, httpx.Response(503, headers={"Retry-After": "600"})) == 10.0
+    assert after(1, httpx.Response(503, headers={"Retry-After": "-1"})) == 0.0
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"  # an HTTP date is not read: backoff instead
+    assert [after(n, httpx.Response(503, headers={"Retry-After": date})) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert [after(n, httpx.ConnectError("refused")) for n in (1, 4, 9)] == [0.5, 3.0, 3.0]

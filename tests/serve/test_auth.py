@@ -11,8 +11,10 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi import Depends, FastAPI, WebSocket  # module level: the test app's annotations are strings
+from fastapi.testclient import TestClient
 
-from mosaic_ray.serve.auth import OPEN, Authenticator, Caller, parse_env_keys
+from mosaic_ray.serve.auth import OPEN, Authenticator, Caller, parse_env_keys, presented_key, presented_ws_key
 from mosaic_ray.serve.config import AuthSpec
 from tests.runtime.fake_engine import fake_app_config
 from tests.serve.serve_apps import MSGPACK, extra_app, frames_body
@@ -281,15 +283,51 @@ def test_keys_come_from_the_config_and_the_environment():
     env = {"MOSAIC_API_KEYS": f" {KEY_A}:alpha , {KEY_B}:beta,", "MOSAIC_ADMIN_KEY": ADMIN}
     auth = Authenticator(AuthSpec(keys={KEY_C: "gamma"}), env)
     assert auth.enabled and auth.tenants == {"alpha", "beta", "gamma"}
-    assert auth.identify({"authorization": f"bearer {KEY_B}"}) == Caller("beta", admin=False)
-    assert auth.identify({"x-api-key": KEY_C}) == Caller("gamma", admin=False)
-    assert auth.identify({"authorization": f"Bearer {ADMIN}"}) == Caller(None, admin=True)
-    assert auth.identify({}, {"api_key": KEY_A}).tenant == "alpha"  # WebSockets only pass `query`
+    assert auth.identify(KEY_B) == Caller("beta", admin=False)
+    assert auth.identify(KEY_C) == Caller("gamma", admin=False)
+    assert auth.identify(ADMIN) == Caller(None, admin=True)
     with pytest.raises(Exception, match="API key is required"):
-        auth.identify({}, None)
-    assert auth.identify_optional({}) is None
+        auth.identify(None)
+    with pytest.raises(Exception, match="API key is not valid"):
+        auth.identify("wrong-key-0123456789abcdef")
+    assert auth.identify_optional(None) is None
     assert not Authenticator(AuthSpec(), {}).enabled
-    assert Authenticator(AuthSpec(), {}).identify({}) is OPEN
+    assert Authenticator(AuthSpec(), {}).identify(None) is OPEN
+
+
+def test_the_key_a_request_presents():
+    """fastapi.security reads it: a Bearer token (any case of the scheme), else X-API-Key; only a
+    WebSocket also reads ?api_key=. The OpenAPI schema lists both schemes; /health's key is optional."""
+    from mosaic_ray.serve.app import api
+
+    app = FastAPI()
+
+    @app.get("/key")
+    async def key(k: str | None = Depends(presented_key)) -> dict:
+        return {"key": k}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, k: str | None = Depends(presented_ws_key)) -> None:
+        await websocket.accept()
+        await websocket.send_json({"key": k})
+        await websocket.close()
+
+    with TestClient(app) as c:
+        def got(headers: dict, **params: str) -> str | None:
+            return c.get("/key", headers=headers, params=params).json()["key"]
+
+        assert got({"Authorization": f"Bearer {KEY_A}"}) == got({"Authorization": f"bearer {KEY_A}"}) == KEY_A
+        assert got({"X-API-Key": KEY_C}) == got({"x-api-key": KEY_C}) == KEY_C
+        assert got({"Authorization": f"Bearer {KEY_A}", "X-API-Key": KEY_C}) == KEY_A
+        assert got({"Authorization": "Basic dXNlcjpwdw==", "X-API-Key": KEY_C}) == KEY_C  # not a bearer
+        assert got({"Authorization": "Bearer", "X-API-Key": KEY_C}) == KEY_C  # a blank token is none
+        assert got({}) is None and got({}, api_key=KEY_A) is None  # plain HTTP never reads the query
+        with c.websocket_connect(f"/ws?api_key={KEY_A}") as sock:
+            assert sock.receive_json()["key"] == KEY_A
+    schema = api.openapi()
+    assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    assert schema["paths"]["/v1/streams"]["get"]["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+    assert {} in schema["paths"]["/health"]["get"]["security"]
 
 
 @pytest.mark.parametrize("value", ["short:alpha", f"{KEY_A}:bad tenant", f"{KEY_A}:", KEY_A])
@@ -325,4 +363,4 @@ def test_the_auth_example_config_reads_its_keys_from_the_environment():
     cfg = load_config(Path(__file__).resolve().parents[2] / "cluster_configs" / "local_auth.yaml")
     assert cfg.app.auth.keys == {} and cfg.app.auth.limits_of("globex").max_streams == 4
     auth = Authenticator(cfg.app.auth, {"MOSAIC_API_KEYS": f"{KEY_A}:acme", "MOSAIC_ADMIN_KEY": ADMIN})
-    assert auth.identify({"x-api-key": KEY_A}).tenant == "acme"
+    assert auth.identify(KEY_A).tenant == "acme"
