@@ -5,7 +5,7 @@
 
 Writing (`write_slot`) streams the blob: its chunks (a `bytes`, or any iterable of bytes-like
 pieces, `snapshot_codec.encode_chunks`) are written to `<name>.tmp` as they come, each folded into
-the running length and crc32 on the way and none joined to another, after a 32-byte placeholder
+the running length and crc32 on the way and none joined to another, after a 28-byte placeholder
 header of zeros; once the last chunk is written the real header is written over the placeholder
 (pwrite at offset 0). Then the store's `_replace` fsyncs the file, renames it over the old slot
 and fsyncs the directory. The layout is the one slots always had: slots written whole before
