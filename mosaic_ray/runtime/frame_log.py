@@ -215,9 +215,8 @@ class FrameLog(abc.ABC):
     def put_snapshot(self, stream_id: str, mark: int, blob: SnapshotBlob) -> None:
         """Replace the stream's snapshot with `blob`, taken at `MarkRecord(mark)`; durable when it
         returns. `blob` is bytes or an iterable of bytes-like chunks (`blob_chunks`), consumed once,
-        in order; a chunk need not outlive the next one's request, so a store that keeps them
-        copies each. A write cut short, or an iterable that raises, leaves the previous snapshot
-        as it was."""
+        in order (each chunk stays valid while referenced: it holds what it views). A write cut
+        short, or an iterable that raises, leaves the previous snapshot as it was."""
         raise NotImplementedError(f"{type(self).__name__} keeps no snapshots")
 
     def get_snapshot(self, stream_id: str) -> tuple[int, bytes | memoryview] | None:
