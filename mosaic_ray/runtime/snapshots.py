@@ -187,17 +187,14 @@ class StreamSnapshots:
                     self._due[sid] = 0
                 await slot.log_order.durable(entry, self._writer(sid))  # off the lock: see LogOrder
                 last_seq = entry.records[0].last_seq
+                base, index = (chain.base_mark, chain.deltas + 1) if chain is not None else (None, 0)
+                chunks = encode_chunks(state, mark, last_seq, base, index)
+                state = None  # the chunks hold the export's tensors until they are written
+                nbytes = await asyncio.to_thread(self._write_verified, sid, mark, chunks, index)
                 if chain is not None:
-                    index = chain.deltas + 1
-                    chunks = encode_chunks(state, mark, last_seq, chain.base_mark, index)
-                    state = None  # the chunks hold the tensors until they are written
-                    nbytes = await asyncio.to_thread(self._write_verified, sid, mark, chunks, index)
                     chain.deltas, chain.generation, chain.delta_bytes = index, generation, chain.delta_bytes + nbytes
                     dropped = 0
                 else:
-                    chunks = encode_chunks(state, mark, last_seq)
-                    state = None
-                    nbytes = await asyncio.to_thread(self._write_verified, sid, mark, chunks)
                     self._chains.pop(sid, None)
                     if type(self._store).drop_deltas is not FrameLog.drop_deltas:
                         await asyncio.to_thread(self._store.drop_deltas, sid)  # the old chain's
