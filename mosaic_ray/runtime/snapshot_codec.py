@@ -28,8 +28,9 @@ time for a device tensor, of one block of rows at a time for a non-contiguous on
 costs one piece (and the header) beyond the export's own tensors, whatever the part's size.
 `decode_part` takes any bytes-like blob (bytes, or the read-only memoryview of a mapped slot
 file that `DiskFrameLog` returns) and copies each tensor's bytes once, from the blob into the
-decoded tensor, `chunk_bytes` at a time: a rebuild holds the decoded tensors (1x the part; each
-contiguous, none sharing storage) and the file's pages in the page cache, never a second copy.
+decoded tensor, `CHUNK_BYTES` at a time, unmapping each chunk's pages behind it: a rebuild holds
+the decoded tensors (1x the part; each contiguous, none sharing storage) and about one chunk of
+the mapping, never a second copy (the file's pages stay in the page cache, not the process).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 
 from mosaic_ray.runtime.frame_log import SnapshotCorruptError
-from mosaic_ray.runtime.snapshot_file import CHUNK_BYTES
+from mosaic_ray.runtime.snapshot_file import CHUNK_BYTES, drop_pages
 
 SNAPSHOT_FORMAT = 2  # written; 1 is read too. "base" and "index" are optional: a part without them is a base
 FORMAT_MAGIC = b"MRT2"
@@ -133,19 +134,20 @@ class _ViewReader(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
-        n = _copy(memoryview(buffer).cast("B"), self._view[self._pos :])
+        dst = memoryview(buffer).cast("B")
+        n = max(0, min(len(dst), len(self._view) - self._pos))
+        _copy(dst, self._view, self._pos, n)
         self._pos += n
         return n
 
 
-def _copy(dst: memoryview, src: memoryview) -> int:
-    """Copy min(len) bytes from `src` to `dst`, `CHUNK_BYTES` at a time (other threads run
-    between pieces); returns how many."""
-    n = min(len(dst), len(src))
+def _copy(dst: memoryview, src: memoryview, at: int, n: int) -> None:
+    """Copy src[at : at + n] to dst[:n], `CHUNK_BYTES` at a time (other threads run between
+    pieces; a mapped blob's pages are dropped behind, `drop_pages`)."""
     for start in range(0, n, CHUNK_BYTES):
         end = min(n, start + CHUNK_BYTES)
-        dst[start:end] = src[start:end]
-    return n
+        dst[start:end] = src[at + start : at + end]
+        drop_pages(src, at + start, at + end)
 
 
 def _load(view: memoryview) -> dict:
@@ -168,7 +170,7 @@ def _decode_v2(view: memoryview) -> dict[str, Any]:
         if nbytes != math.prod(shape) * dtype.itemsize or offset + nbytes > len(view):
             raise SnapshotCorruptError(f"snapshot tensor {name!r} ({nbytes} bytes at {offset}) does not fit")
         out = torch.empty(nbytes, dtype=torch.uint8)
-        _copy(memoryview(out.numpy()), view[offset : offset + nbytes])
+        _copy(memoryview(out.numpy()), view, offset, nbytes)
         tensors[name] = out.view(dtype).reshape(shape)
         offset += nbytes
     if offset != len(view):

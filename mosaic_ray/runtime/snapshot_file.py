@@ -21,8 +21,10 @@ Invariants:
   `SnapshotCorruptError`, never reads as another snapshot.
 
 Reading (`read_slot`) maps the file read-only and checks it chunk by chunk; the blob it returns
-is a read-only memoryview of the mapping: its bytes are the page cache's (clean pages the kernel
-may drop and read again), not a copy in the process's memory.
+is a read-only memoryview of the mapping: its bytes are the page cache's, not a copy in the
+process's memory. Who reads it through chunk by chunk (`crc32_of`, `snapshot_codec`'s decoder)
+unmaps each chunk's pages behind it (`drop_pages`), so the process's resident memory grows by
+about one chunk, not by the blob (mapped file pages count in RSS while mapped).
 """
 
 from __future__ import annotations
@@ -49,11 +51,27 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def drop_pages(view: memoryview, start: int, end: int) -> None:
+    """Unmap the pages of view[start:end] from this process when `view` is a slot's blob
+    (`read_slot`: the mapping after its header), so that reading a blob through leaves no more
+    than a chunk of it resident; the pages stay in the page cache, and a later read maps them
+    again. A no-op for other buffers. Never changes what the view reads (the mapping is
+    read-only), whatever `view` is: a wrong range only costs page faults."""
+    mapped = view.obj
+    if not isinstance(mapped, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
+        return
+    skip = len(mapped) - len(view)  # the bytes before the blob
+    low = (skip + start) // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, low, min(len(mapped), skip + end) - low)
+
+
 def crc32_of(data, chunk: int = CHUNK_BYTES) -> int:
-    """crc32 of a bytes-like object, `chunk` bytes at a time (a mapped file is read as it goes)."""
+    """crc32 of a bytes-like object, `chunk` bytes at a time (a mapped blob is read as it goes,
+    and `drop_pages`' behind)."""
     view, crc = memoryview(data).cast("B"), 0
     for start in range(0, len(view), chunk):
         crc = zlib.crc32(view[start : start + chunk], crc)
+        drop_pages(view, start, start + chunk)
     return crc
 
 

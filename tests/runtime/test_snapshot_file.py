@@ -16,7 +16,7 @@ import pytest
 
 from mosaic_ray.runtime.frame_log import LogWriteError, MemoryFrameLog, SnapshotCorruptError
 from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-from mosaic_ray.runtime.snapshot_file import CrcTally, crc32_of
+from mosaic_ray.runtime.snapshot_file import CHUNK_BYTES, CrcTally, crc32_of
 from mosaic_ray.runtime.snapshots import StreamSnapshots
 
 BLOB = bytes(range(256)) * 40 + b"tail"
@@ -161,3 +161,29 @@ def test_the_verification_after_a_write_compares_length_and_crc():
         else:
             with pytest.raises(SnapshotCorruptError):
                 snapshots._write_verified("s", 7, iter(_pieces(BLOB)))
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) << 10
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc only")
+def test_disk_reading_a_blob_through_keeps_about_a_chunk_of_it_resident(tmp_path):
+    log = DiskFrameLog(tmp_path, "always")
+    blob = os.urandom(1 << 20) * 48  # 48 MiB
+    log.put_snapshot("s", 1, blob)
+    mark, back = log.get_snapshot("s")  # checksummed through, chunk by chunk
+    path = log.snapshot_path("s")
+    assert mark == 1 and _mapped_rss(path) <= CHUNK_BYTES + (1 << 20)
+    assert crc32_of(back) == zlib.crc32(blob)
+    assert _mapped_rss(path) <= CHUNK_BYTES + (1 << 20)
+    assert back == blob  # pages dropped behind still read (mapped again from the page cache)
+    assert _mapped_rss(path) >= 40 << 20  # read whole by ==: all resident (the probe sees them)
