@@ -170,12 +170,14 @@ class DurabilitySpec(_Strict):
     # (27 frames/s prefill, FACTS.md), inside the 30 s recovery goal; more often costs a snapshot
     # write (the stream's KV bytes) each time.
     snapshot_every_frames: int = Field(600, ge=0)
-    # A snapshot is built whole in host memory (the export, its bytes, and the read-back: about 3x
-    # the stream's KV for a moment) and rewritten whole each time; a stream whose KV (host + device)
-    # is larger is not snapshotted (its log stays whole and a rebuild replays it all). 4 GiB is
-    # about 8 minutes of a 7B-shaped stream (~28 GiB of KV per hour, on the GPU under `full`, in
-    # the host pool under `cluster`). 0: no limit. It bounds bases: a delta carries what changed.
-    snapshot_max_bytes: int = Field(4 << 30, ge=0)
+    # A base (a whole snapshot) costs the stream's KV bytes once more where the engine keeps them
+    # (the export's copies), plus one 8 MiB chunk: it is streamed to disk and read back chunk by
+    # chunk (`runtime/snapshot_codec.py`), and written whole each time. A stream whose KV (host +
+    # device) is larger gets no base: without one its log stays whole and a rebuild replays it
+    # all. 64 GiB is about 2.3 hours of a 7B-shaped stream (~28 GiB of KV per hour, on the GPU
+    # under `full`, in the host pool under `cluster`); lower it when the host cannot spare the
+    # copy, or the disk the writes. 0: no limit. It bounds bases: a delta carries what changed.
+    snapshot_max_bytes: int = Field(64 << 30, ge=0)
     # Incremental snapshots (`runtime/snapshots.py`): after a base (the whole stream), up to this
     # many deltas (only the host-pool slabs changed since the snapshot before) before the next
     # base. 0: every snapshot whole. The log keeps every record since the base, so a damaged delta

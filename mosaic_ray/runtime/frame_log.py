@@ -13,8 +13,9 @@ The store is pluggable; its primitives:
     release(stream_id)                      this process stops writing the stream (it moved away)
     delete(stream_id)                       the stream was deleted: its log and snapshot go too
     sync / close                            flush everything (shutdown)
-    put_snapshot(stream_id, mark, blob)     the stream's one snapshot slot, replaced atomically
-    get_snapshot(stream_id)                 -> (mark, blob) | None
+    put_snapshot(stream_id, mark, blob)     the stream's one snapshot slot, replaced atomically;
+                                            blob: bytes, or an iterable of bytes-like chunks
+    get_snapshot(stream_id)                 -> (mark, blob: bytes-like) | None
     truncate_before(stream_id, mark)        compaction: drop the records before `MarkRecord(mark)`
     put_delta / get_delta(stream_id, k)     incremental snapshots: delta slot k = 1, 2, ... after
     drop_deltas(stream_id)                  the base slot (`put_snapshot`); dropping removes all
@@ -43,7 +44,7 @@ import abc
 import importlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,6 +169,15 @@ def after_seq(records: Iterator[LogRecord], from_seq: int) -> Iterator[LogRecord
             yield rec
 
 
+# A snapshot part as a store is given it: whole, or as chunks (`snapshot_codec.encode_chunks`).
+SnapshotBlob = bytes | bytearray | memoryview | Iterable[bytes | bytearray | memoryview]
+
+
+def blob_chunks(blob: SnapshotBlob) -> Iterator[bytes | bytearray | memoryview]:
+    """The chunks of a `SnapshotBlob`, in order (a bytes-like blob is one chunk)."""
+    return iter((blob,)) if isinstance(blob, (bytes, bytearray, memoryview)) else iter(blob)
+
+
 class FrameLog(abc.ABC):
     """A store of per-stream logs. Thread-safe: shards call it from worker threads."""
 
@@ -202,14 +212,17 @@ class FrameLog(abc.ABC):
 
     # Snapshots and compaction (`snapshots.py`). A store without them keeps whole logs: the
     # shard then takes no snapshots (these raise NotImplementedError).
-    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
+    def put_snapshot(self, stream_id: str, mark: int, blob: SnapshotBlob) -> None:
         """Replace the stream's snapshot with `blob`, taken at `MarkRecord(mark)`; durable when it
-        returns. A write cut short leaves the previous snapshot as it was."""
+        returns. `blob` is bytes or an iterable of bytes-like chunks (`blob_chunks`), consumed once,
+        in order (each chunk stays valid while referenced: it holds what it views). A write cut
+        short, or an iterable that raises, leaves the previous snapshot as it was."""
         raise NotImplementedError(f"{type(self).__name__} keeps no snapshots")
 
-    def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+    def get_snapshot(self, stream_id: str) -> tuple[int, bytes | memoryview] | None:
         """(mark, blob) of the stream's snapshot, None if it has none; `SnapshotCorruptError` if it
-        fails its checksum."""
+        fails its checksum. The blob is bytes-like: bytes, or a read-only memoryview (the disk
+        store's maps the file: its pages are the page cache's, not a copy)."""
         return None
 
     def truncate_before(self, stream_id: str, mark: int) -> int:
@@ -221,12 +234,12 @@ class FrameLog(abc.ABC):
 
     # Incremental snapshots (`snapshots.py`): slots 1, 2, ... of deltas after the base. A store
     # without them gets whole snapshots only.
-    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
-        """Replace delta slot `index` (>= 1) with `blob`, taken at `MarkRecord(mark)`; durable when
-        it returns. A write cut short leaves the slot as it was."""
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: SnapshotBlob) -> None:
+        """Replace delta slot `index` (>= 1) with `blob` (as `put_snapshot`'s), taken at
+        `MarkRecord(mark)`; durable when it returns. A write cut short leaves the slot as it was."""
         raise NotImplementedError(f"{type(self).__name__} keeps no snapshot deltas")
 
-    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
+    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes | memoryview] | None:
         """(mark, blob) of delta slot `index`, None if empty; `SnapshotCorruptError` if damaged."""
         return None
 
@@ -282,19 +295,21 @@ class MemoryFrameLog(FrameLog):
             self._snapshots.pop(stream_id, None)
             self._deltas.pop(stream_id, None)
 
-    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
+    def put_snapshot(self, stream_id: str, mark: int, blob: SnapshotBlob) -> None:
+        data = b"".join(blob_chunks(blob))  # before the lock: an iterable that raises stores nothing
         with self._lock:
-            self._snapshots[stream_id] = (int(mark), bytes(blob))
+            self._snapshots[stream_id] = (int(mark), data)
 
     def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
         with self._lock:
             return self._snapshots.get(stream_id)
 
-    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: SnapshotBlob) -> None:
         if index < 1:
             raise ValueError(f"delta index must be >= 1, got {index}")
+        data = b"".join(blob_chunks(blob))
         with self._lock:
-            self._deltas.setdefault(stream_id, {})[index] = (int(mark), bytes(blob))
+            self._deltas.setdefault(stream_id, {})[index] = (int(mark), data)
 
     def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
         with self._lock:

@@ -28,7 +28,8 @@ storage (NFS) written pages reach the server only when flushed: use "always" the
 node may not see the last records of a process that died with its node.
 
 Snapshots: a base `<root>/<stream_id>.snap` and its deltas `<stream_id>.snap.<k>`, each one
-slot replaced atomically (`snapshot_file.py`). Compaction (`truncate_before`) writes
+slot replaced atomically and streamed to disk chunk by chunk, read back through a read-only
+mapping (`snapshot_file.py`). Compaction (`truncate_before`) writes
 the records from the mark on to `<stream_id>.log.tmp` the same way, under the file's lock and
 the store's (no append can slip into the old file), and renames it over the log; records
 appended after the mark are copied, a torn tail is not.
@@ -42,7 +43,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mosaic_ray.runtime.frame_log import (
@@ -50,12 +51,13 @@ from mosaic_ray.runtime.frame_log import (
     LogCorruptError,
     LogRecord,
     LogWriteError,
+    SnapshotBlob,
     after_seq,
     decode_record,
     encode_record,
     find_mark,
 )
-from mosaic_ray.runtime.snapshot_file import SNAP_SUFFIX, delta_paths, encode_slot, read_slot
+from mosaic_ray.runtime.snapshot_file import SNAP_SUFFIX, delta_paths, read_slot, write_all, write_slot
 
 MAGIC = b"MRL1"
 _HEAD = struct.Struct("<4sIII")  # magic, length, payload crc, header crc
@@ -172,9 +174,7 @@ class DiskFrameLog(FrameLog):
                 if f.fd < 0:
                     continue  # closed meanwhile (evicted, released): open it again
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(f.fd, view):]
+                    write_all(f.fd, data)
                     if self.fsync == "always":
                         os.fdatasync(f.fd)
                         self._sync_dir_if_dirty()
@@ -307,27 +307,27 @@ class DiskFrameLog(FrameLog):
     def snapshot_path(self, stream_id: str) -> Path:
         return self.root / f"{stream_id}{SNAP_SUFFIX}"
 
-    def put_snapshot(self, stream_id: str, mark: int, blob: bytes) -> None:
-        try:
-            self._replace(self.snapshot_path(stream_id), encode_slot(mark, blob))
-        except OSError as exc:
-            raise LogWriteError(f"snapshot write failed: {exc}") from None
+    def put_snapshot(self, stream_id: str, mark: int, blob: SnapshotBlob) -> None:
+        self._put_slot(self.snapshot_path(stream_id), mark, blob, "snapshot")
 
-    def get_snapshot(self, stream_id: str) -> tuple[int, bytes] | None:
+    def _put_slot(self, path: Path, mark: int, blob: SnapshotBlob, what: str) -> None:
+        try:
+            self._replace(path, lambda fd: write_slot(fd, mark, blob))
+        except OSError as exc:
+            raise LogWriteError(f"{what} write failed: {exc}") from None
+
+    def get_snapshot(self, stream_id: str) -> tuple[int, memoryview] | None:
         return read_slot(self.snapshot_path(stream_id), f"snapshot of {stream_id!r}")
 
     def delta_path(self, stream_id: str, index: int) -> Path:
         return self.root / f"{stream_id}{SNAP_SUFFIX}.{index}"
 
-    def put_delta(self, stream_id: str, index: int, mark: int, blob: bytes) -> None:
+    def put_delta(self, stream_id: str, index: int, mark: int, blob: SnapshotBlob) -> None:
         if index < 1:
             raise ValueError(f"delta index must be >= 1, got {index}")
-        try:
-            self._replace(self.delta_path(stream_id, index), encode_slot(mark, blob))
-        except OSError as exc:
-            raise LogWriteError(f"snapshot delta write failed: {exc}") from None
+        self._put_slot(self.delta_path(stream_id, index), mark, blob, "snapshot delta")
 
-    def get_delta(self, stream_id: str, index: int) -> tuple[int, bytes] | None:
+    def get_delta(self, stream_id: str, index: int) -> tuple[int, memoryview] | None:
         return read_slot(self.delta_path(stream_id, index), f"snapshot delta {index} of {stream_id!r}")
 
     def drop_deltas(self, stream_id: str) -> int:
@@ -359,7 +359,7 @@ class DiskFrameLog(FrameLog):
                     if self._files.get(stream_id) is not f:
                         return 0  # evicted and maybe reopened meanwhile: compact next time
                     try:
-                        self._replace(path, [kept])
+                        self._replace(path, lambda fd: write_all(fd, kept))
                     except OSError as exc:
                         raise LogWriteError(f"log compaction failed: {exc}") from None
                     del self._files[stream_id]  # the next append opens the new file
@@ -367,18 +367,21 @@ class DiskFrameLog(FrameLog):
                 f.fd = -1
                 return at
 
-    def _replace(self, path: Path, parts: list[bytes]) -> None:
-        """Write `parts` to `path` atomically: temp file, fsync, rename, fsync the directory."""
+    def _replace(self, path: Path, write: Callable[[int], object]) -> None:
+        """Replace `path` atomically with what `write(fd)` writes: to a temp file, fsynced, renamed
+        over `path`, the directory fsynced. If `write` (or the fsync) raises, the temp file is
+        removed and `path` is as it was."""
         tmp = path.with_name(path.name + TMP_SUFFIX)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                write(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         self._dir_dirty = True
         self._sync_dir_if_dirty()

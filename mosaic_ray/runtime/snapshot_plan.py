@@ -2,9 +2,12 @@
 
 A stream's snapshot is a base (the store's snapshot slot) and, with incremental snapshots
 (`snapshots.py`), deltas 1, 2, ... after it (its delta slots). Each part is the bytes of
-`encode_snapshot`: torch.save of {"format", "mark", "last_seq", "base", "index", "meta",
-"tensors"}, where "base" is the mark of the base a delta follows (None for a base) and "index" its
-slot (0 for a base).
+`snapshot_codec.encode_chunks` (the part's mark, last_seq, "base": the mark of the base a delta
+follows, None for a base, "index": its slot, 0 for a base, and the engine export).
+
+Memory: each part is decoded from the store's blob (the disk store's is a mapping of the slot
+file, in the page cache) into its own tensors, one copy: the plan holds the decoded parts (1x
+their bytes), and importing them adds what the engine allocates for them.
 
 Rebuilding (`plan_rebuild`): the base is used when it reads back, decodes and its mark is in the
 log. Then the deltas are taken in order while each reads back, decodes, names this base and its
@@ -19,52 +22,15 @@ quarantines it.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from mosaic_ray.runtime.errors import SnapshotLostError
 from mosaic_ray.runtime.frame_log import FrameLog, LogRecord, MarkRecord, OpenRecord, SnapshotCorruptError
+from mosaic_ray.runtime.snapshot_codec import decode_part
 
 log = logging.getLogger("mosaic_ray.runtime.snapshots")
-
-SNAPSHOT_FORMAT = 1  # "base" and "index" are optional: a part without them is a base
-
-
-def encode_snapshot(state: dict[str, Any], mark: int, last_seq: int, base: int | None = None, index: int = 0) -> bytes:
-    """An engine export or part ({"meta", "tensors"}) as bytes: torch.save keeps every dtype
-    bit-exact. `base`, `index`: the base mark and slot of a delta."""
-    out = io.BytesIO()
-    torch.save({"format": SNAPSHOT_FORMAT, "mark": mark, "last_seq": last_seq, "base": base, "index": index,
-                "meta": state["meta"], "tensors": state["tensors"]}, out)
-    return out.getvalue()
-
-
-@dataclass(slots=True)
-class SnapshotPart:
-    mark: int
-    last_seq: int
-    base: int | None  # the base's mark, for a delta
-    index: int  # 0: a base
-    state: dict[str, Any]
-
-
-def decode_part(blob: bytes) -> SnapshotPart:
-    """`encode_snapshot`'s bytes back; plain data and tensors only."""
-    body = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    if body.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotCorruptError(f"snapshot format {body.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-    return SnapshotPart(int(body["mark"]), int(body["last_seq"]), body.get("base"), int(body.get("index", 0)),
-                        {"meta": body["meta"], "tensors": body["tensors"]})
-
-
-def decode_snapshot(blob: bytes) -> tuple[int, int, dict[str, Any]]:
-    """(mark, last_seq, engine state) of `encode_snapshot`'s bytes."""
-    part = decode_part(blob)
-    return part.mark, part.last_seq, part.state
 
 
 @dataclass(slots=True)
@@ -96,7 +62,7 @@ def _mark_at(records: list[LogRecord], mark: int, start: int = 0) -> int | None:
                  if isinstance(records[i], MarkRecord) and records[i].mark == mark), None)
 
 
-def _read_part(got: tuple[int, bytes], records, start: int, base: int | None, index: int):
+def _read_part(got: tuple[int, Any], records, start: int, base: int | None, index: int):
     """(part, the index of its mark in `records`) or (None, why not)."""
     mark, blob = got
     at = _mark_at(records, mark, start)

@@ -16,9 +16,11 @@ Taking one (`StreamSnapshots.take`), in this order:
    then held exactly the records before the mark (refused operations are not in the log), so
    "snapshot + records after the mark" is the stream, whatever text and option records sit
    between frame records.
-2. off the lock: the export is serialized (`encode_snapshot`: torch.save of meta + tensors) and
-   written to the store's snapshot slot (atomic: temp + fsync + rename), then read back and
-   compared byte for byte.
+2. off the lock: the export is serialized as it is written (`encode_chunks`: a header, then each
+   tensor's bytes in pieces of at most `CHUNK_BYTES`, none joined) to the store's snapshot slot
+   (atomic: temp + fsync + rename), its length and crc32 counted on the way (`CrcTally`); then
+   read back, chunk by chunk, and its length and crc32 compared with those. Memory: the export's
+   tensors (the engine's copies) and one chunk, whatever the stream's size.
 3. under the lock again, only if the stream is still served here: the log is compacted to the
    records from the mark on (`FrameLog.truncate_before`), while no write of the stream's
    `LogOrder` runs (`LogOrder.exclusive`: frame records are written off the lock).
@@ -37,7 +39,8 @@ is this shard's: a stream rebuilt or moved here starts with a base (slab ids and
 an engine's own).
 
 Invariants:
-- The log is compacted only after its snapshot is durable and read back whole. A crash between
+- The log is compacted only after its snapshot is durable and read back whole (the length and
+  crc32 of what the store gives back are those of what was written). A crash between
   any two steps leaves either a whole log (snapshot ignored or unused) or snapshot + tail.
 - The snapshot is taken while the stream is admitted (`StreamSlot.admit`): a migration's freeze
   waits for it to finish, so a shard never compacts a log another shard writes. Deleting the
@@ -59,12 +62,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mosaic_ray.runtime.frame_log import FrameLog, MarkRecord, SnapshotCorruptError
-from mosaic_ray.runtime.snapshot_plan import decode_snapshot, encode_snapshot, plan_rebuild, without_snapshot
+from mosaic_ray.runtime.snapshot_codec import decode_snapshot, encode_chunks, encode_snapshot
+from mosaic_ray.runtime.snapshot_file import CrcTally, crc32_of
+from mosaic_ray.runtime.snapshot_plan import plan_rebuild, without_snapshot
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 log = logging.getLogger("mosaic_ray.runtime.snapshots")
 
-__all__ = ["StreamSnapshots", "decode_snapshot", "encode_snapshot", "plan_rebuild", "without_snapshot"]
+__all__ = ["StreamSnapshots", "decode_snapshot", "encode_chunks", "encode_snapshot", "plan_rebuild",
+           "without_snapshot"]
 
 
 @dataclass(slots=True)
@@ -181,15 +187,14 @@ class StreamSnapshots:
                     self._due[sid] = 0
                 await slot.log_order.durable(entry, self._writer(sid))  # off the lock: see LogOrder
                 last_seq = entry.records[0].last_seq
+                base, index = (chain.base_mark, chain.deltas + 1) if chain is not None else (None, 0)
+                chunks = encode_chunks(state, mark, last_seq, base, index)
+                state = None  # the chunks hold the export's tensors until they are written
+                nbytes = await asyncio.to_thread(self._write_verified, sid, mark, chunks, index)
                 if chain is not None:
-                    index = chain.deltas + 1
-                    blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq, chain.base_mark, index)
-                    await asyncio.to_thread(self._write_verified, sid, mark, blob, index)
-                    chain.deltas, chain.generation, chain.delta_bytes = index, generation, chain.delta_bytes + len(blob)
+                    chain.deltas, chain.generation, chain.delta_bytes = index, generation, chain.delta_bytes + nbytes
                     dropped = 0
                 else:
-                    blob = await asyncio.to_thread(encode_snapshot, state, mark, last_seq)
-                    await asyncio.to_thread(self._write_verified, sid, mark, blob)
                     self._chains.pop(sid, None)
                     if type(self._store).drop_deltas is not FrameLog.drop_deltas:
                         await asyncio.to_thread(self._store.drop_deltas, sid)  # the old chain's
@@ -199,15 +204,15 @@ class StreamSnapshots:
                         dropped = await slot.log_order.exclusive(
                             lambda: asyncio.to_thread(self._store.truncate_before, sid, mark))
                     if generation is not None:
-                        self._chains[sid] = _Chain(slot, mark, len(blob), generation)
+                        self._chains[sid] = _Chain(slot, mark, nbytes, generation)
         except Exception as exc:  # EngineError (moved, busy, refused), OSError, serialization
             self.failed += 1
             log.warning("stream %s: snapshot not taken (%s: %s); its log stays whole", sid, type(exc).__name__, exc)
             return None
         self.taken += 1
         self.deltas_taken += chain is not None
-        self.bytes_written += len(blob)
-        info = {"mark": mark, "last_seq": last_seq, "bytes": len(blob), "records_dropped": dropped,
+        self.bytes_written += nbytes
+        info = {"mark": mark, "last_seq": last_seq, "bytes": nbytes, "records_dropped": dropped,
                 "kind": "delta" if chain is not None else "base", "index": chain.deltas if chain is not None else 0,
                 "seconds": time.perf_counter() - start}
         self.last[sid] = info
@@ -217,12 +222,17 @@ class StreamSnapshots:
         store = self._store
         return lambda records: asyncio.to_thread(store.append, stream_id, records)
 
-    def _write_verified(self, stream_id: str, mark: int, blob: bytes, index: int = 0) -> None:
+    def _write_verified(self, stream_id: str, mark: int, chunks, index: int = 0) -> int:
+        """Write a part's chunks to its slot (`index` 0: the base's), read it back and check its
+        length and crc32 against those counted while writing; returns its length."""
+        tally = CrcTally(chunks)
         if index:
-            self._store.put_delta(stream_id, index, mark, blob)
+            self._store.put_delta(stream_id, index, mark, tally)
             back = self._store.get_delta(stream_id, index)
         else:
-            self._store.put_snapshot(stream_id, mark, blob)
+            self._store.put_snapshot(stream_id, mark, tally)
             back = self._store.get_snapshot(stream_id)
-        if back is None or back[0] != mark or back[1] != blob:
+        if back is None or back[0] != mark or memoryview(back[1]).nbytes != tally.length \
+                or crc32_of(back[1]) != tally.crc:
             raise SnapshotCorruptError(f"snapshot of {stream_id!r} did not read back as written")
+        return tally.length
