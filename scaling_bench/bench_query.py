@@ -86,7 +86,7 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
         scoring=knobs.get("scoring", CacheConfig().scoring),
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
         cluster={"variance_ratio": float(knobs.get("vr", ClusterConfig().variance_ratio)),
-                 "coactivation": float(knobs.get("coact", 0.0)),
+                 "coactivation": float(knobs.get("coact", ClusterConfig().coactivation)),
                  "coactivation_probe": float(knobs.get("probe", ClusterConfig().coactivation_probe))}))
     return StreamEngine(cfg, adapter=adapter)
 

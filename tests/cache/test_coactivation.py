@@ -206,9 +206,24 @@ def test_a_question_reshapes_the_clusters_and_its_hot_token_then_scores_first(la
             assert 30 in _members(ix, layer * H + h)[int(best[h])][0]
 
 
-def test_coactivation_needs_every_query():
-    with pytest.raises(ValueError, match="coactivation"):
-        CacheConfig(scoring="mean", cluster=ClusterConfig(coactivation=0.2))
+def test_with_the_mean_query_there_is_nothing_to_observe(layout):
+    """Co-activation needs every query of a question (scoring "max" or "mass"): with "mean" the
+    attention each member got is not known, so questions leave the clusters as they are."""
+    from mosaic_ray.cache.host_pool import HostPool
+
+    cfg = CacheConfig(retrieval="cluster", scoring="mean", offload_batch=1, budget_tokens=24, sink_tokens=2,
+                      window_tokens=8, cluster=ClusterConfig(split_size=32, max_size=64, coactivation=1.0))
+    cache = StreamCache(layout, cfg, HostPool(layout, cfg.pool), "cpu")
+    cache.append(make_batch(layout, 0, 120, seed=3))
+    while cache.maintain(None):
+        pass
+    r = cache.retriever
+    for layer in range(layout.num_layers):
+        r.observe(layer, cache.query_for(layer, torch.randn(3, 2 * layout.num_kv_heads, layout.head_dim), 1.0), 24)
+    assert not r._asked
+    while cache.maintain(None):
+        pass
+    assert int(r.index.coactivated.sum()) == 0
 
 
 def test_probing_is_upkeep_in_pieces_each_layer_regrouped_as_it_is_probed(layout):

@@ -9,6 +9,7 @@ from mosaic_ray.engine.interface import AskRequest
 
 Q = AskRequest("Describe the scene.", max_tokens=6)
 COACT = {"cluster": {"coactivation": 0.25, "coactivation_unit": 2, "coactivation_max_share": 1.0}}
+OFF = {"cluster": {"coactivation": 0.0}}
 
 
 def _exact_tokens(engine, sid="s") -> int:
@@ -24,7 +25,7 @@ def _filled(tiny_adapter, **cache):
 
 
 def test_a_question_regroups_what_it_attended_into_exact_units(tiny_adapter):
-    e, off = _filled(tiny_adapter, **COACT), _filled(tiny_adapter)  # the same stream, on and off
+    e, off = _filled(tiny_adapter, **COACT), _filled(tiny_adapter, **OFF)  # the same stream, on and off
     for engine in (e, off):
         first = engine.answer("s", Q).token_ids
         engine.append_frames("s", frames(2, seed=5), [10.0, 11.0])  # ingest steps run the maintenance
