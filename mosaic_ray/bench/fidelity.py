@@ -132,7 +132,7 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                   Variant("cluster spread no-text-units", "cluster", representative="spread", text_units=False),
                   Variant("token mass", "token", scoring="mass"),
                   Variant("cluster mass spread", "cluster", scoring="mass", representative="spread"),
-                  *(Variant(f"cluster coact={c:g}", "cluster", coactivation=c) for c in (0.1, 0.25, 0.5, 1.0, 2.0)),
+                  *(Variant(f"cluster coact={c:g}", "cluster", coactivation=c) for c in (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)),
                   *(Variant(f"cluster coact={c:g} unit={u}", "cluster", coactivation=c, coactivation_unit=u)
                     for c in (0.5, 1.0) for u in (1, 8)),
                   *(Variant(f"cluster coact={c:g} probe={p:g}", "cluster", coactivation=c, coactivation_probe=p)
@@ -251,10 +251,12 @@ def run_model(model: str, s: Settings, log=print) -> dict:
                     if variant.method == "full":
                         top = torch.topk(ref.p_past, min(B, N), dim=1).values.sum(1)
                         conc[b].append(float((top / ref.p_past.sum(1).clamp(min=1e-30)).mean()))
-            if variant.coactivation > 0:  # what the question attended, at the engine's one budget
+            if variant.method == "cluster" and variant.coactivation > 0:  # what it attended, at the engine's one budget
                 for layer in range(L):
                     query = cache.query_for(layer, cap.q[layer].transpose(0, 1), cap.scale[layer])
                     cache.retriever.observe(layer, query, budgets_of[qi][s.budgets[0]])
+                while cache.retriever.pending_probes:  # the upkeep an idle engine runs after a question
+                    cache.maintain(1, offload=False)  # one layer's probe and regroup a call, no splits
             for b in s.budgets:
                 rows[b].append(per_b[b])
             ex = {"past_tokens": N, "device_bytes": cache.device_bytes(), "index_bytes": cache.retriever.device_bytes(),

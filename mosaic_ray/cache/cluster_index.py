@@ -239,10 +239,21 @@ class ClusterIndex:
             mask.scatter_(1, slot.masked_fill(slot < 0, self.capacity), True)
         return mask[:, : self.capacity].contiguous()
 
-    def add_exact(self, keys: torch.Tensor, slot: torch.Tensor) -> None:
-        """Append exact units' tokens: keys [G, t, D], their cluster slots [G, t] (-1: padding)."""
-        self.text_keys = torch.cat([self.text_keys, keys.to(self.device, self.layout.dtype)], 1)
-        self.text_slot = torch.cat([self.text_slot, slot.to(self.device)], 1)
+    def add_exact(self, keys: torch.Tensor, slot: torch.Tensor, compact: bool = False) -> None:
+        """Append exact units' tokens: keys [G, t, D], their cluster slots [G, t] (-1: padding).
+        `compact` (co-activation's units, a different count per group): every row's tokens are
+        moved ahead of its padding and the columns no row uses dropped, so padding never builds
+        up over calls (one host sync; a text segment's tokens, the same count in every group, are
+        appended as they are, without one)."""
+        keys = torch.cat([self.text_keys, keys.to(self.device, self.layout.dtype)], 1)
+        slot = torch.cat([self.text_slot, slot.to(self.device)], 1)
+        if compact:
+            first = torch.argsort((slot < 0).to(torch.int8), dim=1, stable=True)
+            width = int((slot >= 0).sum(1).max()) if slot.numel() else 0
+            first = first[:, :width]
+            slot = slot.gather(1, first)
+            keys = keys.gather(1, first[..., None].expand(-1, -1, keys.shape[2]))
+        self.text_keys, self.text_slot = keys.contiguous(), slot.contiguous()
 
     def _tau_from(self, count, ksum, ksumsq) -> torch.Tensor:
         n = count.clamp(min=1)

@@ -197,7 +197,7 @@ def regroup(index: "ClusterIndex") -> int:
     ex_slot = torch.full((G, width), -1, dtype=torch.int64, device=dev)
     ex_keys[g, rank] = got["k"][pinv, m].to(index.layout.dtype)
     ex_slot[g, rank] = slot
-    index.add_exact(ex_keys, ex_slot)
+    index.add_exact(ex_keys, ex_slot, compact=True)
     index.coactivated += per_group
     index._flag(pg * index.capacity + pc, index.thresholds())  # a parent may now be cohesive
     if freed.numel():

@@ -196,6 +196,12 @@ class ClusterRetriever(Retriever):
         """Questions' attention reshapes the clusters (`ClusterConfig.coactivation` > 0)."""
         return self.index.config.coactivation > 0
 
+    @property
+    def pending_probes(self) -> int:
+        """Layers whose question is observed but not yet probed (each `maintain` call probes one or
+        more: an idle engine's upkeep runs until none is left)."""
+        return len(self._asked)
+
     def observe(self, layer: int, query, budget: int) -> None:
         """Remember that a question asked layer `layer` with `query` at `budget` (`retrieve_into`
         does it on the question path; replays that retrieve at several budgets call it for one).

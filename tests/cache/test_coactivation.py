@@ -252,3 +252,21 @@ def test_probing_is_upkeep_in_pieces_each_layer_regrouped_as_it_is_probed(layout
         assert len(r._asked) == layout.num_layers - layer - 1 and not r.index.attended  # regrouped at once
         grew = (r.index.coactivated > before).nonzero().flatten().tolist()
         assert grew and all(g // H == layer for g in grew)  # only the probed layer's groups changed
+
+
+def test_units_of_one_layer_at_a_time_leave_no_padding_behind(layout, pool):
+    """Regroups of one layer's groups, one after another: the exact keys table stays as wide as the
+    group with most exact tokens (rows compacted), not the sum of every call's widest group."""
+    index, keys = _filled(layout, pool)
+    H = layout.num_kv_heads
+    for layer in range(layout.num_layers):
+        orders = [5 + layer, 60 + layer, 100 + layer]
+        cl, mem = torch.zeros(H, 3, dtype=torch.int64), torch.zeros(H, 3, dtype=torch.int64)
+        w = torch.zeros(H, 3)
+        cm = torch.tensor(_pick(index, layer * H, orders))
+        cl[0], mem[0], w[0] = cm[:, 0], cm[:, 1], torch.tensor([0.9, 0.8, 0.7])
+        log_attended(index, layer, cl, mem, w)
+        assert regroup(index) == 3
+    assert index.text_slot.shape[1] == 3  # every touched group holds 3, the others none
+    assert int((index.text_slot >= 0).sum()) == 3 * layout.num_layers
+    _check_exact(index, keys)
