@@ -110,7 +110,8 @@ class ClusterConfig:
     # question's retrieval, per (layer, KV head), the retrieved members that got the most of its
     # attention (this share of the budget) are regrouped, at the next maintenance, into exact
     # units: split out of their clusters, co-attended members of several clusters merged, in
-    # units of `coactivation_unit` tokens scored by their best token's exact key, as text units are.
+    # units of `coactivation_unit` tokens (at most max_size) scored by their best token's exact key,
+    # as text units are.
     # The cold rest stays in its clusters, whose centroids no longer average the hot members away.
     # 0 = off. The tokens it makes exact stay under `coactivation_max_share` of a (layer, head)'s
     # tokens (text units, exact anyway, not counted; cache/coactivation.py). Needs every query of a
@@ -139,7 +140,7 @@ class ClusterConfig:
         _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
         _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
         _check_range("ClusterConfig.coactivation", self.coactivation, 0.0, 64.0)
-        _check_range("ClusterConfig.coactivation_unit", self.coactivation_unit, 1, self.max_size)
+        _check_range("ClusterConfig.coactivation_unit", self.coactivation_unit, 1, 65536)  # at most max_size used
         _check_range("ClusterConfig.coactivation_max_share", self.coactivation_max_share, 0.0, 1.0)
         _check_range("ClusterConfig.coactivation_probe", self.coactivation_probe, 1.0, 64.0)
         if self.representative not in REPRESENTATIVES:

@@ -130,9 +130,10 @@ def regroup(index: "ClusterIndex") -> int:
     rank = _ranks_in_runs(g)  # entries are sorted by group
     G = index.layout.groups
     per_group = torch.zeros(G, dtype=torch.int64, device=dev).index_add_(0, g, torch.ones_like(g))
-    units_per_group = -(-per_group // cfg.coactivation_unit)
+    unit = min(cfg.coactivation_unit, cfg.max_size)  # a unit is a cluster: at most max_size members
+    units_per_group = -(-per_group // unit)
     index._ensure_capacity(int((index.num_clusters + units_per_group).max()))
-    slot = index.num_clusters[g] + rank // cfg.coactivation_unit
+    slot = index.num_clusters[g] + rank // unit
     # members of a unit in stream order: rank in unit by order
     order_of = got["order"][pinv, m]
     by_order = torch.argsort(order_of, stable=True)

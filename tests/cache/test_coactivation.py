@@ -270,3 +270,19 @@ def test_units_of_one_layer_at_a_time_leave_no_padding_behind(layout, pool):
     assert index.text_slot.shape[1] == 3  # every touched group holds 3, the others none
     assert int((index.text_slot >= 0).sum()) == 3 * layout.num_layers
     _check_exact(index, keys)
+
+
+def test_a_unit_larger_than_a_cluster_is_a_full_cluster(layout, pool):
+    """The default unit (8) must not refuse configs of small clusters: a unit is cut at max_size."""
+    index, keys = _filled(layout, pool, coactivation_unit=1000)
+    orders = list(range(0, 120, 3))  # 40 attended members of group 2, more than max_size (32)
+    cm = torch.tensor(_pick(index, 2, orders))
+    H = layout.num_kv_heads
+    layer, h = divmod(2, H)
+    cl, mem, w = (torch.zeros(H, 40, dtype=torch.int64), torch.zeros(H, 40, dtype=torch.int64), torch.zeros(H, 40))
+    cl[h], mem[h], w[h] = cm[:, 0], cm[:, 1], torch.linspace(1.0, 0.1, 40)
+    log_attended(index, layer, cl, mem, w)
+    assert regroup(index) == 40
+    units = set(index.text_slot[2][index.text_slot[2] >= 0].tolist())
+    assert sorted(int(index.count[2, u]) for u in units) == [8, MAX_SIZE]
+    _check_exact(index, keys)
