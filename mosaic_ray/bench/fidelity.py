@@ -87,8 +87,7 @@ class Variant:
     fill: str = _CACHE.fill
     text_units: bool = _CLUSTER.text_units
     representative: str = _CLUSTER.representative
-    # ClusterConfig.coactivation: after each question the replay observes its attention at the
-    # first budget (an engine retrieves at one budget) and the next maintenance regroups it
+    # ClusterConfig.coactivation: each question observed at the first budget (an engine's one)
     coactivation: float = _CLUSTER.coactivation
     coactivation_unit: int = _CLUSTER.coactivation_unit
     coactivation_probe: float = _CLUSTER.coactivation_probe
@@ -133,10 +132,8 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                   Variant("token mass", "token", scoring="mass"),
                   Variant("cluster mass spread", "cluster", scoring="mass", representative="spread"),
                   *(Variant(f"cluster coact={c:g}", "cluster", coactivation=c) for c in (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)),
-                  *(Variant(f"cluster coact={c:g} unit={u}", "cluster", coactivation=c, coactivation_unit=u)
-                    for c in (0.5, 1.0) for u in (1, 8)),
-                  *(Variant(f"cluster coact={c:g} probe={p:g}", "cluster", coactivation=c, coactivation_probe=p)
-                    for c in (0.5, 1.0) for p in (2.0, 8.0)),
+                  *(Variant(f"cluster coact=1 unit={u}", "cluster", coactivation_unit=u) for u in (1, 4)),
+                  *(Variant(f"cluster coact=1 probe={p:g}", "cluster", coactivation_probe=p) for p in (2.0, 4.0)),
                   Variant("cluster coact=1 share=0.2", "cluster", coactivation=1.0, coactivation_max_share=0.2)]
 
 
@@ -276,13 +273,8 @@ def run_model(model: str, s: Settings, log=print) -> dict:
         cache.release()
         last = extras[-1]
         entry = {
-            "config": {"method": variant.method, "variance_ratio": variant.variance_ratio,
-                       "slab_tokens": cache.retriever.pool.slab_tokens, "split_size": variant.split_size,
-                       "drain_before_query": variant.drain_before_query, "scoring": variant.scoring,
-                       "fill": variant.fill, "text_units": variant.text_units,
-                       "representative": variant.representative, "coactivation": variant.coactivation,
-                       "coactivation_unit": variant.coactivation_unit, "coactivation_probe": variant.coactivation_probe,
-                       "coactivation_max_share": variant.coactivation_max_share},
+            "config": {**{k: v for k, v in asdict(variant).items() if k != "name"},
+                       "slab_tokens": cache.retriever.pool.slab_tokens},
             "device_bytes": last["device_bytes"], "index_bytes": last["index_bytes"],
             "host_bytes": last["host_bytes"], "replay_s": round(time.perf_counter() - tv, 2),
             "budgets": {},
