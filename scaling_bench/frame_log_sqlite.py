@@ -30,6 +30,7 @@ are reused by later appends (the file keeps its high-water size) unless `reclaim
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -109,22 +110,28 @@ class SqliteFrameLog(FrameLog):
         rows = []
         for r in records:
             rows.append((r.mark if isinstance(r, MarkRecord) else None, encode_record(r)))
+        with self._write("frame log write failed"):
+            n = self._db.execute("SELECT coalesce(max(n), -1) + 1 FROM log WHERE stream = ?", (stream_id,)).fetchone()[0]
+            self._db.executemany("INSERT INTO log (stream, n, mark, payload) VALUES (?, ?, ?, ?)",
+                                 [(stream_id, n + i, mark, payload) for i, (mark, payload) in enumerate(rows)])
+        return self.fsync == "always"
+
+    @contextlib.contextmanager
+    def _write(self, failure: str):
+        """One write transaction under the store's lock: BEGIN IMMEDIATE takes SQLite's write lock
+        at once (no other writer in between), COMMIT on success, ROLLBACK on any exception; an
+        sqlite3.Error surfaces as LogWriteError(`failure`: ...), as DiskFrameLog's do."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")  # the write lock now: no other writer between
+                self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    n = self._db.execute("SELECT coalesce(max(n), -1) + 1 FROM log WHERE stream = ?",
-                                         (stream_id,)).fetchone()[0]
-                    self._db.executemany(
-                        "INSERT INTO log (stream, n, mark, payload) VALUES (?, ?, ?, ?)",
-                        [(stream_id, n + i, mark, payload) for i, (mark, payload) in enumerate(rows)])
+                    yield
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise LogWriteError(f"frame log write failed: {exc}") from None
-        return self.fsync == "always"
+                raise LogWriteError(f"{failure}: {exc}") from None
 
     def release(self, stream_id: str) -> None:
         pass  # nothing per stream is held open
@@ -163,22 +170,12 @@ class SqliteFrameLog(FrameLog):
 
     # ------------------------------------------------------------------ compaction
     def truncate_before(self, stream_id: str, mark: int) -> int:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    row = self._db.execute("SELECT n FROM log WHERE stream = ? AND mark = ? ORDER BY n DESC LIMIT 1",
-                                           (stream_id, mark)).fetchone()
-                    dropped = 0
-                    if row is not None:
-                        dropped = self._db.execute("DELETE FROM log WHERE stream = ? AND n < ?",
-                                                   (stream_id, row[0])).rowcount
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise LogWriteError(f"log compaction failed: {exc}") from None
+        dropped = 0
+        with self._write("log compaction failed"):
+            row = self._db.execute("SELECT n FROM log WHERE stream = ? AND mark = ? ORDER BY n DESC LIMIT 1",
+                                   (stream_id, mark)).fetchone()
+            if row is not None:
+                dropped = self._db.execute("DELETE FROM log WHERE stream = ? AND n < ?", (stream_id, row[0])).rowcount
         return dropped
 
     def reclaim(self) -> None:
