@@ -107,12 +107,12 @@ class ClusterConfig:
     # normally around the centroid, q . c + |q|^2 var / 2D; no memory more; with scoring "max"|"mass").
     representative: str = "centroid"
     # Co-activation (issue 19 item 4): clusters reshaped by what questions attend. After a
-    # question's retrieval, per (layer, KV head), the retrieved members that got the most of its
-    # attention (this share of the budget) are regrouped, at the next maintenance, into exact
-    # units: split out of their clusters, co-attended members of several clusters merged, in
-    # units of `coactivation_unit` tokens (at most max_size) scored by their best token's exact key,
-    # as text units are.
-    # The cold rest stays in its clusters, whose centroids no longer average the hot members away.
+    # question's retrieval, per (layer, KV head), the members that would get the most of its
+    # attention (this share of the budget; found among `coactivation_probe` budgets of its best
+    # clusters) are regrouped, at the next upkeep, into exact units: split out of their clusters,
+    # co-attended members of several clusters merged, in units of `coactivation_unit` tokens (at
+    # most max_size) scored by their best token's exact key, as text units are. The cold rest
+    # stays in its clusters, whose centroids no longer average the hot members away.
     # 0 = off. The tokens it makes exact stay under `coactivation_max_share` of a (layer, head)'s
     # tokens (text units, exact anyway, not counted; cache/coactivation.py). Needs every query of a
     # question (`CacheConfig.scoring` "max" or "mass"); inactive with "mean". On (1.0) since
@@ -120,8 +120,8 @@ class ClusterConfig:
     # protocol 42 -> 50 % at 5 % and 46 -> 50 % at 10 % (full: 50 %; 48 questions), the
     # independent protocol unchanged (no earlier question); past recall at 5 % 0.656 -> 0.77. Its
     # price at 7B shapes (H100, 86k past tokens): ~125 ms of upkeep per question off the question's
-    # path, and the exact keys: 1.8 -> 4.0 GiB of device memory per stream-hour
-    # (docs/benchmarks.md 4.3, 9.2).
+    # path, and the exact keys: up to 1.8 -> 4.0 GiB of device memory per stream-hour (measured
+    # before the exact-key table was compacted; docs/benchmarks.md 4.3, 9.2).
     coactivation: float = 1.0
     coactivation_unit: int = 8
     coactivation_max_share: float = 0.1

@@ -6,19 +6,21 @@ fetching it whole spends the budget on the second. What questions attend persist
 stream stays where it is: on real SmolLM2-135M keys of real video (the fidelity stream), the
 exact top 5 % of the past by the attention of the questions asked before holds 0.94-0.999 of the
 top-5 % mass of the next question asked at the same point, though only 0.03 for a question 3.3k
-tokens later (`scaling_bench/attention_persistence.py`, docs/results/attention_persistence.md). So the attention questions pay reshapes the clusters, in
-three steps, none on a question's path:
+tokens later (`scaling_bench/attention_persistence.py`, docs/results/attention_persistence.md).
+So the attention questions pay reshapes the clusters, in three steps, none on a question's path:
 
   observe   (`ClusterRetriever.observe`, called by `retrieve_into`): the question's QuerySet and
-            budget per layer are kept; nothing is computed.
-  probe     (`ClusterRetriever._probe_asked`, at the next maintenance) `attended_members`: the
+            budget per layer are kept (the newest question per layer); nothing is computed.
+  probe     (`ClusterRetriever._probe_asked`, at the next upkeep, a layer or more per call
+            under the scheduler's time share) `attended_members`: the
             question's best clusters, `coactivation_probe` x its budget of them, are read back
             (keys only) and each member's attention computed exactly, as the mean over the
             question's queries of exp(q . k - log Z), Z over the resident and the probed tokens;
             so members the question did not retrieve are found too. The `coactivation x budget`
             most attended members per (layer, KV head) are logged on the index as (group,
             cluster, member, weight).
-  regroup   (same maintenance, never while a query holds the index, like splits): the logged
+  regroup   (right after the probe, in the same call, never while a query holds the index, like
+            splits, so nothing moves the logged members in between): the logged
             members leave their clusters for exact units of `coactivation_unit` tokens, the
             hottest together, members of several clusters merged (co-attended). An exact unit
             keeps its tokens' keys on the device and is scored by its best token, as a text
@@ -51,7 +53,7 @@ _INF = float("inf")
 
 def attended_members(query: QuerySet, keys: torch.Tensor, valid: torch.Tensor, order: torch.Tensor,
                      sizes: torch.Tensor, csum: torch.Tensor, share: float) -> tuple[torch.Tensor, ...]:
-    """The most attended of one layer's retrieved members: keys [H, B, D] / valid [H, B] in the
+    """The most attended of one layer's probed members: keys [H, B, D] / valid [H, B] in a
     retrieval's layout (position p of head h is a member of the k-th cluster of `order` [H, C]
     with csum[h, k - 1] <= p < csum[h, k], `sizes` the clusters' taken sizes in that order).
     Returns (cluster, member, weight) [H, k] each, k = ceil(share x B); weight 0 marks no entry."""

@@ -270,9 +270,8 @@ class ClusterRetriever(Retriever):
         with ix.query_guard():
             order, sizes, csum = self._ranked(layer, query, budget)
             gpu = kv.k.is_cuda and self.pool.pinned
-            slots = work.retrieved[:budget]
             gather_clusters(self.pool.kv, order, sizes, csum, ix.slabs[layer * H : (layer + 1) * H], budget,
-                            slots, kv.k[layer], kv.v[layer], kv.valid[layer], counts,
+                            work.retrieved[:budget], kv.k[layer], kv.v[layer], kv.valid[layer], counts,
                             backend="auto" if gpu else "torch")
         self.observe(layer, query, budget)
         return None
