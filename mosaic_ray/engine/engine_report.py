@@ -45,14 +45,20 @@ def engine_stats(engine) -> dict[str, Any]:
         **{f"{k}_total": v for k, v in engine.counters.items()},
         **{f"step_{k}_total": v for k, v in engine.loop.counters.items()},
         "ttft_parts": engine.loop.ttft_parts(),
-        **dict(zip(("retrieval_tokens_total", "retrieval_copies_total", "retrieval_bytes_total"),
-                   engine.retrieval.tolist())),
-        **({"clusters": cluster_count(streams)} if engine.config.cache.retrieval == "cluster" else {}),
+        **device_counts(engine, streams),
     }
 
 
-def cluster_count(streams) -> int:
-    """Clusters in use over the streams' cluster indexes, every (layer, KV head) group's counted
-    (one host sync for all of them)."""
-    counts = [ix.num_clusters.sum() for s in streams if (ix := getattr(s.cache.retriever, "index", None)) is not None]
-    return int(torch.stack(counts).sum()) if counts else 0
+def device_counts(engine, streams) -> dict[str, int]:
+    """The figures kept on the device, read in one host sync: what the questions' retrievals moved
+    (`StreamEngine.retrieval`) and, for cluster retrieval, the clusters in use over every stream's
+    index (each (layer, KV head) group's counted)."""
+    parts = [engine.retrieval]
+    if engine.config.cache.retrieval == "cluster":
+        counts = [ix.num_clusters.sum() for s in streams if (ix := getattr(s.cache.retriever, "index", None)) is not None]
+        parts.append(torch.stack(counts).sum()[None] if counts else torch.zeros(1, dtype=torch.int64, device=engine.device))
+    values = torch.cat([p.to(engine.retrieval.device, torch.int64) for p in parts]).tolist()
+    out = dict(zip(("retrieval_tokens_total", "retrieval_copies_total", "retrieval_bytes_total"), values))
+    if len(values) > 3:
+        out["clusters"] = values[3]
+    return out
