@@ -8,6 +8,14 @@ runtime's, not a model's), or joins the one a `ray job submit` points at.
     python scaling_bench/reliability_load.py --quick                 # CPU, ~30 s with start-up
     python scaling_bench/reliability_load.py --streams 16 --seconds 60 --kill-after 20 --out /tmp/r
     python scaling_bench/reliability_load.py --quick --no-kill       # the same load, nothing killed
+    python scaling_bench/reliability_load.py --quick --model tiny    # the real engine (tiny model, CPU)
+
+With --model the shards run the real engine (cluster retrieval); --gpus N gives the private
+cluster N GPUs shared by the shards (2 shards on 1 GPU: half a GPU each, each with its own
+--kv-tokens device pool). The GPU recovery table of docs/reliability.md:
+
+    python scaling_bench/reliability_load.py --model 7b-shape --device cuda --gpus 1 --streams 16 \
+        --fps 1 --batch 1 --question-every 10 --seconds 240 --kill-after 200 --snapshot-every 60 --out /tmp/r
 """
 
 from __future__ import annotations
@@ -33,6 +41,15 @@ def main() -> int:
     p.add_argument("--no-kill", action="store_true")
     p.add_argument("--engine", default=FAKE, help="engine factory (default: the tests' fake engine)")
     p.add_argument("--fsync", default="interval", choices=["always", "interval", "never"])
+    p.add_argument("--model", default=None, help="run the real engine with this model (default: the fake engine)")
+    p.add_argument("--device", default="cpu", help="the real engine's device (with --model)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs of a private cluster (default: one logical GPU "
+                                                            "per shard); fewer than --shards: they share them")
+    p.add_argument("--kv-tokens", type=int, default=200_000, help="device K/V pool per shard, tokens (with --model)")
+    p.add_argument("--pool-mb", type=int, default=16384, help="host pool per shard, MiB (with --model)")
+    p.add_argument("--frame-px", type=int, default=64, help="side of the JPEG frames the clients send")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="DurabilitySpec.snapshot_every_frames (default: the runtime's, 600)")
     p.add_argument("--out", default=None, help="directory for reliability_load.json (default: none, printed only; "
                                                 "absolute under `ray job submit`)")
     a = p.parse_args()
@@ -48,13 +65,24 @@ def main() -> int:
     from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
     from mosaic_ray.bench.serve_stack import bench_stack
 
+    from mosaic_ray.bench.engines import engine_kwargs
+
     log_root = tempfile.mkdtemp(prefix="mosaic-log-")
-    cfg = {"name": "reliability", "num_shards": a.shards, "engine": {"factory": a.engine},
-           "shard": {"num_gpus": 1, "num_cpus": 0},
+    gpus = a.gpus if a.gpus is not None else a.shards
+    engine = {"factory": a.engine}
+    if a.model is not None:
+        kwargs = engine_kwargs("cluster", a.model, a.device, 2048, a.pool_mb)
+        engine = {"kwargs": {**kwargs, "kv_pool": {"capacity_tokens": a.kv_tokens}}}
+    durability = {"root": log_root, "fsync": a.fsync}
+    if a.snapshot_every is not None:
+        durability["snapshot_every_frames"] = a.snapshot_every
+    cfg = {"name": "reliability", "num_shards": a.shards, "engine": engine,
+           "shard": {"num_gpus": min(1.0, gpus / a.shards), "num_cpus": 0, "max_pending_frames": 1024},
            "router": {"health_interval_s": 1.0},
-           "durability": {"root": log_root, "fsync": a.fsync}}
+           "durability": durability}
     spec = ReliabilityLoadSpec(streams=a.streams, seconds=a.seconds, fps=a.fps, batch_frames=a.batch,
-                               question_every_s=a.question_every, kill_after_s=None if a.no_kill else a.kill_after)
+                               question_every_s=a.question_every, frame_size=a.frame_px,
+                               kill_after_s=None if a.no_kill else a.kill_after)
 
     async def kill() -> str:
         name = f"{cfg['name']}:shard:0"
@@ -62,13 +90,16 @@ def main() -> int:
         return name
 
     try:
-        with bench_stack(num_gpus=a.shards) as stack:
+        with bench_stack(num_gpus=gpus) as stack:
             try:
                 out = asyncio.run(run_reliability_load(stack.app(cfg), spec, kill))
             finally:
                 stack.drop(cfg, app=True)
     finally:
         shutil.rmtree(log_root, ignore_errors=True)
+    out["engine"] = engine
+    out["durability"] = {k: v for k, v in durability.items() if k != "root"}
+    out["machine"] = report.machine()
     report.show_json(a.out, "reliability_load", out)
     ok = out["errors"] == 0 and out["frames_acked"] == out["frames_stored"]
     print("OK: every acknowledged frame stored" if ok else "FAILED: see lost_streams / first_errors")

@@ -11,6 +11,13 @@ Figures (`run_reliability_load(...)` returns them):
   afterwards. Equal when nothing acknowledged was lost (and nothing duplicated).
 - answer_ms: p50/p99/max of `ask` as the client saw it (retries included); answers, answer errors.
 - responses, status counts, rate_503: 503 responses / all responses.
+- recovery (with a kill): from the kill, every stream is asked a one-token question every
+  `probe_every_s` by a client that does not retry; a stream whose probe failed at least once is
+  one the kill reached (`affected`), and its recovery time is kill -> its first answer after.
+  While a stream is probed, the load asks it nothing (one question per stream at a time: a
+  second is 409 `stream_busy`); a probe that meets the load's own question (409) tries again and
+  does not count as a failure.
+  `recovery_s` is the slowest affected stream's (what "its streams answer again" means).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 
 from mosaic_ray.bench.stats import pct
 from mosaic_ray.client.client import AsyncMosaicClient
+from mosaic_ray.client.errors import MosaicAPIError
 from mosaic_ray.client.retry import RetryPolicy
 
 
@@ -40,6 +48,8 @@ class ReliabilityLoadSpec:
     max_tokens: int = 8
     frame_size: int = 64
     kill_after_s: float | None = None  # kill a shard this long into the load (needs `kill`)
+    probe_every_s: float = 0.25  # after a kill: how often each stream is asked until it answers
+    probe_timeout_s: float = 180.0  # a stream not answering this long after the kill counts as lost
     prefix: str = "rl"
 
     def __post_init__(self) -> None:
@@ -74,6 +84,7 @@ async def run_reliability_load(
     answer_s: list[float] = []
     errors: list[str] = []
     killed: dict[str, Any] = {}
+    probing: set[str] = set()  # streams the recovery probe is asking (the load leaves them alone)
     async with AsyncMosaicClient(url, retry=retry, transport=transport, timeout_s=60) as client:
         tag = f"{spec.prefix}-{int(time.time() * 1e3) % 10**8}"
         sids = [await client.create_stream(f"{tag}-{i}") for i in range(spec.streams)]
@@ -100,9 +111,16 @@ async def run_reliability_load(
             k = 0
             while time.monotonic() < deadline:
                 t0 = time.monotonic()
+                if sid in probing:
+                    await asyncio.sleep(spec.probe_every_s)
+                    continue
                 try:
                     await client.ask(sid, f"what happened? ({k})", max_tokens=spec.max_tokens)
                     answer_s.append(time.monotonic() - t0)
+                except MosaicAPIError as exc:
+                    if exc.code == "stream_busy" and killed:  # the probe got there first
+                        continue
+                    errors.append(f"ask {sid}: {exc}")
                 except Exception as exc:
                     errors.append(f"ask {sid}: {exc}")
                 k += 1
@@ -110,8 +128,19 @@ async def run_reliability_load(
 
         async def chaos() -> None:
             await asyncio.sleep(spec.kill_after_s)
+            probing.update(sids)
             killed["shard"] = await kill()
-            killed["at_s"] = time.monotonic() - start
+            t_kill = time.monotonic()
+            killed["at_s"] = t_kill - start
+            async with AsyncMosaicClient(url, retry=RetryPolicy(max_attempts=1), timeout_s=30) as probe:
+                waits = await asyncio.gather(*(_answers_again(probe, sid, t_kill, spec, probing) for sid in sids))
+            hit = {sid: w for sid, (w, failed) in zip(sids, waits) if failed}
+            killed["affected_streams"] = len(hit)
+            killed["recovery_s_each"] = {sid: None if w is None else round(w, 2) for sid, w in sorted(hit.items())}
+            known = [w for w in hit.values() if w is not None]
+            killed["recovery_s"] = round(max(known), 2) if known and len(known) == len(hit) else None
+            killed["recovery_p50_s"] = round(float(np.median(known)), 2) if known else None
+            killed["never_answered"] = sorted(sid for sid, w in hit.items() if w is None)
 
         tasks = [ingest(s) for s in sids]
         if spec.question_every_s > 0:
@@ -141,6 +170,26 @@ async def run_reliability_load(
         "first_errors": errors[:3],
         "killed": killed,
     }
+
+
+async def _answers_again(probe: AsyncMosaicClient, sid: str, t_kill: float, spec: ReliabilityLoadSpec,
+                         probing: set[str]) -> tuple[float | None, bool]:
+    """(seconds from the kill to `sid`'s first answer, whether an ask failed before it); the
+    seconds are None if it never answered within `probe_timeout_s`."""
+    failed = False
+    try:
+        while (now := time.monotonic()) - t_kill < spec.probe_timeout_s:
+            try:
+                await probe.ask(sid, "still there?", max_tokens=1)
+                return time.monotonic() - t_kill, failed
+            except MosaicAPIError as exc:
+                failed = failed or exc.code != "stream_busy"  # busy: the load's question, in flight
+            except Exception:
+                failed = True
+            await asyncio.sleep(max(0.0, spec.probe_every_s - (time.monotonic() - now)))
+        return None, failed
+    finally:
+        probing.discard(sid)
 
 
 def _ms(seconds: float | None) -> float | None:
