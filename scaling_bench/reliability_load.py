@@ -48,6 +48,11 @@ def main() -> int:
     p.add_argument("--kv-tokens", type=int, default=200_000, help="device K/V pool per shard, tokens (with --model)")
     p.add_argument("--pool-mb", type=int, default=16384, help="host pool per shard, MiB (with --model)")
     p.add_argument("--frame-px", type=int, default=64, help="side of the JPEG frames the clients send")
+    p.add_argument("--engine-frame-size", type=int, default=None,
+                   help="EngineConfig.frame_size (with --model; 7b-shape: 336 = 144 tokens a frame, 224 = 64)")
+    p.add_argument("--probe-timeout", type=float, default=180.0, help="after the kill: seconds a stream may take to "
+                                                                      "answer again before it counts as lost")
+    p.add_argument("--ray-logs", default=None, help="copy the private Ray's logs (router, shards) here at the end")
     p.add_argument("--snapshot-every", type=int, default=None,
                    help="DurabilitySpec.snapshot_every_frames (default: the runtime's, 600)")
     p.add_argument("--out", default=None, help="directory for reliability_load.json (default: none, printed only; "
@@ -73,6 +78,8 @@ def main() -> int:
     if a.model is not None:
         kwargs = engine_kwargs("cluster", a.model, a.device, 2048, a.pool_mb)
         engine = {"kwargs": {**kwargs, "kv_pool": {"capacity_tokens": a.kv_tokens}}}
+        if a.engine_frame_size:
+            engine["kwargs"]["frame_size"] = a.engine_frame_size
     durability = {"root": log_root, "fsync": a.fsync}
     if a.snapshot_every is not None:
         durability["snapshot_every_frames"] = a.snapshot_every
@@ -81,8 +88,20 @@ def main() -> int:
            "router": {"health_interval_s": 1.0},
            "durability": durability}
     spec = ReliabilityLoadSpec(streams=a.streams, seconds=a.seconds, fps=a.fps, batch_frames=a.batch,
-                               question_every_s=a.question_every, frame_size=a.frame_px,
+                               question_every_s=a.question_every, frame_size=a.frame_px, probe_timeout_s=a.probe_timeout,
                                kill_after_s=None if a.no_kill else a.kill_after)
+
+    async def inspect() -> dict:
+        ns = "mosaic_ray"
+        router = ray.get_actor(f"{cfg['name']}:router", namespace=ns)
+        status = await router.recovery_status.remote()
+        snaps = {}
+        for i in range(a.shards):
+            try:
+                snaps[f"shard:{i}"] = await ray.get_actor(f"{cfg['name']}:shard:{i}", namespace=ns).snapshot_stats.remote()
+            except Exception as exc:  # the killed one, unless replaced
+                snaps[f"shard:{i}"] = f"{type(exc).__name__}"
+        return {"recovery_status": status, "snapshots": snaps}
 
     async def kill() -> str:
         name = f"{cfg['name']}:shard:0"
@@ -90,9 +109,9 @@ def main() -> int:
         return name
 
     try:
-        with bench_stack(num_gpus=gpus) as stack:
+        with bench_stack(num_gpus=gpus, keep_logs=a.ray_logs) as stack:
             try:
-                out = asyncio.run(run_reliability_load(stack.app(cfg), spec, kill))
+                out = asyncio.run(run_reliability_load(stack.app(cfg), spec, kill, inspect))
             finally:
                 stack.drop(cfg, app=True)
     finally:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",
@@ -26,9 +27,14 @@ class RaySession:
     private: bool  # True: this process started Ray and stops it
     tmp: str | None = None
 
-    def close(self) -> None:
+    def close(self, keep_logs: str | None = None) -> None:
+        """Stop a private Ray; `keep_logs`: copy its session's logs (every actor's stdout and
+        stderr, where the shards and the router log) into that folder first."""
         import ray
 
+        if keep_logs and self.tmp:
+            shutil.copytree(Path(self.tmp) / "session_latest" / "logs", keep_logs, dirs_exist_ok=True,
+                            ignore_dangling_symlinks=True)
         if self.private:
             ray.shutdown()
             if self.tmp:

@@ -75,7 +75,10 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
 async def run_reliability_load(
     url: str, spec: ReliabilityLoadSpec, kill: Callable[[], Awaitable[str]] | None = None,
+    inspect: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """The load, then the figures above; `inspect()` (after the load, before the streams are
+    deleted) adds what the runtime says of itself (the router's recovery status, snapshots)."""
     transport = CountingTransport()
     retry = RetryPolicy(max_attempts=40, max_retry_after_s=5.0)  # rides out a recovery (< 30 s)
     rng = np.random.default_rng(0)
@@ -149,15 +152,26 @@ async def run_reliability_load(
             tasks.append(chaos())
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - start
-        stored = {sid: (await client.stream_info(sid))["frames"] for sid in sids}
+        stored: dict[str, int | None] = {}
+        for sid in sids:  # a stream that cannot answer (quarantined, lost) is reported, not raised
+            try:
+                stored[sid] = (await client.stream_info(sid))["frames"]
+            except MosaicAPIError as exc:
+                stored[sid] = None
+                errors.append(f"info {sid}: {exc}")
+        if inspect is not None:
+            killed["runtime"] = await inspect()
         for sid in sids:
-            await client.delete_stream(sid)
+            try:
+                await client.delete_stream(sid)
+            except MosaicAPIError as exc:
+                errors.append(f"delete {sid}: {exc}")
     responses = sum(transport.statuses.values())
     return {
         "spec": asdict(spec),
         "elapsed_s": round(elapsed, 2),
         "frames_acked": sum(acked.values()),
-        "frames_stored": sum(stored.values()),
+        "frames_stored": sum(v or 0 for v in stored.values()),
         "lost_streams": sorted(s for s in sids if stored.get(s) != acked.get(s, 0)),
         "answers": len(answer_s),
         "answer_ms": {"p50": _ms(pct(answer_s, 0.5)), "p99": _ms(pct(answer_s, 0.99)),
@@ -167,7 +181,7 @@ async def run_reliability_load(
         "rate_503": round(transport.statuses[503] / responses, 4) if responses else 0.0,
         "client_retries": client.retries,
         "errors": len(errors),
-        "first_errors": errors[:3],
+        "first_errors": errors[:8],
         "killed": killed,
     }
 

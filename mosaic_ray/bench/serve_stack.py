@@ -87,9 +87,10 @@ class Stack:
 
 
 @contextmanager
-def bench_stack(num_gpus: int) -> Iterator[Stack]:
+def bench_stack(num_gpus: int, keep_logs: str | None = None) -> Iterator[Stack]:
     """Ray (the cluster a job runs in, else a private one with `num_gpus` logical GPUs:
-    `ray_env.start_ray`) and a `Stack` on it; Serve and a private Ray are stopped on exit."""
+    `ray_env.start_ray`) and a `Stack` on it; Serve and a private Ray are stopped on exit (a
+    private one's logs copied to `keep_logs` first)."""
     from mosaic_ray.bench.ray_env import start_ray
 
     session = start_ray(num_gpus=num_gpus)
@@ -98,4 +99,4 @@ def bench_stack(num_gpus: int) -> Iterator[Stack]:
         yield stack
     finally:
         stack.close()
-        session.close()
+        session.close(keep_logs)
