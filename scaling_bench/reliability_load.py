@@ -67,10 +67,12 @@ def main() -> int:
     import ray
 
     from mosaic_ray.bench import report
-    from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
-    from mosaic_ray.bench.serve_stack import bench_stack
-
     from mosaic_ray.bench.engines import engine_kwargs
+    from mosaic_ray.bench.reliability_load import (
+        ReliabilityLoadSpec,
+        run_reliability_load,
+    )
+    from mosaic_ray.bench.serve_stack import bench_stack
 
     log_root = tempfile.mkdtemp(prefix="mosaic-log-")
     gpus = a.gpus if a.gpus is not None else a.shards
