@@ -7,17 +7,16 @@
 A step: reserve device-pool slots for the new tokens -> one forward (`model_runner`: every
 sequence packed into one row; decode steps replay a CUDA graph) -> choose tokens (greedy rows in
 one device-to-host copy) -> commit (the streams adopt their slots); frames and text go through
-`ingest_step`, questions through `question_step`. Frames of several streams given
-to `append_frames_batch` share one vision batch and one forward; every active question takes one
-step per engine step, all in one forward.
+`ingest_step`, questions through `question_step`. Frames of several streams given to
+`append_frames_batch` share one vision batch and one forward; every active question takes one step
+per engine step, all in one forward.
 
 Atomicity: inputs are validated before anything changes; a stream's counters move only after its
 cache adopted the step's slots (`stream_state.commit`); a failed step gives its slots back, so a
-failing call leaves the stream as it was.
-Frames keep flowing while a stream answers: they wait only for the question's prefill step
-(bounded), then are ingested while the answer decodes, at positions after the answer's reserved
-range (`engine/question.py`), so no acknowledged frame is lost or reordered and the answer is the
-one the stream gave at the question's start.
+failing call leaves the stream as it was. Frames keep flowing while a stream answers: they wait only
+for the question's prefill step (bounded), then are ingested while the answer decodes, at positions
+after the answer's reserved range (`engine/question.py`), so no acknowledged frame is lost or
+reordered and the answer is the one the stream gave at the question's start.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from mosaic_ray.cache.device_pool import DeviceKVPool
-from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
+from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.config_load import build_config
@@ -372,8 +371,17 @@ class StreamEngine(Engine):
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         cache = StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool)
-        state = import_stream(stream_id, snapshot, cache)
-        state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
+        try:
+            state = import_stream(stream_id, snapshot, cache)
+            state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
+        except (PoolExhaustedError, DevicePoolExhaustedError) as exc:
+            # Capacity, not a bad snapshot: nothing of it stays; try later or elsewhere (a rebuild
+            # must never take this for an unusable snapshot and fall back past a compaction).
+            cache.release()
+            raise OverloadedError(f"stream {stream_id!r}: no room to import its snapshot ({exc})") from None
+        except BaseException:
+            cache.release()
+            raise
         self.streams[stream_id] = state
 
     def export_delta(self, stream_id: str, since: int) -> dict[str, Any]:

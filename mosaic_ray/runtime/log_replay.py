@@ -14,7 +14,10 @@ the engine ends up holding what it held when the records were acknowledged:
   `StreamQuarantinedError`: the stream cannot be rebuilt as acknowledged, and handing the record
   to another engine would fail there too; the caller quarantines the stream alone;
 - `EngineFailedError` (the shard's mark of a broken engine) ends the replay: the engine is broken,
-  and the caller gives up on the stream.
+  and the caller gives up on the stream;
+- `OverloadedError` (capacity: the engine's host or device pool is full) ends the replay too, as
+  a failure to try again later or on another engine: never a skipped record (that would drop an
+  acknowledged frame) nor a quarantine (the log is fine).
 
 Speed: consecutive frame records are applied in groups of up to `max_frames` frames (one engine
 call each; the engine's step loop ingests the groups of streams replayed at once in one
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mosaic_ray.engine.interface import EngineError
+from mosaic_ray.engine.interface import EngineError, OverloadedError
 from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
@@ -140,7 +143,7 @@ async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResul
         out.engine_calls += 1
         await append_text(rec.text, rec.timestamp)
         out.texts += 1
-    except EngineFailedError:
+    except (EngineFailedError, OverloadedError):
         raise
     except RequestFailedError:
         raise _poison(rec) from None
@@ -156,7 +159,7 @@ async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: R
         out.engine_calls += 1
         await configure(rec.options)
         out.options += 1
-    except EngineFailedError:
+    except (EngineFailedError, OverloadedError):
         raise
     except RequestFailedError:
         raise _poison(rec) from None
@@ -174,7 +177,7 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             await append_frames(pixels, [t for rec in fresh for t in rec.timestamps])
             _took(out, fresh)
             return
-        except EngineFailedError:
+        except (EngineFailedError, OverloadedError):
             raise
         except EngineError:
             pass  # one of them is refused or poison: find it below
@@ -187,7 +190,7 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
             out.engine_calls += 1
             await append_frames(frames, list(rec.timestamps))
             _took(out, [rec])
-        except EngineFailedError:
+        except (EngineFailedError, OverloadedError):
             raise
         except RequestFailedError:
             raise _poison(rec) from None

@@ -25,7 +25,7 @@ import asyncio
 import time
 from typing import Any
 
-from mosaic_ray.engine.interface import EngineError, StreamExistsError, UnknownStreamError
+from mosaic_ray.engine.interface import EngineError, OverloadedError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.errors import EngineFailedError
 from mosaic_ray.runtime.frame_log import FrameLog
@@ -53,8 +53,8 @@ class ShardDurability:
             try:
                 await self._call(self._engine.import_deltas, stream_id, plan.parts)
                 break
-            except EngineFailedError:  # it broke the engine: a poison snapshot, quarantined as a poison record
-                raise
+            except (EngineFailedError, OverloadedError):  # broken by a poison snapshot (quarantined), or
+                raise  # no room here: the router tries again, later or on another shard
             except EngineError as exc:  # refused (another model, inconsistent): as if unreadable
                 if plan.deltas:  # the base alone, and the log after it
                     plan = base_only(stream_id, plan, f"the engine refused base + {plan.deltas} deltas: {exc}")

@@ -26,6 +26,32 @@ def test_export_import_gives_identical_answers(tiny_adapter, method):
     assert dst.stream_info("s")["tokens"] == src.stream_info("s")["tokens"]
 
 
+
+@pytest.mark.parametrize("method", ["cluster", "token"])
+def test_an_import_without_room_is_an_overload_and_leaves_nothing_behind(tiny_adapter, method):
+    """A snapshot the host pool cannot hold is capacity (503, try later or elsewhere), not a bad
+    snapshot: no stream, every slab and device slot given back; with room, the same import works."""
+    from mosaic_ray.engine.interface import OverloadedError
+
+    src = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    src.open_stream("s")
+    src.append_frames("s", frames(12, seed=4), [float(i) for i in range(12)])
+    snap = src.export_stream("s")
+    dst = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
+    pool = dst.pool
+    need = snap["tensors"]["pool.slab_ids"].numel()
+    assert 0 < need <= pool.free_slabs
+    hog = pool.register_owner()
+    taken = pool.allocate(pool.free_slabs - need + 1, hog)  # one slab short
+    free_slabs, free_slots = pool.free_slabs, dst.kv_pool.free_slots
+    with pytest.raises(OverloadedError, match="no room"):
+        dst.import_stream("s", snap)
+    assert not dst.has_stream("s")
+    assert (pool.free_slabs, dst.kv_pool.free_slots) == (free_slabs, free_slots)
+    pool.free(taken)
+    dst.import_stream("s", snap)
+    assert dst.answer("s", Q).token_ids == src.answer("s", Q).token_ids
+
 def test_bad_inputs_leave_stream_unchanged(tiny_adapter):
     engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
     engine.open_stream("s")

@@ -103,3 +103,34 @@ def test_a_broken_engine_ends_the_replay():
     for log in ([TextRecord("x", 0.0)], [_rec(0, [0.0])], [_rec(0, [0.0]), _rec(1, [1.0])]):
         with pytest.raises(EngineFailedError):
             asyncio.run(replay(log, broken, broken, decode, MAX_FRAMES, broken))
+
+
+def test_an_engine_out_of_room_ends_the_replay_without_skipping_a_record():
+    """`OverloadedError` is capacity (a full host or device pool): the acknowledged record must
+    not be skipped (it would be lost) nor the stream quarantined; the replay ends, for a retry."""
+    import pytest
+
+    from mosaic_ray.engine.interface import OverloadedError
+
+    engine = FakeEngine()
+    engine.open_stream("s")
+    taken = []
+
+    async def append_frames(frames, stamps):
+        if len(taken) == 1:
+            raise OverloadedError("host pool full")
+        taken.append(len(frames))
+        return engine.append_frames("s", frames, stamps)
+
+    async def append_text(text, ts):
+        raise OverloadedError("host pool full")
+
+    async def decode(frames):
+        return decode_all(frames)
+
+    log = [_rec(0, [0.0, 1.0, 2.0]), _rec(1, [3.0, 4.0]), _rec(2, [5.0])]  # the 2nd group is refused
+    with pytest.raises(OverloadedError):
+        asyncio.run(replay(log, append_frames, append_text, decode, MAX_FRAMES))
+    assert taken == [3]
+    with pytest.raises(OverloadedError):
+        asyncio.run(replay([TextRecord("x", 9.0)], append_frames, append_text, decode, MAX_FRAMES))
