@@ -14,7 +14,9 @@ directory refuses to start. With a private cluster and no `durability.root`, the
 per server: `$MOSAIC_RAY_LOG_DIR` (else `~/.mosaic_ray/log`) `/port-<http.port>/<runtime name>`.
 A private cluster runs with Ray's token authentication, named explicitly (RAY_AUTH_MODE=token
 unless the user set RAY_AUTH_MODE), so Ray starts it without its auth warning
-(`private_cluster_env`).
+(`private_cluster_env`). With a private cluster, `http.host:port` is the header guard's
+(`header_guard.py`: 408 for a head not complete in `http.header_timeout_s`), in front of Serve's
+proxy on a loopback port.
 
 Stopping (SIGTERM or Ctrl-C), in this order:
 1. drain: the router refuses new streams and every shard refuses new requests (503 +
@@ -43,6 +45,7 @@ from pydantic import ValidationError
 
 from mosaic_ray.serve.config import LaunchConfig
 from mosaic_ray.serve.config_errors import engine_kwargs_lines, validation_lines
+from mosaic_ray.serve.header_guard import GuardLimits, HeaderGuard, free_loopback_port, run_in_thread
 
 # The packaged config a bare `mosaic-ray serve` runs: the real small stack on the CPU (issue 18:
 # a newcomer's first server answers with real weights, not the tiny random model).
@@ -234,6 +237,20 @@ def _reload_ray_config() -> None:
     Config.initialize("")
 
 
+def _header_guard(cfg: LaunchConfig) -> HeaderGuard | None:
+    """The guard that bounds header reads (`header_guard.py`) at cfg.http's address, in front of
+    Serve's proxy on a free loopback port; None when off or on a joined cluster (its proxy is the
+    cluster's: a slow-drip head there is for a fronting proxy to cut)."""
+    http = cfg.http
+    if http.header_timeout_s == 0:
+        return None
+    if cfg.ray.address is not None:
+        print("mosaic-ray: header timeouts are off on a joined cluster (its HTTP proxy is the cluster's)", flush=True)
+        return None
+    limits = GuardLimits(http.header_timeout_s, http.idle_timeout_s, http.max_header_bytes)
+    return HeaderGuard(http.host, http.port, ("127.0.0.1", free_loopback_port()), limits)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args)
@@ -273,7 +290,16 @@ def _serve(cfg: LaunchConfig, url: str, lock) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    guard = _header_guard(cfg)
+    try:  # listening first: a port in use is said before Serve starts
+        stop_guard = run_in_thread(guard) if guard is not None else None
+    except OSError as exc:
+        print(f"mosaic-ray serve: cannot listen at {cfg.http.host}:{cfg.http.port}: {exc.strerror or exc}",
+              file=sys.stderr, flush=True)
+        ray.shutdown() if cfg.ray.address is None else None
+        return 2
+    proxy = ("127.0.0.1", guard.upstream[1]) if guard is not None else (cfg.http.host, cfg.http.port)
+    serve.start(http_options={"host": proxy[0], "port": proxy[1]})
     serve.run(build_app(cfg.app.model_dump()), name=cfg.app_name, route_prefix=cfg.route_prefix)
     logs = f"; frame logs in {lock.directory}" if lock is not None else ""
     print(f"mosaic-ray: serving {cfg.app.runtime.num_shards} shard(s) at {url}{logs}  (Ctrl-C to stop)", flush=True)
@@ -286,6 +312,8 @@ def _serve(cfg: LaunchConfig, url: str, lock) -> int:
         print(f"mosaic-ray: drained {len(drained)} shard(s), {unfinished} request(s) cut off", flush=True)
     except Exception as exc:  # still stop: acknowledged frames are in the logs whatever happens here
         print(f"mosaic-ray: drain failed ({type(exc).__name__}: {exc})", flush=True)
+    if stop_guard is not None:  # after the drain: its answers (and its 503s) go through the guard
+        stop_guard()
     if cfg.ray.address is None:
         ray.shutdown()  # the private cluster goes, and the app and the runtime with it
     else:

@@ -149,6 +149,17 @@ class RaySpec(_Strict):
 class HttpSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # A request's headers must arrive within this many seconds of their first byte, else 408
+    # (`header_guard.py`: `mosaic-ray serve` listens at host:port and hands connections to Serve's
+    # proxy on a loopback port; uvicorn has no such timeout). 10 s: a phone on a poor uplink sends
+    # a few hundred header bytes in well under 1 s. 0: no guard (Serve's proxy at host:port).
+    # Only for a private cluster: a joined one's proxy is the cluster's (front it with a proxy).
+    header_timeout_s: float = Field(10.0, ge=0, le=3600)
+    # A connection with no request for this long is closed (uvicorn's keep-alive does so after a
+    # response; this covers a connection that never sent one).
+    idle_timeout_s: float = Field(90.0, gt=0, le=86400)
+    # A request head (request line + headers) larger than this is refused with 431.
+    max_header_bytes: int = Field(64 << 10, ge=1024, le=16 << 20)
 
 
 class LaunchConfig(_Strict):
