@@ -20,6 +20,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def _jpeg(value: int) -> bytes:
 def _write_config(tmp_path, port: int) -> str:
     cfg = {
         "ray": {"num_cpus": 2, "num_gpus": 1, "object_store_memory": 100 * 2**20},
-        "http": {"host": "127.0.0.1", "port": port},
+        "http": {"host": "127.0.0.1", "port": port, "header_timeout_s": 1.0},
         "drain_timeout_s": 5,
         "app": {
             "runtime": {
@@ -261,6 +262,14 @@ def test_sigterm_drains_and_a_restart_finds_the_stream(tmp_path, ray_tmp):
                                 headers={"content-type": "application/msgpack"})
                 assert ack.status_code == 200, ack.text
             assert http.post("/v1/streams/kept/text", json={"text": "hello", "ts": 9.0}).status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # a slow-drip head: 408
+            start = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+            time.sleep(0.5)
+            sock.sendall(b"x-drip: 1\r\n")
+            reply = sock.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in reply, reply
+            assert time.monotonic() - start < 3
     finally:
         rc = first.stop()
     assert rc == 0, first.output
