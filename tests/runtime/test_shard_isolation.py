@@ -15,7 +15,7 @@ from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, Str
 from mosaic_ray.runtime.frame_log import FrameRecord, TextRecord
 from mosaic_ray.runtime.shard_log import frame_record
 from tests.runtime.fake_engine import BREAK_TEXT, CRASH_TEXT
-from tests.runtime.shard_fixtures import forget_store, local_shard, shared_store, stop_local
+from tests.runtime.shard_fixtures import STORE, forget_store, local_shard, shared_store, stop_local
 
 FRAME = np.full((8, 8, 3), 100, np.uint8)
 
@@ -137,3 +137,54 @@ def test_requests_the_real_engine_fails_on_leave_its_shard_healthy(runtime):
     tiny, greedy, answer, ack = asyncio.run(go())
     assert tiny["text"] == greedy["text"]
     assert answer["deltas"] >= 1 and ack["frames_total"] == 2
+
+
+def test_a_rebuild_without_room_is_an_overload_not_a_quarantine(runtime):
+    """A shard whose host pool cannot hold a stream's snapshot refuses its rebuild with 503
+    `overloaded` (the router tries again, later or elsewhere): not 'snapshot unusable' -> a
+    fallback past the compaction -> quarantined, as a full pool did before (seen on an H100 under
+    reliability_load.py); nothing of the stream stays there, and a shard with room rebuilds it
+    whole."""
+    from mosaic_ray.engine.interface import OverloadedError
+    from mosaic_ray.runtime.shard import ShardActor
+
+    def real(index: int, pool_bytes: int):
+        engine = {"factory": "mosaic_ray.engine.stream_engine:StreamEngine.from_spec",
+                  "kwargs": {"model": "tiny", "device": "cpu", "kv_pool": {"capacity_tokens": 1 << 14},
+                             "cache": {"retrieval": "cluster", "window_tokens": 24, "sink_tokens": 4,
+                                       "pool": {"capacity_bytes": pool_bytes}}}}
+        return ShardActor.__ray_actor_class__(
+            f"{runtime}:shard:{index}", engine, {"num_gpus": 0, "num_cpus": 0}, {},
+            {"enabled": True, "store": STORE, "snapshot_every_frames": 8}, runtime)
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(12)]
+
+    async def go():
+        first = real(0, 16 << 20)
+        await first.open_stream("s")
+        for seq in range(12):
+            await first.append_frames("s", seq, [frames[seq]], [float(seq)])
+        while (await first.snapshot_stats())["taken"] < 1:
+            await asyncio.sleep(0.05)
+        stop_local(first)
+        small = real(1, 64 << 10)
+        try:
+            with pytest.raises(OverloadedError) as refused:
+                await small.recover_stream("s")
+            await small.check_health()
+            left = await small._call(small._engine.list_streams)
+        finally:
+            stop_local(small)
+        roomy = real(2, 16 << 20)
+        try:
+            rebuilt = await roomy.recover_stream("s")
+            info = await roomy.stream_info("s")
+        finally:
+            stop_local(roomy)
+        return refused.value, left, rebuilt, info
+
+    refused, left, rebuilt, info = asyncio.run(go())
+    assert refused.status == 503 and "no room" in str(refused)
+    assert left == []
+    assert rebuilt["snapshot_mark"] is not None and info["frames"] == 12 and info["last_seq"] == 11
