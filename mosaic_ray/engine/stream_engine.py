@@ -374,7 +374,7 @@ class StreamEngine(Engine):
         try:
             state = import_stream(stream_id, snapshot, cache)
             state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])
-        except (PoolExhaustedError, DevicePoolExhaustedError) as exc:
+        except (PoolExhaustedError, DevicePoolExhaustedError, torch.OutOfMemoryError) as exc:
             # Capacity, not a bad snapshot: nothing of it stays; try later or elsewhere (a rebuild
             # must never take this for an unusable snapshot and fall back past a compaction).
             cache.release()
