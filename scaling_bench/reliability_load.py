@@ -15,7 +15,8 @@ cluster N GPUs shared by the shards (2 shards on 1 GPU: half a GPU each, each wi
 --kv-tokens device pool). The GPU recovery table of docs/reliability.md:
 
     python scaling_bench/reliability_load.py --model 7b-shape --device cuda --gpus 1 --streams 16 \
-        --fps 1 --batch 1 --question-every 10 --seconds 240 --kill-after 200 --snapshot-every 60 --out /tmp/r
+        --fps 1 --batch 1 --question-every 10 --seconds 140 --kill-after 110 --snapshot-every 40 \
+        --frame-px 224 --engine-frame-size 224 --pool-mb 32768 --kv-tokens 100000 --out /tmp/r
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ import shutil
 import tempfile
 
 FAKE = "tests.runtime.fake_engine:FakeEngine"
+
+
+def table(out: dict, a: argparse.Namespace) -> list[str]:
+    """The run as one row of docs/reliability.md's recovery table."""
+    k, m = out["killed"], out["machine"]
+    model = f"{a.model} on {a.device}" if a.model else "fake engine"
+    rec = "-" if not k else (f"{k.get('recovery_s')} s (p50 {k.get('recovery_p50_s')} s)"
+                             if k.get("recovery_s") is not None else f"never: {k.get('never_answered')}")
+    return [f"Machine: {m['device']}; {model}; {a.shards} shards on {a.gpus if a.gpus is not None else a.shards} "
+            f"GPU(s); {a.streams} streams at {a.fps:g} frames/s in {a.batch}-frame batches, a question per stream "
+            f"every {a.question_every:g} s; snapshot every {out['durability'].get('snapshot_every_frames', 600)} "
+            f"frames; {a.seconds:g} s, shard:0 killed at {a.kill_after:g} s",
+            "", "| streams on the killed shard | recovery (kill -> each answers again) | frames acked | frames stored "
+            "| answers | answer p50 / p99 ms | 503 rate |", "|---|---|---|---|---|---|---|",
+            f"| {k.get('affected_streams', '-')} | {rec} | {out['frames_acked']} | {out['frames_stored']} | "
+            f"{out['answers']} | {out['answer_ms']['p50']} / {out['answer_ms']['p99']} | {out['rate_503']} |"]
 
 
 def main() -> int:
@@ -46,7 +63,7 @@ def main() -> int:
     p.add_argument("--gpus", type=int, default=None, help="GPUs of a private cluster (default: one logical GPU "
                                                             "per shard); fewer than --shards: they share them")
     p.add_argument("--kv-tokens", type=int, default=200_000, help="device K/V pool per shard, tokens (with --model)")
-    p.add_argument("--pool-mb", type=int, default=16384, help="host pool per shard, MiB (with --model)")
+    p.add_argument("--pool-mb", type=int, default=1024, help="host pool per shard, MiB (with --model; a GPU run: 32768)")
     p.add_argument("--frame-px", type=int, default=64, help="side of the JPEG frames the clients send")
     p.add_argument("--engine-frame-size", type=int, default=None,
                    help="EngineConfig.frame_size (with --model; 7b-shape: 336 = 144 tokens a frame, 224 = 64)")
@@ -122,6 +139,8 @@ def main() -> int:
     out["durability"] = {k: v for k, v in durability.items() if k != "root"}
     out["machine"] = report.machine()
     report.show_json(a.out, "reliability_load", out)
+    if a.out:
+        (a.out / "reliability_load.md").write_text("\n".join(table(out, a)) + "\n")
     ok = out["errors"] == 0 and out["frames_acked"] == out["frames_stored"]
     print("OK: every acknowledged frame stored" if ok else "FAILED: see lost_streams / first_errors")
     return 0 if ok else 1
