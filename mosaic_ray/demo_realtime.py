@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from mosaic_ray.demo import demo_script
+from mosaic_ray.demo_script import demo_script
 
 STREAM_ID = "demo-rt"
 

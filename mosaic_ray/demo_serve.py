@@ -18,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from mosaic_ray.demo import demo_script
+from mosaic_ray.demo_script import demo_script
 
 APP_NAME = "mosaic-demo"
 RUNTIME_NAME = "demo"  # actors demo:router, demo:shard:0

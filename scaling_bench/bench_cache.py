@@ -25,6 +25,7 @@ import torch
 
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.bench.synthetic import frame_batch
@@ -65,7 +66,7 @@ def bench_assign(layout, device, frames, tokens, warm, pool_gb, batch: int = 1, 
         sync(device)
         t1 = time.perf_counter()
         while True:
-            done = index.drain_splits()
+            done = drain_splits(index)
             if f >= warm:
                 splits, drains = splits + done, drains + 1
             if done < config.split_batch:

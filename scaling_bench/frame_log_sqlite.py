@@ -198,6 +198,6 @@ class SqliteFrameLog(FrameLog):
 
 def open_store(spec, runtime_name: str) -> SqliteFrameLog:
     """`DurabilitySpec.store = "scaling_bench.frame_log_sqlite:open_store"`."""
-    from mosaic_ray.runtime.frame_log import log_root
+    from mosaic_ray.runtime.frame_log_stores import log_root
 
     return SqliteFrameLog(log_root(spec, runtime_name), spec.fsync)

@@ -9,7 +9,7 @@ import argparse
 import pytest
 
 from mosaic_ray.cli import main
-from mosaic_ray.demo import CAPTIONS, GENERIC_QUESTIONS, QUESTIONS, demo_script
+from mosaic_ray.demo_script import CAPTIONS, GENERIC_QUESTIONS, QUESTIONS, demo_script
 from mosaic_ray.video import default_video, sample_videos
 
 FRAMES = 4

@@ -57,6 +57,7 @@ from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
 from mosaic_ray.bench.fidelity_metrics import Reference, _aggregate, _metrics_for, attend
 from mosaic_ray.bench.fidelity_record import QUESTIONS, Recording, record_stream
+from mosaic_ray.bench.fidelity_settings import Settings
 from mosaic_ray.bench.fidelity_report import REAL_WEIGHTS_NOTE, RANDOM_WEIGHTS_NOTE, _targets, plot, print_table, table_markdown
 from mosaic_ray.bench.report import bkey, json_default
 
@@ -135,26 +136,6 @@ EXTRA_VARIANTS = [Variant("cluster drained", "cluster", drain_before_query=True)
                   *(Variant(f"cluster coact=1 unit={u}", "cluster", coactivation_unit=u) for u in (1, 4)),
                   *(Variant(f"cluster coact=1 probe={p:g}", "cluster", coactivation_probe=p) for p in (2.0, 4.0)),
                   Variant("cluster coact=1 share=0.2", "cluster", coactivation=1.0, coactivation_max_share=0.2)]
-
-
-@dataclass(slots=True)
-class Settings:
-    models: list[str]
-    videos: list[str]
-    fps: float
-    budgets: list[float]
-    out: Path
-    quick: bool = False
-    window: int = 256
-    sink: int = 16
-    frames_per_call: int = 2
-    answer_tokens: int = 8
-    max_frames_per_video: int | None = None
-    questions: int = 5
-    sweep: bool = True
-    frame_size: int = 224
-    threads: int = 2
-    variants: list[str] | None = None
 
 
 def _replay(rec: Recording, variant: Variant, s: Settings, on_question, on_attempt) -> StreamCache:

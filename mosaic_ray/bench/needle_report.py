@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-from mosaic_ray.bench.needle_stream import CLIPS
+from mosaic_ray.bench.needle_settings import CLIPS
 from mosaic_ray.bench.report import bkey, json_default
 
 

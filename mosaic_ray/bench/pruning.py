@@ -54,7 +54,7 @@ class Settings:
     window: int = 256
     sink: int = 16
     needles: int = 10
-    needle_set: int = 0  # needle_stream.NEEDLE_SETS (plan_stream reads it)
+    needle_set: int = 0  # needle_sets.NEEDLE_SETS (plan_stream reads it)
     filler_every: int = 12
     frames_per_call: int = 2
     answer_tokens: int = 12
@@ -115,7 +115,7 @@ def clip_frames(path: Path, s: Settings) -> list[tuple[float, object]]:
 
 def run_stream(adapter, events, s: Settings, prune: bool) -> dict:
     """Ingest the planned stream (pruning on or off), ask every needle; timings and answers."""
-    from mosaic_ray.bench.needle_stream import NEEDLES
+    from mosaic_ray.bench.needle_sets import NEEDLES
     from mosaic_ray.engine.interface import AskRequest
     from mosaic_ray.engine.stream_engine import StreamEngine
 

@@ -14,7 +14,8 @@ the cluster's variance after joining stays <= tau[g] (variance_ratio x the runni
 the group) and the cluster has room (< max_size, counting tokens of the same batch); the rest are
 clustered among themselves by parallel leader clustering (seeds, and tokens within tau of a seed:
 `cache/seeding.py`). Clusters that end up larger than
-split_size or above tau are flagged; `drain_splits` splits them by 2-means in bounded batches.
+split_size or above tau are flagged; `splitter.drain_splits` splits them by 2-means in bounded
+batches, through the index's public verbs (`ensure_capacity`, `store_clusters`, `flag_for_split`).
 
 Text segments (a caption, a Q/A turn: `TokenBatch.text`) are units of their own, not clustered by
 key distance: each is one cluster (or one per max_size of its tokens) that no frame token joins
@@ -23,12 +24,13 @@ and no split touches, and the index keeps its tokens' exact keys on the device (
 units then compete for one budget (issue 19: a caption blurred into video clusters is lost).
 
 Invariants (tested): every inserted token is in exactly one cluster; centroid == mean of members;
-count <= max_size always; after `drain_splits()` runs dry every video cluster has count <= split_size
+count <= max_size always; after `drain_splits(index)` runs dry every video cluster has count <= split_size
 and variance <= tau (text units are never split). `insert` is all-or-nothing: when the pool cannot take the rows it raises
 PoolExhaustedError and the index is unchanged. Splits never run while a query holds the index
 (`querying` guard).
 
-Verbs: insert / drain_splits / pending_splits / member_rows / release.
+Verbs: insert / pending_splits / member_rows / ensure_capacity / store_clusters / flag_for_split /
+release.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import torch
 
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.seeding import seed_unassigned
-from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.token_batch import TokenBatch, ranks_within
 from mosaic_ray.config import ClusterConfig, KVLayout
 
@@ -96,7 +97,8 @@ class ClusterIndex:
         self.kmin = torch.zeros(G, bound_cap, D, dtype=torch.float32, device=dev)
         self.kmax = torch.zeros(G, bound_cap, D, dtype=torch.float32, device=dev)
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """Room for `needed` cluster slots per group (the slots' contents kept)."""
         if needed <= self.capacity:
             return
         new_cap = max(needed, 2 * self.capacity)
@@ -280,7 +282,7 @@ class ClusterIndex:
 
     def _slab_needs(self, assign, member_rank, clusters_after):
         """Which (group, cluster, slab-number) need a new slab; returns (slab_no [G,n], keys [m])."""
-        self._ensure_capacity(int(clusters_after.max()))
+        self.ensure_capacity(int(clusters_after.max()))
         slab_no = member_rank // self.S
         G = assign.shape[0]
         gi = torch.arange(G, device=self.device)[:, None].expand_as(assign)
@@ -323,9 +325,9 @@ class ClusterIndex:
         self.t_max.view(-1).scatter_reduce_(0, flat, tdev, "amax")
         self.num_clusters += new_per_group
         self.key_count, self.key_sum, self.key_sumsq = key_stats
-        self._flag(touched, tau)
+        self.flag_for_split(touched, tau)
 
-    def _flag(self, flat_slots: torch.Tensor, tau: torch.Tensor) -> None:
+    def flag_for_split(self, flat_slots: torch.Tensor, tau: torch.Tensor) -> None:
         """(Re)evaluate clusters: flag those above split_size or tau for a deferred split."""
         g = flat_slots // self.capacity
         cnt = self.count.view(-1)[flat_slots]
@@ -337,7 +339,7 @@ class ClusterIndex:
     def refresh_flags(self) -> None:
         """Re-check every cluster against the current thresholds (they drift as keys arrive)."""
         used = torch.arange(self.capacity, device=self.device)[None, :] < self.num_clusters[:, None]
-        self._flag(used.flatten().nonzero().flatten(), self.thresholds())
+        self.flag_for_split(used.flatten().nonzero().flatten(), self.thresholds())
 
     # ------------------------------------------------------------------ members
     def member_rows(self, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,10 +364,21 @@ class ClusterIndex:
     def pending_splits(self) -> int:
         return int(self.split_flag.sum())
 
-    def drain_splits(self, max_clusters: int | None = None) -> int:
-        """Split up to `max_clusters` (default: config.split_batch) flagged clusters; returns splits
-        done. Call between engine steps (see `splitter.drain_splits`)."""
-        return drain_splits(self, max_clusters)
+    def store_clusters(self, g: torch.Tensor, c: torch.Tensor, slabs: torch.Tensor, count: torch.Tensor,
+                       centroid: torch.Tensor, sumsq: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor,
+                       kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> None:
+        """Replace clusters (g[i], c[i]) whole: their slab tables and their members' statistics
+        (count, mean key, sum of squared norms, time span; key bounds when the index keeps them).
+        The caller has written the members to those slabs; split flags are left to `flag_for_split`."""
+        if self.bounded:
+            self.kmin[g, c] = kmin
+            self.kmax[g, c] = kmax
+        self.slabs[g, c] = slabs
+        self.count[g, c] = count
+        self.centroid[g, c] = centroid
+        self.sumsq[g, c] = sumsq
+        self.t_min[g, c] = t_min
+        self.t_max[g, c] = t_max
 
     # ------------------------------------------------------------------ lifetime
     def release(self) -> int:

@@ -134,7 +134,7 @@ def regroup(index: "ClusterIndex") -> int:
     per_group = torch.zeros(G, dtype=torch.int64, device=dev).index_add_(0, g, torch.ones_like(g))
     unit = min(cfg.coactivation_unit, cfg.max_size)  # a unit is a cluster: at most max_size members
     units_per_group = -(-per_group // unit)
-    index._ensure_capacity(int((index.num_clusters + units_per_group).max()))
+    index.ensure_capacity(int((index.num_clusters + units_per_group).max()))
     slot = index.num_clusters[g] + rank // unit
     # members of a unit in stream order: rank in unit by order
     order_of = got["order"][pinv, m]
@@ -202,7 +202,7 @@ def regroup(index: "ClusterIndex") -> int:
     ex_slot[g, rank] = slot
     index.add_exact(ex_keys, ex_slot, compact=True)
     index.coactivated += per_group
-    index._flag(pg * index.capacity + pc, index.thresholds())  # a parent may now be cohesive
+    index.flag_for_split(pg * index.capacity + pc, index.thresholds())  # a parent may now be cohesive
     if freed.numel():
         index.pool.free(freed)
     return int(g.numel())

@@ -29,6 +29,7 @@ from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.query_set import QuerySet
 from mosaic_ray.cache.retriever import Retriever, _time_mask
 from mosaic_ray.cache.selection import NEG_INF, greedy_fill, pack_in_order, prefix_positions, select_units, time_overlap
+from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.time_log import TimeLog, _grow
 from mosaic_ray.cache.token_batch import Retrieved, Selection, TokenBatch
 from mosaic_ray.config import CacheConfig, KVLayout
@@ -306,7 +307,7 @@ class ClusterRetriever(Retriever):
             done += -(-regroup(self.index) // self.index.config.max_size)
         if max_work is not None and done >= max_work:
             return done
-        return done + self.index.drain_splits(None if max_work is None else max_work - done)
+        return done + drain_splits(self.index, None if max_work is None else max_work - done)
 
     def device_bytes(self) -> int:
         return self.index.metadata_bytes()

@@ -4,23 +4,23 @@ A flagged cluster (above split_size, or above its group's tau) is split in two: 
 its first slabs and the members of one side, the child gets new slabs and the other side. The
 members are rewritten with one pool write and both children's statistics are recomputed exactly
 from the members; children that still violate are flagged for a later call.
+
+The splitter works through `ClusterIndex`'s public verbs (`member_rows`, `ensure_capacity`,
+`store_clusters`, `flag_for_split`); the index does not know the splitter (callers drain with
+`drain_splits(index)`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.gather import gather
-
-if TYPE_CHECKING:
-    from mosaic_ray.cache.cluster_index import ClusterIndex
 
 _INF = float("inf")
 
 
-def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
+def drain_splits(index: ClusterIndex, max_clusters: int | None = None) -> int:
     """Split up to `max_clusters` (default: config.split_batch) flagged clusters; returns splits done.
 
     Call between engine steps. Each split rewrites the parent's members into its own slabs
@@ -55,7 +55,7 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
     offsets = torch.arange(m, device=index.device) - torch.searchsorted(g, g)  # rank of each split in its group
     n_new_slabs, clusters_after = torch.stack([slabs_needed1.sum(), (index.num_clusters + per_group_new).max()]).tolist()
     new_slabs = index.pool.allocate(n_new_slabs, index.owner).to(index.device)
-    index._ensure_capacity(clusters_after)
+    index.ensure_capacity(clusters_after)
     child = index.num_clusters[g] + offsets
     index.num_clusters += per_group_new
     tau = index.thresholds()
@@ -92,18 +92,12 @@ def drain_splits(index: "ClusterIndex", max_clusters: int | None = None) -> int:
         kmax = torch.full((2 * m, kf.shape[1]), -_INF, device=dev).scatter_reduce_(0, sd, kf, "amax")
     for half, slot, slabs in ((0, c, parent), (1, child, child_slabs)):
         ii = torch.arange(m, device=dev) * 2 + half
-        if index.bounded:
-            index.kmin[g, slot] = kmin[ii]
-            index.kmax[g, slot] = kmax[ii]
-        index.slabs[g, slot] = slabs
-        index.count[g, slot] = cnt[ii]
-        index.centroid[g, slot] = ksum[ii] / cnt[ii].clamp(min=1)[:, None].float()
-        index.sumsq[g, slot] = ksq[ii]
-        index.t_min[g, slot] = tmin[ii]
-        index.t_max[g, slot] = tmax[ii]
+        bounds = (kmin[ii], kmax[ii]) if index.bounded else (None, None)
+        index.store_clusters(g, slot, slabs, cnt[ii], ksum[ii] / cnt[ii].clamp(min=1)[:, None].float(),
+                             ksq[ii], tmin[ii], tmax[ii], *bounds)
     index.split_flag[g, c] = False
     for slot in (c, child):
-        index._flag(g * index.capacity + slot, tau)
+        index.flag_for_split(g * index.capacity + slot, tau)
     if freed.numel():
         index.pool.free(freed)
     return m

@@ -17,7 +17,7 @@ from ray.exceptions import ActorUnavailableError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.frame_log import log_root, open_frame_log
+from mosaic_ray.runtime.frame_log_stores import log_root, open_frame_log
 from mosaic_ray.runtime.router import Router
 from mosaic_ray.runtime.stream_map import open_store
 

@@ -35,33 +35,22 @@ Invariants every store keeps:
 
 Stores: `DiskFrameLog` (`frame_log_disk.py`, the default; a root directory that may be shared
 storage) and `MemoryFrameLog` (tests; one process). A deployment names its own with
-`DurabilitySpec.store = "package.module:attr"`.
+`DurabilitySpec.store = "package.module:attr"`; `frame_log_stores.open_frame_log` opens the one a
+spec names.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
-import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgpack
 
 from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.errors import RetryLaterError
 from mosaic_ray.runtime.frame_codec import EncodedFrame
-
-if TYPE_CHECKING:
-    from mosaic_ray.runtime.config import DurabilitySpec
-
-# Where logs live when `DurabilitySpec.root` is not set.
-LOG_DIR_ENV = "MOSAIC_RAY_LOG_DIR"
-DEFAULT_LOG_DIR = "~/.mosaic_ray/log"
-
 
 class LogCorruptError(EngineError):
     """A record in the middle of a log fails its checksum: the log cannot be trusted past it."""
@@ -327,26 +316,3 @@ class MemoryFrameLog(FrameLog):
                 return 0
             del payloads[:at]
             return at
-
-
-def log_root(spec: DurabilitySpec, runtime_name: str) -> Path:
-    """The directory holding runtime `runtime_name`'s logs: `<root>/<runtime_name>/`."""
-    root = spec.root or os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR
-    return Path(root).expanduser() / runtime_name
-
-
-def open_frame_log(spec: DurabilitySpec, runtime_name: str) -> FrameLog:
-    """The store `spec` names: "disk", "memory", or "package.module:attr" called as
-    `attr(spec, runtime_name)`."""
-    if spec.store == "disk":
-        from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-
-        return DiskFrameLog(log_root(spec, runtime_name), spec.fsync, spec.fsync_interval_ms, spec.max_open_files)
-    if spec.store == "memory":
-        return MemoryFrameLog()
-    module_name, _, attr = spec.store.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    store = factory(spec, runtime_name)
-    if not isinstance(store, FrameLog):
-        raise TypeError(f"{spec.store} returned {type(store).__name__}, not a FrameLog")
-    return store

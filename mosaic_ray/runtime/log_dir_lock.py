@@ -1,6 +1,6 @@
 """LogDirLock: one server per frame-log directory.
 
-A frame-log directory holds one runtime's streams (`frame_log.log_root`); a second server writing
+A frame-log directory holds one runtime's streams (`frame_log_stores.log_root`); a second server writing
 the same directory would replay the first one's streams as its own and append to their logs
 behind its back. So `mosaic-ray serve` takes this lock on the directory before Ray starts, and
 holds it until it exits; a second server on the same directory refuses to start, naming the one

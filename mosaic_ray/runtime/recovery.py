@@ -51,7 +51,8 @@ from mosaic_ray.runtime.errors import (
     StreamQuarantinedError,
     StreamRecoveringError,
 )
-from mosaic_ray.runtime.frame_log import FrameLog, open_frame_log
+from mosaic_ray.runtime.frame_log import FrameLog
+from mosaic_ray.runtime.frame_log_stores import open_frame_log
 from mosaic_ray.runtime.shard import spawn_shard
 
 log = logging.getLogger("mosaic_ray.runtime.recovery")

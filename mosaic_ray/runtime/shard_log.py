@@ -33,8 +33,8 @@ from mosaic_ray.runtime.frame_log import (
     OpenRecord,
     OptionsRecord,
     TextRecord,
-    open_frame_log,
 )
+from mosaic_ray.runtime.frame_log_stores import open_frame_log
 
 
 class ShardLog:

@@ -144,7 +144,7 @@ def _per_server_log_root(cfg: LaunchConfig) -> LaunchConfig:
     servers on one host (they cannot share a port) never meet in a directory, and a restart with
     the same config finds its streams again. A shared cluster keeps the runtime's own default
     (its nodes resolve it), and a root the config names is kept as given."""
-    from mosaic_ray.runtime.frame_log import DEFAULT_LOG_DIR, LOG_DIR_ENV
+    from mosaic_ray.runtime.frame_log_stores import DEFAULT_LOG_DIR, LOG_DIR_ENV
 
     durability = cfg.app.runtime.durability
     if durability.root is not None:
@@ -185,7 +185,7 @@ def _model_line(cfg: LaunchConfig) -> str:
 def _lock_log_dir(cfg: LaunchConfig, url: str):
     """The held LogDirLock of the runtime's frame-log directory, or None where this process cannot
     see that directory (a shared cluster with no explicit root: its nodes resolve it)."""
-    from mosaic_ray.runtime.frame_log import log_root
+    from mosaic_ray.runtime.frame_log_stores import log_root
     from mosaic_ray.runtime.log_dir_lock import LogDirInUseError, LogDirLock
 
     durability = cfg.app.runtime.durability

@@ -1,5 +1,6 @@
 """OpenAIRoutes: what /v1/chat/completions, /v1/completions and /v1/models do, and the bodies they
-send in OpenAI's shapes (the request side is `openai_compat.py`; app.py only maps the routes here).
+send in OpenAI's shapes (the request side is `openai_compat.py`; app.py only maps the routes here;
+what the routes use of the ingress is `openai_route_host.OpenAIRouteHost`).
 
 Invariants:
 - Every question goes through the ingress's one validation layer (`MosaicIngress._ask`, i.e.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.serve import sse
@@ -27,15 +28,13 @@ from mosaic_ray.serve.answer_end import end_of, is_end
 from mosaic_ray.serve.auth import Caller
 from mosaic_ray.serve.openai_compat import ChatCompletionRequest, CompletionRequest, _OpenAIRequest, decode_image
 from mosaic_ray.serve.limits import question_cost
-
-if TYPE_CHECKING:
-    from mosaic_ray.serve.app import MosaicIngress
+from mosaic_ray.serve.openai_route_host import OpenAIRouteHost
 
 OWNER = "mosaic_ray"  # `owned_by` of a stream without a tenant (auth off, or the admin's)
 
 
 class OpenAIRoutes:
-    def __init__(self, ingress: MosaicIngress) -> None:
+    def __init__(self, ingress: OpenAIRouteHost) -> None:
         self.ing = ingress
 
     async def chat(self, body: ChatCompletionRequest, who: Caller) -> Any:

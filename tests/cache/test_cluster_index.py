@@ -9,6 +9,7 @@ from cache_fixtures import make_batch
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.seeding import seed_unassigned
+from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.config import ClusterConfig, KVLayout, PoolConfig
 
@@ -77,8 +78,8 @@ def test_invariants_after_any_inserts_and_splits(layout, pool, sizes, spread, dr
         batches.append(batch)
         _check_invariants(index, batches, drained=False)
         if drain_each:
-            index.drain_splits(3)
-    while index.drain_splits():
+            drain_splits(index, 3)
+    while drain_splits(index):
         pass
     _check_invariants(index, batches, drained=True)
     index.release()
@@ -90,7 +91,7 @@ def test_clusters_follow_structure(layout, pool):
     index = _index(layout, pool, split_size=64, max_size=128)
     for i in range(8):
         index.insert(make_batch(layout, i * 50, 50, seed=i, spread=0.05))
-    while index.drain_splits():
+    while drain_splits(index):
         pass
     per_group = index.num_clusters.float().mean().item()
     assert 6 <= per_group <= 20, per_group
@@ -161,7 +162,7 @@ def test_splits_refused_during_query(layout, pool):
     index = _index(layout, pool)
     index.insert(make_batch(layout, 0, 50, seed=0))
     with index.query_guard(), pytest.raises(RuntimeError, match="query"):
-        index.drain_splits()
+        drain_splits(index)
 
 
 def test_bad_batch_shapes_name_expected_and_got(layout, pool):

@@ -5,6 +5,7 @@ import torch
 
 from cache_fixtures import make_batch
 from mosaic_ray.cache.cluster_index import ClusterIndex
+from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, ClusterConfig
 
@@ -36,7 +37,7 @@ def test_text_segments_are_their_own_clusters_never_joined_nor_split(layout, poo
     c.keys = torch.cat([a.keys[:, 20:40], b.keys[:, 20:40]], 1)  # frames whose keys equal the text's
     for batch in (a, b, c):
         index.insert(batch)
-    while index.drain_splits():
+    while drain_splits(index):
         pass
     caption, turn = set(range(20, 40)), set(range(80, 120))
     for g in range(layout.groups):

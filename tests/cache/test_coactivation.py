@@ -12,6 +12,7 @@ from cache_fixtures import make_batch
 from mosaic_ray.cache.cluster_index import ClusterIndex
 from mosaic_ray.cache.coactivation import attended_members, log_attended, regroup
 from mosaic_ray.cache.query_set import query_set
+from mosaic_ray.cache.splitter import drain_splits
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, ClusterConfig
 from mosaic_ray.kernels.gather_clusters import cluster_positions
@@ -30,7 +31,7 @@ def _filled(layout, pool, **cfg):
     batches = [make_batch(layout, 0, 70, seed=1), make_batch(layout, 70, 50, seed=2)]
     for b in batches:
         index.insert(b)
-    while index.drain_splits():
+    while drain_splits(index):
         pass
     keys = torch.cat([b.keys for b in batches], 1)  # [G, 120, D] by order
     return index, keys
@@ -108,7 +109,7 @@ def test_regroup_moves_the_attended_members_into_exact_units_and_keeps_every_tok
     # frames arriving later never join an exact unit
     index.insert(make_batch(layout, 120, 40, seed=3))
     keys = torch.cat([keys, make_batch(layout, 120, 40, seed=3).keys], 1)
-    while index.drain_splits():
+    while drain_splits(index):
         pass
     _check_exact(index, keys)
     for g, orders in hot.items():

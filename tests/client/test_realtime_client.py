@@ -12,7 +12,7 @@ import pytest
 from mosaic_ray.cli import main
 from mosaic_ray.client import MosaicAPIError, RealtimeSession
 from mosaic_ray.client.realtime import ws_url
-from mosaic_ray.demo import QUESTIONS
+from mosaic_ray.demo_script import QUESTIONS
 
 pytestmark = pytest.mark.ray
 pytest.importorskip("websockets")

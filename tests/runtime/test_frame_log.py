@@ -17,9 +17,9 @@ from mosaic_ray.runtime.frame_log import (
     OpenRecord,
     OptionsRecord,
     TextRecord,
-    open_frame_log,
 )
 from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.frame_log_stores import open_frame_log
 
 JPEG_LIKE = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from mosaic_ray.cli import main
-from mosaic_ray.demo import QUESTIONS
+from mosaic_ray.demo_script import QUESTIONS
 
 pytestmark = pytest.mark.ray
 
