@@ -13,8 +13,9 @@ import importlib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from mosaic_ray.config_model import ConfigModel
 from mosaic_ray.engine.interface import Engine
 
 # The real engine; it is constructed from the `kwargs` of `EngineSpec`.
@@ -23,11 +24,7 @@ DEFAULT_ENGINE_FACTORY = "mosaic_ray.engine.stream_engine:StreamEngine.from_spec
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineSpec(_Strict):
+class EngineSpec(ConfigModel):
     """How a shard builds its engine: `factory(**kwargs)` must return an `Engine`.
 
     The factory is named by an importable path, not passed as an object, so the spec is plain
@@ -55,7 +52,7 @@ class EngineSpec(_Strict):
         return engine
 
 
-class ShardSpec(_Strict):
+class ShardSpec(ConfigModel):
     """One shard actor: its Ray resources, admission limits and metrics."""
 
     # One GPU per shard (DESIGN.md section 4). Tests give logical GPUs (`ray.init(num_gpus=N)`).
@@ -104,7 +101,7 @@ class ShardSpec(_Strict):
     moved_memory: int = Field(10_000, ge=0)
 
 
-class MigrationSpec(_Strict):
+class MigrationSpec(ConfigModel):
     """Moving a whole stream between shards (`mosaic_ray.runtime.migration`)."""
 
     # auto: torch.distributed (NCCL for CUDA tensors, gloo for host tensors), falling back to Ray's
@@ -123,7 +120,7 @@ class MigrationSpec(_Strict):
     abandon_after_s: float = Field(300.0, gt=0)
 
 
-class DurabilitySpec(_Strict):
+class DurabilitySpec(ConfigModel):
     """Per-stream frame logs (`runtime/frame_log.py`): what is acknowledged survives a shard.
 
     A frame batch or text append is acknowledged only after its record is in the stream's log;
@@ -198,7 +195,7 @@ class DurabilitySpec(_Strict):
         return value
 
 
-class LoadWeights(_Strict):
+class LoadWeights(ConfigModel):
     """Weights of a shard's load score (`mosaic_ray.runtime.load`).
 
     Not yet measured on the real engine. Chosen so one unit = one idle stream: a 1-hour stream of a
@@ -213,7 +210,7 @@ class LoadWeights(_Strict):
     pending_frames: float = Field(0.01, ge=0)
 
 
-class RouterSpec(_Strict):
+class RouterSpec(ConfigModel):
     """Placement, persistence of the stream->shard map, and rebalancing."""
 
     # Rebalance when the heaviest shard's score exceeds skew_ratio x the lightest's.
@@ -242,7 +239,7 @@ class RouterSpec(_Strict):
         return value
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(ConfigModel):
     """Everything the runtime (router + shards) needs; one per Serve application."""
 
     # Prefix of the runtime's named actors (`<name>:router`, `<name>:shard:<i>`) and state keys:

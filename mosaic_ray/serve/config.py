@@ -10,18 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mosaic_ray.bounds import MAX_TEXT_CHARS
+from mosaic_ray.config_model import ConfigModel
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.serve.realtime_config import RealtimeSpec
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class IngressSpec(_Strict):
+class IngressSpec(ConfigModel):
     """The FastAPI ingress deployment and its input limits."""
 
     num_replicas: int = Field(1, ge=1)
@@ -59,7 +56,7 @@ TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MIN_KEY_CHARS = 16
 
 
-class TenantLimits(_Strict):
+class TenantLimits(ConfigModel):
     """What one tenant may use. None: no limit. Rates are token buckets (`limits.py`) that hold
     `burst_s` seconds of the rate: a client may send that much at once after an idle spell."""
 
@@ -76,7 +73,7 @@ class TenantLimits(_Strict):
     streams_retry_after_s: float = Field(30.0, gt=0)
 
 
-class AuthSpec(_Strict):
+class AuthSpec(ConfigModel):
     """API keys, one tenant each, and an admin key. No key configured (here or in the environment):
     auth is off and the API is open, as before issue 9."""
 
@@ -128,13 +125,13 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
-class AppConfig(_Strict):
+class AppConfig(ConfigModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
 
-class RaySpec(_Strict):
+class RaySpec(ConfigModel):
     """How `mosaic-ray serve` reaches Ray: an existing cluster (`address`), or a local one."""
 
     address: str | None = Field(None, description="'auto' or 'ray://host:10001'; None starts a local cluster")
@@ -146,7 +143,7 @@ class RaySpec(_Strict):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 
 
-class HttpSpec(_Strict):
+class HttpSpec(ConfigModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # A request's headers must arrive within this many seconds of their first byte, else 408
@@ -162,7 +159,7 @@ class HttpSpec(_Strict):
     max_header_bytes: int = Field(64 << 10, ge=1024, le=16 << 20)
 
 
-class LaunchConfig(_Strict):
+class LaunchConfig(ConfigModel):
     """A `mosaic-ray serve --config` file."""
 
     ray: RaySpec = Field(default_factory=RaySpec)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from mosaic_ray.config_model import ConfigModel
 
 
-class RealtimeSpec(BaseModel):
+class RealtimeSpec(ConfigModel):
     """One WebSocket session's limits. Frame limits (frames per batch, pixels per frame) are the
     ingress's own, shared with HTTP."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # 8 MiB: a full-HD JPEG (~0.5 MB) as base64 (x4/3) with room to spare, or a msgpack batch of a
     # dozen. A bigger message gets an `error` event and is dropped; the session stays open. Uvicorn

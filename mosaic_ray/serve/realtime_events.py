@@ -123,7 +123,10 @@ class VideoCommit(_Event):
     type: Literal["input_video_buffer.commit", "input_video.commit"]
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
+    """A text part of a realtime message (the realtime API has text parts only; OpenAI chat's
+    parts, images included, are `openai_compat.ContentPart`)."""
+
     model_config = ConfigDict(extra="forbid")
     type: Literal["input_text", "text"] = "input_text"
     text: Annotated[SafeText, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -136,7 +139,7 @@ class Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"] = "message"
     role: Literal["user", "system"] = "user"
-    content: list[ContentPart] = Field(min_length=1, max_length=16)
+    content: list[TextPart] = Field(min_length=1, max_length=16)
 
     def text(self) -> str:
         return " ".join(p.text for p in self.content)
