@@ -5,7 +5,7 @@
     TRITON_INTERPRET=1 python -m mosaic_ray.kernels.bench_all --smoke --out /tmp/k   # CPU: code paths only
 
 One benchmark failing (e.g. UVA refused) is recorded in bench_all.json and the others still run.
-The summary puts each op's headline next to the goal it serves (FACTS.md / issue 5).
+The summary puts each op's headline next to the goal it serves.
 """
 
 from __future__ import annotations

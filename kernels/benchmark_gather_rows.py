@@ -6,8 +6,8 @@ Methods, all moving the same H x B single-token rows (K and V) from a pinned hos
   uva_torch_index   torch.index_select on a CUDA view of the pinned pool (uva.device_view)
   cpu_index_copy    CPU index_select into a pinned staging buffer + one copy_
 Patterns: random rows over the whole pool, and the same rows sorted (time order inside a stream).
-D=128 (256-byte bf16 rows) and D=64 (128-byte rows: FACTS.md measured ~42 GB/s for these).
-GB/s is payload / time against the 53.5 GB/s pinned peak (FACTS.md); UVA results are checked
+D=128 (256-byte bf16 rows) and D=64 (128-byte rows: ~42 GB/s measured on an H100).
+GB/s is payload / time against the 53.5 GB/s pinned host-to-device peak of an H100; UVA results are checked
 bit-exact first.
 
 Run on the GPU machine:  python -m mosaic_ray.kernels.benchmark_gather_rows --out docs/results/kernels

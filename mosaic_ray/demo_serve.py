@@ -24,7 +24,7 @@ APP_NAME = "mosaic-demo"
 RUNTIME_NAME = "demo"  # actors demo:router, demo:shard:0
 STREAM_ID = "demo"
 
-# FACTS.md "Ray in tests": a quiet, fast private cluster (no token auth, usage stats or metrics).
+# A quiet, fast private cluster (no token auth, usage stats or metrics).
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -3,7 +3,7 @@
 For each stream length the same synthetic past (keys around slowly drifting centres; speed
 depends on shapes, not weights) is put into each method's cache, then real questions run through
 the real decoder with retrieval attention: TTFT p50/p99, decode tokens/s, fetch time and achieved
-host-to-device GB/s (vs the 53.5 GB/s pinned peak of FACTS.md), device bytes per stream-hour, peak
+host-to-device GB/s (vs the 53.5 GB/s pinned peak of an H100), device bytes per stream-hour, peak
 VRAM. Ingest latency per real frame (vision + chunk prefill + offload) is measured per method too.
 
     python scaling_bench/bench_query.py --model 7b-shape --minutes 10,30 --out docs/results   # GPU

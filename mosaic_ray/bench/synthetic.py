@@ -1,4 +1,4 @@
-"""Synthetic KV for speed benchmarks: speed depends on shapes, not weights (DESIGN.md section 5).
+"""Synthetic KV for speed benchmarks: speed depends on shapes, not weights.
 
 Keys are drawn around a few centres per (layer, head) that drift slowly over frames, like the
 tokens of consecutive, similar frames; retrieval *quality* is measured on real features instead

@@ -1,11 +1,11 @@
-"""The real-encoder stack of FACTS.md, registered as `dino-smollm2`:
+"""The real-encoder stack (pip-installed DINOv2-small and SmolLM2-135M weights), registered as `dino-smollm2`:
 
     real video frame -> DINOv2-small patches (224 px: 16 x 16 x 384) -> 2 x 2 average pool (64 tokens)
     -> fixed random projector (seeded, scaled to the embedding table's RMS) -> SmolLM2-135M-Instruct
 
 Both networks are real weights installed by pip; the projector is untrained, so answers read the
 stream's text (captions, earlier answers) fluently but are blind to the pixels. Keys in the cache
-come from real features of real video, which is what retrieval fidelity needs (FACTS.md).
+come from real features of real video, which is what retrieval fidelity needs (random weights give keys with no structure to retrieve by).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     7b-shape      Qwen2-VL-7B's shapes with random bf16 weights: GPU benchmarks (shapes decide speed);
                   built in memory on the target device (16 GB of random weights are not worth a
                   save/load round trip)
-    dino-smollm2  real DINOv2-small patches -> projector -> real SmolLM2-135M (FACTS.md)
+    dino-smollm2  real DINOv2-small patches -> projector -> real SmolLM2-135M (pip-installed weights)
     /a/path       a transformers checkpoint (Qwen2-VL / Qwen2.5-VL), loaded offline
 
 Nothing here downloads: presets are built from configs and cached under $MOSAIC_RAY_CACHE.

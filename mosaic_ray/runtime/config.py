@@ -55,7 +55,7 @@ class EngineSpec(ConfigModel):
 class ShardSpec(ConfigModel):
     """One shard actor: its Ray resources, admission limits and metrics."""
 
-    # One GPU per shard (DESIGN.md section 4). Tests give logical GPUs (`ray.init(num_gpus=N)`).
+    # One GPU per shard: a shard owns its GPU's memory and its streams. Tests give logical GPUs (`ray.init(num_gpus=N)`).
     num_gpus: float = Field(1.0, ge=0)
     # The engine thread is busy while the GPU works; the actor loop needs little besides.
     num_cpus: float = Field(1.0, ge=0)
@@ -94,7 +94,7 @@ class ShardSpec(ConfigModel):
     health_timeout_s: float = Field(10.0, gt=0)
     # Time constant of the exponentially decaying ingest/query rates reported as load.
     rate_window_s: float = Field(10.0, gt=0)
-    # Time-to-first-token histogram buckets (seconds), Prometheus style; spans FACTS.md's
+    # Time-to-first-token histogram buckets (seconds), Prometheus style; spans the measured
     # measured 46 ms (16k tokens) to 694 ms (524k tokens) with room on both sides.
     ttft_buckets_s: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
     # Streams remembered as "moved to shard X" after they leave, so stale routes get redirected.
@@ -164,7 +164,7 @@ class DurabilitySpec(ConfigModel):
     # which its log is compacted to the records after it, or a delta: `snapshot_max_deltas`;
     # `runtime/snapshots.py`); a rebuild imports the snapshot and replays only the tail. 0: never (rebuilds replay whole logs, which grow forever).
     # 600 = 10 min of 1-fps video: a tail of at most 600 frames replays in ~22 s alone on an H100
-    # (27 frames/s prefill, FACTS.md), inside the 30 s recovery goal; more often costs a snapshot
+    # (27 frames/s prefill measured on an H200), inside the 30 s recovery goal; more often costs a snapshot
     # write (the stream's KV bytes) each time.
     snapshot_every_frames: int = Field(600, ge=0)
     # A base (a whole snapshot) costs the stream's KV bytes once more where the engine keeps them
@@ -199,7 +199,7 @@ class LoadWeights(ConfigModel):
     """Weights of a shard's load score (`mosaic_ray.runtime.load`).
 
     Not yet measured on the real engine. Chosen so one unit = one idle stream: a 1-hour stream of a
-    7B model at 1 fps holds ~29 GiB of KV (FACTS.md: 56 KB/token, 524k tokens), so 1/29 per GiB
+    7B model at 1 fps holds ~29 GiB of KV (56 KB/token, 524k tokens), so 1/29 per GiB
     makes it count double; a stream ingesting 1 frame/s adds 0.5; a question per second adds 1.
     """
 

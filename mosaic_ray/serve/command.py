@@ -212,7 +212,7 @@ def _lock_log_dir(cfg: LaunchConfig, url: str):
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 PRIVATE_CLUSTER_ENV = {
     AUTH_MODE_ENV: "token",
-    "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting (FACTS.md "Ray in tests")
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting
 }
 
 

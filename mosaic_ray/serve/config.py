@@ -168,7 +168,7 @@ class LaunchConfig(ConfigModel):
     route_prefix: str = "/"
     app: AppConfig = Field(default_factory=AppConfig)
     # On SIGTERM / Ctrl-C, requests already admitted get this long to finish (new ones get 503)
-    # before the logs are fsynced and Serve stops. 20 s: a long answer (FACTS.md: TTFT under 1 s
+    # before the logs are fsynced and Serve stops. 20 s: a long answer (TTFT under 1 s
     # at 1 h of video, then decoding) finishes within it, and Kubernetes' default 30 s grace
     # leaves room for the fsync and Serve's own shutdown after it.
     drain_timeout_s: float = Field(20.0, ge=0)
