@@ -188,12 +188,12 @@ def record_stream(adapter, events: list[Event], s: Settings, log=print) -> Recor
 def install(engine, stream_id: str, config: CacheConfig, rec: Recording | None = None,
             snapshot: dict | None = None) -> StreamCache:
     """Give `engine` a stream of retrieval `config`: the recorded stream (its cache calls replayed)
-    or a snapshot of a stream installed before (`engine.snapshot.export_stream`), same method.
+    or a snapshot of a stream installed before (`engine.stream_export.export_stream`), same method.
 
     The stream lives in the engine's pool; its cache has its own CacheConfig, so streams of several
     methods and budgets share one engine and answer in one batch.
     """
-    from mosaic_ray.engine import snapshot as snap
+    from mosaic_ray.engine import stream_export as snap
     from mosaic_ray.engine.stream_state import StreamState
 
     cache = StreamCache(engine.layout, config, engine.pool, engine.device, engine.kv_pool)

@@ -352,7 +352,7 @@ class StreamEngine(Engine):
         return engine_report.engine_stats(self)
 
     def export_stream(self, stream_id: str, since: int | None = None) -> dict[str, Any]:
-        from mosaic_ray.engine.snapshot import export_stream
+        from mosaic_ray.engine.stream_export import export_stream
 
         state = self._get(stream_id)
         if state.busy:
@@ -366,7 +366,7 @@ class StreamEngine(Engine):
         return snapshot
 
     def import_stream(self, stream_id: str, snapshot: dict[str, Any]) -> None:
-        from mosaic_ray.engine.snapshot import import_stream
+        from mosaic_ray.engine.stream_export import import_stream
 
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")

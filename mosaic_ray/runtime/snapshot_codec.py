@@ -2,7 +2,7 @@
 decoded without a second copy of it in memory.
 
 A part is {"format", "mark", "last_seq", "base", "index", "meta", "tensors"}: an engine export
-(`engine/snapshot.py`: plain-data "meta", {name: Tensor} "tensors"), the mark it was taken at,
+(`engine/stream_export.py`: plain-data "meta", {name: Tensor} "tensors"), the mark it was taken at,
 the stream's seq then, and for a delta the mark of its base and its slot ("base" None and
 "index" 0 for a base).
 

@@ -87,6 +87,6 @@ def test_with_text_units_off_text_is_clustered_like_video(layout, pool):
 
 
 def test_text_units_survive_a_snapshot(layout, pool):
-    from mosaic_ray.engine.snapshot import _RETRIEVER_FIELDS
+    from mosaic_ray.engine.stream_export import _RETRIEVER_FIELDS
 
     assert {"text_keys", "text_slot"} <= set(_RETRIEVER_FIELDS["cluster"][1][1])
