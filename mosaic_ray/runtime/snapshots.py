@@ -223,16 +223,20 @@ class StreamSnapshots:
         return lambda records: asyncio.to_thread(store.append, stream_id, records)
 
     def _write_verified(self, stream_id: str, mark: int, chunks, index: int = 0) -> int:
-        """Write a part's chunks to its slot (`index` 0: the base's), read it back and check its
-        length and crc32 against those counted while writing; returns its length."""
-        tally = CrcTally(chunks)
-        if index:
-            self._store.put_delta(stream_id, index, mark, tally)
-            back = self._store.get_delta(stream_id, index)
-        else:
-            self._store.put_snapshot(stream_id, mark, tally)
-            back = self._store.get_snapshot(stream_id)
-        if back is None or back[0] != mark or memoryview(back[1]).nbytes != tally.length \
-                or crc32_of(back[1]) != tally.crc:
-            raise SnapshotCorruptError(f"snapshot of {stream_id!r} did not read back as written")
-        return tally.length
+        return write_verified(self._store, stream_id, mark, chunks, index)
+
+
+def write_verified(store: FrameLog, stream_id: str, mark: int, chunks, index: int = 0) -> int:
+    """Write a part's chunks (`encode_chunks`) to its slot (`index` 0: the base's), read it back
+    and check its length and crc32 against those counted while writing; returns its length."""
+    tally = CrcTally(chunks)
+    if index:
+        store.put_delta(stream_id, index, mark, tally)
+        back = store.get_delta(stream_id, index)
+    else:
+        store.put_snapshot(stream_id, mark, tally)
+        back = store.get_snapshot(stream_id)
+    if back is None or back[0] != mark or memoryview(back[1]).nbytes != tally.length \
+            or crc32_of(back[1]) != tally.crc:
+        raise SnapshotCorruptError(f"snapshot of {stream_id!r} did not read back as written")
+    return tally.length
