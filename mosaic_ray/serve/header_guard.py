@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 16
+CHUNK = 1 << 16  # header reads, and the stream buffers' limit
+BODY_READ = 1 << 20  # body reads go straight through, up to this much at a time
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,7 +143,7 @@ class HeaderGuard:
         self._open: set[asyncio.Task] = set()  # one per connection being served
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=CHUNK)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=BODY_READ)
         self.port = self._server.sockets[0].getsockname()[1]  # port 0: the one chosen
 
     async def close(self) -> None:
@@ -158,6 +159,8 @@ class HeaderGuard:
         self._open.add(task)
         try:
             await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            pass  # `close`: the connection is closed by `_relay` on its way out
         finally:
             self._open.discard(task)
 
@@ -170,7 +173,7 @@ class HeaderGuard:
             while head is not None:
                 kind, length = _framing(head)
                 if up_writer is None:
-                    up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=CHUNK)
+                    up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=BODY_READ)
                     back = asyncio.create_task(_pipe(up_reader, writer))
                 up_writer.write(head)
                 if kind == "upgrade":  # a WebSocket: both ways until either side ends
@@ -212,12 +215,18 @@ class HeaderGuard:
 
     @staticmethod
     async def _body(client: _Client, up: asyncio.StreamWriter, length: int) -> None:
-        while length > 0:
-            if not client.buf and not await client.more(None):
-                raise EOFError
+        """`length` body bytes: what the buffer holds, then straight from the socket (no copy
+        through the buffer: large frame batches pass at the proxy's own speed)."""
+        if client.buf and length > 0:
             part = client.take(min(length, len(client.buf)))
             length -= len(part)
             up.write(part)
+        while length > 0:
+            chunk = await client.reader.read(min(length, BODY_READ))
+            if not chunk:
+                raise EOFError
+            length -= len(chunk)
+            up.write(chunk)
             await up.drain()
 
     @staticmethod
@@ -248,7 +257,7 @@ class HeaderGuard:
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close: bool = True) -> None:
     """Bytes from `reader` to `writer` until end of stream."""
     try:
-        while chunk := await reader.read(CHUNK):
+        while chunk := await reader.read(BODY_READ):
             writer.write(chunk)
             await writer.drain()
     except ConnectionError:
