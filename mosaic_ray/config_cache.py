@@ -1,13 +1,20 @@
 """Typed configs of a stream's KV cache: the host pool, the cluster index and the cache itself
 (sink, window, budget, how a question scores and fills). Re-exported by `mosaic_ray.config`,
-where the engine's configs that hold them live."""
+where the engine's configs that hold them live.
+
+Pydantic models (`ConfigModel`: unknown fields refused, built configs frozen), so the YAML of a
+deployment is checked down to these fields when the app config is parsed, each error naming its
+place. Every field's `description` is what docs/configuration.md says of it (generated:
+`python -m mosaic_ray.config_docs`); a comment above a field keeps the longer reasoning.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Literal
 
-from mosaic_ray.config_checks import check_range as _check_range
+from pydantic import Field, model_validator
+
+from mosaic_ray.config_model import ConfigModel
 
 RETRIEVAL_METHODS = ("full", "frame", "token", "cluster")
 SCORINGS = ("mean", "max", "mass")  # CacheConfig.scoring
@@ -17,208 +24,163 @@ DENSE_SLAB_TOKENS = 16  # PoolConfig.slab_tokens when unset, for full / frame / 
 CLUSTER_SLAB_TOKENS = 4  # ... and for cluster retrieval
 
 
-@dataclass(slots=True)
-class PoolConfig:
-    """The pinned host pool of one shard.
+class PoolConfig(ConfigModel):
+    """The pinned host pool of one shard (`engine.kwargs.cache.pool`): where the offloaded past
+    lives. Give `capacity_bytes` (exact budget) or `ram_fraction` (share of the RAM free at start);
+    the pool refuses to start when that exceeds `max_ram_fraction` of the free RAM."""
 
-    Give `capacity_bytes` (exact budget) or `ram_fraction` (share of the RAM free at start). The
-    pool refuses to start when the request exceeds `max_ram_fraction` of free RAM.
-    """
-
-    capacity_bytes: int | None = None
-    ram_fraction: float = 0.25
-    # Refuse to take more than this share of the RAM free at start: the OS, Ray's object store and
-    # the model's own host copies need the rest.
-    max_ram_fraction: float = 0.8
-    # Tokens per slab; None: chosen by the cache (`CacheConfig`): 16 for the dense logs of the
-    # full / frame / token methods (16 rows of a 128-dim bf16 head = 4 KB of K per slab), 4 for
-    # cluster retrieval, where every cluster owns whole slabs and clusters are small (real weights,
-    # docs/benchmarks.md section 8: ~6 tokens at variance_ratio 0.5, slabs 77 % full against 34 %
-    # with 16; 1.3 tokens at 0.15, 33 % against 8 %), and 4 rows of a 128-dim head are still 1 KB
-    # runs, read at full UVA speed (>= 1 KB rows run at ~49.5 GB/s on an H100).
-    slab_tokens: int | None = None
-    # "auto": pin when CUDA is available (pinned pages are what the UVA gather reads).
-    pin_memory: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.capacity_bytes is not None:
-            _check_range("PoolConfig.capacity_bytes", self.capacity_bytes, 0, None, low_open=True)
-        _check_range("PoolConfig.ram_fraction", self.ram_fraction, 0.0, 1.0, low_open=True)
-        _check_range("PoolConfig.max_ram_fraction", self.max_ram_fraction, 0.0, 1.0, low_open=True)
-        if self.slab_tokens is not None:
-            _check_range("PoolConfig.slab_tokens", self.slab_tokens, 1, 4096)
-        if self.pin_memory not in ("auto", "yes", "no"):
-            raise ValueError(f"PoolConfig.pin_memory must be one of auto|yes|no, got {self.pin_memory!r}")
+    capacity_bytes: int | None = Field(None, gt=0, description="exact size in bytes; None: `ram_fraction`")
+    ram_fraction: float = Field(0.25, gt=0, le=1, description="share of the RAM free at start, when no `capacity_bytes`")
+    # The OS, Ray's object store and the model's own host copies need the rest.
+    max_ram_fraction: float = Field(0.8, gt=0, le=1, description=(
+        "refuse to start above this share of free RAM (the error names the numbers)"))
+    # 16 rows of a 128-dim bf16 head = 4 KB of K per slab; for clusters, 77 % full slabs at the
+    # default variance_ratio against 34 % with 16 (docs/benchmarks.md section 8).
+    slab_tokens: int | None = Field(None, ge=1, le=4096, description=(
+        "rows per slab; None picks 4 for cluster retrieval (a cluster owns whole slabs and clusters are "
+        "small: 2.3x less host memory than 16 at the default variance_ratio, 4x at 0.15; docs/benchmarks.md "
+        "section 8) and 16 for full / frame / token (dense logs). 4 rows of a 128-dim bf16 head are 1 KB "
+        "runs, still full-speed UVA reads (rows of 1 KB and more read at ~49.5 GB/s on an H100)"))
+    pin_memory: Literal["auto", "yes", "no"] = Field("auto", description=(
+        "pin when CUDA is present (pinned pages are what the UVA gather reads); `yes` / `no` to force"))
 
 
-@dataclass(slots=True)
-class ClusterConfig:
-    """Cohesion-aware adaptive assignment and deferred splitting (docs/architecture.md)."""
+class ClusterConfig(ConfigModel):
+    """Cohesion-aware adaptive assignment and deferred splitting (`engine.kwargs.cache.cluster`;
+    `cache/cluster_index.py`, `cache/splitter.py`, docs/architecture.md)."""
 
-    # A token joins its nearest cluster only if the cluster's variance (mean squared distance of
-    # members to the centroid) stays <= variance_ratio x the running key variance of its
-    # (layer, head). 0.5, memory-first: on real features 0.15 makes clusters of 1.3 tokens (56 %
-    # singletons), whose index (a centroid and slab table each) costs as much GPU memory as the
-    # K/V itself, and 9x the host pool of 0.5 (docs/benchmarks.md section 8); 0.5 makes clusters
-    # of ~6 tokens and recalls 0.953 of exact top-k mass at a 5 % budget (0.15: 0.970) with 1.16x
-    # token's output error (0.15: 1.06x) and 4.4x fewer copies (section 4). Set 0.15 for accuracy.
-    variance_ratio: float = 0.5
-    # Clusters larger than this are queued for a deferred 2-means split (prototype: 64).
-    split_size: int = 64
-    # A cluster this large is full: it takes no new member until it has been split, and a token
-    # that would have joined it joins the nearest cluster with room, or seeds one. Bounds the slab
-    # table and the work of one split. Measured on real features (dino-smollm2, bigbuckbunny +
-    # bikes at 5 fps, 5 % budget): max_size 64 (no size splits at all: clusters fill in arrival
-    # order) recalls 0.673 of exact top-k past mass against 0.759 with 128, whose 2-means splits
-    # keep clusters tighter than the variance bound alone (worst layer 0.59 vs 0.85).
-    max_size: int = 128
-    # Deferred splits drained per call of `drain_splits` (bounded work off the query path). A drain
-    # is ~300 launches and ~5 host syncs whatever its size (H200, 7b-shape: 21 ms of host time and
-    # 6.3 ms of GPU work for 64 splits), and one offload of 1024 staged tokens of a 7b-shape stream
-    # flagged ~1.7k splits (docs/benchmarks.md section 10.1): one drain takes them all.
-    split_batch: int = 2048
-    # Lloyd iterations of each 2-means split.
-    split_iters: int = 8
-    # Rounds of in-batch seeding: tokens no existing cluster can take seed new clusters, one new
-    # cluster per group per round; after this many rounds the rest join their nearest seed and the
-    # seed is queued for a split (never an unbounded loop on the ingest path).
-    seed_rounds: int = 16
-    # Unassigned tokens of one insert are seeded in runs of this many consecutive (arrival-order)
-    # tokens, each run on its own: seeding costs runs x seed_chunk^2 distances instead of
-    # tokens^2 (64 7b-shape streams on an H200: offloads of ~2.5k staged tokens took 41 % of the
-    # engine's time, seeding the largest part; 24 % with 512, docs/benchmarks.md 10.4). Runs never
-    # share a cluster; the next insert joins across them.
-    # 0 = all of a batch's unassigned tokens together.
-    seed_chunk: int = 512
-    # Elements of one [groups, tokens, clusters] distance block; larger batches are chunked by
-    # group so that assignment memory stays bounded however many clusters a stream has.
-    distance_block_elems: int = 1 << 26
-    # Text segments (captions, Q/A turns) as units of their own: kept out of the video clusters,
-    # their keys exact on the device (~29 KB a token at 7B shapes), scored by their best token and
-    # fetched whole (`ClusterIndex`). On since 2026-12-04 (docs/benchmarks.md 5.1, real weights):
-    # needle accuracy at 5 / 10 / 20 % budgets 30 / 20 / 40 % -> 90 / 90 / 90 % (full attention:
-    # 80 %), at the price of attention-mass fidelity on video (past recall at 5 % 0.756 -> 0.656,
-    # output error 0.123 -> 0.150, section 4.1): whole captions take budget the video had.
-    text_units: bool = True
-    # What a video cluster is scored by: "centroid" (its mean key) or "bound" (Quest-style: the
-    # per-dimension min and max of its members' keys, kept on the device, so q . k of every member
-    # is at most q+ . max + q- . min; twice the centroid's device memory more), or "spread" (the
-    # centroid plus the cluster's key variance: a member's expected exp(q . k) for keys spread
-    # normally around the centroid, q . c + |q|^2 var / 2D; no memory more; with scoring "max"|"mass").
-    representative: str = "centroid"
-    # Co-activation (issue 19 item 4): clusters reshaped by what questions attend. After a
-    # question's retrieval, per (layer, KV head), the members that would get the most of its
-    # attention (this share of the budget; found among `coactivation_probe` budgets of its best
-    # clusters) are regrouped, at the next upkeep, into exact units: split out of their clusters,
-    # co-attended members of several clusters merged, in units of `coactivation_unit` tokens (at
-    # most max_size) scored by their best token's exact key, as text units are. The cold rest
-    # stays in its clusters, whose centroids no longer average the hot members away.
-    # 0 = off. The tokens it makes exact stay under `coactivation_max_share` of a (layer, head)'s
-    # tokens (text units, exact anyway, not counted; cache/coactivation.py). Needs every query of a
-    # question (`CacheConfig.scoring` "max" or "mass"); inactive with "mean". On (1.0) since
-    # 2026-12-07: on real DINOv2-small -> SmolLM2-135M streams, needle accuracy in the sequential
-    # protocol 42 -> 50 % at 5 % and 46 -> 50 % at 10 % (full: 50 %; 48 questions), the
-    # independent protocol unchanged (no earlier question); past recall at 5 % 0.656 -> 0.77. Its
-    # price at 7B shapes (H100, 86k past tokens): ~125 ms of upkeep per question off the question's
-    # path, and the exact keys: up to 1.8 -> 4.0 GiB of device memory per stream-hour (measured
-    # before the exact-key table was compacted; docs/benchmarks.md 4.3, 9.2).
-    coactivation: float = 1.0
-    coactivation_unit: int = 8
-    coactivation_max_share: float = 0.1
-    # What a question would have attended is found at the next maintenance, not on its path: its
-    # best clusters, this many times its budget of them, scored member by member with exact keys
-    # read from the pool (so members it did not retrieve are found too).
-    coactivation_probe: float = 8.0
+    variance_ratio: float = Field(0.5, gt=0, le=100, description=(
+        "a token joins its nearest cluster only if the cluster's variance (mean squared distance of members "
+        "to the centroid) stays <= this x the running key variance of its (layer, head). Memory-first since "
+        "2026-11-25 (was 0.15): on real features 0.15 makes clusters of 1.3 tokens whose index costs as much "
+        "GPU memory as the K/V itself and 9x the host pool of 0.5 (docs/benchmarks.md section 8); 0.5 makes "
+        "~6-token clusters, recalls 0.953 of exact top-k mass at a 5 % budget (0.15: 0.970) with 1.16x "
+        "token's output error (0.15: 1.06x) and 4.4x fewer copies (section 4). Set 0.15 when accuracy "
+        "matters more than memory"))
+    split_size: int = Field(64, ge=2, le=65536, description="clusters larger than this are queued for a deferred 2-means split")
+    # max_size 64 (= split_size: no size split ever, clusters fill in arrival order) recalled 0.673
+    # of the exact past mass against 0.759 with 128 (dino-smollm2, bigbuckbunny + bikes, 5 % budget).
+    max_size: int = Field(128, ge=2, le=65536, description=(
+        "a cluster this large is full: a token that would join it joins the nearest cluster with room, or "
+        "seeds one; it takes members again once split (bounds the slab table and a split's work). At least "
+        "`split_size`. 64 (no size split ever) recalled 0.673 of the exact past mass against 0.759 on real "
+        "features (5 % budget)"))
+    # A drain is ~300 launches and ~5 host syncs whatever its size (H200, 7b-shape: 21 ms of host
+    # time and 6.3 ms of GPU work for 64 splits; docs/benchmarks.md section 10.1).
+    split_batch: int = Field(2048, ge=1, le=1 << 20, description=(
+        "clusters split per `drain_splits` call; one offload of a 7b-shape stream flags ~1.7k, and one drain "
+        "takes them all"))
+    split_iters: int = Field(8, ge=1, le=100, description="Lloyd iterations of each 2-means split")
+    seed_rounds: int = Field(16, ge=1, le=1024, description=(
+        "rounds of in-batch seeding (one new cluster per group per round); after them the rest join their "
+        "nearest seed, which is queued for a split (never an unbounded loop on the ingest path)"))
+    # 64 7b-shape streams on an H200: offloads of ~2.5k staged tokens took 41 % of the engine's
+    # time, seeding the largest part; 24 % with 512 (docs/benchmarks.md 10.4).
+    seed_chunk: int = Field(512, ge=0, le=1 << 20, description=(
+        "unassigned tokens of an insert are seeded in runs of this many consecutive tokens, each run on its "
+        "own (cost runs x chunk^2 instead of tokens^2; runs never share a cluster, the next insert joins "
+        "across them); 0 = all together"))
+    distance_block_elems: int = Field(1 << 26, ge=1 << 10, le=1 << 34, description=(
+        "elements of one [groups, tokens, clusters] distance block; larger batches are chunked by group, so "
+        "assignment memory stays bounded however many clusters a stream has"))
+    text_units: bool = Field(True, strict=True, description=(
+        "captions and Q/A turns as units of their own: out of the video clusters, exact keys on the device "
+        "(~29 KB a token at 7B shapes), scored by their best token, fetched whole. On since 2026-12-04: "
+        "needle accuracy 30 / 20 / 40 % -> 90 / 90 / 90 % at 5 / 10 / 20 % budgets (full 80 %), "
+        "attention-mass fidelity on video lower (past recall 0.756 -> 0.656 at 5 %; docs/benchmarks.md "
+        "4.1, 5.1)"))
+    representative: Literal["centroid", "bound", "spread"] = Field("centroid", description=(
+        "what a video cluster is scored by: `centroid`, its mean key; `spread`, the centroid plus its key "
+        "variance (q . c + |q|^2 var / 2D, a member's expected exp(q . k); past recall at 5 % 0.656 -> "
+        "0.675, docs/benchmarks.md 4.2); or `bound` (Quest-style per-dimension min / max of its members' "
+        "keys; 2x the centroid's device memory more), measured much worse on real keys (needles 90 -> 0 % "
+        "at 5 %, past recall 0.656 -> 0.235; docs/benchmarks.md 4.1)"))
+    # Issue 19 item 4. Inactive with scoring "mean" (it needs every query of a question). The
+    # tokens it makes exact stay under `coactivation_max_share` (cache/coactivation.py).
+    coactivation: float = Field(1.0, ge=0, le=64, description=(
+        "clusters reshaped by what questions attend (`cache/coactivation.py`): after a question, the members "
+        "that would get most of its attention (this many budgets' worth per (layer, KV head)) leave their "
+        "clusters for exact units, found at the next upkeep, off the question's path. 0 = off; inactive with "
+        "`scoring` `mean`. On since 2026-12-07: needle suite (sequential) 42 -> 50 % at 5 %, 46 -> 50 % at "
+        "10 % (full 50 %); past recall at 5 % 0.656 -> 0.773; on an H100 at 7B shapes ~125 ms of upkeep per "
+        "question and up to 1.8 -> 4.0 GiB of device memory per stream-hour (docs/benchmarks.md 4.3, 9.2)"))
+    coactivation_unit: int = Field(8, ge=1, le=65536, description=(
+        "tokens per exact unit (the hottest together, in stream order; at most `max_size` used); 1, 4 and 8 "
+        "recalled alike, with 8613, 2188 and 1987 copies per question"))
+    coactivation_max_share: float = Field(0.1, ge=0, le=1, description=(
+        "at most this share of a (layer, head)'s tokens is made exact by co-activation (text units not "
+        "counted): bounds its device memory; 0.2 recalled no more"))
+    coactivation_probe: float = Field(8.0, ge=1, le=64, description=(
+        "how much of a question's best clusters its upkeep reads back to find what it attends, in budgets: "
+        "2, 4 and 8 recalled 0.735, 0.772 and 0.780; each layer costs ceil(members read / max_size) units "
+        "of upkeep, under the scheduler's time share"))
 
-    def __post_init__(self) -> None:
-        _check_range("ClusterConfig.variance_ratio", self.variance_ratio, 0.0, 100.0, low_open=True)
-        _check_range("ClusterConfig.split_size", self.split_size, 2, 65536)
-        _check_range("ClusterConfig.max_size", self.max_size, self.split_size, 65536)
-        _check_range("ClusterConfig.split_batch", self.split_batch, 1, 1 << 20)
-        _check_range("ClusterConfig.split_iters", self.split_iters, 1, 100)
-        _check_range("ClusterConfig.seed_rounds", self.seed_rounds, 1, 1024)
-        _check_range("ClusterConfig.seed_chunk", self.seed_chunk, 0, 1 << 20)
-        _check_range("ClusterConfig.distance_block_elems", self.distance_block_elems, 1 << 10, 1 << 34)
-        _check_range("ClusterConfig.coactivation", self.coactivation, 0.0, 64.0)
-        _check_range("ClusterConfig.coactivation_unit", self.coactivation_unit, 1, 65536)  # at most max_size used
-        _check_range("ClusterConfig.coactivation_max_share", self.coactivation_max_share, 0.0, 1.0)
-        _check_range("ClusterConfig.coactivation_probe", self.coactivation_probe, 1.0, 64.0)
-        if self.representative not in REPRESENTATIVES:
-            raise ValueError(f"ClusterConfig.representative must be one of {'|'.join(REPRESENTATIVES)}, "
-                             f"got {self.representative!r}")
+    @model_validator(mode="after")
+    def _max_size_holds_a_split(self) -> ClusterConfig:
+        if self.max_size < self.split_size:
+            raise ValueError(f"max_size ({self.max_size}) must be at least split_size ({self.split_size})")
+        return self
 
 
-@dataclass(slots=True)
-class CacheConfig:
-    """The per-stream KV cache: resident sink + local window on the device, the past retrieved."""
+class CacheConfig(ConfigModel):
+    """The per-stream KV cache (`engine.kwargs.cache`): resident sink + local window on the device,
+    the past offloaded to the host pool and retrieved per question."""
 
-    retrieval: str = "cluster"
-    # Tokens retrieved per (layer, KV head) for one question. `budget_ratio` (share of the
-    # offloaded past) is used when `budget_tokens` is None; the larger of the two floors applies.
-    budget_tokens: int | None = None
-    budget_ratio: float = 0.1
-    min_budget_tokens: int = 64
-    # First tokens of the stream (system prompt, first frame's first tokens) stay resident: the
-    # first token is a huge attention sink (0.88-0.99 of the mass in upper layers, measured on SmolLM2-135M).
-    sink_tokens: int = 16
-    # Most recent tokens kept on the device; tokens leaving it go to the retrieval structure.
-    window_tokens: int = 2048
-    # Tokens that leave the window are offloaded (handed to the retriever: clustered, copied to
-    # the host pool) in batches of at least this many. Until then they stay where they are, in the
-    # device pool, and questions attend them exactly, like the window. An insert is mostly
-    # launches and host syncs: on the H200 at 7B shapes one of 7 frames (146 tokens each) cost
-    # 1.8x one of a single frame, 3.9x less per frame (docs/benchmarks.md section 10.1), and the
-    # offload leaves the ingest forward; the price is up to 4x this many more tokens held on the
-    # device per stream. 1: offload at once, inside the ingest.
-    offload_batch: int = 1024
-    # Frame method: at most this many blocks per question and layer-head (ReKV-style top-k).
-    frame_top_k: int | None = None
-    # How a question scores the past's units (tokens, frame blocks, clusters), per (layer, KV head):
-    # "mean": by its mean query (over its tokens and the group's query heads); "max": by the best
-    # per-token attention estimate over every one of those queries, each normalised by its own
-    # partition (resident tokens + the past, a unit counted size times; `cache/query_set.py`);
-    # "mass": by the mean of those estimates (with the token method: exact top-B by the true
-    # attention of the question's prefill, the needle harness's oracle; not a serving default).
-    # "max" since 2026-12-04 (docs/benchmarks.md 4.1, real DINOv2 + SmolLM2 on CPU): needle accuracy
-    # at 5 / 10 / 20 % budgets token 0 / 0 / 0 % -> 40 / 40 / 40 %, cluster (with fill "skip")
-    # 0 / 0 / 10 % -> 30 / 20 / 40 % (full: 80 %); attention-output error at 5 %: token 0.115 ->
-    # 0.103, cluster 0.127 -> 0.123; past recall of the averaged attention (what the mean query
-    # ranks for): token 0.951 -> 0.966, cluster 0.784 -> 0.756. Its cost on a GPU is not measured yet
-    # (~140 queries per KV head instead of one: two passes over the units per layer).
-    scoring: str = "max"
-    # Units are taken best-first within the budget. "prefix": the first unit that does not fit
-    # stops the selection; "skip": it is skipped and smaller ones after it still fill the budget
-    # (`selection.greedy_fill`). "skip" since 2026-12-04: cluster past recall at 5 % 0.758 -> 0.784,
-    # output error 0.132 -> 0.127 (mean scoring), needle at 5 % 20 -> 30 % (max scoring).
-    fill: str = "skip"
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
+    retrieval: Literal["full", "frame", "token", "cluster"] = Field("cluster", description=(
+        "how a question reaches the offloaded past: `full` (all of it, on the device), `frame` (whole frame "
+        "blocks), `token` (exact top tokens), `cluster` (whole clusters)"))
+    budget_tokens: int | None = Field(None, ge=1, le=1 << 24, description=(
+        "tokens retrieved per (layer, KV head) for one question; None: `budget_ratio`"))
+    budget_ratio: float = Field(0.1, gt=0, le=1, description=(
+        "share of the offloaded past retrieved, when no `budget_tokens`; floor `min_budget_tokens`"))
+    min_budget_tokens: int = Field(64, ge=0, le=1 << 24, description="the floor of a `budget_ratio` budget")
+    sink_tokens: int = Field(16, ge=0, le=1 << 16, description=(
+        "first tokens kept resident: the first token is a huge attention sink (0.88-0.99 of the mass in "
+        "upper layers, measured on SmolLM2-135M)"))
+    window_tokens: int = Field(2048, ge=1, le=1 << 22, description=(
+        "recent tokens kept on the device (an ingest chunk attends over sink + window)"))
+    # An insert is mostly launches and host syncs: on the H200 at 7B shapes one of 7 frames (146
+    # tokens each) cost 1.8x one of a single frame, 3.9x less per frame (docs/benchmarks.md 10.1).
+    offload_batch: int = Field(1024, ge=1, le=1 << 20, description=(
+        "tokens that leave the window stay in the device pool (questions attend them in place, exactly) "
+        "until this many have gathered; then one insert hands them to the retriever as background upkeep "
+        "(~4x less host cost per frame at 7 frames per insert on the H200). A stream whose upkeep falls "
+        "behind offloads inline at 4x this. 1: offload at once"))
+    frame_top_k: int | None = Field(None, ge=1, le=1 << 20, description=(
+        "`frame` retrieval: at most this many blocks per question and (layer, KV head); None: no cap"))
+    # "max" since 2026-12-04 (docs/benchmarks.md 4.1, real DINOv2 + SmolLM2 on CPU): attention-
+    # output error at 5 %: token 0.115 -> 0.103, cluster 0.127 -> 0.123; its GPU cost is ~140
+    # queries per KV head instead of one (two passes over the units per layer).
+    scoring: Literal["mean", "max", "mass"] = Field("max", description=(
+        "how a question scores the past's units per (layer, KV head): `max`, by the best per-token attention "
+        "estimate over every query of the question and the group's query heads, each normalised by its "
+        "partition (resident tokens + the past; `cache/query_set.py`); `mean`, by the mean query; `mass`, by "
+        "the mean of those estimates (with `token`: exact top-B by the question's true attention, the needle "
+        "harness's oracle). `max` since 2026-12-04: needle accuracy token 0 -> 40 %, cluster 0-10 -> 20-40 % "
+        "at 5-20 % budgets (full 80 %), lower output error (docs/benchmarks.md 4.1, 5.1)"))
+    fill: Literal["prefix", "skip"] = Field("skip", description=(
+        "units best-first within the budget: `skip` passes over a unit that does not fit and fills the rest "
+        "with smaller ones (`selection.greedy_fill`); `prefix` stops at the first. `skip` since 2026-12-04: "
+        "cluster past recall at 5 % 0.758 -> 0.784"))
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="the cluster index (below)")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="the host pool (below)")
 
-    def __post_init__(self) -> None:
-        if self.retrieval not in RETRIEVAL_METHODS:
-            raise ValueError(
-                f"CacheConfig.retrieval must be one of {'|'.join(RETRIEVAL_METHODS)}, got {self.retrieval!r}"
-            )
-        if self.budget_tokens is not None:
-            _check_range("CacheConfig.budget_tokens", self.budget_tokens, 1, 1 << 24)
-        _check_range("CacheConfig.budget_ratio", self.budget_ratio, 0.0, 1.0, low_open=True)
-        _check_range("CacheConfig.min_budget_tokens", self.min_budget_tokens, 0, 1 << 24)
-        _check_range("CacheConfig.sink_tokens", self.sink_tokens, 0, 1 << 16)
-        _check_range("CacheConfig.window_tokens", self.window_tokens, 1, 1 << 22)
-        _check_range("CacheConfig.offload_batch", self.offload_batch, 1, 1 << 20)
-        if self.frame_top_k is not None:
-            _check_range("CacheConfig.frame_top_k", self.frame_top_k, 1, 1 << 20)
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"CacheConfig.scoring must be one of {'|'.join(SCORINGS)}, got {self.scoring!r}")
-        if self.fill not in FILLS:
-            raise ValueError(f"CacheConfig.fill must be one of {'|'.join(FILLS)}, got {self.fill!r}")
-        if isinstance(self.cluster, dict):
-            self.cluster = ClusterConfig(**self.cluster)
-        if isinstance(self.pool, dict):
-            self.pool = PoolConfig(**self.pool)
-        if self.pool.slab_tokens is None:
-            self.pool = dataclasses.replace(self.pool, slab_tokens=CLUSTER_SLAB_TOKENS if self.retrieval == "cluster"
-                                            else DENSE_SLAB_TOKENS)
+    @model_validator(mode="before")
+    @classmethod
+    def _slab_tokens_follow_the_method(cls, data):
+        """An unset `pool.slab_tokens` becomes the retrieval method's (4 for cluster, 16 otherwise)."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("retrieval", "cluster")
+        slabs = CLUSTER_SLAB_TOKENS if method == "cluster" else DENSE_SLAB_TOKENS
+        pool = data.get("pool")
+        if pool is None:
+            return {**data, "pool": {"slab_tokens": slabs}}
+        if isinstance(pool, dict) and pool.get("slab_tokens") is None:
+            return {**data, "pool": {**pool, "slab_tokens": slabs}}
+        if isinstance(pool, PoolConfig) and pool.slab_tokens is None:
+            return {**data, "pool": pool.model_copy(update={"slab_tokens": slabs})}
+        return data
 
     def budget_for(self, past_tokens: int) -> int:
         """Tokens to retrieve per (layer, KV head) for a past of `past_tokens` offloaded tokens."""

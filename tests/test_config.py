@@ -18,9 +18,14 @@ from mosaic_ray.config import CacheConfig, ClusterConfig, KVLayout, PoolConfig
     ],
 )
 def test_out_of_range_names_field_and_range(factory, field):
+    """The message names the config, the field and what it must be (pydantic: 'CacheConfig' then
+    the field on its own line; KVLayout: 'KVLayout.num_layers must be in ..., got 0')."""
     with pytest.raises(ValueError) as err:
         factory()
-    assert field in str(err.value) and "got" in str(err.value)
+    cls, _, name = field.rpartition(".")
+    text = str(err.value)
+    assert (not cls or cls in text) and name in text
+    assert "got" in text or "Input should be" in text or "must be at least" in text
 
 
 def test_budget_ratio_and_floor():
@@ -41,3 +46,28 @@ def test_slab_tokens_follow_the_retrieval_method_unless_set():
     for method in ("full", "frame", "token"):
         assert CacheConfig(retrieval=method).pool.slab_tokens == DENSE_SLAB_TOKENS
     assert CacheConfig(retrieval="cluster", pool={"slab_tokens": 32}).pool.slab_tokens == 32
+
+
+def test_a_pool_too_small_for_max_streams_is_refused_at_construction():
+    from mosaic_ray.config import EngineConfig
+
+    with pytest.raises(ValueError, match="max_streams: 4 streams x 3088 resident tokens"):
+        EngineConfig(max_streams=4, kv_pool={"capacity_tokens": 10_000})
+    assert EngineConfig(max_streams=3, kv_pool={"capacity_tokens": 10_000}).check_pool_room(10_000) == 3
+    assert EngineConfig(kv_pool={"capacity_tokens": 10_000}).check_pool_room(10_000) == 3  # None: what fits
+    with pytest.raises(ValueError, match="cannot hold one stream"):
+        EngineConfig(kv_pool={"capacity_tokens": 1000})
+
+
+def test_engine_configs_are_frozen_and_import_no_torch():
+    import subprocess
+    import sys
+
+    from mosaic_ray.config import EngineConfig
+
+    cfg = EngineConfig()
+    with pytest.raises(ValueError):
+        cfg.prefetch = True
+    assert cfg.model_copy(update={"prefetch": True}).prefetch
+    code = "import sys, mosaic_ray.serve.config as c; c.LaunchConfig(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -36,7 +36,6 @@ from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
-from mosaic_ray.config_load import build_config
 from mosaic_ray.engine import engine_report, frame_append, ingest_step
 from mosaic_ray.engine.interface import (
     AnswerEnd,
@@ -88,6 +87,7 @@ class StreamEngine(Engine):
         self.pool = HostPool(self.layout, self.config.cache.pool)
         # after the weights, so a GPU pool is sized from the memory they leave free
         self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
+        self.max_streams = self.config.check_pool_room(self.kv_pool.num_slots)  # a sink + window for each
         self.runner = ModelRunner(self.adapter, self.kv_pool, self.config)
         self.runner.capture_graphs()
         self.questions = QuestionStepper(self.adapter, self.runner, self.kv_pool, self.config)
@@ -105,9 +105,9 @@ class StreamEngine(Engine):
 
     @classmethod
     def from_spec(cls, **spec) -> "StreamEngine":
-        """Build from plain data (what a Ray actor receives): EngineConfig fields, every problem
-        named by its path (`config_load.build_config`: 'engine.cache.retreival: unknown field ...')."""
-        return cls(build_config(EngineConfig, spec, "engine"))
+        """Build from plain data (what a Ray actor receives): EngineConfig fields (pydantic's
+        ValidationError names each wrong one by its path, e.g. `cache.retreival`)."""
+        return cls(EngineConfig.model_validate(spec))
 
     # ------------------------------------------------------------------ streams
     def _get(self, stream_id: str) -> StreamState:
@@ -121,8 +121,8 @@ class StreamEngine(Engine):
             raise InvalidInputError("stream id must be a non-empty string")
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
-        if len(self.streams) >= self.config.max_streams:
-            raise OverloadedError(f"engine holds its maximum of {self.config.max_streams} streams")
+        if len(self.streams) >= self.max_streams:
+            raise OverloadedError(f"engine holds its maximum of {self.max_streams} streams")
         state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool),
                             pruning=self.pruner.new_state())
         prefix = self.adapter.prefix_text()

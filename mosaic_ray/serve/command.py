@@ -44,7 +44,7 @@ import yaml
 from pydantic import ValidationError
 
 from mosaic_ray.serve.config import LaunchConfig
-from mosaic_ray.serve.config_errors import engine_kwargs_lines, validation_lines
+from mosaic_ray.serve.config_errors import validation_lines
 from mosaic_ray.serve.header_guard import GuardLimits, HeaderGuard, free_loopback_port, run_in_thread
 
 # The packaged config a bare `mosaic-ray serve` runs: the real small stack on the CPU (issue 18:
@@ -126,14 +126,13 @@ def load_config(path: str | Path, args: argparse.Namespace | None = None) -> Lau
 
 
 def _validated(raw: dict[str, Any], path: str | Path) -> LaunchConfig:
-    """`LaunchConfig(**raw)`, the real engine's kwargs built too (as a shard would build them,
+    """`LaunchConfig(**raw)`, the real engine's kwargs validated too (as a shard builds them,
     weights not loaded). LaunchError with every problem found, one line each, 'config PATH:
     dotted.path.in.the.yaml: what is wrong' (`config_errors.py`)."""
     try:
         cfg, errors = LaunchConfig(**raw), []
     except ValidationError as err:
         cfg, errors = None, validation_lines(err, LaunchConfig)
-    errors += engine_kwargs_lines(raw)
     if errors:
         raise LaunchError("\n".join(f"config {path}: {line}" for line in errors))
     return cfg

@@ -2,23 +2,22 @@
 in the YAML was accepted and failed 23 s later inside Ray, in 256 log lines).
 
 Every problem is one line, 'dotted.path: what is wrong', the path being where it sits in the
-YAML: the pydantic sections (`LaunchConfig`) through their ValidationError, and the real engine's
-`app.runtime.engine.kwargs` (a plain dict to pydantic) by building the very dataclasses a shard
-builds from it (`EngineConfig` and its parts, `mosaic_ray/config_load.py`), weights not loaded.
+YAML, from `LaunchConfig`'s ValidationError: the whole tree is pydantic, down to the real engine's
+`app.runtime.engine.kwargs` (an `EngineConfig`, validated by `EngineSpec` as a shard builds it,
+weights not loaded).
 """
 
 from __future__ import annotations
 
+import difflib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mosaic_ray.config_load import ConfigFieldError, build_config, shown, unknown_field
-from mosaic_ray.runtime.config import DEFAULT_ENGINE_FACTORY
-
-ENGINE_KWARGS = ("app", "runtime", "engine", "kwargs")
+from mosaic_ray.config import EngineConfig
+from mosaic_ray.runtime.config import EngineSpec
 
 
 def validation_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -26,34 +25,6 @@ def validation_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
     message and the value given, or, for an unknown key, the fields allowed there. A value is
     never shown under a model that hides its inputs (API keys: `AuthSpec`)."""
     return [_line(error, model) for error in err.errors()]
-
-
-def engine_kwargs_lines(raw: Mapping) -> list[str]:
-    """The problems of the real engine's kwargs in the raw config mapping `raw` (the YAML with the
-    flags applied): [] when they build an `EngineConfig`, when another factory is named (its
-    kwargs are its own), or when the kwargs are no mapping (pydantic says so)."""
-    engine = _get(raw, ENGINE_KWARGS[:-1])
-    factory = engine.get("factory", DEFAULT_ENGINE_FACTORY) if isinstance(engine, Mapping) else None
-    kwargs = engine.get("kwargs", {}) if isinstance(engine, Mapping) else {}
-    if factory != DEFAULT_ENGINE_FACTORY or not isinstance(kwargs, Mapping):
-        return []
-    from mosaic_ray.config import EngineConfig  # imports torch: only once there is an engine to check
-
-    try:
-        build_config(EngineConfig, kwargs, ".".join(ENGINE_KWARGS))
-    except ConfigFieldError as err:
-        return err.lines
-    return []
-
-
-def _get(raw: Any, path: tuple[str, ...]) -> Any:
-    """raw[path[0]][path[1]]..., {} where a part is missing, None where a part is no mapping."""
-    node = raw
-    for key in path:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key, {})
-    return node
 
 
 def _line(error: dict, model: type[BaseModel]) -> str:
@@ -85,6 +56,8 @@ def _walk(model: type[BaseModel], loc: tuple) -> list[Any]:
 
 
 def _step(node: Any, part: Any) -> Any:
+    if node is EngineSpec and part == "kwargs":  # a plain dict to pydantic, validated as an EngineConfig
+        return EngineConfig
     if _is_model(node):
         field = node.model_fields.get(part)
         return None if field is None else _unwrap(field.annotation)
@@ -104,3 +77,18 @@ def _unwrap(hint: Any) -> Any:
 def _is_model(node: Any) -> bool:
     return isinstance(node, type) and issubclass(node, BaseModel)
 
+
+def unknown_field(path: str, allowed: Iterable[str]) -> str:
+    """The line of an unknown key at `path` (its last part is the key): the close match, if any,
+    then every allowed field."""
+    allowed = sorted(allowed)
+    key = path.rpartition(".")[2]
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{path}: unknown field{hint}; allowed: {', '.join(allowed)}"
+
+
+def shown(value: Any) -> str:
+    """A value as an error line shows it: its type and a repr of at most 40 characters."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

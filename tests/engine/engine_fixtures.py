@@ -6,12 +6,14 @@ from mosaic_ray.config import CacheConfig, EngineConfig
 from mosaic_ray.engine.stream_engine import StreamEngine
 
 
-def make_engine(adapter, retrieval="full", window=4096, budget=None, sink=16, **cache):
+def make_engine(adapter, retrieval="full", window=4096, budget=None, sink=16, *, engine=None, **cache):
     """An engine on the adapter's device (its device pool sized for tests). Tokens leaving the
     window are offloaded in batches of 8 unless told otherwise: a question usually meets a past
-    that is part offloaded (retrieved), part staged (attended in place)."""
+    that is part offloaded (retrieved), part staged (attended in place). `engine`: more
+    EngineConfig fields."""
     cache.setdefault("offload_batch", 8)
-    cfg = EngineConfig(model="tiny", device=str(adapter.device), kv_pool={"capacity_tokens": 1 << 16}, cache=CacheConfig(
+    cfg = EngineConfig(model="tiny", device=str(adapter.device), kv_pool={"capacity_tokens": 1 << 16}, **(engine or {}),
+                       cache=CacheConfig(
         retrieval=retrieval, window_tokens=window, sink_tokens=sink, budget_tokens=budget,
         pool={"capacity_bytes": 16 << 20}, **cache))
     return StreamEngine(cfg, adapter=adapter)

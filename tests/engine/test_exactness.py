@@ -88,8 +88,7 @@ def test_prefetch_changes_no_answer(tiny_adapter, method):
     imgs = frames(12, seed=4)
     got = {}
     for prefetch in (False, True):
-        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
-        engine.config.prefetch = prefetch
+        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30, engine={"prefetch": prefetch})
         if prefetch:
             from mosaic_ray.engine.prefetch import Prefetcher
 

@@ -80,8 +80,7 @@ def test_a_deferred_stream_counts_as_applied_when_the_forward_fails(tiny_adapter
 
 
 def test_the_deferral_bound_is_checked_before_any_stream_changes(tiny_adapter):
-    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30)
-    engine.config.max_deferred_frames = 1
+    engine = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, engine={"max_deferred_frames": 1})
     for sid in ("busy", "b"):
         engine.open_stream(sid)
     engine.append_frames("busy", frames(1), [0.0])

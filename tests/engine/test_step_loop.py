@@ -199,8 +199,7 @@ def test_frames_that_fail_to_ingest_stay_queued(tiny_adapter, monkeypatch):
 
 
 def test_submit_validates_and_bounds_the_queue(tiny_adapter):
-    e = _engine(tiny_adapter)
-    e.config.max_deferred_frames = 2
+    e = make_engine(tiny_adapter, "cluster", window=24, sink=4, budget=30, engine={"max_deferred_frames": 2})
     e.open_stream("s")
 
     async def go():

@@ -160,8 +160,7 @@ def test_time_range_question(tiny_adapter):
 def test_prefetch_gives_identical_answers(tiny_adapter, method):
     answers = {}
     for prefetch in (False, True):
-        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30)
-        engine.config.prefetch = prefetch
+        engine = make_engine(tiny_adapter, method, window=24, sink=4, budget=30, engine={"prefetch": prefetch})
         engine.open_stream("s")
         engine.append_frames("s", frames(10, seed=3), [float(i) for i in range(10)])
         answers[prefetch] = engine.answer("s", Q)
