@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
 from mosaic_ray.engine.interface import EngineError
-from mosaic_ray.runtime.router import Router
+from mosaic_ray.runtime.router import held_prefixed
 from mosaic_ray.runtime.stream_map import StreamMap
 from tests.runtime.fake_engine import frame_feature
 from tests.runtime.shard_fixtures import forget_store, local_shard, shared_store, stop_local
@@ -85,7 +85,7 @@ class Durability(RuleBasedStateMachine):
         return shard
 
     def _held(self, tenant: str) -> int:
-        return Router._held_prefixed(self.router, tenant)
+        return held_prefixed(self.router._map, self.router._recovering, tenant)
 
     def _served(self, sid: str) -> bool:
         return sid in self.acked and sid not in self.router._recovering
@@ -208,9 +208,9 @@ class Durability(RuleBasedStateMachine):
 
     def _kill(self) -> None:
         async def settle():
-            if self.shard._snapshots is not None:
+            if self.shard._durability.snapshots is not None:
                 for sid in list(self.shard._slots):
-                    await self.shard._snapshots.settle(sid)
+                    await self.shard._durability.snapshots.settle(sid)
 
         self._run(settle())
         stop_local(self.shard)
