@@ -23,22 +23,9 @@ from mosaic_ray.runtime.errors import (
 from mosaic_ray.runtime.frame_log import MemoryFrameLog, OpenRecord
 from mosaic_ray.runtime.recovery import RecoveryManager
 from mosaic_ray.runtime.stream_map import StreamMap
+from tests.runtime.shard_fixtures import MemoryMapStore
 
 S0, S1 = "rt:shard:0", "rt:shard:1"
-
-
-class _MapStore:
-    def __init__(self, data: dict[str, str]) -> None:
-        self.data = dict(data)
-
-    def load(self) -> dict[str, str]:
-        return dict(self.data)
-
-    def put(self, stream_id: str, shard: str) -> None:
-        self.data[stream_id] = shard
-
-    def delete(self, stream_id: str) -> None:
-        self.data.pop(stream_id, None)
 
 
 def _remote(fn):
@@ -123,7 +110,7 @@ def _manager(rebuild, mapped: dict[str, str], logged=(), logs: bool = True):
     frame_log = MemoryFrameLog()
     for sid in logged:
         frame_log.append(sid, [OpenRecord(0.0)])
-    streams = StreamMap(_MapStore(mapped))
+    streams = StreamMap(MemoryMapStore(mapped))
     shards = FakeShards(rebuild)
     locks: dict[str, asyncio.Lock] = {}
 
