@@ -97,7 +97,7 @@ class ShardUnavailableError(EngineError):
 
 class EngineFailedError(EngineError):
     """The engine is broken: it raised something other than an `EngineError` and then failed its
-    probe on a known-good input too (`ShardActor._engine_failure`), or it hung. The shard fails its
+    probe on a known-good input too (`EngineGuard.failure`), or it hung. The shard fails its
     health check from then on."""
 
     code = "engine_failure"

@@ -1,9 +1,23 @@
-"""ShardRecovery: the router's half of durability. A dead shard's streams are rebuilt on live
+"""RecoveryManager: the router's half of durability. A dead shard's streams are rebuilt on live
 shards from their frame logs; a restarted runtime rebuilds the streams its logs hold.
 
-A mixin of `Router` (router.py), kept apart so each file holds one concept. It uses the router's
-`_cfg`, `_map`, `_shards`, `_unhealthy`, `_reserved`, `_reports_at`, `_on`, `_lock` and
-`_least_loaded`.
+Held by `Router` (router.py); the router's `recovery_status`, `shard_failed` and `drain` are
+one-line delegations to it, and it asks it, before placing or answering for a stream, whether the
+stream is being rebuilt (`refuse_if_recovering`, `is_recovering`). It owns the recovery state: the
+dead shards, the streams being rebuilt (and from where), their errors, the quarantined ones, the
+episodes, the draining flag. Constructed with what it works on, and nothing else of the router:
+
+    cfg         the `RuntimeConfig` (durability and shard settings, shard names)
+    frame_log   the runtime's `FrameLog` (listing and deleting stream logs), None when logs are off
+    streams     the stream -> shard map (`StreamMap`: `items`, `set`, `delete`)
+    shards      the router's shards, `RecoveryShards` below (a `ShardPool`, shard_pool.py)
+    lock        lock(stream_id): the async context manager that serializes changes to one stream
+
+Verbs: `recovery_status()`, `refuse_if_recovering(sid)`, `refuse_if_draining()`,
+`is_recovering(sid)`, `recovering_ids()`, `is_dead(shard)`; `shard_failed(shard)` (an ingress
+saw it die), `shard_died(shard, reason)` (a call or probe did), `shard_broken(shard, cause)`
+(its health probe raised); `retry()` (streams whose rebuild failed are tried again),
+`recover_orphans(held)` (at start), `forget(sid)` (a recovering stream was deleted); `drain(timeout_s)`.
 
 When a shard is found dead (a call or a health probe raises `ActorDiedError`, or an ingress
 replica reports one through `shard_failed`; with `DurabilitySpec.replace_broken_shards`, also a
@@ -37,12 +51,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, Protocol
 
 import ray
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
+from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
     ShardUnavailableError,
@@ -52,8 +69,7 @@ from mosaic_ray.runtime.errors import (
     StreamRecoveringError,
 )
 from mosaic_ray.runtime.frame_log import FrameLog
-from mosaic_ray.runtime.frame_log_stores import open_frame_log
-from mosaic_ray.runtime.shard import spawn_shard
+from mosaic_ray.runtime.stream_map import StreamMap
 
 log = logging.getLogger("mosaic_ray.runtime.recovery")
 
@@ -66,10 +82,29 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 
 
-class ShardRecovery:
-    def _init_recovery(self) -> None:
-        dur = self._cfg.durability
-        self._log: FrameLog | None = open_frame_log(dur, self._cfg.name) if dur.enabled else None
+class RecoveryShards(Protocol):
+    """What recovery needs of the router's shards (`ShardPool` has it; tests fake it)."""
+
+    def names(self) -> list[str]: ...
+    def handle(self, shard: str) -> Any | None: ...  # its `ready` / `drain` remote methods are called
+    async def call(self, shard: str, method: str, *args: Any) -> Any: ...  # "recover_stream" here
+    async def least_loaded(self) -> str: ...  # raises ShardUnavailableError while none is healthy
+    def reserve(self, shard: str) -> AbstractContextManager[None]: ...
+    def mark_unhealthy(self, shard: str, reason: str) -> None: ...
+    def stale(self) -> None: ...  # load reports asked afresh
+    def spawn(self, shard: str) -> Any: ...  # a fresh actor under a dead one's name
+    def kill(self, shard: str) -> None: ...
+    def install(self, shard: str, handle: Any) -> None: ...  # the replacement serves, healthy
+
+
+class RecoveryManager:
+    def __init__(self, cfg: RuntimeConfig, frame_log: FrameLog | None, streams: StreamMap,
+                 shards: RecoveryShards, lock: Callable[[str], AbstractAsyncContextManager[None]]) -> None:
+        self._cfg = cfg
+        self._log = frame_log
+        self._map = streams
+        self._shards = shards
+        self._lock = lock
         self._dead: set[str] = set()
         self._recovering: dict[str, str] = {}  # stream -> the shard it is recovered from ("log": a restart)
         self._recovery_errors: dict[str, str] = {}
@@ -87,7 +122,18 @@ class ShardRecovery:
                 "failed_attempts": self._failed_attempts,
                 "episodes": list(self._episodes)}
 
-    def _refuse_if_recovering(self, stream_id: str) -> None:
+    def is_recovering(self, stream_id: str) -> bool:
+        """Being rebuilt, or quarantined: the stream exists, though no shard serves it."""
+        return stream_id in self._recovering
+
+    def recovering_ids(self) -> list[str]:
+        return list(self._recovering)
+
+    def is_dead(self, shard: str) -> bool:
+        """Dead and being replaced: not probed, nothing placed there."""
+        return shard in self._dead
+
+    def refuse_if_recovering(self, stream_id: str) -> None:
         if stream_id in self._quarantined:
             raise StreamQuarantinedError(f"stream {stream_id!r} is quarantined: it could not be rebuilt from its "
                                          f"log ({self._recovery_errors.get(stream_id, '')}); delete it")
@@ -97,7 +143,7 @@ class ShardRecovery:
                 self._cfg.durability.recovering_retry_after_s,
             )
 
-    def _refuse_if_draining(self) -> None:
+    def refuse_if_draining(self) -> None:
         if self._draining:
             raise ShuttingDownError("the runtime is shutting down")
 
@@ -105,37 +151,36 @@ class ShardRecovery:
     async def shard_failed(self, shard: str) -> bool:
         """An ingress saw `shard` die: check, and recover its streams if so. True when dead."""
         if shard in self._dead:
-            self._schedule_recovery()
+            self.retry()
             return True
-        handle = self._shards.get(shard)
+        handle = self._shards.handle(shard)
         if handle is None:
             return False
         try:
             await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.health_timeout_s)
         except ray.exceptions.ActorDiedError as exc:
-            self._shard_died(shard, str(exc))
+            self.shard_died(shard, str(exc))
             return True
         except Exception:
             return False
         return False
 
-    def _maybe_replace_broken(self, shard: str, cause: BaseException) -> None:
-        """With `replace_broken_shards`: a shard whose engine is broken or hung (a lost GPU, a CUDA
-        error) is killed, then recovered from like a dead one."""
+    def shard_broken(self, shard: str, cause: BaseException) -> None:
+        """The shard's health probe raised `cause`. With `replace_broken_shards`: a shard whose
+        engine is broken or hung (a lost GPU, a CUDA error) is killed, then recovered from like a
+        dead one."""
         if not (self._cfg.durability.replace_broken_shards and isinstance(cause, EngineFailedError)):
             return
         log.warning("shard %s: %s; replacing it", shard, cause)
-        try:
-            ray.kill(self._shards[shard], no_restart=True)
-        except Exception:
-            pass
-        self._shard_died(shard, f"engine broken: {cause}")
+        self._shards.kill(shard)
+        self.shard_died(shard, f"engine broken: {cause}")
 
-    def _shard_died(self, shard: str, reason: str) -> None:
+    def shard_died(self, shard: str, reason: str) -> None:
+        """`shard`'s actor is dead: its streams are recovering, a replacement is started."""
         if shard in self._dead:
             return
         self._dead.add(shard)
-        self._unhealthy[shard] = f"dead, being replaced: {reason.splitlines()[0] if reason else ''}"
+        self._shards.mark_unhealthy(shard, f"dead, being replaced: {reason.splitlines()[0] if reason else ''}")
         streams = [sid for sid, owner in self._map.items() if owner == shard]
         log.warning("shard %s died; recovering its %d stream(s) from their logs", shard, len(streams))
         if self._log is not None:
@@ -144,18 +189,14 @@ class ShardRecovery:
             self._episodes.append({"from": shard, "streams": len(streams), "started": time.time(),
                                    "seconds": None, "frames": 0})
         asyncio.get_running_loop().create_task(self._replace_shard(shard))
-        self._schedule_recovery()
+        self.retry()
 
     async def _replace_shard(self, name: str) -> None:
         """A fresh actor under the dead one's name (same resources, empty)."""
-        try:
-            ray.kill(self._shards[name], no_restart=True)
-        except Exception:
-            pass
-        index = self._cfg.shard_names.index(name)
+        self._shards.kill(name)
 
         async def start() -> Any:
-            handle = spawn_shard(self._cfg, index)
+            handle = self._shards.spawn(name)
             await asyncio.wait_for(handle.ready.remote(), self._cfg.shard.start_timeout_s)
             return handle
 
@@ -164,14 +205,13 @@ class ShardRecovery:
 
         # tenacity: every REPLACE_RETRY_S, until it starts (on any Exception)
         handle = await AsyncRetrying(wait=wait_fixed(REPLACE_RETRY_S), before_sleep=retrying)(start)
-        self._shards[name] = handle
+        self._shards.install(name, handle)
         self._dead.discard(name)
-        self._unhealthy.pop(name, None)
-        self._reports_at = 0.0
         log.warning("shard %s replaced", name)
 
     # ------------------------------------------------------------------ rebuilding
-    def _schedule_recovery(self) -> None:
+    def retry(self) -> None:
+        """Rebuild the recovering streams not quarantined, unless a pass is running already."""
         pending = len(self._recovering) > len(self._quarantined)
         if pending and (self._recovery_task is None or self._recovery_task.done()):
             self._recovery_task = asyncio.get_running_loop().create_task(self._recover_all())
@@ -186,7 +226,7 @@ class ShardRecovery:
             tried.update(todo)
             await asyncio.gather(*(self._recover_one(sid, gate) for sid in todo))
         if len(self._recovering) > len(self._quarantined):  # some failed: another pass, later
-            asyncio.get_running_loop().call_later(self._retry_s, self._schedule_recovery)
+            asyncio.get_running_loop().call_later(self._retry_s, self.retry)
             self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s)
             return
         self._retry_s = RETRY_MIN_S
@@ -204,55 +244,57 @@ class ShardRecovery:
                 self._recovery_errors[sid] = str(exc)
                 self._failed_attempts += 1
                 return
-            self._reserved[target] = self._reserved.get(target, 0) + 1
-            try:
-                info = await self._on(target, "recover_stream", sid)
-            except StreamExistsError:
-                info = {"frames": 0}  # the target holds it already (an earlier try got that far)
-            except UnknownStreamError:
-                log.error("stream %s has no frame log: it is lost", sid)
-                self._recovering.pop(sid, None)
-                self._map.delete(sid)
+            with self._shards.reserve(target):
+                info = await self._rebuild_on(target, sid)
+            if info is None:
                 return
-            except EngineFailedError as exc:
-                log.error("rebuilding %s broke the engine of %s (%s): quarantined", sid, target, exc)
-                self._quarantined.add(sid)
-                self._recovery_errors[sid] = f"replay broke the engine of {target}: {exc}"
-                return
-            except StreamQuarantinedError as exc:  # a poison record; the target is fine
-                log.error("stream %s: its log cannot be replayed (%s): quarantined", sid, exc)
-                self._quarantined.add(sid)
-                self._recovery_errors[sid] = str(exc)
-                return
-            except SnapshotLostError as exc:
-                log.error("stream %s lost its start (%s): quarantined", sid, exc)
-                self._quarantined.add(sid)
-                self._recovery_errors[sid] = str(exc)
-                return
-            except Exception as exc:
-                log.warning("rebuilding %s on %s failed: %s", sid, target, exc)
-                self._recovery_errors[sid] = f"{type(exc).__name__}: {exc}"
-                self._failed_attempts += 1
-                return
-            finally:
-                self._reserved[target] -= 1
             self._map.set(sid, target)
             self._recovering.pop(sid, None)
             self._recovery_errors.pop(sid, None)
             if self._episodes:
                 self._episodes[-1]["frames"] += int(info.get("frames", 0))
 
+    async def _rebuild_on(self, target: str, sid: str) -> dict[str, Any] | None:
+        """`target` replays `sid`'s log: its figures, or None when it failed (and what became of
+        the stream is recorded: tried again, lost or quarantined)."""
+        try:
+            return await self._shards.call(target, "recover_stream", sid)
+        except StreamExistsError:
+            return {"frames": 0}  # the target holds it already (an earlier try got that far)
+        except UnknownStreamError:
+            log.error("stream %s has no frame log: it is lost", sid)
+            self._recovering.pop(sid, None)
+            self._map.delete(sid)
+        except EngineFailedError as exc:
+            log.error("rebuilding %s broke the engine of %s (%s): quarantined", sid, target, exc)
+            self._quarantine(sid, f"replay broke the engine of {target}: {exc}")
+        except StreamQuarantinedError as exc:  # a poison record; the target is fine
+            log.error("stream %s: its log cannot be replayed (%s): quarantined", sid, exc)
+            self._quarantine(sid, str(exc))
+        except SnapshotLostError as exc:
+            log.error("stream %s lost its start (%s): quarantined", sid, exc)
+            self._quarantine(sid, str(exc))
+        except Exception as exc:
+            log.warning("rebuilding %s on %s failed: %s", sid, target, exc)
+            self._recovery_errors[sid] = f"{type(exc).__name__}: {exc}"
+            self._failed_attempts += 1
+        return None
+
+    def _quarantine(self, sid: str, why: str) -> None:
+        self._quarantined.add(sid)
+        self._recovery_errors[sid] = why
+
     async def _recovery_target(self) -> str:
         """The least-loaded live shard; waits for a replacement while none lives (tenacity: asked
         again every 0.2 s on fresh load reports, up to the shard start timeout, then raises)."""
         def refresh(_state: RetryCallState) -> None:
-            self._reports_at = 0.0
+            self._shards.stale()
 
         return await AsyncRetrying(stop=stop_after_delay(self._cfg.shard.start_timeout_s), wait=wait_fixed(0.2),
                                    retry=retry_if_exception_type(ShardUnavailableError), before_sleep=refresh,
-                                   reraise=True)(self._least_loaded)
+                                   reraise=True)(self._shards.least_loaded)
 
-    async def _recover_orphans(self, held: set[str]) -> None:
+    async def recover_orphans(self, held: set[str]) -> None:
         """At start: streams with a log that no live shard holds are rebuilt."""
         if self._log is None:
             return
@@ -264,9 +306,9 @@ class ShardRecovery:
             self._recovering.setdefault(sid, "log")
         self._episodes.append({"from": "log", "streams": len(orphans), "started": time.time(),
                                "seconds": None, "frames": 0})
-        self._schedule_recovery()
+        self.retry()
 
-    async def _forget_recovering(self, sid: str) -> bool:
+    async def forget(self, sid: str) -> bool:
         """A recovering stream was deleted: drop its log and entry. True if it was recovering."""
         if self._recovering.pop(sid, None) is None:
             return False
@@ -282,7 +324,7 @@ class ShardRecovery:
         """Refuse changes from now on; every live shard refuses new requests, finishes what it
         admitted (up to `timeout_s`) and fsyncs its logs."""
         self._draining = True
-        names = [n for n in sorted(self._shards) if n not in self._dead]
-        results = await asyncio.gather(*(self._shards[n].drain.remote(timeout_s) for n in names),
+        names = [n for n in self._shards.names() if n not in self._dead]
+        results = await asyncio.gather(*(self._shards.handle(n).drain.remote(timeout_s) for n in names),
                                        return_exceptions=True)
         return {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)}

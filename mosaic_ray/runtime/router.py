@@ -21,18 +21,23 @@ Any failure before `map.set` aborts: the target drops what it got, the source th
 stream as before. Operations on one stream (create, delete, move) are serialized by a per-stream
 lock; `locate` takes no lock (a stale answer is corrected by the shard's redirect).
 
-A shard that dies has its streams rebuilt elsewhere from their frame logs (`recovery.py`, the
-`ShardRecovery` mixin); meanwhile `locate` answers 503 + Retry-After for them.
+A shard that dies has its streams rebuilt elsewhere from their frame logs (`RecoveryManager`,
+recovery.py); meanwhile `locate` answers 503 + Retry-After for them.
+
+Collaborators, each constructed with what it needs (never the router itself): `StreamMap` (the
+map), `ShardPool` (shard_pool.py: the shards' handles, health, reservations and load reports) and
+`RecoveryManager` (given the map, the pool, the frame log and the per-stream lock). The remote
+methods that are the recovery's (`recovery_status`, `shard_failed`, `drain`) are one-line
+delegations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
@@ -50,9 +55,10 @@ from mosaic_ray.runtime.errors import (
     ShardUnavailableError,
     unwrap_ray_error,
 )
-from mosaic_ray.runtime.load import LoadReport, by_load, plan_moves
-from mosaic_ray.runtime.recovery import ShardRecovery
-from mosaic_ray.runtime.shard import spawn_shard
+from mosaic_ray.runtime.frame_log_stores import open_frame_log
+from mosaic_ray.runtime.load import LoadReport, plan_moves
+from mosaic_ray.runtime.recovery import RecoveryManager
+from mosaic_ray.runtime.shard_pool import ShardPool
 from mosaic_ray.runtime.stream_map import StreamMap, open_store
 
 log = logging.getLogger("mosaic_ray.runtime.router")
@@ -62,18 +68,24 @@ def new_stream_id() -> str:
     return f"s-{uuid.uuid4().hex[:16]}"
 
 
-class Router(ShardRecovery):
+def held_prefixed(streams: StreamMap, recovering: Iterable[str], prefix: str) -> int:
+    """Streams under `prefix` that exist: mapped, or known from their logs only (being rebuilt
+    after a restart, or quarantined: `recovering`). `ready()` registers the latter before any create."""
+    unmapped = sum(1 for sid in recovering if sid.startswith(prefix) and sid not in streams)
+    return streams.count_prefixed(prefix) + unmapped
+
+
+class Router:
     def __init__(self, config: dict[str, Any]) -> None:
         self._cfg = RuntimeConfig(**config)
         self._map = StreamMap(open_store(self._cfg.router.state_store, self._cfg.name, self._cfg.namespace))
-        self._shards = {self._cfg.shard_name(i): spawn_shard(self._cfg, i) for i in range(self._cfg.num_shards)}
-        self._unhealthy: dict[str, str] = {}
         self._locks: dict[str, list] = {}  # stream -> [lock, holders and waiters]
-        self._reserved: dict[str, int] = {}  # placements in flight, per shard
-        self._reports: dict[str, LoadReport] = {}
-        self._reports_at = 0.0
         self._rebalancing = asyncio.Lock()
-        self._init_recovery()
+        self._shards = ShardPool(self._cfg, self._map.count_by_shard,
+                                 on_death=lambda shard, reason: self._recovery.shard_died(shard, reason))
+        dur = self._cfg.durability
+        self._recovery = RecoveryManager(self._cfg, open_frame_log(dur, self._cfg.name) if dur.enabled else None,
+                                         self._map, self._shards, self._lock)
         # Start (wait for shards, reconcile, start the loops) without waiting for a caller: after
         # Ray restarts the router, nobody may call `ready` for a long time.
         try:
@@ -86,19 +98,19 @@ class Router(ShardRecovery):
         if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
             self._starting = asyncio.get_running_loop().create_task(self._start())  # first, or retry
         await asyncio.shield(self._starting)
-        return sorted(self._shards)
+        return self._shards.names()
 
     async def _start(self) -> None:
         spec = self._cfg.shard
         try:
-            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self._shards.values())),
-                                   spec.start_timeout_s)
+            handles = [self._shards.handle(n) for n in self._shards.names()]
+            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in handles)), spec.start_timeout_s)
         except asyncio.TimeoutError:
             raise ShardUnavailableError(
                 f"shards not ready after {spec.start_timeout_s:.0f} s: each needs num_gpus={spec.num_gpus}, "
                 f"num_cpus={spec.num_cpus} free on the cluster (see `ray status`)"
             ) from None
-        await self._recover_orphans(await self._reconcile())
+        await self._recovery.recover_orphans(await self._reconcile())
         loop = asyncio.get_running_loop()
         if self._cfg.router.health_interval_s > 0:
             loop.create_task(self._every(self._cfg.router.health_interval_s, self.health))
@@ -123,39 +135,34 @@ class Router(ShardRecovery):
         if shard is not None and shard not in self._shards:
             raise InvalidInputError(f"unknown shard {shard!r}")
         await self.ready()  # after a restart, no change before the map is reconciled
-        self._refuse_if_draining()
+        self._recovery.refuse_if_draining()
         # "/" is in no stream id: a quota's lock never is a stream's. Always taken before the
         # stream's lock, and only here, so the two never deadlock.
         async with self._lock(f"quota/{quota[0]}") if quota else nullcontext(), self._lock(sid):
-            if sid in self._map or sid in self._recovering:  # a logged stream being rebuilt exists too
+            if sid in self._map or self._recovery.is_recovering(sid):  # a logged stream being rebuilt exists too
                 raise StreamExistsError(f"stream {sid!r} exists")
             if quota is not None and self._held_prefixed(quota[0]) >= quota[1]:
                 raise QuotaExceededError(f"at most {quota[1]} streams may be held at once", quota[2])
             # a shard at its measured capacity refuses (ShardBusyError): the next least loaded is tried
-            candidates = [shard] if shard is not None else await self._by_load()
+            candidates = [shard] if shard is not None else await self._shards.by_load()
             for i, target in enumerate(candidates):
-                self._reserved[target] = self._reserved.get(target, 0) + 1
                 try:
-                    await self._on(target, "open_stream", sid)
+                    with self._shards.reserve(target):
+                        await self._on(target, "open_stream", sid)
                     break
                 except ShardBusyError:
                     if i == len(candidates) - 1:
                         raise
-                finally:
-                    self._reserved[target] -= 1
             self._map.set(sid, target)
         return {"id": sid, "shard": target}
 
     def _held_prefixed(self, prefix: str) -> int:
-        """Streams under `prefix` that exist: mapped, or known from their logs only (being rebuilt
-        after a restart, or quarantined). `ready()` registers the latter before any create."""
-        unmapped = sum(1 for sid in self._recovering if sid.startswith(prefix) and sid not in self._map)
-        return self._map.count_prefixed(prefix) + unmapped
+        return held_prefixed(self._map, self._recovery.recovering_ids(), prefix)
 
     async def delete_stream(self, stream_id: str) -> None:
         await self.ready()
         async with self._lock(stream_id):
-            if await self._forget_recovering(stream_id):
+            if await self._recovery.forget(stream_id):
                 return
             owner = self.locate(stream_id)
             try:
@@ -165,7 +172,7 @@ class Router(ShardRecovery):
             self._map.delete(stream_id)
 
     def locate(self, stream_id: str) -> str:
-        self._refuse_if_recovering(stream_id)
+        self._recovery.refuse_if_recovering(stream_id)
         owner = self._map.get(stream_id)
         if owner is None:
             raise UnknownStreamError(f"stream {stream_id!r} not found")
@@ -176,28 +183,38 @@ class Router(ShardRecovery):
 
     def shards(self) -> dict[str, bool]:
         """Shard name -> healthy (as of the last probe)."""
-        return {name: name not in self._unhealthy for name in sorted(self._shards)}
+        return self._shards.healthy()
+
+    # ------------------------------------------------------------------ recovery (recovery.py)
+    def recovery_status(self) -> dict[str, Any]:
+        return self._recovery.recovery_status()
+
+    async def shard_failed(self, shard: str) -> bool:
+        return await self._recovery.shard_failed(shard)
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        return await self._recovery.drain(timeout_s)
 
     # ------------------------------------------------------------------ load and health
     async def loads(self) -> list[LoadReport]:
-        return list((await self._fresh_reports(max_age_s=0.0)).values())
+        return list((await self._shards.fresh_reports(max_age_s=0.0)).values())
 
     async def health(self) -> dict[str, str]:
         """Probe every shard: name -> "ok" or the reason it is unhealthy."""
-        names = [n for n in sorted(self._shards) if n not in self._dead]  # the dead are being replaced
+        names = [n for n in self._shards.names() if not self._recovery.is_dead(n)]  # the dead are being replaced
         results = await asyncio.gather(
-            *(self._shards[n].check_health.remote() for n in names), return_exceptions=True
+            *(self._shards.handle(n).check_health.remote() for n in names), return_exceptions=True
         )
         for name, res in zip(names, results):
             if isinstance(res, ray.exceptions.ActorDiedError):
-                self._shard_died(name, str(res))
+                self._recovery.shard_died(name, str(res))
             elif isinstance(res, BaseException):
-                self._unhealthy[name] = str(unwrap_ray_error(res))
-                self._maybe_replace_broken(name, unwrap_ray_error(res))
+                self._shards.mark_unhealthy(name, str(unwrap_ray_error(res)))
+                self._recovery.shard_broken(name, unwrap_ray_error(res))
             else:
-                self._unhealthy.pop(name, None)
-        self._schedule_recovery()  # streams whose rebuild failed are tried again
-        return {n: self._unhealthy.get(n, "ok") for n in sorted(self._shards)}
+                self._shards.mark_healthy(name)
+        self._recovery.retry()  # streams whose rebuild failed are tried again
+        return {n: self._shards.reason(n) for n in self._shards.names()}
 
     # ------------------------------------------------------------------ rebalancing
     async def migrate(self, stream_id: str, target: str, transport: str | None = None) -> dict[str, str]:
@@ -216,9 +233,9 @@ class Router(ShardRecovery):
         """One rebalancing round; returns the moves made."""
         await self.ready()
         async with self._rebalancing:
-            reports = await self._fresh_reports(max_age_s=0.0)
+            reports = await self._shards.fresh_reports(max_age_s=0.0)
             names = sorted(reports)
-            per_shard = await asyncio.gather(*(self._shards[n].stream_loads.remote() for n in names))
+            per_shard = await asyncio.gather(*(self._shards.handle(n).stream_loads.remote() for n in names))
             w = self._cfg.router.weights
             moves = plan_moves(
                 {n: reports[n].score(w) for n in names},
@@ -235,7 +252,7 @@ class Router(ShardRecovery):
                 except EngineError as exc:  # moved, deleted or busy meanwhile; next round sees afresh
                     log.warning("rebalance: moving %s stopped: %s", m.stream_id, exc)
                     break
-            self._reports_at = 0.0
+            self._shards.stale()
             return done
 
     async def _move(self, sid: str, source: str, target: str, transport: str | None,
@@ -297,16 +314,7 @@ class Router(ShardRecovery):
                 del self._locks[stream_id]
 
     async def _on(self, shard: str, method: str, *args: Any) -> Any:
-        try:
-            return await getattr(self._shards[shard], method).remote(*args)
-        except ray.exceptions.RayActorError as exc:
-            if isinstance(exc, ray.exceptions.ActorDiedError):
-                self._shard_died(shard, str(exc))
-            else:
-                self._unhealthy[shard] = str(exc)
-            raise ShardUnavailableError(f"shard {shard} is unavailable") from None
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap_ray_error(exc) from None
+        return await self._shards.call(shard, method, *args)
 
     @staticmethod
     async def _quietly(step) -> None:
@@ -315,47 +323,16 @@ class Router(ShardRecovery):
         except Exception as exc:
             log.warning("cleanup step failed: %s", exc)
 
-    async def _by_load(self) -> list[str]:
-        """Healthy shards, least loaded first (ties by name)."""
-        reports = await self._fresh_reports(self._cfg.router.load_cache_s)
-        counts = self._map.count_by_shard()
-        w = self._cfg.router.weights
-        scores = {n: dataclasses.replace(r, streams=counts.get(n, 0) + self._reserved.get(n, 0)).score(w)
-                  for n, r in reports.items()}
-        if not scores:
-            raise ShardUnavailableError("no healthy shard")
-        return by_load(scores)
-
-    async def _least_loaded(self) -> str:
-        return (await self._by_load())[0]
-
-    async def _fresh_reports(self, max_age_s: float) -> dict[str, LoadReport]:
-        """Load reports of the healthy shards, reusing ones younger than `max_age_s`."""
-        if time.monotonic() - self._reports_at > max_age_s:
-            names = [n for n in sorted(self._shards) if n not in self._unhealthy]
-            results = await asyncio.gather(*(self._shards[n].load.remote() for n in names), return_exceptions=True)
-            self._reports = {}
-            for name, res in zip(names, results):
-                if isinstance(res, ray.exceptions.ActorDiedError):
-                    self._shard_died(name, str(res))
-                elif isinstance(res, BaseException):
-                    self._unhealthy[name] = str(unwrap_ray_error(res))
-                elif not res.healthy:
-                    self._unhealthy[name] = "engine broken"
-                else:
-                    self._reports[name] = res
-            self._reports_at = time.monotonic()
-        return {n: r for n, r in self._reports.items() if n not in self._unhealthy}
-
     async def _reconcile(self) -> set[str]:
         """Make the map agree with what shards hold (after a crash between two steps of a change).
         Returns the streams live shards hold."""
-        names = sorted(self._shards)
-        held = await asyncio.gather(*(self._shards[n].list_streams.remote() for n in names), return_exceptions=True)
+        names = self._shards.names()
+        held = await asyncio.gather(*(self._shards.handle(n).list_streams.remote() for n in names),
+                                    return_exceptions=True)
         holders: dict[str, list[str]] = {}
         for name, streams in zip(names, held):
             if isinstance(streams, BaseException):
-                self._unhealthy[name] = str(unwrap_ray_error(streams))
+                self._shards.mark_unhealthy(name, str(unwrap_ray_error(streams)))
                 continue
             for sid in streams:
                 holders.setdefault(sid, []).append(name)
@@ -371,7 +348,7 @@ class Router(ShardRecovery):
                     await self._quietly(self._on(extra, "migration_finish", sid, owner))
         # Moves the previous router left half-done: their sources serve again (no router moves
         # anything before this returns, so none of these is a live move).
-        live = [n for n in names if n not in self._unhealthy]
+        live = [n for n, ok in self._shards.healthy().items() if ok]
         await asyncio.gather(*(self._quietly(self._on(n, "migration_abort_all")) for n in live))
         return set(holders)
 

@@ -11,18 +11,24 @@ step loop (`_engine_append`), whose scheduler batches the frames of all streams;
 holds its requests and then redirects them (`StreamMovedError`) to its new shard.
 
 Invariants:
-- Only `_call` and `_engine_append` touch the engine, and only from the runner thread.
+- The engine is touched only from the runner thread: through `EngineGuard` (engine_guard.py;
+  `_call`, `_engine_append`), and by `_deltas`' answer iterator.
 - A request whose engine call raises anything but an `EngineError` fails alone (500
   `request_failed`) when the engine then passes a probe on a known-good input (`Engine.probe`);
-  only when the probe fails too is the engine broken: the shard remembers it and `check_health`
-  raises from then on (so the router stops placing here and an operator or the recovery takes
-  over). A hung engine fails `check_health` by timeout.
+  only when the probe fails too is the engine broken: `EngineGuard.fatal` remembers it and
+  `check_health` raises from then on (so the router stops placing here and an operator or the
+  recovery takes over). A hung engine fails `check_health` by timeout.
 - A stream is either in `_slots` (served here), or in `_moved` (redirected), or unknown.
 - With frame logs on (`DurabilitySpec`), a frame batch, text or option is acknowledged only after
   its record is in the stream's log (`shard_log.py`), written once the engine took it, in the
   engine's order (`log_order.py`): the log holds only what was accepted. `recover_stream`
-  rebuilds a stream another shard held from that log, and a draining shard (`drain`, at
-  shutdown) refuses new requests with 503 (`shard_durability.py`).
+  rebuilds a stream another shard held from that log (`StreamDurability`, shard_durability.py),
+  and a draining shard (`drain`, at shutdown) refuses new requests with 503.
+
+Collaborators, each constructed with what it needs (never the actor itself): `EngineGuard`
+(engine calls, failure vs broken), `StreamDurability` (snapshots, rebuild from a log; None when
+logs are off) and `MigrationEndpoint` (this shard's end of a move, shard_migration.py). The
+remote methods that are theirs are one-line delegations.
 """
 
 from __future__ import annotations
@@ -32,17 +38,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
 
 from mosaic_ray.engine.interface import AnswerEnd, AskRequest, EngineError, StreamExistsError, UnknownStreamError
-from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, RuntimeConfig, ShardSpec
+from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, ShardSpec
+from mosaic_ray.runtime.engine_guard import EngineGuard
 from mosaic_ray.runtime.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
-    RequestFailedError,
     ShardBusyError,
     ShuttingDownError,
     StreamMovedError,
@@ -50,11 +56,11 @@ from mosaic_ray.runtime.errors import (
 from mosaic_ray.runtime.capacity import CapacityGate
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.frame_log import LogRecord
-from mosaic_ray.runtime.ingest import IngestQueue, completed
+from mosaic_ray.runtime.ingest import IngestQueue
 from mosaic_ray.runtime.load import LoadReport, StreamLoad
 from mosaic_ray.runtime.record_check import check_times
-from mosaic_ray.runtime.shard_durability import ShardDurability
-from mosaic_ray.runtime.shard_migration import ShardMigration
+from mosaic_ray.runtime.shard_durability import StreamDurability
+from mosaic_ray.runtime.shard_migration import MigrationEndpoint
 from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
 from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
@@ -68,12 +74,9 @@ _ENGINE_FIGURES = ("busy_s_total", "ingest_lag_s_max", "ingest_lag_s_by_stream",
                    "pool_used_bytes", "pool_capacity_bytes", "kv_pool_used_bytes", "kv_pool_capacity_bytes",
                    "retrieval_tokens_total", "retrieval_copies_total", "retrieval_bytes_total", "clusters")
 
-if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
-    from mosaic_ray.runtime.migration import MigrationSource
-
 
 @ray.remote
-class ShardActor(ShardDurability, ShardMigration):
+class ShardActor:
     def __init__(
         self, name: str, engine: dict, shard: dict, migration: dict, durability: dict | None = None,
         runtime_name: str = "mosaic",
@@ -83,12 +86,12 @@ class ShardActor(ShardDurability, ShardMigration):
         self._mig = MigrationSpec(**migration)
         self._runner = EngineRunner(name)
         self._engine = self._runner.call_blocking(EngineSpec(**engine).build)
-        self._fatal: BaseException | None = None
         dur = DurabilitySpec(**(durability or {"enabled": False}))
         self._log = ShardLog(dur, runtime_name, self._spec.decode_threads) if dur.enabled else None
-        self._snapshots = self._make_snapshots(dur)  # None: no snapshots (shard_durability.py)
         self._draining = False
         self._meter = ShardMeter(self._spec.rate_window_s, self._spec.ttft_buckets_s)
+        self._guard = EngineGuard(name, self._engine, self._runner, self._meter, self._spec.health_timeout_s)
+        self._call, self._engine_append = self._guard.call, self._guard.append
         self._capacity = CapacityGate(self._spec.max_utilization, self._spec.capacity_window_s)
         self._ingest = IngestQueue(
             self._engine_append, self._meter, self._spec.max_pending_frames, self._spec.max_coalesce_frames,
@@ -97,13 +100,51 @@ class ShardActor(ShardDurability, ShardMigration):
         )
         self._slots: dict[str, StreamSlot] = {}
         self._moved: OrderedDict[str, str] = OrderedDict()
-        self._outgoing: dict[str, MigrationSource] = {}
+        self._durability = None if self._log is None else StreamDurability(
+            name, self._log, dur, self._engine, self._call, self._engine_append, self._slots,
+            self._serve, lambda: self._guard.fatal is not None, self._spec.hold_timeout_s)
+        self._migrations = MigrationEndpoint(
+            name, self._mig, self._engine, self._call, self._slots, self._slot, self._serve,
+            self._remember_moved, self._log, self._meter)
         # Streams the engine already holds (an engine that restores state at start) are served.
         for sid in self._runner.call_blocking(self._engine.list_streams):
             self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s)
 
     async def ready(self) -> str:
         return self.name
+
+    # ------------------------------------------------------------------ durability (shard_durability.py)
+    async def recover_stream(self, stream_id: str) -> dict[str, Any]:
+        why_not = f"stream {stream_id!r}: frame logs are off, nothing to rebuild from"
+        return await self._durable(why_not).rebuild(stream_id)
+
+    async def snapshot_stream(self, stream_id: str) -> dict[str, Any] | None:
+        return await self._durable(self._NO_SNAPSHOTS).snapshot(self._slot(stream_id))
+
+    async def snapshot_stats(self) -> dict[str, Any]:
+        return self._durability.stats() if self._durability is not None else {"enabled": False}
+
+    # ------------------------------------------------------------------ migration (shard_migration.py)
+    async def migration_begin(self, stream_id: str) -> dict[str, float]:
+        return await self._migrations.begin(stream_id)
+
+    async def migration_offer(self, stream_id: str, transport: str):
+        return await self._migrations.offer(stream_id, transport)
+
+    async def migration_send(self, stream_id: str) -> dict[str, float]:
+        return await self._migrations.send(stream_id)
+
+    async def migration_receive(self, offer) -> dict[str, float]:
+        return await self._migrations.receive(offer)
+
+    async def migration_finish(self, stream_id: str, moved_to: str) -> None:
+        await self._migrations.finish(stream_id, moved_to)
+
+    async def migration_abort(self, stream_id: str) -> None:
+        await self._migrations.abort(stream_id)
+
+    async def migration_abort_all(self) -> list[str]:
+        return await self._migrations.abort_all()
 
     # ------------------------------------------------------------------ streams
     async def open_stream(self, stream_id: str) -> None:
@@ -120,8 +161,7 @@ class ShardActor(ShardDurability, ShardMigration):
             except BaseException:
                 await self._call(self._engine.close_stream, stream_id)
                 raise
-        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s)
-        self._moved.pop(stream_id, None)
+        self._serve(stream_id)
 
     async def close_stream(self, stream_id: str) -> None:
         slot = self._slot(stream_id)
@@ -129,10 +169,8 @@ class ShardActor(ShardDurability, ShardMigration):
             await self._call(self._engine.close_stream, stream_id)
         slot.close()
         self._slots.pop(stream_id, None)
-        if self._log is not None:
-            if self._snapshots is not None:
-                await self._snapshots.settle(stream_id)  # a snapshot still being written
-            await self._log.delete(stream_id)
+        if self._durability is not None:
+            await self._durability.closed(stream_id)
 
     async def list_streams(self) -> list[str]:
         return sorted(self._slots)
@@ -151,8 +189,8 @@ class ShardActor(ShardDurability, ShardMigration):
         slot = self._slot(stream_id)
         async with slot.admit(self._spec.hold_timeout_s):
             ack = await self._ingest.submit(slot, seq, frames, timestamps)
-        if self._snapshots is not None:
-            self._snapshots.note(slot, ack["frames_added"])
+        if self._durability is not None:
+            self._durability.acknowledged(slot, ack["frames_added"])
         pruned = getattr(self._engine, "frames_pruned", None)  # engines that prune report it
         return {**ack, "stream_id": stream_id, **({"frames_pruned": pruned(stream_id)} if pruned else {})}
 
@@ -237,7 +275,7 @@ class ShardActor(ShardDurability, ShardMigration):
                 except EngineError:
                     raise
                 except Exception as exc:
-                    raise await self._engine_failure(exc) from None
+                    raise await self._guard.failure(exc) from None
                 finally:
                     if locked:
                         slot.lock.release()
@@ -263,7 +301,7 @@ class ShardActor(ShardDurability, ShardMigration):
             queries_per_s=sum(r[1] for r in rates),
             pending_frames=self._ingest.pending_frames,
             active_queries=self._meter.running,
-            healthy=self._fatal is None,
+            healthy=self._guard.fatal is None,
         )
 
     async def stream_loads(self) -> list[StreamLoad]:
@@ -292,14 +330,45 @@ class ShardActor(ShardDurability, ShardMigration):
 
     async def check_health(self) -> None:
         """Raise when the engine is broken or does not answer within `health_timeout_s`."""
-        if self._fatal is not None:
-            raise EngineFailedError(f"engine broken: {type(self._fatal).__name__}: {self._fatal}")
+        if self._guard.fatal is not None:
+            raise EngineFailedError(f"engine broken: {type(self._guard.fatal).__name__}: {self._guard.fatal}")
         try:
             await asyncio.wait_for(self._call(self._engine.stats), self._spec.health_timeout_s)
         except asyncio.TimeoutError:
             raise EngineFailedError(f"engine did not answer within {self._spec.health_timeout_s} s") from None
 
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted
+        ones to finish, then fsync the frame logs. Returns how many were still running."""
+        self._draining = True
+        slots = list(self._slots.values())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.wait_idle() for s in slots)), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        if self._log is not None:
+            await self._log.sync()
+        return {"shard": self.name, "streams": len(self._slots), "unfinished": sum(s.busy for s in slots)}
+
     # ------------------------------------------------------------------ internals
+    _NO_SNAPSHOTS = "snapshots are off on this shard (no log, or a store without them)"
+
+    def _durable(self, why_not: str) -> StreamDurability:
+        if self._durability is None:
+            raise UnknownStreamError(why_not)
+        return self._durability
+
+    def _serve(self, stream_id: str, last_seq: int = -1, rates: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Serve `stream_id` here from now on (opened, rebuilt or received)."""
+        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, last_seq, rates)
+        self._moved.pop(stream_id, None)
+
+    def _remember_moved(self, stream_id: str, shard: str) -> None:
+        self._moved[stream_id] = shard
+        self._moved.move_to_end(stream_id)
+        while len(self._moved) > self._spec.moved_memory:
+            self._moved.popitem(last=False)
+
     def _slot(self, stream_id: str) -> StreamSlot:
         if self._draining:
             raise ShuttingDownError(f"shard {self.name} is shutting down")
@@ -311,85 +380,3 @@ class ShardActor(ShardDurability, ShardMigration):
         if stream_id in self._moved:
             raise StreamMovedError(stream_id, self._moved[stream_id])
         raise UnknownStreamError(f"stream {stream_id!r} not found")
-
-    async def _call(self, fn, *args):
-        try:
-            return await self._runner.call(fn, *args)
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise await self._engine_failure(exc) from None
-
-    async def _engine_append(self, stream_id: str, frames: list[np.ndarray], stamps: list[float]):
-        """Frames into the engine; returns, once they are queued on the engine's thread (or, for
-        an engine without a step loop, appended), an awaitable of the frames the stream holds when
-        they are in (`IngestQueue(queued=True)`: the stream's lock is not held while the step loop ingests
-        them). An engine with a step loop queues them in its scheduler (`queue_frames`): the
-        frames of every stream queued meanwhile share one vision batch and one forward, the only
-        cross-stream batching there is. Other engines get one `append_frames` call per stream's batch."""
-        queue = getattr(self._engine, "queue_frames", None)
-        if queue is None:
-            held = await self._call(self._engine.append_frames, stream_id, frames, stamps)
-            return completed(held)
-        async def queue_and_wait() -> int:  # on the engine's loop: a bad batch raises at once
-            return await queue(stream_id, frames, stamps)
-
-        # queued on the engine's loop now, so the stream's later requests run after it; not
-        # waited for here: the stream's lock is not held while the engine finishes its step
-        queued = self._runner.await_(queue_and_wait)
-
-        async def ingested() -> int:
-            try:
-                return await queued
-            except EngineError:
-                raise
-            except Exception as exc:
-                raise await self._engine_failure(exc) from None
-
-        return ingested()
-
-    async def _engine_failure(self, exc: BaseException) -> EngineError:
-        """The error for a request whose engine call raised `exc` (not an `EngineError`). One
-        request's failure is not evidence that the engine is broken: the engine is probed on a
-        known-good input (`Engine.probe`), and the shard is marked broken only if that fails too
-        (or does not answer within `health_timeout_s`). Otherwise the request fails alone."""
-        self._meter.errors_total += 1
-        log.warning("shard %s: a request failed in the engine: %s: %s", self.name, type(exc).__name__, exc)
-        if self._fatal is None:
-            try:
-                await asyncio.wait_for(self._runner.call(self._engine.probe), self._spec.health_timeout_s)
-            except EngineError:
-                pass  # an engine that refuses sanely is not broken
-            except BaseException as probe_exc:  # the timeout too: a hung engine is a broken one
-                log.error("shard %s: the engine failed its probe after that (%s): broken", self.name,
-                          type(probe_exc).__name__)
-                self._fatal = exc
-        if self._fatal is not None:
-            return EngineFailedError("engine failed; this shard is out of service")
-        return RequestFailedError("the engine could not process this request; the shard is healthy")
-
-
-def spawn_shard(config: RuntimeConfig, index: int):
-    """The handle of shard `index` of `config`, started if it is not running.
-
-    Shards are detached named actors: they outlive the router that started them (a router restart
-    must find them, streams and all) and are found by name from any ingress replica. Stopped by
-    `bootstrap.shutdown_runtime`, also when their Serve app is deleted (`serve/lifetime.py`).
-    """
-    name = config.shard_name(index)
-    return ShardActor.options(
-        name=name,
-        namespace=config.namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        num_gpus=config.shard.num_gpus,
-        num_cpus=config.shard.num_cpus,
-        max_restarts=config.shard.max_restarts,
-    ).remote(
-        name,
-        config.engine.model_dump(),
-        config.shard.model_dump(),
-        config.migration.model_dump(),
-        config.durability.model_dump(),
-        config.name,
-    )

@@ -1,28 +1,45 @@
-"""ShardDurability: a shard's verbs for recovery and shutdown (docs/reliability.md).
+"""StreamDurability: a shard's snapshots and its rebuild of a stream from a log (docs/reliability.md).
 
-A mixin of `ShardActor` (shard.py), kept apart so each file holds one concept. It uses the
-actor's `_log` (`ShardLog`, None when logs are off), `_slots`, `_moved`, `_spec`, `_engine_append`,
-`_engine`, `_call`, `_fatal`, `_draining` and `name`.
+Held by `ShardActor` (shard.py) when frame logs are on; the actor's `recover_stream`,
+`snapshot_stream` and `snapshot_stats` are one-line delegations to it. Constructed with what it
+works on, and nothing else of the actor:
 
-- `recover_stream`: rebuild a stream another shard held, from its snapshot (if any) and the
+    shard           the shard's name (in messages and results)
+    log             the shard's `ShardLog` (the streams' logs and their store)
+    spec            the `DurabilitySpec` (snapshot cadence and limits)
+    engine          the engine; its methods run only through `call`
+    call            call(fn, *args): `fn` on the engine thread (`ShardActor._call`: a failure is
+                    probed, and a broken engine raises `EngineFailedError`)
+    append          append(stream_id, frames, stamps): frames queued into the engine
+                    (`ShardActor._engine_append`); returns an awaitable of their ingestion
+    streams         the shard's stream -> `StreamSlot` map, read only (what is served here)
+    serve           serve(stream_id, last_seq): a rebuilt stream is served here from now on
+    broken          broken() -> True once the engine is out of service
+    hold_timeout_s  how long a snapshot waits for its stream (`ShardSpec.hold_timeout_s`)
+
+Verbs:
+
+- `rebuild(stream_id)`: rebuild a stream another shard held, from its snapshot (if any) and the
   frame log after it (`snapshots.py`, `log_replay.py`). The router holds the stream's requests
   off (503) until it returns, and maps the stream here only then: no request is answered from a
   half-rebuilt stream. A record that fails validation, or that the engine fails on while it
   passes its probe, raises `StreamQuarantinedError`: the half-built stream is dropped from the
   engine, the shard stays healthy, and the router quarantines that stream alone.
-- snapshots: every `DurabilitySpec.snapshot_every_frames` acknowledged frames of a stream
-  (`StreamSnapshots`, made by `_make_snapshots`): a base, after which its log is compacted, or a
-  delta after the last part (`snapshot_max_deltas`); a rebuild imports base + deltas
-  (`Engine.import_deltas`), and if the engine refuses the deltas, the base and the log after it;
-  `snapshot_stream` takes one now (tests, operators).
-- `drain`: stop taking requests (503 `ShuttingDownError`, raised by the actor's `_slot`), let the
-  admitted ones finish, fsync the logs.
+- `acknowledged(slot, frames)`: frames of a stream were acknowledged; every
+  `DurabilitySpec.snapshot_every_frames` of them a snapshot is taken (`StreamSnapshots`): a base,
+  after which its log is compacted, or a delta after the last part (`snapshot_max_deltas`); a
+  rebuild imports base + deltas (`Engine.import_deltas`), and if the engine refuses the deltas,
+  the base and the log after it.
+- `snapshot(slot)`: one now (tests, operators); `stats()`: the snapshot figures.
+- `closed(stream_id)`: the stream was closed: a snapshot still being written settles, its log
+  is deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mosaic_ray.engine.interface import EngineError, OverloadedError, StreamExistsError, UnknownStreamError
@@ -30,28 +47,44 @@ from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.errors import EngineFailedError
 from mosaic_ray.runtime.frame_log import FrameLog
 from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.shard_log import ShardLog
 from mosaic_ray.runtime.snapshot_plan import base_only
 from mosaic_ray.runtime.snapshots import StreamSnapshots, plan_rebuild, without_snapshot
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 
-class ShardDurability:
-    async def recover_stream(self, stream_id: str) -> dict[str, Any]:
+class StreamDurability:
+    def __init__(
+        self, shard: str, log: ShardLog, spec: DurabilitySpec, engine: Any,
+        call: Callable[..., Awaitable[Any]], append: Callable[..., Awaitable[Awaitable[int]]],
+        streams: Mapping[str, StreamSlot], serve: Callable[[str, int], Any], broken: Callable[[], bool],
+        hold_timeout_s: float,
+    ) -> None:
+        self._shard = shard
+        self.log = log
+        self._engine = engine
+        self._call = call
+        self._append = append
+        self._streams = streams
+        self._serve = serve
+        self._broken = broken
+        self.snapshots = self._make_snapshots(spec, hold_timeout_s)  # None: no snapshots
+
+    async def rebuild(self, stream_id: str) -> dict[str, Any]:
         """Rebuild `stream_id` from its frame log and serve it here (its shard died, or the runtime
         restarted). The router holds the stream's requests off (503) until this returns."""
-        if self._log is None:
-            raise UnknownStreamError(f"stream {stream_id!r}: frame logs are off, nothing to rebuild from")
-        if stream_id in self._slots:
-            raise StreamExistsError(f"stream {stream_id!r} exists on {self.name}")
+        if stream_id in self._streams:
+            raise StreamExistsError(f"stream {stream_id!r} exists on {self._shard}")
         start = time.perf_counter()
-        if not await self._log.exists(stream_id):
+        if not await self.log.exists(stream_id):
             raise UnknownStreamError(f"stream {stream_id!r} has no frame log")
-        plan = await asyncio.to_thread(plan_rebuild, self._log.store, stream_id)
-        if await self._call(self._engine.has_stream, stream_id):  # a replay cut short before
-            await self._call(self._engine.close_stream, stream_id)
+        engine = self._engine
+        plan = await asyncio.to_thread(plan_rebuild, self.log.store, stream_id)
+        if await self._call(engine.has_stream, stream_id):  # a replay cut short before
+            await self._call(engine.close_stream, stream_id)
         while plan.parts is not None:
             try:
-                await self._call(self._engine.import_deltas, stream_id, plan.parts)
+                await self._call(engine.import_deltas, stream_id, plan.parts)
                 break
             except (EngineFailedError, OverloadedError):  # broken by a poison snapshot (quarantined), or
                 raise  # no room here: the router tries again, later or on another shard
@@ -61,44 +94,47 @@ class ShardDurability:
                 else:
                     plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
         if plan.parts is None:
-            await self._call(self._engine.open_stream, stream_id)
+            await self._call(engine.open_stream, stream_id)
         async def append(frames, stamps):  # queued, then waited for: a failure is its record's
-            return await (await self._engine_append(stream_id, frames, stamps))
+            return await (await self._append(stream_id, frames, stamps))
 
         try:
             done = await replay(
                 plan.records,
                 append,
-                lambda text, ts: self._call(self._engine.append_text, stream_id, text, ts),
-                self._log.decode,
-                self._log.spec.replay_batch_frames,
-                lambda options: self._call(self._engine.configure_stream, stream_id, options),
+                lambda text, ts: self._call(engine.append_text, stream_id, text, ts),
+                self.log.decode,
+                self.log.spec.replay_batch_frames,
+                lambda options: self._call(engine.configure_stream, stream_id, options),
                 last_seq=plan.last_seq,
             )
         except BaseException:
-            if self._fatal is None:
-                await self._call(self._engine.close_stream, stream_id)
+            if not self._broken():
+                await self._call(engine.close_stream, stream_id)
             raise
-        self._slots[stream_id] = StreamSlot(stream_id, self._spec.rate_window_s, done.last_seq)
-        self._moved.pop(stream_id, None)
-        if self._snapshots is not None:
-            self._snapshots.restored(stream_id, done.frames)
+        self._serve(stream_id, done.last_seq)
+        if self.snapshots is not None:
+            self.snapshots.restored(stream_id, done.frames)
         # "frames" are the frames replayed (after the snapshot, when one was used)
-        return {"id": stream_id, "shard": self.name, "last_seq": done.last_seq, "frames": done.frames,
+        return {"id": stream_id, "shard": self._shard, "last_seq": done.last_seq, "frames": done.frames,
                 "batches": done.batches, "texts": done.texts, "options": done.options, "skipped": done.skipped,
                 "engine_calls": done.engine_calls, "records_replayed": len(plan.records),
                 "snapshot_mark": plan.mark, "snapshot_last_seq": plan.last_seq if plan.mark is not None else None,
                 "snapshot_deltas": plan.deltas,
                 "snapshot_problem": plan.problem, "seconds": time.perf_counter() - start}
 
-    async def snapshot_stream(self, stream_id: str) -> dict[str, Any] | None:
-        """Snapshot `stream_id` now and compact its log; its figures, or None if not taken."""
-        if self._snapshots is None:
-            raise UnknownStreamError("snapshots are off on this shard (no log, or a store without them)")
-        return await self._snapshots.take(self._slot(stream_id))
+    def acknowledged(self, slot: StreamSlot, frames: int) -> None:
+        if self.snapshots is not None:
+            self.snapshots.note(slot, frames)
 
-    async def snapshot_stats(self) -> dict[str, Any]:
-        snaps = self._snapshots
+    async def snapshot(self, slot: StreamSlot) -> dict[str, Any] | None:
+        """Snapshot the stream now and compact its log; its figures, or None if not taken."""
+        if self.snapshots is None:
+            raise UnknownStreamError("snapshots are off on this shard (no log, or a store without them)")
+        return await self.snapshots.take(slot)
+
+    def stats(self) -> dict[str, Any]:
+        snaps = self.snapshots
         if snaps is None:
             return {"enabled": False}
         return {"enabled": True, "every_frames": snaps.every_frames, "taken": snaps.taken, "failed": snaps.failed,
@@ -107,33 +143,26 @@ class ShardDurability:
                 "skipped": snaps.skipped, "max_bytes": snaps.max_bytes, "in_flight": snaps.in_flight,
                 "streams": dict(snaps.last)}
 
-    def _make_snapshots(self, dur: DurabilitySpec) -> StreamSnapshots | None:
-        """Snapshots need logs, a cadence, and a store that keeps them (a custom one may not)."""
-        if self._log is None or dur.snapshot_every_frames == 0:
+    async def closed(self, stream_id: str) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.settle(stream_id)  # a snapshot still being written
+        await self.log.delete(stream_id)
+
+    def _make_snapshots(self, spec: DurabilitySpec, hold_timeout_s: float) -> StreamSnapshots | None:
+        """Snapshots need a cadence, and a store that keeps them (a custom one may not)."""
+        if spec.snapshot_every_frames == 0:
             return None
-        store = self._log.store
+        store = self.log.store
         if type(store).put_snapshot is FrameLog.put_snapshot or type(store).truncate_before is FrameLog.truncate_before:
             return None
-        deltas = dur.snapshot_max_deltas if type(store).put_delta is not FrameLog.put_delta else 0
-        return StreamSnapshots(store, dur.snapshot_every_frames, self._call, self._engine.export_delta,
-                               lambda sid, slot: self._slots.get(sid) is slot, self._spec.hold_timeout_s,
-                               size=self._stream_kv_bytes, max_bytes=dur.snapshot_max_bytes,
-                               max_deltas=deltas, rebase_ratio=dur.snapshot_rebase_ratio)
+        deltas = spec.snapshot_max_deltas if type(store).put_delta is not FrameLog.put_delta else 0
+        streams = self._streams
+        return StreamSnapshots(store, spec.snapshot_every_frames, self._call, self._engine.export_delta,
+                               lambda sid, slot: streams.get(sid) is slot, hold_timeout_s,
+                               size=self._stream_kv_bytes, max_bytes=spec.snapshot_max_bytes,
+                               max_deltas=deltas, rebase_ratio=spec.snapshot_rebase_ratio)
 
     def _stream_kv_bytes(self, stream_id: str) -> int:
-        """The stream's KV bytes (host pool + device), on the engine thread (via `_call`)."""
+        """The stream's KV bytes (host pool + device), on the engine thread (via `call`)."""
         info = self._engine.stream_info(stream_id)
         return int(info.get("kv_bytes_host", 0)) + int(info.get("kv_bytes_device", 0))
-
-    async def drain(self, timeout_s: float) -> dict[str, Any]:
-        """Stop taking requests (503 `ShuttingDownError`), wait up to `timeout_s` for the admitted
-        ones to finish, then fsync the frame logs. Returns how many were still running."""
-        self._draining = True
-        slots = list(self._slots.values())
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.wait_idle() for s in slots)), timeout_s)
-        except asyncio.TimeoutError:
-            pass
-        if self._log is not None:
-            await self._log.sync()
-        return {"shard": self.name, "streams": len(self._slots), "unfinished": sum(s.busy for s in slots)}

@@ -1,11 +1,23 @@
-"""ShardMigration: a shard's verbs for moving a stream to another shard (router.py drives them).
+"""MigrationEndpoint: a shard's end of moving a stream to another shard (router.py drives it).
 
-A mixin of `ShardActor` (shard.py), kept apart so each file holds one concept, like
-`ShardDurability`. It uses the actor's `_slots`, `_moved`, `_outgoing`, `_mig`, `_spec`, `_log`,
-`_meter`, `_engine`, `_call`, `_slot`, `_log_writer` and `name`.
+Held by `ShardActor` (shard.py); the actor's `migration_*` remote methods are one-line
+delegations to it. Constructed with what it works on, and nothing else of the actor:
 
-    migration_begin (freeze + export) -> migration_offer -> migration_send | the target's
-    migration_receive -> migration_finish (drop this copy, redirect) or migration_abort (thaw)
+    shard       the shard's name (in messages)
+    spec        the `MigrationSpec` (transport timeouts, verification, abandon_after_s)
+    engine      the engine; its methods run only through `call`
+    call        call(fn, *args): `fn` on the engine thread (`ShardActor._call`)
+    streams     the shard's stream -> `StreamSlot` map (a finished move's copy is removed from it)
+    lookup      lookup(stream_id) -> its slot, or the error a request gets (`ShardActor._slot`)
+    serve       serve(stream_id, last_seq, rates): a received stream is served here from now on
+    moved       moved(stream_id, shard): requests for the stream are redirected to `shard`
+    log         the shard's `ShardLog`, or None when frame logs are off
+    meter       the shard's `ShardMeter` (migrations in and out are counted)
+
+Verbs, in the order a move calls them:
+
+    begin (freeze + export) -> offer -> send | the target's receive -> finish (drop this copy,
+    redirect) or abort (thaw); abort_all (a restarted router's reconcile)
 
 A frozen stream holds its new requests; one whose move is neither finished nor aborted (its
 router died) is thawed after `MigrationSpec.abandon_after_s`.
@@ -15,22 +27,43 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from mosaic_ray.engine.interface import EngineError, StreamExistsError
+from mosaic_ray.runtime.config import MigrationSpec
 from mosaic_ray.runtime.errors import MigrationError
+from mosaic_ray.runtime.shard_log import ShardLog
+from mosaic_ray.runtime.shard_metrics import ShardMeter
 from mosaic_ray.runtime.stream_slot import StreamSlot
 
 if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
     from mosaic_ray.runtime.migration import MigrationSource, TransferOffer
 
 
-class ShardMigration:
-    async def migration_begin(self, stream_id: str) -> dict[str, float]:
+class MigrationEndpoint:
+    def __init__(
+        self, shard: str, spec: MigrationSpec, engine: Any, call: Callable[..., Awaitable[Any]],
+        streams: dict[str, StreamSlot], lookup: Callable[[str], StreamSlot],
+        serve: Callable[[str, int, tuple[float, float]], Any], moved: Callable[[str, str], None],
+        log: ShardLog | None, meter: ShardMeter,
+    ) -> None:
+        self._shard = shard
+        self._mig = spec
+        self._engine = engine
+        self._call = call
+        self._slots = streams
+        self._slot = lookup
+        self._serve = serve
+        self._moved = moved
+        self._log = log
+        self._meter = meter
+        self._outgoing: dict[str, MigrationSource] = {}
+
+    async def begin(self, stream_id: str) -> dict[str, float]:
         """Freeze the stream (its new requests are held) and export it, ready to be offered.
         Returns seconds spent: freeze (in-flight requests drained), export, fingerprint."""
         from mosaic_ray.runtime.migration import MigrationSource
@@ -41,7 +74,7 @@ class ShardMigration:
         t1 = time.perf_counter()
         try:
             if self._log is not None:  # records the engine holds but a failed write left unlogged
-                await slot.log_order.flush(self._log_writer(stream_id))
+                await slot.log_order.flush(lambda records: self._log.write(stream_id, records))
             state = await self._call(self._engine.export_stream, stream_id)
             t2 = time.perf_counter()
             meta = {"engine": state["meta"], "last_seq": slot.last_seq, "rates": slot.rates()}
@@ -53,36 +86,35 @@ class ShardMigration:
         asyncio.get_running_loop().create_task(self._expire(stream_id, source))
         return {"freeze_s": t1 - t0, "export_s": t2 - t1, "source_fingerprint_s": source.stats.fingerprint_s}
 
-    async def migration_offer(self, stream_id: str, transport: str) -> TransferOffer:
+    async def offer(self, stream_id: str, transport: str) -> TransferOffer:
         """Offer the frozen stream by `transport` ("distributed" | "object_store")."""
         host = self._mig.rendezvous_host or ray.util.get_node_ip_address()
         async with self._transport_errors(stream_id):
             return self._outgoing[stream_id].offer(transport, host, self._mig.timeout_s)
 
-    async def migration_send(self, stream_id: str) -> dict[str, float]:
+    async def send(self, stream_id: str) -> dict[str, float]:
         async with self._transport_errors(stream_id):
             stats = await asyncio.to_thread(self._outgoing[stream_id].send, self._mig.timeout_s)
         return {f"send_{k}": v for k, v in stats.as_dict().items() if k != "fingerprint_s"}
 
-    async def migration_receive(self, offer: TransferOffer) -> dict[str, float]:
+    async def receive(self, offer: TransferOffer) -> dict[str, float]:
         """Fetch and install a stream offered by another shard. On failure nothing is installed.
         Returns seconds spent: connect, transfer, fingerprint, import (and bytes by backend)."""
-        from mosaic_ray.runtime.migration import receive
+        from mosaic_ray.runtime.migration import receive as fetch
 
         sid = offer.stream_id
         if sid in self._slots:
-            raise StreamExistsError(f"stream {sid!r} exists on {self.name}")
+            raise StreamExistsError(f"stream {sid!r} exists on {self._shard}")
         async with self._transport_errors(sid):
-            tensors, stats = await asyncio.to_thread(receive, offer, self._mig.verify)
+            tensors, stats = await asyncio.to_thread(fetch, offer, self._mig.verify)
         t0 = time.perf_counter()
         await self._call(self._engine.import_stream, sid, {"meta": offer.meta["engine"], "tensors": tensors})
         timings = {f"receive_{k}": v for k, v in stats.as_dict().items()} | {"import_s": time.perf_counter() - t0}
-        self._slots[sid] = StreamSlot(sid, self._spec.rate_window_s, offer.meta["last_seq"], offer.meta["rates"])
-        self._moved.pop(sid, None)
+        self._serve(sid, offer.meta["last_seq"], offer.meta["rates"])
         self._meter.migrations_in += 1
         return timings
 
-    async def migration_finish(self, stream_id: str, moved_to: str) -> None:
+    async def finish(self, stream_id: str, moved_to: str) -> None:
         """The stream lives on `moved_to` now: drop this copy, redirect held and later requests."""
         slot = self._slots.get(stream_id)
         if slot is None:
@@ -97,10 +129,10 @@ class ShardMigration:
         if self._log is not None:
             await self._log.release(stream_id)  # the target appends to the same log now
         slot.release(moved_to)
-        self._remember_moved(stream_id, moved_to)
+        self._moved(stream_id, moved_to)
         self._meter.migrations_out += 1
 
-    async def migration_abort(self, stream_id: str) -> None:
+    async def abort(self, stream_id: str) -> None:
         """The move failed: serve the stream here again, as it was."""
         source = self._outgoing.pop(stream_id, None)
         if source is not None:
@@ -109,18 +141,18 @@ class ShardMigration:
         if slot is not None:
             slot.thaw()
 
-    async def migration_abort_all(self) -> list[str]:
+    async def abort_all(self) -> list[str]:
         """Abort every outgoing move (a restarted router's reconcile); returns the streams thawed."""
         streams = list(self._outgoing)
         for sid in streams:
-            await self.migration_abort(sid)
+            await self.abort(sid)
         return streams
 
     async def _expire(self, stream_id: str, source: MigrationSource) -> None:
         """Thaw a stream whose migration was neither finished nor aborted (its router died)."""
         await asyncio.sleep(self._mig.abandon_after_s)
         if self._outgoing.get(stream_id) is source:
-            await self.migration_abort(stream_id)
+            await self.abort(stream_id)
 
     @asynccontextmanager
     async def _transport_errors(self, stream_id: str) -> AsyncIterator[None]:
@@ -130,12 +162,6 @@ class ShardMigration:
         except EngineError:
             raise
         except KeyError:
-            raise MigrationError(f"stream {stream_id!r} is not being moved from {self.name}") from None
+            raise MigrationError(f"stream {stream_id!r} is not being moved from {self._shard}") from None
         except Exception as exc:
             raise MigrationError(f"{type(exc).__name__}: {exc}") from None
-
-    def _remember_moved(self, stream_id: str, shard: str) -> None:
-        self._moved[stream_id] = shard
-        self._moved.move_to_end(stream_id)
-        while len(self._moved) > self._spec.moved_memory:
-            self._moved.popitem(last=False)

@@ -31,6 +31,22 @@ def local_shard(runtime_name: str, index: int = 0, snapshot_every_frames: int = 
                {"enabled": True, "store": STORE, "snapshot_every_frames": snapshot_every_frames}, runtime_name)
 
 
+class MemoryMapStore:
+    """A stream map's store (`stream_map.MapStore`) in a dict: the router's map without Ray."""
+
+    def __init__(self, data: dict[str, str] | None = None) -> None:
+        self.data = dict(data or {})
+
+    def load(self) -> dict[str, str]:
+        return dict(self.data)
+
+    def put(self, stream_id: str, shard: str) -> None:
+        self.data[stream_id] = shard
+
+    def delete(self, stream_id: str) -> None:
+        self.data.pop(stream_id, None)
+
+
 def stop_local(shard) -> None:
     """A local shard "killed": its engine thread stops (its logs stay in the shared store)."""
     shard._runner.close()

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
 from mosaic_ray.engine.interface import EngineError
-from mosaic_ray.runtime.router import Router
+from mosaic_ray.runtime.router import held_prefixed
 from mosaic_ray.runtime.stream_map import StreamMap
 from tests.runtime.fake_engine import frame_feature
-from tests.runtime.shard_fixtures import forget_store, local_shard, shared_store, stop_local
+from tests.runtime.shard_fixtures import MemoryMapStore, forget_store, local_shard, shared_store, stop_local
 
 MAX_EXAMPLES = 60
 STEPS = 40
@@ -37,20 +37,6 @@ TENANTS = ("t1:", "t2:")
 QUOTA = 2  # streams per tenant
 SNAPSHOT_EVERY = 5  # frames: snapshots and compaction happen within a few steps
 _RUNS = itertools.count()
-
-
-class _MapStore:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    def load(self) -> dict[str, str]:
-        return dict(self.data)
-
-    def put(self, stream_id: str, shard: str) -> None:
-        self.data[stream_id] = shard
-
-    def delete(self, stream_id: str) -> None:
-        self.data.pop(stream_id, None)
 
 
 def _frame(value: int) -> np.ndarray:
@@ -68,7 +54,7 @@ class Durability(RuleBasedStateMachine):
         self.shard_index = 0
         self.shard = self._run(self._new_shard())
         # the router's side: the map and the streams being rebuilt (what its quota rule reads)
-        self.router = SimpleNamespace(_map=StreamMap(_MapStore()), _recovering={})
+        self.router = SimpleNamespace(_map=StreamMap(MemoryMapStore()), _recovering={})
         self.acked: dict[str, list[int]] = {}  # stream -> values of its acknowledged frames, in order
         self.last_seq: dict[str, int] = {}
         self.last_ts: dict[str, float] = {}
@@ -85,7 +71,7 @@ class Durability(RuleBasedStateMachine):
         return shard
 
     def _held(self, tenant: str) -> int:
-        return Router._held_prefixed(self.router, tenant)
+        return held_prefixed(self.router._map, self.router._recovering, tenant)
 
     def _served(self, sid: str) -> bool:
         return sid in self.acked and sid not in self.router._recovering
@@ -185,7 +171,7 @@ class Durability(RuleBasedStateMachine):
     def restart_runtime(self) -> None:
         """Every actor and the stream map are gone; the streams are found in the logs."""
         self._kill()
-        self.router._map = StreamMap(_MapStore())
+        self.router._map = StreamMap(MemoryMapStore())
         for sid in shared_store(None, self.runtime).list_streams():
             self.router._recovering.setdefault(sid, "log")
 
@@ -208,9 +194,9 @@ class Durability(RuleBasedStateMachine):
 
     def _kill(self) -> None:
         async def settle():
-            if self.shard._snapshots is not None:
+            if self.shard._durability.snapshots is not None:
                 for sid in list(self.shard._slots):
-                    await self.shard._snapshots.settle(sid)
+                    await self.shard._durability.snapshots.settle(sid)
 
         self._run(settle())
         stop_local(self.shard)

@@ -130,7 +130,7 @@ def test_a_new_base_drops_the_old_deltas_and_compacts_the_log(runtime):
         feed = _Feed(shard, "cam")
         await feed.frames(FIRST - MORE)  # a base large enough that the deltas stay under the ratio
         kinds = []
-        for _ in range(shard._snapshots.max_deltas + 2):  # a base, max_deltas deltas, a base again
+        for _ in range(shard._durability.snapshots.max_deltas + 2):  # a base, max_deltas deltas, a base again
             await feed.frames(MORE)
             kinds.append(await shard.snapshot_stream("cam"))
             if kinds[-1]["kind"] == "delta":
@@ -198,10 +198,10 @@ def test_deltas_outweighing_their_base_bring_a_new_base_early(runtime):
         await shard.open_stream("cam")
         feed = _Feed(shard, "cam")
         kinds = []
-        for _ in range(shard._snapshots.max_deltas):
+        for _ in range(shard._durability.snapshots.max_deltas):
             await feed.frames(MORE)  # a tiny base: each delta costs as much as it (part overhead)
             kinds.append((await shard.snapshot_stream("cam"))["kind"])
-        return kinds, shard._snapshots.rebase_ratio
+        return kinds, shard._durability.snapshots.rebase_ratio
 
     kinds, ratio = loop.run_until_complete(go())
     assert ratio == 1.0 and kinds[0] == "base" and "base" in kinds[1:-1], kinds
