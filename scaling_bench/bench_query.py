@@ -15,17 +15,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench.synthetic import centers_for, fill
-from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig
-from mosaic_ray.engine.interface import AskRequest
-from mosaic_ray.engine.stream_engine import StreamEngine
-from mosaic_ray.model import attention
-from mosaic_ray.model.registry import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig  # noqa: E402
+from mosaic_ray.engine.interface import AskRequest  # noqa: E402
+from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
+from mosaic_ray.model import attention  # noqa: E402
+from mosaic_ray.model.registry import load_model  # noqa: E402
+from scaling_bench.harness.synthetic import centers_for, fill  # noqa: E402
+from scaling_bench.harness.timing import sync, timed  # noqa: E402
 
 METHODS = ("plain-hf", "plain-hf:no-cudnn", "full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
 PINNED_PEAK_GBPS = 53.5
@@ -48,20 +52,11 @@ def _frames(n: int):
         return [rng.integers(0, 255, (336, 336, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ingest_latency(engine: StreamEngine, frames) -> float:
     engine.open_stream("ingest")
     times = []
     for i, f in enumerate(frames):
-        sync(engine.device)
-        t0 = time.perf_counter()
-        engine.append_frames("ingest", [f], [float(i)])
-        sync(engine.device)
-        times.append(time.perf_counter() - t0)
+        times.append(timed(lambda: engine.append_frames("ingest", [f], [float(i)]), engine.device)[0])
     engine.close_stream("ingest")
     times = sorted(times[2:])
     return times[len(times) // 2]
@@ -149,7 +144,7 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
 def run_plain(adapter, minutes, fps, tokens, questions, device, variant: str = "plain-hf") -> dict:
     """The anchor row: plain transformers with the whole stream in a DynamicCache, same questions
     (`plain-hf:no-cudnn`: torch's SDPA may not choose cuDNN, see plain_hf.NO_CUDNN)."""
-    from mosaic_ray.bench import plain_hf
+    from scaling_bench.harness import plain_hf
 
     past = int(minutes * 60 * fps) * tokens
     row = {"method": variant, "minutes": minutes, "past_tokens": past}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mosaic_ray.bench import needle
+from scaling_bench.harness import needle
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine.interface import AskRequest
 from mosaic_ray.engine.stream_engine import StreamEngine

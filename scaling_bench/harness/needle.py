@@ -45,13 +45,27 @@ import torch
 from mosaic_ray.cache.selection import time_overlap
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, EngineConfig, PoolConfig
-from mosaic_ray.bench.needle_report import goal, print_table, write
-from mosaic_ray.bench.needle_sets import NEEDLE_SETS
-from mosaic_ray.bench.needle_settings import CLIPS, Settings
-from mosaic_ray.bench.needle_variants import BASE_VARIANTS, ORACLES, Variant, parse_variant
-from mosaic_ray.bench.needle_stream import Recording, needles_for, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
-from mosaic_ray.bench.report import bkey
-from mosaic_ray.bench.stats import tally
+from scaling_bench.harness.needle_report import goal, print_table, write
+from scaling_bench.harness.needle_sets import NEEDLE_SETS
+from scaling_bench.harness.needle_settings import CLIPS, Settings
+from scaling_bench.harness.needle_stream import (
+    Recording,
+    _FeatureMemo,
+    cluster_makeup,
+    install,
+    load_frames,
+    needles_for,
+    plan_stream,
+    record_stream,
+)
+from scaling_bench.harness.needle_variants import (
+    BASE_VARIANTS,
+    ORACLES,
+    Variant,
+    parse_variant,
+)
+from scaling_bench.harness.report import bkey
+from scaling_bench.harness.stats import tally
 
 SCHEMA = "mosaic_ray.needle/1"
 MODELS = ("tiny", "dino-smollm2")

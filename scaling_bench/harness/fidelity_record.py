@@ -12,8 +12,8 @@ import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.cache.token_batch import TokenBatch
-from mosaic_ray.bench.fidelity_settings import Settings
 from mosaic_ray.config import CacheConfig, EngineConfig, KVLayout, PoolConfig
+from scaling_bench.harness.fidelity_settings import Settings
 
 # Captions (seconds from the clip's start, text) written into the stream as timestamped text.
 CAPTIONS: dict[str, list[tuple[float, str]]] = {

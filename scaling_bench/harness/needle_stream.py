@@ -11,10 +11,10 @@ import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, EngineConfig
-from mosaic_ray.bench.fidelity_record import record_cache_calls
-from mosaic_ray.bench.needle_sets import NEEDLE_SETS, Needle
-from mosaic_ray.bench.needle_settings import Settings
-from mosaic_ray.bench.needle_variants import Variant
+from scaling_bench.harness.fidelity_record import record_cache_calls
+from scaling_bench.harness.needle_sets import NEEDLE_SETS, Needle
+from scaling_bench.harness.needle_settings import Settings
+from scaling_bench.harness.needle_variants import Variant
 
 STREAM_ID = "needle"
 
