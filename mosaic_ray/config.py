@@ -190,6 +190,11 @@ class EngineConfig:
     # from 158 to 327 ms, because selection + gather launch are host-bound and ran twice
     # (docs/benchmarks.md); it pays once selection runs in a fused kernel.
     prefetch: bool = False
+    # Time each layer's retrieval exactly: a device synchronize after each layer's fetch, so
+    # `AnswerResult.fetch_s` is device time, not the host time it is otherwise; question prefill
+    # then runs eagerly (no prefill graphs). For benchmarks (`scaling_bench/bench_query.py
+    # --time-fetch`): the sync serializes the prefetch stream with compute. Off in serving.
+    time_fetch: bool = False
     # Decode steps (one token per question) replay a CUDA graph per batch-size bucket on a GPU; a
     # batch attending more than `graph_max_kv` slots in all, or more than `max_graph_batch`
     # questions together, decodes eagerly. 2M slots (16 MiB of index per bucket) hold one `full`

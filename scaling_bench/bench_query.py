@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: s
 from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig  # noqa: E402
 from mosaic_ray.engine.interface import AskRequest  # noqa: E402
 from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
-from mosaic_ray.model import attention  # noqa: E402
 from mosaic_ray.model.registry import load_model  # noqa: E402
 from scaling_bench.harness.synthetic import centers_for, fill  # noqa: E402
 from scaling_bench.harness.timing import sync, timed  # noqa: E402
@@ -62,11 +61,12 @@ def ingest_latency(engine: StreamEngine, frames) -> float:
     return times[len(times) // 2]
 
 
-def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device) -> StreamEngine:
+def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device,
+                time_fetch: bool = False) -> StreamEngine:
     """The engine of one row: `variant` is a method name with flags, e.g. "cluster:prefetch", or
     "cluster:vr=0.15:slab=16" (the cluster knobs of an older default), "token:scoring=mean" (how a
     question scores the past, `CacheConfig.scoring`), "cluster:coact=0.5:probe=4" (`ClusterConfig.coactivation`,
-    `coactivation_probe`)."""
+    `coactivation_probe`). `time_fetch`: `EngineConfig.time_fetch` (a sync after each layer's fetch)."""
     method, *flags = variant.split(":")
     knobs = dict(f.split("=", 1) for f in flags if "=" in f)
     unknown = set(knobs) - {"vr", "slab", "scoring", "coact", "probe"} | {f for f in flags if "=" not in f} - {"prefetch"}
@@ -76,7 +76,7 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
-    cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, cache=CacheConfig(
+    cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, time_fetch=time_fetch, cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
         scoring=knobs.get("scoring", CacheConfig().scoring),
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
@@ -86,8 +86,9 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
     return StreamEngine(cfg, adapter=adapter)
 
 
-def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
-    engine = make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device)
+def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames,
+               time_fetch: bool = False):
+    engine = make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device, time_fetch)
     row = {"method": variant, "minutes": minutes}
     try:
         if real_frames is not None:
@@ -215,8 +216,6 @@ def main(argv=None) -> int:
     if a.quick:
         a.model, a.minutes, a.questions, a.pool_gb, a.window = "tiny", "0.5", 2, 0.1, 64
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # A device sync per layer would serialize the prefetch stream with compute: off unless asked.
-    attention.TIME_FETCH = a.time_fetch
     adapter = load_model(a.model, device)
     real = _frames(10)
     tokens = adapter.frame_chunk(adapter.encode_frames(real[:1])[0], 0.0).size
@@ -233,7 +232,9 @@ def main(argv=None) -> int:
                 partial.write_text(json.dumps(rows, indent=1))
                 continue
             row = run_method(adapter, method, minutes, a.fps, tokens, a.budget, a.window, a.questions, a.pool_gb,
-                             device, real if minutes == float(a.minutes.split(",")[0]) else None)
+                             device, real if minutes == float(a.minutes.split(",")[0]) else None,
+                             # a device sync per layer serializes the prefetch stream with compute: off unless asked
+                             time_fetch=a.time_fetch)
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             partial.write_text(json.dumps(rows, indent=1))

@@ -3,14 +3,13 @@ question, the per-layer queries and K/V the engine attended), for replay into ev
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.cache.observer import CacheObserver
 from mosaic_ray.cache.token_batch import TokenBatch
 from mosaic_ray.config import CacheConfig, EngineConfig, KVLayout, PoolConfig
 from scaling_bench.harness.fidelity_settings import Settings
@@ -67,56 +66,40 @@ class Recording:
 # ---------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def record_cache_calls(ops: list[tuple]):
-    """Log every append/maintain the engine makes on its stream caches (one stream in the harness).
-    Tokens enter a cache through `StreamCache.adopt` (their K/V already in the device pool): each
-    adoption is logged as the TokenBatch an `append` replays."""
-    adopt, maintain = StreamCache.adopt, StreamCache.maintain
+class CacheCalls(CacheObserver):
+    """Logs every append/maintain the engine makes on its stream caches (one stream in the harness)
+    into `ops`. Tokens enter a cache through `StreamCache.adopt` (their K/V already in the device
+    pool): each adoption is logged as the TokenBatch an `append` replays."""
 
-    def rec_adopt(self, slots, order, time, pos, block, text=None) -> int:
-        k, v = self.kv_pool.read(slots)
-        ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone(),
-                                         None if text is None else text.clone())))
-        return adopt(self, slots, order, time, pos, block, text)
+    def __init__(self, ops: list[tuple]) -> None:
+        self.ops = ops
 
-    def rec_maintain(self, max_work: int | None = None, offload: bool = True) -> int:
-        ops.append(("maintain", max_work))
-        return maintain(self, max_work, offload)
+    def on_adopt(self, cache, slots, order, time, pos, block, text) -> None:
+        k, v = cache.kv_pool.read(slots)
+        self.ops.append(("append", TokenBatch(k, v, order.clone(), time.clone(), pos.clone(), block.clone(),
+                                              None if text is None else text.clone())))
 
-    StreamCache.adopt, StreamCache.maintain = rec_adopt, rec_maintain
-    try:
-        yield
-    finally:
-        StreamCache.adopt, StreamCache.maintain = adopt, maintain
+    def on_maintain(self, cache, max_work, offload) -> None:
+        self.ops.append(("maintain", max_work))
 
 
-@contextlib.contextmanager
-def _record_question_attention(target: list[QuestionCapture | None]):
-    """Wrap the retrieval attention: during a question prefill, keep per-head queries, K/V, output."""
-    from transformers import AttentionInterface
+class QuestionAttention:
+    """An AttentionObserver: during a question prefill (target[0] set), keeps the per-head
+    queries, K/V and output of each layer's retrieval attention."""
 
-    from mosaic_ray.model import attention as A
+    def __init__(self, target: list[QuestionCapture | None]) -> None:
+        self.target = target
 
-    original = AttentionInterface._global_mapping[A.ATTENTION_NAME]
-
-    def recorder(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out = original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        ctx, cap = A._ACTIVE.get(), target[0]
-        if ctx is not None and cap is not None and ctx.streams[0].retrieve:
-            n, layer = ctx.streams[0].new_tokens, module.layer_idx
-            cap.q[layer] = query[0, :, :n].detach().float().clone()
-            cap.k_new[layer] = key[0, :, :n].detach().float().clone()
-            cap.v_new[layer] = value[0, :, :n].detach().float().clone()
-            cap.out[layer] = out[0][0, :n].detach().float().transpose(0, 1).clone()
-            cap.scale[layer] = float(scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5))
-        return out
-
-    AttentionInterface.register(A.ATTENTION_NAME, recorder)
-    try:
-        yield
-    finally:
-        AttentionInterface.register(A.ATTENTION_NAME, original)
+    def __call__(self, module, query, key, value, output, step) -> None:
+        cap = self.target[0]
+        if cap is None or not step.streams[0].retrieve:
+            return
+        n, layer = step.streams[0].new_tokens, module.layer_idx
+        cap.q[layer] = query[0, :, :n].detach().float().clone()
+        cap.k_new[layer] = key[0, :, :n].detach().float().clone()
+        cap.v_new[layer] = value[0, :, :n].detach().float().clone()
+        cap.out[layer] = output[0, :n].detach().float().transpose(0, 1).clone()
+        cap.scale[layer] = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
 
 
 def _clips(names: list[str]) -> list[tuple[str, Path]]:
@@ -154,61 +137,60 @@ def record_stream(model: str, s: Settings, log=print) -> Recording:
     caps: list[QuestionCapture] = []
     current: list[QuestionCapture | None] = [None]
     info = {"videos": [], "frames": 0, "captions": 0, "questions": len(questions)}
-    with record_cache_calls(ops), _record_question_attention(current):
-        engine = StreamEngine(cfg)
-        layout = engine.layout
-        sid = "fidelity"
-        engine.open_stream(sid)
-        state = engine.streams[sid]
+    engine = StreamEngine(cfg, cache_observer=CacheCalls(ops), attention_observer=QuestionAttention(current))
+    layout = engine.layout
+    sid = "fidelity"
+    engine.open_stream(sid)
+    state = engine.streams[sid]
 
-        def ask(text: str) -> None:
-            cap = QuestionCapture(text, past_tokens=state.cache.past_tokens)
-            ops.append(("question", len(caps)))
-            current[0] = cap
-            ans = engine.answer(sid, AskRequest(question=text, max_tokens=s.answer_tokens, temperature=0.0))
-            current[0] = None
-            cap.answer, cap.finish_reason = ans.text, ans.finish_reason
-            caps.append(cap)
-            log(f"  [{model}] Q{len(caps)} at past={cap.past_tokens}: {text!r} -> {ans.text!r}")
+    def ask(text: str) -> None:
+        cap = QuestionCapture(text, past_tokens=state.cache.past_tokens)
+        ops.append(("question", len(caps)))
+        current[0] = cap
+        ans = engine.answer(sid, AskRequest(question=text, max_tokens=s.answer_tokens, temperature=0.0))
+        current[0] = None
+        cap.answer, cap.finish_reason = ans.text, ans.finish_reason
+        caps.append(cap)
+        log(f"  [{model}] Q{len(caps)} at past={cap.past_tokens}: {text!r} -> {ans.text!r}")
 
-        offset = 0.0
-        for ci, (name, path) in enumerate(clips):
-            caps_left = [(offset + t, c) for t, c in CAPTIONS.get(name, [(0.0, f"A new clip begins: {name}.")])]
-            n_frames = 0
-            group: list = []
+    offset = 0.0
+    for ci, (name, path) in enumerate(clips):
+        caps_left = [(offset + t, c) for t, c in CAPTIONS.get(name, [(0.0, f"A new clip begins: {name}.")])]
+        n_frames = 0
+        group: list = []
 
-            def flush() -> None:
-                if group:
-                    engine.append_frames(sid, [f.rgb for f in group], [offset + f.ts for f in group])
-                    group.clear()
+        def flush() -> None:
+            if group:
+                engine.append_frames(sid, [f.rgb for f in group], [offset + f.ts for f in group])
+                group.clear()
 
-            for fr in read_frames(path, fps=s.fps, max_frames=s.max_frames_per_video):
-                ts = offset + fr.ts
-                while caps_left and caps_left[0][0] <= ts + 1e-6:
-                    flush()
-                    t_cap, text = caps_left.pop(0)
-                    engine.append_text(sid, text, max(t_cap, state.clock))
-                    info["captions"] += 1
-                group.append(fr)
-                n_frames += 1
-                if len(group) >= s.frames_per_call:
-                    flush()
-            flush()
-            info["frames"] += n_frames
-            info["videos"].append({"name": name, "path": str(path), "frames": n_frames, "offset_s": offset})
-            offset += video_info(path)["duration_s"]
-            for after, text in questions:
-                if after == ci and ci < len(clips) - 1:
-                    ask(text)
+        for fr in read_frames(path, fps=s.fps, max_frames=s.max_frames_per_video):
+            ts = offset + fr.ts
+            while caps_left and caps_left[0][0] <= ts + 1e-6:
+                flush()
+                t_cap, text = caps_left.pop(0)
+                engine.append_text(sid, text, max(t_cap, state.clock))
+                info["captions"] += 1
+            group.append(fr)
+            n_frames += 1
+            if len(group) >= s.frames_per_call:
+                flush()
+        flush()
+        info["frames"] += n_frames
+        info["videos"].append({"name": name, "path": str(path), "frames": n_frames, "offset_s": offset})
+        offset += video_info(path)["duration_s"]
         for after, text in questions:
-            if after is None or after >= len(clips) - 1:
+            if after == ci and ci < len(clips) - 1:
                 ask(text)
-        info.update(tokens=state.tokens, past_tokens=state.cache.past_tokens,
-                    resident_tokens=state.cache.resident_tokens, duration_s=state.clock,
-                    record_s=round(time.perf_counter() - t0, 2))
-        # the replayed `full` cache must end where the engine's did (checked in `run_model`)
-        info["_engine_past_k"] = state.cache.retriever.k[:, : state.cache.past_tokens].clone()
-        engine.close_stream(sid)
+    for after, text in questions:
+        if after is None or after >= len(clips) - 1:
+            ask(text)
+    info.update(tokens=state.tokens, past_tokens=state.cache.past_tokens,
+                resident_tokens=state.cache.resident_tokens, duration_s=state.clock,
+                record_s=round(time.perf_counter() - t0, 2))
+    # the replayed `full` cache must end where the engine's did (checked in `run_model`)
+    info["_engine_past_k"] = state.cache.retriever.k[:, : state.cache.past_tokens].clone()
+    engine.close_stream(sid)
     return Recording(layout, ops, caps, info)
 
 
