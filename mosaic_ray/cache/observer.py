@@ -9,13 +9,14 @@ and override what you need; the others do nothing. An observer must not change t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from mosaic_ray.cache.stream_cache import StreamCache
-    from mosaic_ray.cache.token_batch import Selection
+from mosaic_ray.cache.token_batch import Selection
+
+# The StreamCache that calls (not imported: stream_cache imports this module).
+StreamCache = Any
 
 
 class CacheObserver:
