@@ -17,8 +17,8 @@ select_budget (one program per group: slower than sort + cumsum at the few group
 gather_slabs (whole slabs cannot stop at a budget inside a cluster; gather_clusters moves members).
 
 Every op takes backend="auto" | "triton" | "torch" (see backend.py); uva.py explains how the
-kernels read pinned host memory in place. benchmark_<op>.py beside each op times it on a GPU;
-bench_all.py runs them all.
+kernels read pinned host memory in place. Their benchmarks are not shipped: in a checkout,
+scaling_bench/kernels/<op>.py times an op on a GPU and scaling_bench/kernels/bench_all.py runs them all.
 """
 
 from mosaic_ray.kernels.assign_nearest import assign_nearest, assign_nearest_reference

@@ -25,7 +25,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 COUNT_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256  # x's tile stays in registers: one D chunk
 
-# Tile sizes; a guess until the H100 sweep in benchmark_assign_nearest.py sets them.
+# Tile sizes; a guess until the H100 sweep in scaling_bench/kernels/assign_nearest.py sets them.
 DEFAULT_BLOCK_N = 64
 DEFAULT_BLOCK_C = 64
 DEFAULT_NUM_WARPS = 4

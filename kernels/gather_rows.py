@@ -26,7 +26,7 @@ ID_DTYPES = (torch.int64, torch.int32)
 WHICH = ("k", "v", "kv")
 
 # Tile elements per program per half; BLOCK_R = DEFAULT_TILE // BLOCK_D rows (32 at D=128).
-# A guess until the H100 sweep in benchmark_gather_rows.py sets it.
+# A guess until the H100 sweep in scaling_bench/kernels/gather_rows.py sets it.
 DEFAULT_TILE = 4096
 DEFAULT_NUM_WARPS = 4
 

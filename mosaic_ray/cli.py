@@ -27,7 +27,9 @@ running the real small model (dino-smollm2), http://127.0.0.1:8000 (docs/api.md)
   mosaic-ray serve --model /path/to/Qwen2-VL    a local transformers checkpoint
   mosaic-ray serve --config my.yaml             a LaunchConfig file (mosaic_ray/serve/config.py)
 """
-EPILOG = "Docs: README.md, docs/api.md, docs/configuration.md. `mosaic-ray COMMAND --help` for each command."
+EPILOG = ("Docs: README.md, docs/api.md, docs/configuration.md. `mosaic-ray COMMAND --help` for each command. "
+          "Benchmarks run from a checkout, e.g. `python scaling_bench/fidelity.py --help`, "
+          "`python scaling_bench/needle.py --help` (docs/benchmarks.md).")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -51,19 +53,6 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo.run)
 
 
-def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: fidelity | needle", formatter_class=DefaultsHelpFormatter)
-    p.add_argument("name", choices=["fidelity", "needle"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
-
-    def run(args) -> int:
-        import importlib
-
-        return importlib.import_module(f"mosaic_ray.bench.{args.name}").main(args.rest) or 0
-
-    p.set_defaults(func=run)
-
-
 def _serve(sub: argparse._SubParsersAction) -> None:
     from mosaic_ray.serve import command
 
@@ -73,7 +62,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=command.run)
 
 
-SUBCOMMANDS = [_demo, _bench, _serve]
+SUBCOMMANDS = [_demo, _serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,6 +182,12 @@ class EngineConfig(ConfigModel):
         "10 min, cluster TTFT 66 -> 146 ms with it (hit rate 0.73; docs/benchmarks.md section 9)"))
     # 2M slots (16 MiB of index per bucket) hold one `full` stream of ~4 h, or 64 questions over
     # 32k slots each (a 1-hour stream at 5 % is ~30k).
+    # The sync serializes the prefetch stream with compute: for benchmarks only.
+    time_fetch: bool = Field(False, strict=True, description=(
+        "time each layer's retrieval exactly: a device synchronize after each layer's fetch, so "
+        "`AnswerResult.fetch_s` is device time, not the host time it is otherwise; question prefill then runs "
+        "eagerly (no prefill graphs). For benchmarks (`scaling_bench/bench_query.py --time-fetch`); off in "
+        "serving"))
     cuda_graphs: bool = Field(True, strict=True, description=(
         "decode steps replay a CUDA graph per batch-size bucket on a GPU (H200, 7b-shape, 8k KV: 7.2 "
         "ms/step at 1 question; the same step eager: 63.6)"))

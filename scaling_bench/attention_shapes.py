@@ -6,11 +6,17 @@ K/V gathered by slot + FlashAttention varlen (aten). Writes attention_shapes.jso
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.getcwd())
-from mosaic_ray.kernels.ragged_attention import ragged_attention, ragged_attention_reference  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.kernels.ragged_attention import (  # noqa: E402
+    ragged_attention,
+    ragged_attention_reference,
+)
+from scaling_bench.harness.timing import median_s  # noqa: E402
 
 dev = torch.device("cuda")
 torch.manual_seed(0)
@@ -37,22 +43,6 @@ def case(S, nq, past):
     ck = torch.tensor(cu_kv, dtype=torch.int32, device=dev)
     q = torch.randn(S * nq, Hq, D, device=dev, dtype=torch.bfloat16)
     return q, idx, cq, ck, nq, past + nq
-
-
-def timeit(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def flash(q, idx, cq, ck, mq, mk, scale):
@@ -97,7 +87,7 @@ for label, (S, nq, past) in {"ingest 22x146 over 2.2k": (22, 146, 2052), "ingest
             err = None
             if ref is not None and isinstance(o, torch.Tensor):
                 err = float((o.float() - ref.float()).abs().max())
-            ms = timeit(fn)
+            ms = median_s(fn, dev, reps=20, warmup=3) * 1e3
             row = {"case": label, "variant": name, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "max_err": err}
         except Exception as exc:  # noqa: BLE001
             row = {"case": label, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}

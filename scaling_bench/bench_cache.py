@@ -18,25 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mosaic_ray.cache.cluster_index import ClusterIndex
-from mosaic_ray.cache.host_pool import HostPool
-from mosaic_ray.cache.splitter import drain_splits
-from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.cache.token_batch import TokenBatch
-from mosaic_ray.bench.synthetic import frame_batch
-from mosaic_ray.config import CacheConfig, ClusterConfig, KVLayout, PoolConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.cache.cluster_index import ClusterIndex  # noqa: E402
+from mosaic_ray.cache.host_pool import HostPool  # noqa: E402
+from mosaic_ray.cache.splitter import drain_splits  # noqa: E402
+from mosaic_ray.cache.stream_cache import StreamCache  # noqa: E402
+from mosaic_ray.cache.token_batch import TokenBatch  # noqa: E402
+from mosaic_ray.config import CacheConfig, ClusterConfig, KVLayout, PoolConfig  # noqa: E402
+from scaling_bench.harness.synthetic import frame_batch  # noqa: E402
+from scaling_bench.harness.timing import sync  # noqa: E402
 
 LAYERS, HEADS, DIM = 28, 4, 128
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _frames(layout, first: int, count: int, tokens: int, device, centers) -> TokenBatch:

@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench.synthetic import centers_for, fill
-from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig
-from mosaic_ray.engine.interface import AskRequest
-from mosaic_ray.engine.stream_engine import StreamEngine
-from mosaic_ray.model import attention
-from mosaic_ray.model.registry import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.config import CacheConfig, ClusterConfig, EngineConfig  # noqa: E402
+from mosaic_ray.engine.interface import AskRequest  # noqa: E402
+from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
+from mosaic_ray.model.registry import load_model  # noqa: E402
+from scaling_bench.harness.synthetic import centers_for, fill  # noqa: E402
+from scaling_bench.harness.timing import sync, timed  # noqa: E402
 
 METHODS = ("plain-hf", "plain-hf:no-cudnn", "full", "frame", "token", "cluster", "token:prefetch", "cluster:prefetch")
 PINNED_PEAK_GBPS = 53.5
@@ -48,30 +51,22 @@ def _frames(n: int):
         return [rng.integers(0, 255, (336, 336, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ingest_latency(engine: StreamEngine, frames) -> float:
     engine.open_stream("ingest")
     times = []
     for i, f in enumerate(frames):
-        sync(engine.device)
-        t0 = time.perf_counter()
-        engine.append_frames("ingest", [f], [float(i)])
-        sync(engine.device)
-        times.append(time.perf_counter() - t0)
+        times.append(timed(lambda: engine.append_frames("ingest", [f], [float(i)]), engine.device)[0])
     engine.close_stream("ingest")
     times = sorted(times[2:])
     return times[len(times) // 2]
 
 
-def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device) -> StreamEngine:
+def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device,
+                time_fetch: bool = False) -> StreamEngine:
     """The engine of one row: `variant` is a method name with flags, e.g. "cluster:prefetch", or
     "cluster:vr=0.15:slab=16" (the cluster knobs of an older default), "token:scoring=mean" (how a
     question scores the past, `CacheConfig.scoring`), "cluster:coact=0.5:probe=4" (`ClusterConfig.coactivation`,
-    `coactivation_probe`)."""
+    `coactivation_probe`). `time_fetch`: `EngineConfig.time_fetch` (a sync after each layer's fetch)."""
     method, *flags = variant.split(":")
     knobs = dict(f.split("=", 1) for f in flags if "=" in f)
     unknown = set(knobs) - {"vr", "slab", "scoring", "coact", "probe"} | {f for f in flags if "=" not in f} - {"prefetch"}
@@ -81,7 +76,7 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
     # everything on the device and needs only a token pool
     need = int(minutes * 60 * fps + 64) * tokens * adapter.layout.bytes_per_token * 1.4
     capacity = min(int(pool_gb * 2**30), int(need)) if method != "full" else 64 << 20
-    cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, cache=CacheConfig(
+    cfg = EngineConfig(model="bench", device=str(device), prefetch="prefetch" in flags, time_fetch=time_fetch, cache=CacheConfig(
         retrieval=method, budget_ratio=budget, window_tokens=window, sink_tokens=16,
         scoring=knobs.get("scoring", CacheConfig().scoring),
         pool={"capacity_bytes": max(capacity, 64 << 20), "slab_tokens": int(knobs["slab"]) if "slab" in knobs else None},
@@ -91,8 +86,9 @@ def make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb,
     return StreamEngine(cfg, adapter=adapter)
 
 
-def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames):
-    engine = make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device)
+def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions, pool_gb, device, real_frames,
+               time_fetch: bool = False):
+    engine = make_engine(adapter, variant, minutes, fps, tokens, budget, window, pool_gb, device, time_fetch)
     row = {"method": variant, "minutes": minutes}
     try:
         if real_frames is not None:
@@ -149,7 +145,7 @@ def run_method(adapter, variant, minutes, fps, tokens, budget, window, questions
 def run_plain(adapter, minutes, fps, tokens, questions, device, variant: str = "plain-hf") -> dict:
     """The anchor row: plain transformers with the whole stream in a DynamicCache, same questions
     (`plain-hf:no-cudnn`: torch's SDPA may not choose cuDNN, see plain_hf.NO_CUDNN)."""
-    from mosaic_ray.bench import plain_hf
+    from scaling_bench.harness import plain_hf
 
     past = int(minutes * 60 * fps) * tokens
     row = {"method": variant, "minutes": minutes, "past_tokens": past}
@@ -220,8 +216,6 @@ def main(argv=None) -> int:
     if a.quick:
         a.model, a.minutes, a.questions, a.pool_gb, a.window = "tiny", "0.5", 2, 0.1, 64
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # A device sync per layer would serialize the prefetch stream with compute: off unless asked.
-    attention.TIME_FETCH = a.time_fetch
     adapter = load_model(a.model, device)
     real = _frames(10)
     tokens = adapter.frame_chunk(adapter.encode_frames(real[:1])[0], 0.0).size
@@ -238,7 +232,9 @@ def main(argv=None) -> int:
                 partial.write_text(json.dumps(rows, indent=1))
                 continue
             row = run_method(adapter, method, minutes, a.fps, tokens, a.budget, a.window, a.questions, a.pool_gb,
-                             device, real if minutes == float(a.minutes.split(",")[0]) else None)
+                             device, real if minutes == float(a.minutes.split(",")[0]) else None,
+                             # a device sync per layer serializes the prefetch stream with compute: off unless asked
+                             time_fetch=a.time_fetch)
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             partial.write_text(json.dumps(rows, indent=1))

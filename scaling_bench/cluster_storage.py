@@ -13,13 +13,17 @@ keys form singleton clusters at any threshold.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench import cli, report
-from mosaic_ray.bench.video_frames import real_frames
-from mosaic_ray.engine.stream_engine import StreamEngine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
+from scaling_bench.harness import cli, report  # noqa: E402
+from scaling_bench.harness.video_frames import real_frames  # noqa: E402
 
 NAME = "cluster_storage"
 

@@ -13,11 +13,15 @@ import asyncio
 import io
 import json
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
 FAKE = "tests.runtime.fake_engine:FakeEngine"
 CONFIGS = {"off": {"enabled": False}, "never": {"fsync": "never"}, "interval": {"fsync": "interval"},
@@ -72,9 +76,9 @@ def main() -> int:
     p.add_argument("--engine", default=FAKE)
     a = p.parse_args()
 
-    from mosaic_ray.bench.ray_env import start_ray
     from mosaic_ray.runtime.bootstrap import shutdown_runtime
     from mosaic_ray.runtime.config import RuntimeConfig
+    from scaling_bench.harness.ray_env import start_ray
 
     session = start_ray(num_gpus=1)
     frames = jpeg_frames(16, a.size)

@@ -12,15 +12,20 @@ and `query_latency.py`.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench import cli, report
-from mosaic_ray.bench.engines import engine_kwargs
-from mosaic_ray.bench.video_frames import real_frames
-from mosaic_ray.engine.interface import AskRequest
-from mosaic_ray.engine.stream_engine import StreamEngine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.engine.interface import AskRequest  # noqa: E402
+from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
+from scaling_bench.harness import cli, report  # noqa: E402
+from scaling_bench.harness.engines import engine_kwargs  # noqa: E402
+from scaling_bench.harness.timing import timed  # noqa: E402
+from scaling_bench.harness.video_frames import real_frames  # noqa: E402
 
 NAME = "engine_profile"
 
@@ -42,8 +47,6 @@ def main(argv=None) -> int:
         a.batches, a.calls, a.questions = "1,4", 2, 2
         a.decode_batches, a.decode_kv, a.decode_tokens = "1,4", 256, 6
     frames, source = real_frames(a.size, frames_file=a.frames_file)
-    cuda = a.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     engine = StreamEngine.from_spec(**engine_kwargs(a.method, a.model, a.device, a.window, a.pool_mb))
     built_s = time.perf_counter() - t0
@@ -63,16 +66,8 @@ def main(argv=None) -> int:
             engine.open_stream(s)
         for _ in range(3):
             append(sids)
-        sync()
-        t = time.perf_counter()
-        for _ in range(a.calls):
-            append(sids)
-        sync()
-        call_s = (time.perf_counter() - t) / a.calls
-        t = time.perf_counter()
-        engine.adapter.encode_frames([frames[0]] * B)
-        sync()
-        vision_s = time.perf_counter() - t
+        call_s = timed(lambda: [append(sids) for _ in range(a.calls)], a.device)[0] / a.calls
+        vision_s = timed(lambda: engine.adapter.encode_frames([frames[0]] * B), a.device)[0]
         rows.append({"streams": B, "ms_per_call": call_s * 1e3, "frames_per_s": B / call_s, "vision_ms": vision_s * 1e3})
         print(f"  ingest B={B:3d}: {call_s * 1e3:7.1f} ms/call = {B / call_s:6.1f} frames/s (vision alone "
               f"{vision_s * 1e3:6.1f} ms)", flush=True)
@@ -81,16 +76,12 @@ def main(argv=None) -> int:
     for n in sorted({1, min(a.questions, len(asked))}):
         items = [(s, AskRequest("What is happening now?", max_tokens=a.max_tokens)) for s in asked[:n]]
         engine.answer_batch(items)  # warm-up (new shapes)
-        sync()
-        t = time.perf_counter()
-        answers = engine.answer_batch(items)
-        sync()
-        wall = time.perf_counter() - t
+        wall, answers = timed(lambda: engine.answer_batch(items), a.device)
         ttft = sorted(x.ttft_s for x in answers)[len(answers) // 2]
         questions.append({"questions": n, "wall_ms": wall * 1e3, "ttft_p50_ms": ttft * 1e3,
                           "tokens": sum(len(x.token_ids) for x in answers)})
         print(f"  {n} question(s) together: {wall * 1e3:.0f} ms, TTFT p50 {ttft * 1e3:.0f} ms", flush=True)
-    decode = decode_profile(a, engine, sync) if a.decode_batches else []
+    decode = decode_profile(a, engine) if a.decode_batches else []
     mach = report.machine()
     result = {"bench": NAME, "machine": mach, "model": a.model, "engine_device": a.device, "method": a.method,
               "video": source, "frame_px": a.size, "engine_build_s": built_s, "ingest": rows, "questions": questions,
@@ -118,12 +109,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def decode_profile(a, engine, sync) -> list[dict]:
+def decode_profile(a, engine) -> list[dict]:
     """ms per decode step with B questions together, each stream holding `decode_kv` tokens in the
     device pool (a `full` engine of the same model), beside plain transformers at the same B."""
-    from mosaic_ray.bench import plain_hf
-    from mosaic_ray.bench.synthetic import centers_for, fill
     from mosaic_ray.config import EngineConfig
+    from scaling_bench.harness import plain_hf
+    from scaling_bench.harness.synthetic import centers_for, fill
 
     for sid in list(engine.streams):  # the ingest engine gives its device pool back first
         engine.close_stream(sid)
@@ -143,17 +134,14 @@ def decode_profile(a, engine, sync) -> list[dict]:
             fill(full, s, a.decode_kv // tokens, tokens, centers)
         short, long_ = 4, 4 + a.decode_tokens
 
-        def timed(n, engine=full):
-            sync()
-            t = time.perf_counter()
-            got = engine.answer_batch([(s, AskRequest("Describe what happens.", max_tokens=n)) for s in sids])
-            sync()
-            return time.perf_counter() - t, got
+        def answers_of(n, engine=full):
+            return timed(lambda: engine.answer_batch([(s, AskRequest("Describe what happens.", max_tokens=n))
+                                                      for s in sids]), a.device)
 
-        timed(long_)  # warm-up (graph capture of this bucket, kernels)
+        answers_of(long_)  # warm-up (graph capture of this bucket, kernels)
         # two answers that differ only in their number of decode steps: the difference is decode
         # alone (prefill, closing and commit cancel)
-        (t_short, _), (t_long, answers) = timed(short), timed(long_)
+        (t_short, _), (t_long, answers) = answers_of(short), answers_of(long_)
         steps = min(len(x.token_ids) for x in answers) - short
         row = {"questions": B, "ms_per_step": (t_long - t_short) / max(1, steps) * 1e3, "decode_steps": steps,
                "ttft_p50_ms": sorted(x.ttft_s for x in answers)[B // 2] * 1e3}

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
 
 POLICIES = ("never", "interval", "always")
 STORES = ("disk", "sqlite", "sqlite-ckpt")  # sqlite-ckpt: checkpoints by a thread every 100 ms
@@ -67,7 +68,7 @@ def open_store(store: str, root: str, policy: str):
 
         return DiskFrameLog(root, policy, 100)
     if store in ("sqlite", "sqlite-ckpt"):
-        from scaling_bench.frame_log_sqlite import SqliteFrameLog
+        from scaling_bench.harness.frame_log_sqlite import SqliteFrameLog
 
         return SqliteFrameLog(root, policy, checkpoint_ms=100 if store == "sqlite-ckpt" else 0)
     raise ValueError(f"unknown store {store!r} (one of {', '.join(STORES)})")

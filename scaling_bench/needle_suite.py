@@ -7,12 +7,15 @@ of six kinds), pooled with confidence intervals, full and the oracles beside eve
 
 Unknown arguments go to each stream's needle test (scaling_bench/needle.py). Writes
 needle_suite[_independent].{json,md,png} and each stream's needle files under needle_suite/<name>/.
-The logic lives in `mosaic_ray.bench.needle_suite`.
+The logic lives in `scaling_bench.harness.needle_suite`.
 """
 
 import sys
+from pathlib import Path
 
-from mosaic_ray.bench.needle_suite import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from scaling_bench.harness.needle_suite import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
-from mosaic_ray.bench import cli, report
-from mosaic_ray.bench.engines import METHODS, engine_kwargs, runtime_config
-from mosaic_ray.bench.load_gen import LoadSpec, run_load
-from mosaic_ray.bench.serve_stack import Stack, bench_stack
-from mosaic_ray.bench.targets import DirectTarget, HttpTarget
-from mosaic_ray.bench.video_frames import real_frames
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from scaling_bench.harness import cli, report  # noqa: E402
+from scaling_bench.harness.engines import METHODS, engine_kwargs, runtime_config  # noqa: E402
+from scaling_bench.harness.load_gen import LoadSpec, run_load  # noqa: E402
+from scaling_bench.harness.serve_stack import Stack, bench_stack  # noqa: E402
+from scaling_bench.harness.targets import DirectTarget, HttpTarget  # noqa: E402
+from scaling_bench.harness.video_frames import real_frames  # noqa: E402
 
 NAME = "query_latency"
 PATHS = ("http", "direct")

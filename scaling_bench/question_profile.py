@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import QUESTIONS, _frames, make_engine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
-from mosaic_ray.bench.synthetic import centers_for, fill  # noqa: E402
 from mosaic_ray.engine.interface import AskRequest  # noqa: E402
 from mosaic_ray.model.registry import load_model  # noqa: E402
+from scaling_bench.bench_query import QUESTIONS, _frames, make_engine  # noqa: E402
+from scaling_bench.harness.synthetic import centers_for, fill  # noqa: E402
 
 
 def _summary(prof, cuda: bool, top: int) -> dict:

@@ -6,7 +6,7 @@ the time of each move (s, GB/s, s per stream-hour of KV) and answers identical a
 rounds of `router.rebalance()` run until one moves nothing; then --migrations explicit
 `router.migrate()` calls are timed; finally the same greedy question goes to every stream and its
 twin (a moved one against one that never moved: the answers must be equal). On a CPU machine the
-shards are logical GPUs sharing the cores (`mosaic_ray/bench/rebalance.py` has the logic).
+shards are logical GPUs sharing the cores (`scaling_bench/harness/rebalance.py` has the logic).
 
     python scaling_bench/rebalance.py --shards 2 --frames-file scratch/frames_336.npz     # 2-GPU host
     python scaling_bench/rebalance.py --quick --out /tmp/r                                # CPU, < 1 min
@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
-from mosaic_ray.bench import cli, report
-from mosaic_ray.bench.engines import engine_kwargs, runtime_config
-from mosaic_ray.bench.rebalance import SkewSpec, measure
-from mosaic_ray.bench.serve_stack import bench_stack
-from mosaic_ray.bench.video_frames import real_frames
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from scaling_bench.harness import cli, report  # noqa: E402
+from scaling_bench.harness.engines import engine_kwargs, runtime_config  # noqa: E402
+from scaling_bench.harness.rebalance import SkewSpec, measure  # noqa: E402
+from scaling_bench.harness.serve_stack import bench_stack  # noqa: E402
+from scaling_bench.harness.video_frames import real_frames  # noqa: E402
 
 NAME = "rebalance"
 

@@ -1,6 +1,6 @@
 """Reliability under load through HTTP: N streams ingest (paced JPEG batches) and ask questions for
 a fixed time while one shard actor is killed part-way; then frames acknowledged vs stored, answer
-p99 (retries included) and the server's 503 rate (`mosaic_ray.bench.reliability_load`).
+p99 (retries included) and the server's 503 rate (`scaling_bench.harness.reliability_load`).
 
 Starts a private Ray cluster with the Serve app (fake engine by default: the figures are the
 runtime's, not a model's), or joins the one a `ray job submit` points at.
@@ -24,7 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
 FAKE = "tests.runtime.fake_engine:FakeEngine"
 
@@ -75,7 +79,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="directory for reliability_load.json (default: none, printed only; "
                                                 "absolute under `ray job submit`)")
     a = p.parse_args()
-    from mosaic_ray.bench.cli import out_dir
+    from scaling_bench.harness.cli import out_dir
 
     a.out = a.out and out_dir(a.out)
     if a.quick:
@@ -83,13 +87,13 @@ def main() -> int:
 
     import ray
 
-    from mosaic_ray.bench import report
-    from mosaic_ray.bench.engines import engine_kwargs
-    from mosaic_ray.bench.reliability_load import (
+    from scaling_bench.harness import report
+    from scaling_bench.harness.engines import engine_kwargs
+    from scaling_bench.harness.reliability_load import (
         ReliabilityLoadSpec,
         run_reliability_load,
     )
-    from mosaic_ray.bench.serve_stack import bench_stack
+    from scaling_bench.harness.serve_stack import bench_stack
 
     log_root = tempfile.mkdtemp(prefix="mosaic-log-")
     gpus = a.gpus if a.gpus is not None else a.shards

@@ -37,14 +37,15 @@ except ImportError:  # a GPU machine without Ray; runtime.errors only needs this
     stub.exceptions = exceptions
     sys.modules.update({"ray": stub, "ray.exceptions": exceptions})
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
-from mosaic_ray.bench import report  # noqa: E402
 from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
 from mosaic_ray.runtime.frame_codec import decode_all, inspect  # noqa: E402
 from mosaic_ray.runtime.frame_log import FrameRecord, OpenRecord  # noqa: E402
 from mosaic_ray.runtime.frame_log_disk import DiskFrameLog  # noqa: E402
 from mosaic_ray.runtime.log_replay import replay  # noqa: E402
+from scaling_bench.harness import report  # noqa: E402
+from scaling_bench.harness.timing import sync  # noqa: E402
 
 
 def jpegs(n: int, size: int, seed: int) -> list:
@@ -65,13 +66,6 @@ def engine(a: argparse.Namespace) -> StreamEngine:
                                          "pool": {"capacity_bytes": a.pool_mb << 20}})
 
 
-def synced(eng: StreamEngine, device: str):
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 async def live(eng: StreamEngine, streams: dict, batch: int, device: str) -> float:
     decoded = {sid: decode_all(frames) for sid, frames in streams.items()}
     start = time.perf_counter()
@@ -82,7 +76,7 @@ async def live(eng: StreamEngine, streams: dict, batch: int, device: str) -> flo
             await eng.ingest_frames(sid, frames[i:i + batch], [float(t) for t in range(i, min(i + batch, len(frames)))])
 
     await asyncio.gather(*(feed(s) for s in streams))
-    synced(eng, device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -101,7 +95,7 @@ async def rebuild(eng: StreamEngine, log: DiskFrameLog, sids: list[str], batch: 
 
     start = time.perf_counter()
     await asyncio.gather(*(one(s) for s in sids))
-    synced(eng, device)
+    sync(device)
     return time.perf_counter() - start
 
 

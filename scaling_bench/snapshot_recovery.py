@@ -40,9 +40,8 @@ except ImportError:  # a GPU machine without Ray; runtime.errors only needs this
     stub.exceptions = exceptions
     sys.modules.update({"ray": stub, "ray.exceptions": exceptions})
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
-from mosaic_ray.bench import report  # noqa: E402
 from mosaic_ray.engine.interface import AskRequest  # noqa: E402
 from mosaic_ray.runtime.frame_codec import decode_all  # noqa: E402
 from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord  # noqa: E402
@@ -50,7 +49,9 @@ from mosaic_ray.runtime.frame_log_disk import DiskFrameLog  # noqa: E402
 from mosaic_ray.runtime.log_replay import replay  # noqa: E402
 from mosaic_ray.runtime.snapshot_codec import encode_chunks  # noqa: E402
 from mosaic_ray.runtime.snapshots import plan_rebuild, write_verified  # noqa: E402
-from scaling_bench.replay_rate import engine, jpegs, synced  # noqa: E402
+from scaling_bench.harness import report  # noqa: E402
+from scaling_bench.harness.timing import sync  # noqa: E402
+from scaling_bench.replay_rate import engine, jpegs  # noqa: E402
 
 SID = "cam"
 QUESTION = AskRequest(question="What happens in the video?", max_tokens=8)
@@ -68,7 +69,7 @@ def info(eng, sid: str) -> dict:
 def take_delta(eng, log, a, seq: int, since: int, index: int, at_frame: int) -> dict:
     """A delta as `StreamSnapshots` writes one (export, mark, encode, write, read back), and the
     bytes a whole snapshot would have written at the same point."""
-    synced(eng, a.device)
+    sync(a.device)
     t0 = time.perf_counter()
     state = eng.export_delta(SID, since)
     t1 = time.perf_counter()
@@ -134,7 +135,7 @@ def main() -> int:
         log.append(SID, [FrameRecord(seq, tuple(frames[chunk]), tuple(stamps))])
         eng.append_frames(SID, decoded[chunk], stamps)
         if chunk.stop == a.snapshot_at:
-            synced(eng, a.device)
+            sync(a.device)
             t0 = time.perf_counter()
             state = eng.export_delta(SID, 0) if a.incremental else eng.export_stream(SID)
             generation = state["meta"].get("generation")
@@ -148,7 +149,7 @@ def main() -> int:
                 and (chunk.stop - a.snapshot_at) % a.incremental == 0 and chunk.stop < a.frames:
             deltas.append(take_delta(eng, log, a, seq, generation, len(deltas) + 1, chunk.stop))
             generation = deltas[-1].pop("generation")
-    synced(eng, a.device)
+    sync(a.device)
     live_s = time.perf_counter() - start
     want = info(eng, SID)
     want_answer = asyncio.run(answer(eng, SID))
@@ -160,7 +161,7 @@ def main() -> int:
     records = list(log.read(SID))
     eng.open_stream(SID)
     asyncio.run(rebuild(eng, records, SID, a.replay_batch))
-    synced(eng, a.device)
+    sync(a.device)
     full_s = time.perf_counter() - start
     full = info(eng, SID)
     full_answer = asyncio.run(answer(eng, SID))
@@ -175,10 +176,10 @@ def main() -> int:
     plan = plan_rebuild(log, SID)
     t1 = time.perf_counter()
     eng.import_deltas(SID, plan.parts)
-    synced(eng, a.device)
+    sync(a.device)
     t2 = time.perf_counter()
     done = asyncio.run(rebuild(eng, plan.records, SID, a.replay_batch, plan.last_seq))
-    synced(eng, a.device)
+    sync(a.device)
     snap_s = time.perf_counter() - start
     got = info(eng, SID)
     got_answer = asyncio.run(answer(eng, SID))

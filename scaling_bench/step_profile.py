@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 import time
 from pathlib import Path
 
-from mosaic_ray.bench import cli, report
-from mosaic_ray.bench.engines import engine_kwargs
-from mosaic_ray.bench.load_gen import LoadSpec, run_load
-from mosaic_ray.bench.targets import EngineTarget
-from mosaic_ray.bench.video_frames import real_frames
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
+
+from scaling_bench.harness import cli, report  # noqa: E402
+from scaling_bench.harness.engines import engine_kwargs  # noqa: E402
+from scaling_bench.harness.load_gen import LoadSpec, run_load  # noqa: E402
+from scaling_bench.harness.targets import EngineTarget  # noqa: E402
+from scaling_bench.harness.video_frames import real_frames  # noqa: E402
 
 NAME = "step_profile"
 PARTS = ("question_s", "ingest_s", "maintenance_s")

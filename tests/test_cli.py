@@ -22,6 +22,15 @@ def test_the_top_level_help_is_for_users():
     for command in ("mosaic-ray demo", "mosaic-ray serve", "--version"):
         assert command in text
     assert "add a row to SUBCOMMANDS" not in text  # the module's note for developers stays out
+    assert "python scaling_bench/fidelity.py" in " ".join(text.split())  # where the benchmarks went
+
+
+def test_the_package_has_no_bench_subcommand(capsys):
+    """Benchmarks are not in the installed package: `mosaic-ray bench` is no command."""
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "fidelity"])
+    assert done.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 def _help(*argv: str, capsys) -> str:

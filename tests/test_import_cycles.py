@@ -1,6 +1,9 @@
-"""No import cycle among the modules of `mosaic_ray`: every import counts, wherever it is in a file
-(module level, inside a function, under `TYPE_CHECKING`), relative imports resolved, and
-`from pkg import name` counted as an import of `pkg.name` when that is a module.
+"""No import cycle among the modules of `mosaic_ray` and of `scaling_bench` (the benchmarks, their
+harness and the kernel benchmarks): every import counts, wherever it is in a file (module level,
+inside a function, under `TYPE_CHECKING`), relative imports resolved, and `from pkg import name`
+counted as an import of `pkg.name` when that is a module. And the installed package stands without
+the benchmarks: no module of `mosaic_ray` imports `scaling_bench`, and `mosaic_ray` has no `bench`
+subpackage, in the tree or in pyproject's packages.
 
 The graph's strongly connected components (Tarjan's algorithm, iterative) with more than one module
 are the cycles; the test names each one. `mosaic_ray/kernels` (a link to the repository's kernel
@@ -10,9 +13,12 @@ package) is left out.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "mosaic_ray"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = ROOT / "mosaic_ray"
+BENCH_DIR = ROOT / "scaling_bench"
 SKIPPED_DIRS = {"kernels"}
 
 
@@ -22,7 +28,7 @@ def module_files(package_dir: Path) -> dict[str, Path]:
     modules = {}
     for path in sorted(package_dir.rglob("*.py")):
         relative = path.relative_to(root)
-        if SKIPPED_DIRS & set(relative.parts[1:-1]):
+        if package_dir.name == "mosaic_ray" and SKIPPED_DIRS & set(relative.parts[1:-1]):
             continue
         parts = list(relative.with_suffix("").parts)
         if parts[-1] == "__init__":
@@ -104,11 +110,28 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-def test_the_package_has_no_import_cycle():
-    modules = module_files(PACKAGE_DIR)
+def test_the_package_and_the_benchmarks_have_no_import_cycle():
+    modules = module_files(PACKAGE_DIR) | module_files(BENCH_DIR)
     assert "mosaic_ray.cache.cluster_index" in modules  # the walk found the package
+    assert "scaling_bench.harness.timing" in modules and "scaling_bench.kernels.bench_all" in modules
     found = cycles(import_graph(modules))
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_package_does_not_import_the_benchmarks():
+    """The installed package runs without a checkout: no module of it imports `scaling_bench`, and
+    it ships no `bench` subpackage (the harness is `scaling_bench/harness/`)."""
+    importers = []
+    for name, path in module_files(PACKAGE_DIR).items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = imported_names(ast.parse(path.read_text(), str(path)), package)
+        if any(n == "scaling_bench" or n.startswith("scaling_bench.") for n in found):
+            importers.append(name)
+    assert not importers, f"modules of mosaic_ray importing scaling_bench: {importers}"
+    assert not (PACKAGE_DIR / "bench").exists()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "mosaic_ray" in packages
+    assert not [p for p in packages if p == "mosaic_ray.bench" or p.startswith(("mosaic_ray.bench.", "scaling_bench"))]
 
 
 def test_the_checker_finds_a_cycle_in_a_package(tmp_path):

@@ -35,6 +35,7 @@ from mosaic_ray.cache.query_set import QuerySet, mean_query, query_set
 from mosaic_ray.cache.device_pool import DeviceKVPool
 from mosaic_ray.cache.gather import Prefetched
 from mosaic_ray.cache.host_pool import HostPool
+from mosaic_ray.cache.observer import CacheObserver
 from mosaic_ray.cache.retrieval import make_retriever
 from mosaic_ray.cache.retriever import Retriever
 from mosaic_ray.cache.selection import time_overlap
@@ -46,8 +47,9 @@ from mosaic_ray.transfer import to_device
 
 class StreamCache:
     def __init__(self, layout: KVLayout, config: CacheConfig, pool: HostPool, device: torch.device | str,
-                 kv_pool: DeviceKVPool | None = None) -> None:
+                 kv_pool: DeviceKVPool | None = None, observer: CacheObserver | None = None) -> None:
         self.layout, self.config, self.device = layout, config, torch.device(device)
+        self.observer = observer  # told of adopt / maintain / retrieve_into (`cache/observer.py`)
         self.kv_pool = kv_pool if kv_pool is not None else DeviceKVPool(layout, self.device, growable=True)
         self.retriever: Retriever = make_retriever(layout, config, pool, self.device, self.kv_pool)
         P, dev = layout.pos_dims, self.device
@@ -103,6 +105,8 @@ class StreamCache:
 
         All-or-nothing: if the retriever refuses (host pool full), the stream is unchanged and the
         slots are still the caller's."""
+        if self.observer is not None:
+            self.observer.on_adopt(self, slots, order, time, pos, block, text)
         dev = self.device
         n_new = slots.numel()
         if self.staged_tokens >= 4 * self.config.offload_batch and not self._holds:
@@ -235,7 +239,10 @@ class StreamCache:
         retrieved slots, without a host sync (selection and copy stay on the device; rows a
         prefetch brought are reused); the layer's counters are added to `counts` [5]
         (`retriever._device_counts`). Returns the selection's rows when they were listed."""
-        return self.retriever.retrieve_into(layer, query, self.budget(), work, counts, since, until, prefetched)
+        sel = self.retriever.retrieve_into(layer, query, self.budget(), work, counts, since, until, prefetched)
+        if self.observer is not None:
+            self.observer.on_retrieve(self, layer, query, sel, since, until)
+        return sel
 
     def select(self, layer: int, query: torch.Tensor, since: float | None = None, until: float | None = None):
         """The retriever's selection for one layer at this stream's budget (no K/V moved)."""
@@ -250,6 +257,8 @@ class StreamCache:
         """Background upkeep between engine steps; returns units of work done (an offload of the
         staged tokens counts one, unless `offload` is False, then the retriever's, e.g. cluster
         splits, up to `max_work`)."""
+        if self.observer is not None:
+            self.observer.on_maintain(self, max_work, offload)
         done = 0
         if offload and self.offload_due:
             done = 1 if self.offload() else 0

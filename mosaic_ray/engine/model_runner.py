@@ -30,9 +30,8 @@ from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine.prefill_graph import PrefillGraph
 from mosaic_ray.engine.stream_state import Segment
 from mosaic_ray.kernels.ragged_attention import choose_splits, sm_count
-from mosaic_ray.model import attention
 from mosaic_ray.model.adapter import ModelAdapter
-from mosaic_ray.model.attention import StepContext, StreamStep
+from mosaic_ray.model.attention import AttentionObserver, StepContext, StreamStep
 from mosaic_ray.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -44,6 +43,9 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # packed tokens
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, kv_pool: DeviceKVPool, config: EngineConfig) -> None:
         self.adapter, self.kv_pool, self.config = adapter, kv_pool, config
+        # (module, query, key, value, output, step) after each layer's retrieval attention of an
+        # eager forward (`model/attention.py`: AttentionObserver); set: prefill runs eagerly
+        self.attention_observer: AttentionObserver | None = None
         self.device = adapter.device
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
@@ -85,7 +87,8 @@ class ModelRunner:
         embeds = torch.cat([s.embeds for s in segs])[None]  # [1, T, hidden]
         pos = torch.cat([s.positions for s in segs], 1).to(self.device)[:, None]  # [P, 1, T]
         meta = build_metadata(kv_lists, new_slots, self.device, dense=dense)
-        ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=attention.TIME_FETCH)
+        ctx = StepContext(steps, self.kv_pool, meta, prefetch=self.config.prefetch, time_fetch=self.config.time_fetch,
+                          observer=self.attention_observer)
         out = self.adapter.forward(embeds, pos.expand(P, 1, -1), ctx)
         return self._last_logits(out[0], meta) if logits else None
 
@@ -99,10 +102,11 @@ class ModelRunner:
                 kv_lists: list[torch.Tensor], new_slots: list[torch.Tensor]) -> torch.Tensor:
         """Text tokens of every sequence (ids[s], packed in order at `positions` [P, T] on the
         device) -> logits of each sequence's last token [S, vocab]: a prefill graph's replay
-        when one fits (no prefetch, no per-layer fetch timing), else the eager `forward`."""
+        when one fits (no prefetch, no per-layer fetch timing, no attention observer), else the eager `forward`."""
         flat = [i for x in ids for i in x]
         graph = None
-        if self.use_prefill_graphs and not self.config.prefetch and not attention.TIME_FETCH:
+        if (self.use_prefill_graphs and not self.config.prefetch and not self.config.time_fetch
+                and self.attention_observer is None):
             graph = self._prefill_graph_for(len(flat))
         if graph is None:
             self.counters["eager_prefill_steps"] += 1

@@ -37,16 +37,9 @@ from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine import engine_report, frame_append, ingest_step
-from mosaic_ray.engine.interface import (
-    AnswerEnd,
-    AskRequest,
-    Engine,
-    InvalidInputError,
-    OverloadedError,
-    StreamBusyError,
-    StreamExistsError,
-    UnknownStreamError,
-)
+from mosaic_ray.cache.observer import CacheObserver
+from mosaic_ray.engine.interface import (AnswerEnd, AskRequest, Engine, InvalidInputError, OverloadedError,
+                                         StreamBusyError, StreamExistsError, UnknownStreamError)
 from mosaic_ray.engine.frame_pruner import FramePruner
 from mosaic_ray.engine.model_runner import ModelRunner
 from mosaic_ray.engine.prefetch import Prefetcher
@@ -75,7 +68,10 @@ def _counts_busy(method):
 
 class StreamEngine(Engine):
     appends_during_answers = True  # engine/question.py: reserved positions, held slots
-    def __init__(self, config: EngineConfig | None = None, adapter: ModelAdapter | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, adapter: ModelAdapter | None = None, *,
+                 cache_observer: CacheObserver | None = None, attention_observer=None) -> None:
+        """cache_observer: given to every stream cache this engine makes (`cache/observer.py`);
+        attention_observer: `ModelRunner.attention_observer` (`model/attention.py`). None: no calls."""
         from mosaic_ray.model.registry import load_model
 
         self.config = config or EngineConfig()
@@ -89,6 +85,7 @@ class StreamEngine(Engine):
         self.kv_pool = DeviceKVPool(self.layout, self.device, self.config.kv_pool)
         self.max_streams = self.config.check_pool_room(self.kv_pool.num_slots)  # a sink + window for each
         self.runner = ModelRunner(self.adapter, self.kv_pool, self.config)
+        self.runner.attention_observer, self.cache_observer = attention_observer, cache_observer
         self.runner.capture_graphs()
         self.questions = QuestionStepper(self.adapter, self.runner, self.kv_pool, self.config)
         self.pruner = FramePruner(self.config.pruning)
@@ -110,6 +107,9 @@ class StreamEngine(Engine):
         return cls(EngineConfig.model_validate(spec))
 
     # ------------------------------------------------------------------ streams
+    def _new_cache(self) -> StreamCache:
+        return StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool, self.cache_observer)
+
     def _get(self, stream_id: str) -> StreamState:
         try:
             return self.streams[stream_id]
@@ -123,8 +123,7 @@ class StreamEngine(Engine):
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         if len(self.streams) >= self.max_streams:
             raise OverloadedError(f"engine holds its maximum of {self.max_streams} streams")
-        state = StreamState(stream_id, StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool),
-                            pruning=self.pruner.new_state())
+        state = StreamState(stream_id, self._new_cache(), pruning=self.pruner.new_state())
         prefix = self.adapter.prefix_text()
         if prefix:
             self._ingest([(state, [self.adapter.text_chunk(prefix)], [0.0])])
@@ -370,7 +369,7 @@ class StreamEngine(Engine):
 
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
-        cache = StreamCache(self.layout, self.config.cache, self.pool, self.device, self.kv_pool)
+        cache = self._new_cache()
         try:
             state = import_stream(stream_id, snapshot, cache)
             state.pruning = self.pruner.restore(snapshot["meta"].get("pruning"), snapshot["tensors"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
@@ -33,8 +34,6 @@ from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.cache.working_set import WorkingSet
 
 ATTENTION_NAME = "mosaic_retrieval"
-# Benchmarks set this to time each layer's fetch exactly (a device sync per layer; off in serving).
-TIME_FETCH = False
 _ACTIVE: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("mosaic_step", default=None)
 
 
@@ -53,7 +52,7 @@ class StreamStep:
     since: float | None = None
     until: float | None = None
     work: WorkingSet | None = None
-    # host time this stream's retrieval took in the forward (with TIME_FETCH: device time too)
+    # host time this stream's retrieval took in the forward (with EngineConfig.time_fetch: device time too)
     fetch_seconds: float = 0.0
     # layer -> rows gathered ahead by the Prefetcher, consumed by that layer's retrieval
     prefetched: dict = field(default_factory=dict)
@@ -74,13 +73,26 @@ class StreamStep:
                 "seconds": self.fetch_seconds}
 
 
+class AttentionObserver(Protocol):
+    """A public hook on the retrieval attention (`ModelRunner.attention_observer`, or
+    `StreamEngine(..., attention_observer=)`): called after each decoder layer's attention of an
+    eager forward with the layer `module` (`module.layer_idx`), its `query` [1, Hq, T, D] (after
+    RoPE), `key` / `value` [1, Hkv, T, D] (the step's new tokens), `output` [1, T, Hq, D] and the
+    step's `StepContext` (`step.streams`: which sequences, how many new tokens, retrieving or not).
+    None registered: no call. It must not change the tensors."""
+
+    def __call__(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 output: torch.Tensor, step: "StepContext") -> None: ...
+
+
 class StepContext:
     """Passed to the decoder as `past_key_values`: stores new K/V by slot and serves attention."""
 
     def __init__(self, streams: list[StreamStep], pool: DeviceKVPool, meta: AttentionMetadata,
-                 prefetch: bool = False, time_fetch: bool = False, layer_break=None) -> None:
+                 prefetch: bool = False, time_fetch: bool = False, layer_break=None,
+                 observer: AttentionObserver | None = None) -> None:
         self.streams, self.pool, self.meta = streams, pool, meta
-        self.prefetch, self.time_fetch = prefetch, time_fetch
+        self.prefetch, self.time_fetch, self.observer = prefetch, time_fetch, observer
         # (layer, queries [T, Hq, D], scale) -> the attention output buffer: while a piecewise
         # CUDA graph is captured (`engine/prefill_graph.py`), attention is cut out of the forward
         self.layer_break = layer_break
@@ -119,7 +131,10 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.layer_break is not None:  # a capture: the next piece reads what the break returns
         return ctx.layer_break(layer, q.contiguous(), scale)[None], None
-    return attend_layer(ctx, layer, q, scale)[None], None
+    out = attend_layer(ctx, layer, q, scale)[None]
+    if ctx.observer is not None:
+        ctx.observer(module, query, key, value, out, ctx)
+    return out, None
 
 
 def attend_layer(ctx: StepContext, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mosaic_ray.bench import fidelity
+from scaling_bench.harness import fidelity
 from mosaic_ray.cache.token_batch import Retrieved
 
 BUDGETS = ("0.05", "0.1", "0.2")
@@ -93,7 +93,7 @@ def test_recall_is_relative_to_exact_top_b_by_true_mass():
 
 
 def test_the_default_variant_replays_the_engines_defaults():
-    from mosaic_ray.bench.fidelity import Variant
+    from scaling_bench.harness.fidelity import Variant
     from mosaic_ray.config import CacheConfig, ClusterConfig
 
     got = Variant("cluster", "cluster").cache_config(sink=16, window=256, capacity_bytes=1 << 20)

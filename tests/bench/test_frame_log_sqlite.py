@@ -10,7 +10,7 @@ import sqlite3
 from mosaic_ray.runtime.frame_codec import EncodedFrame
 from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
 from scaling_bench import frame_log_cost
-from scaling_bench.frame_log_sqlite import SqliteFrameLog
+from scaling_bench.harness.frame_log_sqlite import SqliteFrameLog
 
 
 def keys_by_store(rows: list[dict]) -> dict[str, set]:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mosaic_ray.bench import needle
+from scaling_bench.harness import needle
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine.interface import AskRequest
 from mosaic_ray.engine.stream_engine import StreamEngine
@@ -93,7 +93,7 @@ def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
     request = AskRequest(needle.NEEDLE_SETS[0][0].question, max_tokens=4)
     for method in ("cluster", "frame", "token"):
         config = needle.Variant(method, method).cache_config(s, 0.1)
-        config.pool.capacity_bytes = 64 << 20
+        config = config.model_copy(update={"pool": config.pool.model_copy(update={"capacity_bytes": 64 << 20})})
         replayed = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
         needle.install(replayed, "s", config, rec)
         direct = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)

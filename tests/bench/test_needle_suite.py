@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mosaic_ray.bench import needle_suite
+from scaling_bench.harness import needle_suite
 
 
 @pytest.fixture(scope="module")

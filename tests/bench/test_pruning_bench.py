@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mosaic_ray.bench.pruning import main
+from scaling_bench.harness.pruning import main
 from mosaic_ray.video import sample_videos
 
 CLIPS = sample_videos()

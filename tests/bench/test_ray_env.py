@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_ray.bench import cli
-from mosaic_ray.bench.ray_env import missing_resources
+from scaling_bench.harness import cli
+from scaling_bench.harness.ray_env import missing_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_GPU = {"CPU": 2.0, "memory": 4e9, "object_store_memory": 1e9}
@@ -38,7 +38,7 @@ def test_gpus_held_by_other_actors_named():
 # `start_ray` under a cluster (RAY_ADDRESS set) whose resources are NO_GPU: Ray itself is faked.
 FAKE_CLUSTER = f"""
 import ray
-from mosaic_ray.bench.ray_env import start_ray
+from scaling_bench.harness.ray_env import start_ray
 ray.init = lambda *a, **k: None
 ray.shutdown = lambda: None
 ray.cluster_resources = ray.available_resources = lambda: {NO_GPU!r}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_ray.bench.ray_env import QUIET_ENV
+from scaling_bench.harness.ray_env import QUIET_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_ray.bench.ray_env import QUIET_ENV
-from mosaic_ray.bench.serve_stack import free_port
+from scaling_bench.harness.ray_env import QUIET_ENV
+from scaling_bench.harness.serve_stack import free_port
 
 pytestmark = pytest.mark.slow
 

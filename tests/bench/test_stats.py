@@ -2,7 +2,7 @@
 
 import pytest
 
-from mosaic_ray.bench.stats import mcnemar_exact, wilson
+from scaling_bench.harness.stats import mcnemar_exact, wilson
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [(9, 10, 0.5958, 0.9821), (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),

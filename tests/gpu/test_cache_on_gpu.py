@@ -7,7 +7,7 @@ import torch
 from mosaic_ray.cache.gather import gather
 from mosaic_ray.cache.host_pool import HostPool
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.bench.synthetic import centers_for, frame_batch
+from scaling_bench.harness.synthetic import centers_for, frame_batch
 from mosaic_ray.config import CacheConfig, KVLayout, PoolConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -75,8 +75,8 @@ def main() -> int:
     requests) must become ready there, and `serve.shutdown` must stop its runtime."""
     from ray import serve
 
-    from mosaic_ray.bench.ray_env import start_ray
-    from mosaic_ray.bench.serve_stack import free_port
+    from scaling_bench.harness.ray_env import start_ray
+    from scaling_bench.harness.serve_stack import free_port
 
     session = start_ray(num_gpus=SMALL_NODE["GPU"], num_cpus=SMALL_NODE["CPU"])
     try:

@@ -1,5 +1,5 @@
 """Load through HTTP with a shard killed in the middle: streams ingest and ask questions for a
-fixed time (`mosaic_ray.bench.reliability_load`); afterwards frames acknowledged == frames stored,
+fixed time (`scaling_bench.harness.reliability_load`); afterwards frames acknowledged == frames stored,
 every question answered, and the 503 rate and answer p99 are printed.
 
 CI runs the quick form (a few seconds of load); MOSAIC_LOAD_FULL=1 runs the full one (16 streams,
@@ -14,7 +14,7 @@ import os
 import pytest
 import ray
 
-from mosaic_ray.bench.reliability_load import ReliabilityLoadSpec, run_reliability_load
+from scaling_bench.harness.reliability_load import ReliabilityLoadSpec, run_reliability_load
 from mosaic_ray.runtime.bootstrap import shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
 from tests.runtime.fake_engine import fake_app_config

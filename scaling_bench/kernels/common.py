@@ -1,6 +1,5 @@
-"""Shared timing, table and JSON helpers for the kernels/benchmark_*.py scripts.
-
-Each op is timed after warm-up (compilation) two ways, see `time_op`:
+"""Arguments, device, environment, table and JSON helpers of the kernel benchmarks
+(`scaling_bench/kernels/*.py`). Each op is timed by `scaling_bench.harness.timing.time_op`:
   us          per call, back-to-back calls on one stream (throughput; GB/s is computed from it)
   latency_us  one isolated call + synchronize, median (what a lone call on the critical path costs,
               Python wrapper and launch included)
@@ -13,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,48 +56,6 @@ def environment() -> dict[str, Any]:
 
     env["triton_interpret"] = backend.INTERPRET
     return env
-
-
-def time_op(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, reps: int | None = None, budget_s: float = 0.25
-) -> dict[str, float]:
-    """us: per call over `reps` back-to-back calls (CUDA events around the loop; launches queue
-    ahead, so this is the GPU time unless the op is launch-bound, then it is the launch time);
-    latency_us: median of single calls each followed by a synchronize (what one isolated call costs)."""
-    for _ in range(warmup):
-        fn()
-    if reps is None:  # as many as fit in about budget_s, 3..100
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        reps = int(min(100, max(3, budget_s / max(time.perf_counter() - t0, 1e-6))))
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        per = (time.perf_counter() - t0) / reps * 1e6
-        return {"us": per, "latency_us": per}
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    per_call = start.elapsed_time(end) * 1e3 / reps
-    samples = []
-    for _ in range(max(3, reps // 2)):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return {"us": per_call, "latency_us": statistics.median(samples)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def attempt(record: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:

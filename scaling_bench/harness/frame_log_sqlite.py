@@ -3,7 +3,7 @@
 `frame_log_cost.py --store sqlite` runs the durability benchmarks against it next to `DiskFrameLog`;
 docs/reliability.md ("Why not SQLite (measured)") has the result. It is a measurement, not a
 production store: it keeps no snapshots and is not wired into `open_frame_log` (though it is a
-`FrameLog`, so `DurabilitySpec.store = "scaling_bench.frame_log_sqlite:open_store"` would run it).
+`FrameLog`, so `DurabilitySpec.store = "scaling_bench.harness.frame_log_sqlite:open_store"` would run it).
 
 Layout: `<root>/frames.db` (plus SQLite's `frames.db-wal` and `frames.db-shm`), one table
 
@@ -197,7 +197,7 @@ class SqliteFrameLog(FrameLog):
 
 
 def open_store(spec, runtime_name: str) -> SqliteFrameLog:
-    """`DurabilitySpec.store = "scaling_bench.frame_log_sqlite:open_store"`."""
+    """`DurabilitySpec.store = "scaling_bench.harness.frame_log_sqlite:open_store"`."""
     from mosaic_ray.runtime.frame_log_stores import log_root
 
     return SqliteFrameLog(log_root(spec, runtime_name), spec.fsync)

@@ -2,7 +2,7 @@
 
 The GPU machine has no PyAV: decode here and carry the frames there as an .npz file
 
-    python -m mosaic_ray.bench.video_frames --size 336 --out scratch/frames_336.npz [--video PATH]
+    python -m scaling_bench.harness.video_frames --size 336 --out scratch/frames_336.npz [--video PATH]
 
 then pass `--frames-file scratch/frames_336.npz` to a scaling benchmark.
 """

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 def attend(q, k_ctx, v_ctx, valid, k_new, v_new, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the question over [context (valid) + its own tokens (causal)].
 

@@ -1,8 +1,8 @@
 """Run every kernel benchmark in one process and write their JSON plus a summary.
 
-    python -m mosaic_ray.kernels.bench_all --out docs/results/kernels            # full, ~5 min on an H100
-    python -m mosaic_ray.kernels.bench_all --out docs/results/kernels --quick    # ~2 min
-    TRITON_INTERPRET=1 python -m mosaic_ray.kernels.bench_all --smoke --out /tmp/k   # CPU: code paths only
+    python scaling_bench/kernels/bench_all.py --out docs/results/kernels            # full, ~5 min on an H100
+    python scaling_bench/kernels/bench_all.py --out docs/results/kernels --quick    # ~2 min
+    TRITON_INTERPRET=1 python scaling_bench/kernels/bench_all.py --smoke --out /tmp/k   # CPU: code paths only
 
 One benchmark failing (e.g. UVA refused) is recorded in bench_all.json and the others still run.
 The summary puts each op's headline next to the goal it serves.
@@ -11,16 +11,18 @@ The summary puts each op's headline next to the goal it serves.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from mosaic_ray.kernels import benchmark_common as bc
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: scaling_bench, mosaic_ray
 
-BENCHMARKS = [
-    "benchmark_gather_rows",
-    "benchmark_assign_nearest",
-]
+from scaling_bench.kernels import common as bc  # noqa: E402
+
+# modules of scaling_bench.kernels; each writes NAME.json (benchmark_<module>, as in docs/results)
+BENCHMARKS = ["gather_rows", "assign_nearest"]
 
 
 def _best(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] | None:
@@ -32,14 +34,14 @@ def _best(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] 
 def summarize(name: str, payload: dict[str, Any]) -> list[str]:
     rows = payload.get("results", [])
     lines = []
-    if name == "benchmark_gather_rows":
+    if name == "gather_rows":
         for D in sorted({r.get("D") for r in rows if r.get("D")}):
             big = max((r["B"] for r in rows if r.get("D") == D), default=None)
             for method in ("uva_kernel", "uva_kernel_best", "uva_torch_index", "cpu_index_copy"):
                 r = _best(rows, "gbps", D=D, B=big, pattern="random", method=method)
                 if r:
                     lines.append(f"gather_rows D={D} B={big} {method:16s} {r['gbps']:6.1f} GB/s = {r['frac_of_peak']:.2f} of peak")
-    elif name == "benchmark_assign_nearest":
+    elif name == "assign_nearest":
         keys = [k for k in ("G", "Q", "n", "C") if rows and k in rows[0]]
         cases = sorted({tuple(r.get(k) for k in keys) for r in rows})
         for case in cases[-2:]:
@@ -65,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", default=None, help="benchmark names (e.g. gather_rows)")
     args = p.parse_args(argv)
 
-    names = BENCHMARKS if not args.only else [f"benchmark_{n.removeprefix('benchmark_')}" for n in args.only]
+    names = BENCHMARKS if not args.only else [n.removeprefix("benchmark_") for n in args.only]
     summary: dict[str, Any] = {"env": bc.environment(), "benchmarks": {}}
     lines: list[str] = []
     for name in names:
         t0 = time.perf_counter()
         entry: dict[str, Any] = {}
         try:
-            module = importlib.import_module(f"mosaic_ray.kernels.{name}")
+            module = importlib.import_module(f"scaling_bench.kernels.{name}")
             payload = module.run(args)
             entry["status"] = "ok"
             errors = [r for r in payload.get("results", []) + payload.get("sweep", []) if r.get("status") not in ("ok", None)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             entry["traceback"] = traceback.format_exc()
             print(entry["traceback"])
         entry["seconds"] = round(time.perf_counter() - t0, 1)
-        summary["benchmarks"][name] = entry
+        summary["benchmarks"][f"benchmark_{name}"] = entry  # the key of earlier results
     summary["fallbacks"] = bc.fallbacks()
     summary["summary"] = lines
 

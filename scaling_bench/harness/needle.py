@@ -43,15 +43,30 @@ from pathlib import Path
 import torch
 
 from mosaic_ray.cache.selection import time_overlap
+from mosaic_ray.cache.observer import CacheObserver
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CLUSTER_SLAB_TOKENS, CacheConfig, EngineConfig, PoolConfig
-from mosaic_ray.bench.needle_report import goal, print_table, write
-from mosaic_ray.bench.needle_sets import NEEDLE_SETS
-from mosaic_ray.bench.needle_settings import CLIPS, Settings
-from mosaic_ray.bench.needle_variants import BASE_VARIANTS, ORACLES, Variant, parse_variant
-from mosaic_ray.bench.needle_stream import Recording, needles_for, _FeatureMemo, cluster_makeup, install, load_frames, plan_stream, record_stream
-from mosaic_ray.bench.report import bkey
-from mosaic_ray.bench.stats import tally
+from scaling_bench.harness.needle_report import goal, print_table, write
+from scaling_bench.harness.needle_sets import NEEDLE_SETS
+from scaling_bench.harness.needle_settings import CLIPS, Settings
+from scaling_bench.harness.needle_stream import (
+    Recording,
+    _FeatureMemo,
+    cluster_makeup,
+    install,
+    load_frames,
+    needles_for,
+    plan_stream,
+    record_stream,
+)
+from scaling_bench.harness.needle_variants import (
+    BASE_VARIANTS,
+    ORACLES,
+    Variant,
+    parse_variant,
+)
+from scaling_bench.harness.report import bkey
+from scaling_bench.harness.stats import tally
 
 SCHEMA = "mosaic_ray.needle/1"
 MODELS = ("tiny", "dino-smollm2")
@@ -74,32 +89,36 @@ POOL_FLOOR_BYTES = 256 << 20
 # ---------------------------------------------------------------------------------------------------
 
 
+class _RetrievalWatch(CacheObserver):
+    """Logs per cache and layer the share of tokens [lo, hi) that the question's prefill sees,
+    per KV head: retrieved from the past, or resident (sink + window)."""
+
+    def __init__(self, lo: int, hi: int, hits: dict[int, list[torch.Tensor]]) -> None:
+        self.lo, self.hi, self.hits = lo, hi, hits
+
+    def on_retrieve(self, cache, layer, query, selection, since, until) -> None:
+        lo, hi = self.lo, self.hi
+        resident = int(((cache.order >= lo) & (cache.order < hi)).sum())
+        # a fused path lists no rows: `select` gives the same ones (the same scores and order)
+        rows = (selection if selection is not None else cache.select(layer, query, since, until)).rows.cpu()
+        pool = cache.retriever.pool
+        order = pool.order.view(-1)[rows.clamp(min=0)]
+        t = pool.time.view(-1)[rows.clamp(min=0)]
+        ok = (rows >= 0) & time_overlap(t, t, since, until)
+        got = ((order >= lo) & (order < hi) & ok).sum(1).float() + resident
+        self.hits.setdefault(id(cache), []).append(got / max(1, hi - lo))
+
+
 @contextlib.contextmanager
-def _watch_retrievals(target: list, hits: dict[int, list[torch.Tensor]]):
-    """While target[0] = (lo, hi), log per cache and layer the share of tokens [lo, hi) that the
-    question's prefill sees, per KV head: retrieved from the past, or resident (sink + window)."""
-    retrieve_into = StreamCache.retrieve_into
-
-    def watched(self, layer, query, work, counts, since=None, until=None, prefetched=None):
-        sel = retrieve_into(self, layer, query, work, counts, since, until, prefetched)
-        if target[0] is not None:
-            lo, hi = target[0]
-            resident = int(((self.order >= lo) & (self.order < hi)).sum())
-            # a fused path lists no rows: `select` gives the same ones (the same scores and order)
-            rows = (sel if sel is not None else self.select(layer, query, since, until)).rows.cpu()
-            pool = self.retriever.pool
-            order = pool.order.view(-1)[rows.clamp(min=0)]
-            t = pool.time.view(-1)[rows.clamp(min=0)]
-            ok = (rows >= 0) & time_overlap(t, t, since, until)
-            got = ((order >= lo) & (order < hi) & ok).sum(1).float() + resident
-            hits.setdefault(id(self), []).append(got / max(1, hi - lo))
-        return sel
-
-    StreamCache.retrieve_into = watched
+def _watch_retrievals(caches, watch: CacheObserver):
+    """`watch` observes `caches` while inside."""
+    for cache in caches:
+        cache.observer = watch
     try:
         yield
     finally:
-        StreamCache.retrieve_into = retrieve_into
+        for cache in caches:
+            cache.observer = None
 
 
 def _full_share(cache: StreamCache, lo: int, hi: int, since: float | None, until: float | None) -> torch.Tensor:
@@ -123,7 +142,6 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
 
     rows: dict[str, list[dict]] = {sid: [] for sid in streams}
     L, H = engine.layout.num_layers, engine.layout.num_kv_heads
-    target: list = [None]
     for i, needle in enumerate(needles_for(s)):
         if snapshots is not None and i > 0:
             for sid, cache in list(streams.items()):
@@ -131,7 +149,6 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
                 streams[sid] = install(engine, sid, cache.config, snapshot=snapshots[sid])
         hits: dict[int, list[torch.Tensor]] = {}
         lo, hi = rec.needle_tokens[i]
-        target[0] = (lo, hi)
         past = {sid: cache.past_tokens for sid, cache in streams.items()}
         requests = []
         for sid in streams:
@@ -140,9 +157,8 @@ def ask_round(engine, streams: dict[str, StreamCache], variants: dict[str, Varia
             requests.append((sid, AskRequest(needle.question, max_tokens=s.answer_tokens, stop=["\n"],
                                              since=None if near is None else max(0.0, t - near),
                                              until=None if near is None else t + near)))
-        with _watch_retrievals(target, hits):
+        with _watch_retrievals(streams.values(), _RetrievalWatch(lo, hi, hits)):
             answers = engine.answer_batch(requests)
-        target[0] = None
         for (sid, cache), a, (_, req) in zip(streams.items(), answers, requests):
             got = hits.get(id(cache))
             if cache.config.retrieval == "full":  # attends its past in place: nothing is retrieved

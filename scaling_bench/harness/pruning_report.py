@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mosaic_ray.bench.report import pyplot
+from scaling_bench.harness.report import pyplot
 
 
 def rows(results: dict) -> list[str]:

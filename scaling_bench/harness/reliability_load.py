@@ -32,10 +32,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from mosaic_ray.bench.stats import pct
 from mosaic_ray.client.client import AsyncMosaicClient
 from mosaic_ray.client.errors import MosaicAPIError
 from mosaic_ray.client.retry import RetryPolicy
+from scaling_bench.harness.stats import pct
 
 
 @dataclass(slots=True)

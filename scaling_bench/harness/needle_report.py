@@ -6,9 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-
-from mosaic_ray.bench.needle_settings import CLIPS
-from mosaic_ray.bench.report import bkey, json_default
+from scaling_bench.harness.needle_settings import CLIPS
+from scaling_bench.harness.report import bkey, json_default
 
 
 def goal(methods: dict, budgets: list[float]) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench import fidelity as F
-from mosaic_ray.bench.fidelity_metrics import attend
-from mosaic_ray.bench.fidelity_record import record_stream
+from scaling_bench.harness import fidelity as F
+from scaling_bench.harness.fidelity_metrics import attend
+from scaling_bench.harness.fidelity_record import record_stream
 
 
 def past_attention(rec, s) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from mosaic_ray.bench.report import machine
 from mosaic_ray.config import CacheConfig, EngineConfig, PoolConfig, PruningConfig
+from scaling_bench.harness.report import machine
+from scaling_bench.harness.timing import timed
 
 SCHEMA = "mosaic_ray.pruning/1"
 # Our sample clips first; others found are measured too unless --videos narrows it.
@@ -89,9 +90,7 @@ def batch_costs(encode, frames: list, sizes: set[int], repeats: int) -> dict[int
         times = []
         for r in range(repeats):
             batch = [frames[(r * n + i) % len(frames)] for i in range(n)]
-            t = time.perf_counter()
-            encode(batch)
-            times.append(time.perf_counter() - t)
+            times.append(timed(lambda: encode(batch))[0])
         costs[n] = statistics.median(times)
     return costs
 
@@ -115,9 +114,9 @@ def clip_frames(path: Path, s: Settings) -> list[tuple[float, object]]:
 
 def run_stream(adapter, events, s: Settings, prune: bool) -> dict:
     """Ingest the planned stream (pruning on or off), ask every needle; timings and answers."""
-    from mosaic_ray.bench.needle_sets import NEEDLES
     from mosaic_ray.engine.interface import AskRequest
     from mosaic_ray.engine.stream_engine import StreamEngine
+    from scaling_bench.harness.needle_sets import NEEDLES
 
     cfg = EngineConfig(model=s.model, device="cpu",
                        cache=CacheConfig(retrieval="full", window_tokens=s.window, sink_tokens=s.sink,
@@ -150,9 +149,8 @@ def run_stream(adapter, events, s: Settings, prune: bool) -> dict:
 
 
 def measure_video(adapter, name: str, path: Path, s: Settings, log=print) -> dict:
-    from mosaic_ray.bench.needle_stream import plan_stream
-
     from mosaic_ray.engine.frame_pruner import FramePruner
+    from scaling_bench.harness.needle_stream import plan_stream
 
     frames = clip_frames(path, s)
     events = plan_stream(frames, s)  # needle_stream reads the fields it needs from Settings
@@ -231,7 +229,7 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mosaic_ray.bench.pruning_report import print_table, write
+    from scaling_bench.harness.pruning_report import print_table, write
 
     if argv and argv[0] == "--from-json":  # re-render an earlier run's table and plot
         results = json.loads(Path(argv[1]).read_text())

@@ -18,12 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from mosaic_ray.model.attention import ATTENTION_NAME
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
+from scaling_bench.harness.timing import sync
 
 # torch's SDPA backends without cuDNN: on the H200 (torch 2.11) cuDNN's attention builds an
 # execution plan for every new key length, 1.75 ms of host time per call, i.e. ~49 ms per decode
@@ -81,7 +76,7 @@ def _question(adapter, past_tokens: int, prompt_ids: list[int], max_tokens: int)
     dev = adapter.device
     cache = _cache(adapter, 1, past_tokens)
     ids = torch.tensor([prompt_ids], device=dev)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     tok = _forward(adapter, ids, past_tokens, cache)
     tok.item()
@@ -107,7 +102,7 @@ def _decode_step(adapter, batch: int, kv_tokens: int, steps: int) -> float:
     tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     for i in range(2):  # warm-up
         tok = _forward(adapter, tok, kv_tokens + i, cache)[:, None]
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(steps):
         tok = _forward(adapter, tok, kv_tokens + 2 + i, cache)[:, None]

@@ -55,11 +55,23 @@ import torch
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
-from mosaic_ray.bench.fidelity_metrics import Reference, _aggregate, _metrics_for, attend
-from mosaic_ray.bench.fidelity_record import QUESTIONS, Recording, record_stream
-from mosaic_ray.bench.fidelity_settings import Settings
-from mosaic_ray.bench.fidelity_report import REAL_WEIGHTS_NOTE, RANDOM_WEIGHTS_NOTE, _targets, plot, print_table, table_markdown
-from mosaic_ray.bench.report import bkey, json_default
+from scaling_bench.harness.fidelity_metrics import (
+    Reference,
+    _aggregate,
+    _metrics_for,
+    attend,
+)
+from scaling_bench.harness.fidelity_record import QUESTIONS, Recording, record_stream
+from scaling_bench.harness.fidelity_report import (
+    RANDOM_WEIGHTS_NOTE,
+    REAL_WEIGHTS_NOTE,
+    _targets,
+    plot,
+    print_table,
+    table_markdown,
+)
+from scaling_bench.harness.fidelity_settings import Settings
+from scaling_bench.harness.report import bkey, json_default
 
 SCHEMA = "mosaic_ray.fidelity/1"
 MODELS = ("tiny", "dino-smollm2")
@@ -301,7 +313,7 @@ def select_variants(s: Settings) -> list[Variant]:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    p = argparse.ArgumentParser(prog="mosaic-ray bench fidelity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="scaling_bench/fidelity.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="both", choices=[*MODELS, "both"])
     p.add_argument("--videos", default=None,
                    help="comma-separated clip names of mosaic_ray.video.sample_videos(), joined in order; 'opencv-doc' "

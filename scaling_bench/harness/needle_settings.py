@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mosaic_ray.bench.needle_sets import NEEDLE_SETS
+from scaling_bench.harness.needle_sets import NEEDLE_SETS
 
 CLIPS = ("bigbuckbunny", "bikes")  # the default stream loops both
 

@@ -91,7 +91,7 @@ def bench_stack(num_gpus: int, keep_logs: str | None = None) -> Iterator[Stack]:
     """Ray (the cluster a job runs in, else a private one with `num_gpus` logical GPUs:
     `ray_env.start_ray`) and a `Stack` on it; Serve and a private Ray are stopped on exit (a
     private one's logs copied to `keep_logs` first)."""
-    from mosaic_ray.bench.ray_env import start_ray
+    from scaling_bench.harness.ray_env import start_ray
 
     session = start_ray(num_gpus=num_gpus)
     stack = Stack()

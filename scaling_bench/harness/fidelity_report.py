@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
-from mosaic_ray.bench.report import bkey
+from scaling_bench.harness.report import bkey
 
 RANDOM_WEIGHTS_NOTE = (
     "random-init weights: attention is nearly uniform (see `concentration`), so every method looks good; "

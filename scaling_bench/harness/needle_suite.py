@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mosaic_ray.bench import needle
-from mosaic_ray.bench.needle_report import write as write_stream
-from mosaic_ray.bench.needle_suite_report import table_markdown, plot
-from mosaic_ray.bench.report import bkey, json_default
-from mosaic_ray.bench.stats import mcnemar_exact, tally
+from scaling_bench.harness import needle
+from scaling_bench.harness.needle_report import write as write_stream
+from scaling_bench.harness.needle_suite_report import plot, table_markdown
+from scaling_bench.harness.report import bkey, json_default
+from scaling_bench.harness.stats import mcnemar_exact, tally
 
 SCHEMA = "mosaic_ray.needle_suite/1"
 GOAL_BUDGET = "0.1"  # cluster within GOAL_POINTS of full here (issue 19's target)

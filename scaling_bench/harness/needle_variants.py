@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
 
 if TYPE_CHECKING:
-    from mosaic_ray.bench.needle_settings import Settings
+    from scaling_bench.harness.needle_settings import Settings
 
 _CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
 _CACHE = CacheConfig()

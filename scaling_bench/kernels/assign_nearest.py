@@ -8,18 +8,23 @@ heads of one layer, C live centroids, D = 128, bf16. Methods:
 Reports us per call, TFLOP/s of the 2*G*n*C*D dot work, and the share of rows where the kernel's
 argmin equals the fp32 reference's (1.0 up to exact near-ties).
 
-Run on the GPU machine:  python -m mosaic_ray.kernels.benchmark_assign_nearest --out docs/results/kernels
-CPU smoke test:  TRITON_INTERPRET=1 python -m mosaic_ray.kernels.benchmark_assign_nearest --smoke
+Run on the GPU machine:  python scaling_bench/kernels/assign_nearest.py --out docs/results/kernels
+CPU smoke test:  TRITON_INTERPRET=1 python scaling_bench/kernels/assign_nearest.py --smoke
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mosaic_ray.kernels import benchmark_common as bc
-from mosaic_ray.kernels.assign_nearest import assign_nearest, assign_nearest_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.kernels.assign_nearest import assign_nearest, assign_nearest_reference  # noqa: E402
+from scaling_bench.harness.timing import time_op  # noqa: E402
+from scaling_bench.kernels import common as bc  # noqa: E402
 
 NAME = "benchmark_assign_nearest"
 COLUMNS = ["G", "n", "C", "method", "us", "latency_us", "tflops", "same_idx", "status"]
@@ -72,7 +77,7 @@ def run(args) -> dict[str, Any]:
             def measure(fn=fn):
                 _, idx = fn()
                 res: dict[str, Any] = {"same_idx": float((idx == ref_idx).float().mean())}
-                res.update(bc.time_op(fn, device, budget_s=budget_s))
+                res.update(time_op(fn, device, budget_s=budget_s))
                 res["tflops"] = flops / (res["us"] * 1e-6) / 1e12
                 return res
 
@@ -89,7 +94,7 @@ def run(args) -> dict[str, Any]:
                 def fn(bn=bn, bcn=bcn, nw=nw):
                     assign_nearest(x, c, k, backend="triton", block_n=bn, block_c=bcn, num_warps=nw)
 
-                r = bc.attempt(rec, lambda fn=fn: bc.time_op(fn, device, budget_s=budget_s))
+                r = bc.attempt(rec, lambda fn=fn: time_op(fn, device, budget_s=budget_s))
                 if r.get("us"):
                     r["tflops"] = 2.0 * G * n * C * D / (r["us"] * 1e-6) / 1e12
                 sweep.append(r)

@@ -10,19 +10,24 @@ D=128 (256-byte bf16 rows) and D=64 (128-byte rows: ~42 GB/s measured on an H100
 GB/s is payload / time against the 53.5 GB/s pinned host-to-device peak of an H100; UVA results are checked
 bit-exact first.
 
-Run on the GPU machine:  python -m mosaic_ray.kernels.benchmark_gather_rows --out docs/results/kernels
-CPU smoke test of the code paths:  TRITON_INTERPRET=1 python -m mosaic_ray.kernels.benchmark_gather_rows --smoke
+Run on the GPU machine:  python scaling_bench/kernels/gather_rows.py --out docs/results/kernels
+CPU smoke test of the code paths:  TRITON_INTERPRET=1 python scaling_bench/kernels/gather_rows.py --smoke
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mosaic_ray.kernels import benchmark_common as bc
-from mosaic_ray.kernels.gather_rows import gather_rows, gather_rows_reference
-from mosaic_ray.kernels.uva import device_view
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: scaling_bench, mosaic_ray
+
+from mosaic_ray.kernels.gather_rows import gather_rows, gather_rows_reference  # noqa: E402
+from mosaic_ray.kernels.uva import device_view  # noqa: E402
+from scaling_bench.harness.timing import time_op  # noqa: E402
+from scaling_bench.kernels import common as bc  # noqa: E402
 
 NAME = "benchmark_gather_rows"
 COLUMNS = ["D", "pattern", "B", "MB", "method", "us", "latency_us", "gbps", "frac_of_peak", "exact", "status"]
@@ -75,7 +80,7 @@ def run(args) -> dict[str, Any]:
                 def fn(br=br, nw=nw):
                     gather_rows(pool, rows_sweep, "kv", ok_, ov_, backend="triton", block_rows=br, num_warps=nw)
 
-                sweep.append(bc.throughput(bc.attempt(rec, lambda fn=fn: bc.time_op(fn, device, budget_s=budget_s)),
+                sweep.append(bc.throughput(bc.attempt(rec, lambda fn=fn: time_op(fn, device, budget_s=budget_s)),
                                            2 * H * B_sweep * D * elem, bc.PINNED_PEAK_GBPS))
         good = [r for r in sweep if r["D"] == D and r.get("status") == "ok"]
         best = max(good, key=lambda r: r["gbps"]) if good else None
@@ -135,11 +140,11 @@ def run(args) -> dict[str, Any]:
                         out: dict[str, Any] = {"exact": bool(check())}
                         if not out["exact"]:
                             out["status"] = "mismatch"
-                        out.update(bc.time_op(fn, device, budget_s=budget_s))
+                        out.update(time_op(fn, device, budget_s=budget_s))
                         return out
 
                     results.append(bc.throughput(bc.attempt(rec, measure), payload, bc.PINNED_PEAK_GBPS))
-        del pool, view, flat_pool
+        pool = view = flat_pool = None  # free this D's pool before the next one
 
     bc.print_table(f"gather_rows  S={S} H={H} {dtype} which=kv pinned={cuda}", results, COLUMNS)
     bc.print_table("gather_rows kernel tile sweep (random rows)", sweep,

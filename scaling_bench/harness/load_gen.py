@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mosaic_ray.bench.stats import pct, summary_ms
+from scaling_bench.harness.stats import pct, summary_ms
 
 QUESTIONS = ("What is happening now?", "What changed in the last seconds?", "Who is in the scene?",
              "What color is the largest object?", "Summarize the scene.", "Where is the animal?")

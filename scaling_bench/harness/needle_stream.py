@@ -11,10 +11,10 @@ import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import CacheConfig, EngineConfig
-from mosaic_ray.bench.fidelity_record import record_cache_calls
-from mosaic_ray.bench.needle_sets import NEEDLE_SETS, Needle
-from mosaic_ray.bench.needle_settings import Settings
-from mosaic_ray.bench.needle_variants import Variant
+from scaling_bench.harness.fidelity_record import CacheCalls
+from scaling_bench.harness.needle_sets import NEEDLE_SETS, Needle
+from scaling_bench.harness.needle_settings import Settings
+from scaling_bench.harness.needle_variants import Variant
 
 STREAM_ID = "needle"
 
@@ -149,30 +149,29 @@ def record_stream(adapter, events: list[Event], s: Settings, log=print) -> Recor
     from mosaic_ray.engine.stream_engine import StreamEngine
 
     t0 = time.perf_counter()
-    engine = StreamEngine(EngineConfig(model=s.model, device="cpu", cache=Variant("full", "full").cache_config(s, 1.0)),
-                          adapter=adapter)
     ops: list[tuple] = []
+    engine = StreamEngine(EngineConfig(model=s.model, device="cpu", cache=Variant("full", "full").cache_config(s, 1.0)),
+                          adapter=adapter, cache_observer=CacheCalls(ops))
     needle_tokens = [(0, 0)] * s.needles
     needle_time = [0.0] * s.needles
     text_ranges = []
-    with record_cache_calls(ops):
-        engine.open_stream(STREAM_ID)
-        state = engine.streams[STREAM_ID]
-        text_ranges.append((0, state.tokens))  # the system prompt
-        done = 0
-        for ev in events:
-            if ev.frames is not None:
-                engine.append_frames(STREAM_ID, ev.frames, ev.ts)
-                done += len(ev.frames)
-                if done % 40 < len(ev.frames):
-                    log(f"  ingested {done} frames, {state.tokens} tokens ({time.perf_counter() - t0:.0f} s)")
-            else:
-                lo = state.tokens
-                engine.append_text(STREAM_ID, ev.text, ev.ts[0])
-                text_ranges.append((lo, state.tokens))
-                if ev.needle is not None:
-                    needle_tokens[ev.needle] = (lo, state.tokens)
-                    needle_time[ev.needle] = ev.ts[0]
+    engine.open_stream(STREAM_ID)
+    state = engine.streams[STREAM_ID]
+    text_ranges.append((0, state.tokens))  # the system prompt
+    done = 0
+    for ev in events:
+        if ev.frames is not None:
+            engine.append_frames(STREAM_ID, ev.frames, ev.ts)
+            done += len(ev.frames)
+            if done % 40 < len(ev.frames):
+                log(f"  ingested {done} frames, {state.tokens} tokens ({time.perf_counter() - t0:.0f} s)")
+        else:
+            lo = state.tokens
+            engine.append_text(STREAM_ID, ev.text, ev.ts[0])
+            text_ranges.append((lo, state.tokens))
+            if ev.needle is not None:
+                needle_tokens[ev.needle] = (lo, state.tokens)
+                needle_time[ev.needle] = ev.ts[0]
     counters = {c: getattr(state, c) for c in ("next_pos", "tokens", "frames", "texts", "clock", "block")}
     text = torch.zeros(state.tokens, dtype=torch.bool)
     for lo, hi in text_ranges:

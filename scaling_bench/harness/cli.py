@@ -17,7 +17,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-mb", type=int, default=8192, help="host pool per shard (MiB)")
     p.add_argument("--size", type=int, default=336, help="frame side in pixels")
     p.add_argument("--frames-file", default=None,
-                   help="frames pre-decoded by `python -m mosaic_ray.bench.video_frames` (machines without PyAV)")
+                   help="frames pre-decoded by `python -m scaling_bench.harness.video_frames` (machines without PyAV)")
     p.add_argument("--max-tokens", type=int, default=16, help="answer tokens per question")
     p.add_argument("--out", default="docs/results",
                    help="results folder (default docs/results, under the current directory; a Ray job needs an "
