@@ -79,7 +79,7 @@ DEFAULT_VIDEOS = ("bigbuckbunny", "bikes", "opencv-doc")  # opencv-doc: when ins
 
 
 
-_CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
+_CLUSTER = ClusterConfig()  # the engine's defaults
 _CACHE = CacheConfig()
 
 

@@ -11,7 +11,7 @@ from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
 if TYPE_CHECKING:
     from scaling_bench.harness.needle_settings import Settings
 
-_CLUSTER = ClusterConfig()  # the engine's defaults (slots dataclass: no class-level defaults)
+_CLUSTER = ClusterConfig()  # the engine's defaults
 _CACHE = CacheConfig()
 
 
