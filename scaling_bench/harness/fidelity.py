@@ -47,14 +47,14 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
+from mosaic_ray.config import ClusterConfig
 from scaling_bench.harness.fidelity_metrics import (
     Reference,
     _aggregate,
@@ -72,6 +72,7 @@ from scaling_bench.harness.fidelity_report import (
 )
 from scaling_bench.harness.fidelity_settings import Settings
 from scaling_bench.harness.report import bkey, json_default
+from scaling_bench.harness.variants import Variant
 
 SCHEMA = "mosaic_ray.fidelity/1"
 MODELS = ("tiny", "dino-smollm2")
@@ -80,43 +81,6 @@ DEFAULT_VIDEOS = ("bigbuckbunny", "bikes", "opencv-doc")  # opencv-doc: when ins
 
 
 _CLUSTER = ClusterConfig()  # the engine's defaults
-_CACHE = CacheConfig()
-
-
-@dataclass(slots=True)
-class Variant:
-    """One retrieval configuration to replay: a method plus the cluster/pool knobs it runs with."""
-
-    name: str
-    method: str
-    variance_ratio: float = _CLUSTER.variance_ratio  # the engine's default
-    slab_tokens: int | None = None  # None: the engine's choice for the method (PoolConfig)
-    split_size: int = _CLUSTER.split_size
-    max_size: int = _CLUSTER.max_size
-    # Drain every pending split before each question (the engine drains a bounded batch per ingest
-    # step only): shows what the split backlog at query time costs.
-    drain_before_query: bool = False
-    scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
-    fill: str = _CACHE.fill
-    text_units: bool = _CLUSTER.text_units
-    representative: str = _CLUSTER.representative
-    # ClusterConfig.coactivation: each question observed at the first budget (an engine's one)
-    coactivation: float = _CLUSTER.coactivation
-    coactivation_unit: int = _CLUSTER.coactivation_unit
-    coactivation_probe: float = _CLUSTER.coactivation_probe
-    coactivation_max_share: float = _CLUSTER.coactivation_max_share
-
-    def cache_config(self, sink: int, window: int, capacity_bytes: int) -> CacheConfig:
-        return CacheConfig(
-            retrieval=self.method, sink_tokens=sink, window_tokens=window, scoring=self.scoring, fill=self.fill,
-            offload_batch=1,  # selection is measured over the whole past: nothing waits staged
-            cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(self.max_size, self.split_size), text_units=self.text_units,
-                                  representative=self.representative, coactivation=self.coactivation,
-                                  coactivation_unit=self.coactivation_unit, coactivation_probe=self.coactivation_probe,
-                                  coactivation_max_share=self.coactivation_max_share),
-            pool=PoolConfig(capacity_bytes=capacity_bytes, slab_tokens=self.slab_tokens, pin_memory="no"),
-        )
 
 
 BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("token", "token"),

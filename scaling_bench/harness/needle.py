@@ -232,7 +232,7 @@ def run(s: Settings, log=print) -> dict:
                 if v.method == "full" and bi > 0:
                     continue  # full ignores the budget
                 t1 = time.perf_counter()
-                cache = install(engine, v.name, v.cache_config(s, budget), rec, snapshots.get(v.name))
+                cache = install(engine, v.name, v.cache_config(s.sink, s.window, 1 << 20, budget), rec, snapshots.get(v.name))
                 streams[v.name] = cache
                 if bi == 0:
                     methods[v.name]["replay_s"] = round(time.perf_counter() - t1, 1)

@@ -150,7 +150,7 @@ def record_stream(adapter, events: list[Event], s: Settings, log=print) -> Recor
 
     t0 = time.perf_counter()
     ops: list[tuple] = []
-    engine = StreamEngine(EngineConfig(model=s.model, device="cpu", cache=Variant("full", "full").cache_config(s, 1.0)),
+    engine = StreamEngine(EngineConfig(model=s.model, device="cpu", cache=Variant("full", "full").cache_config(s.sink, s.window, 1 << 20, 1.0)),
                           adapter=adapter, cache_observer=CacheCalls(ops))
     needle_tokens = [(0, 0)] * s.needles
     needle_time = [0.0] * s.needles

@@ -1,48 +1,11 @@
-"""The retrieval configurations the needle benchmark compares (`Variant`: a method and its cluster
-knobs), the default table (`BASE_VARIANTS`, `ORACLES`) and `parse_variant` for --variant."""
+"""The retrieval configurations the needle benchmark compares (`variants.Variant`): the default
+table (`BASE_VARIANTS`, `ORACLES`) and `parse_variant` for --variant."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from scaling_bench.harness.variants import Variant
 
-from mosaic_ray.config import CacheConfig, ClusterConfig, PoolConfig
-
-if TYPE_CHECKING:
-    from scaling_bench.harness.needle_settings import Settings
-
-_CLUSTER = ClusterConfig()  # the engine's defaults
-_CACHE = CacheConfig()
-
-
-@dataclass(slots=True)
-class Variant:
-    """One retrieval configuration: a method plus the cluster knobs it runs with."""
-
-    name: str
-    method: str
-    variance_ratio: float = _CLUSTER.variance_ratio
-    split_size: int = _CLUSTER.split_size
-    # Oracle: retrieve only the past within this many seconds of the needle asked about (the
-    # question's since/until), so the model sees the needle whole and little else.
-    oracle_s: float | None = None
-    scoring: str = _CACHE.scoring  # CacheConfig.scoring / fill (the engine's defaults)
-    fill: str = _CACHE.fill
-    text_units: bool = _CLUSTER.text_units
-    representative: str = _CLUSTER.representative
-    coactivation: float = _CLUSTER.coactivation
-
-    def cache_config(self, s: "Settings", budget: float) -> CacheConfig:
-        return CacheConfig(
-            retrieval=self.method, sink_tokens=s.sink, window_tokens=s.window, budget_ratio=budget,
-            scoring=self.scoring, fill=self.fill,
-            offload_batch=1,  # the budget is measured over the whole past: nothing waits staged
-            cluster=ClusterConfig(variance_ratio=self.variance_ratio, split_size=self.split_size,
-                                  max_size=max(_CLUSTER.max_size, 2 * self.split_size), text_units=self.text_units,
-                                  representative=self.representative, coactivation=self.coactivation),
-            pool=PoolConfig(capacity_bytes=1 << 20, pin_memory="no"),  # streams live in the engine's pool
-        )
-
+__all__ = ["BASE_VARIANTS", "ORACLES", "Variant", "parse_variant"]
 
 BASE_VARIANTS = [Variant("full", "full"), Variant("frame", "frame"), Variant("token", "token"),
                  Variant("cluster", "cluster")]

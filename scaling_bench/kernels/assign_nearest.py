@@ -111,10 +111,8 @@ def run(args) -> dict[str, Any]:
         "results": results,
         "sweep": sweep,
         "best_config": {k_: best[k_] for k_ in ("block_n", "block_c", "num_warps", "us")} if best else None,
-        "fallbacks": bc.fallbacks(),
     }
-    bc.write_json(args.out, NAME, payload)
-    return payload
+    return bc.finish(args.out, NAME, payload)
 
 
 def main(argv: list[str] | None = None) -> None:

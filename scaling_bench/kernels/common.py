@@ -107,6 +107,13 @@ def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def finish(out_dir: Path, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with the kernels' fallback counts, written as `<out_dir>/<name>.json`."""
+    payload["fallbacks"] = fallbacks()
+    write_json(out_dir, name, payload)
+    return payload
+
+
 def fallbacks() -> dict[str, int]:
     from mosaic_ray.kernels import backend
 

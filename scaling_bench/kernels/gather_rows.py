@@ -164,10 +164,8 @@ def run(args) -> dict[str, Any]:
         "results": results,
         "sweep": sweep,
         "best_config": best_by_d,
-        "fallbacks": bc.fallbacks(),
     }
-    bc.write_json(args.out, NAME, payload)
-    return payload
+    return bc.finish(args.out, NAME, payload)
 
 
 def main(argv: list[str] | None = None) -> None:

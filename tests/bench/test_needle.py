@@ -92,7 +92,7 @@ def test_replayed_stream_answers_like_a_direct_ingest(tiny_adapter):
     rec = needle.record_stream(tiny_adapter, events, s, log=lambda *_: None)
     request = AskRequest(needle.NEEDLE_SETS[0][0].question, max_tokens=4)
     for method in ("cluster", "frame", "token"):
-        config = needle.Variant(method, method).cache_config(s, 0.1)
+        config = needle.Variant(method, method).cache_config(s.sink, s.window, 1 << 20, 0.1)
         config = config.model_copy(update={"pool": config.pool.model_copy(update={"capacity_bytes": 64 << 20})})
         replayed = StreamEngine(EngineConfig(model="tiny", device="cpu", cache=config), adapter=tiny_adapter)
         needle.install(replayed, "s", config, rec)
