@@ -22,8 +22,6 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from mosaic_ray.config import EngineConfig
-from mosaic_ray.runtime.config import EngineSpec
 from mosaic_ray.serve.config import LaunchConfig
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -81,7 +79,7 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
             return
         seen[model] = place
         for name, field in model.model_fields.items():
-            child = EngineConfig if (model is EngineSpec and name == "kwargs") else _model_in(field.annotation)
+            child = getattr(model, "plain_models", {}).get(name) or _model_in(field.annotation)
             if child is not None:
                 walk(child, f"{place}.{name}" if place else name)
 
@@ -95,7 +93,7 @@ def render() -> str:
         where = f" (`{place}`)" if place else " (the file itself)"
         parts.append(f"## {model.__name__}{where}\n")
         doc = inspect.cleandoc(model.__doc__ or "")
-        if doc and not doc.startswith(model.__name__ + "("):
+        if doc:
             parts.append(doc + "\n")
         parts.append("| field | default | allowed | meaning |\n|---|---|---|---|")
         for name, field in model.model_fields.items():

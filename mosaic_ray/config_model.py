@@ -7,8 +7,14 @@ actor is the spec it was validated as.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
 class ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields that hold plain data (a dict, to pydantic) which the model's own validator checks as
+    # another model: `EngineSpec.kwargs` of the real engine is an `EngineConfig`. What walks the
+    # tree by its types (`config_docs.py`, `serve/config_errors.py`) reads such a field as that model.
+    plain_models: ClassVar[dict[str, type[BaseModel]]] = {}

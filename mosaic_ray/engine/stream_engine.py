@@ -34,10 +34,10 @@ from torch.profiler import record_function
 
 from mosaic_ray.cache.device_pool import DeviceKVPool, DevicePoolExhaustedError
 from mosaic_ray.cache.host_pool import HostPool, PoolExhaustedError
+from mosaic_ray.cache.observer import CacheObserver
 from mosaic_ray.cache.stream_cache import StreamCache
 from mosaic_ray.config import EngineConfig
 from mosaic_ray.engine import engine_report, frame_append, ingest_step
-from mosaic_ray.cache.observer import CacheObserver
 from mosaic_ray.engine.interface import (AnswerEnd, AskRequest, Engine, InvalidInputError, OverloadedError,
                                          StreamBusyError, StreamExistsError, UnknownStreamError)
 from mosaic_ray.engine.frame_pruner import FramePruner
@@ -48,6 +48,7 @@ from mosaic_ray.engine.question import Answer, QuestionRun
 from mosaic_ray.engine.step_loop import StepLoop
 from mosaic_ray.engine.stream_state import StreamState, commit
 from mosaic_ray.model.adapter import ModelAdapter
+from mosaic_ray.model.attention import AttentionObserver
 
 
 def _counts_busy(method):
@@ -69,7 +70,7 @@ def _counts_busy(method):
 class StreamEngine(Engine):
     appends_during_answers = True  # engine/question.py: reserved positions, held slots
     def __init__(self, config: EngineConfig | None = None, adapter: ModelAdapter | None = None, *,
-                 cache_observer: CacheObserver | None = None, attention_observer=None) -> None:
+                 cache_observer: CacheObserver | None = None, attention_observer: AttentionObserver | None = None) -> None:
         """cache_observer: given to every stream cache this engine makes (`cache/observer.py`);
         attention_observer: `ModelRunner.attention_observer` (`model/attention.py`). None: no calls."""
         from mosaic_ray.model.registry import load_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -38,6 +39,8 @@ class EngineSpec(ConfigModel):
         "keyword arguments of the factory; for the default (the real engine) the fields of `EngineConfig`, "
         "checked when the config is read"))
 
+    plain_models = {"kwargs": EngineConfig}  # with the default factory (`_real_engine_kwargs`)
+
     @field_validator("factory")
     @classmethod
     def _check_factory(cls, value: str) -> str:
@@ -54,6 +57,7 @@ class EngineSpec(ConfigModel):
             EngineConfig.model_validate(value)
         return value
 
+    @cached_property
     def engine_config(self) -> EngineConfig | None:
         """The real engine's config (None for another factory, whose kwargs are its own)."""
         return EngineConfig.model_validate(self.kwargs) if self.factory == DEFAULT_ENGINE_FACTORY else None
@@ -312,7 +316,7 @@ class RuntimeConfig(ConfigModel):
     def _frame_limits_agree(self) -> RuntimeConfig:
         """The frame-count limits of shard, log replay and engine fit each other (real engine only):
         a coalesced append or a replay batch the engine would refuse could never be taken."""
-        engine = self.engine.engine_config()
+        engine = self.engine.engine_config
         if engine is not None:
             check_frame_limits(engine, self.shard, self.durability)
         if self.shard.max_stream_pending_frames > self.shard.max_pending_frames:

@@ -175,7 +175,7 @@ class AppConfig(ConfigModel):
     def _a_batch_fits_one_engine_call(self) -> AppConfig:
         """A frame batch the ingress takes reaches the engine as one append (the shard coalesces
         whole batches), so it must fit `max_frames_per_call` (real engine only)."""
-        engine = self.runtime.engine.engine_config()
+        engine = self.runtime.engine.engine_config
         if engine is not None and self.ingress.max_frames_per_batch > engine.max_frames_per_call:
             raise ValueError(f"ingress.max_frames_per_batch ({self.ingress.max_frames_per_batch}) must be at most "
                              f"runtime.engine.kwargs.max_frames_per_call ({engine.max_frames_per_call})")

@@ -16,8 +16,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mosaic_ray.config import EngineConfig
-from mosaic_ray.runtime.config import EngineSpec
 
 
 def validation_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -56,8 +54,8 @@ def _walk(model: type[BaseModel], loc: tuple) -> list[Any]:
 
 
 def _step(node: Any, part: Any) -> Any:
-    if node is EngineSpec and part == "kwargs":  # a plain dict to pydantic, validated as an EngineConfig
-        return EngineConfig
+    if _is_model(node) and part in getattr(node, "plain_models", {}):  # plain data checked as a model
+        return node.plain_models[part]
     if _is_model(node):
         field = node.model_fields.get(part)
         return None if field is None else _unwrap(field.annotation)

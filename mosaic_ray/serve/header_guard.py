@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 16  # header reads, and the stream buffers' limit
-BODY_READ = 1 << 20  # body reads go straight through, up to this much at a time
+CHUNK = 1 << 16  # one header read, and the longest chunk-size line of a chunked body
+BODY_READ = 1 << 20  # body reads (and the stream buffers' limit): straight through, this much at a time
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,13 +19,13 @@ def test_the_real_engines_kwargs_are_an_engine_config_checked_at_parse_time():
         _runtime(engine={"kwargs": {"cache": {"retreival": "token", "window_tokens": 0}}})
     locs = {tuple(e["loc"]) for e in err.value.errors()}
     assert locs == {("engine", "kwargs", "cache", "retreival"), ("engine", "kwargs", "cache", "window_tokens")}
-    cfg = _runtime(engine={"kwargs": {"cache": {"retrieval": "token"}}}).engine.engine_config()
+    cfg = _runtime(engine={"kwargs": {"cache": {"retrieval": "token"}}}).engine.engine_config
     assert cfg.cache.retrieval == "token" and cfg.cache.pool.slab_tokens == 16
 
 
 def test_another_factory_keeps_its_own_kwargs_and_no_cross_checks():
     spec = _runtime(engine={"factory": FAKE, "kwargs": {"frame_delay_s": 0.1}}, shard={"max_coalesce_frames": 4096})
-    assert spec.engine.engine_config() is None and spec.engine.kwargs == {"frame_delay_s": 0.1}
+    assert spec.engine.engine_config is None and spec.engine.kwargs == {"frame_delay_s": 0.1}
 
 
 @pytest.mark.parametrize("parts,needle", [
