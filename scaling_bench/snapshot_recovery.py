@@ -83,6 +83,12 @@ def take_delta(eng, log, a, seq: int, since: int, index: int, at_frame: int) -> 
             "generation": state["meta"]["generation"]}
 
 
+def tensor_bytes(state: dict, top: int = 16) -> dict[str, int]:
+    """The part's largest tensors, bytes each (what a snapshot is made of)."""
+    sizes = {n: t.numel() * t.element_size() for n, t in state["tensors"].items()}
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:top])
+
+
 async def rebuild(eng, records, sid: str, replay_batch: int, last_seq: int = -1):
     async def call_text(text, ts):
         eng.append_text(sid, text, ts)
@@ -111,6 +117,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, 600 frames, snapshot at 480")
     p.add_argument("--incremental", type=int, default=0, metavar="D",
                    help="a base at --snapshot-at, then a delta every D frames (0: one whole snapshot)")
+    p.add_argument("--question-every", type=int, default=0, metavar="N",
+                   help="a question after every N frames of live ingest (text units and co-activation in the snapshot)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.quick:
@@ -134,6 +142,8 @@ def main() -> int:
         stamps = [float(t) for t in range(chunk.start, chunk.stop)]
         log.append(SID, [FrameRecord(seq, tuple(frames[chunk]), tuple(stamps))])
         eng.append_frames(SID, decoded[chunk], stamps)
+        if a.question_every and chunk.stop % a.question_every < a.batch:
+            asyncio.run(answer(eng, SID))
         if chunk.stop == a.snapshot_at:
             sync(a.device)
             t0 = time.perf_counter()
@@ -144,7 +154,7 @@ def main() -> int:
             log.append(SID, [MarkRecord(1, seq)])
             nbytes = write_verified(log, SID, 1, encode_chunks(state, 1, seq))  # streamed, as a shard does
             snap = {"export_s": round(t1 - t0, 3), "encode_write_verify_s": round(time.perf_counter() - t2, 3),
-                    "bytes": nbytes}
+                    "bytes": nbytes, "tensor_bytes": tensor_bytes(state), "stream": eng.stream_info(SID)}
         elif a.incremental and generation is not None and chunk.stop > a.snapshot_at \
                 and (chunk.stop - a.snapshot_at) % a.incremental == 0 and chunk.stop < a.frames:
             deltas.append(take_delta(eng, log, a, seq, generation, len(deltas) + 1, chunk.stop))

@@ -80,6 +80,8 @@ REPLACE_RETRY_S = 0.5
 # replaced in seconds), then rarer (a corrupt log fails every time; each try reads it whole).
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
+# Streams of one episode whose rebuild figures `recovery_status` lists (a bound on its size).
+EPISODE_REBUILDS = 64
 
 
 class RecoveryShards(Protocol):
@@ -235,6 +237,7 @@ class RecoveryManager:
                 ep["seconds"] = time.time() - ep["started"]
 
     async def _recover_one(self, sid: str, gate: asyncio.Semaphore) -> None:
+        queued = time.time()
         async with gate, self._lock(sid):
             if sid not in self._recovering:
                 return  # deleted meanwhile
@@ -252,7 +255,7 @@ class RecoveryManager:
             self._recovering.pop(sid, None)
             self._recovery_errors.pop(sid, None)
             if self._episodes:
-                self._episodes[-1]["frames"] += int(info.get("frames", 0))
+                self._note_rebuild(self._episodes[-1], sid, target, queued, info)
 
     async def _rebuild_on(self, target: str, sid: str) -> dict[str, Any] | None:
         """`target` replays `sid`'s log: its figures, or None when it failed (and what became of
@@ -279,6 +282,23 @@ class RecoveryManager:
             self._recovery_errors[sid] = f"{type(exc).__name__}: {exc}"
             self._failed_attempts += 1
         return None
+
+    @staticmethod
+    def _note_rebuild(episode: dict[str, Any], sid: str, target: str, queued: float, info: dict[str, Any]) -> None:
+        """A rebuilt stream's figures into its episode: frames replayed, and (the first
+        `EPISODE_REBUILDS` streams) where its time went: waiting for a turn, then the target's
+        read / import / replay (`StreamDurability.rebuild`)."""
+        episode["frames"] += int(info.get("frames", 0))
+        rebuilds = episode.setdefault("rebuilds", [])
+        if len(rebuilds) < EPISODE_REBUILDS:
+            now = time.time()
+            seconds = float(info.get("seconds", 0.0))
+            rebuilds.append({"id": sid, "target": target, "done_s": round(now - episode["started"], 3),
+                             "waited_s": round(max(0.0, now - queued - seconds), 3),
+                             **{k: round(float(info[k]), 3) for k in ("seconds", "read_s", "import_s", "replay_s")
+                                if k in info},
+                             "frames": int(info.get("frames", 0)),
+                             "snapshot_bytes": int(info.get("snapshot_bytes", 0))})
 
     def _quarantine(self, sid: str, why: str) -> None:
         self._quarantined.add(sid)

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mosaic_ray.engine.interface import EngineError, OverloadedError, StreamExistsError, UnknownStreamError
+from mosaic_ray.engine.snapshot_delta import part_bytes
 from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.errors import EngineFailedError
 from mosaic_ray.runtime.frame_log import FrameLog
@@ -80,6 +81,8 @@ class StreamDurability:
             raise UnknownStreamError(f"stream {stream_id!r} has no frame log")
         engine = self._engine
         plan = await asyncio.to_thread(plan_rebuild, self.log.store, stream_id)
+        read_s = time.perf_counter() - start
+        snapshot_bytes = sum(sum(part_bytes(p)) for p in plan.parts or ())
         if await self._call(engine.has_stream, stream_id):  # a replay cut short before
             await self._call(engine.close_stream, stream_id)
         while plan.parts is not None:
@@ -95,6 +98,7 @@ class StreamDurability:
                     plan = without_snapshot(stream_id, plan.whole, f"the engine refused it: {exc}")
         if plan.parts is None:
             await self._call(engine.open_stream, stream_id)
+        imported = time.perf_counter()
         async def append(frames, stamps):  # queued, then waited for: a failure is its record's
             return await (await self._append(stream_id, frames, stamps))
 
@@ -121,7 +125,11 @@ class StreamDurability:
                 "engine_calls": done.engine_calls, "records_replayed": len(plan.records),
                 "snapshot_mark": plan.mark, "snapshot_last_seq": plan.last_seq if plan.mark is not None else None,
                 "snapshot_deltas": plan.deltas,
-                "snapshot_problem": plan.problem, "seconds": time.perf_counter() - start}
+                "snapshot_problem": plan.problem, "snapshot_bytes": snapshot_bytes,
+                # where the time went: reading + decoding the snapshot parts and the log, importing
+                # them into the engine, replaying the records after the last part
+                "read_s": read_s, "import_s": imported - start - read_s,
+                "replay_s": time.perf_counter() - imported, "seconds": time.perf_counter() - start}
 
     def acknowledged(self, slot: StreamSlot, frames: int) -> None:
         if self.snapshots is not None:

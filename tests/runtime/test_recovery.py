@@ -154,6 +154,7 @@ def test_a_dead_shards_streams_are_refused_meanwhile_then_rebuilt_on_a_live_shar
         episode = rec.recovery_status()["episodes"][0]
         assert episode["from"] == S0 and episode["streams"] == 2 and episode["frames"] == 10
         assert episode["seconds"] is not None
+        assert sorted((r["id"], r["target"], r["frames"]) for r in episode["rebuilds"]) == [("a", S1, 5), ("b", S1, 5)]
         rec.refuse_if_recovering("a")
         assert rec.is_dead(S0)  # its replacement is not ready yet
         shards.replacement_started.set()
