@@ -1,5 +1,6 @@
 """Incremental snapshots of one stream: a base, then deltas that carry only the pool slabs changed
-since the part before, merged back into one whole-stream snapshot (`snapshot.py`) to import.
+since the part before, merged back into one whole-stream snapshot to import (`merge_parts`; an
+import uses `merge_lazily`, which leaves the pool's slabs in their parts and says where: `PoolRows`).
 
 A part is `export_stream(state, since)`: the stream's small state whole (counters, resident sink
 + window, retriever tables, text units, the `full` method's device past), and of the host pool
@@ -20,6 +21,7 @@ gives the same stream as importing a whole export: the same answers, token for t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +29,46 @@ import torch
 _POOL = ("kv", "order", "time", "pos")
 
 
+@dataclass(slots=True)
+class PoolRows:
+    """Where the pool slabs of a merged snapshot are, without copying them into one tensor:
+    `owned` lists the slabs the stream owns, in order, and each source (positions in `owned`,
+    rows of that part, the part's tensors) says which part holds the bytes of those slabs.
+    `import_stream` writes each source straight into the engine's pool: one copy of the bytes,
+    where `merge_parts` would make two (into the merged tensor, then into the pool)."""
+
+    owned: torch.Tensor
+    sources: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+    @staticmethod
+    def whole(tensors: dict[str, torch.Tensor]) -> PoolRows:
+        """The pool of one whole export (or a base): every slab from its own tensors, in order."""
+        owned = tensors["pool.slab_ids"].to(torch.int64)
+        every = torch.arange(owned.numel())
+        return PoolRows(owned, [(every, every, tensors)])
+
+
 def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One whole-stream snapshot from a base and its deltas, in order. Raises ValueError when the
     chain does not hold every slab the last part owns (a part missing, or out of order)."""
+    merged = merge_lazily(parts)
+    rows = merged.pop("pool_rows")
+    tensors = merged["tensors"]
+    last = parts[-1]["tensors"]
+    for n in _POOL:
+        like = last[f"pool.{n}"]
+        out = torch.empty((rows.owned.numel(), *like.shape[1:]), dtype=like.dtype)
+        for here, src_rows, src in rows.sources:
+            if here.numel():
+                out[here] = src[f"pool.{n}"][src_rows].to(like.dtype)
+        tensors[f"pool.{n}"] = out
+    return merged
+
+
+def merge_lazily(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """`merge_parts` without the pool's bytes: the merged snapshot's "pool.*" tensors are left in
+    their parts, and "pool_rows" (`PoolRows`) says where each owned slab's are (what
+    `import_stream` reads). Same checks, same ValueError."""
     if not parts:
         raise ValueError("no snapshot parts to merge")
     last = parts[-1]
@@ -55,16 +94,13 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     tensors = {n: t for n, t in last["tensors"].items() if not n.startswith("pool.")}
     tensors["pool.slab_ids"] = owned
     which, rows = src_part[owned], src_row[owned]
-    for n in _POOL:
-        like = last["tensors"][f"pool.{n}"]
-        out = torch.empty((owned.numel(), *like.shape[1:]), dtype=like.dtype)
-        for i, part in enumerate(parts):
-            here = (which == i).nonzero().flatten()
-            if here.numel():
-                out[here] = part["tensors"][f"pool.{n}"][rows[here]].to(like.dtype)
-        tensors[f"pool.{n}"] = out
+    sources = []
+    for i, part in enumerate(parts):
+        here = (which == i).nonzero().flatten()
+        if here.numel():
+            sources.append((here, rows[here], part["tensors"]))
     meta = {k: v for k, v in last["meta"].items() if k not in ("generation", "since")}
-    return {"meta": meta, "tensors": tensors}
+    return {"meta": meta, "tensors": tensors, "pool_rows": PoolRows(owned, sources)}
 
 
 def part_bytes(part: dict[str, Any]) -> tuple[int, int]:

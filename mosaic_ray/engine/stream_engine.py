@@ -389,12 +389,12 @@ class StreamEngine(Engine):
         return self.export_stream(stream_id, since)
 
     def import_deltas(self, stream_id: str, parts: list[dict[str, Any]]) -> None:
-        from mosaic_ray.engine.snapshot_delta import merge_parts
+        from mosaic_ray.engine.snapshot_delta import merge_lazily
 
         if stream_id in self.streams:
             raise StreamExistsError(f"stream {stream_id!r} already exists")
         try:
-            whole = merge_parts(parts)
+            whole = merge_lazily(parts)  # the pool's slabs stay in their parts until the import
         except ValueError as exc:
             raise InvalidInputError(f"snapshot parts do not merge: {exc}") from None
         self.import_stream(stream_id, whole)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
+from mosaic_ray.engine.snapshot_delta import PoolRows
 from mosaic_ray.engine.stream_state import StreamState
 
 _RESIDENT = ("k", "v", "order", "time", "pos", "block", "text")
@@ -35,6 +36,17 @@ _RETRIEVER_FIELDS = {
 }
 _OPTIONAL = ("text_keys", "text_slot", "kmin", "kmax", "coactivated")  # absent from older snapshots
 _COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
+COPY_CHUNK_ROWS = 4096  # slabs per copy of an import (4096 slabs of 7B shapes: 8 MiB of K/V)
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor,
+              chunk: int = COPY_CHUNK_ROWS) -> None:
+    """dst[dst_rows] = src[src_rows], `chunk` rows at a time: the gathered temporary is one chunk
+    (a few MB, reused), never the whole part (a fresh allocation of its size costs its page
+    faults, slower than the copy on a host)."""
+    for start in range(0, src_rows.numel(), chunk):
+        part = src_rows[start : start + chunk]
+        dst[dst_rows[start : start + chunk]] = src[part].to(dst.dtype)
 
 
 def _owner(obj, path):
@@ -81,10 +93,10 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     pool, dev = retriever.pool, cache.device
     old = tensors["pool.slab_ids"].to("cpu", torch.int64)
     new = pool.allocate(old.numel(), retriever.owner)
-    pool.kv[new] = tensors["pool.kv"].to(pool.kv.dtype)
-    pool.order[new] = tensors["pool.order"]
-    pool.time[new] = tensors["pool.time"]
-    pool.pos[new] = tensors["pool.pos"]
+    rows = snapshot.get("pool_rows") or PoolRows.whole(tensors)  # a merge of parts leaves them in place
+    for here, src_rows, src in rows.sources:
+        for n in ("kv", "order", "time", "pos"):
+            copy_rows(getattr(pool, n), new[here], src[f"pool.{n}"], src_rows)
     remap = torch.full((int(old.max()) + 1 if old.numel() else 1,), -1, dtype=torch.int64)
     remap[old] = new
     # copies, never views: the stream mutates its tensors in place, and a snapshot may be imported

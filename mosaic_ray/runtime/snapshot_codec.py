@@ -26,11 +26,16 @@ header, then per tensor its padding and its bytes as memoryviews of at most `chu
 the tensor itself when it is contiguous on the host (no copy), of a host copy of one piece at a
 time for a device tensor, of one block of rows at a time for a non-contiguous one. So encoding
 costs one piece (and the header) beyond the export's own tensors, whatever the part's size.
-`decode_part` takes any bytes-like blob (bytes, or the read-only memoryview of a mapped slot
-file that `DiskFrameLog` returns) and copies each tensor's bytes once, from the blob into the
-decoded tensor, `CHUNK_BYTES` at a time, unmapping each chunk's pages behind it: a rebuild holds
-the decoded tensors (1x the part; each contiguous, none sharing storage) and about one chunk of
-the mapping, never a second copy (the file's pages stay in the page cache, not the process).
+`decode_part` takes any bytes-like blob. From a writable one (the copy-on-write mapping of a slot
+file that `DiskFrameLog` returns, a bytearray) each tensor whose bytes are aligned for its dtype
+is a view of the blob, not a copy: the bulk of a part (bf16 K/V, float32 tables; the blob starts
+28 bytes into its file, so int64 tensors land 4 bytes off and are copied) costs no memory of its
+own and no page-faulting of fresh allocations; the import into the engine's pool is the one copy
+its bytes get. On a 2-core VM, 0.5 GiB of K/V: decoded by copying in 0.44-2.1 s (first-touch
+faults of the fresh tensors), by views in ~0 s. The views keep the mapping open while they live
+(its pages are the page cache's). From a read-only blob (bytes) and for the unaligned tensors,
+each tensor's bytes are copied once, `CHUNK_BYTES` at a time, unmapping a mapping's pages behind
+(`drop_pages`); such tensors are contiguous and share no storage.
 """
 
 from __future__ import annotations
@@ -154,6 +159,18 @@ def _load(view: memoryview) -> dict:
     return torch.load(_ViewReader(view), map_location="cpu", weights_only=True)
 
 
+def _tensor_at(view: memoryview, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """The flat tensor of view[offset : offset + nbytes]: a view of the blob when it is writable
+    and the bytes are aligned for `dtype`, else a copy."""
+    if nbytes and not view.readonly:
+        piece = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset)
+        if piece.data_ptr() % dtype.itemsize == 0:
+            return piece.view(dtype)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    _copy(memoryview(out.numpy()), view, offset, nbytes)
+    return out.view(dtype)
+
+
 def _decode_v2(view: memoryview) -> dict[str, Any]:
     if len(view) < _PREFIX.size:
         raise SnapshotCorruptError(f"snapshot cut short ({len(view)} bytes)")
@@ -169,9 +186,7 @@ def _decode_v2(view: memoryview) -> dict[str, Any]:
         offset += _padding(offset)
         if nbytes != math.prod(shape) * dtype.itemsize or offset + nbytes > len(view):
             raise SnapshotCorruptError(f"snapshot tensor {name!r} ({nbytes} bytes at {offset}) does not fit")
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        _copy(memoryview(out.numpy()), view, offset, nbytes)
-        tensors[name] = out.view(dtype).reshape(shape)
+        tensors[name] = _tensor_at(view, offset, nbytes, dtype).reshape(shape)
         offset += nbytes
     if offset != len(view):
         raise SnapshotCorruptError(f"snapshot of {len(view)} bytes holds {offset}")

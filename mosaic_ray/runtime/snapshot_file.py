@@ -20,11 +20,14 @@ Invariants:
 - A slot that fails its checksums (a byte changed anywhere, header or blob, or cut short) raises
   `SnapshotCorruptError`, never reads as another snapshot.
 
-Reading (`read_slot`) maps the file read-only and checks it chunk by chunk; the blob it returns
-is a read-only memoryview of the mapping: its bytes are the page cache's, not a copy in the
-process's memory. Who reads it through chunk by chunk (`crc32_of`, `snapshot_codec`'s decoder)
-unmaps each chunk's pages behind it (`drop_pages`), so the process's resident memory grows by
-about one chunk, not by the blob (mapped file pages count in RSS while mapped).
+Reading (`read_slot`) maps the file copy-on-write (a private mapping: nothing written through it
+reaches the file, and nothing is copied until a page is written, which no reader does) and checks
+it chunk by chunk; the blob it returns is a memoryview of the mapping: its bytes are the page
+cache's, not a copy in the process's memory. The checksum pass (`crc32_of`) unmaps each chunk's
+pages behind it (`drop_pages`), so the process's resident memory grows by about one chunk, not by
+the blob (mapped file pages count in RSS while mapped). The decoder (`snapshot_codec`) then makes
+tensors that are views of the mapping (zero copy: the import into the engine's pool is the one
+copy the bytes get), which keep the mapping open while they live.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def write_slot(fd: int, mark: int, blob: SnapshotBlob) -> CrcTally:
 
 def read_slot(path: Path, what: str) -> tuple[int, memoryview] | None:
     """(mark, blob) of the slot at `path`, None when there is none; `what` names it in errors.
-    The blob is a read-only memoryview of the mapped file, checksummed before it is returned."""
+    The blob is a memoryview of the file mapped copy-on-write, checksummed before it is returned."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -120,7 +123,7 @@ def read_slot(path: Path, what: str) -> tuple[int, memoryview] | None:
         size = os.fstat(fd).st_size
         if size < _SNAP_HEAD.size:
             raise SnapshotCorruptError(f"{what} is cut short ({size} bytes)")
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # writable views for torch, never the file
     finally:
         os.close(fd)
     view = memoryview(mapped)

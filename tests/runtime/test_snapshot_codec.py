@@ -170,3 +170,35 @@ def test_a_200_mb_snapshot_is_written_and_read_back_in_bounded_memory(tmp_path):
     assert write_peak < LIMIT and read_peak < LIMIT
     assert mark == MARK and part.last_seq == 7
     _same(tensors, part.state["tensors"])
+
+
+def test_a_mapped_slot_decodes_to_views_of_the_mapping_and_writes_never_reach_the_file(tmp_path):
+    # bf16 and float32 land aligned in a slot file (the blob starts 28 bytes in): views, no copy;
+    # int64 lands 4 bytes off: copied. Writing through a view changes neither the file nor a
+    # second read of it (the mapping is copy-on-write).
+    tensors = {"pool.kv": torch.randn(64, 2, 4, 8).to(torch.bfloat16), "pool.time": torch.rand(64, 4),
+               "pool.order": torch.arange(256).view(64, 4)}
+    log = DiskFrameLog(tmp_path, "always")
+    log.put_snapshot("s", MARK, encode_chunks({"meta": {}, "tensors": tensors}, MARK, 3))
+    before = log.snapshot_path("s").read_bytes()
+    _, blob = log.get_snapshot("s")
+    start = torch.frombuffer(blob, dtype=torch.uint8).data_ptr()
+    got = decode_part(blob).state["tensors"]
+    _same(tensors, got)
+    inside = [n for n, t in got.items() if start <= t.data_ptr() < start + len(blob)]
+    del blob
+    assert inside == ["pool.kv", "pool.time"]  # views of the mapping; the int64 one a copy
+    assert got["pool.time"].data_ptr() % 4 == 0 and got["pool.order"].data_ptr() % 8 == 0
+    got["pool.kv"].zero_()
+    got["pool.time"].fill_(7.0)
+    assert log.snapshot_path("s").read_bytes() == before
+    _same(tensors, decode_part(log.get_snapshot("s")[1]).state["tensors"])
+
+
+def test_a_read_only_blob_decodes_to_copies():
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7)}
+    blob = encode_snapshot({"meta": {}, "tensors": tensors}, MARK, 1)  # bytes: read-only
+    got = decode_part(blob).state["tensors"]
+    _same(tensors, got)
+    got["a"].zero_()  # its own memory
+    _same(tensors, decode_part(blob).state["tensors"])
