@@ -173,7 +173,7 @@ def main() -> None:
 
     from mosaic_ray.runtime.bootstrap import shutdown_runtime
     from mosaic_ray.runtime.config import RuntimeConfig
-    from mosaic_ray.runtime.frame_codec import decode, inspect
+    from mosaic_ray.runtime.durability.frame_codec import decode, inspect
 
     jpegs = [jpeg(i, args.size) for i in range(args.batch)]
     frames = [decode(inspect("jpeg", j, 1 << 26)) for j in jpegs]

@@ -29,7 +29,7 @@ CONFIGS = {"off": {"enabled": False}, "never": {"fsync": "never"}, "interval": {
 
 
 def jpeg_frames(n: int, size: int) -> list:
-    from mosaic_ray.runtime.frame_codec import inspect
+    from mosaic_ray.runtime.durability.frame_codec import inspect
 
     rng = np.random.default_rng(0)
     out = []

@@ -49,7 +49,7 @@ STORES = ("disk", "sqlite", "sqlite-ckpt")  # sqlite-ckpt: checkpoints by a thre
 
 
 def jpeg_frames(n: int, size: int) -> list:
-    from mosaic_ray.runtime.frame_codec import inspect
+    from mosaic_ray.runtime.durability.frame_codec import inspect
 
     rng = np.random.default_rng(0)
     base = np.linspace(0, 255, size * size * 3).reshape(size, size, 3)
@@ -64,7 +64,7 @@ def jpeg_frames(n: int, size: int) -> list:
 
 def open_store(store: str, root: str, policy: str):
     if store == "disk":
-        from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+        from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
 
         return DiskFrameLog(root, policy, 100)
     if store in ("sqlite", "sqlite-ckpt"):
@@ -81,7 +81,7 @@ def store_bytes(log, stream_id: str) -> int:
 
 
 def frame_record(frames: list, seq: int, batch: int):
-    from mosaic_ray.runtime.frame_log import FrameRecord
+    from mosaic_ray.runtime.durability.frame_log import FrameRecord
 
     chunk = tuple(frames[(seq * batch + i) % len(frames)] for i in range(batch))
     return FrameRecord(seq, chunk, tuple(float(seq * batch + i) for i in range(batch)))
@@ -143,7 +143,7 @@ def measure_concurrent(store: str, root: str, policy: str, frames: list, batch: 
 def build_log(log, frames: list, total: int, batch: int, mark_at: int | None = None) -> list:
     """A stream `s`: OpenRecord, then `total` frames in `batch`-frame records, a MarkRecord(1) after
     the record holding frame `mark_at`; returns the records appended."""
-    from mosaic_ray.runtime.frame_log import MarkRecord, OpenRecord
+    from mosaic_ray.runtime.durability.frame_log import MarkRecord, OpenRecord
 
     records = [OpenRecord(0.0)]
     log.append("s", records)
@@ -158,8 +158,8 @@ def build_log(log, frames: list, total: int, batch: int, mark_at: int | None = N
 
 
 def measure_replay(store: str, root: str, frames: list, total: int, batch: int) -> dict:
-    from mosaic_ray.runtime.frame_codec import decode_all
-    from mosaic_ray.runtime.log_replay import replay
+    from mosaic_ray.runtime.durability.frame_codec import decode_all
+    from mosaic_ray.runtime.durability.log_replay import replay
     from tests.runtime.fake_engine import FakeEngine
 
     log = open_store(store, f"{root}/{store}-replay", "never")
@@ -194,7 +194,7 @@ def measure_replay(store: str, root: str, frames: list, total: int, batch: int) 
 
 
 def measure_compaction(store: str, root: str, frames: list, total: int, batch: int, keep: int) -> dict:
-    from mosaic_ray.runtime.frame_log import MarkRecord
+    from mosaic_ray.runtime.durability.frame_log import MarkRecord
 
     log = open_store(store, f"{root}/{store}-compact", "interval")
     appended = build_log(log, frames, total, batch, mark_at=total - keep)

@@ -40,10 +40,10 @@ except ImportError:  # a GPU machine without Ray; runtime.errors only needs this
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
 from mosaic_ray.engine.stream_engine import StreamEngine  # noqa: E402
-from mosaic_ray.runtime.frame_codec import decode_all, inspect  # noqa: E402
-from mosaic_ray.runtime.frame_log import FrameRecord, OpenRecord  # noqa: E402
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog  # noqa: E402
-from mosaic_ray.runtime.log_replay import replay  # noqa: E402
+from mosaic_ray.runtime.durability.frame_codec import decode_all, inspect  # noqa: E402
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, OpenRecord  # noqa: E402
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog  # noqa: E402
+from mosaic_ray.runtime.durability.log_replay import replay  # noqa: E402
 from scaling_bench.harness import report  # noqa: E402
 from scaling_bench.harness.timing import sync  # noqa: E402
 

@@ -34,9 +34,9 @@ def _rss_mib() -> int:
 def phase(mode: str, which: str, root: str, mib: int) -> None:
     import torch
 
-    from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-    from mosaic_ray.runtime.snapshot_codec import decode_part, encode_chunks
-    from mosaic_ray.runtime.snapshots import StreamSnapshots
+    from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
+    from mosaic_ray.runtime.durability.snapshot_codec import decode_part, encode_chunks
+    from mosaic_ray.runtime.actors.snapshots import StreamSnapshots
 
     log = DiskFrameLog(root, "always")
     if which == "write":

@@ -43,12 +43,12 @@ except ImportError:  # a GPU machine without Ray; runtime.errors only needs this
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: scaling_bench, mosaic_ray
 
 from mosaic_ray.engine.interface import AskRequest  # noqa: E402
-from mosaic_ray.runtime.frame_codec import decode_all  # noqa: E402
-from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord  # noqa: E402
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog  # noqa: E402
-from mosaic_ray.runtime.log_replay import replay  # noqa: E402
-from mosaic_ray.runtime.snapshot_codec import encode_chunks  # noqa: E402
-from mosaic_ray.runtime.snapshots import plan_rebuild, write_verified  # noqa: E402
+from mosaic_ray.runtime.durability.frame_codec import decode_all  # noqa: E402
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, MarkRecord, OpenRecord  # noqa: E402
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog  # noqa: E402
+from mosaic_ray.runtime.durability.log_replay import replay  # noqa: E402
+from mosaic_ray.runtime.durability.snapshot_codec import encode_chunks  # noqa: E402
+from mosaic_ray.runtime.actors.snapshots import plan_rebuild, write_verified  # noqa: E402
 from scaling_bench.harness import report  # noqa: E402
 from scaling_bench.harness.timing import sync  # noqa: E402
 from scaling_bench.replay_rate import engine, jpegs  # noqa: E402

@@ -53,7 +53,7 @@ from mosaic_ray.model.attention import AttentionObserver
 
 def _counts_busy(method):
     """Add the time of the outermost piece of engine work to `busy_s` (nested calls count once):
-    the shard's measured capacity (`runtime/capacity.py`)."""
+    the shard's measured capacity (`runtime/actors/capacity.py`)."""
     @functools.wraps(method)
     def timed(self, *args, **kwargs):
         self._busy_depth += 1

@@ -17,9 +17,9 @@ from ray.exceptions import ActorUnavailableError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.frame_log_stores import log_root, open_frame_log
-from mosaic_ray.runtime.router import Router
-from mosaic_ray.runtime.stream_map import open_store
+from mosaic_ray.runtime.durability.frame_log_stores import log_root, open_frame_log
+from mosaic_ray.runtime.placement.router import Router
+from mosaic_ray.runtime.placement.stream_map import open_store
 
 RouterActor = ray.remote(Router)
 

@@ -99,7 +99,7 @@ class ShardSpec(ConfigModel):
         "recent rate (1-30 s)"))
     # None by default for CPU demos and tests, where a small model keeps the engine busy all the time.
     max_utilization: float | None = Field(None, gt=0, le=1, description=(
-        "admission from measured capacity (`runtime/capacity.py`): a new stream is refused (503 `overloaded`, "
+        "admission from measured capacity (`runtime/actors/capacity.py`): a new stream is refused (503 `overloaded`, "
         "Retry-After; the router tries the next shard) when the engine's busy share (forwards, sampling, "
         "commits and offloads; not cluster splits) over `capacity_window_s`, times (streams + 1) / streams, "
         "would pass it. None: admit by the other limits only (a CPU demo's engine is busy all the time); "
@@ -141,7 +141,7 @@ class ShardSpec(ConfigModel):
 
 
 class MigrationSpec(ConfigModel):
-    """Moving a whole stream between shards (`mosaic_ray.runtime.migration`): how its state travels,
+    """Moving a whole stream between shards (`mosaic_ray.runtime.actors.migration`): how its state travels,
     whether it is verified, and the deadlines of a move."""
 
     transport: Literal["auto", "distributed", "object_store"] = Field("auto", description=(
@@ -161,7 +161,7 @@ class MigrationSpec(ConfigModel):
 
 
 class DurabilitySpec(ConfigModel):
-    """Per-stream frame logs (`runtime/frame_log.py`, docs/reliability.md): what is
+    """Per-stream frame logs (`runtime/durability/frame_log.py`, docs/reliability.md): what is
     acknowledged survives a shard.
 
     A frame batch, text or stream option is acknowledged only after its record is in the stream's log; a
@@ -177,7 +177,7 @@ class DurabilitySpec(ConfigModel):
         "log directory (`<root>/<runtime name>/<stream>.log`); None: `$MOSAIC_RAY_LOG_DIR`, else "
         "`~/.mosaic_ray/log`, and `mosaic-ray serve` with a private cluster adds `port-<http.port>` (one "
         "directory per server on a host; a restart with the same config finds its streams). `mosaic-ray "
-        "serve` locks the directory (`runtime/log_dir_lock.py`): a second server on it refuses to start, "
+        "serve` locks the directory (`runtime/durability/log_dir_lock.py`): a second server on it refuses to start, "
         "naming the first (`--log-dir DIR` picks another). Several nodes: storage every node reaches (NFS...)"))
     # A killed shard process loses nothing under any policy: the page cache outlives it.
     fsync: Literal["always", "interval", "never"] = Field("interval", description=(
@@ -207,14 +207,14 @@ class DurabilitySpec(ConfigModel):
     snapshot_every_frames: int = Field(600, ge=0, description=(
         "a stream's engine state is snapshotted every this many acknowledged frames and its log compacted to "
         "the records after it (at a base; a delta: `snapshot_max_deltas`); a rebuild imports the snapshot and "
-        "replays only the tail (`runtime/snapshots.py`). 0: never (whole logs, which grow forever, replayed "
+        "replays only the tail (`runtime/actors/snapshots.py`). 0: never (whole logs, which grow forever, replayed "
         "whole). 600 = 10 min at 1 fps: a tail of at most 600 frames, ~22 s of prefill alone on an H100 "
         "(27 frames/s measured), inside the 30 s recovery goal. Lower: shorter rebuilds, one snapshot write "
         "(the stream's KV bytes) more often. A custom `store` without `put_snapshot` / `truncate_before` "
         "gets none"))
     # A base costs the stream's KV bytes once more where the engine keeps them (the export's copies),
     # plus one 8 MiB chunk: it is streamed to disk and read back chunk by chunk
-    # (`runtime/snapshot_codec.py`), and written whole each time. ~28 GiB of KV per hour of a
+    # (`runtime/durability/snapshot_codec.py`), and written whole each time. ~28 GiB of KV per hour of a
     # 7B-shaped stream (on the GPU under `full`, in the host pool under `cluster`); lower it when the
     # host cannot spare the copy, or the disk the writes.
     snapshot_max_bytes: int = Field(64 << 30, ge=0, description=(
@@ -244,7 +244,7 @@ class DurabilitySpec(ConfigModel):
 
 
 class LoadWeights(ConfigModel):
-    """Weights of a shard's load score (`mosaic_ray.runtime.load`): the score
+    """Weights of a shard's load score (`mosaic_ray.runtime.actors.load`): the score
     places new streams and drives rebalancing.
 
     Not yet measured on the real engine. Chosen so one unit = one idle stream: a 1-hour stream of a

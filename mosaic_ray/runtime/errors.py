@@ -43,7 +43,7 @@ class RetryLaterError(EngineError):
 
 class ShardBusyError(RetryLaterError):
     """The shard's ingest queue is full, the stream is held longer than allowed, or the shard's
-    measured capacity takes no new stream (`runtime/capacity.py`); retry later."""
+    measured capacity takes no new stream (`runtime/actors/capacity.py`); retry later."""
 
     code = "overloaded"
     status = 503

@@ -24,7 +24,7 @@ and text count against the tenant's rates (`limits.py`). Every body is bounded (
 
 A replica resolves a stream's shard once through the router and then calls the shard actor
 directly (`StreamDirectory`). Frame bodies are parsed and checked here (format, size, limits), then
-forwarded still compressed: the shard decodes them (`runtime/frame_codec.py`). A streamed answer's
+forwarded still compressed: the shard decodes them (`runtime/durability/frame_codec.py`). A streamed answer's
 status is decided by its first delta: errors before it are proper 4xx/5xx responses, errors after
 it are an SSE `error` event.
 """
@@ -44,7 +44,7 @@ from ray import serve
 
 from mosaic_ray.engine.interface import InvalidInputError, UnknownStreamError
 from mosaic_ray.bounds import is_stream_id
-from mosaic_ray.runtime.router import new_stream_id
+from mosaic_ray.runtime.placement.router import new_stream_id
 from mosaic_ray.serve import sse
 from mosaic_ray.serve.answer_end import end_of, is_end
 from mosaic_ray.serve.auth import Authenticator, Caller, presented_key, presented_ws_key

@@ -9,7 +9,7 @@ small stack (dino-smollm2) on two CPU shards. Flags override a few fields for qu
 `--log-dir`.
 
 Before Ray starts, it says which model runs, where its weights come from and what it caches,
-and locks the frame-log directory (`runtime/log_dir_lock.py`): a second server on the same
+and locks the frame-log directory (`runtime/durability/log_dir_lock.py`): a second server on the same
 directory refuses to start. With a private cluster and no `durability.root`, the directory is
 per server: `$MOSAIC_RAY_LOG_DIR` (else `~/.mosaic_ray/log`) `/port-<http.port>/<runtime name>`.
 A private cluster runs with Ray's token authentication, named explicitly (RAY_AUTH_MODE=token
@@ -143,7 +143,7 @@ def _per_server_log_root(cfg: LaunchConfig) -> LaunchConfig:
     servers on one host (they cannot share a port) never meet in a directory, and a restart with
     the same config finds its streams again. A shared cluster keeps the runtime's own default
     (its nodes resolve it), and a root the config names is kept as given."""
-    from mosaic_ray.runtime.frame_log_stores import DEFAULT_LOG_DIR, LOG_DIR_ENV
+    from mosaic_ray.runtime.durability.frame_log_stores import DEFAULT_LOG_DIR, LOG_DIR_ENV
 
     durability = cfg.app.runtime.durability
     if durability.root is not None:
@@ -184,8 +184,8 @@ def _model_line(cfg: LaunchConfig) -> str:
 def _lock_log_dir(cfg: LaunchConfig, url: str):
     """The held LogDirLock of the runtime's frame-log directory, or None where this process cannot
     see that directory (a shared cluster with no explicit root: its nodes resolve it)."""
-    from mosaic_ray.runtime.frame_log_stores import log_root
-    from mosaic_ray.runtime.log_dir_lock import LogDirInUseError, LogDirLock
+    from mosaic_ray.runtime.durability.frame_log_stores import log_root
+    from mosaic_ray.runtime.durability.log_dir_lock import LogDirInUseError, LogDirLock
 
     durability = cfg.app.runtime.durability
     if not durability.enabled or durability.store != "disk":

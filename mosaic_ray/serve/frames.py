@@ -12,7 +12,7 @@ at most `MAX_DEPTH` deep (a batch is map > frames array > frame map > shape arra
 The ingress checks everything it can without decoding pixels: the batch's schema, each image's
 format and size from its header (so a decompression bomb is refused unread), the pixel limit, a raw
 frame's byte count. What fails is a 4xx here, before any shard is involved. Pixels are decoded on
-the shard (`mosaic_ray.runtime.frame_codec` says why).
+the shard (`mosaic_ray.runtime.durability.frame_codec` says why).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import msgpack
 from pydantic import ValidationError
 
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.frame_codec import EncodedFrame, inspect
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame, inspect
 from mosaic_ray.serve.errors import MalformedBodyError
 from mosaic_ray.serve.schemas import FrameBatchIn, FrameIn
 

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mosaic_ray.runtime.frame_log import (
+from mosaic_ray.runtime.durability.frame_log import (
     FrameLog,
     LogRecord,
     LogWriteError,
@@ -198,6 +198,6 @@ class SqliteFrameLog(FrameLog):
 
 def open_store(spec, runtime_name: str) -> SqliteFrameLog:
     """`DurabilitySpec.store = "scaling_bench.harness.frame_log_sqlite:open_store"`."""
-    from mosaic_ray.runtime.frame_log_stores import log_root
+    from mosaic_ray.runtime.durability.frame_log_stores import log_root
 
     return SqliteFrameLog(log_root(spec, runtime_name), spec.fsync)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
 from scaling_bench import frame_log_cost
 from scaling_bench.harness.frame_log_sqlite import SqliteFrameLog
 

@@ -130,7 +130,7 @@ def test_tokens_leaving_the_window_are_offloaded_between_steps(tiny_adapter, mon
 
 
 def test_the_offload_counts_as_busy_and_splits_do_not(tiny_adapter, monkeypatch):
-    """The shard's capacity (`runtime/capacity.py`) reads the engine's busy seconds: an offload is
+    """The shard's capacity (`runtime/actors/capacity.py`) reads the engine's busy seconds: an offload is
     work every stream's frames need, so its time is in them; cluster splits refine in the time
     left and are not."""
     import time

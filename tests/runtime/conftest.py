@@ -2,8 +2,8 @@
 
 import pytest
 
-from mosaic_ray.runtime.frame_log import MemoryFrameLog
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.frame_log import MemoryFrameLog
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
 
 
 @pytest.fixture(params=["disk", "memory"])

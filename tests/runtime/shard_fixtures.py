@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mosaic_ray.runtime.frame_log import MemoryFrameLog
-from mosaic_ray.runtime.shard import ShardActor
+from mosaic_ray.runtime.durability.frame_log import MemoryFrameLog
+from mosaic_ray.runtime.actors.shard import ShardActor
 from tests.runtime.fake_engine import FACTORY
 
 STORE = "tests.runtime.shard_fixtures:shared_store"  # DurabilitySpec.store naming `shared_store`

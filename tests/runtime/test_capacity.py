@@ -1,7 +1,7 @@
 """CapacityGate: a new stream is refused once the engine's measured busy share, scaled to one more
 stream, would pass the limit; nothing is refused before there is something measured."""
 
-from mosaic_ray.runtime.capacity import CapacityGate
+from mosaic_ray.runtime.actors.capacity import CapacityGate
 
 
 def test_admits_until_the_projection_passes_the_limit():

@@ -21,9 +21,9 @@ from PIL import Image
 from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
-from mosaic_ray.runtime.frame_codec import inspect
-from mosaic_ray.runtime.frame_log import TextRecord
-from mosaic_ray.runtime.frame_log_stores import open_frame_log
+from mosaic_ray.runtime.durability.frame_codec import inspect
+from mosaic_ray.runtime.durability.frame_log import TextRecord
+from mosaic_ray.runtime.durability.frame_log_stores import open_frame_log
 from mosaic_ray.serve.directory import StreamDirectory
 from tests.runtime.fake_engine import BREAK_TEXT, CRASH_TEXT, FACTORY
 

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
 from mosaic_ray.engine.interface import EngineError
-from mosaic_ray.runtime.router import held_prefixed
-from mosaic_ray.runtime.stream_map import StreamMap
+from mosaic_ray.runtime.placement.router import held_prefixed
+from mosaic_ray.runtime.placement.stream_map import StreamMap
 from tests.runtime.fake_engine import frame_feature
 from tests.runtime.shard_fixtures import MemoryMapStore, forget_store, local_shard, shared_store, stop_local
 

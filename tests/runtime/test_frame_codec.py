@@ -11,7 +11,7 @@ from PIL import Image
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.errors import MalformedFrameError
-from mosaic_ray.runtime.frame_codec import decode, decode_all, inspect
+from mosaic_ray.runtime.durability.frame_codec import decode, decode_all, inspect
 
 RGB = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 

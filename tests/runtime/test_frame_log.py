@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mosaic_ray.runtime.config import DurabilitySpec
-from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import (
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_log import (
     FrameRecord,
     LogCorruptError,
     MemoryFrameLog,
@@ -18,8 +18,8 @@ from mosaic_ray.runtime.frame_log import (
     OptionsRecord,
     TextRecord,
 )
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-from mosaic_ray.runtime.frame_log_stores import open_frame_log
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.frame_log_stores import open_frame_log
 
 JPEG_LIKE = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
 

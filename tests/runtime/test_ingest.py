@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.engine_runner import EngineRunner
+from mosaic_ray.runtime.actors.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
-from mosaic_ray.runtime.ingest import IngestQueue
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.actors.ingest import IngestQueue
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 from tests.runtime.fake_engine import FakeEngine, frame_feature
 
 FRAME_DELAY_S = 0.02  # keeps the engine busy so that later batches queue up behind the first
@@ -174,7 +174,7 @@ def test_queued_frames_free_the_stream_lock_until_they_are_in():
     """With an engine that queues frames (`queued=True`), the stream's lock covers the hand-over
     only: a question can take it while the step loop has the frames, and the batch is
     acknowledged once they are in, not before."""
-    from mosaic_ray.runtime.shard_metrics import ShardMeter
+    from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
 
     async def go():
         handed, release = [], asyncio.Event()

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.frame_codec import decode_all
+from mosaic_ray.runtime.durability.frame_codec import decode_all
 from mosaic_ray.runtime.errors import SeqConflictError
-from mosaic_ray.runtime.frame_log import FrameRecord, LogWriteError, MemoryFrameLog, OpenRecord
-from mosaic_ray.runtime.ingest import IngestQueue
-from mosaic_ray.runtime.log_replay import replay
-from mosaic_ray.runtime.shard_log import frame_record
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, LogWriteError, MemoryFrameLog, OpenRecord
+from mosaic_ray.runtime.actors.ingest import IngestQueue
+from mosaic_ray.runtime.durability.log_replay import replay
+from mosaic_ray.runtime.durability.shard_log import frame_record
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 from tests.runtime.fake_engine import FakeEngine
 
 SID = "s"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mosaic_ray.runtime.config import LoadWeights
-from mosaic_ray.runtime.load import GIB, LoadReport, StreamLoad, least_loaded, plan_moves
+from mosaic_ray.runtime.actors.load import GIB, LoadReport, StreamLoad, least_loaded, plan_moves
 
 W = LoadWeights()
 

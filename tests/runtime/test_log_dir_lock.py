@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from mosaic_ray.runtime.log_dir_lock import LOCK_NAME, LogDirInUseError, LogDirLock
+from mosaic_ray.runtime.durability.log_dir_lock import LOCK_NAME, LogDirInUseError, LogDirLock
 
-HOLD = ("import sys, time; from mosaic_ray.runtime.log_dir_lock import LogDirLock; "
+HOLD = ("import sys, time; from mosaic_ray.runtime.durability.log_dir_lock import LogDirLock; "
         "LogDirLock.acquire(sys.argv[1], 'http://127.0.0.1:8000'); print('held', flush=True); time.sleep(60)")
 
 

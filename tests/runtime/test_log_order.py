@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from mosaic_ray.runtime.frame_log import FrameRecord, LogWriteError, MarkRecord, TextRecord
-from mosaic_ray.runtime.log_order import LogOrder
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, LogWriteError, MarkRecord, TextRecord
+from mosaic_ray.runtime.durability.log_order import LogOrder
 
 
 def _frames(seq: int) -> FrameRecord:

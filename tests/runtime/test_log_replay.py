@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all, inspect
-from mosaic_ray.runtime.frame_log import FrameRecord, OpenRecord, OptionsRecord, TextRecord
-from mosaic_ray.runtime.log_replay import replay
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame, decode_all, inspect
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, OpenRecord, OptionsRecord, TextRecord
+from mosaic_ray.runtime.durability.log_replay import replay
 from tests.runtime.fake_engine import FakeEngine
 
 MAX_FRAMES = 4

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mosaic_ray.runtime.errors import MigrationError
-from mosaic_ray.runtime import migration
-from mosaic_ray.runtime.migration import MigrationSource, byte_view, fingerprint, receive
+from mosaic_ray.runtime.actors import migration
+from mosaic_ray.runtime.actors.migration import MigrationSource, byte_view, fingerprint, receive
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64,
           torch.int64, torch.int32, torch.uint8, torch.bool]

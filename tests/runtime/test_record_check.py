@@ -7,9 +7,9 @@ import math
 import pytest
 
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.frame_log import FrameRecord, OpenRecord, TextRecord
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, OpenRecord, TextRecord
 from mosaic_ray.bounds import MAX_TIME_S as MAX_STREAM_TIME_S
-from mosaic_ray.runtime.record_check import check_record, check_times
+from mosaic_ray.runtime.durability.record_check import check_record, check_times
 
 
 @pytest.mark.parametrize("ts", [0.0, 1.5, MAX_STREAM_TIME_S])

@@ -20,9 +20,9 @@ from mosaic_ray.runtime.errors import (
     StreamQuarantinedError,
     StreamRecoveringError,
 )
-from mosaic_ray.runtime.frame_log import MemoryFrameLog, OpenRecord
-from mosaic_ray.runtime.recovery import RecoveryManager
-from mosaic_ray.runtime.stream_map import StreamMap
+from mosaic_ray.runtime.durability.frame_log import MemoryFrameLog, OpenRecord
+from mosaic_ray.runtime.placement.recovery import RecoveryManager
+from mosaic_ray.runtime.placement.stream_map import StreamMap
 from tests.runtime.shard_fixtures import MemoryMapStore
 
 S0, S1 = "rt:shard:0", "rt:shard:1"

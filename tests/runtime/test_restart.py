@@ -15,7 +15,7 @@ from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.bootstrap import connect_runtime, drain_runtime, shutdown_runtime
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.errors import QuotaExceededError, ShuttingDownError
-from mosaic_ray.runtime.stream_map import open_store
+from mosaic_ray.runtime.placement.stream_map import open_store
 from mosaic_ray.serve.directory import StreamDirectory
 from tests.runtime.fake_engine import FACTORY
 

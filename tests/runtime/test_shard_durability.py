@@ -11,12 +11,12 @@ import pytest
 
 from mosaic_ray.engine.interface import StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec
-from mosaic_ray.runtime.engine_guard import EngineGuard
-from mosaic_ray.runtime.engine_runner import EngineRunner
-from mosaic_ray.runtime.shard_durability import StreamDurability
-from mosaic_ray.runtime.shard_log import ShardLog
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.actors.engine_guard import EngineGuard
+from mosaic_ray.runtime.actors.engine_runner import EngineRunner
+from mosaic_ray.runtime.actors.shard_durability import StreamDurability
+from mosaic_ray.runtime.durability.shard_log import ShardLog
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 from tests.runtime.fake_engine import FACTORY
 from tests.runtime.shard_fixtures import STORE, forget_store, local_shard, stop_local
 

@@ -12,8 +12,8 @@ import pytest
 
 from mosaic_ray.engine.interface import InvalidInputError
 from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
-from mosaic_ray.runtime.frame_log import FrameRecord, TextRecord
-from mosaic_ray.runtime.shard_log import frame_record
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, TextRecord
+from mosaic_ray.runtime.durability.shard_log import frame_record
 from tests.runtime.fake_engine import BREAK_TEXT, CRASH_TEXT
 from tests.runtime.shard_fixtures import STORE, forget_store, local_shard, shared_store, stop_local
 
@@ -108,7 +108,7 @@ def test_requests_the_real_engine_fails_on_leave_its_shard_healthy(runtime):
     shard broken: a temperature of 1e-39 is answered greedily (the sampler's floor,
     `bounds.MIN_TEMPERATURE`), a seed beyond 63 bits is refused (422) and a frame at ts=1e300 is
     refused before the engine sees it (422); the shard stays healthy and the stream answers after."""
-    from mosaic_ray.runtime.shard import ShardActor
+    from mosaic_ray.runtime.actors.shard import ShardActor
 
     engine = {"factory": "mosaic_ray.engine.stream_engine:StreamEngine.from_spec",
               "kwargs": {"model": "tiny", "device": "cpu", "kv_pool": {"capacity_tokens": 1 << 14},
@@ -146,7 +146,7 @@ def test_a_rebuild_without_room_is_an_overload_not_a_quarantine(runtime):
     reliability_load.py); nothing of the stream stays there, and a shard with room rebuilds it
     whole."""
     from mosaic_ray.engine.interface import OverloadedError
-    from mosaic_ray.runtime.shard import ShardActor
+    from mosaic_ray.runtime.actors.shard import ShardActor
 
     def real(index: int, pool_bytes: int):
         engine = {"factory": "mosaic_ray.engine.stream_engine:StreamEngine.from_spec",

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from mosaic_ray.engine.interface import AnswerEnd
-from mosaic_ray.runtime.shard_metrics import FINISHED_REASONS, Histogram, ShardMeter
+from mosaic_ray.runtime.actors.shard_metrics import FINISHED_REASONS, Histogram, ShardMeter
 
 
 def test_histogram_buckets_are_cumulative_and_count_every_observation():

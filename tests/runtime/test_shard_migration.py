@@ -12,12 +12,12 @@ import ray
 
 from mosaic_ray.engine.interface import StreamExistsError
 from mosaic_ray.runtime.config import EngineSpec, MigrationSpec
-from mosaic_ray.runtime.engine_guard import EngineGuard
-from mosaic_ray.runtime.engine_runner import EngineRunner
+from mosaic_ray.runtime.actors.engine_guard import EngineGuard
+from mosaic_ray.runtime.actors.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import MigrationError
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.shard_migration import MigrationEndpoint
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.shard_migration import MigrationEndpoint
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 from tests.runtime.fake_engine import FACTORY
 
 

@@ -15,9 +15,9 @@ import torch
 
 from mosaic_ray.engine.interface import AskRequest
 from mosaic_ray.model.registry import load_model
-from mosaic_ray.runtime.frame_log import SnapshotCorruptError
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-from mosaic_ray.runtime.snapshot_codec import (
+from mosaic_ray.runtime.durability.frame_log import SnapshotCorruptError
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.snapshot_codec import (
     ALIGN,
     FORMAT_MAGIC,
     decode_part,
@@ -25,7 +25,7 @@ from mosaic_ray.runtime.snapshot_codec import (
     encode_chunks,
     encode_snapshot,
 )
-from mosaic_ray.runtime.snapshots import StreamSnapshots
+from mosaic_ray.runtime.actors.snapshots import StreamSnapshots
 from tests.engine.engine_fixtures import frames, make_engine
 
 MARK = 1_700_000_000_123_456_789

@@ -13,8 +13,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, SnapshotCorruptError
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, MarkRecord, SnapshotCorruptError
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
 from tests.runtime.shard_fixtures import forget_store, local_shard, shared_store, stop_local
 
 FIRST = 160  # frames before the base

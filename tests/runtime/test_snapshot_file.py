@@ -14,10 +14,10 @@ import zlib
 
 import pytest
 
-from mosaic_ray.runtime.frame_log import LogWriteError, MemoryFrameLog, SnapshotCorruptError
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-from mosaic_ray.runtime.snapshot_file import CHUNK_BYTES, CrcTally, crc32_of
-from mosaic_ray.runtime.snapshots import StreamSnapshots
+from mosaic_ray.runtime.durability.frame_log import LogWriteError, MemoryFrameLog, SnapshotCorruptError
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.snapshot_file import CHUNK_BYTES, CrcTally, crc32_of
+from mosaic_ray.runtime.actors.snapshots import StreamSnapshots
 
 BLOB = bytes(range(256)) * 40 + b"tail"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mosaic_ray.runtime.errors import SnapshotLostError
-from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import (
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_log import (
     FrameRecord,
     LogWriteError,
     MarkRecord,
@@ -21,8 +21,8 @@ from mosaic_ray.runtime.frame_log import (
     SnapshotCorruptError,
     TextRecord,
 )
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
-from mosaic_ray.runtime.snapshots import decode_snapshot, encode_snapshot, plan_rebuild
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.actors.snapshots import decode_snapshot, encode_snapshot, plan_rebuild
 
 MARK = 1_700_000_000_123_456_789  # marks are nanosecond clocks: 8-byte msgpack ints
 

@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from mosaic_ray.runtime.bootstrap import connect_runtime, shutdown_runtime
-from mosaic_ray.runtime.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, MarkRecord, OpenRecord, TextRecord
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
 from mosaic_ray.serve.directory import StreamDirectory
 from tests.runtime.test_chaos import FRAMES, RECOVERY_LIMIT_S, _call, _config, _ingest, _kill_shard0_until_quarantined
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mosaic_ray.runtime.errors import ShardBusyError
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 from tests.runtime.test_ingest import Harness
 
 STREAM_BOUND = 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mosaic_ray.runtime.stream_map import JSONFileStore, StreamMap, open_store
+from mosaic_ray.runtime.placement.stream_map import JSONFileStore, StreamMap, open_store
 
 
 def test_file_store_survives_reopen_and_leaves_no_temp_files(tmp_path):

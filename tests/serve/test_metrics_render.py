@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosaic_ray.runtime.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
 from mosaic_ray.serve.metrics import CONTENT_TYPE_LATEST, render
 
 TTFTS = (0.02, 0.04, 0.3, 0.3, 7.0)

@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from mosaic_ray.runtime.shard import ShardActor
+from mosaic_ray.runtime.actors.shard import ShardActor
 from mosaic_ray.serve.metrics import render
 from tests.runtime.shard_fixtures import stop_local
 

@@ -67,7 +67,7 @@ def test_load_with_a_shard_killed_loses_no_acknowledged_frame(load_app):
 
 def test_recovery_and_shutdown_errors_are_503_with_retry_after():
     from mosaic_ray.runtime.errors import ShuttingDownError, StreamRecoveringError
-    from mosaic_ray.runtime.frame_log import LogWriteError
+    from mosaic_ray.runtime.durability.frame_log import LogWriteError
     from mosaic_ray.serve.errors import response_for
 
     for exc, code, after in [(StreamRecoveringError("rebuilding", 2.0), "stream_recovering", "2"),

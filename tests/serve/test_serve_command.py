@@ -36,7 +36,7 @@ from PIL import Image
 
 from mosaic_ray.cli import main
 
-from mosaic_ray.runtime.log_dir_lock import LogDirLock
+from mosaic_ray.runtime.durability.log_dir_lock import LogDirLock
 from mosaic_ray.serve import command
 from mosaic_ray.serve.command import LaunchError, load_config, packaged_configs, private_cluster_env
 from tests.conftest import ROOT, free_port

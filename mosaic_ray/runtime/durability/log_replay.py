@@ -41,9 +41,9 @@ import numpy as np
 
 from mosaic_ray.engine.interface import EngineError, OverloadedError
 from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError, StreamQuarantinedError
-from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
-from mosaic_ray.runtime.record_check import check_record
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, LogRecord, OptionsRecord, TextRecord
+from mosaic_ray.runtime.durability.record_check import check_record
 
 AppendFrames = Callable[[list[np.ndarray], list[float]], Awaitable[int]]
 AppendText = Callable[[str, float], Awaitable[None]]
@@ -209,7 +209,7 @@ def _fresh(group: list[FrameRecord], last_seq: int) -> list[FrameRecord]:
 
 
 def _decode_each(frames) -> list[np.ndarray]:
-    from mosaic_ray.runtime.frame_codec import decode
+    from mosaic_ray.runtime.durability.frame_codec import decode
 
     try:
         return [decode(f) for f in frames]

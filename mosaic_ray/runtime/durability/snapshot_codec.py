@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from mosaic_ray.runtime.frame_log import SnapshotCorruptError
-from mosaic_ray.runtime.snapshot_file import CHUNK_BYTES, drop_pages
+from mosaic_ray.runtime.durability.frame_log import SnapshotCorruptError
+from mosaic_ray.runtime.durability.snapshot_file import CHUNK_BYTES, drop_pages
 
 SNAPSHOT_FORMAT = 2  # written; 1 is read too. "base" and "index" are optional: a part without them is a base
 FORMAT_MAGIC = b"MRT2"

@@ -55,13 +55,13 @@ from mosaic_ray.runtime.errors import (
     ShardUnavailableError,
     unwrap_ray_error,
 )
-from mosaic_ray.runtime.frame_log_stores import open_frame_log
-from mosaic_ray.runtime.load import LoadReport, plan_moves
-from mosaic_ray.runtime.recovery import RecoveryManager
-from mosaic_ray.runtime.shard_pool import ShardPool
-from mosaic_ray.runtime.stream_map import StreamMap, open_store
+from mosaic_ray.runtime.durability.frame_log_stores import open_frame_log
+from mosaic_ray.runtime.actors.load import LoadReport, plan_moves
+from mosaic_ray.runtime.placement.recovery import RecoveryManager
+from mosaic_ray.runtime.placement.shard_pool import ShardPool
+from mosaic_ray.runtime.placement.stream_map import StreamMap, open_store
 
-log = logging.getLogger("mosaic_ray.runtime.router")
+log = logging.getLogger("mosaic_ray.runtime.placement.router")
 
 
 def new_stream_id() -> str:

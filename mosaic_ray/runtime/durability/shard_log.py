@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mosaic_ray.runtime.config import DurabilitySpec
-from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
-from mosaic_ray.runtime.frame_log import (
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame, decode_all
+from mosaic_ray.runtime.durability.frame_log import (
     FrameLog,
     FrameRecord,
     LogRecord,
@@ -34,7 +34,7 @@ from mosaic_ray.runtime.frame_log import (
     OptionsRecord,
     TextRecord,
 )
-from mosaic_ray.runtime.frame_log_stores import open_frame_log
+from mosaic_ray.runtime.durability.frame_log_stores import open_frame_log
 
 
 class ShardLog:

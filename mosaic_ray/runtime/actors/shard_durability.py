@@ -46,12 +46,12 @@ from mosaic_ray.engine.interface import EngineError, OverloadedError, StreamExis
 from mosaic_ray.engine.snapshot_delta import part_bytes
 from mosaic_ray.runtime.config import DurabilitySpec
 from mosaic_ray.runtime.errors import EngineFailedError
-from mosaic_ray.runtime.frame_log import FrameLog
-from mosaic_ray.runtime.log_replay import replay
-from mosaic_ray.runtime.shard_log import ShardLog
-from mosaic_ray.runtime.snapshot_plan import base_only
-from mosaic_ray.runtime.snapshots import StreamSnapshots, plan_rebuild, without_snapshot
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.durability.frame_log import FrameLog
+from mosaic_ray.runtime.durability.log_replay import replay
+from mosaic_ray.runtime.durability.shard_log import ShardLog
+from mosaic_ray.runtime.durability.snapshot_plan import base_only
+from mosaic_ray.runtime.actors.snapshots import StreamSnapshots, plan_rebuild, without_snapshot
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 
 
 class StreamDurability:

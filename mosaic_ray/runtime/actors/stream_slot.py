@@ -27,8 +27,8 @@ from typing import Any
 
 from mosaic_ray.engine.interface import UnknownStreamError
 from mosaic_ray.runtime.errors import ShardBusyError, StreamMovedError
-from mosaic_ray.runtime.log_order import LogOrder
-from mosaic_ray.runtime.shard_metrics import DecayingRate
+from mosaic_ray.runtime.durability.log_order import LogOrder
+from mosaic_ray.runtime.actors.shard_metrics import DecayingRate
 
 
 @dataclass(eq=False)

@@ -61,13 +61,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mosaic_ray.runtime.frame_log import FrameLog, MarkRecord, SnapshotCorruptError
-from mosaic_ray.runtime.snapshot_codec import decode_snapshot, encode_chunks, encode_snapshot
-from mosaic_ray.runtime.snapshot_file import CrcTally, crc32_of
-from mosaic_ray.runtime.snapshot_plan import plan_rebuild, without_snapshot
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.durability.frame_log import FrameLog, MarkRecord, SnapshotCorruptError
+from mosaic_ray.runtime.durability.snapshot_codec import decode_snapshot, encode_chunks, encode_snapshot
+from mosaic_ray.runtime.durability.snapshot_file import CrcTally, crc32_of
+from mosaic_ray.runtime.durability.snapshot_plan import plan_rebuild, without_snapshot
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 
-log = logging.getLogger("mosaic_ray.runtime.snapshots")
+log = logging.getLogger("mosaic_ray.runtime.actors.snapshots")
 
 __all__ = ["StreamSnapshots", "decode_snapshot", "encode_chunks", "encode_snapshot", "plan_rebuild",
            "without_snapshot"]

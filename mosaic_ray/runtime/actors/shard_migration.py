@@ -36,12 +36,12 @@ import ray
 from mosaic_ray.engine.interface import EngineError, StreamExistsError
 from mosaic_ray.runtime.config import MigrationSpec
 from mosaic_ray.runtime.errors import MigrationError
-from mosaic_ray.runtime.shard_log import ShardLog
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.durability.shard_log import ShardLog
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 
 if TYPE_CHECKING:  # migration imports torch: loaded on first use, so the router and ingress stay light
-    from mosaic_ray.runtime.migration import MigrationSource, TransferOffer
+    from mosaic_ray.runtime.actors.migration import MigrationSource, TransferOffer
 
 
 class MigrationEndpoint:
@@ -66,7 +66,7 @@ class MigrationEndpoint:
     async def begin(self, stream_id: str) -> dict[str, float]:
         """Freeze the stream (its new requests are held) and export it, ready to be offered.
         Returns seconds spent: freeze (in-flight requests drained), export, fingerprint."""
-        from mosaic_ray.runtime.migration import MigrationSource
+        from mosaic_ray.runtime.actors.migration import MigrationSource
 
         slot = self._slot(stream_id)
         t0 = time.perf_counter()
@@ -100,7 +100,7 @@ class MigrationEndpoint:
     async def receive(self, offer: TransferOffer) -> dict[str, float]:
         """Fetch and install a stream offered by another shard. On failure nothing is installed.
         Returns seconds spent: connect, transfer, fingerprint, import (and bytes by backend)."""
-        from mosaic_ray.runtime.migration import receive as fetch
+        from mosaic_ray.runtime.actors.migration import receive as fetch
 
         sid = offer.stream_id
         if sid in self._slots:

@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from mosaic_ray.runtime.frame_log import (
+from mosaic_ray.runtime.durability.frame_log import (
     FrameLog,
     LogCorruptError,
     LogRecord,
@@ -57,7 +57,7 @@ from mosaic_ray.runtime.frame_log import (
     encode_record,
     find_mark,
 )
-from mosaic_ray.runtime.snapshot_file import SNAP_SUFFIX, delta_paths, read_slot, write_all, write_slot
+from mosaic_ray.runtime.durability.snapshot_file import SNAP_SUFFIX, delta_paths, read_slot, write_all, write_slot
 
 MAGIC = b"MRL1"
 _HEAD = struct.Struct("<4sIII")  # magic, length, payload crc, header crc

@@ -68,10 +68,10 @@ from mosaic_ray.runtime.errors import (
     StreamQuarantinedError,
     StreamRecoveringError,
 )
-from mosaic_ray.runtime.frame_log import FrameLog
-from mosaic_ray.runtime.stream_map import StreamMap
+from mosaic_ray.runtime.durability.frame_log import FrameLog
+from mosaic_ray.runtime.placement.stream_map import StreamMap
 
-log = logging.getLogger("mosaic_ray.runtime.recovery")
+log = logging.getLogger("mosaic_ray.runtime.placement.recovery")
 
 # Seconds between attempts to start a replacement shard. The first attempt often finds the dead
 # actor's name not yet released (a name lookup: cheap to repeat), so retry soon.

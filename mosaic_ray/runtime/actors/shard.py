@@ -45,27 +45,27 @@ import ray
 
 from mosaic_ray.engine.interface import AnswerEnd, AskRequest, EngineError, StreamExistsError, UnknownStreamError
 from mosaic_ray.runtime.config import DurabilitySpec, EngineSpec, MigrationSpec, ShardSpec
-from mosaic_ray.runtime.engine_guard import EngineGuard
-from mosaic_ray.runtime.engine_runner import EngineRunner
+from mosaic_ray.runtime.actors.engine_guard import EngineGuard
+from mosaic_ray.runtime.actors.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import (
     EngineFailedError,
     ShardBusyError,
     ShuttingDownError,
     StreamMovedError,
 )
-from mosaic_ray.runtime.capacity import CapacityGate
-from mosaic_ray.runtime.frame_codec import EncodedFrame
-from mosaic_ray.runtime.frame_log import LogRecord
-from mosaic_ray.runtime.ingest import IngestQueue
-from mosaic_ray.runtime.load import LoadReport, StreamLoad
-from mosaic_ray.runtime.record_check import check_times
-from mosaic_ray.runtime.shard_durability import StreamDurability
-from mosaic_ray.runtime.shard_migration import MigrationEndpoint
-from mosaic_ray.runtime.shard_log import ShardLog, options_record, text_record
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import StreamSlot
+from mosaic_ray.runtime.actors.capacity import CapacityGate
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_log import LogRecord
+from mosaic_ray.runtime.actors.ingest import IngestQueue
+from mosaic_ray.runtime.actors.load import LoadReport, StreamLoad
+from mosaic_ray.runtime.durability.record_check import check_times
+from mosaic_ray.runtime.actors.shard_durability import StreamDurability
+from mosaic_ray.runtime.actors.shard_migration import MigrationEndpoint
+from mosaic_ray.runtime.durability.shard_log import ShardLog, options_record, text_record
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import StreamSlot
 
-log = logging.getLogger("mosaic_ray.runtime.shard")
+log = logging.getLogger("mosaic_ray.runtime.actors.shard")
 
 # engine stats passed on to /metrics besides the step loop's `step_*` counters, each only when the
 # engine reports it (StreamEngine does); the engine's `frames_total` (frames through its model)

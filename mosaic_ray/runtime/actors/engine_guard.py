@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from mosaic_ray.engine.interface import EngineError
-from mosaic_ray.runtime.engine_runner import EngineRunner
+from mosaic_ray.runtime.actors.engine_runner import EngineRunner
 from mosaic_ray.runtime.errors import EngineFailedError, RequestFailedError
-from mosaic_ray.runtime.ingest import completed
-from mosaic_ray.runtime.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.ingest import completed
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
 
-log = logging.getLogger("mosaic_ray.runtime.shard")
+log = logging.getLogger("mosaic_ray.runtime.actors.shard")
 
 
 class EngineGuard:

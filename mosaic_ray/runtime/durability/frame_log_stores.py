@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mosaic_ray.runtime.frame_log import FrameLog, MemoryFrameLog
-from mosaic_ray.runtime.frame_log_disk import DiskFrameLog
+from mosaic_ray.runtime.durability.frame_log import FrameLog, MemoryFrameLog
+from mosaic_ray.runtime.durability.frame_log_disk import DiskFrameLog
 
 if TYPE_CHECKING:
     from mosaic_ray.runtime.config import DurabilitySpec

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mosaic_ray.runtime.errors import SnapshotLostError
-from mosaic_ray.runtime.frame_log import FrameLog, LogRecord, MarkRecord, OpenRecord, SnapshotCorruptError
-from mosaic_ray.runtime.snapshot_codec import decode_part
+from mosaic_ray.runtime.durability.frame_log import FrameLog, LogRecord, MarkRecord, OpenRecord, SnapshotCorruptError
+from mosaic_ray.runtime.durability.snapshot_codec import decode_part
 
-log = logging.getLogger("mosaic_ray.runtime.snapshots")
+log = logging.getLogger("mosaic_ray.runtime.actors.snapshots")
 
 
 @dataclass(slots=True)

@@ -45,13 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mosaic_ray.runtime.errors import SeqConflictError, ShardBusyError
-from mosaic_ray.runtime.frame_codec import EncodedFrame, decode_all
-from mosaic_ray.runtime.frame_log import LogRecord
-from mosaic_ray.runtime.log_order import LogEntry
-from mosaic_ray.runtime.record_check import check_times
-from mosaic_ray.runtime.shard_log import frame_record
-from mosaic_ray.runtime.shard_metrics import ShardMeter
-from mosaic_ray.runtime.stream_slot import FrameBatch, StreamSlot
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame, decode_all
+from mosaic_ray.runtime.durability.frame_log import LogRecord
+from mosaic_ray.runtime.durability.log_order import LogEntry
+from mosaic_ray.runtime.durability.record_check import check_times
+from mosaic_ray.runtime.durability.shard_log import frame_record
+from mosaic_ray.runtime.actors.shard_metrics import ShardMeter
+from mosaic_ray.runtime.actors.stream_slot import FrameBatch, StreamSlot
 
 # (stream_id, frames, timestamps) -> frames the stream holds, once they are in: `ShardActor._engine_append`;
 # with `queued=True`, -> an awaitable of that, once the frames are queued in the engine.

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, MarkRecord
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, LogRecord, MarkRecord
 
 # records -> they are in the stream's log (raises, e.g. `LogWriteError`, when they are not)
 WriteFn = Callable[[list[LogRecord]], Awaitable[Any]]

@@ -50,7 +50,7 @@ import msgpack
 
 from mosaic_ray.engine.interface import EngineError
 from mosaic_ray.runtime.errors import RetryLaterError
-from mosaic_ray.runtime.frame_codec import EncodedFrame
+from mosaic_ray.runtime.durability.frame_codec import EncodedFrame
 
 class LogCorruptError(EngineError):
     """A record in the middle of a log fails its checksum: the log cannot be trusted past it."""

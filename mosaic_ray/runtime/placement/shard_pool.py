@@ -33,8 +33,8 @@ import ray
 
 from mosaic_ray.runtime.config import RuntimeConfig
 from mosaic_ray.runtime.errors import ShardUnavailableError, unwrap_ray_error
-from mosaic_ray.runtime.load import LoadReport, by_load
-from mosaic_ray.runtime.shard import ShardActor
+from mosaic_ray.runtime.actors.load import LoadReport, by_load
+from mosaic_ray.runtime.actors.shard import ShardActor
 
 
 def spawn_shard(config: RuntimeConfig, index: int):

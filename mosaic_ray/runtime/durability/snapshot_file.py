@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from mosaic_ray.runtime.frame_log import SnapshotBlob, SnapshotCorruptError, blob_chunks
+from mosaic_ray.runtime.durability.frame_log import SnapshotBlob, SnapshotCorruptError, blob_chunks
 
 SNAP_MAGIC = b"MRS1"
 _SNAP_HEAD = struct.Struct("<4sqQII")  # magic, mark, length, blob crc, header crc

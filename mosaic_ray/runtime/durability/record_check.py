@@ -16,7 +16,7 @@ import numbers
 
 from mosaic_ray import bounds
 from mosaic_ray.engine.interface import InvalidInputError
-from mosaic_ray.runtime.frame_log import FrameRecord, LogRecord, TextRecord
+from mosaic_ray.runtime.durability.frame_log import FrameRecord, LogRecord, TextRecord
 
 
 def check_times(timestamps) -> None:
