@@ -139,26 +139,24 @@ def _next_decoded(groups, decode: Decode) -> asyncio.Future:
 
 
 async def _apply_text(rec: TextRecord, append_text: AppendText, out: ReplayResult) -> None:
-    try:
-        out.engine_calls += 1
-        await append_text(rec.text, rec.timestamp)
-        out.texts += 1
-    except (EngineFailedError, OverloadedError):
-        raise
-    except RequestFailedError:
-        raise _poison(rec) from None
-    except EngineError:
-        out.skipped += 1
+    await _apply_record(rec, lambda: append_text(rec.text, rec.timestamp), out, "texts")
 
 
 async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: ReplayResult) -> None:
     if configure is None:
         out.skipped += 1
         return
+    await _apply_record(rec, lambda: configure(rec.options), out, "options")
+
+
+async def _apply_record(rec: TextRecord | OptionsRecord, call, out: ReplayResult, counter: str) -> None:
+    """One engine call for one record: counted under `counter` when it lands; a broken engine or
+    one out of room ends the replay; a request failure makes the record poison; another refusal
+    skips it (it was refused live too)."""
     try:
         out.engine_calls += 1
-        await configure(rec.options)
-        out.options += 1
+        await call()
+        setattr(out, counter, getattr(out, counter) + 1)
     except (EngineFailedError, OverloadedError):
         raise
     except RequestFailedError:
