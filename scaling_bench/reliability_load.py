@@ -46,7 +46,29 @@ def table(out: dict, a: argparse.Namespace) -> list[str]:
             "", "| streams on the killed shard | recovery (kill -> each answers again) | frames acked | frames stored "
             "| answers | answer p50 / p99 ms | 503 rate |", "|---|---|---|---|---|---|---|",
             f"| {k.get('affected_streams', '-')} | {rec} | {out['frames_acked']} | {out['frames_stored']} | "
-            f"{out['answers']} | {out['answer_ms']['p50']} / {out['answer_ms']['p99']} | {out['rate_503']} |"]
+            f"{out['answers']} | {out['answer_ms']['p50']} / {out['answer_ms']['p99']} | {out['rate_503']} |",
+            *rebuild_lines(k)]
+
+
+def rebuild_lines(killed: dict) -> list[str]:
+    """Where each recovery episode's time went: the router's per-stream rebuild figures
+    (`RecoveryManager`: wait for a turn, then the target's read / import / replay)."""
+    status = (killed.get("runtime") or {}).get("recovery_status") or {}
+    lines = []
+    for ep in status.get("episodes", []):
+        rows = ep.get("rebuilds") or []
+        if not rows:
+            continue
+        def stat(key, how=max):
+            vals = [r[key] for r in rows if key in r]
+            return round(how(vals), 2) if vals else "-"
+        targets = sorted({r["target"] for r in rows})
+        lines.append(f"\nEpisode from {ep['from']}: {len(rows)} streams rebuilt on {', '.join(targets)} in "
+                     f"{round(ep['seconds'] or 0, 2)} s; per stream (max / sum): waited {stat('waited_s')} s, "
+                     f"read {stat('read_s')} / {stat('read_s', sum)} s, import {stat('import_s')} / "
+                     f"{stat('import_s', sum)} s, replay {stat('replay_s')} / {stat('replay_s', sum)} s; "
+                     f"snapshot bytes {stat('snapshot_bytes', sum)}, frames replayed {stat('frames', sum)}")
+    return lines
 
 
 def main() -> int:
