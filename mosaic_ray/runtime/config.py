@@ -197,6 +197,13 @@ class DurabilitySpec(ConfigModel):
     replay_parallel_streams: int = Field(16, ge=1, description=(
         "streams a router rebuilds at once after a shard dies; their frames meet in the shards' step loops "
         "(one forward per step)"))
+    # 2026-12-08, H100, 7b-shape: with no per-shard bound, the 8 streams of a killed shard were all
+    # rebuilt on the one live shard at once while the replacement loaded its model, every one back
+    # only at the end (34-39 s), and the replacement was left empty (docs/reliability.md).
+    replay_streams_per_shard: int = Field(4, ge=1, description=(
+        "rebuilds one shard runs at once; a stream waits for a free one, then goes to the least-loaded live "
+        "shard with room, so streams come back in turn and a replacement that has started meanwhile takes "
+        "its share (it is empty, so it comes first)"))
     replace_broken_shards: bool = Field(False, description=(
         "a shard whose engine broke or hangs (its health check raises: a lost GPU, a CUDA error) is killed "
         "and its streams rebuilt elsewhere like a dead shard's. Off: a broken engine is kept for an operator "

@@ -70,14 +70,15 @@ class FakeShards:
 
     async def call(self, shard, method, *args):
         self.calls.append((shard, method, args))
-        assert self.reserved[shard] == 1, "a rebuild is counted on its target while it runs"
+        assert self.reserved[shard] >= 1, "a rebuild is counted on its target while it runs"
         return await self.rebuild(shard, *args)
 
-    async def least_loaded(self):
-        live = [n for n in self.names() if n not in self.unhealthy]
+    async def by_load(self):
+        """Healthy shards, fewest rebuilds in flight first (ties: the last name first)."""
+        live = [n for n in reversed(self.names()) if n not in self.unhealthy]
         if not live:
             raise ShardUnavailableError("no healthy shard")
-        return live[-1]
+        return sorted(live, key=lambda n: self.reserved[n])
 
     @contextmanager
     def reserve(self, shard):
@@ -104,9 +105,9 @@ class FakeShards:
         self.unhealthy.pop(shard, None)
 
 
-def _manager(rebuild, mapped: dict[str, str], logged=(), logs: bool = True):
+def _manager(rebuild, mapped: dict[str, str], logged=(), logs: bool = True, **durability):
     cfg = RuntimeConfig(name="rt", num_shards=2, shard={"start_timeout_s": 1.0},
-                        durability={"store": "memory", "recovering_retry_after_s": 3.0})
+                        durability={"store": "memory", "recovering_retry_after_s": 3.0, **durability})
     frame_log = MemoryFrameLog()
     for sid in logged:
         frame_log.append(sid, [OpenRecord(0.0)])
@@ -253,5 +254,40 @@ def test_with_logs_off_a_dead_shards_streams_are_not_held_as_recovering():
         rec.shard_died(S0, "")
         await asyncio.sleep(0.05)
         assert not rec.recovering_ids() and streams.get("a") == S0 and not shards.calls
+
+    asyncio.run(go())
+
+
+def test_rebuilds_per_shard_are_bounded_and_a_started_replacement_takes_its_share():
+    async def go():
+        release = asyncio.Event()
+        running: Counter[str] = Counter()
+        most: Counter[str] = Counter()
+
+        async def rebuild(shard, sid):
+            running[shard] += 1
+            most[shard] = max(most[shard], running[shard])
+            try:
+                if sid in ("a", "b"):
+                    await release.wait()  # slow rebuilds, on the live shard
+                return {"frames": 1}
+            finally:
+                running[shard] -= 1
+
+        rec, streams, shards, _ = _manager(rebuild, {"a": S0, "b": S0, "c": S0, "d": S0},
+                                           replay_streams_per_shard=2)
+        rec.shard_died(S0, "the actor died")
+        await _until(lambda: running[S1] == 2)
+        await asyncio.sleep(0.3)
+        assert len(shards.calls) == 2  # S1 is full, S0 not back: c and d wait
+        shards.replacement_started.set()  # the replacement starts: the waiting streams go there
+        await _until(lambda: not {"c", "d"} & set(rec.recovering_ids()))
+        assert {streams.get("c"), streams.get("d")} == {S0}
+        release.set()
+        await _until(lambda: not rec.recovering_ids())
+        assert dict(streams.items()) == {"a": S1, "b": S1, "c": S0, "d": S0}
+        assert max(most.values()) <= 2
+        rebuilds = rec.recovery_status()["episodes"][0]["rebuilds"]
+        assert sorted((r["id"], r["target"]) for r in rebuilds) == [("a", S1), ("b", S1), ("c", S0), ("d", S0)]
 
     asyncio.run(go())

@@ -26,9 +26,11 @@ shard whose health probe says its engine is broken or hung, which is then killed
 1. it is marked dead: nothing is placed there, and every stream the map gives it is
    *recovering*: `locate` answers `StreamRecoveringError` (HTTP 503 + Retry-After) meanwhile;
 2. a replacement actor of the same name is started in the background (capacity comes back);
-3. each stream, `replay_parallel_streams` at a time: the least-loaded live shard (or the
-   replacement, when no other shard lives) replays the stream's log (`ShardActor.recover_stream`),
-   then `map.set(stream, shard)`; its requests flow again.
+3. each stream, `replay_parallel_streams` at a time and at most `replay_streams_per_shard` on one
+   shard: the least-loaded live shard with room (the replacement once it has started: it is
+   empty) replays the stream's log (`ShardActor.recover_stream`), then `map.set(stream, shard)`;
+   its requests flow again. A stream that finds every live shard full waits for a rebuild to end
+   or a replacement to start.
 
 A stream whose rebuild failed (its target died too, its log is unreadable) stays recovering and
 is tried again after a backoff (RETRY_MIN_S doubling to RETRY_MAX_S), or sooner on a health round
@@ -51,8 +53,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, suppress
 from typing import Any, Protocol
 
 import ray
@@ -82,6 +85,9 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 # Streams of one episode whose rebuild figures `recovery_status` lists (a bound on its size).
 EPISODE_REBUILDS = 64
+# A stream waiting for room on a shard looks again at least this often (a rebuild's end and a
+# replacement's start wake it at once).
+ROOM_POLL_S = 0.5
 
 
 class RecoveryShards(Protocol):
@@ -90,7 +96,7 @@ class RecoveryShards(Protocol):
     def names(self) -> list[str]: ...
     def handle(self, shard: str) -> Any | None: ...  # its `ready` / `drain` remote methods are called
     async def call(self, shard: str, method: str, *args: Any) -> Any: ...  # "recover_stream" here
-    async def least_loaded(self) -> str: ...  # raises ShardUnavailableError while none is healthy
+    async def by_load(self) -> list[str]: ...  # healthy, least loaded first; ShardUnavailableError: none
     def reserve(self, shard: str) -> AbstractContextManager[None]: ...
     def mark_unhealthy(self, shard: str, reason: str) -> None: ...
     def stale(self) -> None: ...  # load reports asked afresh
@@ -116,6 +122,8 @@ class RecoveryManager:
         self._failed_attempts = 0  # rebuilds that failed and were (or will be) tried again
         self._episodes: list[dict[str, Any]] = []  # one per dead shard or restart: timings, counts
         self._draining = False
+        self._rebuilding: Counter[str] = Counter()  # shard -> rebuilds running there
+        self._room = asyncio.Event()  # set when a rebuild ends or a replacement starts
 
     # ------------------------------------------------------------------ queries
     def recovery_status(self) -> dict[str, Any]:
@@ -209,6 +217,7 @@ class RecoveryManager:
         handle = await AsyncRetrying(wait=wait_fixed(REPLACE_RETRY_S), before_sleep=retrying)(start)
         self._shards.install(name, handle)
         self._dead.discard(name)
+        self._room.set()  # streams waiting for room: the replacement has it
         log.warning("shard %s replaced", name)
 
     # ------------------------------------------------------------------ rebuilding
@@ -247,8 +256,13 @@ class RecoveryManager:
                 self._recovery_errors[sid] = str(exc)
                 self._failed_attempts += 1
                 return
-            with self._shards.reserve(target):
-                info = await self._rebuild_on(target, sid)
+            self._rebuilding[target] += 1  # no await since the target was chosen: its room is taken
+            try:
+                with self._shards.reserve(target):
+                    info = await self._rebuild_on(target, sid)
+            finally:
+                self._rebuilding[target] -= 1
+                self._room.set()
             if info is None:
                 return
             self._map.set(sid, target)
@@ -305,14 +319,25 @@ class RecoveryManager:
         self._recovery_errors[sid] = why
 
     async def _recovery_target(self) -> str:
-        """The least-loaded live shard; waits for a replacement while none lives (tenacity: asked
-        again every 0.2 s on fresh load reports, up to the shard start timeout, then raises)."""
+        """The least-loaded live shard with room for one more rebuild (`replay_streams_per_shard`).
+        While every live shard is full, waits for a rebuild to end or a replacement to start (then
+        asks for fresh load reports); while none lives, asks again every 0.2 s (tenacity), up to the
+        shard start timeout, then raises `ShardUnavailableError`."""
+        cap = self._cfg.durability.replay_streams_per_shard
+
         def refresh(_state: RetryCallState) -> None:
             self._shards.stale()
 
-        return await AsyncRetrying(stop=stop_after_delay(self._cfg.shard.start_timeout_s), wait=wait_fixed(0.2),
-                                   retry=retry_if_exception_type(ShardUnavailableError), before_sleep=refresh,
-                                   reraise=True)(self._shards.least_loaded)
+        live = AsyncRetrying(stop=stop_after_delay(self._cfg.shard.start_timeout_s), wait=wait_fixed(0.2),
+                             retry=retry_if_exception_type(ShardUnavailableError), before_sleep=refresh, reraise=True)
+        while True:
+            self._room.clear()  # before looking: a rebuild that ends from here on wakes the wait below
+            room = [n for n in await live(self._shards.by_load) if self._rebuilding[n] < cap]
+            if room:
+                return room[0]
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room.wait(), ROOM_POLL_S)
+            self._shards.stale()
 
     async def recover_orphans(self, held: set[str]) -> None:
         """At start: streams with a log that no live shard holds are rebuilt."""
