@@ -149,14 +149,17 @@ async def _apply_options(rec: OptionsRecord, configure: Configure | None, out: R
     await _apply_record(rec, lambda: configure(rec.options), out, "options")
 
 
-async def _apply_record(rec: TextRecord | OptionsRecord, call, out: ReplayResult, counter: str) -> None:
-    """One engine call for one record: counted under `counter` when it lands; a broken engine or
-    one out of room ends the replay; a request failure makes the record poison; another refusal
-    skips it (it was refused live too)."""
+async def _apply_record(rec: LogRecord, call, out: ReplayResult, landed: str | Callable[[], None]) -> None:
+    """One engine call for one record: when it lands, `landed` (a counter of `out` to add one to,
+    or a callable) is applied; a broken engine or one out of room ends the replay; a request
+    failure makes the record poison; another refusal skips it (it was refused live too)."""
     try:
         out.engine_calls += 1
         await call()
-        setattr(out, counter, getattr(out, counter) + 1)
+        if callable(landed):
+            landed()
+        else:
+            setattr(out, landed, getattr(out, landed) + 1)
     except (EngineFailedError, OverloadedError):
         raise
     except RequestFailedError:
@@ -183,17 +186,10 @@ async def _apply_frames(group: list[FrameRecord], pixels, append_frames: AppendF
         if rec.seq <= out.last_seq:  # a duplicate
             out.skipped += 1
             continue
-        try:
-            frames = await asyncio.to_thread(_decode_each, rec.frames)
-            out.engine_calls += 1
-            await append_frames(frames, list(rec.timestamps))
-            _took(out, [rec])
-        except (EngineFailedError, OverloadedError):
-            raise
-        except RequestFailedError:
-            raise _poison(rec) from None
-        except EngineError:
-            out.skipped += 1
+        async def one(rec=rec):
+            await append_frames(await asyncio.to_thread(_decode_each, rec.frames), list(rec.timestamps))
+
+        await _apply_record(rec, one, out, lambda rec=rec: _took(out, [rec]))
 
 
 def _fresh(group: list[FrameRecord], last_seq: int) -> list[FrameRecord]:
