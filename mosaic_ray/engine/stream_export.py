@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mosaic_ray.cache.stream_cache import StreamCache
-from mosaic_ray.engine.snapshot_delta import PoolRows
+from mosaic_ray.engine.snapshot_delta import POOL_TENSORS, PoolRows
 from mosaic_ray.engine.stream_state import StreamState
 
 _RESIDENT = ("k", "v", "order", "time", "pos", "block", "text")
@@ -36,17 +36,6 @@ _RETRIEVER_FIELDS = {
 }
 _OPTIONAL = ("text_keys", "text_slot", "kmin", "kmax", "coactivated")  # absent from older snapshots
 _COUNTERS = ("next_pos", "tokens", "frames", "texts", "questions", "clock", "block")
-COPY_CHUNK_ROWS = 4096  # slabs per copy of an import (4096 slabs of 7B shapes: 8 MiB of K/V)
-
-
-def copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor,
-              chunk: int = COPY_CHUNK_ROWS) -> None:
-    """dst[dst_rows] = src[src_rows], `chunk` rows at a time: the gathered temporary is one chunk
-    (a few MB, reused), never the whole part (a fresh allocation of its size costs its page
-    faults, slower than the copy on a host)."""
-    for start in range(0, src_rows.numel(), chunk):
-        part = src_rows[start : start + chunk]
-        dst[dst_rows[start : start + chunk]] = src[part].to(dst.dtype)
 
 
 def _owner(obj, path):
@@ -80,7 +69,7 @@ def export_stream(state: StreamState, since: int | None = None) -> dict[str, Any
     if since is not None:
         meta["generation"], meta["since"] = pool.epoch, since
         slabs = tensors["pool.changed"] = pool.changed_since(slabs, since)
-    for n in ("kv", "order", "time", "pos"):  # indexing by a tensor copies: one pass over the bytes
+    for n in POOL_TENSORS:  # indexing by a tensor copies: one pass over the bytes
         tensors[f"pool.{n}"] = getattr(pool, n)[slabs]
     return {"meta": meta, "tensors": tensors}
 
@@ -94,9 +83,7 @@ def import_stream(stream_id: str, snapshot: dict[str, Any], cache: StreamCache) 
     old = tensors["pool.slab_ids"].to("cpu", torch.int64)
     new = pool.allocate(old.numel(), retriever.owner)
     rows = snapshot.get("pool_rows") or PoolRows.whole(tensors)  # a merge of parts leaves them in place
-    for here, src_rows, src in rows.sources:
-        for n in ("kv", "order", "time", "pos"):
-            copy_rows(getattr(pool, n), new[here], src[f"pool.{n}"], src_rows)
+    rows.write_into({n: getattr(pool, n) for n in POOL_TENSORS}, new)
     remap = torch.full((int(old.max()) + 1 if old.numel() else 1,), -1, dtype=torch.int64)
     remap[old] = new
     # copies, never views: the stream mutates its tensors in place, and a snapshot may be imported
