@@ -197,9 +197,9 @@ class DurabilitySpec(ConfigModel):
     replay_parallel_streams: int = Field(16, ge=1, description=(
         "streams a router rebuilds at once after a shard dies; their frames meet in the shards' step loops "
         "(one forward per step)"))
-    # 2026-12-08, H100, 7b-shape: with no per-shard bound, the 8 streams of a killed shard were all
-    # rebuilt on the one live shard at once while the replacement loaded its model, every one back
-    # only at the end (34-39 s), and the replacement was left empty (docs/reliability.md).
+    # 2026-12-08, H100, 7b-shape: with no per-shard bound, the 8 streams of a killed shard were
+    # rebuilt at once (by all signs on the one live shard), 12 of 14 affected streams back only
+    # at the end, 34.1-34.2 s after the kill (docs/reliability.md).
     replay_streams_per_shard: int = Field(4, ge=1, description=(
         "rebuilds one shard runs at once; a stream waits for a free one, then goes to the least-loaded live "
         "shard with room, so streams come back in turn and a replacement that has started meanwhile takes "
